@@ -1,0 +1,326 @@
+"""Typed training configuration for every recipe in :mod:`alignment.recipes`.
+
+Each config is a pydantic model with a docstring per field; loading validates types and
+ranges and names the offending field (``dpo.beta: Input should be greater than 0``).
+Configs are plain data: a recipe run is fully described by its config, which is saved in
+every checkpoint and compared on resume (see :func:`config_diff`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class StrictModel(BaseModel):
+    """Base for all configs: unknown keys are errors; field docstrings become descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class LoraSettings(StrictModel):
+    """Low-rank adapters through peft. With LoRA on, only adapter weights train and the
+    reference model is the same network with the adapter disabled (no second copy)."""
+
+    r: int = Field(16, gt=0)
+    """Adapter rank."""
+    alpha: int = Field(32, gt=0)
+    """Scaling numerator: the adapter output is scaled by alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter input. Keep 0 for exact resume and reference equality checks."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. ["q_proj", "v_proj"]) or "all-linear"."""
+    quantize_4bit: bool = False
+    """QLoRA: load the frozen base in 4-bit NF4 (needs bitsandbytes and a CUDA GPU)."""
+
+
+class ModelSettings(StrictModel):
+    """Where a model comes from and how it is loaded."""
+
+    name_or_path: str
+    """Hugging Face hub id or local folder of an ``AutoModelForCausalLM`` (or encoder for reward models)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub id."""
+    tokenizer: str | None = None
+    """Tokenizer id or path when it differs from the model's."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype at load. Mixed precision is separate (see ``TrainSettings.precision``)."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers ("sdpa", "eager", "flex_attention", ...); None lets it choose."""
+    trust_remote_code: bool = False
+    """Allow custom model code from the hub. Off unless you trust the repository."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of all weights."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+
+class OptimSettings(StrictModel):
+    """AdamW with warmup then a schedule."""
+
+    lr: float = Field(5e-6, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam epsilon."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to ``lr`` over this many optimizer steps."""
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warmup, to 0 at the last step (constant keeps ``lr``)."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value; None disables clipping (the norm is still logged)."""
+    fused: bool | None = None
+    """Use the fused AdamW kernel; None picks it on CUDA."""
+
+
+class TrainSettings(StrictModel):
+    """What every recipe shares: data, batch, loop, precision, checkpoints."""
+
+    output_dir: str | None = None
+    """Run folder: checkpoints/, final/, metrics.jsonl and summary.json are written here (the pipeline fills it)."""
+    train_path: str | None = None
+    """Training data: Parquet file or folder of a saved ``datasets.Dataset`` (the pipeline fills it)."""
+    eval_path: str | None = None
+    """Held-out data of the same layout; evaluated every ``eval_every`` steps and at the end."""
+    seed: int = 0
+    """Seeds python, numpy and torch (CPU and CUDA) and the data order."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (fractions allowed); ``max_steps`` wins when set."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(8, gt=0)
+    """Examples (pairs for DPO/RM) per device per micro-batch."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step. Global batch = batch_size * grad_accum * processes."""
+    max_length: int = Field(512, gt=0)
+    """Longest prompt + completion in tokens; longer examples are truncated (see ``truncation``)."""
+    max_prompt_length: int = Field(256, gt=0)
+    """Longest prompt in tokens; longer prompts keep their end (the part nearest the response)."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """Over-long examples: "truncate" keeps the end of the prompt and the start of the completion
+    (see ``max_prompt_length``/``max_length``); "drop" skips them (the count is logged)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision; bf16 on GPUs that support it. Losses and log-prob sums stay fp32."""
+    length_grouping: bool = True
+    """Batch examples of similar length together to cut padding (order is still seeded)."""
+    packing: bool = False
+    """Padding-free batches: concatenate sequences with restarting position ids (models that support it)."""
+    logprob_chunk_size: int = Field(1024, gt=0)
+    """Tokens per chunk when computing label log-probs, bounding the fp32 vocab buffer."""
+    optim: OptimSettings = OptimSettings()
+    """Optimizer and schedule."""
+    log_every: int = Field(1, gt=0)
+    """Emit metrics every this many optimizer steps."""
+    eval_every: int | None = Field(None, gt=0)
+    """Evaluate on ``eval_path`` every this many steps (None: only at the end)."""
+    save_every: int | None = Field(None, gt=0)
+    """Checkpoint every this many steps (always at the end). Resume starts from the newest one."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """Checkpoints kept on disk; older ones are deleted after a new one is written."""
+    resume: bool = True
+    """Resume from the newest checkpoint in ``output_dir`` when one exists (config must match)."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+
+
+class SFTConfig(TrainSettings):
+    """Supervised fine-tuning on (prompt, response): loss on response tokens only."""
+
+    model: ModelSettings | None = None
+    """The model to fine-tune (the pipeline fills it from ``model.policy``)."""
+
+
+class RewardConfig(TrainSettings):
+    """Bradley–Terry reward model on (prompt, chosen, rejected): a scalar head on a backbone."""
+
+    model: ModelSettings | None = None
+    """Backbone (causal LM or encoder); a ``num_labels=1`` sequence-classification head is added.
+    The pipeline fills it from ``model.reward`` or ``model.policy``."""
+    margin: bool = False
+    """Use each pair's ``margin`` column in the loss: -log σ(r_c - r_r - m)."""
+    center_coef: float = Field(0.0, ge=0)
+    """Weight of the reward-centering term coef * mean((r_c + r_r)^2) keeping rewards near 0."""
+    use_weights: bool = True
+    """Weight each pair's loss by its ``weight`` column when present (down-weighted low-agreement pairs)."""
+
+
+class DPOConfig(TrainSettings):
+    """Direct preference optimization and its relatives on (prompt, chosen, rejected)."""
+
+    model: ModelSettings | None = None
+    """The policy to train, also the reference's source (the pipeline fills it)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    """sigmoid = DPO (with ``label_smoothing`` = conservative DPO); ipo; hinge (SLiC); simpo (no reference)."""
+    beta: float = Field(0.1, gt=0)
+    """Inverse temperature of the implicit reward beta * (log pi - log pi_ref)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Assumed label-flip rate for conservative DPO (sigmoid only)."""
+    simpo_gamma: float = Field(0.5, ge=0)
+    """SimPO target margin gamma (in reward units, i.e. gamma/beta in log-prob units)."""
+    reference: Literal["copy", "adapter_disabled", "precomputed"] = "precomputed"
+    """Reference log-probs: a frozen copy; the LoRA base with the adapter off; or computed once and cached."""
+    reference_model: ModelSettings | None = None
+    """Reference model when it differs from ``model`` (default: the initial policy)."""
+    ref_cache_dir: str | None = None
+    """Where precomputed reference log-probs are cached (keyed by model, data and tokenization digests)."""
+    use_weights: bool = True
+    """Weight each pair's loss by its ``weight`` column when present."""
+
+
+class GenerationSettings(StrictModel):
+    """Sampling for rollouts and evaluation."""
+
+    max_new_tokens: int = Field(32, gt=0)
+    """Tokens generated per response."""
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature."""
+    top_k: int = Field(0, ge=0)
+    """Keep the k most likely tokens (0: off)."""
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    """Nucleus sampling mass (1.0: off)."""
+    batch_size: int = Field(64, gt=0)
+    """Prompts generated per forward batch."""
+    do_sample: bool = True
+    """Sample from the (tempered, truncated) distribution; False decodes greedily and ignores the three above."""
+
+
+class KLSettings(StrictModel):
+    """KL penalty against the reference: fixed coefficient or adaptive (Ziegler et al. 2019)."""
+
+    coef: float = Field(0.05, ge=0)
+    """Initial (or fixed) KL coefficient."""
+    adaptive: bool = False
+    """Adapt the coefficient toward ``target``."""
+    target: float = Field(6.0, gt=0)
+    """Target sequence KL (nats) for the adaptive controller."""
+    horizon: int = Field(10000, gt=0)
+    """Adaptive controller horizon in samples."""
+    estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator used in the reward penalty."""
+
+
+class RLSettings(TrainSettings):
+    """What PPO and GRPO share: prompts in, rewards from a reward model or a Python function."""
+
+    model: ModelSettings | None = None
+    """The policy to train (the pipeline fills it)."""
+    reward_model: str | None = None
+    """Folder of a reward model trained by the reward recipe."""
+    reward_fn: str | None = None
+    """``module:function`` mapping (prompts, responses) -> list of floats, instead of a reward model."""
+    generation: GenerationSettings = GenerationSettings()
+    """Rollout sampling."""
+    kl: KLSettings = KLSettings()
+    """KL penalty."""
+    rollout_batch_size: int = Field(64, gt=0)
+    """Prompts per rollout phase (PPO) or per step (GRPO, before the group expansion)."""
+    update_epochs: int = Field(2, gt=0)
+    """Passes over each rollout batch."""
+    minibatch_size: int = Field(16, gt=0)
+    """Samples per optimizer step within an update epoch."""
+    clip_range: float = Field(0.2, gt=0)
+    """Policy ratio clip epsilon."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus weight."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of responses that did not end with EOS."""
+
+
+class PPOConfig(RLSettings):
+    """PPO with a learned value function and GAE."""
+
+    value_model: Literal["head", "separate"] = "head"
+    """A value head on the policy trunk, or a separate model initialised from the reward model."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Value loss weight."""
+    value_clip: float = Field(0.2, gt=0)
+    """Value prediction clip range around the old values."""
+    gamma: float = Field(1.0, gt=0, le=1)
+    """Discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whiten_rewards: bool = False
+    """Whiten shaped rewards before GAE."""
+
+
+class GRPOConfig(RLSettings):
+    """Critic-free: several samples per prompt, advantages normalised within each group."""
+
+    group_size: int = Field(4, gt=1)
+    """Samples per prompt."""
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    """grpo: (r - mean) / std within the group; rloo: r minus the mean of the other samples."""
+    scale_by_std: bool = True
+    """Divide GRPO advantages by the group std (Dr. GRPO turns this off)."""
+
+
+RECIPE_CONFIGS: dict[str, type[TrainSettings]] = {
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "dpo": DPOConfig,
+    "ppo": PPOConfig,
+    "grpo": GRPOConfig,
+}
+
+
+class ConfigError(ValueError):
+    """A config failed validation; the message names every offending field."""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``field.path: message (got value)``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def validate_config(cls: type[StrictModel], data: dict[str, Any], prefix: str = "") -> StrictModel:
+    """Build ``cls`` from ``data``; raise :class:`ConfigError` naming each bad field."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {cls.__name__}:\n" + format_validation_error(err, prefix)) from None
+
+
+def load_recipe_config(recipe: str, path: str | Path) -> TrainSettings:
+    """Read a YAML or JSON recipe config from ``path``. Raises ConfigError on unknown recipe or bad field."""
+    if recipe not in RECIPE_CONFIGS:
+        raise ConfigError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPE_CONFIGS)}")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return validate_config(RECIPE_CONFIGS[recipe], data)
+
+
+def config_digest(cfg: BaseModel | dict[str, Any], exclude: set[str] | None = None) -> str:
+    """Stable sha256 (16 hex chars) of a config's JSON form, optionally without some top-level keys."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg)
+    for key in exclude or ():
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Differences between two config dicts as ``path: old -> new`` lines (nested keys dotted)."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_diff(a, b, prefix=path + "."))
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out

@@ -1,0 +1,198 @@
+"""Alignment losses as pure tensor functions (no model calls, no trackers).
+
+Log-probabilities are summed per sequence (or length-normalised where a loss says so) by the
+caller, in fp32. Preference losses return *per-example* values so callers can weight and
+reduce them; PPO losses return a scalar plus a dict of detached statistics (tensors, so no
+GPU synchronisation happens here).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from alignment.rl import masked_mean
+
+__all__ = [
+    "dpo_loss",
+    "simpo_loss",
+    "reward_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "entropy_from_logits",
+]
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct preference optimisation (Rafailov et al. 2023) and relatives, per example.
+
+    With h = (log pi(y_c) - log pi(y_r)) - (log pi_ref(y_c) - log pi_ref(y_r)) (summed log-probs):
+
+        sigmoid: -(1 - eps) * log sigma(beta * h) - eps * log sigma(-beta * h)
+                 (eps = ``label_smoothing``: conservative DPO, assumed label-flip rate)
+        ipo:     (h - 1 / (2 * beta))^2            (Azar et al. 2023; beta is IPO's tau)
+        hinge:   max(0, 1 - beta * h)              (SLiC, Zhao et al. 2023)
+
+    Returns ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; the implicit rewards
+    beta * (log pi - log pi_ref) are detached. Raises ValueError on an unknown ``loss_type`` or a
+    label smoothing used with a loss that does not define it.
+    """
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing is only defined for loss_type='sigmoid', got {loss_type!r}")
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * h)
+    else:
+        raise ValueError(f"unknown dpo loss_type {loss_type!r}; expected 'sigmoid', 'ipo' or 'hinge'")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024): reference-free, length-normalised, with a target margin.
+
+    The inputs must already be **length-normalised** log-probs (mean per response token, e.g.
+    ``sequence_logps(..., average=True)``); this function does not know the lengths.
+    With z = beta * (logp_c - logp_r) - gamma:
+
+        loss = -(1 - eps) * log sigma(z) - eps * log sigma(-z)
+
+    ``gamma`` is the margin in reward units (gamma / beta in log-prob units). Returns
+    ``(losses, chosen_rewards, rejected_rewards)`` with rewards beta * logp, detached.
+    """
+    z = beta * (policy_chosen_logps - policy_rejected_logps) - gamma
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+
+
+def reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Bradley–Terry reward-model loss per example.
+
+        loss_i = -log sigma(r_c - r_r - m_i) + center_coef * (r_c + r_r)^2
+
+    ``margin`` (``[B]``, optional) asks for a gap of at least m (Llama 2); the centering term
+    (Eisenstein et al. 2023) keeps rewards near 0 and its batch mean equals
+    ``center_coef * mean((r_c + r_r)^2)``. Returns ``[B]``.
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin.to(diff.dtype)
+    losses = -F.logsigmoid(diff)
+    if center_coef:
+        losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    return losses
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017), token-level mean over ``mask``.
+
+    With rho_t = exp(logp_t - logp_old_t):
+
+        loss = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))
+
+    All inputs ``[B, T]``; ``advantages`` and ``old_logprobs`` are treated as constants.
+    Stats (detached scalars): ``clipfrac`` = share of tokens where the clipped term is active;
+    ``approx_kl`` = mean((rho - 1) - log rho), the k3 estimate of KL(old || new);
+    ``ratio`` = mean rho.
+    """
+    log_ratio = logprobs - old_logprobs.detach()
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach()
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss, token-level mean over ``mask``.
+
+        V_clip = V_old + clip(V - V_old, -eps, eps)
+        loss   = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)
+
+    Stats (detached): ``vf_clipfrac`` = share of tokens where the clipped error is larger.
+    """
+    old = old_values.detach()
+    target = returns.detach()
+    clipped_values = old + torch.clamp(values - old, -clip_range, clip_range)
+    err = (values - target) ** 2
+    err_clipped = (clipped_values - target) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((err_clipped > err).to(values.dtype), mask)}
+    return loss, stats
+
+
+def _entropy_fp32(logits: torch.Tensor) -> torch.Tensor:
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = 1024) -> torch.Tensor:
+    """Per-position entropy H = -sum_v p_v log p_v = logsumexp(l) - sum_v p_v l_v, in fp32.
+
+    ``logits`` is ``[..., V]``; returns ``[...]`` (fp32). Positions are processed
+    ``chunk_size`` at a time so the fp32 softmax buffer is ``chunk_size x V`` at most; when a
+    gradient is needed each chunk is recomputed in the backward pass (activation
+    checkpointing) instead of keeping every chunk's buffer alive.
+    """
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    n = flat.shape[0]
+    if chunk_size is None or n <= chunk_size:
+        return _entropy_fp32(flat).view(lead)
+    needs_grad = torch.is_grad_enabled() and flat.requires_grad
+    parts = []
+    for start in range(0, n, chunk_size):
+        chunk = flat[start : start + chunk_size]
+        parts.append(checkpoint(_entropy_fp32, chunk, use_reentrant=False) if needs_grad else _entropy_fp32(chunk))
+    return torch.cat(parts).view(lead)

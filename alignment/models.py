@@ -1,0 +1,330 @@
+"""Loading, wrapping and saving the models a recipe trains or consults.
+
+* :func:`load_tokenizer`, :func:`load_causal_lm`, :func:`load_reward_model`,
+  :func:`load_reference` — any hub id or local folder, fp32/bf16, optional LoRA/QLoRA,
+  ``trust_remote_code`` only when configured.
+* :class:`CausalLMLogps` and :class:`ScalarReward` — the modules recipes hand to
+  ``accelerate``: their ``forward`` takes the batch layout of :mod:`alignment.batching` and
+  returns per-sequence label log-probs (computed from hidden states chunk-wise, so the full
+  ``[tokens, vocab]`` logits never exist) or pooled scalar rewards.
+* :func:`save_model_folder` — an ordinary HF folder of safetensors (LoRA: the adapter plus
+  ``merged/`` full weights for serving); :func:`score_responses` — reward-model scoring.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignment.batching import (
+    Prompt,
+    Truncation,
+    collate_sequences,
+    encode_completion,
+    encode_prompt,
+    to_device,
+)
+from alignment.config import LoraSettings, ModelSettings
+from alignment.logprobs import logps_from_hidden, selective_log_softmax
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config attributes of models whose logits are not a plain linear map of the last hidden state.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def load_tokenizer(settings: ModelSettings):
+    """The model's tokenizer with right padding and a pad token (EOS when it has none).
+
+    Raises ValueError when it has neither a pad nor an EOS token.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        settings.tokenizer or settings.name_or_path, revision=settings.revision,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer of {settings.name_or_path} has no pad and no eos token; add a pad token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _load_kwargs(settings: ModelSettings) -> dict:
+    kwargs = {"dtype": _DTYPES[settings.dtype], "revision": settings.revision,
+              "trust_remote_code": settings.trust_remote_code}
+    if settings.attn_implementation:
+        kwargs["attn_implementation"] = settings.attn_implementation
+    if settings.lora is not None and settings.lora.quantize_4bit:
+        if not torch.cuda.is_available():
+            raise RuntimeError("lora.quantize_4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return kwargs
+
+
+def _finish(model, settings: ModelSettings, task_type: str, trainable: bool):
+    """Training switches shared by policy and reward models: no KV cache, checkpointing, LoRA."""
+    model.config.use_cache = False  # a cache during training also disables packed-sequence masks
+    if not trainable:
+        return freeze(model)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings.lora is not None:
+        if settings.lora.quantize_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+        model = apply_lora(model, settings.lora, task_type)
+    return model
+
+
+def load_causal_lm(settings: ModelSettings, *, trainable: bool = True):
+    """An ``AutoModelForCausalLM`` from ``settings`` (LoRA-wrapped when ``settings.lora``).
+
+    ``trainable=False`` gives a frozen eval-mode model and ignores LoRA.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(settings.name_or_path, **_load_kwargs(settings))
+    return _finish(model, settings, "CAUSAL_LM", trainable)
+
+
+def load_reward_model(settings: ModelSettings, tokenizer, *, trainable: bool = True):
+    """A scalar reward model: ``AutoModelForSequenceClassification`` with ``num_labels=1`` on a
+    causal-LM or encoder backbone (a fresh head on a plain backbone, the trained head on a
+    folder written by the reward recipe). ``config.pad_token_id`` is set from the tokenizer so
+    the HF forward pools the last non-pad token as :class:`ScalarReward` does."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        settings.name_or_path, num_labels=1, **_load_kwargs(settings)
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return _finish(model, settings, "SEQ_CLS", trainable)
+
+
+def apply_lora(model, lora: LoraSettings, task_type: str):
+    """Wrap ``model`` in peft LoRA adapters; only adapter (and, for SEQ_CLS, head) weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no grads: for references and scorers."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_reference(policy: ModelSettings, reference: ModelSettings | None = None):
+    """The frozen reference: ``reference`` if given, else the policy's base weights (no LoRA)."""
+    settings = reference or policy.model_copy(update={"lora": None, "gradient_checkpointing": False})
+    return load_causal_lm(settings, trainable=False)
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is only needed for LoRA
+        return False
+    return isinstance(model, PeftModel)
+
+
+def hf_model(model):
+    """The transformers model inside a peft wrapper (LoRA layers stay injected), or ``model``."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def adapter_disabled(model):
+    """Context in which a peft model runs as its base model; a no-op for other models."""
+    return model.disable_adapter() if is_peft(model) else nullcontext()
+
+
+def hidden_path_ok(model) -> bool:
+    """True when label log-probs can come from the last hidden state and the head weight:
+    a plain ``nn.Linear`` head (not LoRA-wrapped) and no logit scaling or soft-capping."""
+    inner = hf_model(model)
+    head = inner.get_output_embeddings()
+    return type(head) is nn.Linear and not any(getattr(inner.config, a, None) for a in _LOGIT_TRANSFORMS)
+
+
+class CausalLMLogps(nn.Module):
+    """``forward(batch) -> {"seq_logps" [S], "seq_tokens" [S], "token_logps" [N]}`` (fp32).
+
+    ``token_logps`` are the log-probs of the N completion targets in the order of
+    ``batch["target_index"]``; ``seq_logps`` their sum per sequence. Uses
+    :func:`~alignment.logprobs.logps_from_hidden` on the hidden states of target positions only
+    when :func:`hidden_path_ok`, else real logits with chunked
+    :func:`~alignment.logprobs.selective_log_softmax`. The wrapped model is ``self.model``.
+    """
+
+    def __init__(self, model, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        self.use_hidden = hidden_path_ok(model)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        inner = hf_model(self.model)
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                  "attention_mask": batch.get("attention_mask"), "use_cache": False}
+        index, targets = batch["target_index"], batch["target_ids"]
+        if self.use_hidden:
+            hidden = inner.base_model(**inputs).last_hidden_state
+            picked = hidden.flatten(0, 1).index_select(0, index)
+            head = inner.get_output_embeddings()
+            tok = logps_from_hidden(picked[None], head.weight, targets[None], None, self.chunk_size,
+                                    lm_head_bias=head.bias)[0]
+        else:
+            logits = self.model(**inputs).logits
+            picked = logits.flatten(0, 1).index_select(0, index)
+            tok = selective_log_softmax(picked[None], targets[None], self.chunk_size)[0]
+        n = batch["num_sequences"]
+        seq = batch["target_seq"]
+        seq_logps = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, seq, tok)
+        seq_tokens = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, seq, torch.ones_like(tok))
+        return {"seq_logps": seq_logps, "seq_tokens": seq_tokens, "token_logps": tok}
+
+
+class ScalarReward(nn.Module):
+    """``forward(batch) -> rewards [S]`` (fp32) of a ``num_labels=1`` sequence-classification model.
+
+    Causal-LM backbones (a ``score`` head): the head is applied to the hidden state of each
+    sequence's last token (``batch["last_index"]``), which works padded or packed and needs no
+    pad-token convention. Encoder backbones (e.g. BERT, ``classifier`` head) use the model's own
+    pooling and need padded batches.
+    """
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.decoder_head = hasattr(hf_model(model), "score")
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        inner = hf_model(self.model)
+        mask = batch.get("attention_mask")
+        if not self.decoder_head:
+            if mask is None:
+                raise ValueError("encoder reward models need padded batches (set packing: false)")
+            return self.model(input_ids=batch["input_ids"], attention_mask=mask).logits[:, 0].float()
+        hidden = inner.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                  attention_mask=mask, use_cache=False).last_hidden_state
+        last = hidden.flatten(0, 1).index_select(0, batch["last_index"])
+        return inner.score(last)[:, 0].float()
+
+
+@torch.no_grad()
+def packing_supported(model, device: torch.device | str | None = None, atol: float = 1e-4) -> bool:
+    """Check on two short random sequences that a packed forward (restarting ``position_ids``,
+    no attention mask) gives the same hidden states as a padded one. False means: pad instead."""
+    inner = hf_model(model)
+    device = device or next(inner.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    vocab = inner.config.vocab_size
+    lengths = (6, 4, 2)  # packs as [seq0] and [seq1, seq2]: two sequences share a row
+    seqs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    layouts = [collate_sequences([[]] * 3, seqs, pad_id=0, packing=p) for p in (False, True)]
+    was_training = inner.training
+    inner.eval()
+    try:
+        hidden = []
+        for b in layouts:
+            d = to_device(b, device)
+            out = inner.base_model(input_ids=d["input_ids"], position_ids=d["position_ids"],
+                                   attention_mask=d.get("attention_mask"), use_cache=False).last_hidden_state
+            flat = out.flatten(0, 1).float().cpu()
+            hidden.append(torch.cat([flat[end - n + 1 : end + 1] for end, n in zip(b["last_index"].tolist(), lengths,
+                                                                                     strict=True)]))
+    except Exception as err:  # a model that rejects the layout cannot pack
+        log.warning("packing check failed (%s); falling back to padding", err)
+        return False
+    finally:
+        inner.train(was_training)
+    dtype = next(inner.parameters()).dtype
+    return bool(torch.allclose(hidden[0], hidden[1], atol=atol * (1 if dtype == torch.float32 else 100)))
+
+
+def save_model_folder(model, tokenizer, path: str | Path) -> Path:
+    """Save an ordinary HF folder with safetensors weights and the tokenizer.
+
+    LoRA: ``path`` holds the adapter (``adapter_model.safetensors``, ``adapter_config.json``) and
+    ``path/merged`` the full merged weights (a copy is merged, ``model`` is left untouched).
+    The KV cache is switched back on in the saved config for serving.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    target = model
+    if is_peft(model):
+        model.save_pretrained(str(path))
+        tokenizer.save_pretrained(str(path))
+        target = copy.deepcopy(model).merge_and_unload()
+        path = path / "merged"
+    target.config.use_cache = True
+    target.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path.parent if is_peft(model) else path
+
+
+@torch.no_grad()
+def score_responses(
+    reward_model, tokenizer, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int = 16,
+    *, max_length: int = 1024, max_prompt_length: int = 512,
+) -> list[float]:
+    """Rewards of (prompt, response) pairs, tokenized as the reward recipe trains (prompt
+    through the chat template when it is a message list, response without EOS, the prompt's end
+    kept when too long). ``reward_model`` is a sequence-classification model or a ScalarReward."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    scorer = reward_model if isinstance(reward_model, ScalarReward) else ScalarReward(reward_model)
+    device = next(scorer.parameters()).device
+    trunc = Truncation(max_length, max_prompt_length, "truncate", tokenizer.bos_token_id)
+    was_training = scorer.model.training  # a fresh wrapper says "training"; the model knows
+    scorer.eval()
+    out: list[float] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            pairs = [trunc.apply(encode_prompt(tokenizer, p), [encode_completion(tokenizer, r, False)])
+                     for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size],
+                                     strict=True)]
+            batch = collate_sequences([p for p, _ in pairs], [c[0] for _, c in pairs], pad_id=tokenizer.pad_token_id)
+            out.extend(scorer(to_device(batch, device)).tolist())
+    finally:
+        scorer.train(was_training)
+    return out
+
+
+def model_fingerprint(settings: ModelSettings) -> str:
+    """Digest of a model's identity for caches: the bytes of a local folder's config and weight
+    files (so rewritten weights never hit a stale cache), or hub id + revision, plus the dtype."""
+    h = hashlib.sha256(f"{settings.dtype}|{settings.attn_implementation}".encode())
+    folder = Path(settings.name_or_path)
+    if folder.is_dir():
+        for f in sorted(folder.iterdir()):
+            if f.suffix in {".json", ".safetensors", ".bin"} and "tokenizer" not in f.name:
+                h.update(f.name.encode())
+                with f.open("rb") as fh:
+                    for block in iter(lambda fh=fh: fh.read(1 << 24), b""):
+                        h.update(block)
+    else:
+        h.update(f"{settings.name_or_path}@{settings.revision}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,193 @@
+"""Direct preference optimisation and its relatives on ``prompt, is_chat, chosen, rejected`` pairs.
+
+Loss types (math in :func:`alignment.losses.dpo_loss` / :func:`alignment.losses.simpo_loss`):
+``sigmoid`` (DPO; with ``label_smoothing`` conservative DPO), ``ipo``, ``hinge`` and ``simpo``
+(reference-free, length-normalised log-probs, margin ``simpo_gamma``). Per-pair losses are
+averaged with the pairs' ``weight`` column when ``use_weights``.
+
+Chosen and rejected responses (EOS appended) go through the policy in one forward. The
+reference is, by ``reference``:
+
+* ``precomputed`` (default) — one no-grad pass before training with the *initial* policy (or
+  ``reference_model``), cached on disk by :mod:`alignment.refcache` (``ref_cache_dir``, default
+  ``<output_dir>/ref_cache``) and reused by later runs: training then does no reference forward;
+* ``adapter_disabled`` — the LoRA policy with its adapter switched off (needs ``model.lora``);
+* ``copy`` — a frozen second model in memory.
+
+Metrics: ``rewards/chosen``, ``rewards/rejected`` (beta * (log pi - log pi_ref), SimPO:
+beta * mean log pi), ``rewards/margin``, ``rewards/accuracy`` (share of pairs whose chosen reward
+is higher), ``logps/chosen``, ``logps/rejected`` (summed policy log-probs).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from alignment.batching import ExampleSet, collate_pairs, read_rows, tokenize_pairs
+from alignment.config import ConfigError, DPOConfig
+from alignment.losses import dpo_loss, simpo_loss
+from alignment.models import (
+    CausalLMLogps,
+    adapter_disabled,
+    load_causal_lm,
+    load_reference,
+    load_tokenizer,
+    model_fingerprint,
+)
+from alignment.recipes.base import Recipe, StepOutput
+from alignment.refcache import (
+    RefLogpsCache,
+    attach,
+    cache_key,
+    compute_reference_logps,
+    rows_digest,
+    tokenization_digest,
+)
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+class DPORecipe(Recipe):
+    """DPO-family training of ``config.model`` on ``config.train_path``."""
+
+    name = "dpo"
+    config_class = DPOConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reference: CausalLMLogps | None = None
+        self.reference_forwards = 0
+        """Reference forward passes this run did (0 when every log-prob came from the cache)."""
+        self.reference_cache_hits: list[str] = []
+        self._rows: dict[str, list[dict]] = {}
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.config.loss_type != "simpo"
+
+    def build_models(self) -> None:
+        cfg = self.config
+        if cfg.model is None:
+            raise ConfigError("dpo.model: a policy model is required")
+        if self.needs_reference and cfg.reference == "adapter_disabled" and cfg.model.lora is None:
+            raise ConfigError("dpo.reference: 'adapter_disabled' needs LoRA (set model.lora) — use 'copy' or 'precomputed'")
+        if cfg.label_smoothing and cfg.loss_type in ("ipo", "hinge"):
+            raise ConfigError(f"dpo.label_smoothing: only defined for loss_type sigmoid or simpo, not {cfg.loss_type!r}")
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = load_causal_lm(cfg.model)
+        self.train_module = CausalLMLogps(self.model, cfg.logprob_chunk_size)
+        if self.needs_reference and cfg.reference == "copy":
+            self.reference = CausalLMLogps(load_reference(cfg.model, cfg.reference_model), cfg.logprob_chunk_size)
+
+    def _load(self, path: str, split: str, layout: dict) -> ExampleSet:
+        rows = read_rows(path, PAIR_COLUMNS)
+        self._rows[split] = rows
+        examples, stats = tokenize_pairs(self.tokenizer, rows, self.truncation(), source=str(path))
+        self.note_data(split, stats, len(examples))
+        return ExampleSet(examples, partial(collate_pairs, **layout), stats)
+
+    def build_data(self) -> tuple[ExampleSet, ExampleSet | None]:
+        if not self.config.train_path:
+            raise ConfigError("dpo.train_path: training pairs are required")
+        layout = self.token_layout(self.model)
+        train = self._load(self.config.train_path, "train", layout)
+        evals = self._load(self.config.eval_path, "eval", layout) if self.config.eval_path else None
+        return train, evals
+
+    def on_prepared(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+        if self.needs_reference and self.config.reference == "precomputed":
+            for split, data in (("train", self.train_set), ("eval", self.eval_set)):
+                if data is not None:
+                    self._precompute(split, data)
+
+    # ------------------------------------------------------------------ reference
+    def _precompute(self, split: str, data: ExampleSet) -> None:
+        """Fill ``ref_chosen``/``ref_rejected`` of every example from the cache or one no-grad pass."""
+        cfg, acc = self.config, self.accelerator
+        ref_settings = cfg.reference_model or cfg.model
+        key = cache_key(
+            model_fingerprint(ref_settings) + cfg.precision,
+            rows_digest(self._rows[split]),
+            tokenization_digest(data.examples),
+        )
+        indices = [e["index"] for e in data.examples]
+        folder = cfg.ref_cache_dir or (str(self.output_dir / "ref_cache") if self.output_dir else None)
+        cache = RefLogpsCache(folder) if folder else None
+        with acc.main_process_first():  # the main process computes and writes; the others then read
+            found = cache.load(key, indices) if cache else None
+            if found is None:
+                found = self._compute_reference(data)
+                if cache and acc.is_main_process:
+                    cache.save(key, indices, *found)
+            else:
+                self.reference_cache_hits.append(split)
+        attach(data.examples, *found)
+
+    def _compute_reference(self, data: ExampleSet) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if cfg.reference_model is not None:
+            module = CausalLMLogps(load_reference(cfg.model, cfg.reference_model), cfg.logprob_chunk_size).to(self.device)
+        else:
+            module = None  # the initial policy, adapter off under LoRA (equal to the base at step 0)
+        chosen, rejected, forwards = compute_reference_logps(
+            lambda batch: self._reference_logps(batch, module), data.examples, data.collate, self.device,
+            cfg.batch_size,
+        )
+        self.reference_forwards += forwards
+        return chosen, rejected
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: dict, module: CausalLMLogps | None = None) -> torch.Tensor:
+        """Per-sequence reference log-probs ``[2B]`` (no grad, no dropout)."""
+        with self.accelerator.autocast():
+            if module is not None:
+                return module(batch)["seq_logps"]
+            policy = self.accelerator.unwrap_model(self.train_module)
+            was_training = policy.training
+            policy.eval()
+            try:
+                with adapter_disabled(self.model):
+                    return policy(batch)["seq_logps"]
+            finally:
+                policy.train(was_training)
+
+    def _batch_reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_chosen" in batch:
+            return batch["ref_chosen"], batch["ref_rejected"]
+        seq = self._reference_logps(batch, self.reference)
+        self.reference_forwards += 1
+        n = seq.shape[0] // 2
+        return seq[:n], seq[n:]
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, batch: dict) -> StepOutput:
+        cfg = self.config
+        out = self.train_module(batch)
+        seq_logps = out["seq_logps"]
+        n = seq_logps.shape[0] // 2
+        chosen, rejected = seq_logps[:n], seq_logps[n:]
+        if cfg.loss_type == "simpo":
+            avg = seq_logps / out["seq_tokens"].clamp_min(1)
+            losses, r_c, r_r = simpo_loss(avg[:n], avg[n:], beta=cfg.beta, gamma=cfg.simpo_gamma,
+                                          label_smoothing=cfg.label_smoothing)
+        else:
+            ref_c, ref_r = self._batch_reference(batch)
+            losses, r_c, r_r = dpo_loss(chosen, rejected, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
+                                        label_smoothing=cfg.label_smoothing)
+        if cfg.use_weights and "weight" in batch:
+            loss = (losses * batch["weight"]).sum() / batch["weight"].sum().clamp_min(1e-8)
+        else:
+            loss = losses.mean()
+        metrics = {
+            "rewards/chosen": r_c.mean(),
+            "rewards/rejected": r_r.mean(),
+            "rewards/margin": (r_c - r_r).mean(),
+            "rewards/accuracy": (r_c > r_r).float().mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
+        }
+        return StepOutput(loss=loss, metrics=metrics, tokens=batch["num_tokens"], samples=n)

@@ -1,0 +1,138 @@
+"""GRPO / RLOO: critic-free policy optimisation with several samples per prompt.
+
+Each step (shared conventions in :mod:`alignment.recipes.rl_base`):
+
+1. sample ``group_size`` responses for each of ``rollout_batch_size`` prompts and score them;
+2. sequence advantages within each group (:func:`alignment.rl.group_advantages`): ``grpo``
+   (r - mean) / std (``scale_by_std: false`` = Dr. GRPO), or ``rloo`` (leave-one-out baseline);
+   every token of a response gets its sequence's advantage;
+3. ``update_epochs`` passes of minibatches with the per-token loss
+
+       clipped surrogate(ratio, A) + kl_coef * k3(pi, pi_ref)   (- entropy_coef * entropy)
+
+   averaged over all response tokens of the minibatch (a token-level mean: long responses are
+   not down-weighted per token). The KL term always uses the k3 estimator (non-negative,
+   unbiased, with a well-behaved gradient); ``kl.estimator`` only concerns PPO's reward.
+
+The old (rollout) log-probs need their own no-grad forward only when the policy changes within
+the step (``update_epochs > 1`` or more than one minibatch); otherwise the single update's own
+forward provides them (ratio 1 at the update), saving one forward per sample.
+
+Metrics: ``reward/raw``, ``reward/shaped`` (score - kl_coef * sequence KL), ``reward/group_std``
+(mean within-group std of the scores), ``groups_without_signal`` (share of groups whose
+scores were all equal: zero advantage), ``kl`` (mean sequence k3 KL of the rollout policy to
+the reference), ``kl_coef``, ``entropy``, ``loss``, ``loss/policy``, ``loss/kl``, ``clipfrac``,
+``approx_kl``, ``response_length``, ``eos_rate``, ``grad_norm``, ``generate_tokens_per_s``,
+``rollout_s``, ``update_s`` (plus the base's ``lr``, ``tokens_per_s``, ``samples_per_s``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from alignment.config import GRPOConfig
+from alignment.losses import ppo_policy_loss
+from alignment.recipes.rl_base import PolicyModule, RLRecipe, Rollout
+from alignment.rl import group_advantages, kl_k3, masked_mean
+
+
+class GRPORecipe(RLRecipe):
+    """GRPO/RLOO of ``config.model`` on the prompts of ``config.train_path``."""
+
+    name = "grpo"
+    config_class = GRPOConfig
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.config.group_size
+
+    def build_models(self) -> None:
+        self.build_policy()
+        self.train_module = PolicyModule(self.model, self.config.logprob_chunk_size, self.temperature)
+
+    @torch.no_grad()
+    def _no_grad_forward(self, roll: Rollout, with_policy: bool) -> dict[str, torch.Tensor]:
+        flat: dict[str, list[torch.Tensor]] = {"ref": [], "logps": [], "entropy": []}
+        for rows in self.micro_batches(range(len(roll))):
+            flat["ref"].append(self.reference_logps(roll, rows).float())
+            if with_policy:
+                batch = roll.collate(rows, self.layout, self.device)
+                with self.accelerator.autocast():
+                    out = self.train_module(batch, with_entropy=True)
+                flat["logps"].append(out["token_logps"].float())
+                flat["entropy"].append(out["entropy"].float())
+        return {k: roll.to_grid(torch.cat(v)) for k, v in flat.items() if v}
+
+    def train_step(self) -> dict[str, float]:
+        cfg: GRPOConfig = self.config
+        started = time.perf_counter()
+        prompts = self.train_set.collate([self.train_set[i] for i in self.sampler.next_batch()])["prompts"]
+        roll = self.sample(prompts, repeats=cfg.group_size)
+        mask = roll.mask
+        n = len(roll)
+        advantages = group_advantages(roll.scores, cfg.group_size, cfg.advantage, cfg.scale_by_std)
+        single_update = cfg.update_epochs == 1 and cfg.minibatch_size >= n
+        grids = self._no_grad_forward(roll, with_policy=not single_update)
+        old = grids.get("logps", torch.zeros(mask.shape, device=self.device))
+        entropy = grids.get("entropy", torch.zeros(mask.shape, device=self.device))
+        ref = grids["ref"]
+        kl_coef = self.kl_ctl.value
+        rollout_s = time.perf_counter() - started
+
+        sums: dict[str, torch.Tensor] = {}
+        losses, norms = [], []
+        for minibatch in self.minibatches(n):
+            n_tokens = mask[minibatch].sum().clamp_min(1)
+            total = torch.zeros((), device=self.device)
+            for rows in self.micro_batches(minibatch):
+                batch = roll.collate(rows, self.layout, self.device)
+                m = mask[rows].bool()
+                with self.accelerator.autocast():
+                    out = self.train_module(batch, with_entropy=single_update or cfg.entropy_coef > 0,
+                                            entropy_grad=cfg.entropy_coef > 0)
+                logps = out["token_logps"]
+                if single_update:  # this forward is the rollout policy: record its log-probs and entropy
+                    old[rows] = roll.to_grid(logps.detach().float(), rows)
+                    entropy[rows] = roll.to_grid(out["entropy"].detach().float(), rows)
+                adv = advantages[rows][:, None].expand(m.shape)[m]
+                pg, stats = ppo_policy_loss(logps, old[rows][m], adv, torch.ones_like(logps), cfg.clip_range)
+                kl_term = kl_k3(logps, ref[rows][m]).mean()
+                loss = pg + kl_coef * kl_term
+                if cfg.entropy_coef > 0:
+                    loss = loss - cfg.entropy_coef * out["entropy"].mean()
+                share = m.sum() / n_tokens
+                self.backward(loss * share)
+                total += (loss * share).detach()
+                for key, value in {"loss/policy": pg, "loss/kl": kl_term, **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float() * share
+            losses.append(total)
+            norms.append(self.optimizer_step(total))
+        update_s = time.perf_counter() - started - rollout_s
+
+        seq_kl = (kl_k3(old, ref) * mask).sum(1)
+        mean_kl = float(seq_kl.mean())
+        self.kl_ctl.update(float(self.reduce_metrics({"kl": mean_kl})["kl"]), n * self.accelerator.num_processes)
+        grouped = roll.scores.view(-1, cfg.group_size)
+        metrics: dict[str, Any] = {k: float(v) / len(norms) for k, v in sums.items()}
+        metrics.update({
+            "loss": float(torch.stack(losses).mean()),
+            "grad_norm": float(torch.stack(norms).float().mean()),
+            "reward/raw": float(roll.raw_scores.mean()),
+            "reward/shaped": float((roll.scores - kl_coef * seq_kl).mean()),
+            "reward/group_std": float(grouped.std(dim=1).mean()),
+            "groups_without_signal": float((grouped.max(1).values == grouped.min(1).values).float().mean()),
+            "kl": mean_kl,
+            "kl_coef": kl_coef,
+            "entropy": float(masked_mean(entropy, mask)),
+            "response_length": float(mask.sum(1).float().mean()),
+            "eos_rate": float(roll.hit_eos.float().mean()),
+            "generate_tokens_per_s": float(mask.sum()) / max(roll.generate_s, 1e-9),
+            "rollout_s": rollout_s,
+            "update_s": update_s,
+            "tokens": roll.num_tokens,
+            "samples": n,
+        })
+        return self.reduce_metrics(metrics)

@@ -1,0 +1,159 @@
+"""PPO with a learned value function (Ziegler et al. 2019; Ouyang et al. 2022) on prompts.
+
+Each step (see :mod:`alignment.recipes.rl_base` for the shared conventions):
+
+1. sample one response per prompt; score it (``reward/raw``), minus ``missing_eos_penalty``
+   for responses cut before EOS;
+2. no-grad forwards: the rollout policy's log-probs, values and entropy, the reference's log-probs;
+3. per-token rewards r_t = -kl_coef * KL_t plus the score at the last response token
+   (:func:`alignment.rl.kl_shaped_rewards`, estimator ``kl.estimator``), optionally whitened
+   (scale only); GAE (``gamma``, ``lam``) gives advantages (whitened over the batch) and returns;
+4. ``update_epochs`` passes of minibatches: loss = clipped policy loss + ``vf_coef`` * clipped
+   value loss - ``entropy_coef`` * entropy, token means over the minibatch;
+5. the KL controller (adaptive or fixed) sees the batch's mean sequence KL.
+
+Value function (``value_model``): ``head`` — a linear head on the policy's last hidden state
+(shares the trunk; saved in checkpoints as ``value.safetensors``); ``separate`` — a sequence-
+classification model initialised from ``reward_model`` (or the policy's weights with a fresh
+head when rewards come from ``reward_fn``), which must share the policy's tokenizer.
+
+Metrics: ``reward/raw``, ``reward/shaped`` (sum of shaped rewards per sequence), ``kl`` (mean
+sequence KL of the rollout policy to the reference), ``kl_coef``, ``entropy`` (per token),
+``loss``, ``loss/policy``, ``loss/value``, ``clipfrac``, ``approx_kl`` (rollout → updated
+policy), ``vf_clipfrac``, ``explained_variance``, ``value/mean``, ``response_length``,
+``eos_rate``, ``grad_norm`` (mean over the step's optimizer steps), ``generate_tokens_per_s``,
+``rollout_s``, ``update_s``; the base adds ``lr``, ``tokens_per_s`` (prompt + response tokens of
+the rollout per second of the whole step) and ``samples_per_s``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignment.config import ConfigError, ModelSettings, PPOConfig
+from alignment.losses import ppo_policy_loss, ppo_value_loss
+from alignment.models import hf_model, is_peft, load_reward_model, load_tokenizer
+from alignment.recipes.rl_base import PolicyModule, RLRecipe, Rollout, disable_dropout
+from alignment.rl import explained_variance, gae, kl_shaped_rewards, masked_mean, masked_whiten
+
+
+class PPORecipe(RLRecipe):
+    """PPO of ``config.model`` on the prompts of ``config.train_path``."""
+
+    name = "ppo"
+    config_class = PPOConfig
+
+    def build_models(self) -> None:
+        cfg: PPOConfig = self.config
+        self.build_policy()
+        head = model = None
+        if cfg.value_model == "head":
+            hidden = hf_model(self.model).config.hidden_size
+            head = nn.Linear(hidden, 1)
+            nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
+            self.value_module = head
+        else:
+            source = cfg.reward_model or cfg.model.name_or_path
+            settings = ModelSettings(name_or_path=source, dtype=cfg.model.dtype,
+                                     trust_remote_code=cfg.model.trust_remote_code,
+                                     gradient_checkpointing=cfg.model.gradient_checkpointing)
+            if load_tokenizer(settings).get_vocab() != self.tokenizer.get_vocab():
+                raise ConfigError("ppo.value_model: 'separate' needs a reward model that shares the policy's tokenizer")
+            model = load_reward_model(settings, self.tokenizer, trainable=True)
+            if not hasattr(hf_model(model), "score"):
+                raise ConfigError("ppo.value_model: 'separate' needs a decoder backbone with a 'score' head")
+            disable_dropout(model)
+            self.value_module = model
+        self.train_module = PolicyModule(self.model, cfg.logprob_chunk_size, self.temperature,
+                                         value_head=head, value_model=model)
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        policy = "adapter_model.safetensors" if is_peft(self.model) else "model.safetensors"
+        return {policy: self.model, "value.safetensors": self.value_module}
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def _rollout_forward(self, roll: Rollout) -> dict[str, torch.Tensor]:
+        """Grids ``[B, R]`` of the rollout policy's log-probs, values and entropy, and the reference's log-probs."""
+        flat: dict[str, list[torch.Tensor]] = {"logps": [], "values": [], "entropy": [], "ref": []}
+        for rows in self.micro_batches(range(len(roll))):
+            batch = roll.collate(rows, self.layout, self.device)
+            with self.accelerator.autocast():
+                out = self.train_module(batch, with_entropy=True)
+            flat["logps"].append(out["token_logps"].float())
+            flat["values"].append(out["values"].float())
+            flat["entropy"].append(out["entropy"].float())
+            flat["ref"].append(self.reference_logps(roll, rows).float())
+        return {k: roll.to_grid(torch.cat(v)) for k, v in flat.items()}
+
+    def train_step(self) -> dict[str, float]:
+        cfg: PPOConfig = self.config
+        started = time.perf_counter()
+        prompts = self.train_set.collate([self.train_set[i] for i in self.sampler.next_batch()])["prompts"]
+        roll = self.sample(prompts)
+        old = self._rollout_forward(roll)
+        mask = roll.mask
+        kl_coef = self.kl_ctl.value
+        rewards, kl = kl_shaped_rewards(roll.scores, old["logps"], old["ref"], mask, kl_coef, cfg.kl.estimator)
+        shaped_return = rewards.sum(1).mean()
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        rollout_s = time.perf_counter() - started
+
+        sums: dict[str, torch.Tensor] = {}
+        losses, norms = [], []
+        for minibatch in self.minibatches(len(roll)):
+            n_tokens = mask[minibatch].sum().clamp_min(1)
+            total = torch.zeros((), device=self.device)
+            for rows in self.micro_batches(minibatch):
+                batch = roll.collate(rows, self.layout, self.device)
+                m = mask[rows].bool()
+                with self.accelerator.autocast():
+                    out = self.train_module(batch, with_entropy=cfg.entropy_coef > 0, entropy_grad=True)
+                pg, pg_stats = ppo_policy_loss(out["token_logps"], old["logps"][rows][m], advantages[rows][m],
+                                               torch.ones_like(out["token_logps"]), cfg.clip_range)
+                vf, vf_stats = ppo_value_loss(out["values"], old["values"][rows][m], returns[rows][m],
+                                              torch.ones_like(out["values"]), cfg.value_clip)
+                loss = pg + cfg.vf_coef * vf
+                if cfg.entropy_coef > 0:
+                    loss = loss - cfg.entropy_coef * out["entropy"].mean()
+                share = m.sum() / n_tokens  # token mean over the whole minibatch
+                self.backward(loss * share)
+                total += (loss * share).detach()
+                for key, value in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float() * share
+            losses.append(total)
+            norms.append(self.optimizer_step(total))
+        n_updates = len(norms)
+        update_s = time.perf_counter() - started - rollout_s
+
+        seq_kl = kl.sum(1).mean()
+        self.kl_ctl.update(float(self.reduce_metrics({"kl": float(seq_kl)})["kl"]),
+                           len(roll) * self.accelerator.num_processes)
+        metrics: dict[str, Any] = {k: float(v) / n_updates for k, v in sums.items()}
+        metrics.update({
+            "loss": float(torch.stack(losses).mean()),
+            "grad_norm": float(torch.stack(norms).float().mean()),
+            "reward/raw": float(roll.raw_scores.mean()),
+            "reward/shaped": float(shaped_return),
+            "kl": float(seq_kl),
+            "kl_coef": kl_coef,
+            "entropy": float(masked_mean(old["entropy"], mask)),
+            "explained_variance": explained_variance(old["values"], returns, mask),
+            "value/mean": float(masked_mean(old["values"], mask)),
+            "response_length": float(mask.sum(1).float().mean()),
+            "eos_rate": float(roll.hit_eos.float().mean()),
+            "generate_tokens_per_s": float(mask.sum()) / max(roll.generate_s, 1e-9),
+            "rollout_s": rollout_s,
+            "update_s": update_s,
+            "tokens": roll.num_tokens,
+            "samples": len(roll),
+        })
+        return self.reduce_metrics(metrics)

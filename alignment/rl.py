@@ -1,0 +1,270 @@
+"""RL math for PPO and GRPO: masked statistics, GAE, KL estimators and controllers, reward shaping.
+
+Pure tensor functions (no models, no trackers). Shapes use ``B`` for samples and ``T`` for
+response positions. A ``mask`` is 1 (or True) on response tokens that count and 0 on padding;
+rollouts are **right-padded**, so each row's mask is a run of ones followed by zeros. The
+functions that depend on that layout (:func:`gae`, :func:`kl_shaped_rewards`) say so.
+
+None of these functions synchronise with the GPU except where they must validate input
+(:func:`masked_var` checks the number of valid entries); they are safe in the hot loop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "gae",
+    "kl_k1",
+    "kl_k3",
+    "kl_estimate",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "kl_shaped_rewards",
+    "group_advantages",
+    "explained_variance",
+]
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(values * mask) over ``dim`` (all elements when None)."""
+    prod = values * mask.to(values.dtype)
+    return prod.sum() if dim is None else prod.sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(values * mask) / sum(mask) over ``dim`` (all elements when None).
+
+    A slice whose mask is all zero yields 0 (not NaN): the denominator is clamped to 1, so an
+    empty row contributes nothing instead of poisoning a batch statistic.
+    """
+    m = mask.to(values.dtype)
+    if dim is None:
+        return (values * m).sum() / m.sum().clamp_min(1.0)
+    return (values * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries (over all of them).
+
+    var = sum(m * (x - mean)^2) / n, times n / (n - 1) when ``unbiased`` (Bessel), n = sum(m).
+    Raises ValueError when fewer than 1 (biased) or 2 (unbiased) entries are valid.
+    """
+    n = float(mask.to(values.dtype).sum())
+    need = 2 if unbiased else 1
+    if n < need:
+        raise ValueError(f"masked_var needs at least {need} valid entries, got {n:g}")
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return var * (n / (n - 1)) if unbiased else var
+
+
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries (unbiased var); padding is set to 0.
+
+    With ``shift_mean=False`` the mean is added back, i.e. only the scale changes (used for
+    rewards, whose sign carries meaning). Raises ValueError with fewer than 2 valid entries.
+    """
+    mean = masked_mean(values, mask)
+    var = masked_var(values, mask, unbiased=True)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) on right-padded ``[B, T]`` tensors.
+
+    delta_t = r_t + gamma * m_{t+1} * V_{t+1} - V_t
+    A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1},   A_T = 0
+    returns = A + V
+
+    The episode ends at each row's last valid token (its successor has mask 0, so it
+    bootstraps from 0: a terminal state). Rewards and values at padding are ignored; outputs
+    are 0 there. Assumes right padding (mask = ones then zeros in every row). Vectorised over
+    the batch; one reverse pass over time. Returns ``(advantages, returns)``, no gradient.
+    """
+    if rewards.shape != values.shape or rewards.shape != mask.shape or rewards.dim() != 2:
+        raise ValueError(
+            f"gae expects equal [B, T] shapes, got rewards {tuple(rewards.shape)}, "
+            f"values {tuple(values.shape)}, mask {tuple(mask.shape)}"
+        )
+    with torch.no_grad():
+        m = mask.to(values.dtype)
+        r = rewards * m
+        v = values * m
+        next_m = torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
+        next_v = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
+        deltas = r + gamma * next_m * next_v - v
+        adv = torch.zeros_like(v)
+        running = torch.zeros_like(v[:, 0])
+        for t in range(v.shape[1] - 1, -1, -1):
+            running = deltas[:, t] + gamma * lam * next_m[:, t] * running
+            adv[:, t] = running
+        adv = adv * m
+        return adv, (adv + v) * m
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimator of KL(pi || pi_ref) from samples of pi: log pi - log pi_ref.
+
+    Unbiased, high variance, can be negative per token.
+    """
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref) (Schulman 2020): (ratio - 1) - log ratio.
+
+    ratio = pi_ref / pi = exp(log pi_ref - log pi). Unbiased and never negative.
+    """
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Dispatch to :func:`kl_k1` or :func:`kl_k3` by name; ValueError for anything else."""
+    if estimator == "k1":
+        return kl_k1(logprobs, ref_logprobs)
+    if estimator == "k3":
+        return kl_k3(logprobs, ref_logprobs)
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1' or 'k3'")
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient of Ziegler et al. 2019 ("Fine-Tuning LMs from Human Preferences").
+
+    After each rollout batch of ``n_steps`` samples with mean sequence KL ``current``:
+
+        e = clip(current / target - 1, -0.2, 0.2)
+        coef <- coef * (1 + e * n_steps / horizon)
+
+    ``state_dict``/``load_state_dict`` make the coefficient part of a checkpoint.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: int) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon must be > 0, got target={target}, horizon={horizon}")
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current: float, n_steps: int) -> float:
+        """Move the coefficient toward the target; returns the new value."""
+        error = min(max(float(current) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController:
+    """Constant KL coefficient with the :class:`AdaptiveKLController` interface."""
+
+    def __init__(self, coef: float) -> None:
+        self.value = float(coef)
+
+    def update(self, current: float, n_steps: int) -> float:
+        """No change; returns the coefficient."""
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last valid position under right padding (0 for an empty row)."""
+    return (mask.to(torch.long).sum(dim=1) - 1).clamp_min(0)
+
+
+def kl_shaped_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: Literal["k1", "k3"] = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards for PPO: r_t = -coef * KL_t, plus the sequence score at the last valid token.
+
+    ``scores`` is ``[B]`` (one scalar per response), the rest ``[B, T]``, right-padded.
+    KL_t is the chosen per-token estimator of KL(pi || pi_ref). Returns ``(rewards, kl)``,
+    both ``[B, T]`` and 0 at padding, without gradient. Summing ``rewards`` over a row gives
+    score - coef * (sequence KL estimate).
+    """
+    with torch.no_grad():
+        m = mask.to(logprobs.dtype)
+        kl = kl_estimate(logprobs, ref_logprobs, estimator) * m
+        rewards = -kl_coef * kl
+        last = last_valid_index(mask)
+        rows = torch.arange(rewards.shape[0], device=rewards.device)
+        rewards[rows, last] += scores.to(rewards.dtype)
+        return rewards * m, kl
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    kind: Literal["grpo", "rloo"] = "grpo",
+    scale_by_std: bool = True,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Critic-free advantages from ``[N]`` sequence rewards in contiguous groups of ``group_size``.
+
+    Rows ``g*G .. g*G+G-1`` are the samples of prompt ``g``. With group mean mu and unbiased
+    group std s:
+
+        grpo: A_i = (r_i - mu) / (s + eps)     (or r_i - mu when ``scale_by_std`` is False: Dr. GRPO)
+        rloo: A_i = r_i - (sum_j r_j - r_i) / (G - 1)  = G/(G-1) * (r_i - mu)
+
+    A group whose samples all scored the same gets advantage 0 (no signal), never NaN.
+    Raises ValueError if N is not a multiple of ``group_size`` or ``group_size`` < 2.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [N] with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    if kind == "rloo":
+        adv = grouped - (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    elif kind == "grpo":
+        adv = grouped - mean
+        if scale_by_std:
+            adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    else:
+        raise ValueError(f"unknown advantage kind {kind!r}; expected 'grpo' or 'rloo'")
+    return adv.reshape(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over masked entries (biased variances).
+
+    1 is a perfect critic, 0 no better than a constant, negative worse. NaN when the returns
+    have zero variance or no entry is valid (undefined, and reported as such).
+    """
+    if float(mask.sum()) < 1:
+        return math.nan
+    var_y = float(masked_var(returns, mask, unbiased=False))
+    if var_y == 0.0:
+        return math.nan
+    return 1.0 - float(masked_var(returns - values, mask, unbiased=False)) / var_y

@@ -1,0 +1,94 @@
+"""The ``alignflow`` command line.
+
+``run`` runs one round of the pipeline (no ``--config``: the embedded demo); ``demo --rounds N``
+closes the loop (feedback from the champion, retrain, promote, repeat); ``ingest SOURCE``
+validates only; ``promote``, ``rollback`` and ``status`` work the registry; ``serve`` starts
+the scheduled deployments. ``--config FILE`` and ``--set key=value`` work on every command.
+
+Prefect and MLflow are imported only after the home folder is known, so the embedded Prefect
+database lands in ``<home>/prefect`` unless ``PREFECT_HOME`` or ``PREFECT_API_URL`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+COMMANDS = ("run", "demo", "ingest", "promote", "rollback", "status", "serve", "monitor")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", help="pipeline YAML (default: the embedded demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set dpo.beta=0.2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="alignflow",
+        description="Align language models with user feedback: validate, build preferences, train, "
+                    "evaluate, promote, monitor — on Prefect and MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the pipeline once (no --config: the embedded demo)")
+    _common(run)
+    run.add_argument("--only-if-new-data", action="store_true",
+                     help="exit at once when the landing folder has no new files")
+    demo = sub.add_parser("demo", help="closed loop: feedback from the champion, retrain, promote, repeat")
+    _common(demo)
+    demo.add_argument("--rounds", type=int, default=3, help="rounds to run (default 3)")
+    ingest = sub.add_parser("ingest", help="validate feedback only: report and exit code")
+    _common(ingest)
+    ingest.add_argument("source", help="file, folder, saved dataset or hub dataset id")
+    ingest.add_argument("--kind", choices=["pairwise", "ranking", "rating", "binary", "demonstration"],
+                        help="feedback kind (default: detected from the columns)")
+    promote = sub.add_parser("promote", help="point the champion alias at a policy version")
+    _common(promote)
+    promote.add_argument("--version", required=True, help="model version number")
+    rollback = sub.add_parser("rollback", help="put the previous champion back")
+    _common(rollback)
+    status = sub.add_parser("status", help="champion, challenger and recent runs")
+    _common(status)
+    serve = sub.add_parser("serve", help="serve the scheduled retraining and monitoring deployments")
+    _common(serve)
+    monitor = sub.add_parser("monitor", help="check new feedback for drift against the champion")
+    _common(monitor)
+    return parser
+
+
+def _prepare_environment(home: Path) -> None:
+    """Embedded defaults for Prefect before it is imported; explicit settings win."""
+    home.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script. Returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    from alignment.config import ConfigError
+    from tasks.config import load_pipeline_config
+
+    try:
+        cfg = load_pipeline_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"alignflow: {err}", file=sys.stderr)
+        return 2
+    _prepare_environment(cfg.home)
+    from flows import commands
+
+    handler = getattr(commands, f"cmd_{args.command}")
+    try:
+        return int(handler(cfg, args) or 0)
+    except KeyboardInterrupt:
+        print("alignflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

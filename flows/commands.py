@@ -1,0 +1,137 @@
+"""The CLI's command bodies (imported after the environment is prepared; see flows/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from rich.console import Console
+from rich.table import Table
+
+from tasks import tracking
+from tasks.config import PipelineConfig
+
+console = Console()
+
+
+def _flow_kwargs(args: argparse.Namespace) -> dict:
+    return {"config": args.config, "overrides": list(args.overrides or [])}
+
+
+def cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``alignflow run``: one pipeline round. Exit 0 when the round completed (promoted or not)."""
+    from flows.pipeline import alignment_pipeline
+
+    alignment_pipeline(**_flow_kwargs(args), only_if_new_data=args.only_if_new_data)
+    return 0
+
+
+def cmd_demo(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``alignflow demo --rounds N``: the closed loop."""
+    if cfg.demo is None:
+        console.print("[red]alignflow demo needs a config with a demo section (the default config has one)[/red]")
+        return 2
+    from flows.demo import closed_loop_demo
+
+    closed_loop_demo(**_flow_kwargs(args), rounds=args.rounds)
+    return 0
+
+
+def cmd_ingest(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``alignflow ingest SOURCE``: validate only; non-zero past the quarantine threshold."""
+    from tasks.data.report import ingest_command
+
+    return ingest_command(args.source, args.kind, cfg.data, out_dir=cfg.home / "ingest-check")
+
+
+def _policy_name(cfg: PipelineConfig) -> str:
+    tracking.configure(cfg.home, cfg.pipeline.name)
+    return f"{cfg.pipeline.name}-policy"
+
+
+def cmd_promote(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``alignflow promote --version N``: manual promotion (recorded as such on the version)."""
+    name = _policy_name(cfg)
+    try:
+        tracking.promote(name, str(args.version), reason="manual promotion (alignflow promote)")
+    except MlflowException as err:
+        console.print(f"[red]cannot promote {name} v{args.version}: {err.message}[/red]")
+        return 1
+    console.print(f"{name}: champion -> v{args.version}")
+    return 0
+
+
+def cmd_rollback(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``alignflow rollback``: the previously promoted version becomes champion again."""
+    name = _policy_name(cfg)
+    try:
+        old, new = tracking.rollback(name)
+    except (LookupError, MlflowException) as err:
+        console.print(f"[red]rollback failed: {err}[/red]")
+        return 1
+    console.print(f"{name}: champion v{old} -> v{new} (v{old} marked rolled back)")
+    return 0
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``alignflow status``: champion, challenger and recent pipeline runs."""
+    name = _policy_name(cfg)
+    client = MlflowClient()
+    table = Table(title=f"{name} registry")
+    for col in ("alias", "version", "created", "gate", "data digest", "method"):
+        table.add_column(col)
+    for alias in (tracking.CHAMPION, tracking.CHALLENGER):
+        version = tracking.alias_version(name, alias)
+        if version is None:
+            table.add_row(alias, "-", "-", "-", "-", "-")
+            continue
+        mv = client.get_model_version(name, version)
+        table.add_row(alias, version, _when(mv.creation_timestamp), mv.tags.get("alignflow.gate", "-"),
+                      mv.tags.get("alignflow.data_digest", "-"), mv.tags.get("alignflow.method", "-"))
+    console.print(table)
+    experiment = client.get_experiment_by_name(cfg.pipeline.name)
+    if experiment is None:
+        console.print("no runs yet")
+        return 0
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`prefect.flow_run_id` != ''",
+                              order_by=["attributes.start_time DESC"], max_results=10)
+    recent = Table(title="recent pipeline runs")
+    for col in ("started", "run", "status", "prefect flow run"):
+        recent.add_column(col)
+    for run in runs:
+        recent.add_row(_when(run.info.start_time), run.info.run_name or run.info.run_id, run.info.status,
+                       run.data.tags.get("prefect.flow_run_id", "-"))
+    console.print(recent)
+    champion = tracking.alias_version(name, tracking.CHAMPION)
+    console.print(f"serve it: mlflow models serve -m models:/{name}@champion" if champion else "no champion yet")
+    return 0
+
+
+def cmd_serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``alignflow serve``: the retraining and monitoring deployments on their cron schedules."""
+    from flows.deployments import serve_deployments
+
+    serve_deployments(cfg, args.config, list(args.overrides or []))
+    return 0
+
+
+def cmd_monitor(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``alignflow monitor``: drift check of new feedback against the champion (one run)."""
+    from flows.monitor import monitor_feedback
+
+    result = monitor_feedback(**_flow_kwargs(args))
+    return 0 if result is not None else 1
+
+
+def fail(message: str) -> int:
+    print(f"alignflow: {message}", file=sys.stderr)
+    return 1

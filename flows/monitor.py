@@ -1,0 +1,94 @@
+"""The monitoring flow: on each new feedback batch (landing files not yet ingested), measure
+drift against the feedback the champion was trained on, and the champion reward model's
+accuracy on the new human labels. Crossing a threshold triggers the retraining deployment,
+recorded with the reason (MLflow tags + Prefect artifact)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from tasks import tracking
+from tasks.config import load_pipeline_config
+from tasks.data.landing import ledger_for, pending_sources, read_and_validate
+from tasks.data.preferences import validated_files
+from tasks.evaluation.drift import monitor_batch
+from tasks.stages.data import data_dir, ingest_settings
+
+
+def _largest_kind(frames: dict[str, pd.DataFrame]) -> str | None:
+    usable = {k: f for k, f in frames.items() if len(f)}
+    if not usable:
+        return None
+    return "pairwise" if "pairwise" in usable else max(usable, key=lambda k: len(usable[k]))
+
+
+def _reward_scorer(cfg, device: str = "cpu"):
+    """The champion reward model as a scorer, or None when none is registered."""
+    from tasks.evaluation.suite import reward_scorer_from_folder
+
+    name = f"{cfg.pipeline.name}-reward"
+    version = tracking.alias_version(name, tracking.CHAMPION)
+    if version is None:
+        return None
+    folder = tracking.download_model(name, version, cfg.home / "registry-cache" / name / version)
+    return reward_scorer_from_folder(folder, device)
+
+
+def trigger_retraining(deployment: str, reason: str) -> str:
+    """Start the retraining deployment without waiting; returns the new flow run's id."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, timeout=0, tags=["drift-triggered"], as_subflow=False,
+                         flow_run_name=f"drift: {reason[:60]}")
+    return str(run.id)
+
+
+@flow(name="monitor-feedback", log_prints=True)
+def monitor_feedback(config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any] | None:
+    """Check new feedback for drift. Returns the drift report dict, or None when nothing new arrived."""
+    cfg = load_pipeline_config(config, overrides)
+    logger = get_run_logger()
+    settings = ingest_settings(cfg)
+    pending, _ = pending_sources(settings, ledger_for(settings, data_dir(cfg)))
+    if not pending:
+        logger.info("No new feedback files: nothing to monitor.")
+        return None
+    new = read_and_validate([p.options for p in pending], settings, [p.digest for p in pending]).valid
+    kind = _largest_kind(new)
+    reference_files = validated_files(data_dir(cfg) / "validated").get(kind or "", [])
+    if kind is None or not reference_files:
+        logger.info("No reference feedback of kind %s yet (first batch): nothing to compare.", kind)
+        return None
+    reference = pd.concat([pd.read_parquet(p) for p in reference_files], ignore_index=True)
+    report = monitor_batch(new[kind], reference, cfg.monitor, _reward_scorer(cfg), seed=cfg.pipeline.seed)
+    experiment_id = tracking.configure(cfg.home, cfg.pipeline.name)
+    run_id = tracking.start_parent_run(experiment_id, "monitor", {"alignflow.stage": "monitor",
+                                                                   "alignflow.kind": kind})
+    triggered_run = None
+    try:
+        tracking.log_metrics(run_id, report.metrics())
+        tags = {"alignflow.drift": "triggered" if report.triggered else "quiet",
+                "alignflow.drift_reasons": " | ".join(report.reasons)[:5000]}
+        if report.triggered and cfg.monitor.trigger_deployment:
+            try:
+                triggered_run = trigger_retraining(cfg.monitor.trigger_deployment, "; ".join(report.reasons))
+                tags["alignflow.triggered_flow_run"] = triggered_run
+            except Exception as err:  # noqa: BLE001 - the deployment may not exist outside `serve`
+                tags["alignflow.trigger_error"] = str(err)[:500]
+                logger.warning("Drift found but the retraining deployment could not be started: %s", err)
+        from mlflow import MlflowClient
+
+        for key, value in tags.items():
+            MlflowClient().set_tag(run_id, key, value)
+    finally:
+        tracking.end_run(run_id)
+    create_markdown_artifact(report.to_markdown(), key=f"{cfg.pipeline.name}-drift".replace("_", "-"),
+                             description="Feedback drift report")
+    result = {"triggered": report.triggered, "reasons": report.reasons, "kind": kind, "rows": len(new[kind]),
+              "retraining_flow_run": triggered_run, "metrics": report.metrics()}
+    logger.info("Drift %s: %s", "TRIGGERED" if report.triggered else "quiet", "; ".join(report.reasons) or "-")
+    return result

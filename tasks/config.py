@@ -1,0 +1,212 @@
+"""The pipeline's one YAML config: typed sections, validated on load, ``--set a.b=c`` overrides.
+
+Sections: ``pipeline`` (name, home, method), ``data`` (ingest + validation), ``preferences``
+(dataset building), ``model`` (policy and reward backbones), one section per training stage
+(``sft``, ``reward``, ``dpo``, ``ppo``, ``grpo``, each a recipe config from
+:mod:`alignment.config` plus ``enabled``), ``evaluation``, ``gate``, ``monitor``, ``schedule``
+and ``demo``. Errors name the field: ``dpo.beta: Input should be greater than 0 (got -1)``.
+The resolved config is logged to MLflow and its digest tagged on every run and model version.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+
+from alignment.config import (
+    ConfigError,
+    DPOConfig,
+    GRPOConfig,
+    ModelSettings,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    StrictModel,
+    config_digest,
+    validate_config,
+)
+from tasks.data.settings import IngestSettings, PreferenceSettings
+from tasks.demo.settings import DemoSettings
+from tasks.evaluation.settings import EvalSettings, GateSettings, MonitorSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+METHODS = ("dpo", "ipo", "simpo", "ppo", "grpo")
+
+
+class PipelineSettings(StrictModel):
+    """Identity, home folder and the training method of a pipeline."""
+
+    name: str = "demo"
+    """Pipeline name: MLflow experiment, registered models ``<name>-policy`` and ``<name>-reward``."""
+    home: str | None = None
+    """Folder for the embedded stores and data (MLflow SQLite, Prefect DB, landing, runs).
+    Default: $ALIGNFLOW_HOME, else ./.alignflow."""
+    seed: int = 0
+    """Seed for every stage (recorded on every run)."""
+    method: Literal["dpo", "ipo", "simpo", "ppo", "grpo"] = "dpo"
+    """Fine-tuning method: dpo/ipo/simpo use the ``dpo`` section (loss type set by the method),
+    ppo and grpo their own sections (both use the reward model)."""
+    init_from: Literal["base", "champion"] = "base"
+    """Start each round's policy from the base model, or from the current champion (iterative,
+    on-policy rounds; the champion is then also the DPO reference)."""
+    processes: int = Field(1, gt=0)
+    """Training processes; more than 1 launches training with ``accelerate launch``."""
+    accelerate_config: str | None = None
+    """An accelerate config file (e.g. infra/accelerate/fsdp.yaml) for multi-process training."""
+    stage_timeout_s: int = Field(6 * 3600, gt=0)
+    """Wall-clock limit of one training process; past it the process group is killed."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where training and evaluation run (auto: CUDA when available)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_slug(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", v):
+            raise ValueError("must be lowercase letters, digits, '-' or '_' (it names models and experiments)")
+        return v
+
+
+class ModelSection(StrictModel):
+    """The models the pipeline starts from."""
+
+    policy: ModelSettings | None = None
+    """Base policy (hub id or local path). None with a ``demo`` section: the demo's pretrained model."""
+    reward: ModelSettings | None = None
+    """Reward-model backbone; None: the policy's backbone (LoRA settings are not carried over)."""
+
+
+class SFTStage(SFTConfig):
+    """Optional supervised fine-tuning before the reward model and the policy update."""
+
+    enabled: bool = False
+    """Run the SFT stage; its output becomes the policy (and reference) for the next stages."""
+
+
+class RewardStage(RewardConfig):
+    """Reward-model training (used by PPO/GRPO and by evaluation)."""
+
+    enabled: bool = True
+    """Train a reward model this round (required for ppo/grpo and for reward-based evaluation)."""
+
+
+class ScheduleSettings(StrictModel):
+    """When the scheduled deployments run (``alignflow serve``)."""
+
+    cron: str = "0 3 * * *"
+    """Cron expression of the retraining deployment."""
+    timezone: str = "UTC"
+    """Time zone of the cron expression."""
+    monitor_cron: str | None = "0 * * * *"
+    """Cron of the monitoring deployment (None: not scheduled)."""
+
+
+class PipelineConfig(StrictModel):
+    """A whole pipeline. Every section has defaults, so an empty file is the embedded demo's shape."""
+
+    pipeline: PipelineSettings = PipelineSettings()
+    """Name, home, method."""
+    data: IngestSettings = IngestSettings()
+    """Landing folder, sources and validation."""
+    preferences: PreferenceSettings = PreferenceSettings()
+    """Preference-dataset building."""
+    model: ModelSection = ModelSection()
+    """Starting models."""
+    sft: SFTStage = SFTStage()
+    """Optional SFT stage."""
+    reward: RewardStage = RewardStage()
+    """Reward model."""
+    dpo: DPOConfig = DPOConfig()
+    """DPO family (method dpo, ipo, simpo)."""
+    ppo: PPOConfig = PPOConfig()
+    """PPO (method ppo)."""
+    grpo: GRPOConfig = GRPOConfig()
+    """GRPO / RLOO (method grpo)."""
+    evaluation: EvalSettings = EvalSettings()
+    """Evaluation suite."""
+    gate: GateSettings = GateSettings()
+    """Promotion rules."""
+    monitor: MonitorSettings = MonitorSettings()
+    """Drift thresholds."""
+    schedule: ScheduleSettings = ScheduleSettings()
+    """Deployment schedules."""
+    demo: DemoSettings | None = None
+    """The embedded demo (corpus, base model, simulated annotators); None for real pipelines."""
+
+    # --- derived values -------------------------------------------------------------------
+    @property
+    def home(self) -> Path:
+        """The resolved home folder (absolute)."""
+        raw = self.pipeline.home or os.environ.get("ALIGNFLOW_HOME") or ".alignflow"
+        return Path(raw).expanduser().resolve()
+
+    def digest(self) -> str:
+        """Digest of the settings that change results (not where things are stored)."""
+        data = self.model_dump(mode="json")
+        data["pipeline"].pop("home", None)
+        data.pop("schedule", None)
+        return config_digest(data)
+
+    def section_digest(self, *names: str) -> str:
+        """Digest of some sections only, for stage cache keys."""
+        data = self.model_dump(mode="json")
+        return config_digest({n: data.get(n) for n in names})
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value). Raises ConfigError when malformed."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw config dict (creating nested sections as needed)."""
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_pipeline_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML (None: the embedded demo, configs/demo.yaml), apply overrides, validate.
+
+    Raises ConfigError naming each bad field, or FileNotFoundError for a missing file.
+    """
+    source = Path(path) if path else DEMO_CONFIG
+    if not source.exists():
+        raise FileNotFoundError(f"config file not found: {source}")
+    try:
+        data = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides)
+    return validate_config(PipelineConfig, data)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML (what is logged to MLflow)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

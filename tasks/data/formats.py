@@ -1,0 +1,201 @@
+"""Public preference-data layouts, converted into alignflow's kinds before validation.
+
+* ``chosen_rejected`` -> pairwise rows with ``choice = "a"`` (``response_a`` is the chosen one):
+  - ``prompt``, ``chosen``, ``rejected`` as strings (TRL's standard format);
+  - chat message lists (TRL's conversational format, UltraFeedback-binarized): with a
+    ``prompt`` list, ``chosen``/``rejected`` are the assistant turn(s) after it (a leading copy
+    of the prompt is removed); without one, the shared message prefix of ``chosen`` and
+    ``rejected`` is the prompt;
+  - HH-RLHF full conversations (``chosen``/``rejected`` strings of ``\\n\\nHuman: ...
+    \\n\\nAssistant: ...`` turns, no prompt): everything up to the last ``\\n\\nAssistant:`` is
+    the shared prompt, turned into a chat message list; the rest is the response.
+* ``ultrafeedback`` -> rating rows: ``instruction`` (or ``prompt``) plus ``completions``, a list
+  of ``{"response": ..., "<score_field>": ..., "annotations": {aspect: {"Rating": ...}}}``;
+  one rating row per completion (its source row is the record's).
+
+Rows that cannot be converted get a reason (``bad_chat:prompt``, ``hh_no_assistant_turn``,
+``hh_prefix_mismatch``, ``response_not_single_assistant_turn``, ``bad_completions``) and are
+quarantined; the rest go on to validation like native rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from tasks.data.schemas import OPTIONAL
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass
+class Converted:
+    """Rows in alignflow's fields, with where each came from in the raw frame."""
+
+    frame: pd.DataFrame
+    """Converted rows, index 0..n-1."""
+    src: np.ndarray
+    """Raw-frame position of each converted row."""
+    kind: str | None
+    """The kind the layout implies (None for native rows)."""
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    """(raw position, reason) of rows that could not be converted."""
+
+
+def detect_layout(columns) -> str:
+    """``ultrafeedback``, ``chosen_rejected`` or ``native`` from the column names."""
+    cols = set(columns)
+    if "completions" in cols and ({"instruction", "prompt"} & cols):
+        return "ultrafeedback"
+    if {"chosen", "rejected"} <= cols and not ({"response_a", "response_b"} & cols):
+        return "chosen_rejected"
+    return "native"
+
+
+def convert(raw: pd.DataFrame, layout: str = "auto", *, score_field: str = "fine-grained_score") -> Converted:
+    """Convert a raw frame (index 0..n-1) from a public layout. Raises ValueError on an unknown layout."""
+    layout = detect_layout(raw.columns) if layout == "auto" else layout
+    if layout == "native":
+        return Converted(raw, np.arange(len(raw)), None)
+    if layout == "chosen_rejected":
+        return _chosen_rejected(raw)
+    if layout == "ultrafeedback":
+        return _ultrafeedback(raw, score_field)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def _messages(value) -> list | None:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and all(isinstance(m, dict) for m in value):
+        return [{"role": m.get("role"), "content": m.get("content")} for m in value]
+    return None
+
+
+def _single_assistant(turns: list) -> str | None:
+    if len(turns) == 1 and turns[0]["role"] == "assistant" and isinstance(turns[0]["content"], str):
+        return turns[0]["content"]
+    return None
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[list[dict], str, str] | str:
+    """HH-RLHF pair -> (prompt messages, chosen response, rejected response), or a failure reason."""
+    ic, ir = chosen.rfind("\n\nAssistant:"), rejected.rfind("\n\nAssistant:")
+    if ic < 0 or ir < 0:
+        return "hh_no_assistant_turn"
+    if chosen[:ic] != rejected[:ir]:
+        return "hh_prefix_mismatch"
+    prefix = chosen[:ic]
+    parts = HH_TURN.split(prefix)
+    if parts[0].strip() or len(parts) < 3:
+        return "hh_no_human_turn"
+    messages = [{"role": HH_ROLES[role], "content": text.strip()} for role, text in zip(parts[1::2], parts[2::2], strict=True)]
+    cut = len("\n\nAssistant:")
+    return messages, chosen[ic + cut:].strip(), rejected[ir + cut:].strip()
+
+
+def _pair_row(prompt, chosen, rejected) -> tuple[object, object, object] | str:
+    """One chosen/rejected record -> (prompt, response_a, response_b) or a failure reason."""
+    if isinstance(chosen, str) and isinstance(rejected, str) and not isinstance(prompt, str) and prompt is None:
+        out = split_hh(chosen, rejected)
+        if isinstance(out, str):
+            return out
+        return json.dumps(out[0], ensure_ascii=False), out[1], out[2]
+    c_msgs, r_msgs = _messages(chosen), _messages(rejected)
+    if c_msgs is None or r_msgs is None:  # plain strings (or wrong types, which validation reports)
+        return prompt, chosen, rejected
+    p_msgs = _messages(prompt) if prompt is not None and not isinstance(prompt, str) else None
+    if p_msgs is None and isinstance(prompt, str):
+        p_msgs = [{"role": "user", "content": prompt}]
+        strip = [p_msgs, []]
+    elif p_msgs is None:
+        k = 0
+        while k < min(len(c_msgs), len(r_msgs)) and c_msgs[k] == r_msgs[k]:
+            k += 1
+        while k > 0 and c_msgs[k - 1]["role"] == "assistant":  # the prompt ends before an assistant turn
+            k -= 1
+        if k == 0:
+            return "bad_chat:prompt"
+        p_msgs, strip = c_msgs[:k], [c_msgs[:k]]
+    else:
+        strip = [p_msgs]
+    rest = []
+    for msgs in (c_msgs, r_msgs):
+        for s in strip:
+            if s and msgs[: len(s)] == s:
+                msgs = msgs[len(s):]
+                break
+        rest.append(_single_assistant(msgs))
+    if rest[0] is None or rest[1] is None:
+        return "response_not_single_assistant_turn"
+    prompt_out = prompt if isinstance(prompt, str) else json.dumps(p_msgs, ensure_ascii=False)
+    return prompt_out, rest[0], rest[1]
+
+
+def _chosen_rejected(raw: pd.DataFrame) -> Converted:
+    n = len(raw)
+    prompt = raw["prompt"] if "prompt" in raw.columns else pd.Series([None] * n, dtype=object)
+    chosen, rejected = raw["chosen"], raw["rejected"]
+    simple = (isinstance(prompt.dtype, pd.StringDtype) and isinstance(chosen.dtype, pd.StringDtype)
+              and isinstance(rejected.dtype, pd.StringDtype))
+    out = pd.DataFrame({"prompt": prompt, "response_a": chosen, "response_b": rejected})
+    is_chat = np.zeros(n, bool)
+    failures: list[tuple[int, str]] = []
+    if not simple:  # chat lists or HH conversations: per row
+        rows = []
+        for i, (p, c, r) in enumerate(zip(prompt.tolist(), chosen.tolist(), rejected.tolist(), strict=True)):
+            p = None if isinstance(p, float) and np.isnan(p) else p
+            res = _pair_row(p, c, r)
+            if isinstance(res, str):
+                failures.append((i, res))
+                rows.append((None, None, None))
+            else:
+                rows.append(res)
+                is_chat[i] = isinstance(res[0], str) and (not isinstance(p, str)) and res[0].startswith("[")
+        out = pd.DataFrame(rows, columns=["prompt", "response_a", "response_b"], dtype=object)
+    out["choice"] = "a"
+    if is_chat.any():
+        out["is_chat"] = is_chat
+    for col in OPTIONAL:
+        if col in raw.columns:
+            out[col] = raw[col].to_numpy()
+    keep = np.ones(n, bool)
+    keep[[i for i, _ in failures]] = False
+    return Converted(out[keep].reset_index(drop=True), np.flatnonzero(keep), "pairwise", failures)
+
+
+def _score(completion: dict, score_field: str):
+    if completion.get(score_field) is not None:
+        return completion[score_field]
+    ratings = []
+    for aspect in (completion.get("annotations") or {}).values():
+        try:
+            ratings.append(float(aspect.get("Rating")))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return float(np.mean(ratings)) if ratings else None
+
+
+def _ultrafeedback(raw: pd.DataFrame, score_field: str) -> Converted:
+    prompt_col = "instruction" if "instruction" in raw.columns else "prompt"
+    rows, src, failures = [], [], []
+    optional = [c for c in OPTIONAL if c in raw.columns and c != "metadata"]
+    for i, (prompt, comps) in enumerate(zip(raw[prompt_col].tolist(), raw["completions"].tolist(), strict=True)):
+        if isinstance(comps, np.ndarray):
+            comps = comps.tolist()
+        if not isinstance(comps, list) or not comps or not all(isinstance(c, dict) for c in comps):
+            failures.append((i, "bad_completions"))
+            continue
+        extra = {c: raw[c].iat[i] for c in optional}
+        for j, comp in enumerate(comps):
+            meta = {"completion": j, **({"model": comp["model"]} if comp.get("model") is not None else {})}
+            rows.append({"prompt": prompt, "response": comp.get("response"), "score": _score(comp, score_field),
+                         "metadata": json.dumps(meta), **extra})
+            src.append(i)
+    frame = pd.DataFrame(rows, columns=["prompt", "response", "score", "metadata", *optional])
+    return Converted(frame, np.asarray(src, dtype=np.int64), "rating", failures)

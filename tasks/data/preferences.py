@@ -1,0 +1,301 @@
+"""The preference builder: validated tables -> canonical pairs, prompts, demonstrations, data card.
+
+Reads every validated table under ``validated/<kind>/*.parquet`` (all batches ingested so far),
+then: codes texts by normalised key and drops repeated rows (:mod:`tasks.data.votes`); scores
+annotators against the leave-one-out majority and applies ``annotator_action``; aggregates
+comparisons by weighted vote, and turns thumbs and ratings into pairs within a prompt
+(:mod:`tasks.data.aggregate`); keeps one pair per prompt and response pair (explicit
+comparisons win over ratings, ratings over thumbs); drops or keeps ties; drops or down-weights
+low-agreement pairs; assigns splits by a salted hash of the prompt key (a prompt is in exactly
+one split, the same one in every build); writes Parquet files (rows sorted by id, so the same
+content gives the same bytes) and the data card.
+
+The version is the content digest: sha256 over the multiset of row hashes of the pairs,
+prompts and demonstrations (texts, weights and agreement rounded to 1e-6, annotators, split):
+row order and input file order do not change it; any content change does. ``source_digest``
+(a column, and in the record) identifies the validated input files instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks.data.aggregate import (
+    PairSet,
+    aggregate_comparisons,
+    annotator_quality,
+    ratings_to_pairs,
+    thumbs_to_pairs,
+)
+from tasks.data.card import length_stats, write_card
+from tasks.data.keys import (
+    CHAT_KEY_PREFIX,
+    assign_splits,
+    digest_of_rows,
+    float_bits,
+    group_ids,
+    hash64,
+    hex16,
+    mix64,
+    parquet_options,
+)
+from tasks.data.readers import content_digest
+from tasks.data.settings import KINDS, PreferenceSettings
+from tasks.data.votes import ColumnSource, Feedback, encode_feedback
+
+SPLITS = ("train", "validation", "test")
+DIGEST_TAG = "alignflow-preferences-v1"
+
+
+class EmptyPreferenceDataset(ValueError):
+    """Fewer pairs than ``preferences.min_pairs`` came out of the build."""
+
+
+@dataclass
+class PreferenceBuild:
+    """What a build hands on (paths, digests, counts), small enough to pass between tasks."""
+
+    digest: str
+    """Content digest of pairs + prompts + demonstrations: the dataset version."""
+    source_digest: str
+    """Digest of the validated input files."""
+    out_dir: str
+    pairs: str
+    prompts: str
+    demonstrations: str
+    card_json: str
+    card_md: str
+    split_files: dict[str, dict[str, str]] = field(default_factory=dict)
+    """``{"pairs": {"train": path, ...}, "prompts": {...}, "demonstrations": {...}}``."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """Digest of each table (pairs, prompts, demonstrations)."""
+    counts: dict[str, int | str] = field(default_factory=dict)
+    """Row, vote, pair, split and annotator counts (``demonstrations_from`` is a word)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validated_files(validated: str | Path | Mapping[str, list]) -> dict[str, list[Path]]:
+    """Parquet files per kind: a folder laid out as ``<kind>/*.parquet``, or a mapping kind -> paths."""
+    if isinstance(validated, Mapping):
+        return {k: sorted(Path(p) for p in v) for k, v in validated.items() if k in KINDS and v}
+    root = Path(validated)
+    out = {k: sorted((root / k).glob("*.parquet")) for k in KINDS}
+    return {k: v for k, v in out.items() if v}
+
+
+def _read(files: dict[str, list[Path]]) -> tuple[dict[str, ColumnSource], str]:
+    """Column sources per kind, and the digest of the input files."""
+    h = hashlib.sha256(b"alignflow-validated-v1")
+    for kind, paths in sorted(files.items()):
+        for p in paths:
+            h.update(f"{kind}\0{p.name}\0{content_digest(p)}\n".encode())
+    return {kind: ColumnSource(paths) for kind, paths in files.items()}, h.hexdigest()[:32]
+
+
+def _resolve(fb: Feedback, stats, settings: PreferenceSettings, counts: dict) -> PairSet:
+    """Aggregate, merge the three pair sources, then apply the tie and agreement policies."""
+    sources = [aggregate_comparisons(fb.comparisons, stats.factor),
+               ratings_to_pairs(fb.ratings, stats.factor, settings, fb.responses.key_hash),
+               thumbs_to_pairs(fb.thumbs, stats.factor, settings, fb.responses.key_hash)]
+    for name, s in zip(("comparisons", "ratings", "thumbs"), sources, strict=True):
+        counts[f"pairs_from_{name}"] = len(s)
+    pairs = PairSet.concat(sources)
+    if len(pairs):
+        priority = np.repeat(np.arange(3), [len(s) for s in sources])
+        lo, hi = np.minimum(pairs.chosen, pairs.rejected), np.maximum(pairs.chosen, pairs.rejected)
+        item, n = group_ids(pairs.prompt, lo, hi)
+        order = np.lexsort((priority, item))
+        first = np.ones(len(order), bool)
+        first[1:] = item[order][1:] != item[order][:-1]
+        counts["pairs_overlapping_dropped"] = int(len(pairs) - n)
+        pairs = pairs.select(np.sort(order[first]))
+    counts["ties"] = int(pairs.tie.sum())
+    if settings.ties == "drop":
+        pairs = pairs.select(~pairs.tie)
+    elif pairs.tie.any():
+        ties = np.flatnonzero(pairs.tie)
+        pairs = pairs.select(np.concatenate([np.arange(len(pairs)), ties]))
+        n0 = len(pairs) - len(ties)
+        pairs.chosen[n0:], pairs.rejected[n0:] = pairs.rejected[n0:].copy(), pairs.chosen[n0:].copy()
+        pairs.weight[np.concatenate([ties, np.arange(n0, len(pairs))])] *= 0.5
+    low = pairs.agreement < settings.min_agreement
+    counts["low_agreement"] = int(low.sum())
+    if settings.low_agreement == "drop":
+        pairs = pairs.select(~low)
+    else:
+        pairs.weight[low] *= settings.low_agreement_weight
+    return pairs
+
+
+def _split_names(codes: np.ndarray) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), pa.array(SPLITS)).cast(pa.string())
+
+
+def _write(table: pa.Table, out: Path, stem: str, split: np.ndarray, rows: int = 1 << 16) -> tuple[str, dict[str, str]]:
+    """``<stem>.parquet`` and ``<stem>-<split>.parquet``, written together slice by slice (no
+    filtered copies of the whole table)."""
+    paths = {"all": out / f"{stem}.parquet", **{name: out / f"{stem}-{name}.parquet" for name in SPLITS}}
+    writers = {k: pq.ParquetWriter(p, table.schema, **parquet_options(table.schema)) for k, p in paths.items()}
+    try:
+        for start in range(0, table.num_rows, rows):
+            part, codes = table.slice(start, rows), split[start:start + rows]
+            writers["all"].write_table(part)
+            for i, name in enumerate(SPLITS):
+                if (codes == i).any():
+                    writers[name].write_table(part.filter(pa.array(codes == i)))
+    finally:
+        for w in writers.values():
+            w.close()
+    return str(paths["all"]), {name: str(paths[name]) for name in SPLITS}
+
+
+def _count_splits(counts: dict, name: str, split: np.ndarray) -> None:
+    counts[name] = int(len(split))
+    for i, sp in enumerate(SPLITS):
+        counts[f"{name}_{sp}"] = int((split == i).sum())
+
+
+def _pairs_table(pairs: PairSet, fb: Feedback, prompt_chat: np.ndarray, prompt_split: np.ndarray,
+                 source_digest: str) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """The pairs (sorted by id) as a table, their row hashes and split codes."""
+    P, R = fb.prompts, fb.responses
+    pair_hash = mix64(P.key_hash[pairs.prompt], R.key_hash[pairs.chosen], R.key_hash[pairs.rejected])
+    order = np.argsort(pair_hash, kind="stable")
+    pairs, pair_hash = pairs.select(order), pair_hash[order]
+    weight, agreement = np.round(pairs.weight, 6), np.round(pairs.agreement, 6)
+    offsets = np.searchsorted(pairs.link_pair, np.arange(len(pairs) + 1)).astype(np.int32)
+    names = pa.array(fb.annotators, pa.string())
+    annotators = pa.ListArray.from_arrays(pa.array(offsets), names.take(pa.array(pairs.link_annotator, pa.int64())))
+    link_hash = np.append(mix64(hash64(fb.annotators)[pairs.link_annotator]), np.uint64(0))
+    ann_sum = np.add.reduceat(link_hash, offsets[:-1]) if len(pairs) else np.zeros(0, np.uint64)
+    ann_sum = np.where(np.diff(offsets) > 0, ann_sum, np.uint64(0))  # an annotator set, order-free
+    split = prompt_split[pairs.prompt]
+    rows = mix64(P.original_hash[pairs.prompt], prompt_chat[pairs.prompt].astype(np.uint64),
+                 R.original_hash[pairs.chosen], R.original_hash[pairs.rejected], float_bits(weight),
+                 float_bits(agreement), ann_sum, split.astype(np.uint64))
+    table = pa.table({
+        "prompt": P.originals.take(pa.array(pairs.prompt)), "is_chat": pa.array(prompt_chat[pairs.prompt]),
+        "chosen": R.originals.take(pa.array(pairs.chosen)), "rejected": R.originals.take(pa.array(pairs.rejected)),
+        "pair_id": hex16(pair_hash), "weight": pa.array(weight), "annotators": annotators,
+        "agreement": pa.array(agreement), "split": _split_names(split),
+        "source_digest": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(pairs), np.int8)),
+                                                        pa.array([source_digest])).cast(pa.string()),
+    })
+    return table, rows, split
+
+
+def _demonstrations(fb: Feedback, pairs: PairSet, settings: PreferenceSettings,
+                    counts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt codes, response codes, weights) of the SFT set: demonstration rows, else the
+    chosen responses (weight: the best pair weight of each), sorted by their key hash."""
+    d_prompt, d_resp = fb.demonstrations
+    d_weight = np.ones(len(d_prompt))
+    counts["demonstrations_from"] = "rows" if len(d_prompt) else settings.demonstrations_fallback
+    if not len(d_prompt) and settings.demonstrations_fallback == "chosen" and len(pairs):
+        gid, n = group_ids(pairs.prompt, pairs.chosen)
+        order = np.lexsort((-pairs.weight, gid))  # per group, the highest weight first
+        first = order[np.r_[True, gid[order][1:] != gid[order][:-1]]]
+        d_prompt, d_resp, d_weight = pairs.prompt[first], pairs.chosen[first], np.round(pairs.weight[first], 6)
+    d_order = np.argsort(mix64(fb.prompts.key_hash[d_prompt], fb.responses.key_hash[d_resp]), kind="stable")
+    return d_prompt[d_order], d_resp[d_order], d_weight[d_order]
+
+
+def _write_outputs(out: Path, fb: Feedback, pairs: PairSet, settings: PreferenceSettings, counts: dict,
+                   prompt_chat: np.ndarray, prompt_split: np.ndarray, source_digest: str):
+    """Build and write pairs, prompts and demonstrations; returns (paths, split files, digests,
+    what the card needs). Parquet encoding releases the GIL, so each table is written by one
+    background thread while the next is built (at most two tables alive at once)."""
+    P, R = fb.prompts, fb.responses
+    files, digests, pending = {}, {}, {}
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        table, rows, split = _pairs_table(pairs, fb, prompt_chat, prompt_split, source_digest)
+        digests["pairs"] = digest_of_rows(rows, DIGEST_TAG + "/pairs")
+        card_parts = {"lengths": {c: length_stats(table.column(c)) for c in ("prompt", "chosen", "rejected")},
+                      "agreement": table.column("agreement").to_numpy()}
+        pending["pairs"] = writer.submit(_write, table, out, "pairs", split)
+        _count_splits(counts, "pairs", split)
+        del table
+
+        p_order = np.argsort(P.key_hash, kind="stable")
+        table = pa.table({"prompt_id": hex16(P.key_hash[p_order]), "prompt": P.originals.take(pa.array(p_order)),
+                          "is_chat": pa.array(prompt_chat[p_order]), "split": _split_names(prompt_split[p_order])})
+        digests["prompts"] = digest_of_rows(mix64(P.original_hash, prompt_chat.astype(np.uint64),
+                                                  prompt_split.astype(np.uint64)), DIGEST_TAG + "/prompts")
+        pending["prompts"] = writer.submit(_write, table, out, "prompts", prompt_split[p_order])
+        _count_splits(counts, "prompts", prompt_split)
+        del table
+
+        d_prompt, d_resp, d_weight = _demonstrations(fb, pairs, settings, counts)
+        table = pa.table({
+            "prompt": P.originals.take(pa.array(d_prompt, pa.int64())), "is_chat": pa.array(prompt_chat[d_prompt]),
+            "response": R.originals.take(pa.array(d_resp, pa.int64())), "weight": pa.array(d_weight, pa.float64()),
+            "split": _split_names(prompt_split[d_prompt]),
+        })
+        digests["demonstrations"] = digest_of_rows(
+            mix64(P.original_hash[d_prompt], R.original_hash[d_resp], float_bits(d_weight),
+                  prompt_split[d_prompt].astype(np.uint64)), DIGEST_TAG + "/demonstrations")
+        pending["demonstrations"] = writer.submit(_write, table, out, "demonstrations", prompt_split[d_prompt])
+        _count_splits(counts, "demonstrations", prompt_split[d_prompt])
+        del table
+    paths = {}
+    for name, future in pending.items():
+        paths[name], files[name] = future.result()  # re-raises a write error
+    return paths, files, digests, card_parts
+
+
+def build_preferences(validated: str | Path | Mapping[str, list], out_dir: str | Path,
+                      settings: PreferenceSettings | None = None) -> PreferenceBuild:
+    """Build the preference dataset from validated tables into ``out_dir`` (created; files overwritten).
+
+    Each output table is built, written and dropped before the next, to bound memory. Raises
+    :class:`EmptyPreferenceDataset` below ``settings.min_pairs`` pairs (nothing is written).
+    """
+    settings = settings or PreferenceSettings()
+    out = Path(out_dir)
+    sources, source_digest = _read(validated_files(validated))
+    fb = encode_feedback(sources, dedup=settings.dedup_rows)
+    counts: dict[str, int | str] = dict(fb.counts)
+    counts.update(comparisons=len(fb.comparisons.prompt), thumbs=len(fb.thumbs.prompt), ratings=len(fb.ratings.prompt))
+    stats = annotator_quality(fb.comparisons, fb.thumbs, len(fb.annotators), settings)
+    pairs = _resolve(fb, stats, settings, counts)
+    if len(pairs) < settings.min_pairs:
+        raise EmptyPreferenceDataset(
+            f"{len(pairs)} preference pairs built, fewer than preferences.min_pairs={settings.min_pairs} "
+            f"(counts: {json.dumps(counts)})")
+    P = fb.prompts
+    prompt_chat = pc.starts_with(P.keys, CHAT_KEY_PREFIX).to_numpy(zero_copy_only=False) if len(P) else np.zeros(0, bool)
+    prompt_split = assign_splits(P.key_hash, settings.splits.train, settings.splits.validation, settings.split_salt)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, files, digests, card_parts = _write_outputs(out, fb, pairs, settings, counts, prompt_chat, prompt_split,
+                                                       source_digest)
+    digest = hashlib.sha256("".join(digests[k] for k in sorted(digests)).encode()).hexdigest()[:32]
+    counts["annotators"] = len(fb.annotators)
+    counts["annotators_flagged"] = int(stats.flagged.sum())
+    card_json, card_md = write_card(out, card_parts["lengths"], card_parts["agreement"], fb.annotators, stats, counts,
+                                    digest, source_digest, settings)
+    return PreferenceBuild(digest=digest, source_digest=source_digest, out_dir=str(out), pairs=paths["pairs"],
+                           prompts=paths["prompts"], demonstrations=paths["demonstrations"],
+                           card_json=card_json, card_md=card_md,
+                           split_files=files, digests=digests, counts=counts)
+
+
+def load_pairs(path: str | Path, split: str | None = None):
+    """The pairs as a ``datasets.Dataset`` (``path``: a build folder or a pairs Parquet file)."""
+    import datasets
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / (f"pairs-{split}.parquet" if split else "pairs.parquet")
+    return datasets.Dataset.from_parquet(str(p))

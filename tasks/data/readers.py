@@ -1,0 +1,395 @@
+"""Read feedback exports into raw tables: JSONL/JSON, CSV/TSV, Parquet, ``datasets`` folders, hub ids.
+
+A reader never fails on a bad row: a JSON line that does not parse, a CSV record with the
+wrong number of fields or a line that is not an object becomes a read error with its row
+number, so validation can quarantine it while the rest of the file goes on. Bytes that are not
+UTF-8 decode to U+FFFD, which validation reports as ``invalid_utf8:<field>``.
+
+Row numbers (``source_row``) are 1-based: the line number in JSONL files; in CSV files the
+record number counting the header as 1 (the line number when no value spans lines); the row
+index + 1 in Parquet files and datasets. Raises FileNotFoundError for a missing path and
+ValueError for a format it cannot read at all (e.g. a corrupt Parquet file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+
+from tasks.data.coerce import to_json
+from tasks.data.scan import PatchedFile, TextScan, read_spans, scan_text
+
+try:  # orjson (a Prefect dependency) parses the slow path about twice as fast; json is the fallback
+    import orjson
+
+    _loads = orjson.loads
+except ImportError:  # pragma: no cover - exercised only without orjson
+    _loads = json.loads
+
+FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv",
+                ".parquet": "parquet", ".pq": "parquet"}
+DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+@dataclass
+class RawTable:
+    """Rows of one source as read, before any typing."""
+
+    frame: pd.DataFrame
+    """The readable rows, columns as in the source, index 0..n-1."""
+    source_file: str
+    """Path (or hub id) the rows came from."""
+    rows: np.ndarray
+    """1-based row number of each frame row (see the module docstring)."""
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+    """Rows that could not be read: (row number, reason, raw text)."""
+    digest: str | None = None
+    """Content digest of the source (sha256), when it is a local file or folder."""
+    row_reasons: dict[int, list[str]] = field(default_factory=dict)
+    """Reasons found while reading, by frame position (e.g. ``invalid_utf8:<field>``)."""
+    raw_rows: dict[int, object] = field(default_factory=dict)
+    """What the quarantine shows as the raw row, by frame position, where the frame's copy
+    was altered to be readable (invalid bytes masked)."""
+
+    def raw_json(self, pos: int, frame: pd.DataFrame | None = None) -> str:
+        """The raw row at frame position ``pos`` as JSON text (``frame``: a renamed view of it)."""
+        if pos in self.raw_rows:
+            return json.dumps(self.raw_rows[pos], ensure_ascii=False, default=str)
+        return to_json((self.frame if frame is None else frame).iloc[pos].to_dict())
+
+    @property
+    def rows_in(self) -> int:
+        return len(self.frame) + len(self.errors)
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative paths and contents, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    h = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(item.relative_to(path)).encode() + b"\0" + content_digest(item).encode())
+    return h.hexdigest()
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and any((path / m).exists() for m in DATASET_MARKERS)
+
+
+def detect_format(path: str | Path) -> str:
+    """``jsonl``, ``csv``, ``parquet``, ``dataset`` or ``hub`` from the path. Raises ValueError if unknown."""
+    p = Path(path)
+    if p.is_dir():
+        if is_saved_dataset(p):
+            return "dataset"
+        raise ValueError(f"{path}: a folder of files, not one source (list it with list_source_files)")
+    if p.suffix.lower() in FILE_FORMATS:
+        return FILE_FORMATS[p.suffix.lower()]
+    if not p.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+        return "hub"
+    raise ValueError(f"{path}: unknown format (extensions: {sorted(FILE_FORMATS)}, or a saved dataset folder)")
+
+
+def list_source_files(folder: str | Path, patterns: list[str]) -> list[Path]:
+    """Files under ``folder`` matching any pattern, and saved-dataset folders, sorted by path.
+    Hidden files and folders (name starting with '.') are skipped."""
+    folder = Path(folder)
+    found: set[Path] = set()
+    datasets_dirs = sorted(p for p in [folder, *folder.rglob("*")] if is_saved_dataset(p))
+    for pattern in patterns:
+        for p in folder.rglob(pattern):
+            rel = p.relative_to(folder).parts
+            if p.is_file() and not any(part.startswith(".") for part in rel) and \
+                    not any(d in p.parents for d in datasets_dirs):
+                found.add(p)
+    found.update(d for d in datasets_dirs if not any(part.startswith(".") for part in d.relative_to(folder).parts))
+    return sorted(found)
+
+
+def _utf8(data: bytes) -> bytes:
+    """The bytes as valid UTF-8 (BOM removed); invalid sequences become U+FFFD."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        data.decode("utf-8")
+        return data
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace").encode("utf-8")
+
+
+def _frame(records: list[dict]) -> pd.DataFrame:
+    """Records as a frame; the explicit index keeps rows that are empty objects."""
+    return pd.DataFrame.from_records(records, index=pd.RangeIndex(len(records))) if records else pd.DataFrame()
+
+
+def _raw_text(line: bytes) -> str:
+    return json.dumps(line.decode("utf-8", errors="replace"))
+
+
+def _without_surrogates(value):
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_surrogates(v) for v in value]
+    return value
+
+
+def read_jsonl(path: str | Path, digest: str | None = None) -> RawTable:
+    """One JSON object per line (``.json`` files holding one JSON array are read as such).
+
+    Fast path: a streaming scan (digest, lines, invalid UTF-8), then pyarrow's JSON reader on the
+    file itself, with invalid bytes masked; the few lines that held them are re-read and decoded
+    with U+FFFD, so validation reports ``invalid_utf8:<field>``. When pyarrow refuses the file
+    (a broken line, a value whose type changes between rows, a line that is not an object,
+    blank lines), lines are parsed one by one and bad ones become read errors
+    (``malformed_json``, ``not_an_object``); that path holds the whole file in memory.
+    """
+    path = Path(path)
+    scan = scan_text(path, digest=digest)
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if not scan.blank_lines and not scan.bom and head[:1] != b"[" and scan.lines:
+        table = _arrow_json(path, scan)
+        if table is not None:
+            return table
+    data = _utf8(path.read_bytes())
+    if data.lstrip()[:1] == b"[":
+        out = _read_json_array(path, data)
+    else:
+        out = _read_lines(path, data)
+    out.digest = scan.digest
+    return out
+
+
+STRING_FIELDS = frozenset({"prompt", "response", "response_a", "response_b", "choice", "annotator_id", "source",
+                           "conversation_id", "created_at", "kind", "chosen", "rejected", "instruction"})
+"""Fields read as text when the first block shows text or nothing but nulls in them."""
+
+
+def _probe_schema(path: Path, scan: TextScan) -> pa.Schema | None:
+    """Types pinned for the streaming reader, from the first MiB: text fields stay text even
+    when a later block is the first to hold a value (the streaming reader cannot widen types)."""
+    with (PatchedFile(path, scan.bad_bytes) if len(scan.bad_bytes) else open(path, "rb")) as f:
+        head = f.read(1 << 20)
+    head = head[: head.rfind(b"\n") + 1] or head
+    try:
+        probe = pajson.read_json(io.BytesIO(head)).schema
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    pinned = [pa.field(f.name, pa.string()) for f in probe
+              if f.name in STRING_FIELDS and (pa.types.is_string(f.type) or pa.types.is_null(f.type)
+                                              or pa.types.is_timestamp(f.type))]
+    return pa.schema(pinned)
+
+
+def _read_arrow_json(path: Path, scan: TextScan) -> pa.Table | None:
+    """Stream the file through pyarrow (memory: the table plus a few blocks); if a later block
+    changes a column's type, read it whole (pyarrow then widens types, at about twice the memory).
+    Small blocks keep memory and CPU down; a block must hold the longest line."""
+    block = 1 << max(20, int(2 * scan.longest_line + 1).bit_length())
+    options = pajson.ReadOptions(block_size=block)
+    pinned = _probe_schema(path, scan)
+    attempts = [True, False] if pinned is not None else [False]
+    for streaming in attempts:
+        source = PatchedFile(path, scan.bad_bytes) if len(scan.bad_bytes) else str(path)
+        try:
+            if streaming:
+                parse = pajson.ParseOptions(explicit_schema=pinned, unexpected_field_behavior="infer")
+                return pajson.open_json(source, read_options=options, parse_options=parse).read_all()
+            return pajson.read_json(source, read_options=options)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+        finally:
+            if not isinstance(source, str):
+                source.close()
+    return None
+
+
+def _arrow_json(path: Path, scan: TextScan) -> RawTable | None:
+    """The file through pyarrow, or None when pyarrow refuses it.
+
+    Lines that held invalid UTF-8 were read with those bytes masked as '?'; each is re-read,
+    decoded with U+FFFD and compared field by field, so the row gets ``invalid_utf8:<field>``
+    for the fields that differ and its quarantine record shows the decoded line. The typed
+    columns are left alone (no copy of a column for a few bad rows).
+    """
+    table = _read_arrow_json(path, scan)
+    if table is None or table.num_rows != scan.lines:
+        return None
+    out = RawTable(table.to_pandas(), str(path), np.arange(1, scan.lines + 1), digest=scan.digest)
+    if len(scan.bad_lines):
+        masked = table.take(pa.array(scan.bad_lines)).to_pylist()
+        for row, line, seen in zip(scan.bad_lines.tolist(), read_spans(path, scan.bad_spans), masked, strict=True):
+            try:
+                value = _loads(line.decode("utf-8", "replace").encode("utf-8"))
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                fields = sorted(k for k in value if not _same(value[k], seen.get(k)))
+                out.row_reasons[row] = [f"invalid_utf8:{k}" for k in fields] or ["invalid_utf8"]
+                out.raw_rows[row] = value
+            else:
+                out.row_reasons[row] = ["invalid_utf8"]
+                out.raw_rows[row] = line.decode("utf-8", "replace")
+    return out
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    a_na, b_na = a is None or (isinstance(a, float) and a != a), b is None or (isinstance(b, float) and b != b)
+    if a_na or b_na:
+        return a_na and b_na
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # arrays and the like: compare as JSON
+        return json.dumps(a, default=str) == json.dumps(b, default=str)
+
+
+def _read_lines(path: Path, data: bytes) -> RawTable:
+    records, rows, errors = [], [], []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = _loads(line)
+        except ValueError:
+            try:  # the stdlib also takes lone surrogate escapes; they become U+FFFD (invalid_utf8)
+                value = _without_surrogates(json.loads(line))
+            except ValueError:
+                errors.append((number, "malformed_json", _raw_text(line)))
+                continue
+        if isinstance(value, dict):
+            records.append(value)
+            rows.append(number)
+        else:
+            errors.append((number, "not_an_object", _raw_text(line)))
+    return RawTable(_frame(records), str(path), np.asarray(rows, dtype=np.int64), errors)
+
+
+def _read_json_array(path: Path, data: bytes) -> RawTable:
+    try:
+        values = _loads(data)
+    except ValueError as err:
+        return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64),
+                        [(1, "malformed_json", json.dumps(f"{path.name}: {err}"))])
+    if not isinstance(values, list):
+        return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64),
+                        [(1, "not_an_object", _raw_text(data[:2000]))])
+    keep = [i for i, v in enumerate(values) if isinstance(v, dict)]
+    errors = [(i + 1, "not_an_object", json.dumps(v, default=str)) for i, v in enumerate(values)
+              if not isinstance(v, dict)]
+    frame = _frame([values[i] for i in keep])
+    return RawTable(frame, str(path), np.asarray(keep, dtype=np.int64) + 1, errors)
+
+
+def read_csv(path: str | Path, delimiter: str | None = None) -> RawTable:
+    """A CSV (or ``.tsv``) file with a header; every value is read as text, empty cells are missing.
+
+    Records with the wrong number of fields become ``malformed_csv_row`` read errors. List
+    fields (``responses``, ``ranking``) and chat prompts are JSON text in their cells.
+    """
+    path = Path(path)
+    data = _utf8(path.read_bytes())
+    sep = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
+    if not data.strip():
+        return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64))
+    parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=lambda r: "skip")
+    names = pacsv.open_csv(io.BytesIO(data), parse_options=parse).schema.names
+    bad: list[pacsv.InvalidRow] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        bad.append(row)
+        return "skip"
+
+    def read(threads: bool) -> pa.Table:
+        bad.clear()
+        return pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(use_threads=threads),
+            parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                 null_values=[""], strings_can_be_null=True),
+        )
+
+    table = read(True)
+    if any(r.number is None for r in bad):  # row numbers are only known when read in one thread
+        table = read(False)
+    bad_numbers = {int(r.number) for r in bad if r.number is not None}
+    candidates = np.arange(2, table.num_rows + len(bad) + 2)
+    rows = candidates[~np.isin(candidates, list(bad_numbers))] if bad_numbers else candidates
+    errors = [(int(r.number or 0), "malformed_csv_row", json.dumps(r.text)) for r in bad]
+    return RawTable(table.to_pandas(), str(path), rows[: table.num_rows], errors)
+
+
+def read_parquet(path: str | Path) -> RawTable:
+    """A Parquet file. Raises ValueError when the file is not readable Parquet."""
+    try:
+        frame = pd.read_parquet(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from err
+    return RawTable(frame.reset_index(drop=True), str(path), np.arange(1, len(frame) + 1))
+
+
+def _dataset_table(ds, split: str, name: str) -> RawTable:
+    import datasets
+
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in ds:
+            raise ValueError(f"{name}: no split {split!r} (has {sorted(ds)})")
+        ds = ds[split]
+    frame = ds.to_pandas()
+    return RawTable(frame, name, np.arange(1, len(frame) + 1))
+
+
+def read_saved_dataset(path: str | Path, split: str = "train") -> RawTable:
+    """A ``datasets`` Dataset or DatasetDict saved with ``save_to_disk`` (DatasetDict: ``split``)."""
+    import datasets
+
+    return _dataset_table(datasets.load_from_disk(str(path)), split, str(path))
+
+
+def read_hub(name: str, split: str = "train", config_name: str | None = None, revision: str | None = None) -> RawTable:
+    """A hub dataset through ``datasets.load_dataset`` (needs network access to the hub)."""
+    import datasets
+
+    ds = datasets.load_dataset(name, config_name, split=split, revision=revision)
+    return _dataset_table(ds, split, name)
+
+
+def read_source(path: str | Path, fmt: str = "auto", *, split: str = "train", config_name: str | None = None,
+                revision: str | None = None, digest: str | None = None) -> RawTable:
+    """Read one source of a known or detected format (see :func:`detect_format`).
+
+    The content digest of local files and folders is filled in (pass ``digest`` when it is
+    already known, to skip hashing the file again). Raises FileNotFoundError, ValueError.
+    """
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "hub":
+        return read_hub(str(path), split, config_name, revision)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"feedback source not found: {path}")
+    readers = {"jsonl": lambda p: read_jsonl(p, digest=digest), "csv": read_csv, "parquet": read_parquet,
+               "dataset": lambda p: read_saved_dataset(p, split)}
+    if fmt not in readers:
+        raise ValueError(f"{path}: unknown format {fmt!r}")
+    table = readers[fmt](path)
+    table.digest = digest or table.digest or content_digest(path)
+    return table

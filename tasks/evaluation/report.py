@@ -1,0 +1,135 @@
+"""The evaluation report: JSON-serialisable results of :func:`tasks.evaluation.suite.evaluate_models`.
+
+Roles: ``candidate`` (the model just trained), ``champion`` (the registry's serving model, or
+the reference when there is none yet) and ``reference`` (the frozen model the candidate was
+trained from; KL is measured against it). Judges: ``reward_model`` and ``oracle`` (where
+configured, e.g. VADER in the demo). Flat MLflow metric names come from :meth:`EvalReport.metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Role = Literal["candidate", "champion", "reference"]
+Judge = Literal["reward_model", "oracle"]
+
+
+class WinRateResult(BaseModel):
+    """Candidate vs ``opponent`` on the same prompts and sampling seed, judged by ``judge``."""
+
+    judge: Judge
+    opponent: Literal["champion", "reference"]
+    rate: float
+    """(wins + ties / 2) / comparisons (per-prompt means when several samples per prompt)."""
+    lower: float
+    """Lower Wilson bound at ``confidence``: the number the gate uses."""
+    upper: float
+    wins: int
+    ties: int
+    losses: int
+    units: int
+    """Independent units (prompts) behind the interval."""
+    confidence: float
+
+
+class AccuracyResult(BaseModel):
+    """Held-out preference accuracy of a scorer: share of pairs ranked chosen > rejected."""
+
+    judge: Literal["reward_model", "implicit_dpo"]
+    """``reward_model``: the trained RM; ``implicit_dpo``: β·(log π − log π_ref) of ``model``."""
+    model: Role | None = None
+    """Whose implicit reward (implicit_dpo only)."""
+    accuracy: float
+    lower: float
+    upper: float
+    mean_margin: float
+    """Mean score(chosen) − score(rejected)."""
+    ece: float
+    """Expected calibration error of sigmoid(margin)."""
+    n: int
+
+
+class ModelEval(BaseModel):
+    """Everything measured on one model's samples (and on the held-out pairs)."""
+
+    role: Role
+    path: str
+    reward_mean: float | None = None
+    reward_std: float | None = None
+    oracle_mean: float | None = None
+    oracle_std: float | None = None
+    kl: float | None = None
+    """KL(model ‖ reference), nats per sequence, at the sampling temperature; 0 for the reference."""
+    kl_se: float | None = None
+    """Standard error of ``kl`` (prompts as units)."""
+    length: dict[str, float] = Field(default_factory=dict)
+    """Response length in tokens: mean, std, min, p10, median, p90, max, truncated_share."""
+    distinct_1: float
+    distinct_2: float
+    repetition_rate: float
+    malformed_share: float
+    malformed_reasons: dict[str, int] = Field(default_factory=dict)
+    """How many responses tripped each malformed-text rule."""
+    perplexity: float | None = None
+    """Perplexity of the held-out chosen responses under this model (None without pairs)."""
+    eos_share: float
+    """Share of responses that ended with EOS before the token limit."""
+
+
+class EvalReport(BaseModel):
+    """Result of one evaluation: per-model results, paired win rates and held-out accuracies."""
+
+    candidate: ModelEval
+    champion: ModelEval
+    reference: ModelEval
+    champion_is_reference: bool
+    """True when there was no champion and the reference stood in for it."""
+    win_rates: list[WinRateResult] = Field(default_factory=list)
+    preference_accuracy: list[AccuracyResult] = Field(default_factory=list)
+    length_drift: dict[str, float] = Field(default_factory=dict)
+    """Candidate vs reference response lengths: mean_diff, relative_change, ks_statistic, ks_pvalue."""
+    num_prompts: int
+    samples_per_prompt: int
+    num_pairs: int
+    seed: int
+    generation: dict[str, Any] = Field(default_factory=dict)
+    """Sampling settings used for every model."""
+    kl_temperature: float = 1.0
+    """Softmax temperature of the log-probs behind every KL (the sampling temperature, so the
+    samples come from the distributions compared; 1.0 for greedy decoding)."""
+    beta: float | None = None
+    """β of the implicit DPO reward."""
+    wall_time_s: float = 0.0
+
+    def model(self, role: Role) -> ModelEval:
+        return {"candidate": self.candidate, "champion": self.champion, "reference": self.reference}[role]
+
+    def win_rate(self, judge: Judge, opponent: str) -> WinRateResult | None:
+        """The win rate of the candidate vs ``opponent`` by ``judge``, or None when not measured."""
+        return next((w for w in self.win_rates if w.judge == judge and w.opponent == opponent), None)
+
+    def accuracy(self, judge: str, model: Role | None = None) -> AccuracyResult | None:
+        return next((a for a in self.preference_accuracy if a.judge == judge and a.model == model), None)
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        """Flat, finite numeric metrics for MLflow: ``eval/candidate/kl``, ``eval/win_rate/oracle_vs_champion``,
+        ``eval/win_rate/oracle_vs_champion_lower``, ``eval/accuracy/reward_model``, ..."""
+        out: dict[str, float] = {}
+        for role in ("candidate", "champion", "reference"):
+            m = self.model(role)  # type: ignore[arg-type]
+            for key, value in m.model_dump(exclude={"role", "path", "length", "malformed_reasons"}).items():
+                out[f"{prefix}{role}/{key}"] = value
+            for key, value in m.length.items():
+                out[f"{prefix}{role}/length_{key}"] = value
+        for w in self.win_rates:
+            name = f"{prefix}win_rate/{w.judge}_vs_{w.opponent}"
+            out[name], out[f"{name}_lower"], out[f"{name}_upper"] = w.rate, w.lower, w.upper
+        for a in self.preference_accuracy:
+            name = f"{prefix}accuracy/{a.judge}" + (f"_{a.model}" if a.model else "")
+            out[name], out[f"{name}_margin"], out[f"{name}_ece"] = a.accuracy, a.mean_margin, a.ece
+        for key, value in self.length_drift.items():
+            out[f"{prefix}length_drift/{key}"] = value
+        return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}

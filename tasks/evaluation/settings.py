@@ -1,0 +1,93 @@
+"""Settings of the evaluation suite, the promotion gate and the monitor (pipeline sections
+``evaluation``, ``gate`` and ``monitor``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from alignment.config import GenerationSettings, StrictModel
+
+
+class EvalSettings(StrictModel):
+    """Evaluate candidate, champion and reference on held-out prompts with fixed seeds."""
+
+    num_prompts: int = Field(128, gt=0)
+    """Held-out prompts (test split) to sample on; fewer when the split is smaller."""
+    samples_per_prompt: int = Field(1, gt=0)
+    """Responses per prompt and model."""
+    generation: GenerationSettings = GenerationSettings(max_new_tokens=24, temperature=0.7, top_k=0, top_p=1.0)
+    """Sampling settings (the same for every model compared)."""
+    seed: int = 1234
+    """Sampling seed, fixed so that models are compared on the same randomness."""
+    judge: Literal["reward_model", "oracle", "both"] = "both"
+    """Who judges win rates: the reward model, the configured oracle (demo), or both."""
+    samples_table_rows: int = Field(50, ge=0)
+    """Rows of the samples table logged with mlflow.log_table."""
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    """Confidence level of the reported intervals."""
+    tie_margin: float = Field(0.0, ge=0)
+    """Score differences within this margin count as ties (half a win) in win rates."""
+    max_pairs: int = Field(256, gt=0)
+    """Held-out preference pairs scored (accuracy, implicit reward, perplexity); fewer when the split is smaller."""
+    max_length: int = Field(512, gt=0)
+    """Longest prompt + response (tokens) when scoring held-out pairs; longer ones are truncated."""
+    max_prompt_length: int = Field(256, gt=0)
+    """Longest prompt (tokens) for sampling and pair scoring; longer prompts keep their end."""
+    score_batch_size: int = Field(32, gt=0)
+    """Sequences per forward pass when computing log-probs and reward scores."""
+
+
+class GateSettings(StrictModel):
+    """Promotion rules: the candidate replaces the champion only when every rule passes."""
+
+    judge: Literal["reward_model", "oracle"] = "reward_model"
+    """Whose judgement the win-rate rule uses (oracle only where one is configured)."""
+    min_win_rate_lower_bound: float = Field(0.5, ge=0, le=1)
+    """The lower confidence bound of the win rate vs the champion must clear this."""
+    max_kl: float | None = Field(25.0, gt=0)
+    """KL(candidate || reference) budget in nats per sequence (None: no limit)."""
+    max_malformed_share: float = Field(0.10, ge=0, le=1)
+    """Largest share of malformed responses (invalid UTF-8, control characters, junk runs)."""
+    max_malformed_increase: float = Field(0.05, ge=0, le=1)
+    """Largest rise of the malformed share over the reference's."""
+    min_distinct2_ratio: float = Field(0.6, ge=0)
+    """Candidate distinct-2 must stay above this fraction of the reference's (collapse guard)."""
+    max_repetition_rate: float = Field(0.5, ge=0, le=1)
+    """Largest share of repeated n-grams within responses."""
+    max_length_change: float | None = Field(None, gt=0)
+    """Largest relative change of mean response length vs the reference (None: not checked);
+    a guard against length hacking."""
+
+
+class MonitorSettings(StrictModel):
+    """Drift checks on each new feedback batch against a reference batch; crossing one triggers retraining.
+
+    A detector fires only when its effect size crosses its threshold AND its test is
+    significant at ``alpha``: effect sizes alone (PSI, JS) are inflated by sampling noise in
+    small batches, and p-values alone flag immaterial shifts in large ones.
+    """
+
+    alpha: float = Field(0.01, gt=0, lt=1)
+    """Significance level of every drift test (KS, permutation, proportion and binomial tests)."""
+    psi_threshold: float = Field(0.2, gt=0)
+    """Population stability index on prompt/response lengths above which length drift is material."""
+    psi_bins: int = Field(10, ge=2)
+    """Quantile bins of the reference sample used by PSI."""
+    js_threshold: float = Field(0.05, gt=0)
+    """Jensen–Shannon divergence (bits) of token distributions, beyond the sampling-noise floor
+    estimated by permutation, above which vocabulary drift is material."""
+    permutation_rounds: int = Field(200, ge=20)
+    """Permutations for the JS test (p-value resolution 1 / (rounds + 1))."""
+    min_reward_accuracy: float = Field(0.6, ge=0, le=1)
+    """The champion reward model's accuracy on new human labels below which concept drift is declared."""
+    max_preference_balance_shift: float = Field(0.15, ge=0, le=1)
+    """Largest change in the share of 'a' choices (pairwise) or thumbs-up (binary) vs the reference batch."""
+    max_agreement_drop: float = Field(0.1, ge=0, le=1)
+    """Annotator agreement (share of agreeing label pairs on items labelled twice or more)
+    falling by more than this is flagged."""
+    min_rows: int = Field(30, gt=0)
+    """Fewer new rows than this: statistics are reported but nothing fires (too little evidence)."""
+    trigger_deployment: str | None = "alignment-pipeline/retrain"
+    """Deployment run when drift is found (None: record only)."""

@@ -1,0 +1,344 @@
+"""The evaluation suite: candidate, champion and reference on held-out prompts and pairs.
+
+:func:`evaluate_models` samples every model on the same prompts with the same seed
+(:func:`alignment.generation.generate`), scores the samples with the reward model and the
+oracle, and computes the statistics of :mod:`alignment.metrics`. It returns the
+:class:`~tasks.evaluation.report.EvalReport` and a samples table; logging is the caller's job.
+
+Assumptions: the three policies share the reference's tokenizer (checked: KL compares
+token-level probabilities); a policy folder is an ordinary Hugging Face folder, or a LoRA
+adapter folder (its ``merged/`` full weights when present, else the adapter merged into its
+base). At most two policies are in memory at once (the reference and one other).
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from alignment import metrics as M
+from alignment.batching import (
+    Truncation,
+    collate_pairs,
+    decode_prompt,
+    to_device,
+    tokenize_pairs,
+)
+from alignment.config import ModelSettings
+from alignment.generation import GenerationResult, generate
+from alignment.logprobs import selective_log_softmax
+from alignment.models import (
+    CausalLMLogps,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    score_responses,
+)
+from tasks.evaluation.report import AccuracyResult, EvalReport, ModelEval, WinRateResult
+from tasks.evaluation.settings import EvalSettings
+
+Prompt = str | list[dict]
+Oracle = Callable[[list[str]], Sequence[float]]
+"""Scores responses (text only), higher is better; e.g. the demo's VADER compound."""
+RewardScorer = Callable[[list[Prompt], list[str]], np.ndarray]
+"""Scores (prompt, response) pairs with a reward model."""
+
+
+class EvalOutput(NamedTuple):
+    report: EvalReport
+    samples: list[dict[str, Any]]
+    """One row per sample (first ``settings.samples_table_rows``): prompt, the three responses, scores."""
+    scores: dict[str, dict[str, list[float]]]
+    """Every sample's score by judge ("reward model", "oracle") and role: the input of
+    :func:`tasks.evaluation.plots.plot_score_distributions`."""
+
+
+@dataclass
+class _Samples:
+    gen: GenerationResult
+    logps: np.ndarray
+    """Σ_t log π(y_t) of each response under the model that sampled it (sampling temperature)."""
+    ref_logps: np.ndarray
+    """The same under the reference."""
+    rewards: np.ndarray | None = None
+    oracle: np.ndarray | None = None
+
+
+def load_policy(path: str | Path, device: str = "cpu"):
+    """``(model, tokenizer)``, frozen in eval mode; a LoRA folder loads its ``merged/`` weights
+    when present (else transformers loads the adapter onto its recorded base). The tokenizer is
+    None when the folder has none."""
+    path = Path(path)
+    if (path / "adapter_config.json").exists() and (path / "merged").is_dir():
+        path = path / "merged"
+    settings = ModelSettings(name_or_path=str(path))
+    model = load_causal_lm(settings, trainable=False)
+    try:
+        tokenizer = load_tokenizer(settings)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model.to(device), tokenizer
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def response_logps(model, gen: GenerationResult, temperature: float, batch_size: int) -> np.ndarray:
+    """Σ_t log softmax(logits / T)[y_t] over each sampled response's tokens (EOS included),
+    scored from the generated token ids themselves (re-tokenising the text would change them)."""
+    device = next(model.parameters()).device
+    ids, mask = gen.sequences()
+    P = gen.prompt_ids.shape[1]
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    out = []
+    for s in range(0, len(gen), batch_size):
+        b_ids, b_mask = ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)
+        positions = (b_mask.cumsum(1) - 1).clamp_min(0)
+        R = b_ids.shape[1] - P
+        extra = {"logits_to_keep": R + 1} if keep else {}
+        logits = model(input_ids=b_ids, attention_mask=b_mask, position_ids=positions, **extra).logits
+        logits = logits[:, -(R + 1) : -1]  # position P-1+j predicts response token j
+        labels = gen.response_ids[s : s + batch_size].to(device).masked_fill(
+            gen.response_mask[s : s + batch_size].to(device) == 0, -100)
+        out.append(selective_log_softmax(logits, labels, temperature=temperature).sum(-1).cpu())
+    return torch.cat(out).double().numpy()
+
+
+@torch.no_grad()
+def pair_logps(model, tokenizer, pairs: list[Mapping], settings: EvalSettings) -> tuple[np.ndarray, ...]:
+    """``(chosen_logps, rejected_logps, chosen_tokens)`` of held-out pairs under ``model``
+    (temperature 1), tokenised and scored as the DPO recipe does
+    (:func:`alignment.batching.tokenize_pairs` with EOS appended, :class:`alignment.models.CausalLMLogps`)."""
+    trunc = Truncation(settings.max_length, settings.max_prompt_length, bos_token_id=tokenizer.bos_token_id)
+    examples, _ = tokenize_pairs(tokenizer, pairs, trunc, source="held-out pairs")
+    scorer = CausalLMLogps(model)
+    device = next(model.parameters()).device
+    chosen, rejected, tokens = [], [], []
+    for s in range(0, len(examples), settings.score_batch_size):
+        batch = collate_pairs(examples[s : s + settings.score_batch_size], pad_id=_pad_id(tokenizer))
+        out = scorer(to_device(batch, device))
+        half = batch["num_sequences"] // 2  # chosen sequences first, then rejected
+        chosen.append(out["seq_logps"][:half].cpu())
+        rejected.append(out["seq_logps"][half:].cpu())
+        tokens.append(out["seq_tokens"][:half].cpu())
+    return tuple(torch.cat(x).double().numpy() for x in (chosen, rejected, tokens))
+
+
+def reward_scorer_from_folder(path: str | Path, device: str = "cpu", batch_size: int = 32,
+                              max_length: int = 512, max_prompt_length: int = 256) -> RewardScorer:
+    """A scorer for a reward-model folder (one-label sequence classification), tokenising as the
+    reward recipe trains (:func:`alignment.models.score_responses`)."""
+    settings = ModelSettings(name_or_path=str(path))
+    tokenizer = load_tokenizer(settings)
+    model = load_reward_model(settings, tokenizer, trainable=False).to(device)
+
+    def score(prompts: list[Prompt], responses: list[str]) -> np.ndarray:
+        return np.asarray(score_responses(model, tokenizer, prompts, responses, batch_size,
+                                          max_length=max_length, max_prompt_length=max_prompt_length))
+
+    return score
+
+
+def _model_eval(role: str, path: str, s: _Samples, kl: M.KLEstimate | None, max_new_tokens: int,
+                ppl: float | None) -> ModelEval:
+    texts = s.gen.texts
+    reasons = Counter(r for t in texts for r in M.malformed_reasons(t))
+    def mean_std(x):
+        return (None, None) if x is None else (float(np.mean(x)), float(np.std(x)))
+    reward_mean, reward_std = mean_std(s.rewards)
+    oracle_mean, oracle_std = mean_std(s.oracle)
+    return ModelEval(
+        role=role, path=path, reward_mean=reward_mean, reward_std=reward_std, oracle_mean=oracle_mean,
+        oracle_std=oracle_std, kl=None if kl is None else kl.mean, kl_se=None if kl is None else kl.se,
+        length=M.length_stats(s.gen.response_lengths.numpy(), max_new_tokens),
+        distinct_1=M.distinct_n(texts, 1), distinct_2=M.distinct_n(texts, 2),
+        repetition_rate=M.repetition_rate(texts), malformed_share=M.malformed_share(texts),
+        malformed_reasons=dict(reasons), perplexity=ppl, eos_share=float(s.gen.hit_eos.float().mean()),
+    )
+
+
+def _release_accelerator_memory() -> None:
+    """Return freed GPU memory to the driver (CPU memory is freed when the last reference goes;
+    a full gc.collect costs about half a second, so it runs only where memory is scarce)."""
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def evaluate_models(
+    candidate: str | Path,
+    champion: str | Path | None,
+    reference: str | Path,
+    prompts: Sequence[Prompt],
+    pairs: Sequence[Mapping[str, Any]] | Any | None = None,
+    *,
+    reward_model: str | Path | None = None,
+    reward_scorer: RewardScorer | None = None,
+    oracle: Oracle | None = None,
+    settings: EvalSettings | None = None,
+    beta: float = 0.1,
+    device: str = "cpu",
+) -> EvalOutput:
+    """Evaluate ``candidate`` against ``champion`` (None: the reference stands in) and ``reference``.
+
+    ``prompts``: held-out prompts (strings or chat message lists), the first
+    ``settings.num_prompts`` used, each sampled ``samples_per_prompt`` times per model with
+    ``settings.seed``. ``pairs``: held-out preference rows or a DataFrame (``prompt``,
+    ``is_chat``, ``chosen``, ``rejected``; the first ``settings.max_pairs``) for preference
+    accuracy (reward model; implicit DPO reward β·(log π − log π_ref) of candidate and
+    champion) and the perplexity of the chosen responses. ``reward_scorer`` wins over
+    ``reward_model`` (a folder). KL is computed at the sampling temperature. Raises ValueError
+    for no prompts, a bad pair row (naming it) or tokenizers that differ from the reference's.
+    """
+    settings = settings or EvalSettings()
+    start = time.perf_counter()
+    prompts = list(prompts)[: settings.num_prompts]
+    if not prompts:
+        raise ValueError("evaluate_models needs at least one held-out prompt")
+    if hasattr(pairs, "to_dict"):
+        pairs = pairs.to_dict("records")
+    pairs = [dict(p) for p in (pairs if pairs is not None else [])][: settings.max_pairs]
+    k = settings.samples_per_prompt
+    sample_prompts = [p for p in prompts for _ in range(k)]
+    groups = [i for i in range(len(prompts)) for _ in range(k)]
+    gen_cfg = settings.generation
+    temperature = gen_cfg.temperature if gen_cfg.do_sample else 1.0
+
+    samples, pair_lp = _sample_policies(candidate, champion, reference, sample_prompts, pairs, settings,
+                                        temperature, device)
+    scorer = reward_scorer
+    if scorer is None and reward_model is not None:
+        scorer = reward_scorer_from_folder(reward_model, device, settings.score_batch_size,
+                                           settings.max_length, settings.max_prompt_length)
+    for s in {id(v): v for v in samples.values()}.values():  # the champion may be the reference
+        if scorer is not None:
+            s.rewards = np.asarray(scorer(sample_prompts, s.gen.texts), dtype=np.float64)
+        if oracle is not None:
+            s.oracle = np.asarray(oracle(s.gen.texts), dtype=np.float64)
+
+    evals = {}
+    for role, path in (("candidate", candidate), ("champion", champion or reference), ("reference", reference)):
+        smp = samples[role]
+        ppl = None
+        if role in pair_lp and pair_lp[role][2].sum() > 0:
+            ppl = M.perplexity(-pair_lp[role][0], pair_lp[role][2])
+        kl = M.sequence_kl(smp.logps, smp.ref_logps, groups=groups)
+        evals[role] = _model_eval(role, str(path), smp, kl, gen_cfg.max_new_tokens, ppl)
+    report = EvalReport(
+        candidate=evals["candidate"], champion=evals["champion"], reference=evals["reference"],
+        champion_is_reference=champion is None, win_rates=_win_rates(samples, settings, groups),
+        preference_accuracy=_accuracies(pairs, pair_lp, scorer, beta, champion is not None, settings.confidence),
+        length_drift=M.length_drift(samples["candidate"].gen.response_lengths.numpy(),
+                                    samples["reference"].gen.response_lengths.numpy()),
+        num_prompts=len(prompts), samples_per_prompt=k, num_pairs=len(pairs), seed=settings.seed,
+        generation=gen_cfg.model_dump(), kl_temperature=temperature, beta=beta,
+        wall_time_s=time.perf_counter() - start,
+    )
+    shown = ("candidate", "champion", "reference") if champion is not None else ("candidate", "reference")
+    scores = {judge: {role: getattr(samples[role], attr).tolist() for role in shown}
+              for judge, attr in (("reward model", "rewards"), ("oracle", "oracle"))
+              if getattr(samples["candidate"], attr) is not None}
+    return EvalOutput(report, _samples_table(sample_prompts, samples, settings.samples_table_rows), scores)
+
+
+def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt], pairs: list[dict],
+                     settings: EvalSettings, temperature: float, device: str):
+    """Sample each policy with the same seed; log-probs of its samples under itself and the
+    reference; its log-probs of the held-out pairs. Holds the reference and one other model."""
+    def sample(model, tokenizer) -> GenerationResult:
+        return generate(model, tokenizer, sample_prompts, settings.generation, settings.seed,
+                        max_prompt_length=settings.max_prompt_length)
+
+    ref_model, tokenizer = load_policy(reference, device)
+    if tokenizer is None:
+        raise ValueError(f"reference folder {reference} has no tokenizer")
+    vocab = tokenizer.get_vocab()
+    ref_gen = sample(ref_model, tokenizer)
+    ref_lp = response_logps(ref_model, ref_gen, temperature, settings.score_batch_size)
+    samples = {"reference": _Samples(ref_gen, ref_lp, ref_lp)}
+    pair_lp: dict[str, tuple[np.ndarray, ...]] = {}
+    if pairs:
+        pair_lp["reference"] = pair_logps(ref_model, tokenizer, pairs, settings)
+    for role, path in [("candidate", candidate)] + ([("champion", champion)] if champion is not None else []):
+        model, own_tok = load_policy(path, device)
+        if own_tok is not None and own_tok.get_vocab() != vocab:
+            raise ValueError(f"{role} at {path} has a different tokenizer from the reference; KL needs the same one")
+        gen = sample(model, tokenizer)
+        samples[role] = _Samples(gen, response_logps(model, gen, temperature, settings.score_batch_size),
+                                 response_logps(ref_model, gen, temperature, settings.score_batch_size))
+        if pairs:
+            pair_lp[role] = pair_logps(model, tokenizer, pairs, settings)
+        del model
+        _release_accelerator_memory()
+    if champion is None:
+        samples["champion"] = samples["reference"]
+        if pairs:
+            pair_lp["champion"] = pair_lp["reference"]
+    del ref_model
+    _release_accelerator_memory()
+    return samples, pair_lp
+
+
+def _win_rates(samples: dict[str, _Samples], settings: EvalSettings, groups: list[int]) -> list[WinRateResult]:
+    out = []
+    for judge, attr in (("reward_model", "rewards"), ("oracle", "oracle")):
+        if settings.judge not in ("both", judge) or getattr(samples["candidate"], attr) is None:
+            continue
+        for opponent in ("champion", "reference"):
+            w = M.win_rate(getattr(samples["candidate"], attr), getattr(samples[opponent], attr),
+                           tie_margin=settings.tie_margin, confidence=settings.confidence, groups=groups)
+            out.append(WinRateResult(judge=judge, opponent=opponent, **vars(w)))
+    return out
+
+
+def _accuracies(pairs: list[dict], pair_lp: dict, scorer: RewardScorer | None, beta: float, has_champion: bool,
+                confidence: float) -> list[AccuracyResult]:
+    out = []
+    if pairs and scorer is not None:
+        prompts = [decode_prompt(p) for p in pairs]
+        rc = np.asarray(scorer(prompts, [p["chosen"] for p in pairs]), dtype=np.float64)
+        rr = np.asarray(scorer(prompts, [p["rejected"] for p in pairs]), dtype=np.float64)
+        out.append(_accuracy("reward_model", None, rc, rr, confidence))
+    if pairs:
+        ref_c, ref_r, _ = pair_lp["reference"]
+        for role in ("candidate", "champion") if has_champion else ("candidate",):
+            c, r, _ = pair_lp[role]
+            out.append(_accuracy("implicit_dpo", role, beta * (c - ref_c), beta * (r - ref_r), confidence))
+    return out
+
+
+def _accuracy(judge: str, model: str | None, chosen: np.ndarray, rejected: np.ndarray, confidence: float):
+    acc = M.preference_accuracy(chosen, rejected, confidence)
+    return AccuracyResult(judge=judge, model=model, accuracy=acc.accuracy, lower=acc.lower, upper=acc.upper,
+                          mean_margin=acc.mean_margin, ece=M.calibration_ece(chosen, rejected), n=acc.n)
+
+
+def _samples_table(prompts: list[Prompt], samples: dict[str, _Samples], rows: int) -> list[dict[str, Any]]:
+    table = []
+    for i in range(min(rows, len(prompts))):
+        p = prompts[i]
+        row: dict[str, Any] = {"prompt": p if isinstance(p, str) else json.dumps(p)}
+        for role in ("candidate", "champion", "reference"):
+            s = samples[role]
+            row[role] = s.gen.texts[i]
+            if s.rewards is not None:
+                row[f"{role}_reward"] = float(s.rewards[i])
+            if s.oracle is not None:
+                row[f"{role}_oracle"] = float(s.oracle[i])
+        cand = samples["candidate"]
+        row["candidate_log_ratio"] = float(cand.logps[i] - cand.ref_logps[i])
+        row["candidate_malformed"] = ",".join(M.malformed_reasons(cand.gen.texts[i]))
+        table.append(row)
+    return table

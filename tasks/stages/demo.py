@@ -1,0 +1,91 @@
+"""The embedded demo's stages: the pretrained base model (built once, cached), the prompt set,
+and simulated feedback from the current champion written into the landing folder."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+
+from tasks.config import PipelineConfig
+from tasks.demo.base_model import build_base_model
+from tasks.demo.prompts import demo_prompts
+from tasks.demo.settings import DemoSettings
+from tasks.demo.simulator import simulate_feedback
+from tasks.records import ModelRecord
+from tasks.stages.data import data_dir, ingest_settings
+
+EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+
+def demo_settings(cfg: PipelineConfig) -> DemoSettings:
+    """The demo section with its cache folder resolved under the pipeline's home."""
+    if cfg.demo is None:
+        raise ValueError("this pipeline has no demo section")
+    cache = cfg.demo.cache_dir or str(cfg.home / "cache" / "demo")
+    return cfg.demo.model_copy(update={"cache_dir": cache})
+
+
+def demo_base_model(cfg: PipelineConfig) -> ModelRecord:
+    """Build (once) or load the demo's base model; its record's digest is the build digest."""
+    info = build_base_model(demo_settings(cfg))
+    return ModelRecord(stage="base", path=info.path, digest=info.digest, base=info.path,
+                       summary={"heldout_perplexity": info.heldout_perplexity, "parameters": info.parameters,
+                                "build_seconds": info.build_seconds, "cached": info.cached})
+
+
+@task(name="demo-base-model", retries=1, retry_delay_seconds=10)
+def demo_base_model_task(cfg: PipelineConfig) -> ModelRecord:
+    """Prefect task: the demo base model (fetching the corpus is retried once on I/O errors)."""
+    return demo_base_model(cfg)
+
+
+def prompt_table(cfg: PipelineConfig, base: ModelRecord) -> pd.DataFrame:
+    """The demo's prompt table (all splits), cached as Parquet next to the pipeline's data."""
+    path = data_dir(cfg) / "demo-prompts" / f"prompts-{base.digest}.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    frame = demo_prompts(demo_settings(cfg), base.path, cfg.preferences)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+    return frame
+
+
+def heldout_prompts(cfg: PipelineConfig, base: ModelRecord, split: str = "test") -> list[str]:
+    """Prompts of one split (the data layer's hash split, so test prompts are never trained on)."""
+    frame = prompt_table(cfg, base)
+    return frame.loc[frame["split"] == split, "prompt"].tolist()
+
+
+def landing_is_empty(cfg: PipelineConfig) -> bool:
+    """True when the landing folder holds no file the ingest would read."""
+    settings = ingest_settings(cfg)
+    landing = Path(settings.landing_dir)
+    return not any(p.is_file() for pattern in settings.landing_patterns for p in landing.glob(pattern))
+
+
+def simulate_round(cfg: PipelineConfig, policy: ModelRecord, base: ModelRecord, round_index: int) -> dict[str, Any]:
+    """Write one simulated feedback batch sampled from ``policy`` into the landing folder.
+
+    The batch id names the round and the policy, so the same round is never written twice.
+    """
+    settings = demo_settings(cfg)
+    frame = prompt_table(cfg, base)
+    batch_id = f"round{round_index:03d}-{policy.digest[:10]}"
+    report = simulate_feedback(policy.path, frame["prompt"].tolist(), settings.simulator,
+                               ingest_settings(cfg).landing_dir, batch_id=batch_id,
+                               report_dir=data_dir(cfg) / "simulator", seed=settings.simulator.seed + round_index,
+                               start_time=EPOCH + timedelta(days=round_index))
+    return {"batch": batch_id, "files": len(report.files), "rows": sum(report.rows.values()),
+            "malformed share": round(report.malformed_share, 4), "best accuracy": round(report.best_accuracy, 4),
+            "policy sentiment": round(report.policy_sentiment, 4)}
+
+
+@task(name="simulate-feedback")
+def simulate_feedback_task(cfg: PipelineConfig, policy: ModelRecord, base: ModelRecord,
+                           round_index: int = 0) -> dict[str, Any]:
+    """Prefect task: one simulated feedback batch (demo only)."""
+    return simulate_round(cfg, policy, base, round_index)

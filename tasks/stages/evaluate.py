@@ -1,0 +1,171 @@
+"""Evaluation stage: the candidate against the champion (or the base model for a first
+candidate) and the reference, on held-out prompts and pairs; then the gate decision.
+
+Logged to a child MLflow run: every ``eval/`` metric, the report JSON, a samples table
+(``log_table``), score distributions, the candidate's training curves and reward vs KL across
+registered versions (PNG). Cached on the models' digests, the test split and the
+``evaluation`` section, so a re-run compares the same models only once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from prefect import task
+from pydantic import BaseModel, Field
+
+from alignment.batching import decode_prompt
+from tasks import tracking
+from tasks.config import PipelineConfig
+from tasks.evaluation.gate import decide
+from tasks.evaluation.plots import plot_reward_vs_kl, plot_score_distributions, plot_training_curves
+from tasks.evaluation.report import EvalReport
+from tasks.evaluation.suite import evaluate_models
+from tasks.records import ModelRecord
+from tasks.stages.data import DatasetRecord
+from tasks.versioning import digest_of, stage_cache_key
+
+EVAL_TAGS = ("kl", "reward_mean", "oracle_mean", "malformed_share", "distinct_2")
+
+
+class EvalRecord(BaseModel):
+    """The evaluation's report (as a dict) and where its files are."""
+
+    report: dict[str, Any]
+    report_path: str
+    run_id: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    def parsed(self) -> EvalReport:
+        return EvalReport.model_validate(self.report)
+
+    def headline(self) -> dict[str, float]:
+        """The handful of numbers shown in the summary table."""
+        m = self.metrics
+        keys = {
+            "oracle cand": "eval/candidate/oracle_mean", "oracle base": "eval/reference/oracle_mean",
+            "reward cand": "eval/candidate/reward_mean", "KL to base": "eval/candidate/kl",
+            "win vs champion (RM)": "eval/win_rate/reward_model_vs_champion",
+            "win vs champion (oracle)": "eval/win_rate/oracle_vs_champion",
+            "malformed": "eval/candidate/malformed_share", "distinct-2": "eval/candidate/distinct_2",
+        }
+        return {label: round(m[key], 4) for label, key in keys.items() if key in m}
+
+
+def _device(cfg: PipelineConfig) -> str:
+    if cfg.pipeline.device == "cpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _heldout(dataset: DatasetRecord) -> tuple[list, pd.DataFrame | None]:
+    """Test-split prompts (falling back to validation) and test pairs."""
+    prompt_file = dataset.files.get("prompts-test") or dataset.files.get("prompts-validation")
+    if not prompt_file or not Path(prompt_file).exists():
+        raise ValueError(f"the dataset {dataset.digest} has no held-out prompts (test or validation split)")
+    prompts = [decode_prompt(row) for row in pd.read_parquet(prompt_file).to_dict("records")]
+    pair_file = dataset.files.get("pairs-test")
+    pairs = pd.read_parquet(pair_file) if pair_file and Path(pair_file).exists() else None
+    return prompts, pairs
+
+
+def _oracle(cfg: PipelineConfig):
+    if cfg.demo is None:
+        return None
+    from tasks.demo.oracle import sentiment
+
+    return lambda texts: sentiment(texts)
+
+
+def _version_points(cfg: PipelineConfig, current: dict[str, float]) -> list[tuple[str, float, float]]:
+    """(label, KL, reward) of earlier registered versions plus this candidate, for the frontier plot."""
+    name = f"{cfg.pipeline.name}-policy"
+    judge = "oracle_mean" if cfg.demo is not None else "reward_mean"
+    points = []
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        versions = []
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        kl, reward = v.tags.get("alignflow.eval.kl"), v.tags.get(f"alignflow.eval.{judge}")
+        if kl is not None and reward is not None:
+            points.append((f"v{v.version}", float(kl), float(reward)))
+    if f"eval/candidate/{judge}" in current and "eval/candidate/kl" in current:
+        points.append(("candidate", current["eval/candidate/kl"], current[f"eval/candidate/{judge}"]))
+    if f"eval/reference/{judge}" in current:
+        points.insert(0, ("base", 0.0, current[f"eval/reference/{judge}"]))
+    return points
+
+
+def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,
+                   reward: ModelRecord | None, dataset: DatasetRecord, parent_run_id: str | None) -> EvalRecord:
+    """Evaluate and log; returns the record (the report is also written under the run folder)."""
+    prompts, pairs = _heldout(dataset)
+    if cfg.demo is not None:  # the demo's own test split is larger than the feedback's
+        from tasks.stages.demo import heldout_prompts
+
+        prompts = heldout_prompts(cfg, base) or prompts
+    beta = cfg.dpo.beta if cfg.pipeline.method in ("dpo", "ipo", "simpo") else 0.1
+    out = evaluate_models(candidate.path, champion.path if champion else None, base.path, prompts, pairs,
+                          reward_model=reward.path if reward else None, oracle=_oracle(cfg),
+                          settings=cfg.evaluation, beta=beta, device=_device(cfg))
+    folder = cfg.home / "runs" / cfg.pipeline.name / f"eval-{candidate.digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    report_path = folder / "eval_report.json"
+    report_path.write_text(out.report.model_dump_json(indent=2))
+    metrics = out.report.metrics()
+    record = EvalRecord(report=out.report.model_dump(mode="json"), report_path=str(report_path), metrics=metrics)
+    if parent_run_id is None:
+        return record
+    with tracking.child_run(parent_run_id, "evaluate") as run_id:
+        record.run_id = run_id
+        tracking.log_metrics(run_id, metrics)
+        tracking.log_artifact(run_id, report_path, "evaluation")
+        if out.samples:
+            MlflowClient().log_table(run_id, pd.DataFrame(out.samples), "evaluation/samples.json")
+        plots = []
+        if out.scores:
+            plots.append(plot_score_distributions(out.scores, folder / "score_distributions.png"))
+        metrics_file = Path(candidate.path).parent / "metrics.jsonl"
+        if not metrics_file.exists():
+            metrics_file = Path(candidate.path).parent.parent / "metrics.jsonl"
+        if metrics_file.exists():
+            plots.append(plot_training_curves(metrics_file, folder / "training_curves.png"))
+        points = _version_points(cfg, metrics)
+        if len(points) >= 2:
+            plots.append(plot_reward_vs_kl(points, folder / "reward_vs_kl.png"))
+        for plot in plots:
+            tracking.log_artifact(run_id, plot, "evaluation/plots")
+    return record
+
+
+@task(name="evaluate", cache_key_fn=stage_cache_key("key"), persist_result=True)
+def _evaluate(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,
+              reward: ModelRecord | None, dataset: DatasetRecord, parent_run_id: str | None, key: str = "") -> EvalRecord:
+    return run_evaluation(cfg, candidate, champion, base, reward, dataset, parent_run_id)
+
+
+def evaluate_task(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,
+                  reward: ModelRecord | None, dataset: DatasetRecord,
+                  parent_run_id: str | None) -> tuple[EvalRecord, bool]:
+    """Evaluate (or take from cache). Returns (record, came_from_cache)."""
+    key = digest_of(candidate.digest, champion.digest if champion else None, base.digest,
+                    reward.digest if reward else None, dataset.digest, cfg.evaluation, cfg.demo is not None)
+    state = _evaluate(cfg, candidate, champion, base, reward, dataset, parent_run_id, key=key, return_state=True)
+    return state.result(), state.name == "Cached"
+
+
+def gate_decision(cfg: PipelineConfig, record: EvalRecord, has_champion: bool) -> dict[str, Any]:
+    """The gate's decision as a plain dict (passed, reasons, checks) plus eval figures to tag versions with."""
+    decision = decide(record.parsed(), cfg.gate, has_champion).model_dump(mode="json")
+    cand = record.report.get("candidate", {})
+    decision["eval_tags"] = {f"alignflow.eval.{k}": cand[k] for k in EVAL_TAGS if cand.get(k) is not None}
+    decision["report_path"] = record.report_path
+    return json.loads(json.dumps(decision, default=str))

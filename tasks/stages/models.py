@@ -1,0 +1,75 @@
+"""Where a round's models come from: the configured base model, and the registry's champion
+(downloaded once per version into ``<home>/registry-cache``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks import tracking
+from tasks.config import PipelineConfig
+from tasks.records import ModelRecord, folder_digest
+from tasks.stages.register import CANDIDATE_TAG, RegistryRecord
+
+
+def base_model_record(cfg: PipelineConfig) -> ModelRecord:
+    """The configured policy as a record (a local folder is digested by content, a hub id by id+revision).
+
+    Raises ValueError when no policy is configured and there is no demo section to build one.
+    """
+    if cfg.model.policy is None:
+        raise ValueError("model.policy is not set: give a hub id or a local folder (or add a demo section)")
+    ref = cfg.model.policy.name_or_path
+    digest = folder_digest(ref) if Path(ref).exists() else folder_digest(f"{ref}@{cfg.model.policy.revision}")
+    return ModelRecord(stage="base", path=ref, digest=digest, base=ref)
+
+
+def champion_record(cfg: PipelineConfig) -> ModelRecord | None:
+    """The current champion policy, downloaded to a per-version cache folder; None if there is none."""
+    name = f"{cfg.pipeline.name}-policy"
+    version = tracking.alias_version(name, tracking.CHAMPION)
+    if version is None:
+        return None
+    tags = tracking.version_tags(name, version)
+    dest = cfg.home / "registry-cache" / name / version
+    marker = dest / ".complete"
+    if marker.exists():
+        folder = Path(marker.read_text().strip())
+    else:
+        folder = tracking.download_model(name, version, dest)
+        marker.write_text(str(folder))
+    digest = tags.get(CANDIDATE_TAG) or folder_digest(folder)
+    return ModelRecord(stage="champion", path=str(folder), digest=digest, base=tags.get("alignflow.base_model"),
+                       registry_version=version)
+
+
+def registered_candidate(cfg: PipelineConfig, candidate: ModelRecord) -> RegistryRecord | None:
+    """The registry state when this exact candidate was already registered (a re-run), else None."""
+    name = f"{cfg.pipeline.name}-policy"
+    version = tracking.find_version(name, CANDIDATE_TAG, candidate.digest)
+    if version is None:
+        return None
+    tags = tracking.version_tags(name, version)
+    champion = tracking.alias_version(name, tracking.CHAMPION)
+    reasons = [r for r in tags.get("alignflow.gate_reasons", "").split(" | ") if r]
+    return RegistryRecord(policy_model=name, policy_version=version, promoted=champion == version,
+                          champion_version=champion, previous_champion=tags.get("alignflow.parent_version"),
+                          reasons=reasons, newly_registered=False)
+
+
+def champion_trained_on(cfg: PipelineConfig, dataset_digest: str) -> RegistryRecord | None:
+    """The champion's registry state when it was trained on ``dataset_digest`` with this config, else None.
+
+    Why: with ``init_from: champion`` a re-run would otherwise start from the new champion and
+    train again on data it has already learnt from.
+    """
+    name = f"{cfg.pipeline.name}-policy"
+    version = tracking.alias_version(name, tracking.CHAMPION)
+    if version is None:
+        return None
+    tags = tracking.version_tags(name, version)
+    if tags.get("alignflow.data_digest") != dataset_digest or tags.get("alignflow.config_digest") != cfg.digest():
+        return None
+    reasons = [r for r in tags.get("alignflow.gate_reasons", "").split(" | ") if r]
+    return RegistryRecord(policy_model=name, policy_version=version, promoted=True, champion_version=version,
+                          previous_champion=tags.get("alignflow.parent_version"), reasons=reasons,
+                          newly_registered=False)

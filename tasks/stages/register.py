@@ -1,0 +1,124 @@
+"""Register + promote: log the candidate policy and reward model to the MLflow registry, tag the
+versions with their lineage and the gate decision, move ``challenger`` to the candidate and,
+when the gate passes, ``champion`` too. A failed gate leaves ``champion`` untouched.
+
+Idempotent: a candidate already registered (same ``alignflow.candidate_digest`` tag) is not
+registered again, so a re-run after a crash or with nothing new adds no version.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from tasks import tracking
+from tasks.config import PipelineConfig
+from tasks.records import ModelRecord
+from tasks.versioning import code_version, git_commit
+
+CANDIDATE_TAG = "alignflow.candidate_digest"
+
+
+class RegistryRecord(BaseModel):
+    """What the registry looks like after this stage."""
+
+    policy_model: str
+    policy_version: str
+    reward_model: str | None = None
+    reward_version: str | None = None
+    promoted: bool
+    champion_version: str | None
+    previous_champion: str | None
+    reasons: list[str] = Field(default_factory=list)
+    newly_registered: bool = True
+
+
+def _serving_folder(candidate: ModelRecord) -> Path:
+    """Full weights for local bases; the adapter alone when its base is a hub id (recorded in it)."""
+    if candidate.adapter_path and candidate.base and not Path(candidate.base).exists():
+        return Path(candidate.adapter_path)
+    return Path(candidate.path)
+
+
+def lineage_tags(cfg: PipelineConfig, candidate: ModelRecord, dataset_digest: str,
+                 parent_version: str | None) -> dict[str, str]:
+    """The version tags DESIGN.md requires: data, config and code versions, parent, base."""
+    tags = {
+        CANDIDATE_TAG: candidate.digest,
+        "alignflow.data_digest": dataset_digest,
+        "alignflow.config_digest": cfg.digest(),
+        "alignflow.code_version": code_version(),
+        "alignflow.parent_version": parent_version or "base",
+        "alignflow.method": cfg.pipeline.method,
+        "alignflow.base_model": str(candidate.base or ""),
+    }
+    commit = git_commit()
+    if commit:
+        tags["alignflow.git_commit"] = commit
+    return tags
+
+
+def register_and_promote(cfg: PipelineConfig, candidate: ModelRecord, reward: ModelRecord | None,
+                         dataset_digest: str, decision: dict[str, Any], parent_run_id: str) -> RegistryRecord:
+    """Register (once), tag, alias. ``decision`` is a GateDecision dump: passed, reasons, checks."""
+    name = cfg.pipeline.name
+    policy_name, reward_name = f"{name}-policy", f"{name}-reward"
+    previous = tracking.alias_version(policy_name, tracking.CHAMPION)
+    passed = bool(decision.get("passed"))
+    reasons = [str(r) for r in decision.get("reasons", [])]
+    version = tracking.find_version(policy_name, CANDIDATE_TAG, candidate.digest)
+    newly = version is None
+    reward_version = None
+    with tracking.child_run(parent_run_id, "register") as run_id:
+        if version is None:
+            version = tracking.log_policy(run_id, _serving_folder(candidate), name,
+                                          lineage_tags(cfg, candidate, dataset_digest, previous))
+        if reward is not None:
+            reward_version = tracking.find_version(reward_name, CANDIDATE_TAG, reward.digest)
+            if reward_version is None:
+                reward_version = tracking.log_reward_model(
+                    run_id, Path(reward.path), name, lineage_tags(cfg, reward, dataset_digest, None))
+        gate_tags = {"alignflow.gate": "passed" if passed else "failed",
+                     "alignflow.gate_reasons": " | ".join(reasons)[:5000]}
+        tracking.set_version_tags(policy_name, version, {**gate_tags, **decision.get("eval_tags", {})})
+        if decision.get("report_path") and Path(decision["report_path"]).exists():
+            tracking.log_artifact(run_id, decision["report_path"], "evaluation")
+        tracking.set_alias(policy_name, tracking.CHALLENGER, version)
+        if reward_version:
+            tracking.set_alias(reward_name, tracking.CHALLENGER, reward_version)
+        if passed and previous != version:
+            tracking.promote(policy_name, version, reason="; ".join(reasons))
+            if reward_version:
+                tracking.promote(reward_name, reward_version, reason=f"with {policy_name} v{version}")
+        tracking.log_metrics(run_id, {"promoted": float(passed), "policy_version": float(version)})
+    champion = tracking.alias_version(policy_name, tracking.CHAMPION)
+    return RegistryRecord(policy_model=policy_name, policy_version=version, reward_model=reward_name if reward else None,
+                          reward_version=reward_version, promoted=passed and champion == version,
+                          champion_version=champion, previous_champion=previous, reasons=reasons,
+                          newly_registered=newly)
+
+
+def decision_markdown(record: RegistryRecord, decision: dict[str, Any]) -> str:
+    """The gate decision as a Markdown artifact: verdict, then one row per rule."""
+    verdict = "PROMOTED to champion" if record.promoted else "NOT promoted (champion unchanged)"
+    lines = [f"# Gate decision: {record.policy_model} v{record.policy_version} {verdict}", ""]
+    lines += [f"- {r}" for r in record.reasons] + ["", "| rule | value | threshold | passed |", "|---|---|---|---|"]
+    for check in decision.get("checks", []):
+        lines.append(f"| {check.get('rule')} | {check.get('value')} | {check.get('threshold')} | "
+                     f"{'yes' if check.get('passed') else 'no'} |")
+    lines += ["", f"champion: v{record.champion_version} (before: v{record.previous_champion})"]
+    return "\n".join(lines)
+
+
+@task(name="register-and-promote", retries=2, retry_delay_seconds=5)
+def register_task(cfg: PipelineConfig, candidate: ModelRecord, reward: ModelRecord | None, dataset_digest: str,
+                  decision: dict[str, Any], parent_run_id: str) -> RegistryRecord:
+    """Prefect task: register, alias, and leave the decision as a Prefect artifact."""
+    record = register_and_promote(cfg, candidate, reward, dataset_digest, decision, parent_run_id)
+    create_markdown_artifact(decision_markdown(record, decision), key=f"{cfg.pipeline.name}-gate-decision".replace("_", "-"),
+                             description="Promotion gate decision")
+    return record

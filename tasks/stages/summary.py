@@ -1,0 +1,106 @@
+"""The end-of-run summary: a console table, a Prefect table artifact, links to the MLflow run,
+and the commands that open the MLflow and Prefect UIs on these runs."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prefect.artifacts import create_link_artifact, create_table_artifact
+from pydantic import BaseModel, Field
+from rich.console import Console
+from rich.table import Table
+
+from tasks.records import StageTiming
+from tasks.stages.register import RegistryRecord
+
+
+class PipelineSummary(BaseModel):
+    """What a pipeline round did, returned by the flow and printed at the end."""
+
+    pipeline: str
+    home: str
+    status: str = "running"
+    """promoted, not-promoted, unchanged (nothing new) or no-new-data."""
+    mlflow_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    flow_run_id: str = ""
+    registry: RegistryRecord | None = None
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+    stages: list[StageTiming] = Field(default_factory=list)
+    wall_s: float = 0.0
+    stage_s: float = 0.0
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def ui_hints(summary: PipelineSummary) -> list[str]:
+    """How to look at this run in the MLflow UI and the Prefect UI."""
+    mlflow_url = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if mlflow_url.startswith("http"):
+        mlflow_cmd = f"open {mlflow_url.rstrip('/')}"
+        base = mlflow_url.rstrip("/")
+    else:
+        mlflow_cmd = f"mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000"
+        base = "http://127.0.0.1:5000"
+    run_url = f"{base}/#/experiments/{summary.experiment_id}/runs/{summary.mlflow_run_id}"
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        prefect_cmd = f"open {api.removesuffix('/api')}"
+        prefect_url = f"{api.removesuffix('/api')}/runs/flow-run/{summary.flow_run_id}"
+    else:
+        prefect_home = os.environ.get("PREFECT_HOME", f"{summary.home}/prefect")
+        prefect_cmd = f"PREFECT_HOME={prefect_home} prefect server start"
+        prefect_url = f"http://127.0.0.1:4200/runs/flow-run/{summary.flow_run_id}"
+    return [f"MLflow UI:  {mlflow_cmd}   then {run_url}",
+            f"Prefect UI: {prefect_cmd}   then {prefect_url}"]
+
+
+def render(summary: PipelineSummary, console: Console | None = None) -> None:
+    """Print the stage table, the registry state and the UI hints."""
+    console = console or Console()
+    table = Table(title=f"alignflow · {summary.pipeline} · {summary.status}", show_lines=False)
+    for column in ("stage", "status", "seconds", "key figures"):
+        table.add_column(column, justify="right" if column == "seconds" else "left")
+    for row in summary.stages:
+        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in row.metrics.items())
+        table.add_row(row.stage, row.status, f"{row.seconds:.1f}", figures)
+    console.print(table)
+    console.print(f"wall {summary.wall_s:.1f} s, stage work {summary.stage_s:.1f} s, "
+                  f"orchestration {max(summary.wall_s - summary.stage_s, 0):.1f} s")
+    if summary.evaluation:
+        console.print("evaluation: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.evaluation.items()))
+    if summary.registry:
+        r = summary.registry
+        if summary.status == "unchanged":
+            console.print(f"registry: nothing new to train; {r.policy_model} champion v{r.champion_version} "
+                          "already reflects this data and config")
+        else:
+            verdict = "promoted to @champion" if r.promoted else "not promoted"
+            console.print(f"registry: {r.policy_model} v{r.policy_version} @challenger, {verdict}; "
+                          f"champion is v{r.champion_version}")
+        for reason in r.reasons[:6]:
+            console.print(f"  - {reason}")
+    for hint in ui_hints(summary):
+        console.print(hint)
+
+
+def publish_summary(summary: PipelineSummary, rows: list[StageTiming], started: float) -> dict[str, Any]:
+    """Fill timings, print, leave Prefect artifacts; returns the summary as a dict."""
+    summary.stages = rows
+    summary.wall_s = time.monotonic() - started
+    summary.stage_s = sum(r.seconds for r in rows)
+    render(summary)
+    key = f"{summary.pipeline}-run-summary".replace("_", "-")
+    create_table_artifact([{"stage": r.stage, "status": r.status, "seconds": round(r.seconds, 1),
+                            "key figures": ", ".join(f"{k}={_fmt(v)}" for k, v in r.metrics.items())}
+                           for r in rows], key=key, description=f"alignflow run summary ({summary.status})")
+    hint = ui_hints(summary)[0]
+    create_link_artifact(hint.split("then ")[-1], link_text="MLflow run", key=f"{summary.pipeline}-mlflow-run".replace("_", "-"))
+    return summary.model_dump(mode="json")

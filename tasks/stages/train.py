@@ -1,0 +1,160 @@
+"""Training stages as Prefect tasks: SFT, reward model, and the policy update (DPO family, PPO,
+GRPO). Each builds its recipe config from the pipeline config and upstream records, runs the
+recipe in its own process (:func:`tasks.launcher.run_recipe`), streams metrics into a child
+MLflow run, and returns a :class:`~tasks.records.ModelRecord`.
+
+Caching: the key hashes the dataset digest, the starting model's digest, the stage's config
+section and the code version of ``alignment/`` (:func:`tasks.versioning.stage_cache_key`).
+The run folder is named by that key, so a crashed run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from alignment.config import RECIPE_CONFIGS, ModelSettings, TrainSettings
+from tasks import tracking
+from tasks.config import PipelineConfig
+from tasks.launcher import run_recipe
+from tasks.records import ModelRecord
+from tasks.versioning import code_version, digest_of, stage_cache_key
+
+STAGE_SECTIONS = {"sft": "sft", "reward": "reward", "dpo": "dpo", "ipo": "dpo", "simpo": "dpo",
+                  "ppo": "ppo", "grpo": "grpo"}
+RECIPES = {"sft": "sft", "reward": "reward", "dpo": "dpo", "ipo": "dpo", "simpo": "dpo", "ppo": "ppo",
+           "grpo": "grpo"}
+
+
+def _model_settings(template: ModelSettings | None, path: str, *, keep_lora: bool) -> ModelSettings:
+    """The pipeline's model settings pointed at ``path`` (an upstream stage's output folder)."""
+    base = template or ModelSettings(name_or_path=path)
+    update: dict[str, Any] = {"name_or_path": path}
+    if not keep_lora:
+        update["lora"] = None
+    if Path(path).exists():
+        update["revision"] = None
+    return base.model_copy(update=update)
+
+
+def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init: ModelRecord,
+                    reward: ModelRecord | None = None) -> tuple[str, TrainSettings]:
+    """The recipe name and its full settings for ``stage`` (sft, reward, or a method name).
+
+    ``data`` maps file roles (``pairs-train``, ``pairs-validation``, ``prompts-train``,
+    ``prompts-validation``, ``demonstrations-train``, ``demonstrations-validation``) to paths.
+    Raises ValueError when a role the stage needs is missing.
+    """
+    section = STAGE_SECTIONS[stage]
+    raw = getattr(cfg, section).model_dump()
+    raw.pop("enabled", None)
+    settings_cls = RECIPE_CONFIGS[RECIPES[stage]]
+    roles = {
+        "sft": ("demonstrations-train", "demonstrations-validation"),
+        "reward": ("pairs-train", "pairs-validation"),
+        "dpo": ("pairs-train", "pairs-validation"),
+        "ppo": ("prompts-train", "prompts-validation"),
+        "grpo": ("prompts-train", "prompts-validation"),
+    }[section]
+    if roles[0] not in data:
+        raise ValueError(f"stage {stage} needs the {roles[0]} file; the dataset has {sorted(data)}")
+    raw["train_path"] = data[roles[0]]
+    raw["eval_path"] = data.get(roles[1])
+    raw["seed"] = cfg.pipeline.seed
+    if section == "reward":
+        template = cfg.model.reward or cfg.model.policy
+        raw["model"] = _model_settings(template, cfg.model.reward.name_or_path if cfg.model.reward else init.path,
+                                       keep_lora=cfg.model.reward is not None and cfg.model.reward.lora is not None)
+    else:
+        raw["model"] = _model_settings(cfg.model.policy, init.path, keep_lora=True)
+    if section == "dpo":
+        if stage in ("ipo", "simpo"):
+            raw["loss_type"] = stage
+        raw["ref_cache_dir"] = raw.get("ref_cache_dir") or str(cfg.home / "cache" / "reference-logps")
+    if section in ("ppo", "grpo"):
+        if reward is None and not raw.get("reward_fn"):
+            raise ValueError(f"method {stage} needs a reward model (enable the reward stage) or {section}.reward_fn")
+        if reward is not None and not raw.get("reward_fn"):
+            raw["reward_model"] = reward.path
+    if isinstance(raw["model"], ModelSettings):
+        raw["model"] = raw["model"].model_dump()
+    return RECIPES[stage], settings_cls.model_validate(raw)
+
+
+def run_dir_for(cfg: PipelineConfig, stage: str, key: str) -> Path:
+    """Deterministic run folder for a stage's cache key (resume finds its checkpoints here)."""
+    return cfg.home / "runs" / cfg.pipeline.name / f"{stage}-{key}"
+
+
+def _final_paths(run_dir: Path) -> tuple[str, str | None]:
+    """(serving folder, adapter folder or None) of a finished recipe run."""
+    final = run_dir / "final"
+    merged = final / "merged"
+    if (final / "adapter_config.json").exists():
+        return str(merged if merged.exists() else final), str(final)
+    return str(final), None
+
+
+def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
+                parent_run_id: str | None, reward: ModelRecord | None = None) -> ModelRecord:
+    """Run one training stage end to end (also used without Prefect, e.g. from tests)."""
+    recipe, settings = recipe_settings(cfg, stage, data, init, reward)
+    key = digest_of(stage, dataset_digest, init.digest, reward.digest if reward else None,
+                    settings.model_dump(mode="json", exclude={"output_dir", "train_path", "eval_path", "model"}),
+                    settings.model.model_dump(mode="json", exclude={"name_or_path"}) if settings.model else None,
+                    code_version())
+    run_dir = run_dir_for(cfg, stage, key)
+    tags = {"alignflow.dataset_digest": dataset_digest, "alignflow.init_digest": init.digest,
+            "alignflow.code_version": code_version(), "alignflow.config_digest": cfg.digest()}
+    if parent_run_id is None:
+        summary = run_recipe(recipe, settings, run_dir, processes=cfg.pipeline.processes,
+                             accelerate_config=cfg.pipeline.accelerate_config,
+                             timeout_s=cfg.pipeline.stage_timeout_s, description=stage)
+        run_id = None
+    else:
+        with tracking.child_run(parent_run_id, stage, tags) as run_id:
+            tracking.log_params(run_id, tracking.flatten(settings.model_dump(mode="json")))
+            summary = run_recipe(recipe, settings, run_dir, mlflow_run_id=run_id,
+                                 processes=cfg.pipeline.processes, accelerate_config=cfg.pipeline.accelerate_config,
+                                 timeout_s=cfg.pipeline.stage_timeout_s, description=f"train {stage}")
+            final_metrics = {f"final/{k}": v for k, v in (summary.get("metrics") or summary).items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            tracking.log_metrics(run_id, final_metrics, step=int(summary.get("step", 0) or 0))
+            for name in ("summary.json", "train.log", f"{recipe}.yaml"):
+                if (run_dir / name).exists():
+                    tracking.log_artifact(run_id, run_dir / name, "run")
+    path, adapter = _final_paths(run_dir)
+    return ModelRecord(stage=stage, path=path, adapter_path=adapter, digest=key, run_id=run_id,
+                       base=init.path, summary=summary)
+
+
+def _key_inputs() -> Any:
+    return stage_cache_key("stage", "dataset_digest", "init_digest", "reward_digest", "settings_digest")
+
+
+@task(name="train", cache_key_fn=_key_inputs(), persist_result=True, task_run_name="train-{stage}")
+def train_task(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
+               parent_run_id: str | None, reward: ModelRecord | None = None, init_digest: str = "",
+               reward_digest: str | None = None, settings_digest: str = "") -> ModelRecord:
+    """Prefect wrapper of :func:`train_stage`; the ``*_digest`` arguments exist for the cache key."""
+    return train_stage(cfg, stage, data, dataset_digest, init, parent_run_id, reward)
+
+
+def run_train_task(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
+                   parent_run_id: str | None, reward: ModelRecord | None = None) -> tuple[ModelRecord, bool]:
+    """Call the cached training task; re-run it if a cached record's folder has vanished.
+
+    Returns (record, came_from_cache)."""
+    section = getattr(cfg, STAGE_SECTIONS[stage])
+    kwargs = dict(cfg=cfg, stage=stage, data=data, dataset_digest=dataset_digest, init=init,
+                  parent_run_id=parent_run_id, reward=reward, init_digest=init.digest,
+                  reward_digest=reward.digest if reward else None,
+                  settings_digest=digest_of(section, cfg.model, cfg.pipeline.seed, stage))
+    state = train_task(**kwargs, return_state=True)
+    record = state.result()
+    if not record.exists():
+        state = train_task.with_options(refresh_cache=True)(**kwargs, return_state=True)
+        record = state.result()
+    return record, state.name == "Cached"

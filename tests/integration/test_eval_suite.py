@@ -1,0 +1,161 @@
+"""The evaluation suite end to end on tiny random GPT-2 models built here (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2ForSequenceClassification
+
+from alignment.batching import decode_prompt, encode_prompt
+from alignment.config import GenerationSettings
+from alignment.generation import generate
+from tasks.evaluation.report import EvalReport
+from tasks.evaluation.settings import EvalSettings
+from tasks.evaluation.suite import evaluate_models, load_policy, pair_logps, response_logps
+from tests.tiny_models import BAD, GOOD, make_tiny_model, make_tokenizer, preference_pairs
+
+PROMPTS = ["review the movie", "tell me about the plot", "the film was", "what think the music",
+           "review the ending", "say it"] * 4
+PAIRS = preference_pairs(6, seed=1, chat_every=3).to_dict("records")
+
+
+def sentiment_oracle(texts):
+    """Good words minus bad words: a stand-in for the demo's VADER oracle."""
+    return [float(sum(w in GOOD for w in t.split()) - sum(w in BAD for w in t.split())) for t in texts]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
+    threads make them 10x slower; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-models")
+    tok = make_tokenizer()
+    reference = make_tiny_model(root / "reference", "gpt2", seed=0)
+    candidate_model = AutoModelForCausalLM.from_pretrained(reference)
+    with torch.no_grad():  # a nearby policy: small KL, different samples
+        for p in candidate_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    candidate_model.save_pretrained(root / "candidate")
+    tok.save_pretrained(root / "candidate")
+    champion = make_tiny_model(root / "champion", "gpt2", seed=3)
+    torch.manual_seed(5)
+    rm_cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2, num_labels=1,
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2ForSequenceClassification(rm_cfg).save_pretrained(root / "reward")
+    tok.save_pretrained(root / "reward")
+    return {"reference": reference, "candidate": root / "candidate", "champion": champion, "reward": root / "reward"}
+
+
+def settings(**kw) -> EvalSettings:
+    gen = GenerationSettings(max_new_tokens=12, temperature=0.9, batch_size=8)
+    return EvalSettings(num_prompts=24, generation=gen, seed=7, samples_table_rows=5, score_batch_size=8, **kw)
+
+
+@pytest.mark.slow
+def test_suite_returns_a_complete_report(folders):
+    out = evaluate_models(folders["candidate"], folders["champion"], folders["reference"], PROMPTS, PAIRS,
+                          reward_model=folders["reward"], oracle=sentiment_oracle, settings=settings(), beta=0.1)
+    report = out.report
+    assert EvalReport.model_validate_json(report.model_dump_json()) == report
+    assert not report.champion_is_reference and report.num_prompts == 24 and report.num_pairs == 6
+    for role in ("candidate", "champion", "reference"):
+        m = report.model(role)
+        assert m.reward_mean is not None and m.oracle_mean is not None and m.perplexity is not None
+        assert 0 <= m.malformed_share <= 1 and 0 < m.distinct_1 <= 1 and m.length["max"] <= 12
+    assert report.reference.kl == 0.0
+    assert report.candidate.kl is not None and report.candidate.kl_se > 0
+    assert {(w.judge, w.opponent) for w in report.win_rates} == {
+        ("reward_model", "champion"), ("reward_model", "reference"), ("oracle", "champion"), ("oracle", "reference")}
+    for w in report.win_rates:
+        assert w.lower <= w.rate <= w.upper and w.wins + w.ties + w.losses == 24
+    assert report.accuracy("reward_model") is not None
+    assert report.accuracy("implicit_dpo", "candidate") is not None
+    metrics = report.metrics()
+    assert "eval/win_rate/oracle_vs_champion_lower" in metrics and "eval/candidate/kl" in metrics
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert len(out.samples) == 5 and {"prompt", "candidate", "champion", "candidate_reward"} <= set(out.samples[0])
+    row = out.samples[0]
+    assert row["candidate_oracle"] == sentiment_oracle([row["candidate"]])[0]
+
+
+@pytest.mark.slow
+def test_identical_candidate_ties_everything_and_has_zero_kl(folders):
+    """A candidate equal to the reference samples the same responses with the same seed:
+    KL is 0, every comparison is a tie, the implicit reward ranks nothing."""
+    out = evaluate_models(folders["reference"], None, folders["reference"], PROMPTS, preference_pairs(6, seed=1),
+                          oracle=sentiment_oracle, settings=settings(judge="oracle"))
+    r = out.report
+    assert r.champion_is_reference and r.candidate.kl == pytest.approx(0.0, abs=1e-9)
+    wr = r.win_rate("oracle", "champion")
+    assert wr.ties == 24 and wr.rate == 0.5 and wr.lower < 0.5 < wr.upper
+    assert r.win_rate("reward_model", "champion") is None
+    implicit = r.accuracy("implicit_dpo", "candidate")
+    assert implicit.accuracy == 0.5 and implicit.mean_margin == 0.0
+    assert r.candidate.perplexity == pytest.approx(r.reference.perplexity)
+
+
+@pytest.mark.slow
+def test_logps_match_an_independent_forward(folders):
+    """Response and pair log-probs equal a plain full-softmax forward over each unpadded sequence."""
+    model, tok = load_policy(folders["candidate"])
+    gen = generate(model, tok, PROMPTS[:5], GenerationSettings(max_new_tokens=8, temperature=0.8, batch_size=3), 1)
+    got = response_logps(model, gen, 0.8, batch_size=2)
+    for i in range(5):
+        p = gen.prompt_ids[i][gen.prompt_mask[i].bool()]
+        r = gen.response_ids[i][gen.response_mask[i].bool()]
+        ids = torch.cat([p, r])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double() / 0.8, -1)
+        want = sum(float(logp[len(p) - 1 + j, r[j]]) for j in range(len(r)))
+        assert got[i] == pytest.approx(want, abs=1e-4)
+    chosen, rejected, tokens = pair_logps(model, tok, PAIRS[:2], settings())
+    for i, pair in enumerate(PAIRS[:2]):
+        p = encode_prompt(tok, decode_prompt(pair))
+        for text, value in ((pair["chosen"], chosen[i]), (pair["rejected"], rejected[i])):
+            c = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0].double(), -1)
+            assert value == pytest.approx(sum(float(logp[len(p) - 1 + j, c[j]]) for j in range(len(c))), abs=1e-4)
+        assert tokens[i] == len(tok(pair["chosen"], add_special_tokens=False)["input_ids"]) + 1
+    assert np.all(np.isfinite(chosen))
+
+
+@pytest.mark.slow
+def test_plots_write_pngs(folders, tmp_path):
+    from matplotlib.image import imread
+
+    from tasks.evaluation import plots
+
+    out = evaluate_models(folders["candidate"], None, folders["reference"], PROMPTS[:6], None,
+                          reward_model=folders["reward"], oracle=sentiment_oracle, settings=settings())
+    assert set(out.scores) == {"reward model", "oracle"} and set(out.scores["oracle"]) == {"candidate", "reference"}
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": i, "phase": "train", "loss": 1 / (i + 1), "rewards/accuracy": i / 10, "kl": i})
+             for i in range(10)] + [json.dumps({"step": 9, "phase": "eval", "loss": 0.2}), '{"step": 10, "lo']
+    metrics.write_text("\n".join(lines))
+    written = [
+        plots.plot_score_distributions(out.scores, tmp_path / "a" / "scores.png"),
+        plots.plot_reward_vs_kl([("v1", 0.0, 0.1), ("v2", 3.2, 0.3), ("v3", 7.5, 0.45)], tmp_path / "kl.png"),
+        plots.plot_reward_vs_kl({"DPO": [("β=0.1", 9.0, 0.5), ("β=0.5", 2.0, 0.2)], "PPO": [("0.05", 6.0, 0.4)]},
+                                tmp_path / "frontier.png"),
+        plots.plot_training_curves(metrics, tmp_path / "curves.png"),
+        plots.plot_closed_loop([{"round": 1, "oracle": 0.2, "kl": 3.0, "promoted": True},
+                                {"round": 2, "oracle": 0.35, "kl": 6.0}], tmp_path / "loop.png", baseline=0.05),
+    ]
+    for path in written:
+        assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert imread(path).shape[0] > 100
+    with pytest.raises(ValueError, match="none of"):
+        plots.plot_training_curves(metrics, tmp_path / "x.png", keys=["nonexistent"])

@@ -1,0 +1,108 @@
+"""Promotion-gate decisions on constructed evaluation reports."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tasks.evaluation.gate import GateDecision, decide
+from tasks.evaluation.report import EvalReport, ModelEval, WinRateResult
+from tasks.evaluation.settings import GateSettings
+
+RULES = {"win_rate", "kl_budget", "malformed_share", "malformed_increase", "distinct2_collapse", "repetition"}
+
+
+def model(role: str, **kw) -> ModelEval:
+    base = dict(role=role, path=f"/models/{role}", reward_mean=0.1, oracle_mean=0.2, kl=0.0, kl_se=0.0,
+                length={"mean": 20.0}, distinct_1=0.3, distinct_2=0.55, repetition_rate=0.05,
+                malformed_share=0.01, eos_share=0.2)
+    return ModelEval(**{**base, **kw})
+
+
+def win(judge: str, opponent: str, rate: float, lower: float) -> WinRateResult:
+    return WinRateResult(judge=judge, opponent=opponent, rate=rate, lower=lower, upper=min(1.0, 2 * rate - lower),
+                         wins=60, ties=5, losses=35, units=100, confidence=0.95)
+
+
+def report(*, candidate: dict | None = None, reference: dict | None = None, wins: list | None = None,
+           champion_is_reference: bool = False, length_change: float = 0.05) -> EvalReport:
+    cand = {"kl": 5.0, "kl_se": 0.4, "malformed_share": 0.02, "distinct_2": 0.50, **(candidate or {})}
+    return EvalReport(
+        candidate=model("candidate", **cand), champion=model("champion", kl=3.0), reference=model("reference",
+                                                                                                 **(reference or {})),
+        champion_is_reference=champion_is_reference,
+        win_rates=wins if wins is not None else [win("reward_model", "champion", 0.62, 0.55),
+                                                 win("reward_model", "reference", 0.70, 0.61),
+                                                 win("oracle", "champion", 0.58, 0.51),
+                                                 win("oracle", "reference", 0.66, 0.57)],
+        length_drift={"mean_diff": 1.0, "relative_change": length_change},
+        num_prompts=100, samples_per_prompt=1, num_pairs=50, seed=0,
+    )
+
+
+def test_a_good_candidate_passes_and_says_why():
+    d = decide(report(), GateSettings(), has_champion=True)
+    assert d.passed and {c.rule for c in d.checks} == RULES and all(c.passed for c in d.checks)
+    assert d.reasons[0] == "Promoted: all 6 rules passed."
+    win_msg = next(c.message for c in d.checks if c.rule == "win_rate")
+    assert "champion" in win_msg and "0.550" in win_msg and "clears the threshold 0.500" in win_msg
+    assert GateDecision.model_validate_json(d.model_dump_json()) == d
+
+
+@pytest.mark.parametrize("rule,kwargs,settings", [
+    # The point estimate 0.56 beats the champion but the lower bound does not clear 0.5.
+    ("win_rate", {"wins": [win("reward_model", "champion", 0.56, 0.46)]}, {}),
+    ("kl_budget", {"candidate": {"kl": 31.0}}, {}),
+    ("malformed_share", {"candidate": {"malformed_share": 0.15}, "reference": {"malformed_share": 0.12}}, {}),
+    ("malformed_increase", {"candidate": {"malformed_share": 0.08}, "reference": {"malformed_share": 0.01}}, {}),
+    ("distinct2_collapse", {"candidate": {"distinct_2": 0.30}}, {}),  # floor 0.6 * 0.55 = 0.33
+    ("repetition", {"candidate": {"repetition_rate": 0.6}}, {}),
+    ("length_change", {"length_change": 0.8}, {"max_length_change": 0.5}),
+])
+def test_each_rule_fails_on_its_own(rule, kwargs, settings):
+    d = decide(report(**kwargs), GateSettings(**settings), has_champion=True)
+    assert not d.passed
+    assert d.failed_rules() == [rule]
+    assert d.reasons[0].startswith("Not promoted: 1 of") and rule in d.reasons[0]
+    assert d.reasons[1] == next(c.message for c in d.checks if c.rule == rule)
+
+
+def test_first_candidate_is_compared_with_the_base_model():
+    wins = [win("reward_model", "champion", 0.52, 0.42), win("reward_model", "reference", 0.65, 0.56)]
+    first = decide(report(wins=wins, champion_is_reference=True), GateSettings(), has_champion=False)
+    assert first.passed
+    msg = next(c.message for c in first.checks if c.rule == "win_rate")
+    assert "base model" in msg and "0.560" in msg
+    # With a champion the same numbers are judged against the champion, and fail.
+    later = decide(report(wins=wins), GateSettings(), has_champion=True)
+    assert later.failed_rules() == ["win_rate"]
+
+
+def test_oracle_judge_and_missing_evidence():
+    passed = decide(report(), GateSettings(judge="oracle"), has_champion=True)
+    assert passed.passed and "oracle" in passed.checks[0].message
+    missing = decide(report(wins=[win("reward_model", "champion", 0.7, 0.6)]), GateSettings(judge="oracle"),
+                     has_champion=True)
+    assert missing.failed_rules() == ["win_rate"] and "No win rate" in missing.reasons[1]
+    no_kl = decide(report(candidate={"kl": math.nan}), GateSettings(), has_champion=True)
+    assert no_kl.failed_rules() == ["kl_budget"]
+    unlimited = decide(report(candidate={"kl": 1e6}), GateSettings(max_kl=None), has_champion=True)
+    assert unlimited.passed
+
+
+def test_thresholds_are_configurable():
+    strict = decide(report(), GateSettings(min_win_rate_lower_bound=0.6), has_champion=True)
+    assert strict.failed_rules() == ["win_rate"]
+    loose = decide(report(candidate={"kl": 31.0}), GateSettings(max_kl=40.0), has_champion=True)
+    assert loose.passed
+
+
+def test_several_failures_are_all_reported():
+    d = decide(report(candidate={"kl": 40.0, "repetition_rate": 0.9}), GateSettings(), has_champion=True)
+    assert set(d.failed_rules()) == {"kl_budget", "repetition"} and len(d.reasons) == 3
+
+
+def test_a_report_without_the_champion_is_refused_when_one_exists():
+    with pytest.raises(ValueError, match="re-run the evaluation with the champion"):
+        decide(report(champion_is_reference=True), GateSettings(), has_champion=True)

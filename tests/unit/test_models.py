@@ -1,0 +1,138 @@
+"""Model loading, the log-prob and reward wrappers, LoRA references, saving and scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from alignment.batching import collate_sequences
+from alignment.config import LoraSettings, ModelSettings
+from alignment.models import (
+    CausalLMLogps,
+    ScalarReward,
+    adapter_disabled,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    model_fingerprint,
+    packing_supported,
+    save_model_folder,
+    score_responses,
+)
+from tests.tiny_models import make_tiny_model
+
+PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+COMPLETIONS = [[20, 21], [22, 23, 24, 25], [26], [27, 28, 29]]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny(request, tmp_path_factory):
+    folder = make_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+    return ModelSettings(name_or_path=str(folder))
+
+
+def naive_seq_logps(model, prompts, completions):
+    """Independent reference: one sequence at a time, full log_softmax, gather."""
+    out = []
+    for p, c in zip(prompts, completions, strict=True):
+        logits = model(torch.tensor([p + c])).logits.float()
+        logp = F.log_softmax(logits, -1)[0]
+        out.append(sum(logp[len(p) - 1 + j, tok] for j, tok in enumerate(c)))
+    return torch.stack(out)
+
+
+def test_sequence_logps_equal_naive_padded_and_packed(tiny):
+    model = load_causal_lm(tiny).eval()
+    assert packing_supported(model)
+    wrapper = CausalLMLogps(model, chunk_size=3)  # small chunks: several blocks
+    assert wrapper.use_hidden
+    with torch.no_grad():
+        expected = naive_seq_logps(model, PROMPTS, COMPLETIONS)
+        padded = wrapper(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0))
+        packed = wrapper(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0, packing=True))
+        wrapper.use_hidden = False  # the real-logits path gives the same
+        via_logits = wrapper(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0))
+    torch.testing.assert_close(padded["seq_logps"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed["seq_logps"], padded["seq_logps"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(via_logits["seq_logps"], expected, rtol=1e-5, atol=1e-5)
+    assert padded["seq_tokens"].tolist() == [len(c) for c in COMPLETIONS]
+
+
+def test_packed_gradients_equal_padded(tiny):
+    model = load_causal_lm(tiny).eval()
+    wrapper = CausalLMLogps(model)
+    grads = []
+    for packing in (False, True):
+        model.zero_grad()
+        wrapper(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0, packing=packing))["seq_logps"].sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_reward_pooling_matches_hf_and_handles_padding(tiny):
+    tok = load_tokenizer(tiny)
+    model = load_reward_model(tiny, tok).eval()
+    scorer = ScalarReward(model)
+    assert scorer.decoder_head and model.config.pad_token_id == tok.pad_token_id
+    with torch.no_grad():
+        padded = scorer(collate_sequences(PROMPTS, COMPLETIONS, pad_id=tok.pad_token_id))
+        packed = scorer(collate_sequences(PROMPTS, COMPLETIONS, pad_id=tok.pad_token_id, packing=True))
+        alone = torch.stack([model(torch.tensor([p + c])).logits[0, 0] for p, c in zip(PROMPTS, COMPLETIONS, strict=True)])
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    prompts, responses = ["review the movie", "review the plot"], ["good", "very bad film"]
+    scores = score_responses(model, tok, prompts, responses, batch_size=1)
+    with torch.no_grad():
+        hf = [model(**tok(p + " " + r, return_tensors="pt", return_token_type_ids=False)).logits[0, 0].item() for p, r in zip(prompts, responses, strict=True)]
+    assert scores == pytest.approx(hf, abs=1e-5)
+
+
+def test_lora_reference_is_base_model_and_save_writes_adapter_and_merged(tiny, tmp_path):
+    lora = tiny.model_copy(update={"lora": LoraSettings(r=4, alpha=8, target_modules="all-linear")})
+    policy = load_causal_lm(lora).eval()
+    base = load_causal_lm(tiny, trainable=False)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)  # a trained adapter: outputs now differ from the base
+    batch = collate_sequences(PROMPTS, COMPLETIONS, pad_id=0)
+    wrapper = CausalLMLogps(policy)
+    with torch.no_grad():
+        adapted = wrapper(batch)["seq_logps"]
+        with adapter_disabled(policy):
+            reference = wrapper(batch)["seq_logps"]
+        expected = CausalLMLogps(base)(batch)["seq_logps"]
+    assert not torch.allclose(adapted, expected, atol=1e-3)
+    torch.testing.assert_close(reference, expected, rtol=1e-6, atol=1e-6)
+
+    tok = load_tokenizer(tiny)
+    out = save_model_folder(policy, tok, tmp_path / "final")
+    assert (out / "adapter_model.safetensors").exists() and (out / "merged" / "model.safetensors").exists()
+    assert not list(out.rglob("*.bin"))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    assert merged.config.use_cache
+    with torch.no_grad():
+        torch.testing.assert_close(CausalLMLogps(merged)(batch)["seq_logps"], adapted, rtol=1e-4, atol=1e-4)
+    assert "lora_B" in next(n for n, _ in policy.named_parameters() if "lora_B" in n)  # the original is untouched
+
+
+def test_reward_model_save_roundtrip(tiny, tmp_path):
+    tok = load_tokenizer(tiny)
+    model = load_reward_model(tiny, tok).eval()
+    save_model_folder(model, tok, tmp_path / "rm")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    batch = collate_sequences(PROMPTS, COMPLETIONS, pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(ScalarReward(again)(batch), ScalarReward(model)(batch))
+
+
+def test_fingerprint_follows_weights(tmp_path):
+    a = ModelSettings(name_or_path=str(make_tiny_model(tmp_path / "a", seed=0)))
+    same = ModelSettings(name_or_path=str(make_tiny_model(tmp_path / "b", seed=0)))
+    other = ModelSettings(name_or_path=str(make_tiny_model(tmp_path / "c", seed=1)))
+    assert model_fingerprint(a) == model_fingerprint(same) != model_fingerprint(other)
+    assert model_fingerprint(a) != model_fingerprint(a.model_copy(update={"dtype": "bfloat16"}))
