@@ -134,40 +134,41 @@ def coerce_text(col: pd.Series, name: str, problems: Problems, *, chat_roles: se
         return _null_text(n), is_chat
     if chat_roles is None:
         return text, is_chat
-    if is_chat_hint is not None:
-        marked = is_chat_hint.fillna(False).astype(bool).to_numpy() & text.notna().to_numpy()
+    return _chat_prompts(text, col, chat_values, is_chat_hint, chat_roles, name, problems)
+
+
+def _chat_prompts(text: pd.Series, raw: pd.Series, list_rows: np.ndarray | None, hint: pd.Series | None,
+                  roles: set[str], name: str, problems: Problems) -> tuple[pd.Series, np.ndarray]:
+    """Which prompts are chats, as canonical JSON text. Rules: a list value must be a valid chat;
+    with an ``is_chat`` column, rows marked true must hold chat JSON text; without one, text
+    that looks like a JSON message list and parses as a valid chat is a chat, other text stays
+    plain. Invalid chats get ``bad_chat``, ``blank`` or ``control_chars`` on ``name``."""
+    is_chat = np.zeros(len(text), bool)
+    if hint is not None:
+        marked = hint.fillna(False).astype(bool).to_numpy() & text.notna().to_numpy()
     else:
         marked = pc.fill_null(pc.match_substring_regex(pa.array(text), _CHAT_LIKE), False).to_numpy(zero_copy_only=False)
-    candidates = [(i, v, True) for i, v in zip(np.flatnonzero(marked), text[marked], strict=True)]
-    if chat_values is not None:
-        raw_values = col.to_numpy()
-        candidates += [(int(i), raw_values[i], False) for i in chat_values]
-    if not candidates:
-        return text, is_chat
+    strict = hint is not None  # a marked row must be a chat; an unmarked lookalike may be plain text
+    candidates = [(int(i), v, strict) for i, v in zip(np.flatnonzero(marked), text[marked], strict=True)]
+    if list_rows is not None:
+        values = raw.to_numpy()
+        candidates += [(int(i), values[i], True) for i in list_rows]
     updates: dict[int, str] = {}
-    for i, value, from_text in candidates:
-        parsed = value
-        if from_text:
+    for i, value, must in candidates:
+        if isinstance(value, str):
             try:
-                parsed = json.loads(value)
+                value = json.loads(value)
             except ValueError:
-                parsed = None
-            if parsed is None or not isinstance(parsed, list):
-                if is_chat_hint is not None:
-                    problems.add([i], f"bad_chat:{name}")
-                continue  # a plain prompt that merely looks like JSON
-        js, reason = chat_json(parsed, chat_roles)
-        if js is None:
-            if from_text and is_chat_hint is None and reason == "bad_chat":
-                continue
-            problems.add([i], f"{reason}:{name}")
-        else:
+                value = None
+        js, reason = chat_json(value, roles)
+        if js is not None:
             updates[i] = js
             is_chat[i] = True
+        elif must or reason != "bad_chat":
+            problems.add([i], f"{reason}:{name}")
     if updates:
         text = text.copy()
-        idx = np.fromiter(updates, np.int64, len(updates))
-        text.iloc[idx] = list(updates.values())
+        text.iloc[np.fromiter(updates, np.int64, len(updates))] = list(updates.values())
     return text, is_chat
 
 

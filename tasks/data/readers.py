@@ -300,19 +300,27 @@ def _read_json_array(path: Path, data: bytes) -> RawTable:
     return RawTable(frame, str(path), np.asarray(keep, dtype=np.int64) + 1, errors)
 
 
-def read_csv(path: str | Path, delimiter: str | None = None) -> RawTable:
+def read_csv(path: str | Path, delimiter: str | None = None, digest: str | None = None) -> RawTable:
     """A CSV (or ``.tsv``) file with a header; every value is read as text, empty cells are missing.
 
     Records with the wrong number of fields become ``malformed_csv_row`` read errors. List
-    fields (``responses``, ``ranking``) and chat prompts are JSON text in their cells.
+    fields (``responses``, ``ranking``) and chat prompts are JSON text in their cells. A file
+    that is valid UTF-8 is parsed in place; otherwise it is decoded in memory with U+FFFD for
+    the invalid bytes (validation reports ``invalid_utf8:<field>``).
     """
     path = Path(path)
-    data = _utf8(path.read_bytes())
+    scan = scan_text(path, digest=digest)
+    clean = not len(scan.bad_bytes) and not scan.bom
+    data = None if clean else _utf8(path.read_bytes())
     sep = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
-    if not data.strip():
-        return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64))
+    if not scan.lines or (data is not None and not data.strip()):
+        return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64), digest=scan.digest)
+
+    def source():
+        return str(path) if data is None else io.BytesIO(data)
+
     parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=lambda r: "skip")
-    names = pacsv.open_csv(io.BytesIO(data), parse_options=parse).schema.names
+    names = pacsv.open_csv(source(), parse_options=parse).schema.names
     bad: list[pacsv.InvalidRow] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
@@ -322,7 +330,7 @@ def read_csv(path: str | Path, delimiter: str | None = None) -> RawTable:
     def read(threads: bool) -> pa.Table:
         bad.clear()
         return pacsv.read_csv(
-            io.BytesIO(data),
+            source(),
             read_options=pacsv.ReadOptions(use_threads=threads),
             parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
@@ -336,7 +344,7 @@ def read_csv(path: str | Path, delimiter: str | None = None) -> RawTable:
     candidates = np.arange(2, table.num_rows + len(bad) + 2)
     rows = candidates[~np.isin(candidates, list(bad_numbers))] if bad_numbers else candidates
     errors = [(int(r.number or 0), "malformed_csv_row", json.dumps(r.text)) for r in bad]
-    return RawTable(table.to_pandas(), str(path), rows[: table.num_rows], errors)
+    return RawTable(table.to_pandas(), str(path), rows[: table.num_rows], errors, digest=scan.digest)
 
 
 def read_parquet(path: str | Path) -> RawTable:
@@ -386,7 +394,8 @@ def read_source(path: str | Path, fmt: str = "auto", *, split: str = "train", co
         return read_hub(str(path), split, config_name, revision)
     if not Path(path).exists():
         raise FileNotFoundError(f"feedback source not found: {path}")
-    readers = {"jsonl": lambda p: read_jsonl(p, digest=digest), "csv": read_csv, "parquet": read_parquet,
+    readers = {"jsonl": lambda p: read_jsonl(p, digest=digest), "csv": lambda p: read_csv(p, digest=digest),
+               "parquet": read_parquet,
                "dataset": lambda p: read_saved_dataset(p, split)}
     if fmt not in readers:
         raise ValueError(f"{path}: unknown format {fmt!r}")

@@ -54,7 +54,7 @@ def _lines_of(piece: bytes) -> np.ndarray:
     return np.flatnonzero(np.frombuffer(piece, np.uint8) == 10)
 
 
-def _invalid_utf8(piece: bytes, newlines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _invalid_utf8(piece: bytes | memoryview, newlines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(line indexes, invalid byte spans) of a piece that failed a strict decode.
 
     Only lines holding a non-ASCII byte can be invalid: those are decoded one by one, and the
@@ -67,10 +67,10 @@ def _invalid_utf8(piece: bytes, newlines: np.ndarray) -> tuple[np.ndarray, np.nd
         a, b = int(bounds[line]) + 1, int(bounds[line + 1])
         text = piece[a:b]
         try:
-            text.decode("utf-8")
+            codecs.utf_8_decode(text, "strict", True)
         except UnicodeDecodeError:
             _positions.clear()
-            text.decode("utf-8", "alignflow_note_position")
+            codecs.utf_8_decode(text, "alignflow_note_position", True)
             lines.append(line)
             spans.extend((a + s, a + e) for s, e in _positions)
     return np.array(lines, np.int64), np.array(spans, np.int64).reshape(-1, 2)
@@ -82,7 +82,7 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
     carry, base, offset, blank, bom, longest = b"", 0, 0, False, None, 0
     bad_lines, bad_spans, bad_bytes = [], [], []
 
-    def take(piece: bytes) -> None:
+    def take(piece: bytes | memoryview) -> None:
         nonlocal base, offset, blank, longest
         newlines = _lines_of(piece)
         longest = max(longest, len(piece) - (int(newlines[-1]) + 1 if len(newlines) else 0))
@@ -91,9 +91,19 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
             longest = max(longest, int(gaps.max()))
             blank = blank or bool((gaps == 1).any()) or bool(
                 ((gaps == 2) & (np.frombuffer(piece, np.uint8)[np.maximum(newlines - 1, 0)] == 13)).any())
-        try:
-            piece.decode("utf-8")
-        except UnicodeDecodeError:
+        data = np.frombuffer(piece, np.uint8)
+        high = int(np.count_nonzero(data >= 0x80))
+        if high == 0:
+            valid = True  # pure ASCII
+        elif high * 64 < len(data):  # a few non-ASCII bytes: check just their lines
+            valid = False
+        else:
+            try:
+                codecs.utf_8_decode(piece, "strict", True)
+                valid = True
+            except UnicodeDecodeError:
+                valid = False
+        if not valid:
             lines, spans = _invalid_utf8(piece, newlines)
             bounds = np.concatenate([[-1], newlines, [len(piece)]])
             bad_lines.append(base + lines)
@@ -117,7 +127,7 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
                 carry = data
                 continue
             carry = data[cut:]
-            take(data if cut == len(data) else data[:cut])
+            take(data if cut == len(data) else memoryview(data)[:cut])  # a view, not a copy
     lines = base
     if carry.strip():
         take(carry)

@@ -182,9 +182,21 @@ def _assign_kinds(frame: pd.DataFrame, declared: str | None, implied: str | None
             notes.append(f"could not detect the kind from columns {sorted(map(str, frame.columns))}")
             problems.add(np.ones(n, bool), "unknown_kind")
         kinds = np.full(n, kind, dtype=object)
-    disallowed = np.array([k is not None and k not in allowed for k in kinds], dtype=bool) if n else np.zeros(0, bool)
-    problems.add(disallowed, "kind_not_allowed")
+    banned = [k for k in KINDS if k not in allowed]
+    if banned and n:
+        problems.add(pd.Series(kinds, dtype=object).isin(banned).to_numpy(bool), "kind_not_allowed")
     return kinds, notes
+
+
+def _quarantine_rows(quarantine: list[dict], table: RawTable, raw: pd.DataFrame, raw_pos: np.ndarray,
+                     rows: np.ndarray, local: np.ndarray, pos: np.ndarray, reason: np.ndarray, file_index: int) -> None:
+    """Quarantine untyped rows (``local`` positions) with their reasons from (``pos``, ``reason``)."""
+    by_row = pd.Series(reason, dtype=object).groupby(pos).agg(lambda r: sorted(set(r))) if len(pos) else {}
+    records = raw.iloc[raw_pos].to_dict("records")
+    for i, row, rp, record in zip(local.tolist(), rows.tolist(), raw_pos.tolist(), records, strict=True):
+        text = table.raw_json(rp) if rp in table.raw_rows else to_json(record)
+        quarantine.append({"source_file": table.source_file, "source_row": int(row), "kind": None,
+                           "reasons": list(by_row.get(i, [])), "raw": text, "_file": file_index})
 
 
 def _prepare(table: RawTable, opts: SourceSettings, settings: IngestSettings, file_index: int,
@@ -216,11 +228,7 @@ def _prepare(table: RawTable, opts: SourceSettings, settings: IngestSettings, fi
         sel = np.flatnonzero(kind_values.isna().to_numpy() if kind is None else (kinds == kind))
         rows = table.rows[conv.src[sel]]
         if kind is None:  # rows without a kind cannot be typed: straight to quarantine
-            for local, row in zip(sel, rows, strict=True):
-                reasons = sorted(set(pre_reason[pre_pos == local]))
-                quarantine.append({"source_file": table.source_file, "source_row": int(row), "kind": None,
-                                   "reasons": reasons, "raw": table.raw_json(int(conv.src[local]), raw),
-                                   "_file": file_index})
+            _quarantine_rows(quarantine, table, raw, conv.src[sel], rows, sel, pre_pos, pre_reason, file_index)
             continue
         subset = conv.frame if len(sel) == len(conv.frame) else conv.frame.iloc[sel].reset_index(drop=True)
         problems = Problems()

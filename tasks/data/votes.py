@@ -88,9 +88,35 @@ def _times(source) -> np.ndarray:
     return pc.fill_null(t, NO_TIME).to_numpy()
 
 
-def _text_codes(columns: list[pa.ChunkedArray], keys: list) -> tuple[Vocabulary, list[np.ndarray]]:
-    vocab, codes = build_vocabulary(list(zip(columns, keys, strict=True)))
-    return vocab, codes
+def _pairwise(t, p: np.ndarray, ra: np.ndarray, rb: np.ndarray, a: np.ndarray, counts: dict,
+              dedup: bool) -> tuple[np.ndarray, ...]:
+    """Pairwise rows -> comparisons (x < y, outcome 0/1/2); degenerate and repeated rows dropped."""
+    choice = _col(t, "choice").to_numpy(zero_copy_only=False)
+    x, y = np.minimum(ra, rb), np.maximum(ra, rb)
+    outcome = np.where(choice == "tie", 2, np.where((choice == "a") == (ra == x), 0, 1)).astype(np.int8)
+    ok = x != y  # responses that differ only in whitespace
+    keep = ok & (first_of_groups(p, x, y, outcome, a, _times(t)) if dedup else True)
+    counts["degenerate_pairs"] = counts.get("degenerate_pairs", 0) + int((~ok).sum())
+    counts["duplicate_rows"] = counts.get("duplicate_rows", 0) + int(ok.sum() - keep.sum())
+    return p[keep], x[keep], y[keep], outcome[keep], a[keep]
+
+
+def _judgements(t, kind: str, p: np.ndarray, r: np.ndarray, a: np.ndarray, counts: dict,
+                dedup: bool) -> Judgements:
+    """Rating rows (value: the score) or thumbs (value 1/0), repeated rows dropped."""
+    value = _col(t, "score" if kind == "rating" else "label").to_numpy(zero_copy_only=False).astype(np.float64)
+    keep = first_of_groups(p, r, value.view(np.int64), a, _times(t)) if dedup else np.ones(len(p), bool)
+    counts["duplicate_rows"] = counts.get("duplicate_rows", 0) + int((~keep).sum())
+    return Judgements(p[keep], r[keep], value[keep], a[keep])
+
+
+def _annotator_codes(kinds: list[str], tables: dict) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Annotator names (sorted) and codes per kind (-1: anonymous), in name order, so nothing
+    downstream depends on the order rows arrived in."""
+    names_arr, codes = encode([_col(tables[k], "annotator_id") for k in kinds])
+    names = names_arr.to_pylist()
+    rank = np.argsort(np.argsort(np.array(names, dtype=object))) if names else np.zeros(1, np.int64)
+    return sorted(names), {k: np.where(c >= 0, rank[np.maximum(c, 0)], -1) for k, c in zip(kinds, codes, strict=True)}
 
 
 def encode_feedback(tables: dict[str, ColumnSource | pa.Table], *, dedup: bool = True) -> Feedback:
@@ -100,72 +126,45 @@ def encode_feedback(tables: dict[str, ColumnSource | pa.Table], *, dedup: bool =
     group at a time: all prompts, then all responses; only their codes and vocabularies stay.
     """
     kinds = [k for k in ("pairwise", "ranking", "rating", "binary", "demonstration") if k in tables]
-    prompt_cols = [_col(tables[k], "prompt") for k in kinds]
-    prompt_keys_ = [prompt_keys(c, _col(tables[k], "is_chat").to_numpy(zero_copy_only=False))
-                    for k, c in zip(kinds, prompt_cols, strict=True)]
-    prompts, p_codes = _text_codes(prompt_cols, prompt_keys_)
-    del prompt_cols, prompt_keys_
-    response_cols, rank_offsets = [], None
+    texts = [_col(tables[k], "prompt") for k in kinds]
+    keys = [prompt_keys(c, _col(tables[k], "is_chat").to_numpy(zero_copy_only=False))
+            for k, c in zip(kinds, texts, strict=True)]
+    prompts, p_codes = build_vocabulary(list(zip(texts, keys, strict=True)))
+    texts, rank_offsets = [], None
     for kind in kinds:
         t = tables[kind]
         if kind == "pairwise":
-            response_cols += [_col(t, "response_a"), _col(t, "response_b")]
+            texts += [_col(t, "response_a"), _col(t, "response_b")]
         elif kind == "ranking":
             lists = _col(t, "responses").combine_chunks() if t.num_rows else None
             rank_offsets = lists.offsets.to_numpy() - lists.offsets[0].as_py() if lists is not None else None
-            response_cols.append(pc.list_flatten(lists) if lists is not None else pa.array([], pa.large_string()))
+            texts.append(pc.list_flatten(lists) if lists is not None else pa.array([], pa.large_string()))
         else:
-            response_cols.append(_col(t, "response"))
-    responses, r_codes = _text_codes(response_cols, [normalize_ws(c) for c in response_cols])
-    del response_cols
-    ann_dict, ann_codes = encode([_col(tables[k], "annotator_id") for k in kinds])
-    names = ann_dict.to_pylist()
-    alphabetical = np.argsort(np.argsort(np.array(names, dtype=object))) if names else np.zeros(0, np.int64)
-    # codes in name order, so nothing downstream depends on the order rows arrived in
-    ann_by_kind = {k: np.where(c >= 0, alphabetical[np.maximum(c, 0)] if names else -1, -1)
-                   for k, c in zip(kinds, ann_codes, strict=True)}
-    p_by_kind = dict(zip(kinds, p_codes, strict=True))
-    r_iter = iter(r_codes)
+            texts.append(_col(t, "response"))
+    responses, r_codes = build_vocabulary([(c, normalize_ws(c)) for c in texts])
+    del texts, keys
+    names, annotators = _annotator_codes(kinds, tables)
     counts: dict[str, int] = {f"rows_{k}": tables[k].num_rows for k in kinds}
-    comp, thumbs, ratings, demos = [], None, None, (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    empty_i = np.zeros(0, np.int64)
-    for kind in kinds:
-        t, p, a = tables[kind], p_by_kind[kind], ann_by_kind[kind]
+    empty = np.zeros(0, np.int64)
+    comp, thumbs, ratings, demos = [], None, None, (empty, empty)
+    r_iter = iter(r_codes)
+    for kind, p in zip(kinds, p_codes, strict=True):
+        t, a = tables[kind], annotators[kind]
         if kind == "pairwise":
-            ra, rb = next(r_iter), next(r_iter)
-            choice = _col(t, "choice").to_numpy(zero_copy_only=False)
-            win_a = choice == "a"
-            tie = choice == "tie"
-            x, y = np.minimum(ra, rb), np.maximum(ra, rb)
-            outcome = np.where(tie, 2, np.where(win_a == (ra == x), 0, 1)).astype(np.int8)
-            ok = x != y
-            counts["degenerate_pairs"] = counts.get("degenerate_pairs", 0) + int((~ok).sum())
-            keep = ok & (first_of_groups(p, x, y, outcome, a, _times(t)) if dedup else True)
-            counts["duplicate_rows"] = counts.get("duplicate_rows", 0) + int(ok.sum() - keep.sum())
-            comp.append((p[keep], x[keep], y[keep], outcome[keep], a[keep]))
+            comp.append(_pairwise(t, p, next(r_iter), next(r_iter), a, counts, dedup))
         elif kind == "ranking":
             comp.append(_ranking_comparisons(t, p, next(r_iter), a, rank_offsets, counts, dedup))
-        elif kind in ("rating", "binary"):
-            r = next(r_iter)
-            if kind == "rating":
-                value = _col(t, "score").to_numpy(zero_copy_only=False).astype(np.float64)
-            else:
-                value = _col(t, "label").to_numpy(zero_copy_only=False).astype(np.float64)
-            keep = first_of_groups(p, r, value.view(np.int64), a, _times(t)) if dedup else np.ones(len(p), bool)
-            counts["duplicate_rows"] = counts.get("duplicate_rows", 0) + int((~keep).sum())
-            judged = Judgements(p[keep], r[keep], value[keep], a[keep])
-            if kind == "rating":
-                ratings = judged
-            else:
-                thumbs = judged
+        elif kind == "rating":
+            ratings = _judgements(t, kind, p, next(r_iter), a, counts, dedup)
+        elif kind == "binary":
+            thumbs = _judgements(t, kind, p, next(r_iter), a, counts, dedup)
         else:
             r = next(r_iter)
             keep = first_of_groups(p, r)
             demos = (p[keep], r[keep])
-    cat = [np.concatenate([c[i] for c in comp]) if comp else empty_i for i in range(5)]
-    none = Judgements(empty_i, empty_i, np.zeros(0), empty_i)
-    return Feedback(prompts, responses, sorted(names),
-                    Comparisons(cat[0], cat[1], cat[2], cat[3].astype(np.int8), cat[4]),
+    cat = [np.concatenate([c[i] for c in comp]) if comp else empty for i in range(5)]
+    none = Judgements(empty, empty, np.zeros(0), empty)
+    return Feedback(prompts, responses, names, Comparisons(cat[0], cat[1], cat[2], cat[3].astype(np.int8), cat[4]),
                     thumbs or none, ratings or none, demos, counts)
 
 

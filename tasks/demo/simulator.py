@@ -92,16 +92,20 @@ def load_policy(path: str | Path):
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
+def generation_settings(settings: SimulatorSettings) -> GenerationSettings:
+    """The sampling settings of the simulator as :class:`alignment.config.GenerationSettings`."""
+    return GenerationSettings(
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+        top_p=settings.top_p, batch_size=settings.generation_batch_size,
+    )  # fmt: skip
+
+
 def sample_responses(policy_path: str | Path, prompts: list[str], settings: SimulatorSettings, seed: int) -> list[list[str]]:
     """``samples_per_prompt`` sampled continuations for each prompt (prompt-major)."""
     model, tokenizer = load_policy(policy_path)
     k = settings.samples_per_prompt
-    gen = GenerationSettings(
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-        top_p=settings.top_p, batch_size=settings.generation_batch_size,
-    )  # fmt: skip
     with torch.inference_mode():
-        result = generate(model, tokenizer, [p for p in prompts for _ in range(k)], gen, seed)
+        result = generate(model, tokenizer, [p for p in prompts for _ in range(k)], generation_settings(settings), seed)
     return [result.texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 

@@ -149,29 +149,17 @@ def test_deployed_pipeline_runs_twice_at_once_and_registry_stays_consistent(stac
 
 # ----------------------------------------------------------------------------- the real pipeline
 
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-# The embedded demo at test size (tasks.demo.settings.tiny_demo_settings), a few training steps,
-# and a gate that passes whatever the tiny model does, so the run ends with a champion.
-TINY = [
-    "demo.corpus.max_documents=1500", "demo.corpus.heldout_fraction=0.2", "demo.tokenizer.vocab_size=512",
-    "demo.model.n_layer=1", "demo.model.n_embd=32", "demo.model.n_head=2", "demo.model.context_length=32",
-    "demo.pretrain.steps=30", "demo.pretrain.batch_size=8", "demo.pretrain.lr=0.01", "demo.pretrain.warmup_steps=3",
-    "demo.simulator.prompts_per_batch=60", "demo.simulator.samples_per_prompt=3",
-    "demo.simulator.max_new_tokens=8", "demo.simulator.rows_per_file=40",
-    "reward.max_steps=3", "reward.batch_size=8", "reward.max_length=48", "reward.max_prompt_length=24",
-    "dpo.max_steps=3", "dpo.batch_size=8", "dpo.max_length=48", "dpo.max_prompt_length=24",
-    "evaluation.num_prompts=8", "evaluation.max_pairs=16", "evaluation.samples_table_rows=4",
-    "evaluation.generation.max_new_tokens=8", "evaluation.max_length=48", "evaluation.max_prompt_length=24",
-    "gate.min_win_rate_lower_bound=0", "gate.max_kl=null", "gate.max_malformed_share=1",
-    "gate.max_malformed_increase=1", "gate.min_distinct2_ratio=0", "gate.max_repetition_rate=1",
-]
+TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 
 
-@pytest.mark.skipif(not DEMO_CONFIG.exists(), reason="configs/demo.yaml (the pipeline's demo config) is not written yet")
-def test_real_pipeline_round_on_the_servers(stack, monkeypatch):
+@pytest.mark.skipif(not TINY_CONFIG.exists(), reason="configs/tiny.yaml (the pipeline's test config) is missing")
+def test_real_pipeline_round_on_the_servers(stack, demo_cache, monkeypatch):
+    """The committed ``retrain`` deployment (flows/pipeline.py) runs one round of the tiny pipeline
+    on the worker: everything lands on the servers, model weights in the server's artifact store."""
     from tasks.config import load_pipeline_config
 
-    cfg = load_pipeline_config(None, TINY)  # a renamed field fails here, naming it
+    overrides = [f"demo.cache_dir={demo_cache}"]  # the demo base model, shared with the pipeline tests
+    cfg = load_pipeline_config(TINY_CONFIG, overrides)
     for key, value in stack.client_env.items():
         monkeypatch.setenv(key, value)
     from mlflow import MlflowClient
@@ -181,8 +169,8 @@ def test_real_pipeline_round_on_the_servers(stack, monkeypatch):
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url, PREFECT_API_AUTH_STRING: stack.prefect_auth}):
         full_name = deploy(stack, DEPLOYMENT)
         assert full_name == "alignment-pipeline/retrain"
-        started = run_deployment(full_name, timeout=0,
-                                 parameters={"config": None, "overrides": TINY, "only_if_new_data": False})
+        started = run_deployment(full_name, timeout=0, parameters={
+            "config": str(TINY_CONFIG), "overrides": overrides, "only_if_new_data": False})
         (run,) = wait_final([started.id], RUN_TIMEOUT_S)
     assert run.state is not None and run.state.is_completed(), \
         f"pipeline run ended {run.state and run.state.type.value}\n{stack.logs(80)}"
@@ -190,11 +178,16 @@ def test_real_pipeline_round_on_the_servers(stack, monkeypatch):
     client = MlflowClient(tracking_uri=stack.mlflow_uri)
     name = cfg.pipeline.name
     experiment = client.get_experiment_by_name(name)
-    runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
-    assert len(runs) == 1, "one parent run per flow run, tagged with its id"
-    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{runs[0].info.run_id}'")
+    assert experiment is not None, f"no experiment {name!r} on the server\n{stack.logs(80)}"
+    parents = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
+    assert len(parents) == 1, "one parent run per flow run, tagged with its id"
+    assert parents[0].info.status == "FINISHED"
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert len(children) >= 3, [c.info.run_name for c in children]
+    versions = client.search_model_versions(f"name = '{name}-policy'")
+    assert len(versions) == 1
     champion = client.get_model_version_by_alias(f"{name}-policy", "champion")
-    assert champion.tags, "version tags (data digest, config digest, gate decision) are set"
+    assert champion.version == versions[0].version and champion.tags
     assert client.get_run(champion.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
-    assert list((stack.root / "artifacts").rglob("*.safetensors")), "model weights went to the server's artifact store"
+    assert list((stack.root / "artifacts").rglob("*.safetensors")), "weights must land in the server's store"

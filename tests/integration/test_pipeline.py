@@ -1,0 +1,161 @@
+"""The whole pipeline on tiny settings under the real Prefect engine (test harness) with a real
+embedded MLflow store: run tree, metrics, artifacts, registry, aliases, serving, the gate,
+rollback, caching, the scheduled no-op and the drift-triggered retraining."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+import pandas as pd
+import pytest
+
+from flows.cli import main as cli_main
+from flows.pipeline import alignment_pipeline
+from tasks import tracking
+from tasks.config import load_pipeline_config
+from tasks.stages.demo import demo_base_model, simulate_round
+from tasks.stages.models import champion_record
+from tests.integration.pipeline_helpers import TINY, child_runs, overrides, use_store
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def first_round(prefect_harness, demo_cache, tmp_path_factory):
+    """One completed round in its own home (shared by the read-only checks below)."""
+    home = tmp_path_factory.mktemp("pipeline-home")
+    summary = alignment_pipeline(config=TINY, overrides=overrides(home, demo_cache))
+    return home, summary
+
+
+def test_round_builds_the_run_tree_with_metrics_and_artifacts(first_round, clean_mlflow_env):
+    home, summary = first_round
+    assert summary["status"] == "promoted"
+    client = use_store(home)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.tags["prefect.flow_run_id"] == summary["flow_run_id"] != ""
+    assert parent.data.params["dpo.beta"] == "0.1"
+    assert parent.data.tags["alignflow.config_digest"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "config")]
+    children = child_runs(client, parent.info.run_id)
+    assert {"ingest", "preferences", "reward", "dpo", "evaluate", "register"} <= set(children)
+    ingest = children["ingest"][0]
+    assert ingest.data.metrics["ingest/rows_in"] == (ingest.data.metrics["ingest/rows_valid"]
+                                                     + ingest.data.metrics["ingest/rows_quarantined"])
+    assert ingest.data.metrics["ingest/rows_quarantined"] > 0  # the simulator corrupts ~2% of rows
+    dpo = children["dpo"][0]
+    assert len(client.get_metric_history(dpo.info.run_id, "loss")) >= 1
+    assert "grad_norm" in dpo.data.metrics and "rewards/margin" in dpo.data.metrics
+    prefs = children["preferences"][0]
+    assert prefs.data.metrics["data/pairs"] > 0
+    assert prefs.inputs.dataset_inputs, "dataset lineage is logged with mlflow.data"
+    evaluate = children["evaluate"][0]
+    assert "eval/candidate/kl" in evaluate.data.metrics
+    plots = [a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluation/plots")]
+    assert any(p.endswith("score_distributions.png") for p in plots)
+    assert [a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluation")]
+
+
+def test_round_registers_versions_with_lineage_and_serves_the_champion(first_round, clean_mlflow_env):
+    home, summary = first_round
+    client = use_store(home)
+    assert tracking.alias_version("tiny-policy", "champion") == "1"
+    assert tracking.alias_version("tiny-policy", "challenger") == "1"
+    assert tracking.alias_version("tiny-reward", "champion") == "1"
+    tags = client.get_model_version("tiny-policy", "1").tags
+    for key in ("alignflow.data_digest", "alignflow.config_digest", "alignflow.code_version",
+                "alignflow.parent_version", "alignflow.gate"):
+        assert tags[key], key
+    assert tags["alignflow.gate"] == "passed" and tags["alignflow.parent_version"] == "base"
+    model = mlflow.pyfunc.load_model("models:/tiny-policy@champion")
+    out = model.predict(["This movie", "The plot"], params={"max_new_tokens": 6})
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
+    generator = model.unwrap_python_model()
+    enc = generator.tokenizer("This movie", return_tensors="pt")
+    ids = generator.model.generate(**enc, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert ids.shape[1] == enc["input_ids"].shape[1] + 6
+    reward = mlflow.pyfunc.load_model("models:/tiny-reward@champion")
+    scores = reward.predict(pd.DataFrame({"prompt": ["This movie"] * 2, "response": [" is great", " is bad"]}))
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+
+
+def test_rerun_with_no_new_data_trains_nothing(first_round, demo_cache, clean_mlflow_env):
+    home, _ = first_round
+    started = time.monotonic()
+    again = alignment_pipeline(config=TINY, overrides=overrides(home, demo_cache))
+    elapsed = time.monotonic() - started
+    assert again["status"] == "unchanged"
+    client = use_store(home)
+    assert set(child_runs(client, again["mlflow_run_id"])) <= {"ingest"}
+    assert tracking.alias_version("tiny-policy", "champion") == "1"
+    assert len(client.search_model_versions("name = 'tiny-policy'")) == 1
+    assert elapsed < 60
+    scheduled = alignment_pipeline(config=TINY, overrides=overrides(home, demo_cache), only_if_new_data=True)
+    assert scheduled["status"] == "no-new-data"
+
+
+def test_gate_rejection_keeps_champion_and_rollback_restores_it(prefect_harness, demo_cache, tmp_path,
+                                                                clean_mlflow_env):
+    home = tmp_path / "home"
+    first = alignment_pipeline(config=TINY, overrides=overrides(home, demo_cache))
+    assert first["status"] == "promoted"
+    cfg = load_pipeline_config(TINY, overrides(home, demo_cache))
+    use_store(home)
+    champion = champion_record(cfg)
+    base = demo_base_model(cfg)
+    simulate_round(cfg, champion, base, round_index=1)
+    strict = alignment_pipeline(config=TINY, overrides=overrides(home, demo_cache,
+                                                                  "gate.min_win_rate_lower_bound=1.0"))
+    assert strict["status"] == "not-promoted"
+    client = use_store(home)
+    assert tracking.alias_version("tiny-policy", "champion") == "1"
+    assert tracking.alias_version("tiny-policy", "challenger") == "2"
+    assert client.get_model_version("tiny-policy", "2").tags["alignflow.gate"] == "failed"
+    args = ["--config", TINY, *sum((["--set", o] for o in overrides(home, demo_cache)), [])]
+    assert cli_main(["promote", "--version", "2", *args]) == 0
+    use_store(home)
+    assert tracking.alias_version("tiny-policy", "champion") == "2"
+    assert cli_main(["rollback", *args]) == 0
+    use_store(home)
+    assert tracking.alias_version("tiny-policy", "champion") == "1"
+    assert cli_main(["rollback", *args]) == 1  # v1 is the only promoted version left
+
+
+def test_drift_triggers_the_retraining_deployment(first_round, demo_cache, clean_mlflow_env):
+    home, _ = first_round
+    from prefect.client.orchestration import get_client
+
+    from flows.deployments import build_deployments
+    from flows.monitor import monitor_feedback
+
+    cfg = load_pipeline_config(TINY, overrides(home, demo_cache))
+    for deployment in build_deployments(cfg, TINY, overrides(home, demo_cache)):
+        deployment.apply()
+    landing = cfg.home / "landing" / "tiny"
+    shifted = pd.DataFrame({
+        "prompt": [f"Quarterly earnings call transcript number {i} discussing revenue guidance" for i in range(80)],
+        "response_a": ["Revenue grew eleven percent while operating margins compressed sharply"] * 80,
+        "response_b": ["Analysts questioned the capital expenditure plan for the fiscal year"] * 80,
+        "choice": ["a"] * 80,
+        "annotator_id": [f"ann-{i % 3}" for i in range(80)],
+    })
+    shifted.to_json(landing / "shifted-batch.jsonl", orient="records", lines=True)
+    result = monitor_feedback(config=TINY, overrides=overrides(home, demo_cache))
+    assert result is not None and result["triggered"], result
+    assert result["retraining_flow_run"], result
+
+    async def read_run(run_id):
+        async with get_client() as client:
+            return await client.read_flow_run(run_id)
+
+    import asyncio
+
+    run = asyncio.run(read_run(result["retraining_flow_run"]))
+    assert "drift-triggered" in run.tags
+    client = use_store(home)
+    monitor_runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                      filter_string="tags.`alignflow.stage` = 'monitor'")
+    assert monitor_runs and monitor_runs[0].data.tags["alignflow.drift"] == "triggered"
+    assert json.loads(json.dumps(result["metrics"]))

@@ -1,0 +1,39 @@
+"""The console script starts, lists its commands, and config errors name the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from flows.cli import COMMANDS, build_parser, main
+
+SCRIPT = Path(sys.executable).with_name("alignflow")
+
+
+def test_console_script_help_lists_every_command():
+    out = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+def test_subcommands_take_config_and_set_overrides():
+    args = build_parser().parse_args(["demo", "--rounds", "2", "--config", "x.yaml", "--set", "dpo.beta=0.2"])
+    assert (args.command, args.rounds, args.config, args.overrides) == ("demo", 2, "x.yaml", ["dpo.beta=0.2"])
+
+
+def test_bad_override_names_the_field(capsys):
+    assert main(["status", "--set", "dpo.beta=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "dpo.beta" in err and "greater than 0" in err
+
+
+def test_unknown_field_is_named(capsys):
+    assert main(["status", "--set", "pipeline.nme=x"]) == 2
+    assert "pipeline.nme" in capsys.readouterr().err
+
+
+def test_missing_config_file_is_reported(capsys, tmp_path):
+    assert main(["status", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err

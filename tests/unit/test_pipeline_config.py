@@ -1,0 +1,35 @@
+"""Pipeline config: loading, overrides, digests."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignment.config import ConfigError
+from tasks.config import DEMO_CONFIG, apply_overrides, load_pipeline_config, parse_override
+
+
+def test_demo_config_loads_and_has_a_demo_section():
+    cfg = load_pipeline_config()
+    assert cfg.demo is not None and cfg.pipeline.name == "demo"
+    assert DEMO_CONFIG.exists()
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    assert parse_override("dpo.beta=0.25") == (["dpo", "beta"], 0.25)
+    assert parse_override("gate.max_kl=null") == (["gate", "max_kl"], None)
+    data = apply_overrides({}, ["a.b.c=[1, 2]", "a.d=text"])
+    assert data == {"a": {"b": {"c": [1, 2]}, "d": "text"}}
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("novalue")
+
+
+def test_digest_ignores_home_and_schedule_but_not_training_settings(tmp_path):
+    a = load_pipeline_config(None, [f"pipeline.home={tmp_path}/a"])
+    b = load_pipeline_config(None, [f"pipeline.home={tmp_path}/b", "schedule.cron=5 4 * * *"])
+    c = load_pipeline_config(None, ["dpo.beta=0.3"])
+    assert a.digest() == b.digest() != c.digest()
+
+
+def test_pipeline_name_must_be_a_slug():
+    with pytest.raises(ConfigError, match="pipeline.name"):
+        load_pipeline_config(None, ["pipeline.name=Bad Name"])
