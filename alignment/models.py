@@ -269,20 +269,22 @@ def save_model_folder(model, tokenizer, path: str | Path) -> Path:
 
     LoRA: ``path`` holds the adapter (``adapter_model.safetensors``, ``adapter_config.json``) and
     ``path/merged`` the full merged weights (a copy is merged, ``model`` is left untouched).
-    The KV cache is switched back on in the saved config for serving.
+    The saved config has the KV cache on, for serving. Returns ``path``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    target = model
+    full, full_path = model, path
     if is_peft(model):
         model.save_pretrained(str(path))
         tokenizer.save_pretrained(str(path))
-        target = copy.deepcopy(model).merge_and_unload()
-        path = path / "merged"
-    target.config.use_cache = True
-    target.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path.parent if is_peft(model) else path
+        full, full_path = copy.deepcopy(model).merge_and_unload(), path / "merged"
+    use_cache, full.config.use_cache = full.config.use_cache, True  # on for serving, restored for training
+    try:
+        full.save_pretrained(str(full_path))
+    finally:
+        full.config.use_cache = use_cache
+    tokenizer.save_pretrained(str(full_path))
+    return path
 
 
 @torch.no_grad()

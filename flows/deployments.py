@@ -26,6 +26,7 @@ def build_deployments(cfg: PipelineConfig, config_path: str | None, overrides: l
         name=RETRAIN_DEPLOYMENT,
         schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
         parameters={**params, "only_if_new_data": True},
+        concurrency_limit=1,  # the landing ledger is append-only without locks: one round at a time
         tags=tags,
         description=f"Retrain {cfg.pipeline.name} when new feedback has landed.",
     )

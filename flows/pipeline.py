@@ -156,7 +156,8 @@ def alignment_pipeline(config: str | None = None, overrides: list[str] | None = 
             decision = gate_decision(cfg, report, has_champion=champion is not None)
             clock.add("evaluate", "cached" if cached else "ran", t, report.headline())
             t = time.monotonic()
-            registry = register_task(cfg, candidate, reward, dataset.digest, decision, parent)
+            registry = register_task(cfg, candidate, reward, dataset.digest, decision, parent,
+                                     evaluated_against=champion.registry_version if champion else None)
             clock.add("register + promote", "ran", t, {"version": registry.policy_version,
                                                        "promoted": registry.promoted})
             summary.registry = registry

@@ -120,6 +120,8 @@ class Recipe(ABC):
 
     name: ClassVar[str] = "base"
     config_class: ClassVar[type[TrainSettings]] = TrainSettings
+    released_on_cleanup: ClassVar[tuple[str, ...]] = ("train_module", "optimizer", "scheduler", "model")
+    """Attributes dropped by :meth:`cleanup` so their (device) memory can be freed."""
 
     def __init__(
         self,
@@ -143,6 +145,7 @@ class Recipe(ABC):
         self.last_eval: dict[str, float] = {}
         self._metrics_file = None
         self._train_time = 0.0
+        self._started: float | None = None
         self.packing = False
         self.data_stats: dict[str, dict[str, int]] = {}
 
@@ -205,6 +208,7 @@ class Recipe(ABC):
     def setup(self) -> None:
         """Build models and data, the optimizer and schedule; resume from a checkpoint if any."""
         cfg = self.config
+        self._started = time.time()
         if cfg.max_prompt_length >= cfg.max_length:
             raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be below max_length ({cfg.max_length})")
         if self.accelerator is None:
@@ -291,7 +295,7 @@ class Recipe(ABC):
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
-        for attr in ("train_module", "optimizer", "scheduler"):
+        for attr in self.released_on_cleanup:
             if hasattr(self, attr):
                 setattr(self, attr, None)
         if self.accelerator is not None:
@@ -306,6 +310,7 @@ class Recipe(ABC):
             "finished": finished,
             "steps": self.step,
             "total_steps": getattr(self, "total_steps", None),
+            "wall_time_s": round(time.time() - self._started, 3) if self._started else None,
             "train_time_s": round(self._train_time, 3),
             "tokens_seen": self.tokens_seen,
             "tokens_per_s": self.tokens_seen / self._train_time if self._train_time else None,
@@ -575,7 +580,7 @@ class Recipe(ABC):
             # Drop records past the resumed step: they belong to steps that will run again.
             keep = []
             if self.step and path.exists():
-                keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+                keep = [ln for ln in path.read_text().splitlines() if _record_step(ln) <= self.step]
             path.write_text("".join(ln + "\n" for ln in keep))
             self._metrics_file = path.open("a")
 
@@ -587,3 +592,10 @@ class Recipe(ABC):
 def _rng_name(rank: int) -> str:
     return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
 
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a torn or foreign line (a crash mid-write)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -54,6 +54,7 @@ class DPORecipe(Recipe):
 
     name = "dpo"
     config_class = DPOConfig
+    released_on_cleanup = (*Recipe.released_on_cleanup, "reference")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -28,13 +28,15 @@ from tasks.data.votes import Comparisons, Judgements
 
 @dataclass
 class AnnotatorStats:
-    """Per annotator code: labels given, labels scored against the others, matches, flag, factor."""
+    """Per annotator code: comparison and thumbs labels given, those scored against the others,
+    matches, flag, vote factor, and ratings given (not scored)."""
 
     labels: np.ndarray
     scored: np.ndarray
     agreed: np.ndarray
     flagged: np.ndarray
     factor: np.ndarray
+    ratings: np.ndarray
 
     @property
     def agreement(self) -> np.ndarray:
@@ -50,7 +52,7 @@ def loo_agreement(item: np.ndarray, label: np.ndarray, annotator: np.ndarray, n_
     n = len(item)
     if n == 0:
         return np.zeros(0, bool), np.zeros(0, bool)
-    items, n_items = group_ids(item)
+    items, n_items = group_ids(item)  # dense ids whatever ``item`` holds
     counts = np.bincount(items * n_labels + label, minlength=n_items * n_labels).reshape(n_items, n_labels)
     # one annotator's own labels on an item are all left out (anonymous labels: only themselves)
     who = np.where(annotator >= 0, annotator, -1 - np.arange(n))
@@ -65,8 +67,9 @@ def loo_agreement(item: np.ndarray, label: np.ndarray, annotator: np.ndarray, n_
 
 
 def annotator_quality(comparisons: Comparisons, thumbs: Judgements, n_annotators: int,
-                      settings: PreferenceSettings) -> AnnotatorStats:
-    """Score every annotator on comparisons and thumbs; flag those below ``annotator_min_agreement``."""
+                      settings: PreferenceSettings, ratings: Judgements | None = None) -> AnnotatorStats:
+    """Score every annotator on comparisons and thumbs; flag those below ``annotator_min_agreement``
+    with at least ``annotator_min_items`` scored labels; set vote factors by ``annotator_action``."""
     comp_item, n_comp = group_ids(comparisons.prompt, comparisons.x, comparisons.y)
     thumb_item, _ = group_ids(thumbs.prompt, thumbs.response)
     item = np.concatenate([comp_item, thumb_item + n_comp])
@@ -85,7 +88,8 @@ def annotator_quality(comparisons: Comparisons, thumbs: Judgements, n_annotators
         factor[flagged] = settings.annotator_downweight
     elif settings.annotator_action == "exclude":
         factor[flagged] = 0.0
-    return AnnotatorStats(labels, n_scored, n_agreed, flagged, factor)
+    rated = ratings.annotator[ratings.annotator >= 0] if ratings is not None else np.zeros(0, np.int64)
+    return AnnotatorStats(labels, n_scored, n_agreed, flagged, factor, np.bincount(rated, minlength=n_annotators))
 
 
 @dataclass

@@ -26,7 +26,8 @@ def build_card(lengths: dict, agreement: np.ndarray, annotators: list[str], stat
     """The card as a JSON-ready dict (``lengths``: :func:`length_stats` per text column of the pairs)."""
     rate = stats.agreement
     people = [
-        {"annotator": name, "labels": int(stats.labels[i]), "scored": int(stats.scored[i]),
+        {"annotator": name, "labels": int(stats.labels[i]), "ratings": int(stats.ratings[i]),
+         "scored": int(stats.scored[i]),
          "agreement": None if np.isnan(rate[i]) else round(float(rate[i]), 4), "flagged": bool(stats.flagged[i]),
          "vote_factor": float(stats.factor[i])}
         for i, name in enumerate(annotators)
@@ -59,9 +60,11 @@ def render_markdown(card: dict) -> str:
     a = card["agreement"]
     lines += ["", "## Agreement", "", f"mean {a['mean']}, quantiles {a['quantiles']}, unanimous share "
               f"{a['share_unanimous']}, below minimum {a['share_below_min']}", "",
-              "## Annotators", "", "| annotator | labels | scored | agreement | flagged | vote factor |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {p['annotator']} | {p['labels']} | {p['scored']} | {p['agreement']} | "
+              "## Annotators", "", "Agreement: share of an annotator's comparison and thumbs labels that match "
+              "the majority of the other annotators on the same item (about 0.5 for random answers).", "",
+              "| annotator | labels | ratings | scored | agreement | flagged | vote factor |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {p['annotator']} | {p['labels']} | {p['ratings']} | {p['scored']} | {p['agreement']} | "
               f"{'yes' if p['flagged'] else ''} | {p['vote_factor']} |" for p in card["annotators"]]
     return "\n".join(lines) + "\n"
 

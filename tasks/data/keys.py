@@ -221,7 +221,7 @@ def encode(arrays: list) -> tuple[pa.Array, list[np.ndarray]]:
     dictionary = encoded.chunk(0).dictionary if encoded.num_chunks else pa.array([], pa.large_string())
     flat = (np.concatenate([pc.fill_null(c.indices, -1).to_numpy().astype(np.int64) for c in encoded.chunks])
             if encoded.num_chunks else np.zeros(0, np.int64))
-    return dictionary, np.split(flat, np.cumsum([len(a) for a in arrays])[:-1])
+    return dictionary, np.split(flat, np.cumsum([len(a) for a in arrays])[:-1]) if arrays else []
 
 
 @dataclass

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.data.aggregate import (
+    AnnotatorStats,
     PairSet,
     aggregate_comparisons,
     annotator_quality,
@@ -104,7 +105,7 @@ def _read(files: dict[str, list[Path]]) -> tuple[dict[str, ColumnSource], str]:
     return {kind: ColumnSource(paths) for kind, paths in files.items()}, h.hexdigest()[:32]
 
 
-def _resolve(fb: Feedback, stats, settings: PreferenceSettings, counts: dict) -> PairSet:
+def _resolve(fb: Feedback, stats: AnnotatorStats, settings: PreferenceSettings, counts: dict) -> PairSet:
     """Aggregate, merge the three pair sources, then apply the tie and agreement policies."""
     sources = [aggregate_comparisons(fb.comparisons, stats.factor),
                ratings_to_pairs(fb.ratings, stats.factor, settings, fb.responses.key_hash),
@@ -112,7 +113,8 @@ def _resolve(fb: Feedback, stats, settings: PreferenceSettings, counts: dict) ->
     for name, s in zip(("comparisons", "ratings", "thumbs"), sources, strict=True):
         counts[f"pairs_from_{name}"] = len(s)
     pairs = PairSet.concat(sources)
-    if len(pairs):
+    counts["pairs_overlapping_dropped"] = 0
+    if sum(len(s) > 0 for s in sources) > 1:  # each source alone has one pair per item
         priority = np.repeat(np.arange(3), [len(s) for s in sources])
         lo, hi = np.minimum(pairs.chosen, pairs.rejected), np.maximum(pairs.chosen, pairs.rejected)
         item, n = group_ids(pairs.prompt, lo, hi)
@@ -268,7 +270,7 @@ def build_preferences(validated: str | Path | Mapping[str, list], out_dir: str |
     fb = encode_feedback(sources, dedup=settings.dedup_rows)
     counts: dict[str, int | str] = dict(fb.counts)
     counts.update(comparisons=len(fb.comparisons.prompt), thumbs=len(fb.thumbs.prompt), ratings=len(fb.ratings.prompt))
-    stats = annotator_quality(fb.comparisons, fb.thumbs, len(fb.annotators), settings)
+    stats = annotator_quality(fb.comparisons, fb.thumbs, len(fb.annotators), settings, fb.ratings)
     pairs = _resolve(fb, stats, settings, counts)
     if len(pairs) < settings.min_pairs:
         raise EmptyPreferenceDataset(

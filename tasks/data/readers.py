@@ -13,9 +13,11 @@ ValueError for a format it cannot read at all (e.g. a corrupt Parquet file).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
 from tasks.data.coerce import to_json
-from tasks.data.scan import PatchedFile, TextScan, read_spans, scan_text
+from tasks.data.scan import PatchedFile, TextScan, read_spans, scan_text, write_repaired
 
 try:  # orjson (a Prefect dependency) parses the slow path about twice as fast; json is the fallback
     import orjson
@@ -159,21 +161,18 @@ def read_jsonl(path: str | Path, digest: str | None = None) -> RawTable:
     with U+FFFD, so validation reports ``invalid_utf8:<field>``. When pyarrow refuses the file
     (a broken line, a value whose type changes between rows, a line that is not an object,
     blank lines), lines are parsed one by one and bad ones become read errors
-    (``malformed_json``, ``not_an_object``); that path holds the whole file in memory.
+    (``malformed_json``, ``not_an_object``), a chunk of lines at a time.
     """
     path = Path(path)
     scan = scan_text(path, digest=digest)
     with path.open("rb") as f:
         head = f.read(4096).lstrip()
-    if not scan.blank_lines and not scan.bom and head[:1] != b"[" and scan.lines:
-        table = _arrow_json(path, scan)
-        if table is not None:
-            return table
-    data = _utf8(path.read_bytes())
-    if data.lstrip()[:1] == b"[":
-        out = _read_json_array(path, data)
+    if head[:1] == b"[" or head[:4] == codecs.BOM_UTF8 + b"[":
+        out = _read_json_array(path, _utf8(path.read_bytes()))
+    elif not scan.blank_lines and not scan.bom and scan.lines and (table := _arrow_json(path, scan)) is not None:
+        return table
     else:
-        out = _read_lines(path, data)
+        out = _read_lines(path)
     out.digest = scan.digest
     return out
 
@@ -263,25 +262,42 @@ def _same(a, b) -> bool:
         return json.dumps(a, default=str) == json.dumps(b, default=str)
 
 
-def _read_lines(path: Path, data: bytes) -> RawTable:
-    records, rows, errors = [], [], []
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = _loads(line)
-        except ValueError:
-            try:  # the stdlib also takes lone surrogate escapes; they become U+FFFD (invalid_utf8)
-                value = _without_surrogates(json.loads(line))
-            except ValueError:
-                errors.append((number, "malformed_json", _raw_text(line)))
+def _parse_line(line: bytes):
+    """A JSON line as a Python value; raises ValueError if it does not parse."""
+    try:
+        return _loads(line)
+    except ValueError:
+        # invalid UTF-8 becomes U+FFFD; the stdlib also takes lone surrogate escapes (-> U+FFFD)
+        return _without_surrogates(json.loads(line.decode("utf-8", "replace")))
+
+
+def _read_lines(path: Path, chunk: int = 1 << 16) -> RawTable:
+    """Line by line, in chunks of rows turned into frames as they fill (so text is held as Arrow
+    strings, not Python objects, for all but one chunk)."""
+    frames, records, rows, errors = [], [], [], []
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
+            if not line.strip():
                 continue
-        if isinstance(value, dict):
-            records.append(value)
-            rows.append(number)
-        else:
-            errors.append((number, "not_an_object", _raw_text(line)))
-    return RawTable(_frame(records), str(path), np.asarray(rows, dtype=np.int64), errors)
+            try:
+                value = _parse_line(line)
+            except ValueError:
+                errors.append((number, "malformed_json", _raw_text(line.rstrip(b"\r\n"))))
+                continue
+            if isinstance(value, dict):
+                records.append(value)
+                rows.append(number)
+                if len(records) == chunk:
+                    frames.append(_frame(records))
+                    records = []
+            else:
+                errors.append((number, "not_an_object", _raw_text(line.rstrip(b"\r\n"))))
+    if records or not frames:
+        frames.append(_frame(records))
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return RawTable(frame, str(path), np.asarray(rows, dtype=np.int64), errors)
 
 
 def _read_json_array(path: Path, data: bytes) -> RawTable:
@@ -305,22 +321,34 @@ def read_csv(path: str | Path, delimiter: str | None = None, digest: str | None 
 
     Records with the wrong number of fields become ``malformed_csv_row`` read errors. List
     fields (``responses``, ``ranking``) and chat prompts are JSON text in their cells. A file
-    that is valid UTF-8 is parsed in place; otherwise it is decoded in memory with U+FFFD for
-    the invalid bytes (validation reports ``invalid_utf8:<field>``).
+    that is valid UTF-8 is parsed in place; otherwise a temporary copy with U+FFFD for the
+    invalid bytes is parsed (validation reports ``invalid_utf8:<field>``).
     """
     path = Path(path)
     scan = scan_text(path, digest=digest)
-    clean = not len(scan.bad_bytes) and not scan.bom
-    data = None if clean else _utf8(path.read_bytes())
-    sep = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
-    if not scan.lines or (data is not None and not data.strip()):
+    if not scan.lines:
         return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64), digest=scan.digest)
+    if len(scan.bad_bytes) or scan.bom:  # parse a repaired temporary copy (disk, not memory)
+        with tempfile.NamedTemporaryFile(suffix=".csv") as tmp:
+            write_repaired(path, tmp)
+            tmp.flush()
+            out = _read_csv_file(Path(tmp.name), delimiter or _delimiter(path))
+        out.source_file = str(path)
+    else:
+        out = _read_csv_file(path, delimiter or _delimiter(path))
+    out.digest = scan.digest
+    return out
 
-    def source():
-        return str(path) if data is None else io.BytesIO(data)
 
+def _delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _read_csv_file(path: Path, sep: str) -> RawTable:
+    """pyarrow's streaming CSV reader (memory: the table plus a block), every column as text, bad
+    records collected with their numbers."""
     parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=lambda r: "skip")
-    names = pacsv.open_csv(source(), parse_options=parse).schema.names
+    names = pacsv.open_csv(str(path), parse_options=parse).schema.names
     bad: list[pacsv.InvalidRow] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
@@ -329,13 +357,13 @@ def read_csv(path: str | Path, delimiter: str | None = None, digest: str | None 
 
     def read(threads: bool) -> pa.Table:
         bad.clear()
-        return pacsv.read_csv(
-            source(),
+        return pacsv.open_csv(
+            str(path),
             read_options=pacsv.ReadOptions(use_threads=threads),
             parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                  null_values=[""], strings_can_be_null=True),
-        )
+        ).read_all()
 
     table = read(True)
     if any(r.number is None for r in bad):  # row numbers are only known when read in one thread
@@ -344,7 +372,7 @@ def read_csv(path: str | Path, delimiter: str | None = None, digest: str | None 
     candidates = np.arange(2, table.num_rows + len(bad) + 2)
     rows = candidates[~np.isin(candidates, list(bad_numbers))] if bad_numbers else candidates
     errors = [(int(r.number or 0), "malformed_csv_row", json.dumps(r.text)) for r in bad]
-    return RawTable(table.to_pandas(), str(path), rows[: table.num_rows], errors, digest=scan.digest)
+    return RawTable(table.to_pandas(), str(path), rows[: table.num_rows], errors)
 
 
 def read_parquet(path: str | Path) -> RawTable:

@@ -189,3 +189,21 @@ def read_spans(path: str | Path, spans: np.ndarray) -> list[bytes]:
             f.seek(int(s))
             out.append(f.read(int(e - s)))
     return out
+
+
+def write_repaired(path: str | Path, dest: io.RawIOBase, block: int = BLOCK) -> None:
+    """Copy a file to ``dest`` as valid UTF-8: a leading byte-order mark is dropped and invalid
+    sequences become U+FFFD, block by block (blocks cut at line ends), so memory stays small."""
+    carry, first = b"", True
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(block)
+            if first and chunk.startswith(codecs.BOM_UTF8):
+                chunk = chunk[len(codecs.BOM_UTF8):]
+            first = False
+            data = carry + chunk if carry else chunk
+            cut = data.rfind(b"\n") + 1 if chunk else len(data)
+            piece, carry = data[:cut], data[cut:]
+            dest.write(piece.decode("utf-8", "replace").encode("utf-8"))
+            if not chunk:
+                break

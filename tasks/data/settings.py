@@ -55,7 +55,8 @@ class IngestSettings(StrictModel):
     """Folder where exports land. Each file (or saved-dataset folder) is ingested once, tracked
     by content digest in the ledger; a changed file counts as new. None: no landing folder."""
     ledger_path: str | None = None
-    """JSON-lines ledger of ingested content digests; None: ``<landing_dir>/.alignflow-ledger.jsonl``."""
+    """JSON-lines ledger of ingested content digests; None: ``<landing_dir>/.alignflow-ledger.jsonl``
+    (without a landing folder: ``ledger.jsonl`` in the ingest output folder)."""
     landing_patterns: list[str] = ["*.jsonl", "*.json", "*.csv", "*.tsv", "*.parquet"]
     """Glob patterns of landing files (searched recursively); saved-dataset folders are always taken."""
     landing_kind: Kind | None = None

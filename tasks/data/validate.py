@@ -3,8 +3,8 @@
 Pipeline per source: rename columns -> convert a public layout (:mod:`tasks.data.formats`) ->
 assign a kind (declared, per-row ``kind`` column, or detected from the columns) -> type the
 fields (:mod:`tasks.data.coerce`). Per kind over the whole batch: the pandera schema (lazy, so
-every failing check is collected) -> duplicate rows -> split into the validated table and the
-quarantine. Counts reconcile: ``rows_in == rows_valid + rows_quarantined``, where ``rows_in``
+every failing check is collected) -> duplicate rows (among rows with no other problem; the
+first copy stays) -> split into the validated table and the quarantine. Counts reconcile: ``rows_in == rows_valid + rows_quarantined``, where ``rows_in``
 counts readable rows, unreadable ones (broken JSON lines, malformed CSV records) and, for
 layouts that expand a record (UltraFeedback completions), the expanded rows.
 

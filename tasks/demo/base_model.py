@@ -256,12 +256,13 @@ def _build(settings: DemoSettings, corpus: Corpus, digest: str, out: Path, *, pr
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-        torch.manual_seed(settings.pretrain.seed)
-        model = make_model(settings.model, len(tokenizer), special, settings.pretrain.dropout)
+        with torch.random.fork_rng():  # seed the init without touching the caller's RNG
+            torch.manual_seed(settings.pretrain.seed)
+            model = make_model(settings.model, len(tokenizer), special, settings.pretrain.dropout)
         stats = pretrain_model(model, train_docs, settings, tokenizer.bos_token_id, progress=progress)
         precision = resolve_precision(settings.pretrain)
         heldout_rows = pack(heldout_docs, settings.model.context_length)
-        loss, _ = evaluate_loss(model, heldout_rows, tokenizer.bos_token_id, settings.pretrain.batch_size, precision)
+        loss, _ = evaluate_loss(model, heldout_rows, tokenizer.bos_token_id, 64, precision)
         chars = sum(len(d) + 1 for d in corpus.heldout)  # +1: the EOS "character" per document
         total_nll = loss * sum(len(d) - 1 for d in heldout_docs)  # targets: all but BOS per document
         model.generation_config = GenerationConfig(

@@ -64,8 +64,9 @@ class ModelShape(StrictModel):
     """Attention heads (must divide ``n_embd``)."""
     intermediate_size: int | None = Field(None, gt=0)
     """MLP width; None: 8/3 * n_embd rounded to 32 (Llama) or 4 * n_embd (GPT-2)."""
-    context_length: int = Field(128, gt=8)
-    """Longest sequence the model is trained on and positions are defined for."""
+    context_length: int = Field(64, gt=8)
+    """Longest sequence the model is trained on and positions are defined for (reviews average
+    about 30 tokens; a prompt plus its continuation fits in 64)."""
     tie_embeddings: bool = True
     """Share input embedding and output projection weights (fewer parameters, faster on CPU)."""
 
@@ -79,12 +80,13 @@ class ModelShape(StrictModel):
 class PretrainSettings(StrictModel):
     """Next-token pretraining on packed sequences of the training documents."""
 
-    steps: int = Field(900, gt=0)
-    """Optimizer steps (fixed, so the build is deterministic; sized for a few minutes on 2 cores)."""
-    batch_size: int = Field(16, gt=0)
-    """Packed sequences of ``context_length`` tokens per step."""
-    lr: float = Field(3e-3, gt=0)
-    """Peak AdamW learning rate (small models tolerate high rates)."""
+    steps: int = Field(3000, gt=0)
+    """Optimizer steps (fixed, so the build is deterministic; sized for about 3.5 minutes on 2 cores)."""
+    batch_size: int = Field(8, gt=0)
+    """Packed sequences of ``context_length`` tokens per step. Small batches learn more per token
+    in this data-starved regime (measured: 8 beat 16 and 32 at equal tokens and CPU time)."""
+    lr: float = Field(2e-3, gt=0)
+    """Peak AdamW learning rate (measured best of 1.2e-3, 2e-3, 3e-3 at batch 8)."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Cosine decay ends at ``lr * min_lr_ratio``."""
     warmup_steps: int = Field(50, ge=0)

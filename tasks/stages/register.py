@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, Field
 
 from tasks import tracking
@@ -63,13 +64,24 @@ def lineage_tags(cfg: PipelineConfig, candidate: ModelRecord, dataset_digest: st
 
 
 def register_and_promote(cfg: PipelineConfig, candidate: ModelRecord, reward: ModelRecord | None,
-                         dataset_digest: str, decision: dict[str, Any], parent_run_id: str) -> RegistryRecord:
-    """Register (once), tag, alias. ``decision`` is a GateDecision dump: passed, reasons, checks."""
+                         dataset_digest: str, decision: dict[str, Any], parent_run_id: str,
+                         evaluated_against: str | None = None) -> RegistryRecord:
+    """Register (once), tag, alias. ``decision`` is a GateDecision dump: passed, reasons, checks.
+
+    ``evaluated_against`` is the champion version the candidate was compared with (None: the
+    base model). Callers hold the ``registry`` concurrency slot, so the champion cannot move
+    between this check and the promotion; if it moved since the evaluation, the evidence is
+    stale and the candidate is not promoted.
+    """
     name = cfg.pipeline.name
     policy_name, reward_name = f"{name}-policy", f"{name}-reward"
     previous = tracking.alias_version(policy_name, tracking.CHAMPION)
     passed = bool(decision.get("passed"))
     reasons = [str(r) for r in decision.get("reasons", [])]
+    if passed and previous != evaluated_against:
+        passed = False
+        reasons.insert(0, f"Not promoted: the champion changed from {evaluated_against or 'the base model'} to "
+                          f"v{previous} while this candidate was evaluated; its evidence is stale.")
     version = tracking.find_version(policy_name, CANDIDATE_TAG, candidate.digest)
     newly = version is None
     reward_version = None
@@ -116,9 +128,14 @@ def decision_markdown(record: RegistryRecord, decision: dict[str, Any]) -> str:
 
 @task(name="register-and-promote", retries=2, retry_delay_seconds=5)
 def register_task(cfg: PipelineConfig, candidate: ModelRecord, reward: ModelRecord | None, dataset_digest: str,
-                  decision: dict[str, Any], parent_run_id: str) -> RegistryRecord:
-    """Prefect task: register, alias, and leave the decision as a Prefect artifact."""
-    record = register_and_promote(cfg, candidate, reward, dataset_digest, decision, parent_run_id)
+                  decision: dict[str, Any], parent_run_id: str, evaluated_against: str | None = None) -> RegistryRecord:
+    """Prefect task: register, alias, and leave the decision as a Prefect artifact.
+
+    Holds the global concurrency limit ``registry`` (created by infra/bootstrap_prefect.py;
+    without it, e.g. embedded, the lock is a no-op) so champion moves are serialised."""
+    with concurrency("registry", occupy=1):
+        record = register_and_promote(cfg, candidate, reward, dataset_digest, decision, parent_run_id,
+                                      evaluated_against)
     create_markdown_artifact(decision_markdown(record, decision), key=f"{cfg.pipeline.name}-gate-decision".replace("_", "-"),
                              description="Promotion gate decision")
     return record

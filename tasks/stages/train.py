@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.concurrency.sync import concurrency
 
 from alignment.config import RECIPE_CONFIGS, ModelSettings, TrainSettings
 from tasks import tracking
@@ -138,8 +139,12 @@ def _key_inputs() -> Any:
 def train_task(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
                parent_run_id: str | None, reward: ModelRecord | None = None, init_digest: str = "",
                reward_digest: str | None = None, settings_digest: str = "") -> ModelRecord:
-    """Prefect wrapper of :func:`train_stage`; the ``*_digest`` arguments exist for the cache key."""
-    return train_stage(cfg, stage, data, dataset_digest, init, parent_run_id, reward)
+    """Prefect wrapper of :func:`train_stage`; the ``*_digest`` arguments exist for the cache key.
+
+    Holds ``pipeline.processes`` slots of the global concurrency limit ``gpu`` while training
+    (a no-op where no such limit exists, e.g. embedded)."""
+    with concurrency("gpu", occupy=cfg.pipeline.processes):
+        return train_stage(cfg, stage, data, dataset_digest, init, parent_run_id, reward)
 
 
 def run_train_task(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,

@@ -1,11 +1,15 @@
 """The production set-up for real: PostgreSQL, an MLflow tracking server on it (basic auth,
-artifacts proxied by the server), a Prefect server on it, a process work pool and a worker.
-The pipeline deployment from infra/prefect.yaml is deployed with ``prefect deploy``, two runs
-are triggered at once through the Prefect API; the deployment's concurrency limit queues the
-second, both complete, and the MLflow server must then hold both runs, both model versions and
-exactly one ``champion``.
+artifacts proxied by the server), a Prefect server on it (auth), a process work pool and a worker,
+all started by tests/integration/servers.py. Deployments come from infra/prefect.yaml through
+``prefect deploy``; runs are triggered through the Prefect API.
 
-Loopback only, random free ports; every process is stopped (process group) even when the test
+- Two runs of the deployment at once (a fast stand-in flow with the pipeline's parameters and
+  registry writes): the deployment's concurrency limit queues the second, both complete, and the
+  MLflow server holds both runs, both model versions and exactly one ``champion``.
+- One round of the real pipeline (configs/tiny.yaml) on the worker: parent and child runs, the
+  registered policy with its ``champion`` alias, weights in the server's artifact store.
+
+Loopback only, random free ports; every process is stopped (process group) even when a test
 fails. Needs Debian's ``postgresql`` (installed with apt-get when missing and running as root;
 skipped otherwise).
 """
@@ -71,7 +75,8 @@ def deploy(stack: ServerStack, name: str, entrypoint: str | None = None) -> str:
 
     with get_client(sync_client=True) as client:
         deployments = client.read_deployments()
-        match = [d for d in deployments if d.name == name]
+        # deployment names repeat across flows (the stand-in's `retrain` and the pipeline's)
+        match = [d for d in deployments if d.name == name and d.entrypoint == chosen[0]["entrypoint"]]
         assert match, f"deployment {name} not on the server after prefect deploy:\n{done.stdout[-2000:]}"
         flow = client.read_flow(match[0].flow_id)
         schedules = match[0].schedules

@@ -113,6 +113,8 @@ def test_resume_continues_exactly_and_refuses_a_changed_config(data, tmp_path):
     DPORecipe(straight).run()
     first = DPORecipe(split).run(until_step=6)
     assert not first["finished"] and first["steps"] == 6
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "phase": "tra')  # a crash mid-write leaves a torn line
     second = DPORecipe(split)
     summary = second.run()
     assert summary["resumed_from"].endswith("step-000006") and summary["finished"]

@@ -96,6 +96,10 @@ def test_bad_rows_name_row_and_column(tmp_path):
                              {"prompt": "a", "chosen": "good", "rejected": None}], Truncation(32, 16))
     with pytest.raises(ValueError, match="row 0: column 'weight'"):
         tokenize_demonstrations(tok, [{"prompt": "a", "response": "good", "weight": float("nan")}], Truncation(32, 16))
+    import datasets
+
+    datasets.Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}).save_to_disk(tmp_path / "ds")
+    assert read_rows(tmp_path / "ds", ["prompt", "chosen", "rejected"]) == [{"prompt": "a", "chosen": "b", "rejected": "c"}]
     path = tmp_path / "d.parquet"
     pd.DataFrame({"prompt": ["a"], "chosen": ["b"]}).to_parquet(path)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -45,6 +46,11 @@ def test_each_landing_file_is_ingested_once(tmp_path):
     fourth = ingest(settings, out)
     assert fourth.sources == [str(landing / "one.jsonl")]
     assert len(Ledger(landing / ".alignflow-ledger.jsonl").entries()) == 4
+    assert not ingest(settings, out).new_data
+    os.utime(landing / "three.jsonl", ns=(1, 1))  # touched, same content: hashed, then skipped
+    assert not ingest(settings, out).new_data
+    (landing / "sub").mkdir()
+    (landing / "three.jsonl").rename(landing / "sub" / "moved.jsonl")  # moved: same digest
     assert not ingest(settings, out).new_data
 
 

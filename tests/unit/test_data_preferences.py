@@ -212,3 +212,5 @@ def test_demonstration_fallback_card_and_empty_build(tmp_path):
                                    "agreement", "split", "source_digest"]
     with pytest.raises(EmptyPreferenceDataset, match="0 preference pairs"):
         _build(tmp_path / "empty", {"v.jsonl": _votes("p", "x", "y", ["tie"])}, PreferenceSettings())
+    with pytest.raises(EmptyPreferenceDataset, match="0 preference pairs"):
+        build_preferences(tmp_path / "nothing-validated", tmp_path / "none")

@@ -136,3 +136,56 @@ def test_fingerprint_follows_weights(tmp_path):
     other = ModelSettings(name_or_path=str(make_tiny_model(tmp_path / "c", seed=1)))
     assert model_fingerprint(a) == model_fingerprint(same) != model_fingerprint(other)
     assert model_fingerprint(a) != model_fingerprint(a.model_copy(update={"dtype": "bfloat16"}))
+
+
+def test_encoder_reward_model_pools_its_own_way_and_refuses_packing(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from tests.tiny_models import make_tokenizer
+
+    tok = make_tokenizer()
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    settings = ModelSettings(name_or_path=str(tmp_path / "bert"))
+    model = load_reward_model(settings, load_tokenizer(settings)).eval()
+    scorer = ScalarReward(model)
+    assert not scorer.decoder_head
+    with torch.no_grad():
+        padded = scorer(collate_sequences(PROMPTS, COMPLETIONS, pad_id=tok.pad_token_id))
+        alone = torch.stack([model(torch.tensor([p + c])).logits[0, 0] for p, c in zip(PROMPTS, COMPLETIONS, strict=True)])
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="padded"):
+        scorer(collate_sequences(PROMPTS, COMPLETIONS, pad_id=tok.pad_token_id, packing=True))
+
+
+def test_lora_reward_model_trains_head_and_merges(tiny, tmp_path):
+    tok = load_tokenizer(tiny)
+    settings = tiny.model_copy(update={"lora": LoraSettings(r=4, alpha=8)})
+    model = load_reward_model(settings, tok)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
+    assert all("score" in n or "lora_" in n for n in trainable)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.3)
+    model.eval()
+    batch = collate_sequences(PROMPTS, COMPLETIONS, pad_id=tok.pad_token_id)
+    out = save_model_folder(model, tok, tmp_path / "rm")
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ScalarReward(merged)(batch), ScalarReward(model)(batch), rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    folder = make_tiny_model(tmp_path / "llama", "llama")  # no dropout, so train mode is deterministic
+    grads = []
+    for ckpt in (False, True):
+        model = load_causal_lm(ModelSettings(name_or_path=str(folder), gradient_checkpointing=ckpt)).train()
+        assert model.is_gradient_checkpointing == ckpt
+        CausalLMLogps(model)(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0))["seq_logps"].sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

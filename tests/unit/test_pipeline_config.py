@@ -33,3 +33,10 @@ def test_digest_ignores_home_and_schedule_but_not_training_settings(tmp_path):
 def test_pipeline_name_must_be_a_slug():
     with pytest.raises(ConfigError, match="pipeline.name"):
         load_pipeline_config(None, ["pipeline.name=Bad Name"])
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "examples/qwen-lora-dpo.yaml",
+                                  "examples/ppo-multi-gpu.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_pipeline_config(DEMO_CONFIG.parent / name)
+    assert cfg.pipeline.method in ("dpo", "ipo", "simpo", "ppo", "grpo")
