@@ -29,6 +29,7 @@ from transformers import DynamicCache, StaticCache
 
 from alignment.batching import Prompt, Truncation, encode_prompt
 from alignment.config import GenerationSettings
+from alignment.fast_generation import GraphDecoder
 
 __all__ = [
     "GenerationResult",
@@ -297,6 +298,8 @@ def generate(
     at the first EOS (from ``eos_token_ids``, else the tokenizer's and the generation config's)
     or after ``settings.max_new_tokens``. Padding uses the tokenizer's pad token, or EOS when it
     has none. Raises ValueError/TypeError naming the index of a malformed prompt.
+    ``settings.cuda_graphs`` decodes with :class:`~alignment.fast_generation.GraphDecoder`
+    (static cache, CUDA-graph step) instead of :class:`KVDecoder` (``cache`` is then ignored).
     """
     if not prompts:
         raise ValueError("generate needs at least one prompt")
@@ -319,7 +322,8 @@ def generate(
             if backend == "hf":
                 resp, resp_mask, hit = _hf_batch(model, ids, mask, settings, seed + start, eos, pad_id)
             else:
-                resp, resp_mask, hit = _decode_batch(KVDecoder(model, cache), ids, mask, settings, generator, eos, pad_id)
+                decoder = GraphDecoder(model) if settings.cuda_graphs else KVDecoder(model, cache)
+                resp, resp_mask, hit = _decode_batch(decoder, ids, mask, settings, generator, eos, pad_id)
             resp, resp_mask = resp.cpu(), resp_mask.cpu()
             texts = [
                 tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)

@@ -181,21 +181,52 @@ def sequence_logps(
     return total
 
 
+def _head_block_logps(h, weight, bias, labels, temperature):
+    """One block's (label log-prob, logsumexp), fp32 ``[...]``, from hidden ``h`` ``[..., H]``."""
+    logits = _upcast(torch.nn.functional.linear(h, weight, bias)) / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse, lse
+
+
+def _head_block_dlogits(h, weight, bias, labels, lse, g, temperature):
+    """d(sum g * label log-prob)/d logits = (onehot(label) - softmax) * g / temperature, in the logits dtype."""
+    logits = torch.nn.functional.linear(h, weight, bias)
+    probs = torch.exp(_upcast(logits) / temperature - lse.unsqueeze(-1))
+    hot = labels.unsqueeze(-1) == torch.arange(logits.shape[-1], device=logits.device)
+    return ((hot.to(probs.dtype) - probs) * (g / temperature).unsqueeze(-1)).to(logits.dtype)
+
+
+_COMPILED_BLOCKS: dict = {}
+
+
+def _compiled(fn):
+    """``torch.compile`` of a block function, built once per process (dynamic block sizes): the
+    head matmul stays a library GEMM and the fp32 softmax work around it fuses into one kernel."""
+    if fn not in _COMPILED_BLOCKS:
+        _COMPILED_BLOCKS[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED_BLOCKS[fn]
+
+
 class _HiddenLabelLogProb(torch.autograd.Function):
     """Label log-probs straight from hidden states; logits exist one block at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, temperature):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, temperature, compiled=False):
         B, T, _ = hidden.shape
         out = torch.empty(B, T, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         lse = torch.empty_like(out)
+        fused = _compiled(_head_block_logps) if compiled else None
         for b0, b1, t0, t1 in _blocks(B, T, chunk_size):
+            if fused is not None:
+                out[b0:b1, t0:t1], lse[b0:b1, t0:t1] = fused(
+                    hidden[b0:b1, t0:t1], weight, bias, labels[b0:b1, t0:t1], temperature)
+                continue
             block = _upcast(torch.nn.functional.linear(hidden[b0:b1, t0:t1], weight, bias)) / temperature
             lse_b = torch.logsumexp(block, dim=-1)
             lse[b0:b1, t0:t1] = lse_b
             out[b0:b1, t0:t1] = block.gather(-1, labels[b0:b1, t0:t1, None]).squeeze(-1) - lse_b
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.chunk_size, ctx.temperature, ctx.compiled = chunk_size, temperature, compiled
         dev = hidden.device.type
         # Replay the forward's autocast state in backward so the recomputed logits match.
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
@@ -212,15 +243,20 @@ class _HiddenLabelLogProb(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         dev, enabled, dtype = ctx.autocast
         B, T, _ = hidden.shape
+        fused = _compiled(_head_block_dlogits) if ctx.compiled else None
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
             for b0, b1, t0, t1 in _blocks(B, T, ctx.chunk_size):
                 h = hidden[b0:b1, t0:t1]
-                logits = torch.nn.functional.linear(h, weight, bias)
-                g = grad_out[b0:b1, t0:t1, None]
-                probs = torch.exp(_upcast(logits) / temp - lse[b0:b1, t0:t1, None])
-                dlogits = -probs * g
-                dlogits.scatter_add_(-1, labels[b0:b1, t0:t1, None], g)
-                dlogits = (dlogits / temp).to(logits.dtype)
+                if fused is not None:
+                    dlogits = fused(h, weight, bias, labels[b0:b1, t0:t1], lse[b0:b1, t0:t1],
+                                    grad_out[b0:b1, t0:t1], temp)
+                else:
+                    logits = torch.nn.functional.linear(h, weight, bias)
+                    g = grad_out[b0:b1, t0:t1, None]
+                    probs = torch.exp(_upcast(logits) / temp - lse[b0:b1, t0:t1, None])
+                    dlogits = -probs * g
+                    dlogits.scatter_add_(-1, labels[b0:b1, t0:t1, None], g)
+                    dlogits = (dlogits / temp).to(logits.dtype)
                 if need_h:
                     grad_h[b0:b1, t0:t1] = dlogits @ weight.to(dlogits.dtype)
                 if need_w:
@@ -230,7 +266,7 @@ class _HiddenLabelLogProb(torch.autograd.Function):
                     grad_b += dlogits.to(acc).sum(dim=(0, 1))
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def logps_from_hidden(
@@ -243,6 +279,7 @@ def logps_from_hidden(
     lm_head_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Per-token label log-probs from final hidden states, applying the LM head block by block.
 
@@ -256,9 +293,14 @@ def logps_from_hidden(
     Assumes a plain linear head: models that scale or soft-cap logits (e.g. Gemma 2's
     ``final_logit_softcapping``) need :func:`selective_log_softmax` on real logits instead.
     Returns fp32 ``[B, T]`` with 0 at excluded positions.
+
+    ``compiled=True`` (a GPU fast path) runs each block through ``torch.compile``-d functions of
+    the same math, fusing the fp32 softmax passes over ``[block, V]`` into one kernel per
+    direction; the first call pays the compilation.
     """
     if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be [B, T, H] aligned with labels {tuple(labels.shape)}")
     valid, safe = _valid_labels(labels, mask, ignore_index)
-    out = _HiddenLabelLogProb.apply(hidden, lm_head_weight, lm_head_bias, safe, chunk_size, float(temperature))
+    out = _HiddenLabelLogProb.apply(hidden, lm_head_weight, lm_head_bias, safe, chunk_size, float(temperature),
+                                    compiled)
     return out * valid

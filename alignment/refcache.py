@@ -96,7 +96,7 @@ def compute_reference_logps(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Run ``logps_fn`` (batch → per-sequence summed log-probs ``[2B]``, chosen then rejected)
     over ``examples`` in order; returns (chosen ``[n]``, rejected ``[n]``, forwards run)."""
-    chosen, rejected, forwards = [], [], 0
+    chosen, rejected, forwards = [torch.zeros(0)], [torch.zeros(0)], 0  # empty data -> empty tensors
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])
         seq = logps_fn(to_device(collate(chunk), device)).float()

@@ -177,10 +177,17 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each case (interleaved); the best is shown")
     parser.add_argument("--work", help="folder for the model and data (default: a temporary one)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads in every case (0: torch's default). On a shared, oversubscribed "
+                             "host 1 avoids OpenMP threads spin-waiting for descheduled siblings")
     parser.add_argument("--run-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.run_case:  # child process: one case, one JSON line
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = run_case(args.run_case, Path(args.work), args)
         if result is not None:
             result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -196,7 +203,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for case in args.cases.split(","):
             cmd = [sys.executable, __file__, "--run-case", case, "--work", str(work), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if done.returncode != 0 or line is None:
@@ -212,7 +219,8 @@ def main() -> None:
             print(f"{case}: {result and round(result['tokens_per_s'])} tokens/s", file=sys.stderr)
 
     print(f"\nCPU training throughput — preset {args.preset}, {os.cpu_count()} cores, batch {args.batch_size}, "
-          f"{args.steps} timed steps after {args.warmup} warmup, best of {args.repeats}")
+          f"{args.steps} timed steps after {args.warmup} warmup, best of {args.repeats}, "
+          f"threads {args.threads or 'default'}")
     print(f"{'case':<22}{'tokens/s':>10}{'s/step':>9}{'setup s':>9}{'peak RSS MiB':>14}")
     for case, r in results.items():
         if r is None:

@@ -140,7 +140,7 @@ def run_recipe(
         shown = {k: rec[k] for k in ("loss", "rewards/accuracy", "accuracy", "reward/raw", "kl") if k in rec}
         bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=True)
 
-    streamer = MetricStreamer(run_dir / "metrics.jsonl", mlflow_run_id, on_line=on_line) if mlflow_run_id else None
+    streamer = MetricStreamer(run_dir / "metrics.jsonl", mlflow_run_id, interval_s=1.0, on_line=on_line)
     start = time.monotonic()
     with log_path.open("a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")

@@ -165,7 +165,7 @@ class MetricStreamer:
     training process runs, so curves appear live. Train metrics keep their names; eval lines
     are already prefixed ``eval/`` by the recipe. Call :meth:`stop` to flush the rest."""
 
-    def __init__(self, path: Path, run_id: str, interval_s: float = 2.0, on_line: Any = None):
+    def __init__(self, path: Path, run_id: str | None, interval_s: float = 2.0, on_line: Any = None):
         self.path, self.run_id, self.interval_s, self.on_line = Path(path), run_id, interval_s, on_line
         self._offset = 0
         self._stop = threading.Event()
@@ -213,9 +213,10 @@ class MetricStreamer:
             self.last.update(rec)
             if self.on_line is not None:
                 self.on_line(rec)
-        client = MlflowClient()
-        for start in range(0, len(batch), 500):
-            client.log_batch(self.run_id, metrics=batch[start : start + 500])
+        if self.run_id is not None:  # without a run the streamer only drives the progress callback
+            client = MlflowClient()
+            for start in range(0, len(batch), 500):
+                client.log_batch(self.run_id, metrics=batch[start : start + 500])
         self.lines_logged += len(records)
 
     def _loop(self) -> None:

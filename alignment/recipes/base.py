@@ -79,6 +79,7 @@ from torch import nn
 
 from alignment.batching import ExampleSet, LengthGroupedSampler, Truncation, to_device
 from alignment.config import ConfigError, TrainSettings, config_diff
+from alignment.fast_paths import compile_layers, sdpa_backends
 from alignment.logprobs import check_finite
 from alignment.models import is_peft, packing_supported, save_model_folder
 from alignment.recipes.state import load_trainable_state, lr_lambda, rng_state, set_rng_state, trainable_state
@@ -218,6 +219,9 @@ class Recipe(ABC):
         if world != self.accelerator.num_processes:
             raise RuntimeError(f"launched as {world} processes but accelerate sees {self.accelerator.num_processes}")
         set_seed(cfg.seed)
+        # Attention kernels for the recipe's lifetime (setup to cleanup); see TrainSettings.cudnn_attention.
+        self._sdpa = sdpa_backends(cfg.cudnn_attention)
+        self._sdpa.__enter__()
         self.build_models()
         if self.model is None or self.tokenizer is None:
             raise RuntimeError(f"{type(self).__name__}.build_models() must set self.model and self.tokenizer")
@@ -239,7 +243,7 @@ class Recipe(ABC):
             self.optimizer, lr_lambda(cfg.optim.warmup_steps, sched_steps, cfg.optim.schedule)
         )
         if cfg.compile:
-            self.train_module = torch.compile(self.train_module)
+            self.train_module = compile_layers(self.train_module)
         self.train_module, self.optimizer = acc.prepare(self.train_module, self.optimizer)
         self.on_prepared()
         self._open_run_folder()
@@ -292,6 +296,9 @@ class Recipe(ABC):
 
     def cleanup(self) -> None:
         """Close files and free models and device memory (always runs)."""
+        if getattr(self, "_sdpa", None) is not None:
+            self._sdpa.__exit__(None, None, None)
+            self._sdpa = None
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None

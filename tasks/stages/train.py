@@ -40,6 +40,15 @@ def _model_settings(template: ModelSettings | None, path: str, *, keep_lora: boo
     return base.model_copy(update=update)
 
 
+def _has_rows(path: str | None) -> bool:
+    """True when a Parquet file exists and holds rows (small builds can leave a split empty)."""
+    if not path or not Path(path).exists():
+        return False
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows > 0
+
+
 def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init: ModelRecord,
                     reward: ModelRecord | None = None) -> tuple[str, TrainSettings]:
     """The recipe name and its full settings for ``stage`` (sft, reward, or a method name).
@@ -62,7 +71,7 @@ def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init:
     if roles[0] not in data:
         raise ValueError(f"stage {stage} needs the {roles[0]} file; the dataset has {sorted(data)}")
     raw["train_path"] = data[roles[0]]
-    raw["eval_path"] = data.get(roles[1])
+    raw["eval_path"] = data.get(roles[1]) if _has_rows(data.get(roles[1])) else None
     raw["seed"] = cfg.pipeline.seed
     if section == "reward":
         template = cfg.model.reward or cfg.model.policy

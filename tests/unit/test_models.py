@@ -52,23 +52,26 @@ def test_sequence_logps_equal_naive_padded_and_packed(tiny):
         expected = naive_seq_logps(model, PROMPTS, COMPLETIONS)
         padded = wrapper(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0))
         packed = wrapper(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0, packing=True))
+        one_chunk = CausalLMLogps(model, chunk_size=1024)(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0))
         wrapper.use_hidden = False  # the real-logits path gives the same
         via_logits = wrapper(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0))
     torch.testing.assert_close(padded["seq_logps"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one_chunk["seq_logps"], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed["seq_logps"], padded["seq_logps"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(via_logits["seq_logps"], expected, rtol=1e-5, atol=1e-5)
     assert padded["seq_tokens"].tolist() == [len(c) for c in COMPLETIONS]
 
 
-def test_packed_gradients_equal_padded(tiny):
+def test_packed_gradients_equal_padded_on_both_head_paths(tiny):
     model = load_causal_lm(tiny).eval()
-    wrapper = CausalLMLogps(model)
     grads = []
-    for packing in (False, True):
+    for packing, chunk in ((False, 1024), (True, 1024), (False, 3)):  # chunk 3: the chunked head path
         model.zero_grad()
-        wrapper(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0, packing=packing))["seq_logps"].sum().backward()
+        batch = collate_sequences(PROMPTS, COMPLETIONS, pad_id=0, packing=packing)
+        CausalLMLogps(model, chunk_size=chunk)(batch)["seq_logps"].sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-6)
 
 
 def test_reward_pooling_matches_hf_and_handles_padding(tiny):

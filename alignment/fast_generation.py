@@ -1,0 +1,166 @@
+"""Decoding with a static KV cache and the one-token step replayed as a CUDA graph.
+
+:class:`GraphDecoder` is a drop-in for :class:`alignment.generation.KVDecoder` (same
+``prefill`` / ``step`` interface, used by :func:`alignment.generation.generate` when
+``GenerationSettings.cuda_graphs`` is on). Why it is fast: a decode step of a small model is a
+thousand tiny kernels whose launch cost (Python + transformers + the CUDA driver) is ten times
+their run time. With every shape fixed — batch, a cache preallocated at ``prompt + new tokens``
+slots, one 4-D attention mask buffer — the step reads and writes the same device addresses
+every time, so it is captured once and replayed as one graph launch per token.
+
+Layout: the prompts (left-padded) occupy cache slots ``0..P-1``; generated token ``i`` goes to
+slot ``P + i``. The attention mask is a boolean ``[B, 1, q, T]`` tensor built here and passed
+to the model as a prepared 4-D mask (transformers uses it as given): key slot ``k`` is visible
+when it is filled and valid for the row and not in the query's future. Every query also sees
+its own slot, so a left-padding position attends to itself instead of to nothing (an all-masked
+row would make NaNs that then leak through ``0 * NaN`` into real rows).
+
+Assumptions: a transformers decoder whose forward accepts ``position_ids``, a prepared 4-D
+``attention_mask`` and a ``StaticCache`` that tracks its own write position (transformers 5);
+full attention in every layer (sliding-window configs are refused). Sampling stays outside the
+graph (it is a few kernels, and a seeded generator cannot be captured without registering it).
+
+On CPU, or when ``use_graph=False``, the same static-buffer step runs eagerly: the results are
+the same and this is what the CPU tests exercise. If capture fails (a model that syncs with the
+host inside its forward) the decoder logs it and continues eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+
+import torch
+from transformers import StaticCache
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GraphDecoder", "graph_supported"]
+
+
+def _inner(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, "module", inner)
+
+
+def graph_supported(model) -> bool:
+    """True when every layer uses full attention: ``layer_types`` (when the config has them)
+    are all ``full_attention``; configs without them must not set a ``sliding_window``."""
+    config = _inner(model).config
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return set(kinds) == {"full_attention"}
+    return getattr(config, "sliding_window", None) is None
+
+
+class GraphDecoder:
+    """Prefill + decode steps over a ``StaticCache``; the step is a CUDA graph on CUDA devices.
+
+    ``prefill(prompt_ids, prompt_mask, max_new_tokens)`` returns the logits ``[B, V]`` for the
+    first new token; each ``step(tokens)`` appends ``tokens`` ``[B]`` and returns the logits for
+    the next one. The first step runs eagerly (it warms up kernels and library handles), the
+    second captures the graph and every later one replays it. The returned logits live in a
+    buffer the next step overwrites: use them (sample) before calling ``step`` again.
+    One decoder serves one batch; build a new one per :func:`~alignment.generation.generate` batch.
+    Raises ValueError for models with sliding-window attention.
+    """
+
+    def __init__(self, model, use_graph: bool | None = None) -> None:
+        if not graph_supported(model):
+            raise ValueError("GraphDecoder needs full attention in every layer (sliding-window models are not supported)")
+        self.model = model
+        self.use_graph = use_graph
+        params = set(inspect.signature(_inner(model).forward).parameters)
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.keep_last = "logits_to_keep" in params
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.steps_run = 0
+        self.captured = False
+
+    # ------------------------------------------------------------------ forwards
+    def _forward(self, ids: torch.Tensor, mask4d: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
+        if self.keep_last:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=mask4d, position_ids=positions, **kwargs)
+        return out.logits[:, -1, :]
+
+    def _autocast(self):
+        """The caller's autocast state, with the weight-cast cache off (required under capture)."""
+        dev = self.device.type
+        if dev != "cuda" or not torch.is_autocast_enabled(dev):
+            return contextlib.nullcontext()
+        return torch.autocast(dev, dtype=torch.get_autocast_dtype(dev), cache_enabled=False)
+
+    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Run the prompts into a fresh cache of ``P + max_new_tokens`` slots; logits ``[B, V]``."""
+        B, P = prompt_ids.shape
+        T = P + max_new_tokens
+        self.device = prompt_ids.device
+        if self.use_graph is None:
+            self.use_graph = self.device.type == "cuda"
+        self.cache = StaticCache(config=_inner(self.model).config, max_cache_len=T)
+        self.valid = torch.zeros(B, T, dtype=torch.bool, device=self.device)
+        self.valid[:, :P] = prompt_mask.bool()
+        slots = torch.arange(T, device=self.device)
+        query = torch.arange(P, device=self.device)
+        causal = slots[None, :] <= query[:, None]  # [P, T]
+        own = slots[None, :] == query[:, None]
+        mask = (causal[None] & self.valid[:, None, :]) | own[None]  # [B, P, T]
+        positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+        with self._autocast():
+            logits = self._forward(prompt_ids, mask[:, None], positions)
+        # Static step buffers: the graph reads these addresses on every replay.
+        self.ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        self.positions = (positions[:, -1:] + 1).clone()
+        self.step_mask = self.valid[:, None, None, :]  # a view: marking a slot valid updates it
+        self.next_slot = P
+        self.total = T
+        return logits
+
+    def _eager_step(self) -> torch.Tensor:
+        with self._autocast():
+            return self._forward(self.ids, self.step_mask, self.positions)
+
+    def _capture(self) -> torch.Tensor | None:
+        """Capture one step (not run) and replay it; None when capture fails (then eager)."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self._eager_step()
+        except Exception as err:  # a host sync or unsupported op inside the forward
+            log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly", err)
+            self.use_graph = False
+            return None
+        self.graph, self.graph_logits, self.captured = graph, out, True
+        graph.replay()
+        return out
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens`` ``[B]`` at the next slot; returns the logits ``[B, V]`` for the following token."""
+        if self.next_slot >= self.total:
+            raise RuntimeError(f"the static cache holds {self.total} slots; no room for another token")
+        self.ids.copy_(tokens.view(-1, 1))
+        self.valid[:, self.next_slot] = True
+        if not self.use_graph:
+            logits = self._eager_step()
+        elif self.graph is not None:
+            self.graph.replay()
+            logits = self.graph_logits
+        elif self.steps_run == 0:
+            # First step eagerly on a side stream: lazy inits (library handles, workspaces) happen
+            # here, outside the capture, as the CUDA graph documentation asks.
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                logits = self._eager_step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            logits = self._capture()
+            if logits is None:
+                logits = self._eager_step()
+        self.positions.add_(1)
+        self.next_slot += 1
+        self.steps_run += 1
+        return logits

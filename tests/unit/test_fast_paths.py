@@ -1,0 +1,152 @@
+"""The GPU fast paths against the plain paths, at fp32 on tiny models on the CPU.
+
+The same comparison ``benchmarks/gpu_bench.py --groups check`` makes on the GPU in bf16: the
+optimized DPO / reward-model path (packed batch, label log-probs from hidden states with the
+chunked LM head, the fused log-prob block math) must give the plain path's losses, log-probs and
+gradients (padded batch, the model's own full-logit forward and log_softmax / pooling). Also:
+the static-cache decoder of :mod:`alignment.fast_generation` (eager on CPU; the CUDA graph only
+replays it) samples exactly what the default decode loop samples, and the regional compile
+helper finds the repeated decoder blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import alignment.logprobs as logprobs
+from alignment.batching import Truncation, collate_pairs, tokenize_pairs
+from alignment.config import GenerationSettings
+from alignment.fast_generation import GraphDecoder, graph_supported
+from alignment.fast_paths import compile_layers, repeated_blocks
+from alignment.generation import KVDecoder, generate
+from alignment.losses import dpo_loss, reward_loss
+from alignment.models import CausalLMLogps, ScalarReward, packing_supported
+from tests.tiny_models import make_tiny_model, make_tokenizer, preference_pairs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def folder(request, tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def batches(tokenizer):
+    rows = preference_pairs(5, seed=3).to_dict("records")
+    rows[0]["prompt"] += " the film" * 12  # one long pair: shorter sequences then share packed rows
+    examples, _ = tokenize_pairs(tokenizer, rows, Truncation(64, 32, "truncate", tokenizer.bos_token_id))
+    padded = collate_pairs(examples, pad_id=tokenizer.pad_token_id, packing=False)
+    packed = collate_pairs(examples, pad_id=tokenizer.pad_token_id, packing=True)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # sequences really share rows
+    return padded, packed, len(examples)
+
+
+def grads_of(model) -> list[torch.Tensor]:
+    out = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dpo_fast_path_equals_plain_path(folder, batches, fused, monkeypatch):
+    """Packed + hidden-state chunked log-probs (and the fused block math) = padded full-logit log_softmax."""
+    padded, packed, n = batches
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()  # dropout off (GPT-2 has some)
+    logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    labels = padded["labels"]
+    tok = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0] * (labels != -100)
+    plain = tok.sum(-1)
+    gen = torch.Generator().manual_seed(0)
+    ref = plain.detach() + torch.randn(2 * n, generator=gen)  # a reference unequal to the policy
+    loss_plain = dpo_loss(plain[:n], plain[n:], ref[:n], ref[n:], beta=0.5)[0].mean()
+    loss_plain.backward()
+    want = grads_of(model)
+
+    # The fused path's block functions, run eagerly: their math is what torch.compile compiles.
+    monkeypatch.setattr(logprobs, "_compiled", lambda fn: fn)
+    module = CausalLMLogps(model, chunk_size=8)  # several chunks
+    module.compiled_head = fused
+    # Packed where the model supports it (Llama); GPT-2 cannot pack, and the recipes then pad.
+    fast = module(packed if packing_supported(model) else padded)["seq_logps"]
+    loss_fast = dpo_loss(fast[:n], fast[n:], ref[:n], ref[n:], beta=0.5)[0].mean()
+    loss_fast.backward()
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(loss_fast, loss_plain, atol=1e-6, rtol=1e-5)
+    for got, exp in zip(grads_of(model), want, strict=True):
+        torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-4)
+
+
+def test_reward_fast_path_equals_hf_pooling(folder, tokenizer):
+    """Our packed last-token head = the HF sequence-classification forward on a padded batch."""
+    rows = preference_pairs(4, seed=5).to_dict("records")
+    examples, _ = tokenize_pairs(tokenizer, rows, Truncation(64, 32, "truncate", None), append_eos=False)
+    padded = collate_pairs(examples, pad_id=tokenizer.pad_token_id, packing=False)
+    packed = collate_pairs(examples, pad_id=tokenizer.pad_token_id, packing=True)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    n = len(examples)
+    plain = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, 0]
+    reward_loss(plain[:n], plain[n:]).mean().backward()
+    want = grads_of(model)
+    fast = ScalarReward(model)(packed if packing_supported(model) else padded)
+    reward_loss(fast[:n], fast[n:]).mean().backward()
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    for got, exp in zip(grads_of(model), want, strict=True):
+        torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_static_graph_decoder_samples_what_the_default_loop_samples(folder, tokenizer, do_sample):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompts = ["the movie was", "review the film and the plot of this very long story", "a",
+               [{"role": "user", "content": "tell me about the music"}]]
+    settings = GenerationSettings(max_new_tokens=10, do_sample=do_sample, batch_size=3)
+    default = generate(model, tokenizer, prompts, settings, seed=7)
+    graphed = generate(model, tokenizer, prompts, settings.model_copy(update={"cuda_graphs": True}), seed=7)
+    assert torch.equal(graphed.response_ids, default.response_ids)
+    assert torch.equal(graphed.response_mask, default.response_mask)
+    assert graphed.texts == default.texts
+
+
+def test_graph_decoder_step_logits_match_kv_decoder(folder):
+    """Step by step, the static-cache logits equal the dynamic-cache loop's (left padding included)."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    a, b = KVDecoder(model), GraphDecoder(model)
+    assert graph_supported(model) and b.use_graph is None
+    with torch.no_grad():
+        la, lb = a.prefill(ids, mask, 4), b.prefill(ids, mask, 4)
+        assert b.use_graph is False  # CPU: eager static steps
+        for token in ([13, 14], [15, 16], [17, 18], [19, 20]):
+            torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+            t = torch.tensor(token)
+            la, lb = a.step(t), b.step(t)
+        torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="no room"):
+            b.step(torch.tensor([1, 1]))
+
+
+def test_compile_layers_finds_the_decoder_blocks(folder):
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    blocks = repeated_blocks(model)
+    assert len(blocks) == 1 and len(blocks[0]) == model.config.num_hidden_layers
+    module = CausalLMLogps(model)
+    assert compile_layers(module) is module  # in place: weights and state dict untouched
+    assert module.compiled_head
+    assert all(layer._compiled_call_impl is not None for layer in blocks[0])
