@@ -15,6 +15,14 @@ when it is filled and valid for the row and not in the query's future. Every que
 its own slot, so a left-padding position attends to itself instead of to nothing (an all-masked
 row would make NaNs that then leak through ``0 * NaN`` into real rows).
 
+Decode steps use :func:`decode_attention` (registered with transformers as
+``"alignflow_decode"`` and switched on only around the step): one query per row against the
+whole cache, grouped-query heads served from their shared K/V without materializing repeats
+(transformers' SDPA path copies K and V ``heads / kv_heads`` times whenever a mask is given,
+which is every static-cache step). The cache stores keys and values in the compute dtype (bf16
+under autocast; transformers would otherwise allocate it from the first key's dtype, fp32 after
+the rotary embedding, and then fail on bf16 values).
+
 Assumptions: a transformers decoder whose forward accepts ``position_ids``, a prepared 4-D
 ``attention_mask`` and a ``StaticCache`` that tracks its own write position (transformers 5);
 full attention in every layer (sliding-window configs are refused). Sampling stays outside the
@@ -32,11 +40,58 @@ import inspect
 import logging
 
 import torch
-from transformers import StaticCache
+from transformers import AttentionInterface, StaticCache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphDecoder", "graph_supported"]
+__all__ = ["DECODE_ATTENTION", "GraphDecoder", "decode_attention", "graph_supported"]
+
+DECODE_ATTENTION = "alignflow_decode"
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of ``q`` queries over a cache, grouped-query aware, as a transformers attention function.
+
+    ``query`` ``[B, Hq, q, D]``, ``key``/``value`` ``[B, Hk, T, D]`` with ``Hq = G * Hk`` (query head
+    ``h`` reads K/V head ``h // G``, transformers' ``repeat_kv`` order), ``attention_mask`` boolean
+    ``[B, 1, q, T]`` (True = attend). softmax(q k^T * scaling) v with the softmax in fp32. Returns
+    ``([B, q, Hq, D], None)``. No dropout (inference only).
+    """
+    B, Hq, q, D = query.shape
+    Hk = key.shape[1]
+    G = Hq // Hk
+    scale = scaling if scaling is not None else D**-0.5
+    grouped = query.reshape(B, Hk, G * q, D)  # rows g*q + i: head (kv*G + g), query i
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [B, Hk, G*q, T]
+    mask = attention_mask[:, :, None].expand(B, 1, G, q, attention_mask.shape[-1]).reshape(B, 1, G * q, -1)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value).reshape(B, Hq, q, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+
+
+class _ComputeDtypeCache(StaticCache):
+    """A StaticCache that stores keys and values in one dtype (``compute_dtype``), casting on write."""
+
+    compute_dtype: torch.dtype | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.compute_dtype is not None:
+            key_states, value_states = key_states.to(self.compute_dtype), value_states.to(self.compute_dtype)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _attention(config, name: str):
+    """Use attention implementation ``name`` inside the block (the config's choice is restored after)."""
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def _inner(model):
@@ -89,7 +144,7 @@ class GraphDecoder:
     def _autocast(self):
         """The caller's autocast state, with the weight-cast cache off (required under capture)."""
         dev = self.device.type
-        if dev != "cuda" or not torch.is_autocast_enabled(dev):
+        if not torch.is_autocast_enabled(dev):
             return contextlib.nullcontext()
         return torch.autocast(dev, dtype=torch.get_autocast_dtype(dev), cache_enabled=False)
 
@@ -100,7 +155,11 @@ class GraphDecoder:
         self.device = prompt_ids.device
         if self.use_graph is None:
             self.use_graph = self.device.type == "cuda"
-        self.cache = StaticCache(config=_inner(self.model).config, max_cache_len=T)
+        config = _inner(self.model).config
+        self.cache = _ComputeDtypeCache(config=config, max_cache_len=T)
+        dev = self.device.type
+        self.cache.compute_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                                    else next(self.model.parameters()).dtype)
         self.valid = torch.zeros(B, T, dtype=torch.bool, device=self.device)
         self.valid[:, :P] = prompt_mask.bool()
         slots = torch.arange(T, device=self.device)
@@ -120,7 +179,7 @@ class GraphDecoder:
         return logits
 
     def _eager_step(self) -> torch.Tensor:
-        with self._autocast():
+        with self._autocast(), _attention(_inner(self.model).config, DECODE_ATTENTION):
             return self._forward(self.ids, self.step_mask, self.positions)
 
     def _capture(self) -> torch.Tensor | None:

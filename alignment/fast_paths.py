@@ -27,7 +27,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compile_layers", "repeated_blocks", "sdpa_backends"]
+__all__ = ["compile_layers", "repeated_blocks", "sdpa_backends", "set_causal_padding"]
 
 
 def repeated_blocks(module: nn.Module) -> list[nn.ModuleList]:
@@ -74,3 +74,12 @@ def sdpa_backends(allow_cudnn: bool = False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def set_causal_padding(module: nn.Module, enabled: bool) -> int:
+    """Set ``causal_padding`` on every sub-module that has the switch (the decoder wrappers of
+    :mod:`alignment.models`); returns how many. See ``TrainSettings.causal_padding``."""
+    found = [sub for sub in module.modules() if hasattr(sub, "causal_padding")]
+    for sub in found:
+        sub.causal_padding = enabled
+    return len(found)

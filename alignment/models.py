@@ -189,11 +189,14 @@ class CausalLMLogps(nn.Module):
         self.use_hidden = hidden_path_ok(model)
         self.compiled_head = False
         """GPU fast path: compiled log-prob blocks (set by :func:`alignment.fast_paths.compile_layers`)."""
+        self.causal_padding = False
+        """GPU fast path: ignore the padding mask of right-padded batches (see ``TrainSettings.causal_padding``)."""
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         inner = hf_model(self.model)
+        mask = None if self.causal_padding else batch.get("attention_mask")
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                  "attention_mask": batch.get("attention_mask"), "use_cache": False}
+                  "attention_mask": mask, "use_cache": False}
         index, targets = batch["target_index"], batch["target_ids"]
         if self.use_hidden:
             hidden = inner.base_model(**inputs).last_hidden_state
@@ -231,6 +234,8 @@ class ScalarReward(nn.Module):
         super().__init__()
         self.model = model
         self.decoder_head = hasattr(hf_model(model), "score")
+        self.causal_padding = False
+        """GPU fast path for decoder backbones: ignore the padding mask of right-padded batches."""
 
     def forward(self, batch: dict) -> torch.Tensor:
         inner = hf_model(self.model)
@@ -240,7 +245,8 @@ class ScalarReward(nn.Module):
                 raise ValueError("encoder reward models need padded batches (set packing: false)")
             return self.model(input_ids=batch["input_ids"], attention_mask=mask).logits[:, 0].float()
         hidden = inner.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                  attention_mask=mask, use_cache=False).last_hidden_state
+                                  attention_mask=None if self.causal_padding else mask,
+                                  use_cache=False).last_hidden_state
         last = hidden.flatten(0, 1).index_select(0, batch["last_index"])
         return inner.score(last)[:, 0].float()
 

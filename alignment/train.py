@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# Passive OpenMP waits: spinning threads slow torch down many-fold on a shared CPU (see flows/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from alignment.config import RECIPE_CONFIGS, ConfigError, TrainSettings, validate_config
 from alignment.recipes import get_recipe

@@ -65,7 +65,8 @@ TRAIN_CASES = ["trl_dpo", "ours_dpo", "ours_dpo_cudnn", "ours_dpo_padded", "ours
                "ours_rm_compile", "trl_dpo_nocudnn"]
 """Case names: ``trl_*`` TRL, ``ours_*`` our recipes; ``_lora`` LoRA r16 all-linear, ``_compile``
 regional torch.compile, ``_padded`` no packing, ``_refcopy`` reference forward every step (a
-frozen copy, as TRL does), ``_gc`` gradient checkpointing, ``ours_*_cudnn`` allows cuDNN attention
+frozen copy, as TRL does), ``_gc`` gradient checkpointing, ``_causalpad`` right-padded batches without the padding mask
+(causal flash attention; ``TrainSettings.causal_padding``), ``ours_*_cudnn`` allows cuDNN attention
 (our default leaves it off), ``trl_*_nocudnn`` TRL with cuDNN attention off."""
 BASELINE = {"dpo": "trl_dpo", "dpo_lora": "trl_dpo_lora", "rm": "trl_rm"}
 
@@ -213,14 +214,13 @@ def ceilings(device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------- our trainers
-def run_ours(recipe: str, folder: Path, data: Path, args, *, pairs: int, seq: int, lora: bool = False,
-             compile: bool = False, packing: bool = True, reference: str = "precomputed", gc_: bool = False,
-             extra: dict | None = None) -> dict:
-    """One of our recipes for ``warmup + steps`` steps; per-step stamps from its metrics callback."""
+def make_recipe(recipe: str, folder: Path, data: Path, args, *, pairs: int, seq: int, lora: bool = False,
+                compile: bool = False, packing: bool = True, reference: str = "precomputed", gc_: bool = False,
+                extra: dict | None = None):
+    """One of our recipes on the benchmark's matched settings (not set up yet)."""
     from alignment.config import RECIPE_CONFIGS
     from alignment.recipes import get_recipe
 
-    device = args.device_t
     model = {"name_or_path": str(folder), "tokenizer": str(tokenizer_dir(folder)), "gradient_checkpointing": gc_}
     if lora:
         model["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -230,7 +230,16 @@ def run_ours(recipe: str, folder: Path, data: Path, args, *, pairs: int, seq: in
     if recipe == "dpo":
         cfg["reference"] = reference
     cfg.update(extra or {})
-    run = get_recipe(recipe)(RECIPE_CONFIGS[recipe](**cfg))
+    return get_recipe(recipe)(RECIPE_CONFIGS[recipe](**cfg))
+
+
+def run_ours(recipe: str, folder: Path, data: Path, args, *, pairs: int, seq: int, lora: bool = False,
+             compile: bool = False, packing: bool = True, reference: str = "precomputed", gc_: bool = False,
+             extra: dict | None = None) -> dict:
+    """One of our recipes for ``warmup + steps`` steps; per-step stamps from its metrics callback."""
+    device = args.device_t
+    run = make_recipe(recipe, folder, data, args, pairs=pairs, seq=seq, lora=lora, compile=compile, packing=packing,
+                      reference=reference, gc_=gc_, extra=extra)
     stamps: list[tuple[float, float]] = []
     records: list[dict] = []
 
@@ -367,9 +376,11 @@ def train_case(case: str, shape: str, args, *, seq: int | None = None, pairs: in
     else:
         recipe = "reward" if case.startswith("ours_rm") else "dpo"
         # Our recipes leave cuDNN attention off unless cudnn_attention: "_cudnn" cases turn it on.
-        opts = dict(pairs=pairs, seq=seq, lora=lora, compile="compile" in case, packing="padded" not in case,
-                    gc_=case.endswith("_gc"), reference="copy" if "refcopy" in case else "precomputed",
-                    extra={"cudnn_attention": case.endswith("_cudnn")})
+        causal_pad = "causalpad" in case
+        opts = dict(pairs=pairs, seq=seq, lora=lora, compile="compile" in case,
+                    packing="padded" not in case and not causal_pad, gc_=case.endswith("_gc"),
+                    reference="copy" if "refcopy" in case else "precomputed",
+                    extra={"cudnn_attention": case.endswith("_cudnn"), "causal_padding": causal_pad})
         out = run_ours(recipe, folder, data, args, **opts)
         fpt = None if lora else (8 if "refcopy" in case else 6) * N
     out.update(shape=shape, seq=seq, pairs=pairs, params=N, flops_per_token=fpt)
@@ -378,6 +389,56 @@ def train_case(case: str, shape: str, args, *, seq: int | None = None, pairs: in
         if "tokens_per_s_incl_ref_pass" in out:
             out["tflops_incl_ref_pass"] = out["tokens_per_s_incl_ref_pass"] * 8 * N / 1e12
     return out
+
+
+KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "efficient")),
+                ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+                ("optimizer", ("adam", "multi_tensor")), ("triton (compiled)", ("triton",)))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other (eager elementwise etc.)")
+
+
+def profile_train(case: str, shape: str, args, steps: int = 2) -> dict:
+    """Where one training step's time goes: GPU kernel time by kind vs wall time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = SHAPES[shape]
+    folder = build_shape(args.work, shape, args.device_t)
+    n_rows = spec["pairs"] * (args.warmup + steps + 1)
+    data = write_rows(make_pairs(n_rows, spec["seq"], spec["vocab_size"]), args.work / f"prof-{shape}.parquet")
+    causal_pad = "causalpad" in case
+    run = make_recipe("reward" if "_rm" in case else "dpo", folder, data, args, pairs=spec["pairs"], seq=spec["seq"],
+                      compile="compile" in case, packing=not causal_pad, extra={"causal_padding": causal_pad})
+    try:
+        run.setup()
+        run.train_module.train()
+        for _ in range(args.warmup):
+            run.train_step()
+        sync(args.device_t)
+        started = time.perf_counter()
+        cuda = args.device_t.type == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                run.train_step()
+            sync(args.device_t)
+        wall = (time.perf_counter() - started) / steps
+    finally:
+        run.cleanup()
+
+    def spent(e):  # kernel time on the GPU; self time of ops in a CPU dry run
+        return e.device_time_total if cuda else e.self_cpu_time_total
+
+    kinds: dict[str, float] = {}
+    events = [e for e in prof.key_averages() if spent(e) > 0]
+    for e in events:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + spent(e) / steps / 1000
+    events.sort(key=lambda e: -spent(e))
+    return {"shape": shape, "wall_ms_per_step": 1000 * wall, "gpu_ms_per_step": sum(kinds.values()),
+            "by_kind_ms": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [(e.key[:70], e.count // steps, round(spent(e) / steps / 1000, 2)) for e in events[:12]]}
 
 
 # ---------------------------------------------------------------------------- generation
@@ -445,7 +506,7 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 8) -> dict:
 
     dec = GraphDecoder(model)
     with torch.no_grad():
-        logits = dec.prefill(ids, torch.ones_like(ids), steps + 4)
+        logits = dec.prefill(ids, torch.ones_like(ids), steps + 4 + 20)
         for _ in range(3):  # eager, capture, replay
             logits = dec.step(logits.argmax(-1))
         torch.cuda.synchronize()
@@ -453,10 +514,17 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 8) -> dict:
             for _ in range(steps):
                 logits = dec.step(logits.argmax(-1))
             torch.cuda.synchronize()
+        # Replays alone (no sampling, no host sync per step): the graph's own GPU time.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            dec.graph.replay()
+        end.record()
+        torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in events)
-    return {"captured": dec.captured, "kernels_per_step": sum(e.count for e in events) / steps,
+    return {"captured": dec.captured, "replay_ms": start.elapsed_time(end) / 20, "kernels_per_step": sum(e.count for e in events) / steps,
             "gpu_ms_per_step": total / steps / 1000,
             "top": [(e.key[:80], e.count // steps, round(e.device_time_total / steps, 1)) for e in events[:12]]}
 
@@ -538,7 +606,8 @@ def table(results: list[dict], ceil: dict) -> str:
             prof = r.get("decode_profile")
             if prof:
                 lines.append(f"graph decode step: {prof['kernels_per_step']:.0f} kernels, "
-                             f"{prof['gpu_ms_per_step']:.2f} ms of kernel time per step; top (name, per step, us): "
+                             f"{prof['gpu_ms_per_step']:.2f} ms of kernel time, one replay {prof['replay_ms']:.2f} ms"
+                             "; top (name, per step, us): "
                              + "; ".join(f"{n} x{c} {t}" for n, c, t in prof["top"][:6]))
     rl = [r for r in results if r["group"] == "rl" and "error" not in r]
     if rl:
@@ -553,11 +622,18 @@ def table(results: list[dict], ceil: dict) -> str:
         if r["group"] == "check" and "error" not in r:
             lines += ["", f"check {r['case']} {r['shape']} (relative errors vs fp32; loss fp32 {r['loss_fp32']:.4f})",
                       "| path | values | loss | grad | grad cos | verdict |", "|---|---|---|---|---|---|"]
-            for name in ("plain_bf16", "opt_eager", "opt_compiled"):
-                e = r[name]
+            for name in ("plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad"):
+                e = r.get(name)
+                if e is None:
+                    continue
                 verdict = "" if "pass" not in e else ("PASS" if e["pass"] else "FAIL")
                 lines.append(f"| {name} | {e['values']:.2e} | {e['loss']:.2e} | {e['grad']:.2e} | {e['grad_cos']:.6f} | "
                              f"{verdict} |")
+    for r in results:
+        if r["group"] == "profile" and "error" not in r:
+            lines += ["", f"profile {r['case']} {r['shape']}: {r['wall_ms_per_step']:.0f} ms/step wall, "
+                          f"{r['gpu_ms_per_step']:.0f} ms of kernels; by kind (ms): {json.dumps(r['by_kind_ms'])}",
+                      "top kernels (name, count/step, ms/step): " + "; ".join(f"{n} x{c} {t}" for n, c, t in r["top"])]
     errors = [r for r in results if "error" in r]
     for r in errors:
         lines.append(f"ERROR {r['group']}/{r['case']}/{r.get('shape')}: {r['error']}")
@@ -586,6 +662,8 @@ def plan(args) -> list[tuple[str, str, str, dict]]:
             elif group == "scale":
                 for seq in (512, 1024, 2048, 4096):
                     todo.append(("scale", args.scale_case, shape, {"seq": seq, "pairs": max(1, 8192 // seq)}))
+            elif group == "profile":
+                todo += [("profile", c, shape, {}) for c in (picked or ["ours_dpo_compile"])]
             elif group != "ceilings":
                 raise SystemExit(f"unknown group {group!r}")
     return todo
@@ -644,6 +722,8 @@ def main() -> None:
                 record.update(gen_case(shape, args))
             elif group == "rl":
                 record.update(rl_case(case, shape, args))
+            elif group == "profile":
+                record.update(profile_train(case, shape, args))
             elif group == "check":
                 from benchmarks.gpu_bench_check import dpo_check, rm_check
 

@@ -206,7 +206,7 @@ class MetricStreamer:
         for rec in records:
             step = int(rec.get("step", 0))
             for key, value in rec.items():
-                if key in ("step", "time", "phase", "epoch") or isinstance(value, bool):
+                if key in ("step", "total_steps", "time", "phase", "epoch") or isinstance(value, bool):
                     continue
                 if isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
                     batch.append(Metric(key, float(value), now, step))

@@ -79,7 +79,7 @@ from torch import nn
 
 from alignment.batching import ExampleSet, LengthGroupedSampler, Truncation, to_device
 from alignment.config import ConfigError, TrainSettings, config_diff
-from alignment.fast_paths import compile_layers, sdpa_backends
+from alignment.fast_paths import compile_layers, sdpa_backends, set_causal_padding
 from alignment.logprobs import check_finite
 from alignment.models import is_peft, packing_supported, save_model_folder
 from alignment.recipes.state import load_trainable_state, lr_lambda, rng_state, set_rng_state, trainable_state
@@ -242,6 +242,8 @@ class Recipe(ABC):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.optim.warmup_steps, sched_steps, cfg.optim.schedule)
         )
+        if cfg.causal_padding and not self.packing:
+            set_causal_padding(self.train_module, True)
         if cfg.compile:
             self.train_module = compile_layers(self.train_module)
         self.train_module, self.optimizer = acc.prepare(self.train_module, self.optimizer)
@@ -441,7 +443,8 @@ class Recipe(ABC):
         """Send one record to metrics.jsonl and the callbacks (main process only)."""
         if not self.accelerator.is_main_process:
             return
-        record = {"step": self.step, "phase": phase, "time": time.time(), **metrics}
+        record = {"step": self.step, "total_steps": getattr(self, "total_steps", None), "phase": phase,
+                  "time": time.time(), **metrics}
         if self._metrics_file is not None:
             self._metrics_file.write(json.dumps(record) + "\n")
             self._metrics_file.flush()

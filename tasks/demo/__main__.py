@@ -3,8 +3,8 @@
     python -m tasks.demo [--cache-dir DIR] [--samples 10] [--seed 0] [--set pretrain.steps=400 ...]
 
 Prints the build record (digest, held-out perplexity, build time), then continuations of
-held-out test prompts sampled with the simulator's settings, each with its VADER score, and
-their mean.
+held-out test prompts sampled with the simulator's settings, each with its VADER score, their
+mean, and the share of their words that are real words (found in the corpus).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from alignment.generation import generate
     from tasks.demo.base_model import build_base_model
+    from tasks.demo.corpus import corpus_words, demo_cache_dir, load_corpus, real_word_share
     from tasks.demo.oracle import sentiment
     from tasks.demo.prompts import demo_prompts
     from tasks.demo.simulator import generation_settings, load_policy
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     for prompt, text, score in zip(test, texts, scores, strict=True):
         print(f"{score:+.2f} | {prompt} ||{text}")
     print(f"mean VADER compound of {len(texts)} continuations: {scores.mean():+.3f}")
+    words = corpus_words(load_corpus(settings.corpus, demo_cache_dir(settings)))
+    print(f"share of their words found in the corpus: {real_word_share(texts, words):.3f}")
 
 
 if __name__ == "__main__":

@@ -241,3 +241,19 @@ def _read_cached(path: Path) -> Corpus:
             row = json.loads(line)
             (train if row["split"] == "train" else heldout).append(row["text"])
     return Corpus(train=tuple(train), heldout=tuple(heldout), checksum=_checksum(tuple(train), tuple(heldout)))
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def corpus_words(corpus: Corpus) -> frozenset[str]:
+    """Lower-case alphabetic words of all documents (train and held-out)."""
+    return frozenset(w for doc in corpus.train + corpus.heldout for w in _WORD.findall(doc.lower()))
+
+
+def real_word_share(texts: Iterable[str], words: frozenset[str]) -> float:
+    """Share of the alphabetic words in ``texts`` that occur in ``words``: a readability check
+    for generated text (a small LM's failure mode is gluing subwords into non-words). NaN when
+    the texts hold no word."""
+    found = [w in words for t in texts for w in _WORD.findall(t.lower())]
+    return sum(found) / len(found) if found else float("nan")

@@ -83,7 +83,7 @@ class ModelShape(StrictModel):
 class PretrainSettings(StrictModel):
     """Next-token pretraining on packed sequences of the training documents."""
 
-    steps: int = Field(900, gt=0)
+    steps: int = Field(1300, gt=0)
     """Optimizer steps (fixed, so the build is deterministic; sized for about 3.5 minutes on 2 cores)."""
     batch_size: int = Field(16, gt=0)
     """Packed sequences of ``context_length`` tokens per step."""
@@ -198,7 +198,7 @@ class SimulatorSettings(StrictModel):
     live: top-40 keeps 99% of generated words real words (pure sampling: 90%)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus filter while sampling (1: off)."""
-    generation_batch_size: int = Field(64, gt=0)
+    generation_batch_size: int = Field(128, gt=0)
     """Sequences generated per forward batch."""
     seed: int = 0
     """Seeds prompt draw, sampling, annotator assignment, labels and corruption."""
@@ -207,8 +207,8 @@ class SimulatorSettings(StrictModel):
     def _check(self) -> SimulatorSettings:
         if self.informative_pairs + self.random_pairs == 0 and self.kind_shares.get("pairwise", 0) > 0:
             raise ValueError("pairwise feedback needs informative_pairs + random_pairs > 0")
-        if sum(self.kind_shares.values()) <= 0:
-            raise ValueError("kind_shares must have a positive share")
+        if any(v < 0 for v in self.kind_shares.values()) or sum(self.kind_shares.values()) <= 0:
+            raise ValueError(f"kind_shares must be >= 0 with a positive sum, got {self.kind_shares}")
         lo, hi = self.rating_scale
         if lo >= hi:
             raise ValueError(f"rating_scale must be (low, high) with low < high, got {self.rating_scale}")

@@ -113,3 +113,17 @@ def test_corruption_share_and_reasons():
     changed = (as_text(bad.drop(columns="malformed")) != as_text(truth)).any(axis=1)
     assert (changed == bad["malformed"].notna()).all()  # exactly the flagged rows differ
     assert not ((bad["malformed"] == "invalid_label") & (bad["format"] == "parquet")).any()
+
+
+def test_settings_errors_name_the_field():
+    from alignment.config import ConfigError, validate_config
+    from tasks.demo.settings import DemoSettings
+
+    with pytest.raises(ConfigError, match=r"demo\.simulator\.malformed_share"):
+        validate_config(DemoSettings, {"simulator": {"malformed_share": 0.7}}, prefix="demo")
+    with pytest.raises(ConfigError, match="n_embd .* divisible by n_head"):
+        validate_config(DemoSettings, {"model": {"n_embd": 100, "n_head": 3}}, prefix="demo")
+    with pytest.raises(ConfigError, match="at least one annotator must not be a spammer"):
+        validate_config(DemoSettings, {"simulator": {"annotators": [{"id": "x", "spammer": True}]}})
+    with pytest.raises(ConfigError, match="kind_shares"):
+        validate_config(DemoSettings, {"simulator": {"kind_shares": {"pairwise": -1.0}}})

@@ -116,3 +116,12 @@ def test_pack_concatenates_and_drops_the_tail():
     assert rows.tolist() == [[1, 5, 6, 2, 1], [7, 2, 1, 8, 9]]
     with pytest.raises(ValueError, match="do not fill"):
         pack([[1, 2]], 5)
+
+
+def test_gpt2_family_builds_too(corpus, tmp_path):
+    s = _settings(tmp_path, steps=5)
+    s = s.model_copy(update={"model": s.model.model_copy(update={"architecture": "gpt2"})})
+    info = build_base_model(s, corpus=corpus, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(info.path)
+    assert model.config.model_type == "gpt2" and model.config.n_positions == s.model.context_length
+    assert math.isfinite(info.heldout_loss)

@@ -120,3 +120,13 @@ def test_tokenizer_round_trips_and_marks_documents():
     unused = set(unused_token_ids(tok, encode_documents(tok, texts)))
     assert tok.bos_token_id in unused and tok.pad_token_id in unused and tok.eos_token_id not in unused
     assert tok.convert_tokens_to_ids("\u0120movie") not in unused
+
+
+def test_real_word_share_counts_words_found_in_the_corpus():
+    from tasks.demo.corpus import corpus_words, real_word_share
+
+    corpus = corpus_from_texts(review_sample(100), CorpusSettings(heldout_fraction=0.2))
+    words = corpus_words(corpus)
+    assert {"film", "dull", "finish"} <= words
+    assert real_word_share(["The film is dull!", "a filmx dullness"], words) == pytest.approx(5 / 7)
+    assert real_word_share(["", "123 ..."], words) != real_word_share(["", "123 ..."], words)  # NaN

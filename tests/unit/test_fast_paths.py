@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import alignment.logprobs as logprobs
 from alignment.batching import Truncation, collate_pairs, tokenize_pairs
 from alignment.config import GenerationSettings
-from alignment.fast_generation import GraphDecoder, graph_supported
-from alignment.fast_paths import compile_layers, repeated_blocks
+from alignment.fast_generation import GraphDecoder, decode_attention, graph_supported
+from alignment.fast_paths import compile_layers, repeated_blocks, set_causal_padding
 from alignment.generation import KVDecoder, generate
 from alignment.losses import dpo_loss, reward_loss
 from alignment.models import CausalLMLogps, ScalarReward, packing_supported
@@ -150,3 +150,48 @@ def test_compile_layers_finds_the_decoder_blocks(folder):
     assert compile_layers(module) is module  # in place: weights and state dict untouched
     assert module.compiled_head
     assert all(layer._compiled_call_impl is not None for layer in blocks[0])
+
+
+def test_decode_attention_equals_sdpa_with_repeated_heads():
+    """Grouped-query attention without repeating K/V = SDPA on explicitly repeated heads."""
+    gen = torch.Generator().manual_seed(0)
+    B, Hq, Hk, q, T, D = 2, 6, 2, 3, 7, 8
+    query, key, value = (torch.randn(B, h, n, D, generator=gen) for h, n in ((Hq, q), (Hk, T), (Hk, T)))
+    mask = torch.rand(B, 1, q, T, generator=gen) > 0.4
+    mask[..., 0] = True  # every query sees something
+    got, _ = decode_attention(None, query, key, value, mask, scaling=0.3)
+    rep = Hq // Hk
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_graph_decoder_cache_holds_the_autocast_dtype(folder):
+    """Under bf16 autocast over fp32 weights (the trainers' rollouts) keys and values are cached in bf16."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    dec = GraphDecoder(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = dec.prefill(ids, (ids != 0).long(), 3)
+        for _ in range(3):
+            logits = dec.step(logits.argmax(-1))
+    assert dec.cache.layers[0].keys.dtype == torch.bfloat16 == dec.cache.layers[0].values.dtype
+    assert torch.isfinite(logits).all()
+
+
+def test_causal_padding_drops_the_mask_without_changing_results(folder, batches, tokenizer):
+    """Right-padded batches give the same log-probs and rewards without their padding mask."""
+    padded, _, _ = batches
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    module = CausalLMLogps(model, chunk_size=8)
+    with torch.no_grad():
+        want = module(padded)["token_logps"]
+        assert set_causal_padding(module, True) == 1
+        got = module(padded)["token_logps"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    rm = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
+    scorer = ScalarReward(rm)
+    with torch.no_grad():
+        want = scorer(padded)
+        set_causal_padding(scorer, True)
+        torch.testing.assert_close(scorer(padded), want, atol=1e-5, rtol=1e-5)
