@@ -313,6 +313,37 @@ def validate_config(cls: type[StrictModel], data: dict[str, Any], prefix: str = 
         raise ConfigError(f"invalid {cls.__name__}:\n" + format_validation_error(err, prefix)) from None
 
 
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value). Raises ConfigError when malformed."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw config dict (creating nested sections as needed)."""
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
 def load_recipe_config(recipe: str, path: str | Path) -> TrainSettings:
     """Read a YAML or JSON recipe config from ``path``. Raises ConfigError on unknown recipe or bad field."""
     if recipe not in RECIPE_CONFIGS:

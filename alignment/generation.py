@@ -233,7 +233,14 @@ def _eos_ids(model, tokenizer, eos_token_ids) -> list[int]:
     return sorted(ids)
 
 
-def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pad_id):
+def _suppressed_ids(model, device) -> torch.Tensor | None:
+    """``generation_config.suppress_tokens`` (tokens the model must never emit, e.g. ones it
+    never saw in training) as a tensor, or None."""
+    ids = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
+    return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device) if ids else None
+
+
+def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pad_id, suppress=None):
     B = prompt_ids.shape[0]
     n = settings.max_new_tokens
     device = prompt_ids.device
@@ -244,6 +251,8 @@ def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pa
     logits = decoder.prefill(prompt_ids, prompt_mask, n)
     steps = 0
     for i in range(n):
+        if suppress is not None:
+            logits = logits.index_fill(-1, suppress, float("-inf"))
         tokens = sample_next(logits, settings, generator)
         tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
         out[:, i] = tokens
@@ -323,7 +332,8 @@ def generate(
                 resp, resp_mask, hit = _hf_batch(model, ids, mask, settings, seed + start, eos, pad_id)
             else:
                 decoder = GraphDecoder(model) if settings.cuda_graphs else KVDecoder(model, cache)
-                resp, resp_mask, hit = _decode_batch(decoder, ids, mask, settings, generator, eos, pad_id)
+                resp, resp_mask, hit = _decode_batch(decoder, ids, mask, settings, generator, eos, pad_id,
+                                                     _suppressed_ids(model, device))
             resp, resp_mask = resp.cpu(), resp_mask.cpu()
             texts = [
                 tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)

@@ -29,28 +29,9 @@ import yaml
 # Passive OpenMP waits: spinning threads slow torch down many-fold on a shared CPU (see flows/cli.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from alignment.config import RECIPE_CONFIGS, ConfigError, TrainSettings, validate_config
+from alignment.config import RECIPE_CONFIGS, ConfigError, TrainSettings, apply_overrides, validate_config
 from alignment.recipes import get_recipe
 from alignment.recipes.base import MetricsCallback
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Set dotted keys from ``key=value`` strings (values parsed as YAML). Raises ConfigError on bad syntax."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-            node = child
-        node[leaf] = yaml.safe_load(raw)
-    return data
 
 
 def load_config(recipe: str, path: str | Path | None, overrides: Sequence[str] = ()) -> TrainSettings:

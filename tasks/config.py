@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import Field, field_validator
@@ -27,6 +27,7 @@ from alignment.config import (
     RewardConfig,
     SFTConfig,
     StrictModel,
+    apply_overrides,
     config_digest,
     validate_config,
 )
@@ -156,37 +157,6 @@ class PipelineConfig(StrictModel):
         """Digest of some sections only, for stage cache keys."""
         data = self.model_dump(mode="json")
         return config_digest({n: data.get(n) for n in names})
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value). Raises ConfigError when malformed."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key.path=value")
-    key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
-    return path, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``--set`` overrides to a raw config dict (creating nested sections as needed)."""
-    for item in overrides or []:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
 
 
 def load_pipeline_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:

@@ -26,6 +26,15 @@ from tqdm.auto import tqdm
 from alignment.config import TrainSettings
 from tasks.tracking import MetricStreamer
 
+TRAINING_ENV_DEFAULTS = {
+    # Passive OpenMP waits and glibc keeping freed memory mapped: on a busy CPU, spinning
+    # threads and per-step unmap/remap of activations cost 3-10x and ~40% respectively.
+    # The environment wins over these defaults.
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+}
+
 
 class TrainingFailed(RuntimeError):
     """The training process exited non-zero; the message holds the end of its log."""
@@ -125,7 +134,7 @@ def run_recipe(
     config_path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
     log_path = run_dir / "train.log"
     cmd = build_command(recipe, config_path, processes, accelerate_config)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**TRAINING_ENV_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            **launch_env(processes, accelerate_config), **(extra_env or {})}
 
     bar = tqdm(desc=description or recipe, unit="step", dynamic_ncols=True, leave=True)

@@ -28,16 +28,6 @@ def sentiment_oracle(texts):
     return [float(sum(w in GOOD for w in t.split()) - sum(w in BAD for w in t.split())) for t in texts]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spinning
-    threads make them 10x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-models")

@@ -28,15 +28,6 @@ def good_word_count(prompts, responses):
 REWARD_FN = f"{__name__}:good_word_count"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are all per-op overhead; a second thread only adds to it (badly on a busy 2-core box).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl")

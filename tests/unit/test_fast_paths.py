@@ -26,14 +26,6 @@ from alignment.models import CausalLMLogps, ScalarReward, packing_supported
 from tests.tiny_models import make_tiny_model, make_tokenizer, preference_pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()

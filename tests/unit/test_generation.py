@@ -19,15 +19,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are all per-op overhead; a second thread only adds to it (badly on a busy 2-core box).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
@@ -150,3 +141,14 @@ def test_prompt_encoding_and_errors(tokenizer, model):
     res = generate(model, tokenizer, ["<bos> the movie was great and the music"], GenerationSettings(max_new_tokens=2),
                    seed=0, max_prompt_length=3)
     assert res.prompt_ids[0].tolist() == [tokenizer.bos_token_id] + full[-2:]
+
+
+def test_suppressed_tokens_are_never_sampled(model, tokenizer):
+    allowed = {tokenizer.convert_tokens_to_ids(w) for w in ("good", "bad", "movie")} | {tokenizer.eos_token_id}
+    model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i not in allowed]
+    try:
+        res = generate(model, tokenizer, ["the movie was"] * 8, GenerationSettings(max_new_tokens=6), seed=3)
+    finally:
+        model.generation_config.suppress_tokens = None
+    emitted = set(res.response_ids[res.response_mask.bool()].tolist())
+    assert emitted and emitted <= allowed

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from alignment.config import ConfigError
-from tasks.config import DEMO_CONFIG, apply_overrides, load_pipeline_config, parse_override
+from alignment.config import ConfigError, apply_overrides, parse_override
+from tasks.config import DEMO_CONFIG, load_pipeline_config
 
 
 def test_demo_config_loads_and_has_a_demo_section():
