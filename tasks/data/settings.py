@@ -155,3 +155,7 @@ class PreferenceSettings(StrictModel):
     """Without demonstration rows, the SFT set is the chosen responses of the pairs (``chosen``) or empty."""
     min_pairs: int = Field(1, ge=0)
     """The build fails with :class:`~tasks.data.preferences.EmptyPreferenceDataset` below this many pairs."""
+    recent_batches: int | None = Field(None, gt=0)
+    """Build from the newest N ingest batches only (None: every batch so far). Iterative,
+    on-policy rounds (``pipeline.init_from: champion``) use 1: pairs sampled from earlier
+    policies would keep pushing the champion further from its reference."""

@@ -65,8 +65,24 @@ def ingest_settings(cfg: PipelineConfig) -> IngestSettings:
     return cfg.data.model_copy(update={"landing_dir": landing})
 
 
-def _validated_digest(root: Path) -> str:
+def selected_files(root: Path, recent_batches: int | None) -> dict[str, list[Path]]:
+    """Validated files per kind, limited to the newest ``recent_batches`` ingest batches.
+
+    A batch is one ingest (its files share the batch id as their name); batches are ordered by
+    when they were written."""
     files = validated_files(root) if root.exists() else {}
+    if recent_batches is None:
+        return files
+    written: dict[str, float] = {}
+    for paths in files.values():
+        for p in paths:
+            written[p.stem] = max(written.get(p.stem, 0.0), p.stat().st_mtime)
+    keep = set(sorted(written, key=lambda b: (written[b], b))[-recent_batches:])
+    return {k: [p for p in v if p.stem in keep] for k, v in files.items() if any(p.stem in keep for p in v)}
+
+
+def _validated_digest(root: Path, recent_batches: int | None = None) -> str:
+    files = selected_files(root, recent_batches)
     return digest_of({k: [p.name for p in v] for k, v in sorted(files.items())})
 
 
@@ -89,7 +105,8 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
         record = IngestRecord(new_files=len(result.sources), rows_in=report.get("rows_in", 0),
                               rows_valid=report.get("rows_valid", 0),
                               rows_quarantined=report.get("rows_quarantined", 0), validated_dir=str(out / "validated"),
-                              validated_digest=_validated_digest(out / "validated"), quarantine=result.quarantine,
+                              validated_digest=_validated_digest(out / "validated", cfg.preferences.recent_batches),
+                              quarantine=result.quarantine,
                               top_reasons=dict(list((report.get("reasons") or {}).items())[:20]))
         if run_id:
             share = record.rows_quarantined / record.rows_in if record.rows_in else 0.0
@@ -139,7 +156,8 @@ def run_build(cfg: PipelineConfig, ingest_record: IngestRecord, parent_run_id: s
     out = data_dir(cfg) / "preferences" / ingest_record.validated_digest
 
     def body(run_id: str | None) -> DatasetRecord:
-        build = build_preferences(ingest_record.validated_dir, out, cfg.preferences)
+        files = selected_files(Path(ingest_record.validated_dir), cfg.preferences.recent_batches)
+        build = build_preferences({k: [str(p) for p in v] for k, v in files.items()}, out, cfg.preferences)
         record = DatasetRecord(digest=build.digest, out_dir=build.out_dir, files=_files(build),
                                counts=build.counts, card_md=build.card_md)
         if run_id:
