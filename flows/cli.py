@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # OpenMP threads that spin while waiting make torch on a busy 2-core CPU up to 20x slower
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignflow: {err}", file=sys.stderr)
         return 2
     _prepare_environment(cfg.home)
+    # MLflow's schema hints and type-hint advice on every logged model are noise in a run's output.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     from flows import commands
 
     handler = getattr(commands, f"cmd_{args.command}")

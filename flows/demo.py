@@ -5,6 +5,7 @@ gate passes, and records the champion's oracle reward. Ends with a table and a p
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,7 @@ def _render(rows: list[dict], baseline: float | None) -> None:
                       "yes" if r["promoted"] else "no", f"v{r['champion']}" if r["champion"] else "-",
                       "-" if r["oracle"] is None else f"{r['oracle']:.3f}", gain,
                       "-" if r["kl"] is None else f"{r['kl']:.2f}")
-    Console().print(table)
+    console = Console(width=None if sys.stdout.isatty() else 110)
+    console.print(table)
     if baseline is not None:
-        Console().print(f"base model mean oracle sentiment: {baseline:.3f}")
+        console.print(f"base model mean oracle sentiment: {baseline:.3f}")

@@ -35,9 +35,21 @@ PROMOTED_AT = "alignflow.promoted_at"
 ROLLED_BACK_AT = "alignflow.rolled_back_at"
 
 
+_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+_ENV_SET_BY_US: dict[str, str] = {}
+"""Values :func:`configure` put in ``os.environ`` (``mlflow.set_tracking_uri`` exports the
+URI so subprocesses inherit it). They are not the user's choice and must not make a later
+pipeline with another home write into this one's embedded store."""
+
+
+def _user_env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if value is None or value == _ENV_SET_BY_US.get(name) else value
+
+
 def tracking_uri(home: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else the embedded SQLite store under ``home``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(home).resolve()}/mlflow.db"
+    """``MLFLOW_TRACKING_URI`` when the user set it, else the embedded SQLite store under ``home``."""
+    return _user_env("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(home).resolve()}/mlflow.db"
 
 
 def _create_sqlite_store_once(uri: str) -> None:
@@ -73,8 +85,13 @@ def configure(home: Path, experiment: str) -> str:
     uri = tracking_uri(home)
     if uri.startswith("sqlite:///"):
         _create_sqlite_store_once(uri)
+    user = {name: _user_env(name) for name in _URI_VARS}
+    registry = user["MLFLOW_REGISTRY_URI"] or uri
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    mlflow.set_registry_uri(registry)
+    for name in _URI_VARS:
+        if user[name] is None and name in os.environ:
+            _ENV_SET_BY_US[name] = os.environ[name]
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:

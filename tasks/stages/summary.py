@@ -4,6 +4,7 @@ and the commands that open the MLflow and Prefect UIs on these runs."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -64,7 +65,7 @@ def ui_hints(summary: PipelineSummary) -> list[str]:
 
 def render(summary: PipelineSummary, console: Console | None = None) -> None:
     """Print the stage table, the registry state and the UI hints."""
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 110)
     table = Table(title=f"alignflow · {summary.pipeline} · {summary.status}", show_lines=False)
     for column in ("stage", "status", "seconds", "key figures"):
         table.add_column(column, justify="right" if column == "seconds" else "left")

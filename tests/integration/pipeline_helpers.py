@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -17,10 +18,20 @@ def overrides(home: Path, demo_cache: Path, *extra: str) -> list[str]:
 
 
 def use_store(home: Path) -> MlflowClient:
-    """Point MLflow at a test home's embedded store."""
+    """Point MLflow at a test home's embedded store.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; that is put back, or a
+    later pipeline in this process would take it for a user's server and write here.
+    """
     uri = f"sqlite:///{home}/mlflow.db"
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     return MlflowClient()
 
 

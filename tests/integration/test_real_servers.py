@@ -121,7 +121,7 @@ def test_deployed_pipeline_runs_twice_at_once_and_registry_stays_consistent(stac
     first, second = sorted(runs, key=lambda r: r.start_time)
     assert second.start_time >= first.end_time, [(r.name, r.start_time, r.end_time) for r in runs]
 
-    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    client = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
     experiment = client.get_experiment_by_name("standin")
     assert experiment is not None, stack.logs()
     parents = client.search_runs([experiment.experiment_id], "tags.`prefect.flow_run_id` != ''")
@@ -180,7 +180,7 @@ def test_real_pipeline_round_on_the_servers(stack, demo_cache, monkeypatch):
     assert run.state is not None and run.state.is_completed(), \
         f"pipeline run ended {run.state and run.state.type.value}\n{stack.logs(80)}"
 
-    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    client = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
     name = cfg.pipeline.name
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None, f"no experiment {name!r} on the server\n{stack.logs(80)}"

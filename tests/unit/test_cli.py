@@ -37,3 +37,26 @@ def test_unknown_field_is_named(capsys):
 def test_missing_config_file_is_reported(capsys, tmp_path):
     assert main(["status", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _pairwise_file(path, bad: int, good: int = 20):
+    import json
+
+    rows = [{"prompt": f"Review {i}", "response_a": f"good film {i}", "response_b": f"bad film {i}", "choice": "a"}
+            for i in range(good)]
+    rows += [{"prompt": f"Broken {i}", "response_a": "same", "response_b": "same", "choice": "maybe"}
+             for i in range(bad)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_ingest_command_reports_and_exits_by_threshold(tmp_path, capsys):
+    home = f"pipeline.home={tmp_path / 'home'}"
+    ok = _pairwise_file(tmp_path / "ok.jsonl", bad=0)
+    assert main(["ingest", str(ok), "--set", home]) == 0
+    assert "20" in capsys.readouterr().out
+    bad = _pairwise_file(tmp_path / "bad.jsonl", bad=10)
+    assert main(["ingest", str(bad), "--kind", "pairwise", "--set", home]) == 1
+    out = capsys.readouterr().out
+    assert "10" in out and "FAILED" in out
+    assert main(["ingest", str(tmp_path / "missing.jsonl"), "--set", home]) == 2
