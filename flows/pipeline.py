@@ -25,7 +25,7 @@ from tasks.stages.evaluate import evaluate_task, gate_decision
 from tasks.stages.models import base_model_record, champion_record, champion_trained_on, registered_candidate
 from tasks.stages.register import register_task
 from tasks.stages.summary import PipelineSummary, publish_summary
-from tasks.stages.train import run_train_task
+from tasks.stages.train import STAGE_SECTIONS, run_train_task
 from tasks.versioning import code_version
 
 
@@ -138,8 +138,10 @@ def alignment_pipeline(config: str | None = None, overrides: list[str] | None = 
             reward, cached = run_train_task(cfg, "reward", dataset.files, dataset.digest, base, parent)
             clock.add("reward model", "cached" if cached else "ran", t, _final(reward, "eval/accuracy"))
         t = time.monotonic()
+        dpo_family = STAGE_SECTIONS[cfg.pipeline.method] == "dpo"
+        reference = base if dpo_family and cfg.pipeline.dpo_reference == "base" else None
         candidate, cached = run_train_task(cfg, cfg.pipeline.method, dataset.files, dataset.digest, init, parent,
-                                           reward=reward)
+                                           reward=reward, reference=reference)
         clock.add(f"fine-tune ({cfg.pipeline.method})", "cached" if cached else "ran", t,
                   _final(candidate, "eval/rewards/accuracy", "reward/raw"))
 

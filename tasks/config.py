@@ -56,6 +56,11 @@ class PipelineSettings(StrictModel):
     init_from: Literal["base", "champion"] = "base"
     """Start each round's policy from the base model, or from the current champion (iterative,
     on-policy rounds; the champion is then also the DPO reference)."""
+    dpo_reference: Literal["init", "base"] = "init"
+    """What DPO measures its implicit reward against: ``init``, the model the round starts from
+    (the usual DPO reference; with ``init_from: champion`` each round may drift another
+    β-budget from the champion), or ``base``, the base model, so iterative rounds stay anchored
+    where the gate measures KL (its ``max_kl`` budget is against the base model)."""
     processes: int = Field(1, gt=0)
     """Training processes; more than 1 launches training with ``accelerate launch``."""
     accelerate_config: str | None = None

@@ -50,8 +50,12 @@ def _has_rows(path: str | None) -> bool:
 
 
 def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init: ModelRecord,
-                    reward: ModelRecord | None = None) -> tuple[str, TrainSettings]:
+                    reward: ModelRecord | None = None,
+                    reference: ModelRecord | None = None) -> tuple[str, TrainSettings]:
     """The recipe name and its full settings for ``stage`` (sft, reward, or a method name).
+
+    ``reference`` (DPO family only) is the model the implicit reward is measured against when it
+    is not ``init`` (``pipeline.dpo_reference: base``); None: the starting policy.
 
     ``data`` maps file roles (``pairs-train``, ``pairs-validation``, ``prompts-train``,
     ``prompts-validation``, ``demonstrations-train``, ``demonstrations-validation``) to paths.
@@ -83,13 +87,16 @@ def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init:
         if stage in ("ipo", "simpo"):
             raw["loss_type"] = stage
         raw["ref_cache_dir"] = raw.get("ref_cache_dir") or str(cfg.home / "cache" / "reference-logps")
+        if reference is not None and reference.path != init.path:
+            raw["reference_model"] = _model_settings(cfg.model.policy, reference.path, keep_lora=False)
     if section in ("ppo", "grpo"):
         if reward is None and not raw.get("reward_fn"):
             raise ValueError(f"method {stage} needs a reward model (enable the reward stage) or {section}.reward_fn")
         if reward is not None and not raw.get("reward_fn"):
             raw["reward_model"] = reward.path
-    if isinstance(raw["model"], ModelSettings):
-        raw["model"] = raw["model"].model_dump()
+    for field in ("model", "reference_model"):
+        if isinstance(raw.get(field), ModelSettings):
+            raw[field] = raw[field].model_dump()
     return RECIPES[stage], settings_cls.model_validate(raw)
 
 
@@ -108,10 +115,12 @@ def _final_paths(run_dir: Path) -> tuple[str, str | None]:
 
 
 def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
-                parent_run_id: str | None, reward: ModelRecord | None = None) -> ModelRecord:
+                parent_run_id: str | None, reward: ModelRecord | None = None,
+                reference: ModelRecord | None = None) -> ModelRecord:
     """Run one training stage end to end (also used without Prefect, e.g. from tests)."""
-    recipe, settings = recipe_settings(cfg, stage, data, init, reward)
-    key = digest_of(stage, dataset_digest, init.digest, reward.digest if reward else None,
+    recipe, settings = recipe_settings(cfg, stage, data, init, reward, reference)
+    ref_digest = reference.digest if reference is not None and reference.path != init.path else None
+    key = digest_of(stage, dataset_digest, init.digest, reward.digest if reward else None, *filter(None, [ref_digest]),
                     settings.model_dump(mode="json", exclude={"output_dir", "train_path", "eval_path", "model"}),
                     settings.model.model_dump(mode="json", exclude={"name_or_path"}) if settings.model else None,
                     code_version())
@@ -141,30 +150,34 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
 
 
 def _key_inputs() -> Any:
-    return stage_cache_key("stage", "dataset_digest", "init_digest", "reward_digest", "settings_digest")
+    return stage_cache_key("stage", "dataset_digest", "init_digest", "reward_digest", "reference_digest",
+                           "settings_digest")
 
 
 @task(name="train", cache_key_fn=_key_inputs(), persist_result=True, task_run_name="train-{stage}")
 def train_task(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
                parent_run_id: str | None, reward: ModelRecord | None = None, init_digest: str = "",
-               reward_digest: str | None = None, settings_digest: str = "") -> ModelRecord:
+               reward_digest: str | None = None, settings_digest: str = "", reference: ModelRecord | None = None,
+               reference_digest: str | None = None) -> ModelRecord:
     """Prefect wrapper of :func:`train_stage`; the ``*_digest`` arguments exist for the cache key.
 
     Holds ``pipeline.processes`` slots of the global concurrency limit ``gpu`` while training
     (a no-op where no such limit exists, e.g. embedded)."""
     with concurrency("gpu", occupy=cfg.pipeline.processes):
-        return train_stage(cfg, stage, data, dataset_digest, init, parent_run_id, reward)
+        return train_stage(cfg, stage, data, dataset_digest, init, parent_run_id, reward, reference)
 
 
 def run_train_task(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
-                   parent_run_id: str | None, reward: ModelRecord | None = None) -> tuple[ModelRecord, bool]:
+                   parent_run_id: str | None, reward: ModelRecord | None = None,
+                   reference: ModelRecord | None = None) -> tuple[ModelRecord, bool]:
     """Call the cached training task; re-run it if a cached record's folder has vanished.
 
     Returns (record, came_from_cache)."""
     section = getattr(cfg, STAGE_SECTIONS[stage])
     kwargs = dict(cfg=cfg, stage=stage, data=data, dataset_digest=dataset_digest, init=init,
                   parent_run_id=parent_run_id, reward=reward, init_digest=init.digest,
-                  reward_digest=reward.digest if reward else None,
+                  reward_digest=reward.digest if reward else None, reference=reference,
+                  reference_digest=reference.digest if reference is not None and reference.path != init.path else None,
                   settings_digest=digest_of(section, cfg.model, cfg.pipeline.seed, stage))
     state = train_task(**kwargs, return_state=True)
     record = state.result()

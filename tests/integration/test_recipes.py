@@ -184,6 +184,30 @@ def test_precomputed_reference_equals_on_the_fly_and_is_reused(data, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "refs").iterdir()} == cache_files
 
 
+def test_separate_reference_model_anchors_the_implicit_reward(data, tmp_path):
+    """With ``reference_model`` set, the policy starts from ``model`` but the reference
+    log-probs (precomputed or a frozen copy) come from the other model."""
+    other = make_tiny_model(tmp_path / "other", "gpt2", seed=7)
+    settings = common(data, tmp_path, train_path=str(data["pairs"]), max_steps=2,
+                      ref_cache_dir=str(tmp_path / "refs"), reference_model={"name_or_path": str(other)})
+    pre = DPORecipe(DPOConfig(**{**settings, "output_dir": str(tmp_path / "pre")}))
+    pre.setup()
+    examples = pre.train_set.examples
+    batch = collate_pairs(examples, pad_id=pre.tokenizer.pad_token_id)
+    with torch.no_grad():
+        want = CausalLMLogps(load_reference(pre.config.model, pre.config.reference_model))(batch)["seq_logps"]
+        policy = CausalLMLogps(load_reference(pre.config.model))(batch)["seq_logps"]
+    got = torch.tensor([e["ref_chosen"] for e in examples] + [e["ref_rejected"] for e in examples])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - policy).abs().max() > 1e-2  # not the starting policy's log-probs
+    pre.train()
+    pre.cleanup()
+    copy = DPORecipe(DPOConfig(**{**settings, "output_dir": str(tmp_path / "copy"), "reference": "copy"}))
+    copy.run()
+    torch.testing.assert_close([r["loss"] for r in _train_records(tmp_path / "copy")],
+                               [r["loss"] for r in _train_records(tmp_path / "pre")], rtol=1e-5, atol=1e-6)
+
+
 def test_nan_guard_stops_naming_the_step(data, tmp_path):
     def poison(record):  # after step 2, the weights go bad: step 3's loss is NaN
         if record["phase"] == "train" and record["step"] == 2:

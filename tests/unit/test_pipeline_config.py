@@ -40,3 +40,23 @@ def test_pipeline_name_must_be_a_slug():
 def test_shipped_configs_validate(name):
     cfg = load_pipeline_config(DEMO_CONFIG.parent / name)
     assert cfg.pipeline.method in ("dpo", "ipo", "simpo", "ppo", "grpo")
+
+
+def test_dpo_reference_base_points_the_recipe_at_the_base_model(tmp_path):
+    from tasks.records import ModelRecord
+    from tasks.stages.train import recipe_settings
+
+    data = {"pairs-train": str(tmp_path / "train.parquet")}
+    base = ModelRecord(stage="base", path=str(tmp_path / "base"), digest="b")
+    champion = ModelRecord(stage="champion", path=str(tmp_path / "champion"), digest="c")
+    cfg = load_pipeline_config(None, ["pipeline.init_from=champion", "pipeline.dpo_reference=base"])
+    _, anchored = recipe_settings(cfg, "dpo", data, champion, reference=base)
+    assert anchored.model.name_or_path == str(tmp_path / "champion")
+    assert anchored.reference_model.name_or_path == str(tmp_path / "base")
+    assert anchored.reference_model.lora is None
+    _, first_round = recipe_settings(cfg, "dpo", data, base, reference=base)  # no champion yet
+    assert first_round.reference_model is None
+    _, usual = recipe_settings(cfg, "dpo", data, champion)
+    assert usual.reference_model is None
+    with pytest.raises(Exception, match="dpo_reference"):
+        load_pipeline_config(None, ["pipeline.dpo_reference=champion"])
