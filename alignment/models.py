@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -333,18 +335,61 @@ def score_responses(
     return out
 
 
-def model_fingerprint(settings: ModelSettings) -> str:
+def _weight_files(folder: Path) -> list[Path]:
+    return [f for f in sorted(folder.iterdir())
+            if f.suffix in {".json", ".safetensors", ".bin"} and "tokenizer" not in f.name]
+
+
+def _files_digest(files: list[Path]) -> str:
+    """sha256 over the files' names and bytes."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _folder_digest(folder: Path, memo_dir: Path | None) -> str:
+    """Digest of a local model folder's config and weight bytes.
+
+    Hashing reads every weight byte (seconds to a minute for 1–15 GB). With ``memo_dir`` the
+    result is remembered there (never in the model folder, whose own digest would change),
+    with each file's size and mtime, and reused while those are unchanged (rewriting a file
+    changes its mtime). Where the memo cannot be written the folder is simply hashed again.
+    """
+    files = _weight_files(folder)
+    stat = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    memo = None
+    if memo_dir is not None:
+        memo = Path(memo_dir) / "fingerprints" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24] + ".json")
+        try:
+            kept = json.loads(memo.read_text())
+            if kept.get("files") == stat and isinstance(kept.get("digest"), str):
+                return kept["digest"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    digest = _files_digest(files)
+    if memo is not None:
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"folder": str(folder.resolve()), "files": stat, "digest": digest}))
+            os.replace(tmp, memo)  # atomic: several processes may fingerprint the same folder
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return digest
+
+
+def model_fingerprint(settings: ModelSettings, memo_dir: str | Path | None = None) -> str:
     """Digest of a model's identity for caches: the bytes of a local folder's config and weight
-    files (so rewritten weights never hit a stale cache), or hub id + revision, plus the dtype."""
+    files (so rewritten weights never hit a stale cache; remembered in ``memo_dir`` while their
+    sizes and mtimes are unchanged), or hub id + revision, plus the dtype."""
     h = hashlib.sha256(f"{settings.dtype}|{settings.attn_implementation}".encode())
     folder = Path(settings.name_or_path)
     if folder.is_dir():
-        for f in sorted(folder.iterdir()):
-            if f.suffix in {".json", ".safetensors", ".bin"} and "tokenizer" not in f.name:
-                h.update(f.name.encode())
-                with f.open("rb") as fh:
-                    for block in iter(lambda fh=fh: fh.read(1 << 24), b""):
-                        h.update(block)
+        h.update(_folder_digest(folder, Path(memo_dir) if memo_dir else None).encode())
     else:
         h.update(f"{settings.name_or_path}@{settings.revision}".encode())
     return h.hexdigest()[:16]

@@ -110,13 +110,13 @@ class DPORecipe(Recipe):
         """Fill ``ref_chosen``/``ref_rejected`` of every example from the cache or one no-grad pass."""
         cfg, acc = self.config, self.accelerator
         ref_settings = cfg.reference_model or cfg.model
+        folder = cfg.ref_cache_dir or (str(self.output_dir / "ref_cache") if self.output_dir else None)
         key = cache_key(
-            model_fingerprint(ref_settings) + cfg.precision,
+            model_fingerprint(ref_settings, memo_dir=folder) + cfg.precision,
             rows_digest(self._rows[split]),
             tokenization_digest(data.examples),
         )
         indices = [e["index"] for e in data.examples]
-        folder = cfg.ref_cache_dir or (str(self.output_dir / "ref_cache") if self.output_dir else None)
         cache = RefLogpsCache(folder) if folder else None
         with acc.main_process_first():  # the main process computes and writes; the others then read
             found = cache.load(key, indices) if cache else None

@@ -141,6 +141,32 @@ def test_fingerprint_follows_weights(tmp_path):
     assert model_fingerprint(a) != model_fingerprint(a.model_copy(update={"dtype": "bfloat16"}))
 
 
+def test_fingerprint_is_remembered_until_the_weights_are_rewritten(tmp_path, monkeypatch):
+    from alignment import models
+
+    folder = make_tiny_model(tmp_path / "m", seed=0)
+    before = sorted(p.name for p in folder.iterdir())
+    settings, memo = ModelSettings(name_or_path=str(folder)), tmp_path / "memo"
+    first = model_fingerprint(settings, memo_dir=memo)
+    assert first == model_fingerprint(settings)  # the memo changes nothing but the time taken
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written into the model folder
+    hashed = []
+    real = models._files_digest
+    monkeypatch.setattr(models, "_files_digest", lambda files: hashed.append(files) or real(files))
+    assert model_fingerprint(settings, memo_dir=memo) == first and hashed == []  # weights not read again
+    make_tiny_model(folder, seed=1)  # new weights in the same folder
+    second = model_fingerprint(settings, memo_dir=memo)
+    assert second != first and len(hashed) == 1
+    assert model_fingerprint(settings, memo_dir=memo) == second and len(hashed) == 1
+
+    def refuse(*args):
+        raise OSError("read-only")
+
+    monkeypatch.setattr(models.os, "replace", refuse)  # a memo folder we cannot write to
+    assert model_fingerprint(settings, memo_dir=tmp_path / "other") == second and len(hashed) == 2
+    assert not list((tmp_path / "other").rglob("*.tmp"))
+
+
 def test_encoder_reward_model_pools_its_own_way_and_refuses_packing(tmp_path):
     from transformers import BertConfig, BertModel
 
