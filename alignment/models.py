@@ -360,7 +360,7 @@ def _folder_digest(folder: Path, memo_dir: Path | None) -> str:
     changes its mtime). Where the memo cannot be written the folder is simply hashed again.
     """
     files = _weight_files(folder)
-    stat = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    stat = [[f.name, st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]
     memo = None
     if memo_dir is not None:
         memo = Path(memo_dir) / "fingerprints" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24] + ".json")

@@ -5,13 +5,11 @@ gate passes, and records the champion's oracle reward. Ends with a table and a p
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
-from rich.console import Console
 from rich.table import Table
 
 from flows.pipeline import alignment_pipeline
@@ -21,6 +19,7 @@ from tasks.evaluation.plots import plot_closed_loop
 from tasks.stages.data import ingest_settings
 from tasks.stages.demo import demo_base_model_task, simulate_feedback_task
 from tasks.stages.models import champion_record
+from tasks.stages.summary import report_console
 
 
 def next_round_index(landing: Path) -> int:
@@ -91,7 +90,7 @@ def _render(rows: list[dict], baseline: float | None) -> None:
                       "yes" if r["promoted"] else "no", f"v{r['champion']}" if r["champion"] else "-",
                       "-" if r["oracle"] is None else f"{r['oracle']:.3f}", gain,
                       "-" if r["kl"] is None else f"{r['kl']:.2f}")
-    console = Console(width=None if sys.stdout.isatty() else 110)
+    console = report_console()
     console.print(table)
     if baseline is not None:
         console.print(f"base model mean oracle sentiment: {baseline:.3f}")

@@ -63,9 +63,15 @@ def ui_hints(summary: PipelineSummary) -> list[str]:
             f"Prefect UI: {prefect_cmd}   then {prefect_url}"]
 
 
+def report_console() -> Console:
+    """A console for end-of-run tables: the terminal's width, or 110 columns when piped to a log
+    (rich's 80-column default there folds every row of the tables)."""
+    return Console(width=None if sys.stdout.isatty() else 110)
+
+
 def render(summary: PipelineSummary, console: Console | None = None) -> None:
     """Print the stage table, the registry state and the UI hints."""
-    console = console or Console(width=None if sys.stdout.isatty() else 110)
+    console = console or report_console()
     table = Table(title=f"alignflow · {summary.pipeline} · {summary.status}", show_lines=False)
     for column in ("stage", "status", "seconds", "key figures"):
         table.add_column(column, justify="right" if column == "seconds" else "left")

@@ -49,6 +49,11 @@ def _has_rows(path: str | None) -> bool:
     return pq.ParquetFile(path).metadata.num_rows > 0
 
 
+def distinct_reference(init: ModelRecord, reference: ModelRecord | None) -> ModelRecord | None:
+    """``reference`` when it is another model than ``init``, else None (the usual DPO reference)."""
+    return reference if reference is not None and reference.path != init.path else None
+
+
 def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init: ModelRecord,
                     reward: ModelRecord | None = None,
                     reference: ModelRecord | None = None) -> tuple[str, TrainSettings]:
@@ -87,7 +92,8 @@ def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init:
         if stage in ("ipo", "simpo"):
             raw["loss_type"] = stage
         raw["ref_cache_dir"] = raw.get("ref_cache_dir") or str(cfg.home / "cache" / "reference-logps")
-        if reference is not None and reference.path != init.path:
+        reference = distinct_reference(init, reference)
+        if reference is not None:
             raw["reference_model"] = _model_settings(cfg.model.policy, reference.path, keep_lora=False)
     if section in ("ppo", "grpo"):
         if reward is None and not raw.get("reward_fn"):
@@ -119,8 +125,9 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
                 reference: ModelRecord | None = None) -> ModelRecord:
     """Run one training stage end to end (also used without Prefect, e.g. from tests)."""
     recipe, settings = recipe_settings(cfg, stage, data, init, reward, reference)
-    ref_digest = reference.digest if reference is not None and reference.path != init.path else None
-    key = digest_of(stage, dataset_digest, init.digest, reward.digest if reward else None, *filter(None, [ref_digest]),
+    reference = distinct_reference(init, reference)
+    key = digest_of(stage, dataset_digest, init.digest, reward.digest if reward else None,
+                    *([reference.digest] if reference else []),  # absent: keys of runs without one stay valid
                     settings.model_dump(mode="json", exclude={"output_dir", "train_path", "eval_path", "model"}),
                     settings.model.model_dump(mode="json", exclude={"name_or_path"}) if settings.model else None,
                     code_version())
@@ -174,10 +181,11 @@ def run_train_task(cfg: PipelineConfig, stage: str, data: dict[str, str], datase
 
     Returns (record, came_from_cache)."""
     section = getattr(cfg, STAGE_SECTIONS[stage])
+    reference = distinct_reference(init, reference)
     kwargs = dict(cfg=cfg, stage=stage, data=data, dataset_digest=dataset_digest, init=init,
                   parent_run_id=parent_run_id, reward=reward, init_digest=init.digest,
                   reward_digest=reward.digest if reward else None, reference=reference,
-                  reference_digest=reference.digest if reference is not None and reference.path != init.path else None,
+                  reference_digest=reference.digest if reference else None,
                   settings_digest=digest_of(section, cfg.model, cfg.pipeline.seed, stage))
     state = train_task(**kwargs, return_state=True)
     record = state.result()
