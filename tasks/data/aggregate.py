@@ -70,7 +70,7 @@ def annotator_quality(comparisons: Comparisons, thumbs: Judgements, n_annotators
                       settings: PreferenceSettings, ratings: Judgements | None = None) -> AnnotatorStats:
     """Score every annotator on comparisons and thumbs; flag those below ``annotator_min_agreement``
     with at least ``annotator_min_items`` scored labels; set vote factors by ``annotator_action``."""
-    comp_item, n_comp = group_ids(comparisons.prompt, comparisons.x, comparisons.y)
+    comp_item, n_comp = comparisons.items
     thumb_item, _ = group_ids(thumbs.prompt, thumbs.response)
     item = np.concatenate([comp_item, thumb_item + n_comp])
     label = np.concatenate([comparisons.outcome.astype(np.int64), thumbs.value.astype(np.int64)])
@@ -149,9 +149,10 @@ def aggregate_comparisons(c: Comparisons, factor: np.ndarray) -> PairSet:
     """Weighted vote per item; ties marked (``tie``) with chosen/rejected = x/y."""
     w = np.where(c.annotator >= 0, factor[np.maximum(c.annotator, 0)] if len(factor) else 1.0, 1.0)
     keep = w > 0
-    c = Comparisons(c.prompt[keep], c.x[keep], c.y[keep], c.outcome[keep], c.annotator[keep])
-    w = w[keep]
-    item, n = group_ids(c.prompt, c.x, c.y)
+    if not keep.all():  # (all kept: the items already grouped for annotator scoring hold)
+        c = Comparisons(c.prompt[keep], c.x[keep], c.y[keep], c.outcome[keep], c.annotator[keep])
+        w = w[keep]
+    item, n = c.items
     if n == 0:
         return PairSet.empty()
     first = np.zeros(n, np.int64)

@@ -29,7 +29,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.data.readers import content_digest, list_source_files, read_source
+from tasks.data.readers import content_digest, detect_format, list_source_files, read_source
+from tasks.data.scan import TextScan, scan_text
 from tasks.data.settings import IngestSettings, SourceSettings
 from tasks.data.validate import ValidationReport, ValidationResult, validate_tables
 
@@ -71,14 +72,28 @@ class PendingSource:
 
     options: SourceSettings
     digest: str
+    scan: TextScan | None = None
+    """The text scan of a JSONL or CSV file, made while hashing it (the reader reuses it)."""
 
 
-def _source_digest(src: SourceSettings) -> str:
+def _text_format(src: SourceSettings) -> str | None:
+    try:
+        return src.format if src.format != "auto" else detect_format(src.path)
+    except ValueError:  # reported when the source is read
+        return None
+
+
+def _source_digest(src: SourceSettings) -> tuple[str, TextScan | None]:
+    """Content digest of a local source (text files: with their scan, one pass for both), or
+    the identity digest of a hub dataset."""
     path = Path(src.path)
+    if path.is_file() and _text_format(src) in ("jsonl", "csv"):
+        scan = scan_text(path)
+        return scan.digest, scan
     if path.exists():
-        return content_digest(path)
+        return content_digest(path), None
     ident = json.dumps([src.path, src.config_name, src.split, src.revision])
-    return "hub:" + hashlib.sha256(ident.encode()).hexdigest()
+    return "hub:" + hashlib.sha256(ident.encode()).hexdigest(), None
 
 
 def _stat_key(path: Path) -> tuple[str, int, int] | None:
@@ -114,12 +129,12 @@ def pending_sources(settings: IngestSettings, ledger: Ledger) -> tuple[list[Pend
         if _stat_key(Path(src.path)) in seen_stat:
             skipped.append(src.path)
             continue
-        digest = _source_digest(src)
+        digest, scan = _source_digest(src)
         if digest in done:
             skipped.append(src.path)
             continue
         done.add(digest)
-        pending.append(PendingSource(src, digest))
+        pending.append(PendingSource(src, digest, scan))
     return pending, skipped
 
 
@@ -149,13 +164,15 @@ class IngestResult:
 
 
 def read_and_validate(sources: list[SourceSettings], settings: IngestSettings,
-                      digests: list[str | None] | None = None) -> ValidationResult:
-    """Read sources (with their digests, when known) and validate them as one batch (no files
-    written). Raises FileNotFoundError or ValueError for unreadable sources."""
+                      digests: list[str | None] | None = None,
+                      scans: list[TextScan | None] | None = None) -> ValidationResult:
+    """Read sources (with their digests and text scans, when known) and validate them as one
+    batch (no files written). Raises FileNotFoundError or ValueError for unreadable sources."""
     tables = []
-    for src, digest in zip(sources, digests or [None] * len(sources), strict=True):
+    for src, digest, scan in zip(sources, digests or [None] * len(sources), scans or [None] * len(sources),
+                                 strict=True):
         table = read_source(src.path, src.format, split=src.split, config_name=src.config_name, revision=src.revision,
-                            digest=digest if digest and not digest.startswith("hub:") else None)
+                            digest=digest if digest and not digest.startswith("hub:") else None, scan=scan)
         tables.append((table, src))
     return validate_tables(tables, settings)
 
@@ -189,7 +206,8 @@ def ingest(settings: IngestSettings, out_dir: str | Path, *, commit: bool = True
     if not pending:
         return IngestResult(None, [], skipped)
     batch = hashlib.sha256("\n".join(sorted(p.digest for p in pending)).encode()).hexdigest()[:16]
-    result = read_and_validate([p.options for p in pending], settings, [p.digest for p in pending])
+    result = read_and_validate([p.options for p in pending], settings, [p.digest for p in pending],
+                               [p.scan for p in pending])
     report: ValidationReport = result.report
     q_path = write_quarantine(result, out / "quarantine" / f"{batch}.parquet")
     r_path = out / "reports" / f"{batch}.json"

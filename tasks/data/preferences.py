@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,13 +96,13 @@ def validated_files(validated: str | Path | Mapping[str, list]) -> dict[str, lis
     return {k: v for k, v in out.items() if v}
 
 
-def _read(files: dict[str, list[Path]]) -> tuple[dict[str, ColumnSource], str]:
-    """Column sources per kind, and the digest of the input files."""
+def _source_digest(files: dict[str, list[Path]]) -> str:
+    """Digest of the validated input files (kind, name and content of each)."""
     h = hashlib.sha256(b"alignflow-validated-v1")
     for kind, paths in sorted(files.items()):
         for p in paths:
             h.update(f"{kind}\0{p.name}\0{content_digest(p)}\n".encode())
-    return {kind: ColumnSource(paths) for kind, paths in files.items()}, h.hexdigest()[:32]
+    return h.hexdigest()[:32]
 
 
 def _resolve(fb: Feedback, stats: AnnotatorStats, settings: PreferenceSettings, counts: dict) -> PairSet:
@@ -145,22 +145,34 @@ def _split_names(codes: np.ndarray) -> pa.Array:
     return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), pa.array(SPLITS)).cast(pa.string())
 
 
-def _write(table: pa.Table, out: Path, stem: str, split: np.ndarray, rows: int = 1 << 16) -> tuple[str, dict[str, str]]:
-    """``<stem>.parquet`` and ``<stem>-<split>.parquet``, written together slice by slice (no
-    filtered copies of the whole table)."""
-    paths = {"all": out / f"{stem}.parquet", **{name: out / f"{stem}-{name}.parquet" for name in SPLITS}}
+def _write_part(table: pa.Table, paths: dict[str, Path], split: np.ndarray | None, rows: int) -> None:
+    """Write ``table`` slice by slice: whole (``split`` None, one path) or by split (a path per
+    split name; each slice filtered, so no filtered copy of the whole table)."""
     writers = {k: pq.ParquetWriter(p, table.schema, **parquet_options(table.schema)) for k, p in paths.items()}
     try:
         for start in range(0, table.num_rows, rows):
-            part, codes = table.slice(start, rows), split[start:start + rows]
-            writers["all"].write_table(part)
+            part = table.slice(start, rows)
+            if split is None:
+                writers["all"].write_table(part)
+                continue
+            codes = split[start:start + rows]
             for i, name in enumerate(SPLITS):
                 if (codes == i).any():
                     writers[name].write_table(part.filter(pa.array(codes == i)))
     finally:
         for w in writers.values():
             w.close()
-    return str(paths["all"]), {name: str(paths[name]) for name in SPLITS}
+
+
+def _write(table: pa.Table, out: Path, stem: str, split: np.ndarray, pool: ThreadPoolExecutor,
+           rows: int = 1 << 16) -> tuple[list[Future], str, dict[str, str]]:
+    """Start writing ``<stem>.parquet`` and ``<stem>-<split>.parquet``: the whole file and the
+    split files are two pool tasks, run side by side (Parquet encoding releases the GIL).
+    Returns the tasks' futures, the whole file's path and the path per split."""
+    whole = {"all": out / f"{stem}.parquet"}
+    splits = {name: out / f"{stem}-{name}.parquet" for name in SPLITS}
+    futures = [pool.submit(_write_part, table, whole, None, rows), pool.submit(_write_part, table, splits, split, rows)]
+    return futures, str(whole["all"]), {name: str(p) for name, p in splits.items()}
 
 
 def _count_splits(counts: dict, name: str, split: np.ndarray) -> None:
@@ -169,13 +181,20 @@ def _count_splits(counts: dict, name: str, split: np.ndarray) -> None:
         counts[f"{name}_{sp}"] = int((split == i).sum())
 
 
+def _take(pool: ThreadPoolExecutor, texts: pa.Array, codes: np.ndarray) -> Future:
+    """``texts.take(codes)`` in the pool (take releases the GIL, so several run side by side)."""
+    return pool.submit(texts.take, pa.array(codes, pa.int64()))
+
+
 def _pairs_table(pairs: PairSet, fb: Feedback, prompt_chat: np.ndarray, prompt_split: np.ndarray,
-                 source_digest: str) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+                 source_digest: str, pool: ThreadPoolExecutor) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """The pairs (sorted by id) as a table, their row hashes and split codes."""
     P, R = fb.prompts, fb.responses
     pair_hash = mix64(P.key_hash[pairs.prompt], R.key_hash[pairs.chosen], R.key_hash[pairs.rejected])
     order = np.argsort(pair_hash, kind="stable")
     pairs, pair_hash = pairs.select(order), pair_hash[order]
+    texts = [_take(pool, P.originals, pairs.prompt), _take(pool, R.originals, pairs.chosen),
+             _take(pool, R.originals, pairs.rejected)]
     weight, agreement = np.round(pairs.weight, 6), np.round(pairs.agreement, 6)
     offsets = np.searchsorted(pairs.link_pair, np.arange(len(pairs) + 1)).astype(np.int32)
     names = pa.array(fb.annotators, pa.string())
@@ -187,9 +206,9 @@ def _pairs_table(pairs: PairSet, fb: Feedback, prompt_chat: np.ndarray, prompt_s
     rows = mix64(P.original_hash[pairs.prompt], prompt_chat[pairs.prompt].astype(np.uint64),
                  R.original_hash[pairs.chosen], R.original_hash[pairs.rejected], float_bits(weight),
                  float_bits(agreement), ann_sum, split.astype(np.uint64))
+    prompt, chosen, rejected = (f.result() for f in texts)
     table = pa.table({
-        "prompt": P.originals.take(pa.array(pairs.prompt)), "is_chat": pa.array(prompt_chat[pairs.prompt]),
-        "chosen": R.originals.take(pa.array(pairs.chosen)), "rejected": R.originals.take(pa.array(pairs.rejected)),
+        "prompt": prompt, "is_chat": pa.array(prompt_chat[pairs.prompt]), "chosen": chosen, "rejected": rejected,
         "pair_id": hex16(pair_hash), "weight": pa.array(weight), "annotators": annotators,
         "agreement": pa.array(agreement), "split": _split_names(split),
         "source_digest": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(pairs), np.int8)),
@@ -217,43 +236,48 @@ def _demonstrations(fb: Feedback, pairs: PairSet, settings: PreferenceSettings,
 def _write_outputs(out: Path, fb: Feedback, pairs: PairSet, settings: PreferenceSettings, counts: dict,
                    prompt_chat: np.ndarray, prompt_split: np.ndarray, source_digest: str):
     """Build and write pairs, prompts and demonstrations; returns (paths, split files, digests,
-    what the card needs). Parquet encoding releases the GIL, so each table is written by one
-    background thread while the next is built (at most two tables alive at once)."""
+    what the card needs). Parquet encoding releases the GIL, so each table is written by
+    background threads (the whole file and the split files side by side) while the next is built."""
     P, R = fb.prompts, fb.responses
-    files, digests, pending = {}, {}, {}
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        table, rows, split = _pairs_table(pairs, fb, prompt_chat, prompt_split, source_digest)
+    paths, files, digests, writing = {}, {}, {}, []
+    with ThreadPoolExecutor(max_workers=2) as writer, ThreadPoolExecutor(max_workers=2) as pool:
+        table, rows, split = _pairs_table(pairs, fb, prompt_chat, prompt_split, source_digest, pool)
         digests["pairs"] = digest_of_rows(rows, DIGEST_TAG + "/pairs")
-        card_parts = {"lengths": {c: length_stats(table.column(c)) for c in ("prompt", "chosen", "rejected")},
+        lengths = {c: pool.submit(length_stats, table.column(c)) for c in ("prompt", "chosen", "rejected")}
+        card_parts = {"lengths": {c: f.result() for c, f in lengths.items()},
                       "agreement": table.column("agreement").to_numpy()}
-        pending["pairs"] = writer.submit(_write, table, out, "pairs", split)
+        futures, paths["pairs"], files["pairs"] = _write(table, out, "pairs", split, writer)
+        writing += futures
         _count_splits(counts, "pairs", split)
         del table
 
         p_order = np.argsort(P.key_hash, kind="stable")
-        table = pa.table({"prompt_id": hex16(P.key_hash[p_order]), "prompt": P.originals.take(pa.array(p_order)),
+        table = pa.table({"prompt_id": hex16(P.key_hash[p_order]), "prompt": _take(pool, P.originals, p_order).result(),
                           "is_chat": pa.array(prompt_chat[p_order]), "split": _split_names(prompt_split[p_order])})
         digests["prompts"] = digest_of_rows(mix64(P.original_hash, prompt_chat.astype(np.uint64),
                                                   prompt_split.astype(np.uint64)), DIGEST_TAG + "/prompts")
-        pending["prompts"] = writer.submit(_write, table, out, "prompts", prompt_split[p_order])
+        futures, paths["prompts"], files["prompts"] = _write(table, out, "prompts", prompt_split[p_order], writer)
+        writing += futures
         _count_splits(counts, "prompts", prompt_split)
         del table
 
         d_prompt, d_resp, d_weight = _demonstrations(fb, pairs, settings, counts)
+        d_texts = [_take(pool, P.originals, d_prompt), _take(pool, R.originals, d_resp)]
         table = pa.table({
-            "prompt": P.originals.take(pa.array(d_prompt, pa.int64())), "is_chat": pa.array(prompt_chat[d_prompt]),
-            "response": R.originals.take(pa.array(d_resp, pa.int64())), "weight": pa.array(d_weight, pa.float64()),
+            "prompt": d_texts[0].result(), "is_chat": pa.array(prompt_chat[d_prompt]),
+            "response": d_texts[1].result(), "weight": pa.array(d_weight, pa.float64()),
             "split": _split_names(prompt_split[d_prompt]),
         })
         digests["demonstrations"] = digest_of_rows(
             mix64(P.original_hash[d_prompt], R.original_hash[d_resp], float_bits(d_weight),
                   prompt_split[d_prompt].astype(np.uint64)), DIGEST_TAG + "/demonstrations")
-        pending["demonstrations"] = writer.submit(_write, table, out, "demonstrations", prompt_split[d_prompt])
+        futures, paths["demonstrations"], files["demonstrations"] = _write(table, out, "demonstrations",
+                                                                            prompt_split[d_prompt], writer)
+        writing += futures
         _count_splits(counts, "demonstrations", prompt_split[d_prompt])
         del table
-    paths = {}
-    for name, future in pending.items():
-        paths[name], files[name] = future.result()  # re-raises a write error
+    for future in writing:
+        future.result()  # re-raises a write error
     return paths, files, digests, card_parts
 
 
@@ -266,8 +290,11 @@ def build_preferences(validated: str | Path | Mapping[str, list], out_dir: str |
     """
     settings = settings or PreferenceSettings()
     out = Path(out_dir)
-    sources, source_digest = _read(validated_files(validated))
-    fb = encode_feedback(sources, dedup=settings.dedup_rows)
+    files = validated_files(validated)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # sha256 releases the GIL: hash while encoding
+        source_digest_future = pool.submit(_source_digest, files)
+        fb = encode_feedback({kind: ColumnSource(paths) for kind, paths in files.items()}, dedup=settings.dedup_rows)
+        source_digest = source_digest_future.result()
     counts: dict[str, int | str] = dict(fb.counts)
     counts.update(comparisons=len(fb.comparisons.prompt), thumbs=len(fb.thumbs.prompt), ratings=len(fb.ratings.prompt))
     stats = annotator_quality(fb.comparisons, fb.thumbs, len(fb.annotators), settings, fb.ratings)

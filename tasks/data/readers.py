@@ -153,7 +153,7 @@ def _without_surrogates(value):
     return value
 
 
-def read_jsonl(path: str | Path, digest: str | None = None) -> RawTable:
+def read_jsonl(path: str | Path, digest: str | None = None, scan: TextScan | None = None) -> RawTable:
     """One JSON object per line (``.json`` files holding one JSON array are read as such).
 
     Fast path: a streaming scan (digest, lines, invalid UTF-8), then pyarrow's JSON reader on the
@@ -161,10 +161,11 @@ def read_jsonl(path: str | Path, digest: str | None = None) -> RawTable:
     with U+FFFD, so validation reports ``invalid_utf8:<field>``. When pyarrow refuses the file
     (a broken line, a value whose type changes between rows, a line that is not an object,
     blank lines), lines are parsed one by one and bad ones become read errors
-    (``malformed_json``, ``not_an_object``), a chunk of lines at a time.
+    (``malformed_json``, ``not_an_object``), a chunk of lines at a time. ``scan``: the file's
+    :func:`~tasks.data.scan.scan_text`, when already made (it must be of the current content).
     """
     path = Path(path)
-    scan = scan_text(path, digest=digest)
+    scan = scan or scan_text(path, digest=digest)
     with path.open("rb") as f:
         head = f.read(4096).lstrip()
     if head[:1] == b"[" or head[:4] == codecs.BOM_UTF8 + b"[":
@@ -316,16 +317,18 @@ def _read_json_array(path: Path, data: bytes) -> RawTable:
     return RawTable(frame, str(path), np.asarray(keep, dtype=np.int64) + 1, errors)
 
 
-def read_csv(path: str | Path, delimiter: str | None = None, digest: str | None = None) -> RawTable:
+def read_csv(path: str | Path, delimiter: str | None = None, digest: str | None = None,
+             scan: TextScan | None = None) -> RawTable:
     """A CSV (or ``.tsv``) file with a header; every value is read as text, empty cells are missing.
 
     Records with the wrong number of fields become ``malformed_csv_row`` read errors. List
     fields (``responses``, ``ranking``) and chat prompts are JSON text in their cells. A file
     that is valid UTF-8 is parsed in place; otherwise a temporary copy with U+FFFD for the
-    invalid bytes is parsed (validation reports ``invalid_utf8:<field>``).
+    invalid bytes is parsed (validation reports ``invalid_utf8:<field>``). ``scan``: as in
+    :func:`read_jsonl`.
     """
     path = Path(path)
-    scan = scan_text(path, digest=digest)
+    scan = scan or scan_text(path, digest=digest)
     if not scan.lines:
         return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64), digest=scan.digest)
     if len(scan.bad_bytes) or scan.bom:  # parse a repaired temporary copy (disk, not memory)
@@ -411,18 +414,20 @@ def read_hub(name: str, split: str = "train", config_name: str | None = None, re
 
 
 def read_source(path: str | Path, fmt: str = "auto", *, split: str = "train", config_name: str | None = None,
-                revision: str | None = None, digest: str | None = None) -> RawTable:
+                revision: str | None = None, digest: str | None = None, scan: TextScan | None = None) -> RawTable:
     """Read one source of a known or detected format (see :func:`detect_format`).
 
     The content digest of local files and folders is filled in (pass ``digest`` when it is
-    already known, to skip hashing the file again). Raises FileNotFoundError, ValueError.
+    already known, to skip hashing the file again; ``scan``: a JSONL or CSV file's text scan,
+    to skip scanning it again). Raises FileNotFoundError, ValueError.
     """
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "hub":
         return read_hub(str(path), split, config_name, revision)
     if not Path(path).exists():
         raise FileNotFoundError(f"feedback source not found: {path}")
-    readers = {"jsonl": lambda p: read_jsonl(p, digest=digest), "csv": lambda p: read_csv(p, digest=digest),
+    readers = {"jsonl": lambda p: read_jsonl(p, digest=digest, scan=scan),
+               "csv": lambda p: read_csv(p, digest=digest, scan=scan),
                "parquet": read_parquet,
                "dataset": lambda p: read_saved_dataset(p, split)}
     if fmt not in readers:

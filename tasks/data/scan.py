@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,35 +55,52 @@ def _lines_of(piece: bytes) -> np.ndarray:
     return np.flatnonzero(np.frombuffer(piece, np.uint8) == 10)
 
 
-def _invalid_utf8(piece: bytes | memoryview, newlines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(line indexes, invalid byte spans) of a piece that failed a strict decode.
+DECODE_WINDOW = 1 << 20
+"""Bytes decoded at once when checking UTF-8 (bounds the temporary text)."""
 
-    Only lines holding a non-ASCII byte can be invalid: those are decoded one by one, and the
-    failing ones once more with a handler that notes where each bad sequence starts and ends.
+
+def _invalid_utf8(piece: bytes | memoryview, newlines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(line indexes, invalid byte spans) of a piece's lines that are not valid UTF-8.
+
+    The piece is decoded a window of whole lines at a time; at each failure the failing line
+    is decoded once more with a handler that notes where each bad sequence starts and ends, and
+    decoding resumes after that line (a newline byte never occurs inside a UTF-8 sequence).
     """
     bounds = np.concatenate([[-1], newlines, [len(piece)]])
-    high = np.flatnonzero(np.frombuffer(piece, np.uint8) >= 0x80)
     lines, spans = [], []
-    for line in np.unique(np.searchsorted(newlines, high)):
-        a, b = int(bounds[line]) + 1, int(bounds[line + 1])
-        text = piece[a:b]
+    pos = 0
+    while pos < len(piece):
+        stop = min(pos + DECODE_WINDOW, len(piece))
+        if stop < len(piece):  # end the window at a line end (or take the whole long line)
+            i = np.searchsorted(newlines, stop, side="left")
+            stop = int(newlines[i]) + 1 if i < len(newlines) else len(piece)
         try:
-            codecs.utf_8_decode(text, "strict", True)
-        except UnicodeDecodeError:
-            _positions.clear()
-            codecs.utf_8_decode(text, "alignflow_note_position", True)
-            lines.append(line)
-            spans.extend((a + s, a + e) for s, e in _positions)
+            codecs.utf_8_decode(piece[pos:stop], "strict", True)
+            pos = stop
+            continue
+        except UnicodeDecodeError as err:
+            line = int(np.searchsorted(newlines, pos + err.start, side="left"))
+        a, b = int(bounds[line]) + 1, int(bounds[line + 1])
+        _positions.clear()
+        codecs.utf_8_decode(piece[a:b], "alignflow_note_position", True)
+        lines.append(line)
+        spans.extend((a + s, a + e) for s, e in _positions)
+        pos = b + 1
     return np.array(lines, np.int64), np.array(spans, np.int64).reshape(-1, 2)
 
 
 def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -> TextScan:
-    """Scan ``path`` (see the module docstring); a known ``digest`` skips hashing."""
+    """Scan ``path`` (see the module docstring); a known ``digest`` skips hashing.
+
+    Blocks are not copied: the lines of a block are scanned in place, and only a line cut by a
+    block boundary is joined into a small piece of its own. The sha256 runs in a helper thread,
+    a block behind the scan (hashlib releases the GIL), so hashing and scanning overlap.
+    """
     h = hashlib.sha256()
-    carry, base, offset, blank, bom, longest = b"", 0, 0, False, None, 0
+    base, offset, blank, bom, longest = 0, 0, False, None, 0
     bad_lines, bad_spans, bad_bytes = [], [], []
 
-    def take(piece: bytes | memoryview) -> None:
+    def take(piece: bytes | memoryview, ascii_only: bool) -> None:
         nonlocal base, offset, blank, longest
         newlines = _lines_of(piece)
         longest = max(longest, len(piece) - (int(newlines[-1]) + 1 if len(newlines) else 0))
@@ -91,46 +109,43 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
             longest = max(longest, int(gaps.max()))
             blank = blank or bool((gaps == 1).any()) or bool(
                 ((gaps == 2) & (np.frombuffer(piece, np.uint8)[np.maximum(newlines - 1, 0)] == 13)).any())
-        data = np.frombuffer(piece, np.uint8)
-        high = int(np.count_nonzero(data >= 0x80))
-        if high == 0:
-            valid = True  # pure ASCII
-        elif high * 64 < len(data):  # a few non-ASCII bytes: check just their lines
-            valid = False
-        else:
-            try:
-                codecs.utf_8_decode(piece, "strict", True)
-                valid = True
-            except UnicodeDecodeError:
-                valid = False
-        if not valid:
+        if not ascii_only:
             lines, spans = _invalid_utf8(piece, newlines)
-            bounds = np.concatenate([[-1], newlines, [len(piece)]])
-            bad_lines.append(base + lines)
-            bad_spans.append(np.stack([bounds[lines] + 1, bounds[lines + 1]], axis=1) + offset)
-            bad_bytes.append(spans + offset)
+            if len(lines):
+                bounds = np.concatenate([[-1], newlines, [len(piece)]])
+                bad_lines.append(base + lines)
+                bad_spans.append(np.stack([bounds[lines] + 1, bounds[lines + 1]], axis=1) + offset)
+                bad_bytes.append(spans + offset)
         base += len(newlines)
         offset += len(piece)
 
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(block)
-            if not chunk:
-                break
+    with open(path, "rb") as f, ThreadPoolExecutor(max_workers=1) as hasher:
+        carry, hashing = b"", None
+        while chunk := f.read(block):
             if digest is None:
-                h.update(chunk)
+                if hashing is not None:
+                    hashing.result()  # at most one block waiting: memory stays at two blocks
+                hashing = hasher.submit(h.update, chunk)
             if bom is None:
                 bom = chunk.startswith(codecs.BOM_UTF8)
-            data = carry + chunk if carry else chunk
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:
-                carry = data
+            first = chunk.find(b"\n")
+            if first < 0:
+                carry += chunk
                 continue
-            carry = data[cut:]
-            take(data if cut == len(data) else memoryview(data)[:cut])  # a view, not a copy
+            last, view, ascii_only = chunk.rfind(b"\n"), memoryview(chunk), chunk.isascii()
+            if carry:
+                joined = carry + chunk[: first + 1]
+                take(joined, joined.isascii())
+            else:
+                take(view[: first + 1], ascii_only)
+            if last > first:
+                take(view[first + 1: last + 1], ascii_only)
+            carry = chunk[last + 1:]
+        if hashing is not None:
+            hashing.result()
     lines = base
     if carry.strip():
-        take(carry)
+        take(carry, carry.isascii())
         lines += 1
 
     def cat(parts, width):

@@ -82,21 +82,15 @@ def _not_blank(s: pd.Series) -> pd.Series:
     return _passes(pc.invert(pc.or_(pc.equal(pc.binary_length(arr), 0), pc.utf8_is_space(arr))), s)
 
 
-_ALLOWED_CONTROL = np.array([9, 10, 13], np.uint8)  # tab, newline, carriage return
-
-
 def _has_control_char(data: np.ndarray) -> np.ndarray:
-    hit = np.zeros(len(data), bool)
     cand = np.flatnonzero((data < 32) | (data == 127))  # two fast compares, then the few candidates
-    hit[cand[~np.isin(data[cand], _ALLOWED_CONTROL)]] = True
-    return hit
+    byte = data[cand]
+    return cand[(byte != 9) & (byte != 10) & (byte != 13)]  # tab, newline, carriage return are fine
 
 
 def _has_replacement_char(data: np.ndarray) -> np.ndarray:
-    hit = np.zeros(len(data), bool)
     lead = np.flatnonzero(data[:-2] == 0xEF)  # U+FFFD is EF BF BD
-    hit[lead[(data[lead + 1] == 0xBF) & (data[lead + 2] == 0xBD)]] = True
-    return hit
+    return lead[(data[lead + 1] == 0xBF) & (data[lead + 2] == 0xBD)]
 
 
 def _no_control_chars(s: pd.Series) -> pd.Series:
@@ -108,7 +102,13 @@ def _no_replacement_char(s: pd.Series) -> pd.Series:
 
 
 def _fits(s: pd.Series, max_chars: int) -> pd.Series:
-    return _passes(pc.less_equal(pc.utf8_length(_arrow(s)), max_chars), s)
+    arr = _arrow(s)  # a text has at most as many characters as bytes: count only the longer ones
+    ok = pc.fill_null(pc.less_equal(pc.binary_length(arr), max_chars), True).to_numpy(zero_copy_only=False)
+    longer = np.flatnonzero(~ok)
+    if len(longer):
+        ok[longer] = pc.less_equal(pc.utf8_length(arr.take(pa_arrow.array(longer))), max_chars).to_numpy(
+            zero_copy_only=False)
+    return pd.Series(ok, index=s.index, dtype=bool)
 
 
 def _per_list(check, s: pd.Series) -> pd.Series:

@@ -302,18 +302,30 @@ def _duplicate_problems(frame: pd.DataFrame, kind: str, problems: Problems) -> N
 
 
 def _reasons_by_row(problems: Problems) -> pd.Series:
-    """Sorted reasons per failing position; ``missing:F`` is dropped where F has a sharper reason."""
+    """Sorted reasons per failing position; ``missing:F`` is dropped where F has a sharper reason.
+
+    Works on integer codes (the distinct reasons are few, the positions many): one sort of
+    ``position * reasons + reason rank`` dedups and orders everything at once.
+    """
     pos, reasons = problems.arrays()
     if not len(pos):
         return pd.Series([], dtype=object)
-    df = pd.DataFrame({"pos": pos, "reason": reasons}).drop_duplicates()
-    fields = df["reason"].str.split(":", n=1).str[1]
-    sharper = df[~df["reason"].str.startswith("missing:") & fields.notna()]
-    sharp_keys = set(zip(sharper["pos"], sharper["reason"].str.split(":", n=1).str[1], strict=True))
-    missing = df["reason"].str.startswith("missing:")
-    drop = missing & pd.Series([(p, f) in sharp_keys for p, f in zip(df["pos"], fields, strict=True)], index=df.index)
-    df = df[~drop].sort_values(["pos", "reason"])
-    return df.groupby("pos", sort=True)["reason"].agg(list)
+    names, code = np.unique(reasons.astype(str), return_inverse=True)  # names sorted: code order = text order
+    split = [str(r).split(":", 1) for r in names]
+    fields, field_code = np.unique([p[1] if len(p) == 2 else "" for p in split], return_inverse=True)
+    has_field = np.array([len(p) == 2 for p in split], bool)
+    missing = np.array([str(r).startswith("missing:") for r in names], bool)
+    key = np.unique(pos.astype(np.int64) * len(names) + code.reshape(-1))
+    pos, code = key // len(names), key % len(names)
+    fkey = pos * len(fields) + field_code.reshape(-1)[code]
+    sharp = fkey[has_field[code] & ~missing[code]]
+    keep = ~(missing[code] & np.isin(fkey, sharp))
+    pos, code = pos[keep], code[keep]
+    starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+    texts = names[code].tolist()
+    bounds = [*starts.tolist(), len(pos)]
+    lists = [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return pd.Series(lists, index=pd.Index(pos[starts], name="pos"), dtype=object, name="reason")
 
 
 def validate_tables(tables: list[tuple[RawTable, SourceSettings]], settings: IngestSettings) -> ValidationResult:

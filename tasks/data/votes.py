@@ -10,26 +10,43 @@ same export ingested twice) are counted once when ``dedup`` is on.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.data.keys import Vocabulary, build_vocabulary, encode, first_of_groups, normalize_ws, prompt_keys
+from tasks.data.keys import (
+    Vocabulary,
+    build_vocabulary,
+    encode,
+    first_of_groups,
+    group_ids,
+    normalize_ws,
+    prompt_keys,
+)
 
 NO_TIME = np.iinfo(np.int64).min
 
 
 @dataclass
 class Comparisons:
-    """One row per judged response pair (x < y by code)."""
+    """One row per judged response pair (x < y by code). Treat as read-only: :attr:`items` is
+    computed once."""
 
     prompt: np.ndarray
     x: np.ndarray
     y: np.ndarray
     outcome: np.ndarray
     annotator: np.ndarray
+
+    @cached_property
+    def items(self) -> tuple[np.ndarray, int]:
+        """:func:`~tasks.data.keys.group_ids` of (prompt, x, y): the judged item of each row
+        (annotator scoring and vote aggregation both group by it)."""
+        return group_ids(self.prompt, self.x, self.y)
 
 
 @dataclass
@@ -68,19 +85,36 @@ class ColumnSource:
         self.num_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in self.paths)
 
     def column(self, name: str) -> pa.ChunkedArray:
-        chunks = []
+        return self.columns([name])[0]
+
+    def columns(self, names: list[str]) -> list[pa.ChunkedArray]:
+        """Several columns in one read per file (Parquet decodes the columns in parallel)."""
+        chunks: list[list[pa.Array]] = [[] for _ in names]
         for p in self.paths:
-            chunks.extend(self._pq.read_table(p, columns=[name], pre_buffer=False).column(name).chunks)
-        if not chunks:
-            return pa.chunked_array([], pa.large_string())
-        kind = chunks[0].type
-        return pa.chunked_array([c if c.type == kind else c.cast(kind) for c in chunks], type=kind)
+            table = self._pq.read_table(p, columns=list(names), pre_buffer=False)
+            for out, name in zip(chunks, names, strict=True):
+                out.extend(table.column(name).chunks)
+        return [_chunked(c) for c in chunks]
+
+
+def _chunked(chunks: list[pa.Array]) -> pa.ChunkedArray:
+    """Chunks of one column from several files, cast to the first file's type."""
+    if not chunks:
+        return pa.chunked_array([], pa.large_string())
+    kind = chunks[0].type
+    return pa.chunked_array([c if c.type == kind else c.cast(kind) for c in chunks], type=kind)
 
 
 def _col(source, name: str) -> pa.ChunkedArray:
     if source is None or not source.num_rows:
         return pa.chunked_array([], pa.large_string())
     return source.column(name)
+
+
+def _cols(source, names: list[str]) -> list[pa.ChunkedArray]:
+    if isinstance(source, ColumnSource) and source.num_rows:
+        return source.columns(names)
+    return [_col(source, n) for n in names]
 
 
 def _times(source) -> np.ndarray:
@@ -91,9 +125,13 @@ def _times(source) -> np.ndarray:
 def _pairwise(t, p: np.ndarray, ra: np.ndarray, rb: np.ndarray, a: np.ndarray, counts: dict,
               dedup: bool) -> tuple[np.ndarray, ...]:
     """Pairwise rows -> comparisons (x < y, outcome 0/1/2); degenerate and repeated rows dropped."""
-    choice = _col(t, "choice").to_numpy(zero_copy_only=False)
+    choice = _col(t, "choice")  # compared in Arrow: no Python string per row
+
+    def is_(value: str) -> np.ndarray:
+        return pc.fill_null(pc.equal(choice, value), False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
+
     x, y = np.minimum(ra, rb), np.maximum(ra, rb)
-    outcome = np.where(choice == "tie", 2, np.where((choice == "a") == (ra == x), 0, 1)).astype(np.int8)
+    outcome = np.where(is_("tie"), 2, np.where(is_("a") == (ra == x), 0, 1)).astype(np.int8)
     ok = x != y  # responses that differ only in whitespace
     keep = ok & (first_of_groups(p, x, y, outcome, a, _times(t)) if dedup else True)
     counts["degenerate_pairs"] = counts.get("degenerate_pairs", 0) + int((~ok).sum())
@@ -119,31 +157,46 @@ def _annotator_codes(kinds: list[str], tables: dict) -> tuple[list[str], dict[st
     return sorted(names), {k: np.where(c >= 0, rank[np.maximum(c, 0)], -1) for k, c in zip(kinds, codes, strict=True)}
 
 
-def encode_feedback(tables: dict[str, ColumnSource | pa.Table], *, dedup: bool = True) -> Feedback:
-    """Code validated tables (by kind; missing kinds are skipped) into :class:`Feedback`.
+def _prompt_vocabulary(tables: dict, kinds: list[str]) -> tuple[Vocabulary, list[np.ndarray]]:
+    """The prompt vocabulary and the prompt codes of each kind."""
+    columns = [_cols(tables[k], ["prompt", "is_chat"]) for k in kinds]
+    pairs = [(text, prompt_keys(text, chat.to_numpy(zero_copy_only=False))) for text, chat in columns]
+    del columns
+    return build_vocabulary(pairs)
 
-    Text columns are read (from a :class:`ColumnSource`, or an in-memory table) and encoded a
-    group at a time: all prompts, then all responses; only their codes and vocabularies stay.
-    """
-    kinds = [k for k in ("pairwise", "ranking", "rating", "binary", "demonstration") if k in tables]
-    texts = [_col(tables[k], "prompt") for k in kinds]
-    keys = [prompt_keys(c, _col(tables[k], "is_chat").to_numpy(zero_copy_only=False))
-            for k, c in zip(kinds, texts, strict=True)]
-    prompts, p_codes = build_vocabulary(list(zip(texts, keys, strict=True)))
+
+def _response_vocabulary(tables: dict, kinds: list[str]) -> tuple[Vocabulary, list[np.ndarray], np.ndarray | None]:
+    """The response vocabulary, codes per response column (pairwise: a then b; ranking: the
+    flattened lists) and the ranking lists' offsets into their flattened codes."""
     texts, rank_offsets = [], None
     for kind in kinds:
         t = tables[kind]
         if kind == "pairwise":
-            texts += [_col(t, "response_a"), _col(t, "response_b")]
+            texts += _cols(t, ["response_a", "response_b"])
         elif kind == "ranking":
             lists = _col(t, "responses").combine_chunks() if t.num_rows else None
             rank_offsets = lists.offsets.to_numpy() - lists.offsets[0].as_py() if lists is not None else None
             texts.append(pc.list_flatten(lists) if lists is not None else pa.array([], pa.large_string()))
         else:
             texts.append(_col(t, "response"))
-    responses, r_codes = build_vocabulary([(c, normalize_ws(c)) for c in texts])
-    del texts, keys
-    names, annotators = _annotator_codes(kinds, tables)
+    vocabulary, codes = build_vocabulary([(c, normalize_ws(c)) for c in texts])
+    return vocabulary, codes, rank_offsets
+
+
+def encode_feedback(tables: dict[str, ColumnSource | pa.Table], *, dedup: bool = True) -> Feedback:
+    """Code validated tables (by kind; missing kinds are skipped) into :class:`Feedback`.
+
+    Text columns are read (from a :class:`ColumnSource`, or an in-memory table) and encoded a
+    group at a time: the responses in a background thread while this one does the prompts
+    (hashing, normalising and Parquet decoding release the GIL for much of their time, so the
+    two groups share the machine's cores); only their codes and vocabularies stay.
+    """
+    kinds = [k for k in ("pairwise", "ranking", "rating", "binary", "demonstration") if k in tables]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_response_vocabulary, tables, kinds)
+        prompts, p_codes = _prompt_vocabulary(tables, kinds)
+        names, annotators = _annotator_codes(kinds, tables)
+        responses, r_codes, rank_offsets = pending.result()
     counts: dict[str, int] = {f"rows_{k}": tables[k].num_rows for k in kinds}
     empty = np.zeros(0, np.int64)
     comp, thumbs, ratings, demos = [], None, None, (empty, empty)
