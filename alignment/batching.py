@@ -14,6 +14,8 @@ Token layout (every collator returns it, padded or packed)
   the flattened ``R*T`` grid, token id, and sequence number (0..S-1). Computed here on the CPU so
   the device never waits on a data-dependent mask.
 * ``last_index``: ``[S]`` flat index (into ``R*T``) of each sequence's last token (reward pooling).
+* ``cu_seq_lens`` (int32 ``[segments + 1]``) and ``max_seq_len`` (packed only): boundaries of
+  every segment of the flattened ``R*T`` stream and the longest, for variable-length attention.
 * ``num_sequences``: S. Pair batches hold chosen sequences 0..B-1 and rejected B..2B-1, so both
   responses go through the model in one forward pass.
 
@@ -294,7 +296,15 @@ def collate_sequences(
         "num_sequences": n,
         "num_tokens": sum(len(s) for s in seqs),
     }
-    if not packing:
+    if packing:
+        # Sequence boundaries of the flattened rows (every segment, tail padding included, starts
+        # at position 0), computed here on the CPU so the varlen attention kernel needs no sync.
+        flat = batch["position_ids"].flatten()
+        starts = (flat == 0).nonzero().flatten()
+        cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+        batch["cu_seq_lens"] = cu
+        batch["max_seq_len"] = int((cu[1:] - cu[:-1]).max())
+    else:
         batch["attention_mask"] = torch.tensor(
             [[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long
         )

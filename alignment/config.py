@@ -140,6 +140,12 @@ class TrainSettings(StrictModel):
     ahead; the pad positions' outputs are computed and never used), and attention then takes the
     causal flash kernel instead of the masked memory-efficient one. A GPU speed option: it trades
     the FLOPs spent on padding for faster attention."""
+    varlen_attention: bool = False
+    """With ``packing: true`` and a causal decoder: attend within each packed sequence with
+    variable-length flash attention (``torch.nn.attention.varlen``) on the rows flattened into
+    one, instead of transformers' block-diagonal mask (which sends SDPA to the masked,
+    memory-efficient kernel). No padding and causal flash together. A GPU speed option (on CPU
+    a per-sequence loop gives the same numbers); models without dropout in attention only."""
     compile: bool = False
     """``torch.compile`` each repeated block (decoder layer) of the trained module and the LM-head
     log-prob blocks (:func:`alignment.fast_paths.compile_layers`): a GPU speed option."""
@@ -208,6 +214,15 @@ class GenerationSettings(StrictModel):
     """Decode over a static KV cache with the one-token step replayed as a CUDA graph
     (:class:`alignment.fast_generation.GraphDecoder`; full-attention decoders only). On CPU the
     same static step runs eagerly. Same tokens as the default loop up to kernel rounding."""
+    compile_step: bool = False
+    """With ``cuda_graphs``: ``torch.compile`` the decode step before capturing it, which fuses
+    the norm, rotary, activation and residual kernels (a 1B decode step is ~900 kernels eager).
+    Compiles once per batch shape (tens of seconds), so it pays off for long or repeated
+    generation at a fixed shape (benchmarks, large rollouts), not for short demo evaluations."""
+    sync_every: int = Field(8, gt=0)
+    """On CUDA, check whether every row has ended only every this many tokens (each check waits
+    for the device); rows that ended early get padding meanwhile, so the output is the same.
+    On CPU the check is free and runs every token."""
 
 
 class KLSettings(StrictModel):

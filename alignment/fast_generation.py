@@ -28,6 +28,10 @@ Assumptions: a transformers decoder whose forward accepts ``position_ids``, a pr
 full attention in every layer (sliding-window configs are refused). Sampling stays outside the
 graph (it is a few kernels, and a seeded generator cannot be captured without registering it).
 
+With ``compile_step`` the step's forward goes through ``torch.compile`` (one module-level
+compiled function, so decoders of later batches with the same shapes reuse the compiled code)
+before it is captured: inductor fuses the element-wise kernels between the matmuls.
+
 On CPU, or when ``use_graph=False``, the same static-buffer step runs eagerly: the results are
 the same and this is what the CPU tests exercise. If capture fails (a model that syncs with the
 host inside its forward) the decoder logs it and continues eagerly.
@@ -41,6 +45,8 @@ import logging
 
 import torch
 from transformers import AttentionInterface, StaticCache
+
+from alignment.fast_paths import attention_implementation
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +89,6 @@ class _ComputeDtypeCache(StaticCache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-@contextlib.contextmanager
-def _attention(config, name: str):
-    """Use attention implementation ``name`` inside the block (the config's choice is restored after)."""
-    before = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-
-
 def _inner(model):
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(inner, "module", inner)
@@ -109,6 +104,23 @@ def graph_supported(model) -> bool:
     return getattr(config, "sliding_window", None) is None
 
 
+def _model_forward(model, ids, mask4d, positions, kwargs):
+    """One forward returning the last position's logits ``[B, V]`` (what the step compiles)."""
+    return model(input_ids=ids, attention_mask=mask4d, position_ids=positions, **kwargs).logits[:, -1, :]
+
+
+_compiled_forward = None
+
+
+def _compiled_model_forward():
+    """The compiled :func:`_model_forward`, made on first use (compiling is lazy anyway; this
+    keeps importing the module free of torch.compile set-up)."""
+    global _compiled_forward
+    if _compiled_forward is None:
+        _compiled_forward = torch.compile(_model_forward, dynamic=False)
+    return _compiled_forward
+
+
 class GraphDecoder:
     """Prefill + decode steps over a ``StaticCache``; the step is a CUDA graph on CUDA devices.
 
@@ -121,7 +133,7 @@ class GraphDecoder:
     Raises ValueError for models with sliding-window attention.
     """
 
-    def __init__(self, model, use_graph: bool | None = None) -> None:
+    def __init__(self, model, use_graph: bool | None = None, compile_step: bool = False) -> None:
         if not graph_supported(model):
             raise ValueError("GraphDecoder needs full attention in every layer (sliding-window models are not supported)")
         self.model = model
@@ -129,17 +141,19 @@ class GraphDecoder:
         params = set(inspect.signature(_inner(model).forward).parameters)
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.keep_last = "logits_to_keep" in params
+        self.compile_step = compile_step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps_run = 0
         self.captured = False
 
     # ------------------------------------------------------------------ forwards
-    def _forward(self, ids: torch.Tensor, mask4d: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask4d: torch.Tensor, positions: torch.Tensor,
+                 compiled: bool = False) -> torch.Tensor:
         kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
         if self.keep_last:
             kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=ids, attention_mask=mask4d, position_ids=positions, **kwargs)
-        return out.logits[:, -1, :]
+        forward = _compiled_model_forward() if compiled else _model_forward
+        return forward(self.model, ids, mask4d, positions, kwargs)
 
     def _autocast(self):
         """The caller's autocast state, with the weight-cast cache off (required under capture)."""
@@ -179,8 +193,8 @@ class GraphDecoder:
         return logits
 
     def _eager_step(self) -> torch.Tensor:
-        with self._autocast(), _attention(_inner(self.model).config, DECODE_ATTENTION):
-            return self._forward(self.ids, self.step_mask, self.positions)
+        with self._autocast(), attention_implementation(_inner(self.model).config, DECODE_ATTENTION):
+            return self._forward(self.ids, self.step_mask, self.positions, compiled=self.compile_step)
 
     def _capture(self) -> torch.Tensor | None:
         """Capture one step (not run) and replay it; None when capture fails (then eager)."""

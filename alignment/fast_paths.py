@@ -15,19 +15,32 @@ It also switches on the compiled LM-head log-prob blocks of any sub-module that 
 Shapes are compiled dynamic (``dynamic=True``): packed and padded batches change their width
 every step and must not recompile. The recipes call this when ``TrainSettings.compile`` is on
 (a GPU option: on CPU it works but the compile time rarely pays off).
+
+:func:`varlen_attention` is causal attention restricted to each packed sequence of a flattened
+batch (``TrainSettings.varlen_attention``): no padding in the matrix products (packing) *and*
+the causal flash kernel (no block-diagonal mask that would send SDPA to the slower masked
+kernel). On CUDA it calls ``torch.nn.attention.varlen.varlen_attn``; elsewhere a per-sequence
+SDPA loop with the same result (what the CPU tests check).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compile_layers", "repeated_blocks", "sdpa_backends", "set_causal_padding"]
+__all__ = ["VARLEN_ATTENTION", "attention_implementation", "compile_layers", "repeated_blocks", "sdpa_backends",
+           "set_causal_padding", "set_varlen_attention", "varlen_attention"]
+
+VARLEN_ATTENTION = "alignflow_varlen"
 
 
 def repeated_blocks(module: nn.Module) -> list[nn.ModuleList]:
@@ -83,3 +96,101 @@ def set_causal_padding(module: nn.Module, enabled: bool) -> int:
     for sub in found:
         sub.causal_padding = enabled
     return len(found)
+
+
+def set_varlen_attention(module: nn.Module, enabled: bool) -> int:
+    """Set ``varlen_attention`` on every sub-module that has the switch; returns how many.
+    See ``TrainSettings.varlen_attention``."""
+    found = [sub for sub in module.modules() if hasattr(sub, "varlen_attention")]
+    for sub in found:
+        sub.varlen_attention = enabled
+    return len(found)
+
+
+@contextlib.contextmanager
+def attention_implementation(config, name: str):
+    """Use attention implementation ``name`` inside the block (the config's choice is restored after).
+
+    A name transformers has no mask function for (ours) also makes it skip building a mask."""
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *,
+                     cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """Causal attention within each sequence of one flattened packed row, as a transformers attention function.
+
+    ``query`` ``[1, Hq, T, D]``, ``key``/``value`` ``[1, Hk, T, D]`` (``Hq = G * Hk``; query head
+    ``h`` reads K/V head ``h // G``), ``cu_seq_lens_q`` int32 ``[S + 1]``: sequence ``i`` is tokens
+    ``cu[i]:cu[i+1]`` (it must start at 0 and end at T; every token belongs to one sequence),
+    ``max_length_q`` the longest. ``attention_mask`` is ignored (the sequences are the mask).
+    Returns ``([1, T, Hq, D], None)``. Raises ValueError without ``cu_seq_lens_q`` (not a
+    packed batch) or with dropout.
+    """
+    if cu_seq_lens_q is None:
+        raise ValueError("varlen attention needs cu_seq_lens_q (a packed batch with varlen_attention on)")
+    if dropout:
+        raise ValueError("varlen attention has no dropout; set the model's attention_dropout to 0")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if q.is_cuda:
+        out = _flash_varlen(q, k, v, cu_seq_lens_q, max_length_q, scale)
+    else:
+        out = _varlen_by_sequence(q, k, v, cu_seq_lens_q, scale)
+    return out[None], None
+
+
+AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _flash_varlen(q, k, v, cu, max_len, scale):
+    # torch's varlen_attn changed its signature between releases (is_causal -> window_size,
+    # enable_gqa added): pass what this version takes.
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _varlen_params()
+    if torch.is_autocast_enabled("cuda"):  # a custom op: autocast does not cast its inputs as it does SDPA's
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"varlen flash attention needs bf16 or fp16 (got {q.dtype}): train with precision bf16")
+    groups = q.shape[1] // k.shape[1]
+    extra = {}
+    if groups > 1 and "enable_gqa" in params:
+        extra["enable_gqa"] = True
+    elif groups > 1:
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    if "window_size" in params:
+        extra["window_size"] = (-1, 0)
+    else:
+        extra["is_causal"] = True
+    if "scale" in params:
+        extra["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError("this torch's varlen_attn takes no scale; the model's attention scaling is not 1/sqrt(d)")
+    cu = cu.to(torch.int32)
+    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, int(max_len), int(max_len), **extra)
+
+
+def _varlen_by_sequence(q, k, v, cu, scale):
+    groups = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+    return out

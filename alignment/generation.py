@@ -244,6 +244,7 @@ def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pa
     B = prompt_ids.shape[0]
     n = settings.max_new_tokens
     device = prompt_ids.device
+    sync_every = settings.sync_every if device.type == "cuda" else 1
     out = torch.full((B, n), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros((B, n), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -261,9 +262,12 @@ def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pa
         hit_eos |= is_eos
         finished |= is_eos
         steps = i + 1
-        if steps == n or bool(finished.all()):  # one host sync per token; batched checks later for GPUs
+        if steps == n or (steps % sync_every == 0 and bool(finished.all())):  # the check syncs
             break
         logits = decoder.step(tokens)
+    if sync_every > 1:  # cut the columns decoded after the last row ended (all padding)
+        live = out_mask[:, :steps].any(dim=0).nonzero()
+        steps = int(live.max()) + 1 if len(live) else 1
     return out[:, :steps], out_mask[:, :steps], hit_eos
 
 
@@ -331,7 +335,8 @@ def generate(
             if backend == "hf":
                 resp, resp_mask, hit = _hf_batch(model, ids, mask, settings, seed + start, eos, pad_id)
             else:
-                decoder = GraphDecoder(model) if settings.cuda_graphs else KVDecoder(model, cache)
+                decoder = (GraphDecoder(model, compile_step=settings.compile_step) if settings.cuda_graphs
+                           else KVDecoder(model, cache))
                 resp, resp_mask, hit = _decode_batch(decoder, ids, mask, settings, generator, eos, pad_id,
                                                      _suppressed_ids(model, device))
             resp, resp_mask = resp.cpu(), resp_mask.cpu()

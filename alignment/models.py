@@ -35,6 +35,7 @@ from alignment.batching import (
     to_device,
 )
 from alignment.config import LoraSettings, ModelSettings
+from alignment.fast_paths import VARLEN_ATTENTION, attention_implementation
 from alignment.logprobs import logps_from_hidden, selective_log_softmax
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,27 @@ def hidden_path_ok(model) -> bool:
     return type(head) is nn.Linear and not any(getattr(inner.config, a, None) for a in _LOGIT_TRANSFORMS)
 
 
+def decoder_hidden(inner, batch: dict, *, causal_padding: bool = False, varlen: bool = False) -> torch.Tensor:
+    """Last hidden states ``[R, T, H]`` of a collated batch through the decoder ``inner.base_model``.
+
+    Padded batches use their mask (none with ``causal_padding``: right padding never reaches a
+    real token under causal attention). Packed batches go through transformers' block-diagonal
+    mask, or, with ``varlen`` (and the batch's ``cu_seq_lens``), through
+    :func:`alignment.fast_paths.varlen_attention` on the rows flattened into one.
+    """
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    if varlen and "cu_seq_lens" in batch:
+        cu, longest = batch["cu_seq_lens"], batch["max_seq_len"]
+        with attention_implementation(inner.config, VARLEN_ATTENTION):
+            hidden = inner.base_model(input_ids=ids.reshape(1, -1), position_ids=positions.reshape(1, -1),
+                                      use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                                      max_length_k=longest).last_hidden_state
+        return hidden.view(*ids.shape, -1)
+    mask = None if causal_padding else batch.get("attention_mask")
+    return inner.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                            use_cache=False).last_hidden_state
+
+
 class CausalLMLogps(nn.Module):
     """``forward(batch) -> {"seq_logps" [S], "seq_tokens" [S], "token_logps" [N]}`` (fp32).
 
@@ -193,6 +215,8 @@ class CausalLMLogps(nn.Module):
         """GPU fast path: compiled log-prob blocks (set by :func:`alignment.fast_paths.compile_layers`)."""
         self.causal_padding = False
         """GPU fast path: ignore the padding mask of right-padded batches (see ``TrainSettings.causal_padding``)."""
+        self.varlen_attention = False
+        """GPU fast path: packed batches through variable-length attention (``TrainSettings.varlen_attention``)."""
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         inner = hf_model(self.model)
@@ -201,7 +225,7 @@ class CausalLMLogps(nn.Module):
                   "attention_mask": mask, "use_cache": False}
         index, targets = batch["target_index"], batch["target_ids"]
         if self.use_hidden:
-            hidden = inner.base_model(**inputs).last_hidden_state
+            hidden = decoder_hidden(inner, batch, causal_padding=self.causal_padding, varlen=self.varlen_attention)
             picked = hidden.flatten(0, 1).index_select(0, index)
             head = inner.get_output_embeddings()
             if index.numel() <= self.chunk_size:
@@ -238,6 +262,8 @@ class ScalarReward(nn.Module):
         self.decoder_head = hasattr(hf_model(model), "score")
         self.causal_padding = False
         """GPU fast path for decoder backbones: ignore the padding mask of right-padded batches."""
+        self.varlen_attention = False
+        """GPU fast path for decoder backbones: packed batches through variable-length attention."""
 
     def forward(self, batch: dict) -> torch.Tensor:
         inner = hf_model(self.model)
@@ -246,9 +272,7 @@ class ScalarReward(nn.Module):
             if mask is None:
                 raise ValueError("encoder reward models need padded batches (set packing: false)")
             return self.model(input_ids=batch["input_ids"], attention_mask=mask).logits[:, 0].float()
-        hidden = inner.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                  attention_mask=None if self.causal_padding else mask,
-                                  use_cache=False).last_hidden_state
+        hidden = decoder_hidden(inner, batch, causal_padding=self.causal_padding, varlen=self.varlen_attention)
         last = hidden.flatten(0, 1).index_select(0, batch["last_index"])
         return inner.score(last)[:, 0].float()
 

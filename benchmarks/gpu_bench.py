@@ -62,11 +62,13 @@ SHAPES = {
 }
 TRAIN_CASES = ["trl_dpo", "ours_dpo", "ours_dpo_cudnn", "ours_dpo_padded", "ours_dpo_compile", "ours_dpo_refcopy",
                "ours_dpo_gc", "trl_dpo_lora", "ours_dpo_lora", "ours_dpo_lora_compile", "trl_rm", "ours_rm",
-               "ours_rm_compile", "trl_dpo_nocudnn"]
+               "ours_rm_compile", "trl_dpo_nocudnn", "ours_dpo_compile_causalpad", "ours_dpo_compile_varlen",
+               "ours_rm_compile_causalpad", "ours_rm_compile_varlen", "ours_dpo_lora_compile_varlen"]
 """Case names: ``trl_*`` TRL, ``ours_*`` our recipes; ``_lora`` LoRA r16 all-linear, ``_compile``
 regional torch.compile, ``_padded`` no packing, ``_refcopy`` reference forward every step (a
 frozen copy, as TRL does), ``_gc`` gradient checkpointing, ``_causalpad`` right-padded batches without the padding mask
-(causal flash attention; ``TrainSettings.causal_padding``), ``ours_*_cudnn`` allows cuDNN attention
+(causal flash attention; ``TrainSettings.causal_padding``), ``_varlen`` packed batches through variable-length
+flash attention (``TrainSettings.varlen_attention``), ``ours_*_cudnn`` allows cuDNN attention
 (our default leaves it off), ``trl_*_nocudnn`` TRL with cuDNN attention off."""
 BASELINE = {"dpo": "trl_dpo", "dpo_lora": "trl_dpo_lora", "rm": "trl_rm"}
 
@@ -380,7 +382,8 @@ def train_case(case: str, shape: str, args, *, seq: int | None = None, pairs: in
         opts = dict(pairs=pairs, seq=seq, lora=lora, compile="compile" in case,
                     packing="padded" not in case and not causal_pad, gc_=case.endswith("_gc"),
                     reference="copy" if "refcopy" in case else "precomputed",
-                    extra={"cudnn_attention": case.endswith("_cudnn"), "causal_padding": causal_pad})
+                    extra={"cudnn_attention": case.endswith("_cudnn"), "causal_padding": causal_pad,
+                           "varlen_attention": "varlen" in case})
         out = run_ours(recipe, folder, data, args, **opts)
         fpt = None if lora else (8 if "refcopy" in case else 6) * N
     out.update(shape=shape, seq=seq, pairs=pairs, params=N, flops_per_token=fpt)
@@ -411,7 +414,8 @@ def profile_train(case: str, shape: str, args, steps: int = 2) -> dict:
     data = write_rows(make_pairs(n_rows, spec["seq"], spec["vocab_size"]), args.work / f"prof-{shape}.parquet")
     causal_pad = "causalpad" in case
     run = make_recipe("reward" if "_rm" in case else "dpo", folder, data, args, pairs=spec["pairs"], seq=spec["seq"],
-                      compile="compile" in case, packing=not causal_pad, extra={"causal_padding": causal_pad})
+                      compile="compile" in case, packing=not causal_pad,
+                      extra={"causal_padding": causal_pad, "varlen_attention": "varlen" in case})
     try:
         run.setup()
         run.train_module.train()
@@ -466,8 +470,12 @@ def gen_case(shape: str, args, batch: int = 64, prompt_len: int = 128, new_token
         "ours_kv": lambda: generate(model, tok, prompts, settings, seed=0, eos_token_ids=[-1]),
         "ours_graph": lambda: generate(model, tok, prompts, settings.model_copy(update={"cuda_graphs": True}), seed=0,
                                        eos_token_ids=[-1]),
+        # the first run compiles (best of 3 is a warm one)
+        "ours_graph_compiled": lambda: generate(
+            model, tok, prompts, settings.model_copy(update={"cuda_graphs": True, "compile_step": True}), seed=0,
+            eos_token_ids=[-1]),
     }
-    reps = {"model.generate": args.gen_reps, "ours_kv": 1, "ours_graph": 3}
+    reps = {"model.generate": args.gen_reps, "ours_kv": 1, "ours_graph": 3, "ours_graph_compiled": 3}
     out: dict = {"shape": shape, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}
     for name, fn in paths.items():
         times = []
@@ -481,6 +489,7 @@ def gen_case(shape: str, args, batch: int = 64, prompt_len: int = 128, new_token
                      "new_tokens_per_s": batch * new_tokens / min(times)}
     if device.type == "cuda":
         out["decode_profile"] = profile_decode(model, ids)
+        out["decode_profile_compiled"] = profile_decode(model, ids, compile_step=True)
     # Memory-bandwidth bound of one decode step: bf16 weights once + the KV cache of the average length.
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -493,18 +502,20 @@ def gen_case(shape: str, args, batch: int = 64, prompt_len: int = 128, new_token
         out[name]["fraction_of_bound"] = out["bound_ms_per_step"] / out[name]["ms_per_step"]
     base = out["model.generate"]["ms_per_step"]
     out["speedup_graph_vs_generate"] = base / out["ours_graph"]["ms_per_step"]
-    out["speedup_graph_vs_generate_first_run"] = (out["model.generate"]["runs_s"][0] / new_tokens * 1000
-                                                   ) / out["ours_graph"]["ms_per_step"]
+    first = out["model.generate"]["runs_s"][0] / new_tokens * 1000
+    out["speedup_graph_vs_generate_first_run"] = first / out["ours_graph"]["ms_per_step"]
+    out["speedup_compiled_vs_generate"] = base / out["ours_graph_compiled"]["ms_per_step"]
+    out["speedup_compiled_vs_generate_first_run"] = first / out["ours_graph_compiled"]["ms_per_step"]
     return out
 
 
-def profile_decode(model, ids: torch.Tensor, steps: int = 8) -> dict:
+def profile_decode(model, ids: torch.Tensor, steps: int = 8, compile_step: bool = False) -> dict:
     """Kernels of ``steps`` replayed CUDA-graph decode steps: count per step and the top ones by time."""
     from torch.profiler import ProfilerActivity, profile
 
     from alignment.fast_generation import GraphDecoder
 
-    dec = GraphDecoder(model)
+    dec = GraphDecoder(model, compile_step=compile_step)
     with torch.no_grad():
         logits = dec.prefill(ids, torch.ones_like(ids), steps + 4 + 20)
         for _ in range(3):  # eager, capture, replay
@@ -596,19 +607,25 @@ def table(results: list[dict], ceil: dict) -> str:
                           f"{r['new_tokens']} new tokens (bf16 weights); bandwidth bound "
                           f"{r['bound_ms_per_step']:.2f} ms/step",
                       "| path | runs (s) | ms/step (best) | new tokens/s | fraction of bound |", "|---|---|---|---|---|"]
-            for name in ("model.generate", "ours_kv", "ours_graph"):
+            for name in ("model.generate", "ours_kv", "ours_graph", "ours_graph_compiled"):
                 p = r[name]
                 runs = ", ".join(f"{t:.2f}" for t in p["runs_s"])
                 lines.append(f"| {name} | {runs} | {p['ms_per_step']:.2f} | {p['new_tokens_per_s']:,.0f} | "
                              f"{100 * p['fraction_of_bound']:.1f}% |")
             lines.append(f"ours_graph vs model.generate: {r['speedup_graph_vs_generate']:.1f}x (best runs), "
-                         f"{r['speedup_graph_vs_generate_first_run']:.1f}x (against generate's first run)")
+                         f"{r['speedup_graph_vs_generate_first_run']:.1f}x (against generate's first run); "
+                         f"compiled step: {r['speedup_compiled_vs_generate']:.1f}x, "
+                         f"{r['speedup_compiled_vs_generate_first_run']:.1f}x")
             prof = r.get("decode_profile")
             if prof:
                 lines.append(f"graph decode step: {prof['kernels_per_step']:.0f} kernels, "
                              f"{prof['gpu_ms_per_step']:.2f} ms of kernel time, one replay {prof['replay_ms']:.2f} ms"
                              "; top (name, per step, us): "
                              + "; ".join(f"{n} x{c} {t}" for n, c, t in prof["top"][:6]))
+            prof = r.get("decode_profile_compiled")
+            if prof:
+                lines.append(f"compiled graph decode step: {prof['kernels_per_step']:.0f} kernels, "
+                             f"{prof['gpu_ms_per_step']:.2f} ms of kernel time, one replay {prof['replay_ms']:.2f} ms")
     rl = [r for r in results if r["group"] == "rl" and "error" not in r]
     if rl:
         lines += ["", "| RL case | shape | samples | step tokens/s | generate new tok/s | rollout s | update s | "
@@ -622,7 +639,7 @@ def table(results: list[dict], ceil: dict) -> str:
         if r["group"] == "check" and "error" not in r:
             lines += ["", f"check {r['case']} {r['shape']} (relative errors vs fp32; loss fp32 {r['loss_fp32']:.4f})",
                       "| path | values | loss | grad | grad cos | verdict |", "|---|---|---|---|---|---|"]
-            for name in ("plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad"):
+            for name in ("plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad", "opt_varlen"):
                 e = r.get(name)
                 if e is None:
                     continue

@@ -12,8 +12,10 @@ ragged pairs goes through:
   of each sequence (reward model), under bf16 autocast.
 * ``opt_compiled`` — the same with :func:`alignment.fast_paths.compile_layers` (compiled decoder
   layers and log-prob blocks).
-* ``opt_causalpad`` — the fastest configuration measured: the padded batch *without* its padding
-  mask (``TrainSettings.causal_padding``: causal flash attention) and compiled, as above.
+* ``opt_causalpad`` — the padded batch *without* its padding mask
+  (``TrainSettings.causal_padding``: causal flash attention) and compiled, as above.
+* ``opt_varlen`` — the packed batch through variable-length flash attention
+  (``TrainSettings.varlen_attention``) and compiled.
 
 The DPO loss uses fixed reference log-probs (the fp32 log-probs plus seeded offsets), so it is
 not the trivial ln 2 of a policy equal to its reference, and both paths see the same reference.
@@ -30,7 +32,7 @@ import gc
 import torch
 
 from alignment.batching import Truncation, collate_pairs, to_device, tokenize_pairs
-from alignment.fast_paths import compile_layers, set_causal_padding
+from alignment.fast_paths import compile_layers, set_causal_padding, set_varlen_attention
 from alignment.losses import dpo_loss, reward_loss
 from alignment.models import CausalLMLogps, ScalarReward
 from benchmarks.gpu_bench import tokenizer_dir
@@ -101,10 +103,11 @@ def dpo_check(folder, rows, seq: int, device: torch.device, chunk_size: int = 51
         return losses.mean()
 
     results = {}
-    for name in ("fp32", "plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad"):
+    for name in ("fp32", "plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad", "opt_varlen"):
         if name.startswith("opt"):
             module = CausalLMLogps(model, chunk_size)
             set_causal_padding(module, name == "opt_causalpad")
+            set_varlen_attention(module, name == "opt_varlen")
             if name != "opt_eager":
                 compile_layers(module)
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -133,11 +136,12 @@ def rm_check(folder, rows, seq: int, device: torch.device) -> dict:
     padded, packed = _batches(tok, rows, seq, device, append_eos=False)
     n = len(rows)
     results = {}
-    for name in ("fp32", "plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad"):
+    for name in ("fp32", "plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad", "opt_varlen"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name != "fp32"):
             if name.startswith("opt"):
                 module = ScalarReward(model)
                 set_causal_padding(module, name == "opt_causalpad")
+                set_varlen_attention(module, name == "opt_varlen")
                 if name != "opt_eager":
                     compile_layers(module)
                 rewards = module(padded if name == "opt_causalpad" else packed)

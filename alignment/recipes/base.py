@@ -10,8 +10,14 @@ all of them, so each algorithm file only says what is different:
   warmup + linear/cosine schedule; gradient accumulation (``no_sync`` on all but the last
   micro-batch); clipping with the global grad norm logged every step.
 * **the NaN/inf guard** — a non-finite loss or grad norm raises
-  :class:`~alignment.logprobs.NonFiniteError` naming the step *before* the optimizer step,
-  so the weights on disk are never poisoned.
+  :class:`~alignment.logprobs.NonFiniteError` naming the step, and the optimizer never applies
+  that step, so the weights (in memory and on disk) are never poisoned. With a fused optimizer
+  (CUDA) the default step does not wait for the device to decide: the finiteness flag goes to
+  the optimizer as ``found_inf`` (the kernel skips the update on the device) and is read with the
+  step's metrics, one host sync per step instead of three.
+* **prefetch** — the default step collates the next micro-batch right after queuing the
+  backward pass, so the CPU work overlaps the device's; a checkpoint records the data position
+  *before* a prefetched batch, which is collated again on resume.
 * **data order** — a seeded, length-grouped :class:`~alignment.batching.LengthGroupedSampler`
   (sharded over processes) whose position is part of every checkpoint.
 * **metrics** — one record per step (``phase="train"``) and per evaluation (``phase="eval"``,
@@ -79,7 +85,7 @@ from torch import nn
 
 from alignment.batching import ExampleSet, LengthGroupedSampler, Truncation, to_device
 from alignment.config import ConfigError, TrainSettings, config_diff
-from alignment.fast_paths import compile_layers, sdpa_backends, set_causal_padding
+from alignment.fast_paths import compile_layers, sdpa_backends, set_causal_padding, set_varlen_attention
 from alignment.logprobs import check_finite
 from alignment.models import is_peft, packing_supported, save_model_folder
 from alignment.recipes.state import load_trainable_state, lr_lambda, rng_state, set_rng_state, trainable_state
@@ -147,6 +153,7 @@ class Recipe(ABC):
         self._metrics_file = None
         self._train_time = 0.0
         self._started: float | None = None
+        self._prefetched: tuple[dict[str, int], dict[str, Any]] | None = None
         self.packing = False
         self.data_stats: dict[str, dict[str, int]] = {}
 
@@ -244,6 +251,8 @@ class Recipe(ABC):
         )
         if cfg.causal_padding and not self.packing:
             set_causal_padding(self.train_module, True)
+        if cfg.varlen_attention and self.packing:
+            set_varlen_attention(self.train_module, True)
         if cfg.compile:
             self.train_module = compile_layers(self.train_module)
         self.train_module, self.optimizer = acc.prepare(self.train_module, self.optimizer)
@@ -359,26 +368,55 @@ class Recipe(ABC):
 
     def next_batch(self) -> dict[str, Any]:
         """The next training micro-batch for this process, collated and on the device."""
+        if self._prefetched is not None:
+            batch, self._prefetched = self._prefetched[1], None
+        else:
+            batch = self._collate_next()
+        return to_device(batch, self.device)
+
+    def prefetch(self) -> None:
+        """Collate the next micro-batch now (on the CPU) while the device runs queued work.
+
+        The sampler position before it is kept: :meth:`save_checkpoint` records that one, so a
+        resumed run collates the same batch again. Nothing is prefetched after the last step.
+        """
+        if self._prefetched is None and self.step + 1 < self.total_steps:
+            position = self.sampler.state_dict()
+            self._prefetched = (position, self._collate_next())
+
+    def _collate_next(self) -> dict[str, Any]:
         indices = self.sampler.next_batch()
-        return to_device(self.train_set.collate([self.train_set[i] for i in indices]), self.device)
+        return self.train_set.collate([self.train_set[i] for i in indices])
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward through accelerate (loss scaling under fp16)."""
         self.accelerator.backward(loss)
 
-    def optimizer_step(self, losses: torch.Tensor | None = None) -> torch.Tensor:
+    def optimizer_step(self, losses: torch.Tensor | None = None, defer_check: bool = False) -> torch.Tensor:
         """Guard, clip, step optimizer and schedule, zero grads; returns the global grad norm.
 
         Raises NonFiniteError naming the step (``self.step + 1``) when ``losses`` or the grad
-        norm is NaN/inf; the optimizer has not stepped then.
+        norm is NaN/inf; the optimizer has not stepped then. With ``defer_check`` and an
+        optimizer that can skip on the device (:meth:`_skips_on_device`), nothing syncs here:
+        the update is skipped on the device when either is non-finite, and the caller must
+        check them itself (the default :meth:`train_step` does, with its metrics).
         """
         step = self.step + 1
-        if losses is not None:
+        deferred = defer_check and self._skips_on_device()
+        if losses is not None and not deferred:
             check_finite("loss", losses, step)
         max_norm = self.config.optim.max_grad_norm or float("inf")
         norm = self.accelerator.clip_grad_norm_(self.train_module.parameters(), max_norm)
-        check_finite("grad_norm", norm, step)
+        if deferred:
+            bad = ~torch.isfinite(norm.detach())
+            if losses is not None:
+                bad = bad | ~torch.isfinite(losses.detach()).all()
+            self._inner_optimizer().found_inf = bad.float().reshape(())
+        else:
+            check_finite("grad_norm", norm, step)
         self.optimizer.step()
+        if deferred:
+            del self._inner_optimizer().found_inf  # a flag for this step only
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -398,11 +436,17 @@ class Recipe(ABC):
                 with self.accelerator.autocast():
                     out = self.compute_loss(batch)
                 self.backward(out.loss / accum)
+            self.prefetch()  # the backward is queued on the device; collate meanwhile
             losses.append(out.loss.detach().float())
             outs.append(out)
         losses = torch.stack(losses)
-        norm = self.optimizer_step(losses)
-        return self._reduce_step(losses, outs, norm)
+        norm = self.optimizer_step(losses, defer_check=True)
+        metrics = self._reduce_step(losses, outs, norm)
+        # The one host sync of a deferred step was in _reduce_step; the update was skipped on
+        # the device if either value is non-finite, so raising now leaves the weights intact.
+        for name in ("loss", "grad_norm"):
+            check_finite(name, torch.tensor(metrics[name]), self.step + 1)
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -474,7 +518,7 @@ class Recipe(ABC):
             torch.save(self.extra_state(), tmp / "extra.pt")
             state = {
                 "step": self.step,
-                "sampler": self.sampler.state_dict(),
+                "sampler": self._prefetched[0] if self._prefetched else self.sampler.state_dict(),
                 "tokens_seen": self.tokens_seen,
                 "train_time_s": self._train_time,
                 "num_processes": acc.num_processes,
@@ -524,6 +568,7 @@ class Recipe(ABC):
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         self.load_extra_state(torch.load(path / "extra.pt", weights_only=True))
         self.sampler.load_state_dict(state["sampler"])
+        self._prefetched = None
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self._train_time = state["train_time_s"]
         set_rng_state(torch.load(path / _rng_name(acc.process_index), weights_only=True))
@@ -537,6 +582,15 @@ class Recipe(ABC):
         return found[-1] if found else None
 
     # ------------------------------------------------------------------ internals
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+
+    def _skips_on_device(self) -> bool:
+        """True when the optimizer takes a device-side ``found_inf`` flag (fused AdamW) and no
+        loss scaler (fp16) owns that flag."""
+        fused = bool(self._inner_optimizer().defaults.get("fused"))
+        return fused and self.accelerator.scaler is None
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         opt = self.config.optim
         params = [p for p in self.train_module.parameters() if p.requires_grad]

@@ -208,15 +208,30 @@ def test_separate_reference_model_anchors_the_implicit_reward(data, tmp_path):
                                [r["loss"] for r in _train_records(tmp_path / "pre")], rtol=1e-5, atol=1e-6)
 
 
-def test_nan_guard_stops_naming_the_step(data, tmp_path):
-    def poison(record):  # after step 2, the weights go bad: step 3's loss is NaN
-        if record["phase"] == "train" and record["step"] == 2:
-            with torch.no_grad():
-                next(recipe.model.parameters()).fill_(float("nan"))
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "skipped-on-device"])
+def test_nan_guard_stops_naming_the_step(data, tmp_path, fused):
+    # fused AdamW takes the deferred path (as on CUDA): no sync before the optimizer step; the
+    # kernel skips the update on found_inf and the step raises once its metrics are read.
+    after_step_2 = {}
 
-    cfg = SFTConfig(**common(data, tmp_path, train_path=str(data["demos"]), max_steps=5))
+    def poison(record):  # after step 2, one weight goes bad: step 3's loss is NaN
+        if record["phase"] == "train" and record["step"] == 2:
+            params = dict(recipe.model.named_parameters())
+            after_step_2.update({k: v.detach().clone() for k, v in params.items()})
+            with torch.no_grad():
+                next(iter(params.values())).fill_(float("nan"))
+
+    cfg = SFTConfig(**common(data, tmp_path, train_path=str(data["demos"]), max_steps=5,
+                             optim={"lr": 3e-3, "schedule": "constant", "fused": fused}))
     recipe = SFTRecipe(cfg, callbacks=[poison])
+    assert recipe.config.optim.fused is fused
     with pytest.raises(NonFiniteError, match="non-finite loss at step 3") as err:
-        recipe.run()
+        recipe.setup()
+        assert recipe._skips_on_device() is fused
+        recipe.train()
     assert err.value.step == 3
     assert [r["step"] for r in _train_records(tmp_path / "run")] == [1, 2]
+    first, *rest = after_step_2
+    now = dict(recipe.model.named_parameters())
+    assert all(torch.equal(now[k], after_step_2[k]) for k in rest)  # the NaN step was never applied
+    recipe.cleanup()

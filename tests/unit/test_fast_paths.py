@@ -19,7 +19,13 @@ import alignment.logprobs as logprobs
 from alignment.batching import Truncation, collate_pairs, tokenize_pairs
 from alignment.config import GenerationSettings
 from alignment.fast_generation import GraphDecoder, decode_attention, graph_supported
-from alignment.fast_paths import compile_layers, repeated_blocks, set_causal_padding
+from alignment.fast_paths import (
+    compile_layers,
+    repeated_blocks,
+    set_causal_padding,
+    set_varlen_attention,
+    varlen_attention,
+)
 from alignment.generation import KVDecoder, generate
 from alignment.losses import dpo_loss, reward_loss
 from alignment.models import CausalLMLogps, ScalarReward, packing_supported
@@ -134,6 +140,25 @@ def test_graph_decoder_step_logits_match_kv_decoder(folder):
             b.step(torch.tensor([1, 1]))
 
 
+def test_compiled_decode_step_matches_the_eager_loop(folder, tokenizer):
+    """The torch.compile'd static step (what GPUs capture) gives the dynamic loop's logits and tokens."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    a, b = KVDecoder(model), GraphDecoder(model, compile_step=True)
+    with torch.no_grad():
+        la, lb = a.prefill(ids, mask, 3), b.prefill(ids, mask, 3)
+        for token in ([13, 14], [15, 16], [17, 18]):
+            t = torch.tensor(token)
+            la, lb = a.step(t), b.step(t)
+            torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+    settings = GenerationSettings(max_new_tokens=6, batch_size=2, cuda_graphs=True)
+    default = generate(model, tokenizer, ["the movie was", "a"], settings, seed=3)
+    compiled = generate(model, tokenizer, ["the movie was", "a"], settings.model_copy(update={"compile_step": True}),
+                        seed=3)
+    assert torch.equal(compiled.response_ids, default.response_ids)
+
+
 def test_compile_layers_finds_the_decoder_blocks(folder):
     model = AutoModelForCausalLM.from_pretrained(folder)
     blocks = repeated_blocks(model)
@@ -187,3 +212,47 @@ def test_causal_padding_drops_the_mask_without_changing_results(folder, batches,
         want = scorer(padded)
         set_causal_padding(scorer, True)
         torch.testing.assert_close(scorer(padded), want, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_attention_equals_block_diagonal_sdpa():
+    """Per-sequence causal attention over a flattened row = SDPA with the block-diagonal causal mask."""
+    gen = torch.Generator().manual_seed(1)
+    Hq, Hk, D, lengths = 6, 2, 8, [5, 1, 7, 3]
+    T = sum(lengths)
+    query, key, value = (torch.randn(1, h, T, D, generator=gen) for h in (Hq, Hk, Hk))
+    cu = torch.tensor([0, 5, 6, 13, 16], dtype=torch.int32)
+    got, _ = varlen_attention(None, query, key, value, None, scaling=0.4, cu_seq_lens_q=cu, max_length_q=7)
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    t = torch.arange(T)
+    mask = (segment[:, None] == segment[None, :]) & (t[None, :] <= t[:, None])
+    rep = Hq // Hk
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), attn_mask=mask, scale=0.4)
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cu_seq_lens_q"):
+        varlen_attention(None, query, key, value, None)
+
+
+def test_varlen_packed_batches_equal_padded_ones(folder, batches):
+    """Packed rows through varlen attention give the padded batch's log-probs, gradients and rewards."""
+    padded, packed, _ = batches
+    assert packed["cu_seq_lens"][0] == 0 and packed["cu_seq_lens"][-1] == packed["input_ids"].numel()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    module = CausalLMLogps(model, chunk_size=8)
+    module(padded)["seq_logps"].sum().backward()
+    want_grads = grads_of(model)
+    with torch.no_grad():
+        want = module(padded)["token_logps"]
+    assert set_varlen_attention(module, True) == 1
+    got = module(packed)
+    got["seq_logps"].sum().backward()
+    torch.testing.assert_close(got["token_logps"].detach(), want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads_of(model), want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    assert model.config._attn_implementation != "alignflow_varlen"  # switched only around the forward
+    rm = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
+    scorer = ScalarReward(rm)
+    with torch.no_grad():
+        want = scorer(padded)
+        set_varlen_attention(scorer, True)
+        torch.testing.assert_close(scorer(packed), want, atol=1e-5, rtol=1e-5)
