@@ -140,6 +140,12 @@ class TrainSettings(StrictModel):
     ahead; the pad positions' outputs are computed and never used), and attention then takes the
     causal flash kernel instead of the masked memory-efficient one. A GPU speed option: it trades
     the FLOPs spent on padding for faster attention."""
+    overlap_steps: bool | None = None
+    """Read each step's metrics (and its NaN/inf verdict) only after the next step is queued, so
+    the device never waits for the host between steps. None: on for one CUDA device with the
+    fused optimizer, which skips a non-finite update on the device; the error then comes one step
+    later but still names the bad step, the weights never take its update, and no checkpoint or
+    evaluation runs before the check. Ignored without a fused optimizer or with several processes."""
     varlen_attention: bool = False
     """With ``packing: true`` and a causal decoder: attend within each packed sequence with
     variable-length flash attention (``torch.nn.attention.varlen``) on the rows flattened into

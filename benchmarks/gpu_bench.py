@@ -68,7 +68,8 @@ TRAIN_CASES = ["trl_dpo", "ours_dpo", "ours_dpo_cudnn", "ours_dpo_padded", "ours
 regional torch.compile, ``_padded`` no packing, ``_refcopy`` reference forward every step (a
 frozen copy, as TRL does), ``_gc`` gradient checkpointing, ``_causalpad`` right-padded batches without the padding mask
 (causal flash attention; ``TrainSettings.causal_padding``), ``_varlen`` packed batches through variable-length
-flash attention (``TrainSettings.varlen_attention``), ``ours_*_cudnn`` allows cuDNN attention
+flash attention (``TrainSettings.varlen_attention``), ``_nooverlap`` metrics read at the end of each step
+(``overlap_steps: false``; the default overlaps on CUDA), ``ours_*_cudnn`` allows cuDNN attention
 (our default leaves it off), ``trl_*_nocudnn`` TRL with cuDNN attention off."""
 BASELINE = {"dpo": "trl_dpo", "dpo_lora": "trl_dpo_lora", "rm": "trl_rm"}
 
@@ -246,8 +247,11 @@ def run_ours(recipe: str, folder: Path, data: Path, args, *, pairs: int, seq: in
     records: list[dict] = []
 
     def stamp(record):
+        # No device sync here: a step's record is emitted once its metrics were read on the
+        # host, which waits for the step's last kernel (its metrics are queued after the
+        # optimizer). With overlap_steps that is while the next step runs, and a sync here would
+        # wait for that one too (and serialise the overlap away).
         if record["phase"] == "train":
-            sync(device)
             stamps.append((time.perf_counter(), run.tokens_seen))
             records.append(record)
 
@@ -383,7 +387,8 @@ def train_case(case: str, shape: str, args, *, seq: int | None = None, pairs: in
                     packing="padded" not in case and not causal_pad, gc_=case.endswith("_gc"),
                     reference="copy" if "refcopy" in case else "precomputed",
                     extra={"cudnn_attention": case.endswith("_cudnn"), "causal_padding": causal_pad,
-                           "varlen_attention": "varlen" in case})
+                           "varlen_attention": "varlen" in case,
+                           "overlap_steps": False if "nooverlap" in case else None})
         out = run_ours(recipe, folder, data, args, **opts)
         fpt = None if lora else (8 if "refcopy" in case else 6) * N
     out.update(shape=shape, seq=seq, pairs=pairs, params=N, flops_per_token=fpt)

@@ -88,6 +88,7 @@ from alignment.config import ConfigError, TrainSettings, config_diff
 from alignment.fast_paths import compile_layers, sdpa_backends, set_causal_padding, set_varlen_attention
 from alignment.logprobs import check_finite
 from alignment.models import is_peft, packing_supported, save_model_folder
+from alignment.recipes.pending import PendingStep
 from alignment.recipes.state import load_trainable_state, lr_lambda, rng_state, set_rng_state, trainable_state
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, Any]], None]
 """Receives each metrics record: ``{"step", "phase", "time", <metric>: float, ...}``."""
 
-RESUME_IGNORED_FIELDS = frozenset({"output_dir", "resume", "num_workers", "log_every", "keep_checkpoints"})
+RESUME_IGNORED_FIELDS = frozenset({"output_dir", "resume", "num_workers", "log_every", "keep_checkpoints",
+                                   "overlap_steps"})
 """Config fields that may change between a run and its resumption (they do not change the math)."""
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -261,36 +263,62 @@ class Recipe(ABC):
 
     def train(self, until_step: int | None = None) -> bool:
         """Run steps until ``total_steps`` (or ``until_step``: stop early, as if interrupted,
-        after writing a checkpoint). Returns True when training finished."""
+        after writing a checkpoint). Returns True when training finished.
+
+        With overlapping steps (:meth:`overlaps_steps`) a step's metrics are read, checked and
+        emitted while the next step runs; before an evaluation, a checkpoint or the end, the
+        step is finished first, so records, checks and checkpoints keep their order.
+        """
         cfg = self.config
         self.train_module.train()
+        previous: tuple | None = None
         while self.step < self.total_steps and (until_step is None or self.step < until_step):
             lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses (RL: its first update)
             started = time.perf_counter()
-            metrics = self.train_step()
+            out = self.train_step()
             self.step += 1
+            if previous is not None:  # this step's work is queued: now wait for the last one's numbers
+                self._finish_step(*previous)
+                previous = None
             elapsed = time.perf_counter() - started
             self._train_time += elapsed
-            tokens, samples = metrics.pop("tokens"), metrics.pop("samples")
-            self.tokens_seen += int(tokens)
-            metrics.update(
-                lr=lr,
-                tokens_per_s=tokens / elapsed,
-                samples_per_s=samples / elapsed,
-            )
-            self.last_metrics = metrics
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self.emit(metrics, "train")
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+            record = (self.step, lr, elapsed, out)
+            eval_due = cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps
+            save_due = cfg.save_every and self.step % cfg.save_every == 0
+            if isinstance(out, PendingStep) and not (eval_due or save_due):
+                previous = record
+                continue
+            self._finish_step(*record)
+            if eval_due:
                 self.evaluate()
-            if cfg.save_every and self.step % cfg.save_every == 0:
+            if save_due:
                 self.save_checkpoint()
+        if previous is not None:
+            self._finish_step(*previous)
         finished = self.step >= self.total_steps
         if finished:
             self.evaluate()
         if self.output_dir and not (self._checkpoint_dir(self.step)).exists():
             self.save_checkpoint()
         return finished
+
+    def _finish_step(self, step: int, lr: float, elapsed: float, out: dict[str, float] | PendingStep) -> None:
+        """Read (and check) a step's metrics, count its tokens and emit its record."""
+        metrics = out.resolve() if isinstance(out, PendingStep) else out
+        tokens, samples = metrics.pop("tokens"), metrics.pop("samples")
+        self.tokens_seen += int(tokens)
+        metrics.update(lr=lr, tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed)
+        self.last_metrics = metrics
+        if step % self.config.log_every == 0 or step == self.total_steps:
+            self.emit(metrics, "train", step=step)
+
+    def overlaps_steps(self) -> bool:
+        """Whether the default step leaves its metrics pending until the next step is queued
+        (``TrainSettings.overlap_steps``; None: on one CUDA device with a fused optimizer)."""
+        choice = self.config.overlap_steps
+        if choice is None:
+            choice = self.device.type == "cuda" and self.accelerator.num_processes == 1
+        return bool(choice) and self._skips_on_device() and self.accelerator.num_processes == 1
 
     def save(self, finished: bool = True) -> None:
         """Write ``final/`` when ``finished`` and ``summary.json`` always (main process)."""
@@ -441,12 +469,11 @@ class Recipe(ABC):
             outs.append(out)
         losses = torch.stack(losses)
         norm = self.optimizer_step(losses, defer_check=True)
-        metrics = self._reduce_step(losses, outs, norm)
-        # The one host sync of a deferred step was in _reduce_step; the update was skipped on
-        # the device if either value is non-finite, so raising now leaves the weights intact.
-        for name in ("loss", "grad_norm"):
-            check_finite(name, torch.tensor(metrics[name]), self.step + 1)
-        return metrics
+        pending = self._reduce_step(losses, outs, norm)
+        # Reading the metrics is the step's one host sync (and its NaN/inf check: a deferred
+        # update was skipped on the device, so raising then leaves the weights intact). With
+        # overlapping steps the caller reads them after queuing the next step.
+        return pending if self.overlaps_steps() else pending.resolve()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -483,11 +510,12 @@ class Recipe(ABC):
         self.emit(metrics, "eval")
         return metrics
 
-    def emit(self, metrics: dict[str, float], phase: str) -> None:
-        """Send one record to metrics.jsonl and the callbacks (main process only)."""
+    def emit(self, metrics: dict[str, float], phase: str, step: int | None = None) -> None:
+        """Send one record (of ``step``, default the current one) to metrics.jsonl and the
+        callbacks (main process only)."""
         if not self.accelerator.is_main_process:
             return
-        record = {"step": self.step, "total_steps": getattr(self, "total_steps", None), "phase": phase,
+        record = {"step": self.step if step is None else step, "total_steps": getattr(self, "total_steps", None), "phase": phase,
                   "time": time.time(), **metrics}
         if self._metrics_file is not None:
             self._metrics_file.write(json.dumps(record) + "\n")
@@ -604,7 +632,7 @@ class Recipe(ABC):
             [g for g in groups if g["params"]], lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=fused or None
         )
 
-    def _reduce_step(self, losses: torch.Tensor, outs: list[StepOutput], norm: torch.Tensor) -> dict[str, float]:
+    def _reduce_step(self, losses: torch.Tensor, outs: list[StepOutput], norm: torch.Tensor) -> PendingStep:
         keys = sorted(outs[0].metrics)
         means = [losses.mean()] + [torch.stack([o.metrics[k].float() for o in outs]).mean() for k in keys]
         means.append(norm.float())
@@ -614,10 +642,8 @@ class Recipe(ABC):
         if acc.num_processes > 1:
             vec = acc.reduce(vec, reduction="mean")
             counts = acc.reduce(counts.to(self.device), reduction="sum")
-        values = vec.tolist()
         tokens, samples = counts.tolist()
-        return {"loss": values[0], **dict(zip(keys, values[1:-1], strict=True)), "grad_norm": values[-1],
-                "tokens": tokens, "samples": samples}
+        return PendingStep.start(self.step + 1, keys, vec, tokens, samples, copy_async=self.overlaps_steps())
 
     def _checkpoint_dir(self, step: int) -> Path:
         return self.output_dir / "checkpoints" / f"step-{step:06d}"

@@ -133,6 +133,30 @@ def test_resume_continues_exactly_and_refuses_a_changed_config(data, tmp_path):
     assert "max_steps: 12 -> 14" in str(err.value)
 
 
+def test_overlapped_steps_give_the_same_run(data, tmp_path):
+    """Reading each step's metrics one step late changes nothing: records, checkpoints, weights."""
+    settings = common(data, tmp_path, train_path=str(data["pairs"]), eval_path=str(data["pairs_eval"]),
+                      max_steps=7, eval_every=3, save_every=5, beta=0.5, ref_cache_dir=str(tmp_path / "refs"),
+                      optim={"lr": 1e-3, "schedule": "cosine", "fused": True})
+    runs = {}
+    for overlap in (False, True):
+        out = tmp_path / f"overlap-{overlap}"
+        recipe = DPORecipe(DPOConfig(**{**settings, "output_dir": str(out), "overlap_steps": overlap}))
+        runs[overlap] = (out, recipe.run())
+    (a, sa), (b, sb) = runs[False], runs[True]
+    ra = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase"]) for r in rb] == [(r["step"], r["phase"]) for r in ra]
+    assert [r["step"] for r in ra if r["phase"] == "eval"] == [3, 6, 7]
+    for key in ("loss", "grad_norm", "lr", "rewards/margin"):
+        torch.testing.assert_close([r.get(key) for r in rb], [r.get(key) for r in ra])
+    assert sa["tokens_seen"] == sb["tokens_seen"]
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == sorted(p.name for p in (a / "checkpoints").iterdir())
+    wa = load_file(str(a / "final" / "model.safetensors"))
+    wb = load_file(str(b / "final" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_lora_trains_only_adapter_weights(data, tmp_path):
     lora = {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"]}
     cfg = DPOConfig(**common(data, tmp_path, train_path=str(data["pairs"]), max_steps=5, beta=0.5,
@@ -208,30 +232,32 @@ def test_separate_reference_model_anchors_the_implicit_reward(data, tmp_path):
                                [r["loss"] for r in _train_records(tmp_path / "pre")], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "skipped-on-device"])
-def test_nan_guard_stops_naming_the_step(data, tmp_path, fused):
+@pytest.mark.parametrize(("fused", "overlap", "bad_step"), [(False, False, 3), (True, False, 3), (True, True, 4)],
+                         ids=["host-check", "skipped-on-device", "overlapped"])
+def test_nan_guard_stops_naming_the_step(data, tmp_path, fused, overlap, bad_step):
     # fused AdamW takes the deferred path (as on CUDA): no sync before the optimizer step; the
-    # kernel skips the update on found_inf and the step raises once its metrics are read.
-    after_step_2 = {}
+    # kernel skips the update on found_inf and the step raises once its metrics are read. With
+    # overlapping steps, step 2's record (and so the poisoning) comes after step 3 has run, so
+    # step 4 is the first bad one, reported while step 5 runs (skipped on the device as well).
+    after_poison = {}
 
-    def poison(record):  # after step 2, one weight goes bad: step 3's loss is NaN
+    def poison(record):  # one weight goes bad after step 2's record
         if record["phase"] == "train" and record["step"] == 2:
             params = dict(recipe.model.named_parameters())
-            after_step_2.update({k: v.detach().clone() for k, v in params.items()})
+            after_poison.update({k: v.detach().clone() for k, v in params.items()})
             with torch.no_grad():
                 next(iter(params.values())).fill_(float("nan"))
 
-    cfg = SFTConfig(**common(data, tmp_path, train_path=str(data["demos"]), max_steps=5,
+    cfg = SFTConfig(**common(data, tmp_path, train_path=str(data["demos"]), max_steps=6, overlap_steps=overlap,
                              optim={"lr": 3e-3, "schedule": "constant", "fused": fused}))
     recipe = SFTRecipe(cfg, callbacks=[poison])
-    assert recipe.config.optim.fused is fused
-    with pytest.raises(NonFiniteError, match="non-finite loss at step 3") as err:
+    with pytest.raises(NonFiniteError, match=f"non-finite loss at step {bad_step}") as err:
         recipe.setup()
-        assert recipe._skips_on_device() is fused
+        assert recipe._skips_on_device() is fused and recipe.overlaps_steps() is overlap
         recipe.train()
-    assert err.value.step == 3
-    assert [r["step"] for r in _train_records(tmp_path / "run")] == [1, 2]
-    first, *rest = after_step_2
+    assert err.value.step == bad_step
+    assert [r["step"] for r in _train_records(tmp_path / "run")] == list(range(1, bad_step))
+    first, *rest = after_poison
     now = dict(recipe.model.named_parameters())
-    assert all(torch.equal(now[k], after_step_2[k]) for k in rest)  # the NaN step was never applied
+    assert all(torch.equal(now[k], after_poison[k]) for k in rest)  # no bad step was ever applied
     recipe.cleanup()
