@@ -206,12 +206,7 @@ def test_causal_padding_drops_the_mask_without_changing_results(folder, batches,
         assert set_causal_padding(module, True) == 1
         got = module(padded)["token_logps"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    rm = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
-    scorer = ScalarReward(rm)
-    with torch.no_grad():
-        want = scorer(padded)
-        set_causal_padding(scorer, True)
-        torch.testing.assert_close(scorer(padded), want, atol=1e-5, rtol=1e-5)
+    _assert_rewards_unchanged(folder, padded, padded, set_causal_padding)
 
 
 def test_varlen_attention_equals_block_diagonal_sdpa():
@@ -250,9 +245,13 @@ def test_varlen_packed_batches_equal_padded_ones(folder, batches):
     for g, w in zip(grads_of(model), want_grads, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     assert model.config._attn_implementation != "alignflow_varlen"  # switched only around the forward
-    rm = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
-    scorer = ScalarReward(rm)
+    _assert_rewards_unchanged(folder, padded, packed, set_varlen_attention)
+
+
+def _assert_rewards_unchanged(folder, padded, fast_batch, switch_on):
+    """A reward model scores ``fast_batch`` with the fast path switched on as it scores ``padded`` without."""
+    scorer = ScalarReward(AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval())
     with torch.no_grad():
         want = scorer(padded)
-        set_varlen_attention(scorer, True)
-        torch.testing.assert_close(scorer(packed), want, atol=1e-5, rtol=1e-5)
+        assert switch_on(scorer, True) == 1
+        torch.testing.assert_close(scorer(fast_batch), want, atol=1e-5, rtol=1e-5)
