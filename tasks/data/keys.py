@@ -101,9 +101,8 @@ def normalize_ws(values) -> pa.Array | pa.ChunkedArray:
     needs = rows_with_bytes(arr, _odd_whitespace, edges=True)
     if not needs.any():
         return arr
-    idx = np.flatnonzero(needs)
     needs = pa.array(needs)
-    fixed = [" ".join(s.split()) for s in arr.take(pa.array(idx)).to_pylist()]
+    fixed = [" ".join(s.split()) for s in arr.filter(needs).to_pylist()]  # a filter, unlike a take, does not concatenate chunks
     return pc.replace_with_mask(_combined(arr), needs, pa.array(fixed, type=pa.large_string()))
 
 
@@ -119,24 +118,41 @@ def prompt_keys(prompt, is_chat) -> pa.Array:
     keys = normalize_ws(prompt)
     chat = np.asarray(is_chat, dtype=bool)
     if chat.any():
-        idx = np.flatnonzero(chat)
-        texts = _as_array(prompt).take(pa.array(idx)).to_pylist()
         mask = pa.array(chat)
+        texts = _as_array(prompt).filter(mask).to_pylist()
         keys = pc.replace_with_mask(_combined(keys), mask, pa.array([chat_key(t) for t in texts], type=pa.large_string()))
     return keys
 
 
 def hash64(values, chunk: int = 1 << 16) -> np.ndarray:
-    """blake2b-64 of each string (uint64). Nulls hash like the empty string. Arrow input is
-    converted to Python strings a chunk at a time, bounding memory."""
+    """blake2b-64 of each string's UTF-8 bytes (uint64). Nulls hash like the empty string.
+
+    Arrow input is hashed straight from its byte buffer, a chunk of rows at a time (no Python
+    strings are made: each row is a zero-copy slice of the buffer)."""
     if not isinstance(values, (pa.Array, pa.ChunkedArray)):
         values = pa.array(list(values), type=pa.large_string())
     out = np.empty(len(values), np.uint64)
     blake = hashlib.blake2b
-    for start in range(0, len(values), chunk):
-        strings = values.slice(start, chunk).to_pylist()
-        blob = b"".join(blake((s or "").encode(), digest_size=8).digest() for s in strings)
-        out[start:start + len(strings)] = np.frombuffer(blob, dtype="<u8")
+    pos = 0
+    for arr in values.chunks if isinstance(values, pa.ChunkedArray) else [values]:
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            arr = arr.cast(pa.large_string())
+        if arr.null_count:
+            arr = pc.fill_null(arr, "")  # a null slot may still span bytes: rewrite it empty
+        width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+        for start in range(0, len(arr), chunk):
+            part = arr.slice(start, chunk)
+            n = len(part)
+            if not n:
+                continue
+            _, offsets_buf, data_buf = part.buffers()
+            offsets = np.frombuffer(offsets_buf, width)[part.offset: part.offset + n + 1]
+            data = memoryview(data_buf if data_buf is not None else b"")[int(offsets[0]):int(offsets[-1])]
+            bounds = (offsets - offsets[0]).tolist()
+            blob = b"".join([blake(data[a:b], digest_size=8).digest()
+                             for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+            out[pos:pos + n] = np.frombuffer(blob, dtype="<u8")
+            pos += n
     return out
 
 
@@ -286,7 +302,7 @@ def build_vocabulary(columns: list[tuple[pa.Array, pa.Array]]) -> tuple[Vocabula
         plain[code[~differs]] = True
         if differs.any():
             idx = np.flatnonzero(differs)
-            for c, text in zip(code[idx].tolist(), orig.take(pa.array(idx)).to_pylist(), strict=True):
+            for c, text in zip(code[idx].tolist(), orig.filter(pa.array(differs)).to_pylist(), strict=True):
                 if text is not None and (c not in best or text < best[c]):
                     best[c] = text
     key_hash = hash64(dictionary)

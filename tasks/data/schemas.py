@@ -106,7 +106,8 @@ def _fits(s: pd.Series, max_chars: int) -> pd.Series:
     ok = pc.fill_null(pc.less_equal(pc.binary_length(arr), max_chars), True).to_numpy(zero_copy_only=False)
     longer = np.flatnonzero(~ok)
     if len(longer):
-        ok[longer] = pc.less_equal(pc.utf8_length(arr.take(pa_arrow.array(longer))), max_chars).to_numpy(
+        # filter, not take: a take from a many-chunk column first concatenates all of it
+        ok[longer] = pc.less_equal(pc.utf8_length(arr.filter(pa_arrow.array(~ok))), max_chars).to_numpy(
             zero_copy_only=False)
     return pd.Series(ok, index=s.index, dtype=bool)
 

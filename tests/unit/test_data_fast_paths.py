@@ -21,7 +21,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tasks.data.coerce import Problems
-from tasks.data.keys import _odd_whitespace, group_ids, normalize_ws, rows_with_bytes
+from tasks.data.keys import (
+    _odd_whitespace,
+    build_vocabulary,
+    group_ids,
+    hash64,
+    normalize_ws,
+    prompt_keys,
+    rows_with_bytes,
+)
 from tasks.data.readers import read_source
 from tasks.data.scan import scan_text
 from tasks.data.schemas import _fits, _has_control_char, _has_replacement_char
@@ -57,6 +65,63 @@ def test_windowed_byte_scans_match_per_row_checks(values, window, chunks):
 def test_length_check_counts_characters_not_bytes(values, limit):
     s = pd.Series(values, dtype="str")
     assert _fits(s, limit).tolist() == [v is None or len(v) <= limit for v in values]
+
+
+def test_length_check_on_many_chunks_filters_the_long_rows():
+    rng = random.Random(5)
+    values = [None if rng.random() < 0.05 else "é" * rng.randint(0, 12) for _ in range(2000)]
+    arr = pa.chunked_array([pa.array(values[i:i + 37], pa.large_string()) for i in range(0, 2000, 37)])
+    s = arr.to_pandas()  # the column keeps its 55 chunks
+    assert pa.array(s).num_chunks == 55
+    assert _fits(s, 8).tolist() == [v is None or len(v) <= 8 for v in values]
+
+
+def _blake64(values) -> list[int]:
+    return [int.from_bytes(hashlib.blake2b((v or "").encode(), digest_size=8).digest(), "little") for v in values]
+
+
+@settings(max_examples=80, deadline=None)
+@given(values=TEXTS, chunks=st.integers(1, 4), chunk=st.sampled_from([1, 3, 1 << 16]), large=st.booleans(),
+       cut=st.integers(0, 3))
+def test_hash64_on_arrow_buffers_equals_blake2b_of_the_text(values, chunks, chunk, large, cut):
+    kind = pa.large_string() if large else pa.string()
+    bounds = [i * len(values) // chunks for i in range(chunks + 1)]
+    arr = pa.chunked_array([pa.array(values[a:b], kind) for a, b in zip(bounds, bounds[1:], strict=False)], type=kind)
+    assert hash64(arr, chunk=chunk).tolist() == _blake64(values)
+    flat = pa.array(values, kind).slice(min(cut, len(values)))  # a sliced array: offsets start past 0
+    assert hash64(flat, chunk=chunk).tolist() == _blake64(values[min(cut, len(values)):])
+    assert hash64(values, chunk=chunk).tolist() == _blake64(values)  # a Python list
+
+
+def test_hash64_of_null_slots_that_span_bytes_and_of_untyped_nulls():
+    data = pa.py_buffer(b"abcdef")
+    offsets = pa.py_buffer(np.array([0, 2, 4, 6], np.int32).tobytes())
+    validity = pa.py_buffer(np.packbits(np.array([1, 0, 1, 0, 0, 0, 0, 0], np.uint8), bitorder="little").tobytes())
+    arr = pa.Array.from_buffers(pa.string(), 3, [validity, offsets, data], null_count=1)  # row 1 is null over "cd"
+    assert hash64(arr).tolist() == _blake64(["ab", None, "ef"])
+    assert hash64(pa.array([None, None])).tolist() == _blake64([None, None])
+    assert hash64(pa.chunked_array([], pa.string())).tolist() == []
+
+
+def test_keys_and_vocabulary_on_many_chunks_equal_the_python_formulation():
+    rng = random.Random(11)
+    plain = ["".join(rng.choice(PIECES[:7] + PIECES[11:17]) for _ in range(rng.randint(1, 12))) for _ in range(1500)]
+    chat = [json.dumps([{"role": "user", "content": f" hi  {i} "}]) for i in range(40)]
+    texts = plain + chat
+    is_chat = np.array([False] * len(plain) + [True] * len(chat))
+    arr = pa.chunked_array([pa.array(texts[i:i + 53], pa.large_string()) for i in range(0, len(texts), 53)])
+    keys = prompt_keys(arr, is_chat)
+    expect = [" ".join(t.split()) for t in plain] + [
+        "\x01" + json.dumps([{"role": "user", "content": f"hi {i}"}], separators=(",", ":")) for i in range(40)]
+    assert keys.to_pylist() == expect
+    vocab, (codes,) = build_vocabulary([(arr, keys)])
+    best: dict[str, str] = {}
+    for t, k in zip(texts, expect, strict=True):
+        best[k] = min(best.get(k, t), t)
+    assert [vocab.keys[c].as_py() for c in codes] == expect
+    assert [vocab.originals[c].as_py() for c in codes] == [best[k] for k in expect]
+    assert vocab.key_hash.tolist() == _blake64(vocab.keys.to_pylist())
+    assert vocab.original_hash.tolist() == _blake64(vocab.originals.to_pylist())
 
 
 def test_normalize_ws_on_many_chunks_equals_split_join():

@@ -214,3 +214,29 @@ def test_demonstration_fallback_card_and_empty_build(tmp_path):
         _build(tmp_path / "empty", {"v.jsonl": _votes("p", "x", "y", ["tie"])}, PreferenceSettings())
     with pytest.raises(EmptyPreferenceDataset, match="0 preference pairs"):
         build_preferences(tmp_path / "nothing-validated", tmp_path / "none")
+
+
+def test_validated_hand_off_is_uncompressed_and_its_source_digest_follows_content(tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = simulate_annotators(n_items=40, seed=4)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    builds = []
+    for name in ("store1", "store2", "store3"):  # the same export ingested afresh: same files, same digest
+        if name == "store3":
+            changed = [{**rows[0], "prompt": rows[0]["prompt"] + "?"}] + rows[1:]
+            (landing / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+        ingest(IngestSettings(landing_dir=str(landing), ledger_path=str(tmp_path / f"{name}.jsonl"),
+                              quarantine_max_share=0.0), tmp_path / name)
+        builds.append(build_preferences(tmp_path / name / "validated", tmp_path / f"ds-{name}",
+                                        PreferenceSettings(min_agreement=0.0)))
+    a, b, c = builds
+    assert a.source_digest == b.source_digest and a.digest == b.digest
+    assert c.source_digest != a.source_digest
+    for path in (tmp_path / "store1" / "validated").rglob("*.parquet"):
+        meta = pq.ParquetFile(path).metadata
+        codecs = {meta.row_group(g).column(i).compression for g in range(meta.num_row_groups)
+                  for i in range(meta.num_columns)}
+        assert codecs == {"UNCOMPRESSED"}, codecs
