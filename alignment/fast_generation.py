@@ -40,6 +40,7 @@ host inside its forward) the decoder logs it and continues eagerly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 
@@ -109,16 +110,11 @@ def _model_forward(model, ids, mask4d, positions, kwargs):
     return model(input_ids=ids, attention_mask=mask4d, position_ids=positions, **kwargs).logits[:, -1, :]
 
 
-_compiled_forward = None
-
-
+@functools.cache
 def _compiled_model_forward():
-    """The compiled :func:`_model_forward`, made on first use (compiling is lazy anyway; this
-    keeps importing the module free of torch.compile set-up)."""
-    global _compiled_forward
-    if _compiled_forward is None:
-        _compiled_forward = torch.compile(_model_forward, dynamic=False)
-    return _compiled_forward
+    """The compiled :func:`_model_forward`, made on first use (importing the module stays free
+    of torch.compile set-up); one for the process, so later decoders reuse its compiled code."""
+    return torch.compile(_model_forward, dynamic=False)
 
 
 class GraphDecoder:

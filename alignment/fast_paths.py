@@ -89,22 +89,25 @@ def sdpa_backends(allow_cudnn: bool = False):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def set_causal_padding(module: nn.Module, enabled: bool) -> int:
-    """Set ``causal_padding`` on every sub-module that has the switch (the decoder wrappers of
-    :mod:`alignment.models`); returns how many. See ``TrainSettings.causal_padding``."""
-    found = [sub for sub in module.modules() if hasattr(sub, "causal_padding")]
+def _set_switch(module: nn.Module, name: str, enabled: bool) -> int:
+    """Set the fast-path switch ``name`` on every sub-module that has it (the decoder wrappers
+    of :mod:`alignment.models`); returns how many."""
+    found = [sub for sub in module.modules() if hasattr(sub, name)]
     for sub in found:
-        sub.causal_padding = enabled
+        setattr(sub, name, enabled)
     return len(found)
+
+
+def set_causal_padding(module: nn.Module, enabled: bool) -> int:
+    """Set ``causal_padding`` on every sub-module that has the switch; returns how many.
+    See ``TrainSettings.causal_padding``."""
+    return _set_switch(module, "causal_padding", enabled)
 
 
 def set_varlen_attention(module: nn.Module, enabled: bool) -> int:
     """Set ``varlen_attention`` on every sub-module that has the switch; returns how many.
     See ``TrainSettings.varlen_attention``."""
-    found = [sub for sub in module.modules() if hasattr(sub, "varlen_attention")]
-    for sub in found:
-        sub.varlen_attention = enabled
-    return len(found)
+    return _set_switch(module, "varlen_attention", enabled)
 
 
 @contextlib.contextmanager

@@ -220,9 +220,6 @@ class CausalLMLogps(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         inner = hf_model(self.model)
-        mask = None if self.causal_padding else batch.get("attention_mask")
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                  "attention_mask": mask, "use_cache": False}
         index, targets = batch["target_index"], batch["target_ids"]
         if self.use_hidden:
             hidden = decoder_hidden(inner, batch, causal_padding=self.causal_padding, varlen=self.varlen_attention)
@@ -237,7 +234,9 @@ class CausalLMLogps(nn.Module):
                 tok = logps_from_hidden(picked[None], head.weight, targets[None], None, self.chunk_size,
                                         lm_head_bias=head.bias, compiled=self.compiled_head)[0]
         else:
-            logits = self.model(**inputs).logits
+            mask = None if self.causal_padding else batch.get("attention_mask")
+            logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                                use_cache=False).logits
             picked = logits.flatten(0, 1).index_select(0, index)
             tok = selective_log_softmax(picked[None], targets[None], self.chunk_size)[0]
         n = batch["num_sequences"]

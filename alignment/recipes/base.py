@@ -317,7 +317,7 @@ class Recipe(ABC):
         (``TrainSettings.overlap_steps``; None: on one CUDA device with a fused optimizer)."""
         choice = self.config.overlap_steps
         if choice is None:
-            choice = self.device.type == "cuda" and self.accelerator.num_processes == 1
+            choice = self.device.type == "cuda"
         return bool(choice) and self._skips_on_device() and self.accelerator.num_processes == 1
 
     def save(self, finished: bool = True) -> None:

@@ -30,8 +30,6 @@ class PendingStep:
     event: torch.cuda.Event | None
     tokens: float
     samples: float
-    lr: float = 0.0
-    elapsed: float = 0.0
 
     @classmethod
     def start(cls, step: int, keys: list[str], vec: torch.Tensor, tokens: float, samples: float,
