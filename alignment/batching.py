@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from alignment.logprobs import IGNORE_INDEX
+from alignment.prompt_sharing import collate_shared_prompt
 
 Prompt = str | list[dict[str, Any]]
 
@@ -311,14 +312,17 @@ def collate_sequences(
     return batch
 
 
-def collate_pairs(examples: Sequence[Mapping[str, Any]], **layout: Any) -> dict[str, Any]:
-    """Pairs → one batch: chosen sequences first, then rejected (one forward for both); plus
+def collate_pairs(examples: Sequence[Mapping[str, Any]], *, share_prompt: bool = False, **layout: Any) -> dict[str, Any]:
+    """Pairs → one batch: chosen sequences first, then rejected (one forward for both), each
+    pair's prompt once with ``share_prompt`` (:mod:`alignment.prompt_sharing`); plus
     ``weight`` [B], ``index`` [B] and, when present on every example, ``margin``,
     ``ref_chosen`` and ``ref_rejected`` [B] (fp32)."""
     prompts = [e["prompt"] for e in examples]
-    batch = collate_sequences(
-        prompts + prompts, [e["chosen"] for e in examples] + [e["rejected"] for e in examples], **layout
-    )
+    chosen, rejected = [e["chosen"] for e in examples], [e["rejected"] for e in examples]
+    if share_prompt:
+        batch = collate_shared_prompt(prompts, chosen, rejected, **layout)
+    else:
+        batch = collate_sequences(prompts + prompts, chosen + rejected, **layout)
     batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
     for key in ("weight", "margin", "ref_chosen", "ref_rejected"):
         if all(key in e for e in examples):

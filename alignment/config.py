@@ -113,6 +113,11 @@ class TrainSettings(StrictModel):
     """Batch examples of similar length together to cut padding (order is still seeded)."""
     packing: bool = False
     """Padding-free batches: concatenate sequences with restarting position ids (models that support it)."""
+    share_prompt: bool = False
+    """Pair recipes (DPO, reward model) with a causal decoder: run each pair's prompt once, with
+    both responses after it under a mask that keeps them apart (:mod:`alignment.prompt_sharing`),
+    instead of twice. Same results (checked on the model at setup); saves the prompt's share of
+    the tokens. Overrides ``varlen_attention`` and ``causal_padding`` for pair batches."""
     logprob_chunk_size: int = Field(1024, gt=0)
     """Tokens per chunk when computing label log-probs, bounding the fp32 vocab buffer."""
     optim: OptimSettings = OptimSettings()

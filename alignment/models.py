@@ -37,6 +37,7 @@ from alignment.batching import (
 from alignment.config import LoraSettings, ModelSettings
 from alignment.fast_paths import VARLEN_ATTENTION, attention_implementation
 from alignment.logprobs import logps_from_hidden, selective_log_softmax
+from alignment.prompt_sharing import collate_shared_prompt, shared_prompt_mask
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,11 @@ def decoder_hidden(inner, batch: dict, *, causal_padding: bool = False, varlen: 
     :func:`alignment.fast_paths.varlen_attention` on the rows flattened into one.
     """
     ids, positions = batch["input_ids"], batch["position_ids"]
+    if "share_group" in batch:  # prompt-sharing pair groups: their own mask, on SDPA (which takes it as is)
+        mask = shared_prompt_mask(batch["share_group"], batch["share_segment"])
+        with attention_implementation(inner.config, "sdpa"):
+            return inner.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                                    use_cache=False).last_hidden_state
     if varlen and "cu_seq_lens" in batch:
         cu, longest = batch["cu_seq_lens"], batch["max_seq_len"]
         with attention_implementation(inner.config, VARLEN_ATTENTION):
@@ -235,8 +241,13 @@ class CausalLMLogps(nn.Module):
                                         lm_head_bias=head.bias, compiled=self.compiled_head)[0]
         else:
             mask = None if self.causal_padding else batch.get("attention_mask")
-            logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
-                                use_cache=False).logits
+            implementation = nullcontext()
+            if "share_group" in batch:
+                mask = shared_prompt_mask(batch["share_group"], batch["share_segment"])
+                implementation = attention_implementation(inner.config, "sdpa")
+            with implementation:
+                logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                    attention_mask=mask, use_cache=False).logits
             picked = logits.flatten(0, 1).index_select(0, index)
             tok = selective_log_softmax(picked[None], targets[None], self.chunk_size)[0]
         n = batch["num_sequences"]
@@ -305,6 +316,37 @@ def packing_supported(model, device: torch.device | str | None = None, atol: flo
         inner.train(was_training)
     dtype = next(inner.parameters()).dtype
     return bool(torch.allclose(hidden[0], hidden[1], atol=atol * (1 if dtype == torch.float32 else 100)))
+
+
+@torch.no_grad()
+def shared_prompt_supported(model, device: torch.device | str | None = None, atol: float = 1e-4) -> bool:
+    """Check on two short random pairs that the prompt-sharing layout
+    (:mod:`alignment.prompt_sharing`) gives the plain layout's hidden states at every target and
+    last position. False means: run the plain layout."""
+    inner = hf_model(model)
+    device = device or next(inner.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, inner.config.vocab_size, (n,), generator=gen).tolist()
+
+    prompts, chosen, rejected = [ids(5), ids(3)], [ids(4), ids(2)], [ids(3), ids(5)]
+    layouts = [collate_sequences(prompts + prompts, chosen + rejected, pad_id=0),
+               collate_shared_prompt(prompts, chosen, rejected, pad_id=0)]
+    was_training = inner.training
+    inner.eval()
+    try:
+        picked = []
+        for b in layouts:
+            flat = decoder_hidden(inner, to_device(b, device)).flatten(0, 1).float().cpu()
+            picked.append(flat[torch.cat([b["target_index"], b["last_index"]])])
+    except Exception as err:  # a model that rejects a custom mask cannot share prompts
+        log.warning("prompt-sharing check failed (%s); using the plain layout", err)
+        return False
+    finally:
+        inner.train(was_training)
+    dtype = next(inner.parameters()).dtype
+    return bool(torch.allclose(picked[0], picked[1], atol=atol * (1 if dtype == torch.float32 else 100)))
 
 
 def save_model_folder(model, tokenizer, path: str | Path) -> Path:

@@ -7,7 +7,8 @@ Every case runs in its own subprocess (so peak RSS is that case's alone) on the 
 random-weight Llama-shaped model and the same synthetic pairs (prompt 16-96 words, responses
 8-96 words, a word-level tokenizer: one word = one token). Timing skips ``--warmup`` steps and
 covers the next ``--steps``; tokens/s counts the non-padding tokens of both responses' full
-sequences (prompt + completion), ours from the recipe, TRL's from its ``non_padding`` token
+sequences (prompt + completion; ``ours_dpo_shared`` runs each prompt once but counts it twice,
+as the data it trains on is the same), ours from the recipe, TRL's from its ``non_padding`` token
 counter: the same definition. Peak memory is the subprocess's max RSS (it includes the ~0.4 GiB
 of Python + torch + transformers that every case pays). Settings are matched: fp32, no
 gradient checkpointing, no dropout, AdamW at a constant lr, grad clipping 1.0, same batch.
@@ -37,7 +38,7 @@ PRESETS = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab=1024),
     "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=352, vocab=4096),
 }
-CASES = ["ours_dpo", "ours_dpo_padded", "ours_dpo_ref_copy", "trl_dpo", "trl_dpo_precomputed", "ours_reward", "ours_ppo",
+CASES = ["ours_dpo", "ours_dpo_shared", "ours_dpo_padded", "ours_dpo_ref_copy", "trl_dpo", "trl_dpo_precomputed", "ours_reward", "ours_ppo",
          "ours_grpo"]
 
 
@@ -140,6 +141,8 @@ def run_case(name: str, work: Path, args) -> dict | None:
     """One case in this process; None when the case is not available (PPO before its recipe exists)."""
     if name == "ours_dpo":
         return _ours("dpo", work, args, packing=True, ref_cache_dir=str(work / "refs-packed"))
+    if name == "ours_dpo_shared":
+        return _ours("dpo", work, args, packing=True, share_prompt=True, ref_cache_dir=str(work / "refs-shared"))
     if name == "ours_dpo_padded":
         return _ours("dpo", work, args, packing=False, ref_cache_dir=str(work / "refs-padded"))
     if name == "ours_dpo_ref_copy":
@@ -227,12 +230,12 @@ def main() -> None:
             print(f"{case:<22}{'n/a (not available or failed)':>42}")
         else:
             print(f"{case:<22}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{r['setup_s']:>9.1f}{r['peak_rss_mib']:>14.0f}")
-    ours = results.get("ours_dpo")
-    for trl_case in ("trl_dpo", "trl_dpo_precomputed"):
-        trl = results.get(trl_case)
-        if ours and trl:
-            print(f"ours_dpo / {trl_case}: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s, "
-                  f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x peak RSS")
+    for ours_case in ("ours_dpo", "ours_dpo_shared"):
+        for trl_case in ("trl_dpo", "trl_dpo_precomputed"):
+            ours, trl = results.get(ours_case), results.get(trl_case)
+            if ours and trl:
+                print(f"{ours_case} / {trl_case}: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s, "
+                      f"{ours['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x peak RSS")
 
 
 if __name__ == "__main__":

@@ -63,12 +63,14 @@ SHAPES = {
 TRAIN_CASES = ["trl_dpo", "ours_dpo", "ours_dpo_cudnn", "ours_dpo_padded", "ours_dpo_compile", "ours_dpo_refcopy",
                "ours_dpo_gc", "trl_dpo_lora", "ours_dpo_lora", "ours_dpo_lora_compile", "trl_rm", "ours_rm",
                "ours_rm_compile", "trl_dpo_nocudnn", "ours_dpo_compile_causalpad", "ours_dpo_compile_varlen",
-               "ours_rm_compile_causalpad", "ours_rm_compile_varlen", "ours_dpo_lora_compile_varlen"]
+               "ours_rm_compile_causalpad", "ours_rm_compile_varlen", "ours_dpo_lora_compile_varlen",
+               "ours_dpo_compile_shared", "ours_rm_compile_shared"]
 """Case names: ``trl_*`` TRL, ``ours_*`` our recipes; ``_lora`` LoRA r16 all-linear, ``_compile``
 regional torch.compile, ``_padded`` no packing, ``_refcopy`` reference forward every step (a
 frozen copy, as TRL does), ``_gc`` gradient checkpointing, ``_causalpad`` right-padded batches without the padding mask
 (causal flash attention; ``TrainSettings.causal_padding``), ``_varlen`` packed batches through variable-length
-flash attention (``TrainSettings.varlen_attention``), ``_nooverlap`` metrics read at the end of each step
+flash attention (``TrainSettings.varlen_attention``), ``_shared`` each pair's prompt once
+(``TrainSettings.share_prompt``), ``_nooverlap`` metrics read at the end of each step
 (``overlap_steps: false``; the default overlaps on CUDA), ``ours_*_cudnn`` allows cuDNN attention
 (our default leaves it off), ``trl_*_nocudnn`` TRL with cuDNN attention off."""
 BASELINE = {"dpo": "trl_dpo", "dpo_lora": "trl_dpo_lora", "rm": "trl_rm"}
@@ -387,10 +389,12 @@ def train_case(case: str, shape: str, args, *, seq: int | None = None, pairs: in
                     packing="padded" not in case and not causal_pad, gc_=case.endswith("_gc"),
                     reference="copy" if "refcopy" in case else "precomputed",
                     extra={"cudnn_attention": case.endswith("_cudnn"), "causal_padding": causal_pad,
-                           "varlen_attention": "varlen" in case,
+                           "varlen_attention": "varlen" in case, "share_prompt": "shared" in case,
                            "overlap_steps": False if "nooverlap" in case else None})
         out = run_ours(recipe, folder, data, args, **opts)
         fpt = None if lora else (8 if "refcopy" in case else 6) * N
+        if "shared" in case:  # tokens/s counts each prompt twice (the data); the model ran it once
+            out["model_flops_note"] = "TFLOP/s and MFU from the plain layout's token count: effective, not executed"
     out.update(shape=shape, seq=seq, pairs=pairs, params=N, flops_per_token=fpt)
     if fpt:
         out["tflops"] = out["tokens_per_s"] * fpt / 1e12
@@ -644,7 +648,7 @@ def table(results: list[dict], ceil: dict) -> str:
         if r["group"] == "check" and "error" not in r:
             lines += ["", f"check {r['case']} {r['shape']} (relative errors vs fp32; loss fp32 {r['loss_fp32']:.4f})",
                       "| path | values | loss | grad | grad cos | verdict |", "|---|---|---|---|---|---|"]
-            for name in ("plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad", "opt_varlen"):
+            for name in ("plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad", "opt_varlen", "opt_shared"):
                 e = r.get(name)
                 if e is None:
                     continue

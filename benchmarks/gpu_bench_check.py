@@ -16,6 +16,8 @@ ragged pairs goes through:
   (``TrainSettings.causal_padding``: causal flash attention) and compiled, as above.
 * ``opt_varlen`` — the packed batch through variable-length flash attention
   (``TrainSettings.varlen_attention``) and compiled.
+* ``opt_shared`` — each pair's prompt once (``TrainSettings.share_prompt``,
+  :mod:`alignment.prompt_sharing`: SDPA with the sharing mask) and compiled.
 
 The DPO loss uses fixed reference log-probs (the fp32 log-probs plus seeded offsets), so it is
 not the trivial ln 2 of a policy equal to its reference, and both paths see the same reference.
@@ -67,12 +69,20 @@ def _compare(results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     return out
 
 
+PATHS = ("fp32", "plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad", "opt_varlen", "opt_shared")
+
+
+def _batch_of(path: str, padded: dict, packed: dict, shared: dict) -> dict:
+    return padded if path == "opt_causalpad" else shared if path == "opt_shared" else packed
+
+
 def _batches(tok, rows, seq: int, device, append_eos: bool):
     examples, _ = tokenize_pairs(tok, rows, Truncation(seq, seq // 4, "truncate", tok.bos_token_id),
                                  append_eos=append_eos)
     padded = collate_pairs(examples, pad_id=tok.pad_token_id, packing=False, pad_to_multiple_of=8)
     packed = collate_pairs(examples, pad_id=tok.pad_token_id, packing=True)
-    return to_device(padded, device), to_device(packed, device)
+    shared = collate_pairs(examples, pad_id=tok.pad_token_id, packing=True, share_prompt=True)
+    return to_device(padded, device), to_device(packed, device), to_device(shared, device)
 
 
 def dpo_check(folder, rows, seq: int, device: torch.device, chunk_size: int = 512) -> dict:
@@ -81,7 +91,7 @@ def dpo_check(folder, rows, seq: int, device: torch.device, chunk_size: int = 51
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(folder))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
-    padded, packed = _batches(tok, rows, seq, device, append_eos=True)
+    padded, packed, shared = _batches(tok, rows, seq, device, append_eos=True)
     n = len(rows)
     gen = torch.Generator().manual_seed(0)
     offsets = (5 * torch.randn(2 * n, generator=gen)).to(device)
@@ -103,7 +113,7 @@ def dpo_check(folder, rows, seq: int, device: torch.device, chunk_size: int = 51
         return losses.mean()
 
     results = {}
-    for name in ("fp32", "plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad", "opt_varlen"):
+    for name in PATHS:
         if name.startswith("opt"):
             module = CausalLMLogps(model, chunk_size)
             set_causal_padding(module, name == "opt_causalpad")
@@ -111,7 +121,7 @@ def dpo_check(folder, rows, seq: int, device: torch.device, chunk_size: int = 51
             if name != "opt_eager":
                 compile_layers(module)
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                seq_logps = module(padded if name == "opt_causalpad" else packed)["seq_logps"]
+                seq_logps = module(_batch_of(name, padded, packed, shared))["seq_logps"]
         else:
             seq_logps = plain(autocast=name == "plain_bf16")
         loss = loss_of(seq_logps)
@@ -133,10 +143,10 @@ def rm_check(folder, rows, seq: int, device: torch.device) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     model = model.to(device).train()
-    padded, packed = _batches(tok, rows, seq, device, append_eos=False)
+    padded, packed, shared = _batches(tok, rows, seq, device, append_eos=False)
     n = len(rows)
     results = {}
-    for name in ("fp32", "plain_bf16", "opt_eager", "opt_compiled", "opt_causalpad", "opt_varlen"):
+    for name in PATHS:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name != "fp32"):
             if name.startswith("opt"):
                 module = ScalarReward(model)
@@ -144,7 +154,7 @@ def rm_check(folder, rows, seq: int, device: torch.device) -> dict:
                 set_varlen_attention(module, name == "opt_varlen")
                 if name != "opt_eager":
                     compile_layers(module)
-                rewards = module(padded if name == "opt_causalpad" else packed)
+                rewards = module(_batch_of(name, padded, packed, shared))
             else:
                 rewards = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, 0]
         rewards = rewards.float()

@@ -87,7 +87,7 @@ from alignment.batching import ExampleSet, LengthGroupedSampler, Truncation, to_
 from alignment.config import ConfigError, TrainSettings, config_diff
 from alignment.fast_paths import compile_layers, sdpa_backends, set_causal_padding, set_varlen_attention
 from alignment.logprobs import check_finite
-from alignment.models import is_peft, packing_supported, save_model_folder
+from alignment.models import is_peft, packing_supported, save_model_folder, shared_prompt_supported
 from alignment.recipes.pending import PendingStep
 from alignment.recipes.state import load_trainable_state, lr_lambda, rng_state, set_rng_state, trainable_state
 
@@ -157,6 +157,7 @@ class Recipe(ABC):
         self._started: float | None = None
         self._prefetched: tuple[dict[str, int], dict[str, Any]] | None = None
         self.packing = False
+        self.share_prompt = False
         self.data_stats: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ extension surface
@@ -362,6 +363,7 @@ class Recipe(ABC):
             "tokens_per_s": self.tokens_seen / self._train_time if self._train_time else None,
             "resumed_from": self.resumed_from,
             "packing": self.packing,
+            "share_prompt": self.share_prompt,
             "data": self.data_stats,
             "metrics": {**self.last_metrics, **self.last_eval},
         }
@@ -376,16 +378,27 @@ class Recipe(ABC):
         cfg = self.config
         return Truncation(cfg.max_length, cfg.max_prompt_length, cfg.truncation, self.tokenizer.bos_token_id)
 
-    def token_layout(self, model: nn.Module, can_pack: bool = True) -> dict[str, Any]:
+    def token_layout(self, model: nn.Module, can_pack: bool = True, can_share: bool = False) -> dict[str, Any]:
         """Collator keywords: pad id, and packing when configured *and* verified on ``model``
-        (:func:`alignment.models.packing_supported`); otherwise padding, to a multiple of 8 on GPU."""
+        (:func:`alignment.models.packing_supported`); otherwise padding, to a multiple of 8 on GPU.
+        Pair recipes pass ``can_share``: then ``share_prompt`` when configured and verified
+        (:func:`alignment.models.shared_prompt_supported`)."""
         packing = self.config.packing and can_pack
         if packing and not packing_supported(model):
             log.warning("%s: this model does not give equal results packed and padded; using padding", self.name)
             packing = False
         self.packing = packing
         multiple = 8 if self.device.type == "cuda" and not packing else None
-        return {"pad_id": self.tokenizer.pad_token_id, "packing": packing, "pad_to_multiple_of": multiple}
+        layout = {"pad_id": self.tokenizer.pad_token_id, "packing": packing, "pad_to_multiple_of": multiple}
+        share = self.config.share_prompt and can_pack and can_share
+        if share and not shared_prompt_supported(model):
+            log.warning("%s: this model does not give equal results with shared prompts; computing them twice",
+                        self.name)
+            share = False
+        if share:
+            layout["share_prompt"] = True
+        self.share_prompt = share
+        return layout
 
     def note_data(self, split: str, stats: dict[str, int], kept: int) -> None:
         """Record (and log) how many examples a split kept, truncated and dropped."""

@@ -92,7 +92,7 @@ class DPORecipe(Recipe):
     def build_data(self) -> tuple[ExampleSet, ExampleSet | None]:
         if not self.config.train_path:
             raise ConfigError("dpo.train_path: training pairs are required")
-        layout = self.token_layout(self.model)
+        layout = self.token_layout(self.model, can_share=True)
         train = self._load(self.config.train_path, "train", layout)
         evals = self._load(self.config.eval_path, "eval", layout) if self.config.eval_path else None
         return train, evals

@@ -48,7 +48,8 @@ class RewardRecipe(Recipe):
     def build_data(self) -> tuple[ExampleSet, ExampleSet | None]:
         if not self.config.train_path:
             raise ConfigError("reward.train_path: training pairs are required")
-        layout = self.token_layout(self.model, can_pack=self.train_module.decoder_head)
+        decoder = self.train_module.decoder_head
+        layout = self.token_layout(self.model, can_pack=decoder, can_share=decoder)
         train = self._load(self.config.train_path, "train", layout)
         evals = self._load(self.config.eval_path, "eval", layout) if self.config.eval_path else None
         return train, evals

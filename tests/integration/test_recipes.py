@@ -157,6 +157,34 @@ def test_overlapped_steps_give_the_same_run(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.parametrize("recipe_cls,config_cls", [(DPORecipe, DPOConfig), (RewardRecipe, RewardConfig)])
+def test_shared_prompt_run_follows_the_plain_run(data, tmp_path, recipe_cls, config_cls):
+    """``share_prompt`` trains the same model as the plain layout (Llama, no dropout: any gap is
+    float summation order) while the model runs fewer tokens."""
+    llama = make_tiny_model(tmp_path / "llama", "llama")
+    settings = common(data, tmp_path, model={"name_or_path": str(llama)}, train_path=str(data["pairs"]),
+                      eval_path=str(data["pairs_eval"]), max_steps=6, packing=True, optim={"lr": 1e-3})
+    if recipe_cls is DPORecipe:
+        settings.update(beta=0.5, ref_cache_dir=str(tmp_path / "refs"))
+    runs = {}
+    for share in (False, True):
+        out = tmp_path / f"share-{share}"
+        runs[share] = (out, recipe_cls(config_cls(**{**settings, "output_dir": str(out), "share_prompt": share})).run())
+    (a, sa), (b, sb) = runs[False], runs[True]
+    assert sb["share_prompt"] is True and sa["share_prompt"] is False
+    assert sa["tokens_seen"] == sb["tokens_seen"]  # the same data, counted the same way
+    ra, rb = _train_records(a), _train_records(b)
+    torch.testing.assert_close([r["loss"] for r in rb], [r["loss"] for r in ra], atol=1e-5, rtol=1e-4)
+    evals = sorted(k for k in sa["metrics"] if k.startswith("eval/"))
+    assert evals
+    torch.testing.assert_close([sb["metrics"][k] for k in evals], [sa["metrics"][k] for k in evals],
+                               atol=1e-4, rtol=1e-3)
+    wa = load_file(str(a / "final" / "model.safetensors"))
+    wb = load_file(str(b / "final" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
+
+
 def test_lora_trains_only_adapter_weights(data, tmp_path):
     lora = {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"]}
     cfg = DPOConfig(**common(data, tmp_path, train_path=str(data["pairs"]), max_steps=5, beta=0.5,
