@@ -84,6 +84,11 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``x / temperature``, without a pass over ``x`` at temperature 1 (the training case)."""
+    return x if temperature == 1.0 else x / temperature
+
+
 def _as_3d(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() < 2:
         raise ValueError(f"{name} must have at least 2 dims [..., T, V], got shape {tuple(x.shape)}")
@@ -101,7 +106,7 @@ class _LabelLogProb(torch.autograd.Function):
         out = torch.empty(B, T, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
         lse = torch.empty_like(out)
         for b0, b1, t0, t1 in _blocks(B, T, chunk_size):
-            block = _upcast(logits[b0:b1, t0:t1]) / temperature
+            block = _scaled(_upcast(logits[b0:b1, t0:t1]), temperature)
             lse_b = torch.logsumexp(block, dim=-1)
             lse[b0:b1, t0:t1] = lse_b
             out[b0:b1, t0:t1] = block.gather(-1, labels[b0:b1, t0:t1, None]).squeeze(-1) - lse_b
@@ -117,10 +122,10 @@ class _LabelLogProb(torch.autograd.Function):
         B, T, _ = logits.shape
         for b0, b1, t0, t1 in _blocks(B, T, ctx.chunk_size):
             g = grad_out[b0:b1, t0:t1, None]
-            probs = torch.exp(_upcast(logits[b0:b1, t0:t1]) / temp - lse[b0:b1, t0:t1, None])
-            block = -probs * g
+            # (onehot - softmax) * g / temp, in place on one fresh [block, V] buffer.
+            block = (_scaled(_upcast(logits[b0:b1, t0:t1]), temp) - lse[b0:b1, t0:t1, None]).exp_().mul_(-g)
             block.scatter_add_(-1, labels[b0:b1, t0:t1, None], g)
-            grad[b0:b1, t0:t1] = block / temp
+            grad[b0:b1, t0:t1] = _scaled(block, temp)
         return grad, None, None, None
 
 
@@ -221,7 +226,7 @@ class _HiddenLabelLogProb(torch.autograd.Function):
                 out[b0:b1, t0:t1], lse[b0:b1, t0:t1] = fused(
                     hidden[b0:b1, t0:t1], weight, bias, labels[b0:b1, t0:t1], temperature)
                 continue
-            block = _upcast(torch.nn.functional.linear(hidden[b0:b1, t0:t1], weight, bias)) / temperature
+            block = _scaled(_upcast(torch.nn.functional.linear(hidden[b0:b1, t0:t1], weight, bias)), temperature)
             lse_b = torch.logsumexp(block, dim=-1)
             lse[b0:b1, t0:t1] = lse_b
             out[b0:b1, t0:t1] = block.gather(-1, labels[b0:b1, t0:t1, None]).squeeze(-1) - lse_b
@@ -253,10 +258,11 @@ class _HiddenLabelLogProb(torch.autograd.Function):
                 else:
                     logits = torch.nn.functional.linear(h, weight, bias)
                     g = grad_out[b0:b1, t0:t1, None]
-                    probs = torch.exp(_upcast(logits) / temp - lse[b0:b1, t0:t1, None])
-                    dlogits = -probs * g
+                    # (onehot - softmax) * g / temp, in place on the block's fresh logits buffer
+                    # (or its fp32 copy): each full-vocab pass costs as much as a small matmul.
+                    dlogits = _scaled(_upcast(logits), temp).sub_(lse[b0:b1, t0:t1, None]).exp_().mul_(-g)
                     dlogits.scatter_add_(-1, labels[b0:b1, t0:t1, None], g)
-                    dlogits = (dlogits / temp).to(logits.dtype)
+                    dlogits = _scaled(dlogits, temp).to(logits.dtype)
                 if need_h:
                     grad_h[b0:b1, t0:t1] = dlogits @ weight.to(dlogits.dtype)
                 if need_w:

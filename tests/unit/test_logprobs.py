@@ -57,17 +57,18 @@ def test_selective_log_softmax_gradient_and_bf16(batch):
     torch.testing.assert_close(got, naive_token_logps(half.float(), labels), atol=1e-5, rtol=1e-5)
 
 
-def test_gradcheck_chunked_autograd_functions():
+@pytest.mark.parametrize("temperature", [0.8, 1.0])  # 1.0: the in-place backward without a scaling pass
+def test_gradcheck_chunked_autograd_functions(temperature):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 6, (2, 5), generator=gen)
     labels[1, 3:] = -100
-    assert torch.autograd.gradcheck(lambda x: selective_log_softmax(x, labels, 3, temperature=0.8), (logits,))
+    assert torch.autograd.gradcheck(lambda x: selective_log_softmax(x, labels, 3, temperature=temperature), (logits,))
     hidden = torch.randn(2, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda h, w, b: logps_from_hidden(h, w, labels, chunk_size=3, lm_head_bias=b, temperature=0.9),
+        lambda h, w, b: logps_from_hidden(h, w, labels, chunk_size=3, lm_head_bias=b, temperature=temperature),
         (hidden, weight, bias),
     )
 
