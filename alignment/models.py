@@ -287,35 +287,42 @@ class ScalarReward(nn.Module):
         return inner.score(last)[:, 0].float()
 
 
+def _layouts_agree(inner, layouts, hidden_of, device, atol: float, what: str) -> bool:
+    """Eval-mode forwards of each batch in ``layouts``; True when ``hidden_of(batch)`` (the hidden
+    states compared, ``[N, H]``) agree within ``atol`` (x100 for half-precision weights). A model
+    that raises on a layout does not support it: logged, False."""
+    was_training = inner.training
+    inner.eval()
+    try:
+        picked = [hidden_of(to_device(b, device)).float().cpu() for b in layouts]
+    except Exception as err:
+        log.warning("%s check failed (%s); not using it", what, err)
+        return False
+    finally:
+        inner.train(was_training)
+    dtype = next(inner.parameters()).dtype
+    return bool(torch.allclose(picked[0], picked[1], atol=atol * (1 if dtype == torch.float32 else 100)))
+
+
 @torch.no_grad()
 def packing_supported(model, device: torch.device | str | None = None, atol: float = 1e-4) -> bool:
     """Check on two short random sequences that a packed forward (restarting ``position_ids``,
     no attention mask) gives the same hidden states as a padded one. False means: pad instead."""
     inner = hf_model(model)
-    device = device or next(inner.parameters()).device
     gen = torch.Generator().manual_seed(0)
     vocab = inner.config.vocab_size
     lengths = (6, 4, 2)  # packs as [seq0] and [seq1, seq2]: two sequences share a row
     seqs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
     layouts = [collate_sequences([[]] * 3, seqs, pad_id=0, packing=p) for p in (False, True)]
-    was_training = inner.training
-    inner.eval()
-    try:
-        hidden = []
-        for b in layouts:
-            d = to_device(b, device)
-            out = inner.base_model(input_ids=d["input_ids"], position_ids=d["position_ids"],
-                                   attention_mask=d.get("attention_mask"), use_cache=False).last_hidden_state
-            flat = out.flatten(0, 1).float().cpu()
-            hidden.append(torch.cat([flat[end - n + 1 : end + 1] for end, n in zip(b["last_index"].tolist(), lengths,
-                                                                                     strict=True)]))
-    except Exception as err:  # a model that rejects the layout cannot pack
-        log.warning("packing check failed (%s); falling back to padding", err)
-        return False
-    finally:
-        inner.train(was_training)
-    dtype = next(inner.parameters()).dtype
-    return bool(torch.allclose(hidden[0], hidden[1], atol=atol * (1 if dtype == torch.float32 else 100)))
+
+    def real_tokens(b: dict) -> torch.Tensor:
+        out = inner.base_model(input_ids=b["input_ids"], position_ids=b["position_ids"],
+                               attention_mask=b.get("attention_mask"), use_cache=False).last_hidden_state
+        flat = out.flatten(0, 1)
+        return torch.cat([flat[end - n + 1 : end + 1] for end, n in zip(b["last_index"].tolist(), lengths,
+                                                                          strict=True)])
+
+    return _layouts_agree(inner, layouts, real_tokens, device or next(inner.parameters()).device, atol, "packing")
 
 
 @torch.no_grad()
@@ -324,7 +331,6 @@ def shared_prompt_supported(model, device: torch.device | str | None = None, ato
     (:mod:`alignment.prompt_sharing`) gives the plain layout's hidden states at every target and
     last position. False means: run the plain layout."""
     inner = hf_model(model)
-    device = device or next(inner.parameters()).device
     gen = torch.Generator().manual_seed(0)
 
     def ids(n: int) -> list[int]:
@@ -333,20 +339,12 @@ def shared_prompt_supported(model, device: torch.device | str | None = None, ato
     prompts, chosen, rejected = [ids(5), ids(3)], [ids(4), ids(2)], [ids(3), ids(5)]
     layouts = [collate_sequences(prompts + prompts, chosen + rejected, pad_id=0),
                collate_shared_prompt(prompts, chosen, rejected, pad_id=0)]
-    was_training = inner.training
-    inner.eval()
-    try:
-        picked = []
-        for b in layouts:
-            flat = decoder_hidden(inner, to_device(b, device)).flatten(0, 1).float().cpu()
-            picked.append(flat[torch.cat([b["target_index"], b["last_index"]])])
-    except Exception as err:  # a model that rejects a custom mask cannot share prompts
-        log.warning("prompt-sharing check failed (%s); using the plain layout", err)
-        return False
-    finally:
-        inner.train(was_training)
-    dtype = next(inner.parameters()).dtype
-    return bool(torch.allclose(picked[0], picked[1], atol=atol * (1 if dtype == torch.float32 else 100)))
+
+    def scored_positions(b: dict) -> torch.Tensor:
+        return decoder_hidden(inner, b).flatten(0, 1)[torch.cat([b["target_index"], b["last_index"]])]
+
+    return _layouts_agree(inner, layouts, scored_positions, device or next(inner.parameters()).device, atol,
+                          "prompt-sharing")
 
 
 def save_model_folder(model, tokenizer, path: str | Path) -> Path:
