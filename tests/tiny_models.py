@@ -29,6 +29,13 @@ CHAT_TEMPLATE = (
 )
 
 
+def grads_of(model) -> list[torch.Tensor]:
+    """Copies of every parameter's gradient; the model's gradients are then cleared."""
+    out = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over :data:`WORDS` with pad/unk/bos/eos and a chat template; adds no BOS."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}

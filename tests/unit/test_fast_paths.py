@@ -29,17 +29,7 @@ from alignment.fast_paths import (
 from alignment.generation import KVDecoder, generate
 from alignment.losses import dpo_loss, reward_loss
 from alignment.models import CausalLMLogps, ScalarReward, packing_supported
-from tests.tiny_models import make_tiny_model, make_tokenizer, preference_pairs
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def folder(request, tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+from tests.tiny_models import grads_of, preference_pairs
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +41,6 @@ def batches(tokenizer):
     packed = collate_pairs(examples, pad_id=tokenizer.pad_token_id, packing=True)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # sequences really share rows
     return padded, packed, len(examples)
-
-
-def grads_of(model) -> list[torch.Tensor]:
-    out = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return out
 
 
 @pytest.mark.parametrize("fused", [False, True])

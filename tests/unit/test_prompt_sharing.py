@@ -16,7 +16,7 @@ from alignment.batching import Truncation, collate_pairs, tokenize_pairs
 from alignment.losses import dpo_loss, reward_loss
 from alignment.models import CausalLMLogps, ScalarReward, shared_prompt_supported
 from alignment.prompt_sharing import collate_shared_prompt, shared_prompt_mask
-from tests.tiny_models import make_tiny_model, make_tokenizer, preference_pairs
+from tests.tiny_models import grads_of, preference_pairs
 
 
 def test_layout_by_hand():
@@ -56,16 +56,6 @@ def test_packing_puts_several_groups_in_a_row():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def folder(request, tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
-
-
-@pytest.fixture(scope="module")
 def batches(tokenizer):
     rows = preference_pairs(6, seed=4, chat_every=3).to_dict("records")
     examples, _ = tokenize_pairs(tokenizer, rows, Truncation(64, 32, "truncate", tokenizer.bos_token_id))
@@ -74,12 +64,6 @@ def batches(tokenizer):
     assert shared["num_model_tokens"] < padded["attention_mask"].sum()  # the prompts really run once
     assert shared["num_tokens"] == padded["num_tokens"]
     return padded, shared, len(examples)
-
-
-def grads_of(model) -> list[torch.Tensor]:
-    out = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return out
 
 
 @pytest.mark.parametrize("hidden_path", [True, False])
