@@ -616,10 +616,12 @@ class Recipe(ABC):
         self.resumed_from = str(path)
 
     def latest_checkpoint(self) -> Path | None:
-        """Newest complete checkpoint folder in ``output_dir``, or None."""
+        """Newest complete checkpoint folder in ``output_dir``, or None. A ``.tmp`` folder is one a
+        crash interrupted before its rename (which is what completes a checkpoint): never chosen."""
         if self.output_dir is None:
             return None
-        found = sorted(p for p in (self.output_dir / "checkpoints").glob("step-*") if (p / "state.json").exists())
+        found = sorted(p for p in (self.output_dir / "checkpoints").glob("step-*")
+                       if not p.name.endswith(".tmp") and (p / "state.json").exists())
         return found[-1] if found else None
 
     # ------------------------------------------------------------------ internals

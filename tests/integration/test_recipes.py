@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -115,6 +116,9 @@ def test_resume_continues_exactly_and_refuses_a_changed_config(data, tmp_path):
     assert not first["finished"] and first["steps"] == 6
     with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 7, "phase": "tra')  # a crash mid-write leaves a torn line
+    torn = tmp_path / "b" / "checkpoints" / "step-000009.tmp"  # and a crash mid-save, a partial checkpoint
+    torn.mkdir()
+    shutil.copy(tmp_path / "b" / "checkpoints" / "step-000006" / "state.json", torn / "state.json")
     second = DPORecipe(split)
     summary = second.run()
     assert summary["resumed_from"].endswith("step-000006") and summary["finished"]
