@@ -37,6 +37,7 @@ import torch
 
 from alignment.logprobs import IGNORE_INDEX
 from alignment.prompt_sharing import collate_shared_prompt
+from alignment.row_packing import first_fit_decreasing, row_width
 
 Prompt = str | list[dict[str, Any]]
 
@@ -242,24 +243,10 @@ def collate_sequences(
     """Sequences ``prompt + completion`` in the token layout of the module docstring."""
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
     n = len(seqs)
+    width = row_width([len(s) for s in seqs], pad_to_multiple_of)
     if packing:
-        # First-fit decreasing into rows no wider than the longest sequence: no padding inside
-        # the model's linear layers, and attention stays O(rows * width^2), not O(total^2).
-        width = max(len(s) for s in seqs)
-        if pad_to_multiple_of:
-            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        members: list[list[int]] = []
-        free: list[int] = []
-        for i in sorted(range(n), key=lambda j: -len(seqs[j])):
-            r = next((r for r, room in enumerate(free) if room >= len(seqs[i])), None)
-            if r is None:
-                members.append([])
-                free.append(width)
-                r = len(members) - 1
-            members[r].append(i)
-            free[r] -= len(seqs[i])
         rows, position_ids, offsets, row_of = [], [], [0] * n, [0] * n
-        for r, idx in enumerate(members):
+        for r, idx in enumerate(first_fit_decreasing([len(s) for s in seqs], width)):
             row, pos = [], []
             for i in idx:
                 offsets[i], row_of[i] = len(row), r
@@ -269,9 +256,6 @@ def collate_sequences(
             rows.append(row + [pad_id] * tail)
             position_ids.append(pos + list(range(tail)))
     else:
-        width = max(len(s) for s in seqs)
-        if pad_to_multiple_of:
-            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         rows = [s + [pad_id] * (width - len(s)) for s in seqs]
         offsets, row_of = [0] * n, list(range(n))
         position_ids = [list(range(width))] * n

@@ -179,14 +179,10 @@ def decoder_hidden(inner, batch: dict, *, causal_padding: bool = False, varlen: 
     Padded batches use their mask (none with ``causal_padding``: right padding never reaches a
     real token under causal attention). Packed batches go through transformers' block-diagonal
     mask, or, with ``varlen`` (and the batch's ``cu_seq_lens``), through
-    :func:`alignment.fast_paths.varlen_attention` on the rows flattened into one.
+    :func:`alignment.fast_paths.varlen_attention` on the rows flattened into one. Prompt-sharing
+    batches (:mod:`alignment.prompt_sharing`) carry their own mask.
     """
     ids, positions = batch["input_ids"], batch["position_ids"]
-    if "share_group" in batch:  # prompt-sharing pair groups: their own mask, on SDPA (which takes it as is)
-        mask = shared_prompt_mask(batch["share_group"], batch["share_segment"])
-        with attention_implementation(inner.config, "sdpa"):
-            return inner.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                    use_cache=False).last_hidden_state
     if varlen and "cu_seq_lens" in batch:
         cu, longest = batch["cu_seq_lens"], batch["max_seq_len"]
         with attention_implementation(inner.config, VARLEN_ATTENTION):
@@ -194,9 +190,20 @@ def decoder_hidden(inner, batch: dict, *, causal_padding: bool = False, varlen: 
                                       use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
                                       max_length_k=longest).last_hidden_state
         return hidden.view(*ids.shape, -1)
-    mask = None if causal_padding else batch.get("attention_mask")
-    return inner.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                            use_cache=False).last_hidden_state
+    mask, implementation = _attention_mask(inner, batch, causal_padding)
+    with implementation:
+        return inner.base_model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                                use_cache=False).last_hidden_state
+
+
+def _attention_mask(inner, batch: dict, causal_padding: bool):
+    """(mask, context) for a forward of ``batch``: a prompt-sharing batch's own mask
+    (:func:`alignment.prompt_sharing.shared_prompt_mask`) under SDPA, which takes it as is;
+    otherwise the padding mask (none with ``causal_padding``) under the model's attention."""
+    if "share_group" in batch:
+        return (shared_prompt_mask(batch["share_group"], batch["share_segment"]),
+                attention_implementation(inner.config, "sdpa"))
+    return (None if causal_padding else batch.get("attention_mask")), nullcontext()
 
 
 class CausalLMLogps(nn.Module):
@@ -240,11 +247,7 @@ class CausalLMLogps(nn.Module):
                 tok = logps_from_hidden(picked[None], head.weight, targets[None], None, self.chunk_size,
                                         lm_head_bias=head.bias, compiled=self.compiled_head)[0]
         else:
-            mask = None if self.causal_padding else batch.get("attention_mask")
-            implementation = nullcontext()
-            if "share_group" in batch:
-                mask = shared_prompt_mask(batch["share_group"], batch["share_segment"])
-                implementation = attention_implementation(inner.config, "sdpa")
+            mask, implementation = _attention_mask(inner, batch, self.causal_padding)
             with implementation:
                 logits = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                     attention_mask=mask, use_cache=False).logits

@@ -33,25 +33,10 @@ from typing import Any
 
 import torch
 
+from alignment.row_packing import first_fit_decreasing, row_width
+
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 """``share_segment`` values."""
-
-
-def _pack(lengths: Sequence[int], width: int, packing: bool) -> list[list[int]]:
-    """Group indices per row: first-fit decreasing into ``width``, or one per row."""
-    if not packing:
-        return [[i] for i in range(len(lengths))]
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
-        r = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
-        if r is None:
-            rows.append([])
-            free.append(width)
-            r = len(rows) - 1
-        rows[r].append(i)
-        free[r] -= lengths[i]
-    return rows
 
 
 def collate_shared_prompt(
@@ -61,10 +46,8 @@ def collate_shared_prompt(
     """Pairs → one batch of ``[prompt, chosen, rejected]`` groups (module docstring)."""
     n = len(prompts)
     lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
-    width = max(lengths)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    members = _pack(lengths, width, packing)
+    width = row_width(lengths, pad_to_multiple_of)
+    members = first_fit_decreasing(lengths, width) if packing else [[i] for i in range(n)]
     ids, pos, group, segment = [], [], [], []
     target_index: list[list[int]] = [[] for _ in range(2 * n)]
     target_ids: list[list[int]] = [[] for _ in range(2 * n)]
@@ -108,7 +91,7 @@ def collate_shared_prompt(
         "target_seq": torch.tensor(seq_of, dtype=torch.long),
         "last_index": torch.tensor(last_index, dtype=torch.long),
         "num_sequences": 2 * n,
-        "num_tokens": sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected, strict=True)),
+        "num_tokens": sum(lengths) + sum(len(p) for p in prompts),  # the plain layout runs each prompt twice
         "num_model_tokens": sum(lengths),
     }
 

@@ -390,7 +390,7 @@ class Recipe(ABC):
         self.packing = packing
         multiple = 8 if self.device.type == "cuda" and not packing else None
         layout = {"pad_id": self.tokenizer.pad_token_id, "packing": packing, "pad_to_multiple_of": multiple}
-        share = self.config.share_prompt and can_pack and can_share
+        share = self.config.share_prompt and can_share
         if share and not shared_prompt_supported(model):
             log.warning("%s: this model does not give equal results with shared prompts; computing them twice",
                         self.name)
