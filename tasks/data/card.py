@@ -6,15 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from tasks.data.settings import PreferenceSettings
 
 
-def length_stats(column: pa.Array | pa.ChunkedArray) -> dict[str, float]:
-    """Character-length statistics of a string column (zeros when empty)."""
-    n = pc.utf8_length(column).to_numpy(zero_copy_only=False) if len(column) else np.zeros(0)
+def length_stats(lengths: np.ndarray) -> dict[str, float]:
+    """Statistics of the character lengths of a text column (zeros when empty)."""
+    n = np.asarray(lengths)
     if not len(n):
         return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "max": 0.0}
     return {"mean": round(float(n.mean()), 2), "p50": float(np.percentile(n, 50)),

@@ -8,7 +8,7 @@ are tracked the same way (hub datasets by id, config, split and revision).
 
 Layout under ``out_dir`` (one batch = the files of one ingest, id = digest of their digests)::
 
-    validated/<kind>/<batch>.parquet     what passed, per kind (the builder reads them all)
+    validated/<kind>/<batch>.arrow       what passed, per kind, as Arrow IPC (the builder reads them all)
     quarantine/<batch>.parquet           what failed, with every reason and the raw row
     reports/<batch>.json                 counts, reasons, per-file counts
 
@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.data.heap import retained_heap
 from tasks.data.readers import content_digest, detect_format, list_source_files, read_source
 from tasks.data.scan import TextScan, scan_text
 from tasks.data.settings import IngestSettings, SourceSettings
@@ -193,6 +194,7 @@ def write_quarantine(result: ValidationResult, path: str | Path) -> str:
     return str(path)
 
 
+@retained_heap()
 def ingest(settings: IngestSettings, out_dir: str | Path, *, commit: bool = True) -> IngestResult:
     """Ingest new sources into ``out_dir`` (see the module docstring).
 
@@ -217,8 +219,9 @@ def ingest(settings: IngestSettings, out_dir: str | Path, *, commit: bool = True
     validated = {}
     for kind, n_valid in report.valid_by_kind.items():
         if n_valid:
-            path = out / "validated" / kind / f"{batch}.parquet"
+            path = out / "validated" / kind / f"{batch}.arrow"
             result.write_valid(kind, path)
+            path.with_suffix(".parquet").unlink(missing_ok=True)  # this batch as an older version wrote it
             validated[kind] = str(path)
     if commit:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,6 +1,6 @@
 """The preference builder: validated tables -> canonical pairs, prompts, demonstrations, data card.
 
-Reads every validated table under ``validated/<kind>/*.parquet`` (all batches ingested so far),
+Reads every validated table under ``validated/<kind>/`` (all batches ingested so far),
 then: codes texts by normalised key and drops repeated rows (:mod:`tasks.data.votes`); scores
 annotators against the leave-one-out majority and applies ``annotator_action``; aggregates
 comparisons by weighted vote, and turns thumbs and ratings into pairs within a prompt
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +39,8 @@ from tasks.data.aggregate import (
     thumbs_to_pairs,
 )
 from tasks.data.card import length_stats, write_card
+from tasks.data.handoff import SUFFIXES
+from tasks.data.heap import retained_heap
 from tasks.data.keys import (
     CHAT_KEY_PREFIX,
     assign_splits,
@@ -88,11 +90,12 @@ class PreferenceBuild:
 
 
 def validated_files(validated: str | Path | Mapping[str, list]) -> dict[str, list[Path]]:
-    """Parquet files per kind: a folder laid out as ``<kind>/*.parquet``, or a mapping kind -> paths."""
+    """Validated files per kind: a folder laid out as ``<kind>/*.arrow`` (or ``*.parquet``, from
+    older stores), or a mapping kind -> paths."""
     if isinstance(validated, Mapping):
         return {k: sorted(Path(p) for p in v) for k, v in validated.items() if k in KINDS and v}
     root = Path(validated)
-    out = {k: sorted((root / k).glob("*.parquet")) for k in KINDS}
+    out = {k: sorted(p for suffix in SUFFIXES for p in (root / k).glob(f"*{suffix}")) for k in KINDS}
     return {k: v for k, v in out.items() if v}
 
 
@@ -145,34 +148,49 @@ def _split_names(codes: np.ndarray) -> pa.Array:
     return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()), pa.array(SPLITS)).cast(pa.string())
 
 
-def _write_part(table: pa.Table, paths: dict[str, Path], split: np.ndarray | None, rows: int) -> None:
-    """Write ``table`` slice by slice: whole (``split`` None, one path) or by split (a path per
-    split name; each slice filtered, so no filtered copy of the whole table)."""
-    writers = {k: pq.ParquetWriter(p, table.schema, **parquet_options(table.schema)) for k, p in paths.items()}
+Slicer = Callable[[int, int], pa.Table]
+"""Rows ``[start, stop)`` of an output table, built on demand."""
+
+
+def _write_split_parts(writers: dict[str, pq.ParquetWriter], part: pa.Table, codes: np.ndarray) -> None:
+    for i, name in enumerate(SPLITS):
+        if (codes == i).any():
+            writers[name].write_table(part.filter(pa.array(codes == i)))
+
+
+def _write_table(out: Path, stem: str, slicer: Slicer, n: int, split: np.ndarray, pool: ThreadPoolExecutor,
+                 rows: int = 1 << 16) -> tuple[str, dict[str, str]]:
+    """Write ``<stem>.parquet`` (every row) and ``<stem>-<split>.parquet`` (each split's rows),
+    ``rows`` rows at a time: each slice is built once (texts taken from the vocabularies for
+    those rows only, so no whole table is ever held) and written to the whole file and the
+    split files by two pool threads side by side (Parquet encoding releases the GIL) while
+    this thread builds the next slice. Returns the whole file's path and the path per split."""
+    whole_path = out / f"{stem}.parquet"
+    split_paths = {name: out / f"{stem}-{name}.parquet" for name in SPLITS}
+    first = slicer(0, min(rows, n))
+    options = parquet_options(first.schema)
+    writers: dict[str, pq.ParquetWriter] = {}
     try:
-        for start in range(0, table.num_rows, rows):
-            part = table.slice(start, rows)
-            if split is None:
-                writers["all"].write_table(part)
-                continue
-            codes = split[start:start + rows]
-            for i, name in enumerate(SPLITS):
-                if (codes == i).any():
-                    writers[name].write_table(part.filter(pa.array(codes == i)))
+        writers["all"] = pq.ParquetWriter(whole_path, first.schema, **options)
+        for name, path in split_paths.items():
+            writers[name] = pq.ParquetWriter(path, first.schema, **options)
+        split_writers = {name: writers[name] for name in SPLITS}
+        pending: list[Future] = []
+        part: pa.Table | None = first
+        for start in range(0, max(n, 1), rows):
+            part = part if part is not None else slicer(start, min(start + rows, n))
+            for future in pending:  # one slice in flight bounds the memory
+                future.result()
+            if part.num_rows:
+                pending = [pool.submit(writers["all"].write_table, part),
+                           pool.submit(_write_split_parts, split_writers, part, split[start:start + rows])]
+            part = None
+        for future in pending:
+            future.result()
     finally:
         for w in writers.values():
             w.close()
-
-
-def _write(table: pa.Table, out: Path, stem: str, split: np.ndarray, pool: ThreadPoolExecutor,
-           rows: int = 1 << 16) -> tuple[list[Future], str, dict[str, str]]:
-    """Start writing ``<stem>.parquet`` and ``<stem>-<split>.parquet``: the whole file and the
-    split files are two pool tasks, run side by side (Parquet encoding releases the GIL).
-    Returns the tasks' futures, the whole file's path and the path per split."""
-    whole = {"all": out / f"{stem}.parquet"}
-    splits = {name: out / f"{stem}-{name}.parquet" for name in SPLITS}
-    futures = [pool.submit(_write_part, table, whole, None, rows), pool.submit(_write_part, table, splits, split, rows)]
-    return futures, str(whole["all"]), {name: str(p) for name, p in splits.items()}
+    return str(whole_path), {name: str(p) for name, p in split_paths.items()}
 
 
 def _count_splits(counts: dict, name: str, split: np.ndarray) -> None:
@@ -181,24 +199,21 @@ def _count_splits(counts: dict, name: str, split: np.ndarray) -> None:
         counts[f"{name}_{sp}"] = int((split == i).sum())
 
 
-def _take(pool: ThreadPoolExecutor, texts: pa.Array, codes: np.ndarray) -> Future:
-    """``texts.take(codes)`` in the pool (take releases the GIL, so several run side by side)."""
-    return pool.submit(texts.take, pa.array(codes, pa.int64()))
+def _codes(values: np.ndarray) -> pa.Array:
+    return pa.array(values, pa.int64())
 
 
-def _pairs_table(pairs: PairSet, fb: Feedback, prompt_chat: np.ndarray, prompt_split: np.ndarray,
-                 source_digest: str, pool: ThreadPoolExecutor) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """The pairs (sorted by id) as a table, their row hashes and split codes."""
+def _pairs_output(pairs: PairSet, fb: Feedback, prompt_chat: np.ndarray, prompt_split: np.ndarray,
+                  source_digest: str) -> tuple[Slicer, np.ndarray, np.ndarray, PairSet]:
+    """The pairs sorted by id: a slicer of their table, their row hashes and split codes, and
+    the sorted pairs."""
     P, R = fb.prompts, fb.responses
     pair_hash = mix64(P.key_hash[pairs.prompt], R.key_hash[pairs.chosen], R.key_hash[pairs.rejected])
     order = np.argsort(pair_hash, kind="stable")
     pairs, pair_hash = pairs.select(order), pair_hash[order]
-    texts = [_take(pool, P.originals, pairs.prompt), _take(pool, R.originals, pairs.chosen),
-             _take(pool, R.originals, pairs.rejected)]
     weight, agreement = np.round(pairs.weight, 6), np.round(pairs.agreement, 6)
     offsets = np.searchsorted(pairs.link_pair, np.arange(len(pairs) + 1)).astype(np.int32)
     names = pa.array(fb.annotators, pa.string())
-    annotators = pa.ListArray.from_arrays(pa.array(offsets), names.take(pa.array(pairs.link_annotator, pa.int64())))
     link_hash = np.append(mix64(hash64(fb.annotators)[pairs.link_annotator]), np.uint64(0))
     ann_sum = np.add.reduceat(link_hash, offsets[:-1]) if len(pairs) else np.zeros(0, np.uint64)
     ann_sum = np.where(np.diff(offsets) > 0, ann_sum, np.uint64(0))  # an annotator set, order-free
@@ -206,15 +221,22 @@ def _pairs_table(pairs: PairSet, fb: Feedback, prompt_chat: np.ndarray, prompt_s
     rows = mix64(P.original_hash[pairs.prompt], prompt_chat[pairs.prompt].astype(np.uint64),
                  R.original_hash[pairs.chosen], R.original_hash[pairs.rejected], float_bits(weight),
                  float_bits(agreement), ann_sum, split.astype(np.uint64))
-    prompt, chosen, rejected = (f.result() for f in texts)
-    table = pa.table({
-        "prompt": prompt, "is_chat": pa.array(prompt_chat[pairs.prompt]), "chosen": chosen, "rejected": rejected,
-        "pair_id": hex16(pair_hash), "weight": pa.array(weight), "annotators": annotators,
-        "agreement": pa.array(agreement), "split": _split_names(split),
-        "source_digest": pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(pairs), np.int8)),
-                                                        pa.array([source_digest])).cast(pa.string()),
-    })
-    return table, rows, split
+    digest_column = pa.array([source_digest], pa.string())
+
+    def slicer(a: int, b: int) -> pa.Table:
+        off = offsets[a:b + 1]
+        return pa.table({
+            "prompt": P.originals.take(_codes(pairs.prompt[a:b])), "is_chat": pa.array(prompt_chat[pairs.prompt[a:b]]),
+            "chosen": R.originals.take(_codes(pairs.chosen[a:b])),
+            "rejected": R.originals.take(_codes(pairs.rejected[a:b])),
+            "pair_id": hex16(pair_hash[a:b]), "weight": pa.array(weight[a:b]),
+            "annotators": pa.ListArray.from_arrays(pa.array(off - off[0]),
+                                                   names.take(_codes(pairs.link_annotator[off[0]:off[-1]]))),
+            "agreement": pa.array(agreement[a:b]), "split": _split_names(split[a:b]),
+            "source_digest": digest_column.take(pa.array(np.zeros(b - a, np.int8))),
+        })
+
+    return slicer, rows, split, pairs
 
 
 def _demonstrations(fb: Feedback, pairs: PairSet, settings: PreferenceSettings,
@@ -233,54 +255,59 @@ def _demonstrations(fb: Feedback, pairs: PairSet, settings: PreferenceSettings,
     return d_prompt[d_order], d_resp[d_order], d_weight[d_order]
 
 
+def _text_lengths(texts: pa.Array) -> np.ndarray:
+    return pc.utf8_length(texts).to_numpy(zero_copy_only=False) if len(texts) else np.zeros(0, np.int64)
+
+
 def _write_outputs(out: Path, fb: Feedback, pairs: PairSet, settings: PreferenceSettings, counts: dict,
                    prompt_chat: np.ndarray, prompt_split: np.ndarray, source_digest: str):
-    """Build and write pairs, prompts and demonstrations; returns (paths, split files, digests,
-    what the card needs). Parquet encoding releases the GIL, so each table is written by
-    background threads (the whole file and the split files side by side) while the next is built."""
+    """Build and write pairs, prompts and demonstrations a slice at a time (:func:`_write_table`);
+    returns (paths, split files, digests, what the card needs)."""
     P, R = fb.prompts, fb.responses
-    paths, files, digests, writing = {}, {}, {}, []
-    with ThreadPoolExecutor(max_workers=2) as writer, ThreadPoolExecutor(max_workers=2) as pool:
-        table, rows, split = _pairs_table(pairs, fb, prompt_chat, prompt_split, source_digest, pool)
+    paths, files, digests = {}, {}, {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        slicer, rows, split, ordered = _pairs_output(pairs, fb, prompt_chat, prompt_split, source_digest)
         digests["pairs"] = digest_of_rows(rows, DIGEST_TAG + "/pairs")
-        lengths = {c: pool.submit(length_stats, table.column(c)) for c in ("prompt", "chosen", "rejected")}
-        card_parts = {"lengths": {c: f.result() for c, f in lengths.items()},
-                      "agreement": table.column("agreement").to_numpy()}
-        futures, paths["pairs"], files["pairs"] = _write(table, out, "pairs", split, writer)
-        writing += futures
+        p_len, r_len = _text_lengths(P.originals), _text_lengths(R.originals)  # by code: no text taken
+        card_parts = {"lengths": {"prompt": length_stats(p_len[ordered.prompt]),
+                                  "chosen": length_stats(r_len[ordered.chosen]),
+                                  "rejected": length_stats(r_len[ordered.rejected])},
+                      "agreement": np.round(ordered.agreement, 6)}
+        paths["pairs"], files["pairs"] = _write_table(out, "pairs", slicer, len(ordered), split, pool)
         _count_splits(counts, "pairs", split)
-        del table
 
         p_order = np.argsort(P.key_hash, kind="stable")
-        table = pa.table({"prompt_id": hex16(P.key_hash[p_order]), "prompt": _take(pool, P.originals, p_order).result(),
-                          "is_chat": pa.array(prompt_chat[p_order]), "split": _split_names(prompt_split[p_order])})
+
+        def prompt_slice(a: int, b: int) -> pa.Table:
+            sel = p_order[a:b]
+            return pa.table({"prompt_id": hex16(P.key_hash[sel]), "prompt": P.originals.take(_codes(sel)),
+                             "is_chat": pa.array(prompt_chat[sel]), "split": _split_names(prompt_split[sel])})
+
         digests["prompts"] = digest_of_rows(mix64(P.original_hash, prompt_chat.astype(np.uint64),
                                                   prompt_split.astype(np.uint64)), DIGEST_TAG + "/prompts")
-        futures, paths["prompts"], files["prompts"] = _write(table, out, "prompts", prompt_split[p_order], writer)
-        writing += futures
+        paths["prompts"], files["prompts"] = _write_table(out, "prompts", prompt_slice, len(P), prompt_split[p_order],
+                                                          pool)
         _count_splits(counts, "prompts", prompt_split)
-        del table
 
         d_prompt, d_resp, d_weight = _demonstrations(fb, pairs, settings, counts)
-        d_texts = [_take(pool, P.originals, d_prompt), _take(pool, R.originals, d_resp)]
-        table = pa.table({
-            "prompt": d_texts[0].result(), "is_chat": pa.array(prompt_chat[d_prompt]),
-            "response": d_texts[1].result(), "weight": pa.array(d_weight, pa.float64()),
-            "split": _split_names(prompt_split[d_prompt]),
-        })
+
+        def demo_slice(a: int, b: int) -> pa.Table:
+            return pa.table({
+                "prompt": P.originals.take(_codes(d_prompt[a:b])), "is_chat": pa.array(prompt_chat[d_prompt[a:b]]),
+                "response": R.originals.take(_codes(d_resp[a:b])), "weight": pa.array(d_weight[a:b], pa.float64()),
+                "split": _split_names(prompt_split[d_prompt[a:b]]),
+            })
+
         digests["demonstrations"] = digest_of_rows(
             mix64(P.original_hash[d_prompt], R.original_hash[d_resp], float_bits(d_weight),
                   prompt_split[d_prompt].astype(np.uint64)), DIGEST_TAG + "/demonstrations")
-        futures, paths["demonstrations"], files["demonstrations"] = _write(table, out, "demonstrations",
-                                                                            prompt_split[d_prompt], writer)
-        writing += futures
+        paths["demonstrations"], files["demonstrations"] = _write_table(out, "demonstrations", demo_slice, len(d_prompt),
+                                                                        prompt_split[d_prompt], pool)
         _count_splits(counts, "demonstrations", prompt_split[d_prompt])
-        del table
-    for future in writing:
-        future.result()  # re-raises a write error
     return paths, files, digests, card_parts
 
 
+@retained_heap()
 def build_preferences(validated: str | Path | Mapping[str, list], out_dir: str | Path,
                       settings: PreferenceSettings | None = None) -> PreferenceBuild:
     """Build the preference dataset from validated tables into ``out_dir`` (created; files overwritten).

@@ -183,13 +183,26 @@ class PatchedFile(io.RawIOBase):
         start = self._f.tell()
         n = self._f.readinto(buffer)
         if n:
-            view = memoryview(buffer)
+            view = memoryview(buffer).cast("B")
             lo = np.searchsorted(self._spans[:, 1], start, side="right")
             hi = np.searchsorted(self._spans[:, 0], start + n, side="left")
             for s, e in self._spans[lo:hi]:
                 a, b = max(s - start, 0), min(e - start, n)
                 view[a:b] = b"?" * (b - a)
         return n
+
+    def read_buffer(self, size: int = -1):
+        """A block as an Arrow buffer from Arrow's memory pool (pyarrow's file wrapper prefers this
+        to ``read``: no Python bytes object per block, and the pool reuses the blocks' memory)."""
+        import pyarrow as pa
+
+        if size is None or size < 0:
+            size = max(self._size - self._f.tell(), 0)
+        buffer = pa.allocate_buffer(size, resizable=True)
+        n = self.readinto(memoryview(buffer))
+        if n < size:
+            buffer.resize(n)
+        return buffer
 
     def close(self) -> None:
         self._f.close()

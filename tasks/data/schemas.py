@@ -66,7 +66,8 @@ def detect_kind(columns: list[str] | set[str]) -> str | None:
     return None
 
 
-# --- vectorised checks (pyarrow compute on the string buffers; nulls pass: ``nullable`` covers them) ---
+# --- vectorised checks (pyarrow compute on the string buffers). Nulls pass: ``nullable`` covers them;
+# the checks see them (``ignore_na=False``) because pandera's dropna copies a whole text column per check.
 def _arrow(s: pd.Series) -> pa_arrow.Array:
     if isinstance(s.dtype, pd.StringDtype) and s.dtype.storage == "pyarrow":
         return pa_arrow.array(s)
@@ -93,12 +94,20 @@ def _has_replacement_char(data: np.ndarray) -> np.ndarray:
     return lead[(data[lead + 1] == 0xBF) & (data[lead + 2] == 0xBD)]
 
 
+def _no_bytes(s: pd.Series, test) -> pd.Series:
+    arr = _arrow(s)  # a null passes, even where its slot spans bytes
+    found = rows_with_bytes(arr, test)
+    if arr.null_count:
+        found &= pc.is_valid(arr).to_numpy(zero_copy_only=False)
+    return pd.Series(~found, index=s.index)
+
+
 def _no_control_chars(s: pd.Series) -> pd.Series:
-    return pd.Series(~rows_with_bytes(_arrow(s), _has_control_char), index=s.index)
+    return _no_bytes(s, _has_control_char)
 
 
 def _no_replacement_char(s: pd.Series) -> pd.Series:
-    return pd.Series(~rows_with_bytes(_arrow(s), _has_replacement_char), index=s.index)
+    return _no_bytes(s, _has_replacement_char)
 
 
 def _fits(s: pd.Series, max_chars: int) -> pd.Series:
@@ -148,19 +157,19 @@ def schema_model(kind: str, max_text_chars: int, scale_min: float, scale_max: fl
         conversation_id: Series[str] = pa.Field(nullable=True)
         metadata: Series[str] = pa.Field(nullable=True)
 
-        @pa.check(*text, name="blank")
+        @pa.check(*text, name="blank", ignore_na=False)
         def blank(cls, s: Series[str]) -> Series[bool]:
             return _not_blank(s)
 
-        @pa.check(*text, name="control_chars")
+        @pa.check(*text, name="control_chars", ignore_na=False)
         def control_chars(cls, s: Series[str]) -> Series[bool]:
             return _no_control_chars(s)
 
-        @pa.check(*text, name="invalid_utf8")
+        @pa.check(*text, name="invalid_utf8", ignore_na=False)
         def invalid_utf8(cls, s: Series[str]) -> Series[bool]:
             return _no_replacement_char(s)
 
-        @pa.check(*text, name="too_long")
+        @pa.check(*text, name="too_long", ignore_na=False)
         def too_long(cls, s: Series[str]) -> Series[bool]:
             return _fits(s, max_text_chars)
 
@@ -177,11 +186,11 @@ def schema_model(kind: str, max_text_chars: int, scale_min: float, scale_max: fl
             response_b: Series[str] = pa.Field(nullable=False)
             choice: Series[str] = pa.Field(nullable=False)
 
-            @pa.check("choice", name="invalid_value")
+            @pa.check("choice", name="invalid_value", ignore_na=False)
             def valid_choice(cls, s: Series[str]) -> Series[bool]:
-                return s.isin(CHOICES)
+                return s.isin(CHOICES) | s.isna()
 
-            @pa.dataframe_check(name="identical_responses")
+            @pa.dataframe_check(name="identical_responses", ignore_na=False)
             def responses_differ(cls, df: pd.DataFrame) -> Series[bool]:
                 a, b = df["response_a"], df["response_b"]
                 return (a != b).fillna(True) | a.isna() | b.isna()

@@ -27,11 +27,10 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 import pyarrow as pa_arrow
-import pyarrow.parquet as pq
 
 from tasks.data.coerce import Problems, coerce_frame, to_json
 from tasks.data.formats import convert
-from tasks.data.keys import parquet_options
+from tasks.data.handoff import write_validated
 from tasks.data.readers import RawTable
 from tasks.data.schemas import LINEAGE, TEXT_FIELDS, detect_kind, schema_model, validated_columns
 from tasks.data.settings import KINDS, IngestSettings, SourceSettings
@@ -106,7 +105,7 @@ class ValidationResult:
     """Validated tables per kind, the quarantine and the report of one batch.
 
     The typed rows are kept whole with a mask of the valid ones: :attr:`valid` filters on first
-    use, :meth:`write_valid` streams the valid rows to Parquet without a filtered copy.
+    use, :meth:`write_valid` streams the valid rows to a file without a filtered copy.
     """
 
     typed: dict[str, tuple[pd.DataFrame, np.ndarray]]
@@ -121,22 +120,19 @@ class ValidationResult:
             self._valid = {k: f if keep.all() else f[keep].reset_index(drop=True) for k, (f, keep) in self.typed.items()}
         return self._valid
 
-    def write_valid(self, kind: str, path: str | Path, rows_per_group: int = 1 << 16) -> int:
-        """Write the valid rows of ``kind`` to Parquet in row groups; returns the row count.
-
-        The file is uncompressed: it is a hand-off read back once by the builder, where a codec
-        costs more time (compressing, decompressing) than the extra bytes do."""
+    def write_valid(self, kind: str, path: str | Path, rows_per_batch: int = 1 << 16) -> int:
+        """Write the valid rows of ``kind`` as a validated hand-off file
+        (:mod:`tasks.data.handoff`), a batch of rows at a time; returns the row count."""
         frame, keep = self.typed[kind]
         table = pa_arrow.Table.from_pandas(frame, preserve_index=False)
-        schema = pa_arrow.schema([pa_arrow.field(f.name, f.type.value_type) if pa_arrow.types.is_dictionary(f.type) else f
-                                  for f in table.schema])
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with pq.ParquetWriter(path, schema, compression="none", **parquet_options(schema)) as writer:
-            for start in range(0, len(frame), rows_per_group):
-                part = table.slice(start, rows_per_group)
-                mask = keep[start:start + rows_per_group]
-                part = part if mask.all() else part.filter(pa_arrow.array(mask))
-                writer.write_table(part.cast(schema))
+
+        def parts():
+            for start in range(0, len(frame), rows_per_batch):
+                part = table.slice(start, rows_per_batch)
+                mask = keep[start:start + rows_per_batch]
+                yield part if mask.all() else part.filter(pa_arrow.array(mask))
+
+        write_validated(path, table.schema, parts())
         return int(keep.sum())
 
     def raise_if_exceeded(self, quarantine_path: str | None = None) -> None:

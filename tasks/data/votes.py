@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tasks.data.handoff import open_validated, validated_rows
 from tasks.data.keys import (
     Vocabulary,
     build_vocabulary,
@@ -74,15 +75,13 @@ class Feedback:
 
 
 class ColumnSource:
-    """Columns of one kind's validated Parquet files, read one at a time on demand, so the
-    builder never holds every text column at once."""
+    """Columns of one kind's validated files (:mod:`tasks.data.handoff`), read on demand: IPC
+    files are memory-mapped, so a column costs no copy; from Parquet ones (older stores) a
+    group of columns is read at a time, so the builder never holds every text column at once."""
 
     def __init__(self, paths: list) -> None:
-        import pyarrow.parquet as pq
-
-        self._pq = pq
         self.paths = list(paths)
-        self.num_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in self.paths)
+        self.num_rows = sum(validated_rows(p) for p in self.paths)
 
     def column(self, name: str) -> pa.ChunkedArray:
         return self.columns([name])[0]
@@ -91,7 +90,7 @@ class ColumnSource:
         """Several columns in one read per file (Parquet decodes the columns in parallel)."""
         chunks: list[list[pa.Array]] = [[] for _ in names]
         for p in self.paths:
-            table = self._pq.read_table(p, columns=list(names), pre_buffer=False)
+            table = open_validated(p, list(names))
             for out, name in zip(chunks, names, strict=True):
                 out.extend(table.column(name).chunks)
         return [_chunked(c) for c in chunks]

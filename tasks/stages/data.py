@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from tasks import tracking
 from tasks.config import PipelineConfig
+from tasks.data.handoff import read_validated_frame
 from tasks.data.landing import ingest
 from tasks.data.preferences import build_preferences, validated_files
 from tasks.data.settings import IngestSettings
@@ -122,7 +123,7 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
                 q["reasons"] = q["reasons"].map(lambda r: "; ".join(r))
                 mlflow.MlflowClient().log_table(run_id, q.head(500), "ingest/quarantine_sample.json")
             for kind, path in result.validated.items():
-                frame = pd.read_parquet(path)
+                frame = read_validated_frame(path)
                 dataset = mlflow.data.from_pandas(frame, source=str(path), name=f"validated-{kind}")
                 with mlflow.start_run(run_id=run_id):
                     mlflow.log_input(dataset, context="validated")

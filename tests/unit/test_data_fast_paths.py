@@ -31,7 +31,7 @@ from tasks.data.keys import (
     rows_with_bytes,
 )
 from tasks.data.readers import read_source
-from tasks.data.scan import scan_text
+from tasks.data.scan import PatchedFile, scan_text
 from tasks.data.schemas import _fits, _has_control_char, _has_replacement_char
 from tasks.data.validate import _reasons_by_row
 
@@ -231,3 +231,52 @@ def test_a_reused_text_scan_reads_like_a_fresh_one(tmp_path, fmt):
     fresh, reused = read_source(path), read_source(path, scan=scan_text(path))
     assert fresh.frame.equals(reused.frame) and fresh.errors == reused.errors and fresh.digest == reused.digest
     assert fresh.row_reasons == reused.row_reasons and (fresh.rows == reused.rows).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(min_size=1, max_size=300), cuts=st.lists(st.integers(0, 300), max_size=8),
+       sizes=st.lists(st.integers(1, 64), min_size=1, max_size=6), how=st.sampled_from(["read_buffer", "read", "readinto"]))
+def test_patched_file_masks_the_spans_however_it_is_read(tmp_path_factory, data, cuts, sizes, how):
+    """pyarrow reads through ``read_buffer``; every way of reading, in any block sizes, gives the
+    file with each span's bytes turned to '?'."""
+    path = tmp_path_factory.mktemp("patched") / "f.bin"
+    path.write_bytes(data)
+    ends = sorted({min(c, len(data)) for c in cuts})
+    spans = np.array([(a, b) for a, b in zip(ends[0::2], ends[1::2], strict=False) if b > a], np.int64).reshape(-1, 2)
+    expected = bytearray(data)
+    for a, b in spans.tolist():
+        expected[a:b] = b"?" * (b - a)
+    got, f, k = bytearray(), PatchedFile(path, spans), 0
+    while True:
+        size = sizes[k % len(sizes)]
+        k += 1
+        if how == "readinto":
+            buf = bytearray(size)
+            n = f.readinto(buf)
+            piece = bytes(buf[:n])
+        else:
+            piece = bytes(getattr(f, how)(size))
+        if not piece:
+            break
+        got += piece
+    f.close()
+    assert bytes(got) == bytes(expected)
+
+
+def test_jsonl_with_invalid_utf8_reads_the_same_in_small_blocks(tmp_path, monkeypatch):
+    """Invalid bytes in many blocks (each patched as pyarrow reads it) give the same rows and
+    reasons as one block."""
+    import tasks.data.readers as readers
+
+    rows = [json.dumps({"prompt": f"p{i}", "response_a": f"a{i} " * 20, "response_b": f"b{i}", "choice": "a"})
+            .encode() for i in range(3000)]
+    for i in range(0, 3000, 97):
+        rows[i] = rows[i].replace(b'"b%d"' % i, b'"b%d \xff\xfe"' % i)
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    whole = read_source(str(path))
+    monkeypatch.setattr(readers, "JSON_BLOCK_BITS", 14)  # 16 KiB: ~20 blocks
+    blocks = read_source(str(path))
+    pd.testing.assert_frame_equal(whole.frame, blocks.frame)
+    assert whole.row_reasons == blocks.row_reasons and len(whole.row_reasons) == 31
+    assert set(map(tuple, whole.row_reasons.values())) == {("invalid_utf8:response_b",)}

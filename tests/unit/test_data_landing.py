@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from tasks.data.handoff import read_validated_frame
 from tasks.data.landing import Ledger, ingest
 from tasks.data.report import ingest_command
 from tasks.data.settings import IngestSettings, SourceSettings
@@ -35,10 +36,10 @@ def test_each_landing_file_is_ingested_once(tmp_path):
     settings = IngestSettings(landing_dir=str(landing))
     first = ingest(settings, out)
     assert first.new_data and first.report["rows_in"] == 8 and len(first.sources) == 2
-    assert len(pd.read_parquet(first.validated["pairwise"])) == 8
+    assert len(read_validated_frame(first.validated["pairwise"])) == 8
     second = ingest(settings, out)
     assert not second.new_data and second.sources == [] and sorted(second.skipped) == sorted(first.sources)
-    assert len(list((out / "validated" / "pairwise").glob("*.parquet"))) == 1
+    assert len(list((out / "validated" / "pairwise").glob("*.arrow"))) == 1
     _write(landing / "three.jsonl", _pairwise(2, start=20))
     third = ingest(settings, out)
     assert third.sources == [str(landing / "three.jsonl")] and third.report["rows_in"] == 2

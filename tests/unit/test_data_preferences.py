@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tasks.data.landing import ingest
@@ -216,9 +218,7 @@ def test_demonstration_fallback_card_and_empty_build(tmp_path):
         build_preferences(tmp_path / "nothing-validated", tmp_path / "none")
 
 
-def test_validated_hand_off_is_uncompressed_and_its_source_digest_follows_content(tmp_path):
-    import pyarrow.parquet as pq
-
+def test_validated_hand_off_is_arrow_ipc_and_its_source_digest_follows_content(tmp_path):
     rows = simulate_annotators(n_items=40, seed=4)
     landing = tmp_path / "landing"
     landing.mkdir()
@@ -235,8 +235,28 @@ def test_validated_hand_off_is_uncompressed_and_its_source_digest_follows_conten
     a, b, c = builds
     assert a.source_digest == b.source_digest and a.digest == b.digest
     assert c.source_digest != a.source_digest
-    for path in (tmp_path / "store1" / "validated").rglob("*.parquet"):
-        meta = pq.ParquetFile(path).metadata
-        codecs = {meta.row_group(g).column(i).compression for g in range(meta.num_row_groups)
-                  for i in range(meta.num_columns)}
-        assert codecs == {"UNCOMPRESSED"}, codecs
+    files = list((tmp_path / "store1" / "validated").rglob("*.arrow"))
+    assert files and all(p.read_bytes()[:6] == b"ARROW1" for p in files)  # IPC files, memory-mappable
+
+
+def test_stores_with_parquet_validated_files_still_build_the_same(tmp_path):
+    """A store an older version wrote (``validated/<kind>/<batch>.parquet``) builds the same
+    dataset; re-ingesting that batch replaces its Parquet file instead of doubling its rows."""
+    rows = [{"prompt": f"p{i % 3}", "response_a": f"a{i}", "response_b": f"b{i}", "choice": "ab"[i % 2],
+             "annotator_id": f"ann{i % 4}"} for i in range(24)]
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = IngestSettings(landing_dir=str(landing), ledger_path=str(tmp_path / "ledger.jsonl"))
+    result = ingest(settings, tmp_path / "store", commit=False)
+    arrow = Path(result.validated["pairwise"])
+    current = build_preferences(tmp_path / "store" / "validated", tmp_path / "ds-arrow", PreferenceSettings())
+    old = arrow.with_suffix(".parquet")
+    pq.write_table(pa.ipc.open_file(pa.memory_map(str(arrow))).read_all(), old)
+    arrow.unlink()
+    older = build_preferences(tmp_path / "store" / "validated", tmp_path / "ds-parquet", PreferenceSettings())
+    assert older.digest == current.digest and older.counts == current.counts
+    ingest(settings, tmp_path / "store")  # the same batch again, now as IPC
+    assert arrow.exists() and not old.exists()
+    again = build_preferences(tmp_path / "store" / "validated", tmp_path / "ds-again", PreferenceSettings())
+    assert again.digest == current.digest and again.counts == current.counts
