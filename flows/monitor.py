@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks import tracking
 from tasks.config import load_pipeline_config
+from tasks.data.handoff import read_validated_frame
 from tasks.data.landing import ledger_for, pending_sources, read_and_validate
 from tasks.data.preferences import validated_files
 from tasks.evaluation.drift import monitor_batch
@@ -63,7 +64,7 @@ def monitor_feedback(config: str | None = None, overrides: list[str] | None = No
     if kind is None or not reference_files:
         logger.info("No reference feedback of kind %s yet (first batch): nothing to compare.", kind)
         return None
-    reference = pd.concat([pd.read_parquet(p) for p in reference_files], ignore_index=True)
+    reference = pd.concat([read_validated_frame(p) for p in reference_files], ignore_index=True)
     report = monitor_batch(new[kind], reference, cfg.monitor, _reward_scorer(cfg), seed=cfg.pipeline.seed)
     experiment_id = tracking.configure(cfg.home, cfg.pipeline.name)
     run_id = tracking.start_parent_run(experiment_id, "monitor", {"alignflow.stage": "monitor",

@@ -42,4 +42,4 @@ def test_freed_buffers_stay_in_the_heap_inside_and_are_returned_after():
     after = _mallinfo()
     assert after.fordblks < size and after.arena < inside.arena - size // 2  # given back on leaving
     buffer = np.ones(size, np.uint8)
-    assert _mallinfo().hblkhd >= after.hblkhd + size  # defaults again
+    assert _mallinfo().hblkhd >= after.hblkhd + size and buffer.nbytes == size  # defaults again
