@@ -199,9 +199,10 @@ def _probe_schema(path: Path, scan: TextScan) -> pa.Schema | None:
     return pa.schema(pinned)
 
 
-JSON_BLOCK_BITS = 23
-"""log2 of the smallest JSON block: 1 MiB blocks made the reader's per-block buffers churn
-(2.8 s, 3.6 s of it in the kernel, for 489 MiB; 8 MiB: 0.7-0.9 s, same peak memory)."""
+JSON_BLOCK_BITS = 22
+"""log2 of the smallest JSON block. For a 489 MiB file (424 MiB as Arrow), 1 MiB blocks made
+the reader's per-block buffers churn: 1.4-2.9 s, most of it in the kernel; 4 MiB: 0.7-1.0 s
+and 570-590 MiB of fresh pages; 8 MiB: 0.8-0.9 s, 640 MiB; 16-32 MiB: 1.1-1.6 s, 720-890 MiB."""
 
 
 def _read_arrow_json(path: Path, scan: TextScan) -> pa.Table | None:
