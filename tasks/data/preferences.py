@@ -176,15 +176,12 @@ def _write_table(out: Path, stem: str, slicer: Slicer, n: int, split: np.ndarray
             writers[name] = pq.ParquetWriter(path, first.schema, **options)
         split_writers = {name: writers[name] for name in SPLITS}
         pending: list[Future] = []
-        part: pa.Table | None = first
-        for start in range(0, max(n, 1), rows):
-            part = part if part is not None else slicer(start, min(start + rows, n))
+        for start in range(0, n, rows):
+            part = first if start == 0 else slicer(start, min(start + rows, n))
             for future in pending:  # one slice in flight bounds the memory
                 future.result()
-            if part.num_rows:
-                pending = [pool.submit(writers["all"].write_table, part),
-                           pool.submit(_write_split_parts, split_writers, part, split[start:start + rows])]
-            part = None
+            pending = [pool.submit(writers["all"].write_table, part),
+                       pool.submit(_write_split_parts, split_writers, part, split[start:start + rows])]
         for future in pending:
             future.result()
     finally:
