@@ -28,8 +28,8 @@ import pandas as pd
 from pydantic import BaseModel, Field
 from scipy import stats
 
-from alignment import metrics as M
 from alignment.batching import decode_prompt
+from tasks.evaluation import metrics as M
 from tasks.evaluation.settings import MonitorSettings
 
 RewardScorer = Callable[[list, list[str]], Sequence[float]]
@@ -264,7 +264,7 @@ def monitor_batch(
     """Compare ``new_batch`` with ``reference_batch`` (validated feedback tables of one kind).
 
     ``tokenize`` splits text for lengths and vocabulary (default: lowercase words and
-    punctuation, :func:`alignment.metrics.word_tokens`); ``seed`` seeds the permutation tests.
+    punctuation, :func:`tasks.evaluation.metrics.word_tokens`); ``seed`` seeds the permutation tests.
     Raises ValueError when either batch is empty or has no ``prompt`` column.
     """
     for name, df in (("new_batch", new_batch), ("reference_batch", reference_batch)):

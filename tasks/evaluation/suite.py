@@ -2,7 +2,7 @@
 
 :func:`evaluate_models` samples every model on the same prompts with the same seed
 (:func:`alignment.generation.generate`), scores the samples with the reward model and the
-oracle, and computes the statistics of :mod:`alignment.metrics`. It returns the
+oracle, and computes the statistics of :mod:`tasks.evaluation.metrics`. It returns the
 :class:`~tasks.evaluation.report.EvalReport` and a samples table; logging is the caller's job.
 
 Assumptions: the three policies share the reference's tokenizer (checked: KL compares
@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from alignment import metrics as M
 from alignment.batching import (
     Truncation,
     collate_pairs,
@@ -44,6 +43,7 @@ from alignment.models import (
     load_tokenizer,
     score_responses,
 )
+from tasks.evaluation import metrics as M
 from tasks.evaluation.report import AccuracyResult, EvalReport, ModelEval, WinRateResult
 from tasks.evaluation.settings import EvalSettings
 

@@ -1,4 +1,4 @@
-"""alignment.metrics against hand computation, and the win-rate interval's coverage by simulation."""
+"""tasks.evaluation.metrics against hand computation, and the win-rate interval's coverage by simulation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from alignment import metrics as M
+from tasks.evaluation import metrics as M
 
 
 # --- win rate and its interval --------------------------------------------------------------
