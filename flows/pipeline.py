@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from tasks import tracking
 from tasks.config import PipelineConfig, load_pipeline_config, to_yaml
+from tasks.methods import method
 from tasks.records import ModelRecord, StageTiming
 from tasks.stages.data import build_preferences_task, ingest_task
 from tasks.stages.demo import demo_base_model_task, landing_is_empty, simulate_feedback_task
@@ -25,7 +26,7 @@ from tasks.stages.evaluate import evaluate_task, gate_decision
 from tasks.stages.models import base_model_record, champion_record, champion_trained_on, registered_candidate
 from tasks.stages.register import register_task
 from tasks.stages.summary import PipelineSummary, publish_summary
-from tasks.stages.train import STAGE_SECTIONS, run_train_task
+from tasks.stages.train import run_train_task
 from tasks.versioning import code_version
 
 
@@ -133,13 +134,13 @@ def alignment_pipeline(config: str | None = None, overrides: list[str] | None = 
             init, cached = run_train_task(cfg, "sft", dataset.files, dataset.digest, init, parent)
             clock.add("supervised fine-tune", "cached" if cached else "ran", t, _final(init, "eval/loss"))
         reward = None
-        if cfg.reward.enabled or cfg.pipeline.method in ("ppo", "grpo"):
+        row = method(cfg.pipeline.method)
+        if cfg.reward.enabled or row.needs_reward_model:
             t = time.monotonic()
             reward, cached = run_train_task(cfg, "reward", dataset.files, dataset.digest, base, parent)
             clock.add("reward model", "cached" if cached else "ran", t, _final(reward, "eval/accuracy"))
         t = time.monotonic()
-        dpo_family = STAGE_SECTIONS[cfg.pipeline.method] == "dpo"
-        reference = base if dpo_family and cfg.pipeline.dpo_reference == "base" else None
+        reference = base if row.implicit_reward and cfg.pipeline.dpo_reference == "base" else None
         candidate, cached = run_train_task(cfg, cfg.pipeline.method, dataset.files, dataset.digest, init, parent,
                                            reward=reward, reference=reference)
         clock.add(f"fine-tune ({cfg.pipeline.method})", "cached" if cached else "ran", t,

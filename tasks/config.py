@@ -34,10 +34,10 @@ from alignment.config import (
 from tasks.data.settings import IngestSettings, PreferenceSettings
 from tasks.demo.settings import DemoSettings
 from tasks.evaluation.settings import EvalSettings, GateSettings, MonitorSettings
+from tasks.methods import METHOD_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
-METHODS = ("dpo", "ipo", "simpo", "ppo", "grpo")
 
 
 class PipelineSettings(StrictModel):
@@ -50,9 +50,9 @@ class PipelineSettings(StrictModel):
     Default: $ALIGNFLOW_HOME, else ./.alignflow."""
     seed: int = 0
     """Seed for every stage (recorded on every run)."""
-    method: Literal["dpo", "ipo", "simpo", "ppo", "grpo"] = "dpo"
-    """Fine-tuning method: dpo/ipo/simpo use the ``dpo`` section (loss type set by the method),
-    ppo and grpo their own sections (both use the reward model)."""
+    method: Literal[METHOD_NAMES] = "dpo"  # type: ignore[valid-type]  # the names of tasks/methods.py
+    """Fine-tuning method (a row of :mod:`tasks.methods`): dpo/ipo/simpo use the ``dpo`` section
+    (loss type set by the method), ppo and grpo their own sections (both use the reward model)."""
     init_from: Literal["base", "champion"] = "base"
     """Start each round's policy from the base model, or from the current champion (iterative,
     on-policy rounds; the champion is then also the DPO reference)."""
@@ -157,11 +157,6 @@ class PipelineConfig(StrictModel):
         data["pipeline"].pop("home", None)
         data.pop("schedule", None)
         return config_digest(data)
-
-    def section_digest(self, *names: str) -> str:
-        """Digest of some sections only, for stage cache keys."""
-        data = self.model_dump(mode="json")
-        return config_digest({n: data.get(n) for n in names})
 
 
 def load_pipeline_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:

@@ -26,6 +26,7 @@ from tasks.evaluation.gate import decide
 from tasks.evaluation.plots import plot_reward_vs_kl, plot_score_distributions, plot_training_curves
 from tasks.evaluation.report import EvalReport
 from tasks.evaluation.suite import evaluate_models
+from tasks.methods import method
 from tasks.records import ModelRecord
 from tasks.stages.data import DatasetRecord
 from tasks.versioning import digest_of, stage_cache_key
@@ -112,7 +113,8 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
         from tasks.stages.demo import heldout_prompts
 
         prompts = heldout_prompts(cfg, base) or prompts
-    beta = cfg.dpo.beta if cfg.pipeline.method in ("dpo", "ipo", "simpo") else 0.1
+    row = method(cfg.pipeline.method)
+    beta = getattr(cfg, row.section).beta if row.implicit_reward else 0.1
     out = evaluate_models(candidate.path, champion.path if champion else None, base.path, prompts, pairs,
                           reward_model=reward.path if reward else None, oracle=_oracle(cfg),
                           settings=cfg.evaluation, beta=beta, device=_device(cfg))

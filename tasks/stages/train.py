@@ -20,13 +20,9 @@ from alignment.config import RECIPE_CONFIGS, ModelSettings, TrainSettings
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.launcher import run_recipe
+from tasks.methods import method
 from tasks.records import ModelRecord
 from tasks.versioning import code_version, digest_of, stage_cache_key
-
-STAGE_SECTIONS = {"sft": "sft", "reward": "reward", "dpo": "dpo", "ipo": "dpo", "simpo": "dpo",
-                  "ppo": "ppo", "grpo": "grpo"}
-RECIPES = {"sft": "sft", "reward": "reward", "dpo": "dpo", "ipo": "dpo", "simpo": "dpo", "ppo": "ppo",
-           "grpo": "grpo"}
 
 
 def _model_settings(template: ModelSettings | None, path: str, *, keep_lora: bool) -> ModelSettings:
@@ -66,44 +62,36 @@ def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init:
     ``prompts-validation``, ``demonstrations-train``, ``demonstrations-validation``) to paths.
     Raises ValueError when a role the stage needs is missing.
     """
-    section = STAGE_SECTIONS[stage]
-    raw = getattr(cfg, section).model_dump()
+    row = method(stage)
+    raw = getattr(cfg, row.section).model_dump()
     raw.pop("enabled", None)
-    settings_cls = RECIPE_CONFIGS[RECIPES[stage]]
-    roles = {
-        "sft": ("demonstrations-train", "demonstrations-validation"),
-        "reward": ("pairs-train", "pairs-validation"),
-        "dpo": ("pairs-train", "pairs-validation"),
-        "ppo": ("prompts-train", "prompts-validation"),
-        "grpo": ("prompts-train", "prompts-validation"),
-    }[section]
-    if roles[0] not in data:
-        raise ValueError(f"stage {stage} needs the {roles[0]} file; the dataset has {sorted(data)}")
-    raw["train_path"] = data[roles[0]]
-    raw["eval_path"] = data.get(roles[1]) if _has_rows(data.get(roles[1])) else None
+    train_path, eval_path = row.files(data)
+    raw["train_path"] = train_path
+    raw["eval_path"] = eval_path if _has_rows(eval_path) else None
     raw["seed"] = cfg.pipeline.seed
-    if section == "reward":
+    if row.backbone == "reward":
         template = cfg.model.reward or cfg.model.policy
         raw["model"] = _model_settings(template, cfg.model.reward.name_or_path if cfg.model.reward else init.path,
                                        keep_lora=cfg.model.reward is not None and cfg.model.reward.lora is not None)
     else:
         raw["model"] = _model_settings(cfg.model.policy, init.path, keep_lora=True)
-    if section == "dpo":
-        if stage in ("ipo", "simpo"):
-            raw["loss_type"] = stage
+    if row.loss_type is not None:
+        raw["loss_type"] = row.loss_type
+    if row.implicit_reward:
         raw["ref_cache_dir"] = raw.get("ref_cache_dir") or str(cfg.home / "cache" / "reference-logps")
         reference = distinct_reference(init, reference)
         if reference is not None:
             raw["reference_model"] = _model_settings(cfg.model.policy, reference.path, keep_lora=False)
-    if section in ("ppo", "grpo"):
+    if row.needs_reward_model:
         if reward is None and not raw.get("reward_fn"):
-            raise ValueError(f"method {stage} needs a reward model (enable the reward stage) or {section}.reward_fn")
+            raise ValueError(f"method {stage} needs a reward model (enable the reward stage) or "
+                             f"{row.section}.reward_fn")
         if reward is not None and not raw.get("reward_fn"):
             raw["reward_model"] = reward.path
     for field in ("model", "reference_model"):
         if isinstance(raw.get(field), ModelSettings):
             raw[field] = raw[field].model_dump()
-    return RECIPES[stage], settings_cls.model_validate(raw)
+    return row.recipe, RECIPE_CONFIGS[row.recipe].model_validate(raw)
 
 
 def run_dir_for(cfg: PipelineConfig, stage: str, key: str) -> Path:
@@ -180,7 +168,7 @@ def run_train_task(cfg: PipelineConfig, stage: str, data: dict[str, str], datase
     """Call the cached training task; re-run it if a cached record's folder has vanished.
 
     Returns (record, came_from_cache)."""
-    section = getattr(cfg, STAGE_SECTIONS[stage])
+    section = getattr(cfg, method(stage).section)
     reference = distinct_reference(init, reference)
     kwargs = dict(cfg=cfg, stage=stage, data=data, dataset_digest=dataset_digest, init=init,
                   parent_run_id=parent_run_id, reward=reward, init_digest=init.digest,
