@@ -20,6 +20,7 @@ __all__ = [
     "dpo_loss",
     "simpo_loss",
     "reward_loss",
+    "kto_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
     "entropy_from_logits",
@@ -110,6 +111,67 @@ def reward_loss(
     if center_coef:
         losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2
     return losses
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    policy_kl_logps: torch.Tensor | None = None,
+    ref_kl_logps: torch.Tensor | None = None,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kahneman–Tversky optimisation (Ethayarajh et al. 2024, arXiv:2402.01306) on unpaired responses, per example.
+
+    Each example is one response y to a prompt x with a label: desirable (``labels`` true) or
+    undesirable. With the implied reward r = log pi(y|x) - log pi_ref(y|x) (summed log-probs)
+    and the reference point
+
+        z0 = max(0, mean_j [log pi(y'_j|x_j) - log pi_ref(y'_j|x_j)])     (detached)
+
+    estimated on *mismatched* pairs (x_j, y'_j): prompts paired with another example's response,
+    so z0 estimates KL(pi || pi_ref) without a sample from pi (the paper's batch estimate; TRL
+    shifts completions by one within the batch),
+
+        desirable:    loss = lambda_D * (1 - sigma(beta * (r - z0)))
+        undesirable:  loss = lambda_U * (1 - sigma(beta * (z0 - r)))
+
+    i.e. lambda_y - v(x, y) of the paper's value function. ``lambda_D``/``lambda_U`` are
+    ``desirable_weight``/``undesirable_weight``; the paper advises
+    lambda_D * n_D / (lambda_U * n_U) in [1, 4/3] when the two classes are unbalanced.
+    z0 carries no gradient (the paper: it only sets the saturation point) and is clamped at 0
+    because a KL is never negative, whatever the noise of its estimate. Without mismatched
+    log-probs (both ``None``) z0 = 0, which is TRL's ``apo_zero_unpaired`` loss.
+
+    Shapes: ``policy_logps``, ``ref_logps``, ``labels`` ``[B]``; the mismatched pair
+    log-probs ``[M]`` (any M >= 1, usually B). Returns ``(losses, rewards, kl)``: per-example
+    losses ``[B]`` (the caller reduces, e.g. a weighted mean), rewards beta * r ``[B]``
+    detached, and z0 (a 0-d tensor). Raises ValueError when only one of the two mismatched
+    tensors is given or the shapes disagree.
+    """
+    if (policy_kl_logps is None) != (ref_kl_logps is None):
+        raise ValueError("kto_loss: give both policy_kl_logps and ref_kl_logps, or neither")
+    if policy_logps.shape != ref_logps.shape or policy_logps.shape != labels.shape:
+        raise ValueError(f"kto_loss: policy_logps {tuple(policy_logps.shape)}, ref_logps {tuple(ref_logps.shape)} "
+                         f"and labels {tuple(labels.shape)} must have the same shape")
+    if policy_kl_logps is None:
+        kl = torch.zeros((), dtype=policy_logps.dtype, device=policy_logps.device)
+    else:
+        if policy_kl_logps.shape != ref_kl_logps.shape or policy_kl_logps.numel() == 0:
+            raise ValueError(f"kto_loss: policy_kl_logps {tuple(policy_kl_logps.shape)} and ref_kl_logps "
+                             f"{tuple(ref_kl_logps.shape)} must have the same non-empty shape")
+        kl = (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    logratio = policy_logps - ref_logps
+    desirable = labels.to(torch.bool)
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1.0 - torch.sigmoid(beta * (logratio - kl))),
+        undesirable_weight * (1.0 - torch.sigmoid(beta * (kl - logratio))),
+    )
+    return losses, beta * logratio.detach(), kl
 
 
 def ppo_policy_loss(
