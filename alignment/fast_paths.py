@@ -38,7 +38,7 @@ from transformers import AttentionInterface
 log = logging.getLogger(__name__)
 
 __all__ = ["VARLEN_ATTENTION", "attention_implementation", "compile_layers", "repeated_blocks", "sdpa_backends",
-           "set_causal_padding", "set_varlen_attention", "varlen_attention"]
+           "set_causal_padding", "set_varlen_attention", "usable_fast_paths", "varlen_attention"]
 
 VARLEN_ATTENTION = "alignflow_varlen"
 
@@ -75,6 +75,34 @@ def compile_layers(module: nn.Module, *, dynamic: bool = True) -> nn.Module:
     if not blocks:
         return torch.compile(module, dynamic=dynamic)
     return module
+
+
+def usable_fast_paths(compile: bool, varlen: bool, device: torch.device | str,
+                      compute_dtype: torch.dtype) -> tuple[bool, bool, list[str]]:
+    """``(compile, varlen, notes)``: the GPU fast paths asked for that can work on ``device``.
+
+    Why: ``compile`` on a CPU spends many minutes in inductor before the first step (and with
+    varlen attention in fp32 it fails inside inductor), so a GPU config run on a CPU would sit
+    silently; the varlen flash kernel needs CUDA and bf16/fp16 activations (``compute_dtype``:
+    the autocast dtype, else the weights'). Each switch turned off gets one sentence in
+    ``notes`` naming the field, for the caller to log. The config itself is not changed, so a
+    checkpoint written on one device resumes on another.
+    """
+    notes = []
+    on_cuda = torch.device(device).type == "cuda"
+    if compile and not on_cuda:
+        notes.append(f"compile: off on {torch.device(device).type} (a GPU fast path: compiling on a CPU takes "
+                     "minutes before the first step and rarely pays off)")
+        compile = False
+    if varlen and not on_cuda:
+        notes.append(f"varlen_attention: off on {torch.device(device).type} (a GPU fast path: packed rows use "
+                     "the block-diagonal mask instead, same results)")
+        varlen = False
+    elif varlen and compute_dtype not in (torch.float16, torch.bfloat16):
+        notes.append(f"varlen_attention: off (the flash kernel needs bf16 or fp16 and this run computes in "
+                     f"{compute_dtype}; set precision: bf16 to use it)")
+        varlen = False
+    return compile, varlen, notes
 
 
 def sdpa_backends(allow_cudnn: bool = False):

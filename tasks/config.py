@@ -67,6 +67,10 @@ class PipelineSettings(StrictModel):
     """An accelerate config file (e.g. infra/accelerate/fsdp.yaml) for multi-process training."""
     stage_timeout_s: int = Field(6 * 3600, gt=0)
     """Wall-clock limit of one training process; past it the process group is killed."""
+    stall_warning_s: int | None = Field(600, gt=0)
+    """Log a warning naming the stage each time a training process goes this long without a
+    step (no new line in its metrics.jsonl), so a slow or stuck stage never sits silently;
+    it keeps running (``stage_timeout_s`` stops it). None: no warning."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where training and evaluation run (auto: CUDA when available)."""
 

@@ -12,6 +12,7 @@ a crash finds the recipe's checkpoints there and the recipe resumes from the new
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -42,6 +43,62 @@ class TrainingFailed(RuntimeError):
 
 class TrainingTimeout(TimeoutError):
     """The training process ran past its wall-clock limit and was killed."""
+
+
+def _stage_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task (the UI shows it), else this module's."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - no Prefect run context (library use, tests)
+        return logging.getLogger(__name__)
+
+
+class StallWatch:
+    """Says when a training process makes no progress: a warning each time ``after_s`` passes
+    with no new line in its ``metrics.jsonl`` (a step or an evaluation), naming the stage and
+    the seconds since the last step (or since the start, before the first one).
+
+    Why: a process can sit for many minutes before its first step (loading a large model,
+    precomputing reference log-probs, compiling) or stop advancing; without a message a
+    user cannot tell either from a hang. It only warns: ``stage_timeout_s`` stops work.
+    """
+
+    def __init__(self, metrics_path: Path, stage: str, after_s: float | None, log_path: Path | None = None,
+                 clock=time.monotonic):
+        self.path, self.stage, self.after_s, self.log_path, self.clock = metrics_path, stage, after_s, log_path, clock
+        self.started = self.last_progress = self.last_warning = clock()
+        self.size = self._size()
+        self.steps_seen = self.size > 0  # a resumed run's file already holds steps
+        self.warnings: list[str] = []
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def check(self) -> str | None:
+        """Call periodically; returns (and logs) the warning when one is due, else None."""
+        if not self.after_s:
+            return None
+        now, size = self.clock(), self._size()
+        if size != self.size:
+            self.size, self.last_progress, self.last_warning = size, now, now
+            self.steps_seen = True
+            return None
+        if now - self.last_warning < self.after_s:
+            return None
+        self.last_warning = now
+        quiet = now - self.last_progress
+        since = "since its last step" if self.steps_seen else "since it started, none yet"
+        message = (f"stage {self.stage}: no training step for {quiet:.0f} s ({since}); it is still running"
+                   + (f", log: {self.log_path}" if self.log_path else "")
+                   + " (warning after pipeline.stall_warning_s)")
+        self.warnings.append(message)
+        _stage_logger().warning(message)
+        return message
 
 
 def build_command(recipe: str, config_path: Path, processes: int = 1,
@@ -120,12 +177,15 @@ def run_recipe(
     timeout_s: float = 6 * 3600,
     description: str | None = None,
     extra_env: dict[str, str] | None = None,
+    stall_warning_s: float | None = None,
 ) -> dict[str, Any]:
     """Run ``recipe`` with ``settings`` in a child process; return its ``summary.json``.
 
     ``settings.output_dir`` is set to ``run_dir``. Raises :class:`TrainingFailed` (non-zero
     exit, with the log's tail) or :class:`TrainingTimeout`. Interrupting the caller kills the
-    child process group.
+    child process group. With ``stall_warning_s``, a warning naming the stage and the seconds
+    since the last step is logged each time that long passes without a new line in
+    ``metrics.jsonl`` (:class:`StallWatch`); the process keeps running.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,8 +218,10 @@ def run_recipe(
                                 preexec_fn=_die_with_parent)
         if streamer:
             streamer.start()
+        watch = StallWatch(run_dir / "metrics.jsonl", description or recipe, stall_warning_s, log_path)
         try:
             while proc.poll() is None:
+                watch.check()
                 if time.monotonic() - start > timeout_s:
                     _kill_group(proc)
                     raise TrainingTimeout(f"{recipe} training ran past {timeout_s:.0f} s and was stopped; "

@@ -85,7 +85,13 @@ from torch import nn
 
 from alignment.batching import ExampleSet, LengthGroupedSampler, Truncation, to_device
 from alignment.config import ConfigError, TrainSettings, config_diff
-from alignment.fast_paths import compile_layers, sdpa_backends, set_causal_padding, set_varlen_attention
+from alignment.fast_paths import (
+    compile_layers,
+    sdpa_backends,
+    set_causal_padding,
+    set_varlen_attention,
+    usable_fast_paths,
+)
 from alignment.logprobs import check_finite
 from alignment.models import is_peft, packing_supported, save_model_folder, shared_prompt_supported
 from alignment.recipes.pending import PendingStep
@@ -101,6 +107,7 @@ RESUME_IGNORED_FIELDS = frozenset({"output_dir", "resume", "num_workers", "log_e
 """Config fields that may change between a run and its resumption (they do not change the math)."""
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ResumeConfigError(ConfigError):
@@ -254,9 +261,15 @@ class Recipe(ABC):
         )
         if cfg.causal_padding and not self.packing:
             set_causal_padding(self.train_module, True)
-        if cfg.varlen_attention and self.packing:
+        weights_dtype = next(self.train_module.parameters()).dtype
+        use_compile, use_varlen, notes = usable_fast_paths(
+            cfg.compile, cfg.varlen_attention and self.packing, self.device,
+            _AUTOCAST_DTYPES.get(cfg.precision) or weights_dtype)
+        for note in notes:
+            log.warning(note)
+        if use_varlen:
             set_varlen_attention(self.train_module, True)
-        if cfg.compile:
+        if use_compile:
             self.train_module = compile_layers(self.train_module)
         self.train_module, self.optimizer = acc.prepare(self.train_module, self.optimizer)
         self.on_prepared()

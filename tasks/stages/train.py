@@ -3,9 +3,9 @@ GRPO). Each builds its recipe config from the pipeline config and upstream recor
 recipe in its own process (:func:`tasks.launcher.run_recipe`), streams metrics into a child
 MLflow run, and returns a :class:`~tasks.records.ModelRecord`.
 
-Caching: the key hashes the dataset digest, the starting model's digest, the stage's config
-section and the code version of ``alignment/`` (:func:`tasks.versioning.stage_cache_key`).
-The run folder is named by that key, so a crashed run resumes from its last checkpoint.
+Caching: the key (:func:`train_key`) hashes the dataset digest, the starting model's digest,
+the recipe settings and the code version of ``alignment/``. The run folder is named by the
+same key, so a crashed run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 from prefect.concurrency.sync import concurrency
 
 from alignment.config import RECIPE_CONFIGS, ModelSettings, TrainSettings
@@ -22,7 +21,8 @@ from tasks.config import PipelineConfig
 from tasks.launcher import run_recipe
 from tasks.methods import method
 from tasks.records import ModelRecord
-from tasks.versioning import code_version, digest_of, stage_cache_key
+from tasks.stages.cached import cached_stage
+from tasks.versioning import code_version, digest_of
 
 
 def _model_settings(template: ModelSettings | None, path: str, *, keep_lora: bool) -> ModelSettings:
@@ -108,31 +108,43 @@ def _final_paths(run_dir: Path) -> tuple[str, str | None]:
     return str(final), None
 
 
+def train_key(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
+              reward: ModelRecord | None = None, reference: ModelRecord | None = None, **_: Any) -> str:
+    """A training stage's key: its run folder's name and its Prefect cache key.
+
+    Hashes the stage, the dataset and upstream models' digests, the recipe settings but the
+    paths that follow from them, and the code version of ``alignment/``."""
+    _, settings = recipe_settings(cfg, stage, data, init, reward, reference)
+    reference = distinct_reference(init, reference)
+    return digest_of(stage, dataset_digest, init.digest, reward.digest if reward else None,
+                     *([reference.digest] if reference else []),  # absent: keys of runs without one stay valid
+                     settings.model_dump(mode="json", exclude={"output_dir", "train_path", "eval_path", "model"}),
+                     settings.model.model_dump(mode="json", exclude={"name_or_path"}) if settings.model else None,
+                     code_version())
+
+
 def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
                 parent_run_id: str | None, reward: ModelRecord | None = None,
                 reference: ModelRecord | None = None) -> ModelRecord:
     """Run one training stage end to end (also used without Prefect, e.g. from tests)."""
     recipe, settings = recipe_settings(cfg, stage, data, init, reward, reference)
-    reference = distinct_reference(init, reference)
-    key = digest_of(stage, dataset_digest, init.digest, reward.digest if reward else None,
-                    *([reference.digest] if reference else []),  # absent: keys of runs without one stay valid
-                    settings.model_dump(mode="json", exclude={"output_dir", "train_path", "eval_path", "model"}),
-                    settings.model.model_dump(mode="json", exclude={"name_or_path"}) if settings.model else None,
-                    code_version())
+    key = train_key(cfg, stage, data, dataset_digest, init, reward, reference)
     run_dir = run_dir_for(cfg, stage, key)
     tags = {"alignflow.dataset_digest": dataset_digest, "alignflow.init_digest": init.digest,
             "alignflow.code_version": code_version(), "alignflow.config_digest": cfg.digest()}
     if parent_run_id is None:
         summary = run_recipe(recipe, settings, run_dir, processes=cfg.pipeline.processes,
                              accelerate_config=cfg.pipeline.accelerate_config,
-                             timeout_s=cfg.pipeline.stage_timeout_s, description=stage)
+                             timeout_s=cfg.pipeline.stage_timeout_s,
+                             stall_warning_s=cfg.pipeline.stall_warning_s, description=stage)
         run_id = None
     else:
         with tracking.child_run(parent_run_id, stage, tags) as run_id:
             tracking.log_params(run_id, tracking.flatten(settings.model_dump(mode="json")))
             summary = run_recipe(recipe, settings, run_dir, mlflow_run_id=run_id,
                                  processes=cfg.pipeline.processes, accelerate_config=cfg.pipeline.accelerate_config,
-                                 timeout_s=cfg.pipeline.stage_timeout_s, description=f"train {stage}")
+                                 timeout_s=cfg.pipeline.stage_timeout_s,
+                                 stall_warning_s=cfg.pipeline.stall_warning_s, description=f"train {stage}")
             final_metrics = {f"final/{k}": v for k, v in (summary.get("metrics") or summary).items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
             tracking.log_metrics(run_id, final_metrics, step=int(summary.get("step", 0) or 0))
@@ -144,40 +156,15 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
                        base=init.path, summary=summary)
 
 
-def _key_inputs() -> Any:
-    return stage_cache_key("stage", "dataset_digest", "init_digest", "reward_digest", "reference_digest",
-                           "settings_digest")
-
-
-@task(name="train", cache_key_fn=_key_inputs(), persist_result=True, task_run_name="train-{stage}")
-def train_task(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
-               parent_run_id: str | None, reward: ModelRecord | None = None, init_digest: str = "",
-               reward_digest: str | None = None, settings_digest: str = "", reference: ModelRecord | None = None,
-               reference_digest: str | None = None) -> ModelRecord:
-    """Prefect wrapper of :func:`train_stage`; the ``*_digest`` arguments exist for the cache key.
-
-    Holds ``pipeline.processes`` slots of the global concurrency limit ``gpu`` while training
-    (a no-op where no such limit exists, e.g. embedded)."""
+def _train_holding_gpu(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str,
+                       init: ModelRecord, parent_run_id: str | None, reward: ModelRecord | None = None,
+                       reference: ModelRecord | None = None) -> ModelRecord:
+    """:func:`train_stage` holding ``pipeline.processes`` slots of the global concurrency limit
+    ``gpu`` (a no-op where no such limit exists, e.g. embedded)."""
     with concurrency("gpu", occupy=cfg.pipeline.processes):
         return train_stage(cfg, stage, data, dataset_digest, init, parent_run_id, reward, reference)
 
 
-def run_train_task(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
-                   parent_run_id: str | None, reward: ModelRecord | None = None,
-                   reference: ModelRecord | None = None) -> tuple[ModelRecord, bool]:
-    """Call the cached training task; re-run it if a cached record's folder has vanished.
-
-    Returns (record, came_from_cache)."""
-    section = getattr(cfg, method(stage).section)
-    reference = distinct_reference(init, reference)
-    kwargs = dict(cfg=cfg, stage=stage, data=data, dataset_digest=dataset_digest, init=init,
-                  parent_run_id=parent_run_id, reward=reward, init_digest=init.digest,
-                  reward_digest=reward.digest if reward else None, reference=reference,
-                  reference_digest=reference.digest if reference else None,
-                  settings_digest=digest_of(section, cfg.model, cfg.pipeline.seed, stage))
-    state = train_task(**kwargs, return_state=True)
-    record = state.result()
-    if not record.exists():
-        state = train_task.with_options(refresh_cache=True)(**kwargs, return_state=True)
-        record = state.result()
-    return record, state.name == "Cached"
+train_task = cached_stage("train", key=train_key, task_run_name="train-{stage}")(_train_holding_gpu)
+"""Prefect task of a training stage, cached on :func:`train_key` (run it with
+:func:`tasks.stages.cached.run_cached` and ``ModelRecord.exists``)."""
