@@ -6,12 +6,13 @@ annotators against the leave-one-out majority and applies ``annotator_action``; 
 comparisons by weighted vote, and turns thumbs and ratings into pairs within a prompt
 (:mod:`tasks.data.aggregate`); keeps one pair per prompt and response pair (explicit
 comparisons win over ratings, ratings over thumbs); drops or keeps ties; drops or down-weights
-low-agreement pairs; assigns splits by a salted hash of the prompt key (a prompt is in exactly
+low-agreement pairs; resolves the unpaired (KTO) set of single labelled responses
+(:mod:`tasks.data.unpaired`); assigns splits by a salted hash of the prompt key (a prompt is in exactly
 one split, the same one in every build); writes Parquet files (rows sorted by id, so the same
 content gives the same bytes) and the data card.
 
 The version is the content digest: sha256 over the multiset of row hashes of the pairs,
-prompts and demonstrations (texts, weights and agreement rounded to 1e-6, annotators, split):
+prompts, demonstrations and unpaired responses (texts, labels, weights and agreement rounded to 1e-6, annotators, split):
 row order and input file order do not change it; any content change does. ``source_digest``
 (a column, and in the record) identifies the validated input files instead.
 """
@@ -54,6 +55,7 @@ from tasks.data.keys import (
 )
 from tasks.data.readers import content_digest
 from tasks.data.settings import KINDS, PreferenceSettings
+from tasks.data.unpaired import UnpairedSet, unpaired_items
 from tasks.data.votes import ColumnSource, Feedback, encode_feedback
 
 SPLITS = ("train", "validation", "test")
@@ -69,7 +71,7 @@ class PreferenceBuild:
     """What a build hands on (paths, digests, counts), small enough to pass between tasks."""
 
     digest: str
-    """Content digest of pairs + prompts + demonstrations: the dataset version."""
+    """Content digest of pairs + prompts + demonstrations + unpaired: the dataset version."""
     source_digest: str
     """Digest of the validated input files."""
     out_dir: str
@@ -79,11 +81,13 @@ class PreferenceBuild:
     card_json: str
     card_md: str
     split_files: dict[str, dict[str, str]] = field(default_factory=dict)
-    """``{"pairs": {"train": path, ...}, "prompts": {...}, "demonstrations": {...}}``."""
+    """``{"pairs": {"train": path, ...}, "prompts": {...}, "demonstrations": {...}, "unpaired": {...}}``."""
     digests: dict[str, str] = field(default_factory=dict)
-    """Digest of each table (pairs, prompts, demonstrations)."""
+    """Digest of each table (pairs, prompts, demonstrations, unpaired)."""
     counts: dict[str, int | str] = field(default_factory=dict)
     """Row, vote, pair, split and annotator counts (``demonstrations_from`` is a word)."""
+    unpaired: str = ""
+    """The unpaired (KTO) responses: ``prompt, is_chat, completion, label, weight, agreement, split``."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,9 +112,11 @@ def _source_digest(files: dict[str, list[Path]]) -> str:
     return h.hexdigest()[:32]
 
 
-def _resolve(fb: Feedback, stats: AnnotatorStats, settings: PreferenceSettings, counts: dict) -> PairSet:
-    """Aggregate, merge the three pair sources, then apply the tie and agreement policies."""
-    sources = [aggregate_comparisons(fb.comparisons, stats.factor),
+def _resolve(fb: Feedback, stats: AnnotatorStats, settings: PreferenceSettings, counts: dict,
+             comparisons: PairSet) -> PairSet:
+    """Merge the three pair sources (``comparisons`` already aggregated), then apply the tie and
+    agreement policies."""
+    sources = [comparisons,
                ratings_to_pairs(fb.ratings, stats.factor, settings, fb.responses.key_hash),
                thumbs_to_pairs(fb.thumbs, stats.factor, settings, fb.responses.key_hash)]
     for name, s in zip(("comparisons", "ratings", "thumbs"), sources, strict=True):
@@ -256,10 +262,34 @@ def _text_lengths(texts: pa.Array) -> np.ndarray:
     return pc.utf8_length(texts).to_numpy(zero_copy_only=False) if len(texts) else np.zeros(0, np.int64)
 
 
-def _write_outputs(out: Path, fb: Feedback, pairs: PairSet, settings: PreferenceSettings, counts: dict,
-                   prompt_chat: np.ndarray, prompt_split: np.ndarray, source_digest: str):
-    """Build and write pairs, prompts and demonstrations a slice at a time (:func:`_write_table`);
-    returns (paths, split files, digests, what the card needs)."""
+def _unpaired_output(items: UnpairedSet, fb: Feedback, prompt_chat: np.ndarray,
+                     prompt_split: np.ndarray) -> tuple[Slicer, np.ndarray, np.ndarray]:
+    """The unpaired items sorted by (prompt, response) key: a slicer of their table, row hashes, split codes."""
+    P, R = fb.prompts, fb.responses
+    order = np.argsort(mix64(P.key_hash[items.prompt], R.key_hash[items.response]), kind="stable")
+    items = items.select(order)
+    weight, agreement = np.round(items.weight, 6), np.round(items.agreement, 6)
+    split = prompt_split[items.prompt]
+    rows = mix64(P.original_hash[items.prompt], prompt_chat[items.prompt].astype(np.uint64),
+                 R.original_hash[items.response], items.label.astype(np.uint64), float_bits(weight),
+                 float_bits(agreement), split.astype(np.uint64))
+
+    def slicer(a: int, b: int) -> pa.Table:
+        return pa.table({
+            "prompt": P.originals.take(_codes(items.prompt[a:b])),
+            "is_chat": pa.array(prompt_chat[items.prompt[a:b]], pa.bool_()),
+            "completion": R.originals.take(_codes(items.response[a:b])),
+            "label": pa.array(items.label[a:b], pa.bool_()), "weight": pa.array(weight[a:b], pa.float64()),
+            "agreement": pa.array(agreement[a:b], pa.float64()), "split": _split_names(split[a:b]),
+        })
+
+    return slicer, rows, split
+
+
+def _write_outputs(out: Path, fb: Feedback, pairs: PairSet, unpaired: UnpairedSet, settings: PreferenceSettings,
+                   counts: dict, prompt_chat: np.ndarray, prompt_split: np.ndarray, source_digest: str):
+    """Build and write pairs, prompts, demonstrations and the unpaired set a slice at a time
+    (:func:`_write_table`); returns (paths, split files, digests, what the card needs)."""
     P, R = fb.prompts, fb.responses
     paths, files, digests = {}, {}, {}
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -301,6 +331,13 @@ def _write_outputs(out: Path, fb: Feedback, pairs: PairSet, settings: Preference
         paths["demonstrations"], files["demonstrations"] = _write_table(out, "demonstrations", demo_slice, len(d_prompt),
                                                                         prompt_split[d_prompt], pool)
         _count_splits(counts, "demonstrations", prompt_split[d_prompt])
+
+        u_slice, u_rows, u_split = _unpaired_output(unpaired, fb, prompt_chat, prompt_split)
+        digests["unpaired"] = digest_of_rows(u_rows, DIGEST_TAG + "/unpaired")
+        paths["unpaired"], files["unpaired"] = _write_table(out, "unpaired", u_slice, len(unpaired), u_split, pool)
+        _count_splits(counts, "unpaired", u_split)
+        counts["unpaired_desirable"] = int(unpaired.label.sum())
+        counts["unpaired_undesirable"] = int(len(unpaired) - unpaired.label.sum())
     return paths, files, digests, card_parts
 
 
@@ -322,7 +359,9 @@ def build_preferences(validated: str | Path | Mapping[str, list], out_dir: str |
     counts: dict[str, int | str] = dict(fb.counts)
     counts.update(comparisons=len(fb.comparisons.prompt), thumbs=len(fb.thumbs.prompt), ratings=len(fb.ratings.prompt))
     stats = annotator_quality(fb.comparisons, fb.thumbs, len(fb.annotators), settings, fb.ratings)
-    pairs = _resolve(fb, stats, settings, counts)
+    comparisons = aggregate_comparisons(fb.comparisons, stats.factor)
+    pairs = _resolve(fb, stats, settings, counts, comparisons)
+    unpaired = unpaired_items(fb.thumbs, fb.ratings, comparisons, stats.factor, settings, counts)
     if len(pairs) < settings.min_pairs:
         raise EmptyPreferenceDataset(
             f"{len(pairs)} preference pairs built, fewer than preferences.min_pairs={settings.min_pairs} "
@@ -331,8 +370,8 @@ def build_preferences(validated: str | Path | Mapping[str, list], out_dir: str |
     prompt_chat = pc.starts_with(P.keys, CHAT_KEY_PREFIX).to_numpy(zero_copy_only=False) if len(P) else np.zeros(0, bool)
     prompt_split = assign_splits(P.key_hash, settings.splits.train, settings.splits.validation, settings.split_salt)
     out.mkdir(parents=True, exist_ok=True)
-    paths, files, digests, card_parts = _write_outputs(out, fb, pairs, settings, counts, prompt_chat, prompt_split,
-                                                       source_digest)
+    paths, files, digests, card_parts = _write_outputs(out, fb, pairs, unpaired, settings, counts, prompt_chat,
+                                                       prompt_split, source_digest)
     digest = hashlib.sha256("".join(digests[k] for k in sorted(digests)).encode()).hexdigest()[:32]
     counts["annotators"] = len(fb.annotators)
     counts["annotators_flagged"] = int(stats.flagged.sum())
@@ -341,7 +380,7 @@ def build_preferences(validated: str | Path | Mapping[str, list], out_dir: str |
     return PreferenceBuild(digest=digest, source_digest=source_digest, out_dir=str(out), pairs=paths["pairs"],
                            prompts=paths["prompts"], demonstrations=paths["demonstrations"],
                            card_json=card_json, card_md=card_md,
-                           split_files=files, digests=digests, counts=counts)
+                           split_files=files, digests=digests, counts=counts, unpaired=paths["unpaired"])
 
 
 def load_pairs(path: str | Path, split: str | None = None):

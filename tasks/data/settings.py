@@ -132,6 +132,15 @@ class PreferenceSettings(StrictModel):
     or one-to-one in hash order (``balanced``: min(#up, #down) pairs)."""
     max_pairs_per_prompt: int | None = Field(None, gt=0)
     """Cap on rating- and binary-derived pairs per prompt (kept in hash order, deterministic)."""
+    unpaired_sources: list[Literal["binary", "rating", "comparisons"]] = ["binary", "rating", "comparisons"]
+    """What feeds the unpaired (KTO) set ``unpaired.parquet``: thumbs (each vote), ratings (a
+    response's mean score against ``rating_desirable_min``/``rating_undesirable_max``) and
+    comparisons (the chosen side of a pair votes desirable, the rejected side undesirable)."""
+    rating_desirable_min: float = 4.0
+    """Unpaired set: a response whose weighted mean rating is at least this is desirable (default for a 1-5 scale)."""
+    rating_undesirable_max: float = 2.0
+    """Unpaired set: a response whose weighted mean rating is at most this is undesirable; between the
+    two thresholds a rating says nothing about it."""
     min_agreement: float = Field(0.6, ge=0, le=1)
     """Pairs whose vote agreement (majority share) is below this are handled by ``low_agreement``."""
     low_agreement: Literal["drop", "downweight"] = "downweight"
@@ -159,3 +168,10 @@ class PreferenceSettings(StrictModel):
     """Build from the newest N ingest batches only (None: every batch so far). Iterative,
     on-policy rounds (``pipeline.init_from: champion``) use 1: pairs sampled from earlier
     policies would keep pushing the champion further from its reference."""
+
+    @model_validator(mode="after")
+    def _rating_thresholds(self) -> PreferenceSettings:
+        if self.rating_undesirable_max >= self.rating_desirable_min:
+            raise ValueError(f"rating_undesirable_max ({self.rating_undesirable_max}) must be below "
+                             f"rating_desirable_min ({self.rating_desirable_min})")
+        return self
