@@ -73,6 +73,10 @@ class PipelineSettings(StrictModel):
     it keeps running (``stage_timeout_s`` stops it). None: no warning."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where training and evaluation run (auto: CUDA when available)."""
+    lock_wait_s: float = Field(0.0, ge=0)
+    """How long a run waits for another run on the same home to finish (one writer per home,
+    :mod:`tasks.lock`) before it exits saying which process holds the home. 0: exit at once
+    (a scheduled run that finds the previous one still running skips its turn)."""
 
     @field_validator("name")
     @classmethod

@@ -55,10 +55,16 @@ class IngestSettings(StrictModel):
     """Folder where exports land. Each file (or saved-dataset folder) is ingested once, tracked
     by content digest in the ledger; a changed file counts as new. None: no landing folder."""
     ledger_path: str | None = None
-    """JSON-lines ledger of ingested content digests; None: ``<landing_dir>/.alignflow-ledger.jsonl``
-    (without a landing folder: ``ledger.jsonl`` in the ingest output folder)."""
+    """JSON-lines ledger of content digests and their state (pending, consumed, failed); None:
+    ``ledger.jsonl`` in the pipeline's own data folder, so pipelines reading one landing folder
+    each consume it for themselves."""
     landing_patterns: list[str] = ["*.jsonl", "*.json", "*.csv", "*.tsv", "*.parquet"]
     """Glob patterns of landing files (searched recursively); saved-dataset folders are always taken."""
+    landing_quiet_s: float = Field(60.0, ge=0)
+    """A landing file changed less than this many seconds ago is left for a later run unless it
+    looks complete (text ending with a newline, JSON with its closing bracket, Parquet with its
+    footer). Names starting with ``.`` or ending in ``.tmp``/``.part`` are never read: write
+    under such a name, then rename (atomic)."""
     landing_kind: Kind | None = None
     """Kind of every landing file; None detects it per file from the columns."""
     landing_layout: Layout = "auto"
