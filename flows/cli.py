@@ -23,6 +23,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS = ("run", "demo", "ingest", "promote", "rollback", "status", "serve", "monitor")
+PREFLIGHT_COMMANDS = ("run", "demo", "serve")
+"""Commands that train: their config is checked (tasks/preflight.py) before Prefect starts."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"alignflow: {err}", file=sys.stderr)
         return 2
+    if args.command in PREFLIGHT_COMMANDS:  # before Prefect starts: one line naming a bad field
+        from tasks.preflight import run_preflight
+
+        if code := run_preflight(cfg):
+            return code
     _prepare_environment(cfg.home)
     # MLflow's schema hints and type-hint advice on every logged model are noise in a run's output.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
@@ -97,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignflow: interrupted", file=sys.stderr)
         return 130
+    except ConfigError as err:  # a field found wrong mid-run (e.g. a batch larger than the split)
+        print(f"alignflow: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,8 +20,9 @@ import math
 
 from pydantic import BaseModel, Field
 
+from tasks.evaluation.metrics import wilson_interval
 from tasks.evaluation.report import EvalReport
-from tasks.evaluation.settings import GateSettings
+from tasks.evaluation.settings import EvalSettings, GateSettings
 
 
 class GateCheck(BaseModel):
@@ -59,6 +60,61 @@ def _check(rule: str, value: float | None, threshold: float | None, ok: bool, me
     return GateCheck(rule=rule, value=value, threshold=threshold, passed=bool(ok), message=message)
 
 
+def prompts_needed(rate: float, threshold: float, confidence: float, limit: int = 1_000_000) -> int | None:
+    """The fewest prompts at which a win rate of ``rate`` has its Wilson lower bound at
+    ``threshold`` or above; None when ``rate`` does not exceed the threshold (no number of
+    prompts establishes it) or more than ``limit`` would be needed."""
+    if rate <= threshold:
+        return None
+    lo, hi = 1, 1
+    while wilson_interval(rate * hi, hi, confidence)[0] < threshold:
+        lo, hi = hi, hi * 2
+        if hi > limit:
+            return None
+    while lo < hi:  # the lower bound grows with n at a fixed rate: bisect
+        mid = (lo + hi) // 2
+        if wilson_interval(rate * mid, mid, confidence)[0] >= threshold:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def decidable_note(evaluation: EvalSettings, gate: GateSettings) -> str | None:
+    """A sentence when ``evaluation.num_prompts`` is too few for the win-rate rule to ever pass
+    (even winning every prompt leaves the lower bound under ``gate.min_win_rate_lower_bound``),
+    else None. Checked before a run; the split can make the real count smaller still."""
+    n, thr, conf = evaluation.num_prompts, gate.min_win_rate_lower_bound, evaluation.confidence
+    best = wilson_interval(n, n, conf)[0]
+    if best >= thr:
+        return None
+    need = prompts_needed(1.0, thr, conf)
+    return (f"evaluation.num_prompts: {n} prompts can never pass the gate: even winning all of them gives a "
+            f"{conf:.0%} lower bound of {best:.3f}, under gate.min_win_rate_lower_bound {thr:g}; it needs at least "
+            f"{need} prompts in the test split")
+
+
+def _small_data_advice(w, thr: float) -> str:
+    """What would decide an undecided win-rate rule (its interval straddles the threshold)."""
+    units = f"{w.units} prompts"
+    best = wilson_interval(w.units, w.units, w.confidence)[0]
+    if best < thr:
+        need = prompts_needed(1.0, thr, w.confidence)
+        return (f" The evaluation set is too small to decide: with {units} even winning every one gives a lower "
+                f"bound of {best:.3f}; it takes at least {need} prompts (raise evaluation.num_prompts and give the "
+                f"test split more prompts: more feedback or a larger preferences.splits.test).")
+    if w.upper < thr:
+        return ""  # decided: the candidate is worse than required
+    need = prompts_needed(w.rate, thr, w.confidence)
+    if need is None:
+        return (f" Its observed rate {w.rate:.3f} is not above {thr:.3f}, so more prompts would not establish "
+                "the improvement.")
+    return (f" Undecided on {units}: at the observed rate {w.rate:.3f} about {need} prompts would decide it (raise "
+            f"evaluation.num_prompts and give the test split more prompts: more feedback or a larger "
+            f"preferences.splits.test). evaluation.samples_per_prompt makes each prompt's verdict less noisy but "
+            f"does not add prompts, the units of this interval.")
+
+
 def _win_rate_check(report: EvalReport, s: GateSettings, has_champion: bool) -> GateCheck:
     opponent = "champion" if has_champion else "reference"
     who = "the champion" if has_champion else "the base model (no champion yet)"
@@ -68,14 +124,25 @@ def _win_rate_check(report: EvalReport, s: GateSettings, has_champion: bool) -> 
     if w is None:
         return _check("win_rate", None, thr, False,
                       f"No win rate against {who} judged by {judge} is in the report, so the improvement is "
-                      f"unproven (is {'an oracle' if s.judge == 'oracle' else 'a reward model'} configured?).")
+                      f"unproven (is {'an oracle' if s.judge == 'oracle' else 'a reward model'} configured?)."
+                      + _empty_note(report))
     ci = f"{w.confidence:.0%} CI {w.lower:.3f}–{w.upper:.3f}, {w.wins}W/{w.ties}T/{w.losses}L over {w.units} prompts"
     ok = w.lower >= thr
     verdict = "clears" if ok else "does not clear"
-    tail = "." if ok else ", so the improvement is not established."
+    tail = "." if ok else ", so the improvement is not established." + _small_data_advice(w, thr)
+    tail += _empty_note(report)
     return _check("win_rate", w.lower, thr, ok,
                   f"Win rate against {who} judged by {judge} is {w.rate:.3f} ({ci}); its lower bound "
                   f"{w.lower:.3f} {verdict} the threshold {thr:.3f}{tail}")
+
+
+def _empty_note(report: EvalReport) -> str:
+    """How empty responses entered the win rate (see :func:`tasks.evaluation.suite.evaluate_models`)."""
+    shares = {role: getattr(report, role).length.get("empty_share", 0.0) for role in ("candidate", "champion")}
+    if not any(shares.values()):
+        return ""
+    return (f" Empty responses: candidate {_pct(shares['candidate'])}, opponent {_pct(shares['champion'])} (an "
+            "empty response loses to any other; two empty ones are no comparison and are left out).")
 
 
 def decide(report: EvalReport, settings: GateSettings, has_champion: bool) -> GateDecision:

@@ -162,7 +162,8 @@ def _model_eval(role: str, path: str, s: _Samples, kl: M.KLEstimate | None, max_
     return ModelEval(
         role=role, path=path, reward_mean=reward_mean, reward_std=reward_std, oracle_mean=oracle_mean,
         oracle_std=oracle_std, kl=None if kl is None else kl.mean, kl_se=None if kl is None else kl.se,
-        length=M.length_stats(s.gen.response_lengths.numpy(), max_new_tokens),
+        length={**M.length_stats(s.gen.response_lengths.numpy(), max_new_tokens),
+                "empty_share": float(np.mean(_empty(texts))) if len(texts) else 0.0},
         distinct_1=M.distinct_n(texts, 1), distinct_2=M.distinct_n(texts, 2),
         repetition_rate=M.repetition_rate(texts), malformed_share=M.malformed_share(texts),
         malformed_reasons=dict(reasons), perplexity=ppl, eos_share=float(s.gen.hit_eos.float().mean()),
@@ -291,14 +292,30 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
     return samples, pair_lp
 
 
+def _empty(texts: Sequence[str]) -> np.ndarray:
+    """True for each response with no visible text (nothing generated, or only whitespace)."""
+    return np.array([not t.strip() for t in texts], dtype=bool)
+
+
 def _win_rates(samples: dict[str, _Samples], settings: EvalSettings, groups: list[int]) -> list[WinRateResult]:
+    """Win rates of the candidate by each judge. Empty responses are no answer, whatever a judge
+    scores them: one empty against a non-empty response loses, and two empty responses are not a
+    comparison (left out, so they are not ties that pull the rate to one half and narrow nothing)."""
     out = []
     for judge, attr in (("reward_model", "rewards"), ("oracle", "oracle")):
         if settings.judge not in ("both", judge) or getattr(samples["candidate"], attr) is None:
             continue
         for opponent in ("champion", "reference"):
-            w = M.win_rate(getattr(samples["candidate"], attr), getattr(samples[opponent], attr),
-                           tie_margin=settings.tie_margin, confidence=settings.confidence, groups=groups)
+            a = np.array(getattr(samples["candidate"], attr), dtype=np.float64)
+            b = np.array(getattr(samples[opponent], attr), dtype=np.float64)
+            empty_a, empty_b = _empty(samples["candidate"].gen.texts), _empty(samples[opponent].gen.texts)
+            floor = min(a.min(), b.min()) - settings.tie_margin - 1.0  # below any real score: a sure loss
+            a[empty_a & ~empty_b], b[empty_b & ~empty_a] = floor, floor
+            keep = ~(empty_a & empty_b)
+            if not keep.any():
+                continue  # nothing to compare: the gate then says no win rate was measured
+            w = M.win_rate(a[keep], b[keep], tie_margin=settings.tie_margin, confidence=settings.confidence,
+                           groups=[g for g, k in zip(groups, keep, strict=True) if k])
             out.append(WinRateResult(judge=judge, opponent=opponent, **vars(w)))
     return out
 

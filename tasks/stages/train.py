@@ -20,6 +20,7 @@ from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.launcher import run_recipe
 from tasks.methods import method
+from tasks.preflight import check_batch_fits
 from tasks.records import ModelRecord
 from tasks.stages.cached import cached_stage
 from tasks.versioning import code_version, digest_of
@@ -128,6 +129,11 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
                 reference: ModelRecord | None = None) -> ModelRecord:
     """Run one training stage end to end (also used without Prefect, e.g. from tests)."""
     recipe, settings = recipe_settings(cfg, stage, data, init, reward, reference)
+    if method(stage).data != "prompts" and settings.train_path and Path(settings.train_path).is_file():
+        import pyarrow.parquet as pq
+
+        check_batch_fits(method(stage).section, settings.batch_size, cfg.pipeline.processes,
+                         pq.ParquetFile(settings.train_path).metadata.num_rows, settings.train_path)
     key = train_key(cfg, stage, data, dataset_digest, init, reward, reference)
     run_dir = run_dir_for(cfg, stage, key)
     tags = {"alignflow.dataset_digest": dataset_digest, "alignflow.init_digest": init.digest,
