@@ -206,6 +206,32 @@ class DPOConfig(TrainSettings):
     """Weight each pair's loss by its ``weight`` column when present."""
 
 
+class KTOConfig(TrainSettings):
+    """Kahneman–Tversky optimisation on unpaired responses (``prompt, is_chat, completion, label``)."""
+
+    model: ModelSettings | None = None
+    """The policy to train, also the reference's source (the pipeline fills it)."""
+    beta: float = Field(0.1, gt=0)
+    """Inverse temperature of the implied reward beta * (log pi - log pi_ref)."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """lambda_D: loss weight of desirable responses. Keep lambda_D * n_D / (lambda_U * n_U) in
+    [1, 4/3] (the paper's advice; the recipe warns outside it)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """lambda_U: loss weight of undesirable responses."""
+    kl_estimate: bool = True
+    """Estimate the reference point z0 (the policy's KL from the reference) on mismatched
+    prompt/response pairs, one extra no-grad forward per batch; False sets z0 = 0 (TRL's
+    ``apo_zero_unpaired``)."""
+    reference: Literal["copy", "adapter_disabled", "precomputed"] = "precomputed"
+    """Reference log-probs: a frozen copy; the LoRA base with the adapter off; or computed once and cached."""
+    reference_model: ModelSettings | None = None
+    """Reference model when it differs from ``model`` (default: the initial policy)."""
+    ref_cache_dir: str | None = None
+    """Where precomputed reference log-probs are cached (keyed by model, data and tokenization digests)."""
+    use_weights: bool = True
+    """Weight each response's loss by its ``weight`` column when present (down-weighted low agreement)."""
+
+
 class GenerationSettings(StrictModel):
     """Sampling for rollouts and evaluation."""
 
@@ -310,6 +336,7 @@ RECIPE_CONFIGS: dict[str, type[TrainSettings]] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
     "dpo": DPOConfig,
+    "kto": KTOConfig,
     "ppo": PPOConfig,
     "grpo": GRPOConfig,
 }

@@ -12,6 +12,7 @@ RECIPES: dict[str, str] = {
     "sft": "alignment.recipes.sft:SFTRecipe",
     "reward": "alignment.recipes.reward:RewardRecipe",
     "dpo": "alignment.recipes.dpo:DPORecipe",
+    "kto": "alignment.recipes.kto:KTORecipe",
     "ppo": "alignment.recipes.ppo:PPORecipe",
     "grpo": "alignment.recipes.grpo:GRPORecipe",
 }
