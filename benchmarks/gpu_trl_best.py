@@ -1,0 +1,404 @@
+"""Ours against TRL at its best, the reference pass counted over one epoch (issue 16, point 1).
+
+    python3 benchmarks/gpu_trl_best.py --shapes llama1b --dists hh,uniform --repeats 3 --out $OUT
+    .venv/bin/python benchmarks/gpu_trl_best.py --device cpu --shapes tiny --dists hh --repeats 1 --steps 2 --warmup 1
+
+For each shape, data distribution and family (DPO full, DPO LoRA r16 all-linear, reward model) it
+runs, in one process on one device: TRL once untimed-for-the-ratio ("cold": it builds cuDNN
+attention plans for every new padded width, which a long run amortises), then ours and TRL
+alternately ``--repeats`` times. Every run is a fresh trainer over the same rows: ``--warmup``
+steps, then ``--steps`` timed steps (device sync at each step end, as in gpu_bench.py).
+
+TRL's configuration is its best that runs here (TRL 1.16): ``precompute_ref_log_probs=True``
+(DPO), ``use_liger_kernel=True`` (Liger's RMSNorm, RoPE and SwiGLU kernels; fused linear
+cross-entropy off, as TRL forces for DPO and as the reward model's head needs), and
+``padding_free=True`` passed to DPO, where TRL 1.16 warns and falls back to padding (the reward
+trainer has no such option). A TRL run that fails with Liger is retried without it and says so.
+Ours: ``compile``, ``packing``, ``varlen_attention`` (the best configuration in RESULTS.md),
+precomputed reference.
+
+One-epoch tokens/s counts the reference pass: each token is trained once and goes through the
+reference pass once, so ``1 / (1/train + 1/ref)`` with both rates in steady state (the first
+``--warmup`` reference batches, which compile or build plans, are left out of the reference rate
+and reported apart with the other one-off costs). The reward model has no reference pass.
+
+Data: ``uniform`` is gpu_bench.make_pairs (prompt U[L/16, L/4], responses U[L/16, L-prompt-1]);
+``hh`` draws prompt and response token counts from log-normal laws with the means of Anthropic
+HH-RLHF (helpful) in Llama 2's Table 6 (arXiv:2307.09288): 251.5 tokens per example of which
+88.4 are the response, so 163.1 for the prompt with its earlier turns; the spread (sigma 0.8 of
+the log) is an assumption, not a published figure. Token counts are clipped to L/2 (prompt) and
+L - prompt - 1 (response); the clipped share is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.gpu_bench import (  # noqa: E402
+    PEAK_DATASHEET,
+    SHAPES,
+    _trl_common,
+    build_shape,
+    ceilings,
+    make_pairs,
+    make_recipe,
+    n_params,
+    peak_gib,
+    rate,
+    reset_accelerate,
+    reset_memory,
+    sync,
+    tokenizer_dir,
+    words,
+    write_rows,
+)
+
+DISTS = {"hh": {"prompt_mean": 251.5 - 88.4, "response_mean": 88.4, "sigma": 0.8}}
+"""Log-normal token-count laws: the means from Llama 2's Table 6 (Anthropic Helpful), sigma assumed."""
+PAIRS = {("hh", "qwen0.5b"): 16, ("hh", "llama1b"): 8, ("hh", "tiny"): 4}
+"""Pairs per step on the real-length data: about the tokens per step of the uniform data's
+settings (SHAPES' pairs), within TRL's memory on an 80 GB card (it pads every batch to its longest)."""
+FAMILIES = ("dpo", "dpo_lora", "rm")
+LIGER_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2")
+
+
+def lognormal(rng: random.Random, mean: float, sigma: float) -> int:
+    """A token count >= 1 from the log-normal law of this mean and log-sigma."""
+    return max(1, round(rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma)))
+
+
+def real_pairs(n: int, seq: int, vocab: int, law: dict, seed: int = 0) -> tuple[list[dict], dict]:
+    """Rows with prompt/response lengths from ``law`` (clipped to fit ``seq``) and their statistics."""
+    rng = random.Random(seed)
+    rows, clipped, lens = [], 0, {"prompt": [], "response": []}
+    for _ in range(n):
+        p0 = lognormal(rng, law["prompt_mean"], law["sigma"])
+        p = min(p0, seq // 2)
+        c0, r0 = (lognormal(rng, law["response_mean"], law["sigma"]) for _ in range(2))
+        c, r = min(c0, seq - p - 1), min(r0, seq - p - 1)
+        clipped += (p != p0) + (c != c0) + (r != r0)
+        lens["prompt"].append(p)
+        lens["response"] += [c, r]
+        rows.append({"prompt": words(rng, p, vocab), "is_chat": False, "chosen": " " + words(rng, c, vocab),
+                     "rejected": " " + words(rng, r, vocab), "weight": 1.0})
+    stats = {k: {"mean": sum(v) / len(v), "max": max(v)} for k, v in lens.items()}
+    stats["clipped_share"] = clipped / (3 * n)
+    return rows, stats
+
+
+# ---------------------------------------------------------------------------- ours
+def run_ours(family: str, folder: Path, data: Path, args, *, pairs: int, seq: int) -> dict:
+    """Our recipe (best GPU configuration) for warmup + steps steps; steady reference rate per batch."""
+    device = args.device_t
+    gpu = device.type == "cuda"
+    extra = {"varlen_attention": gpu, "max_prompt_length": seq // 2}
+    run = make_recipe("reward" if family == "rm" else "dpo", folder, data, args, pairs=pairs, seq=seq,
+                      lora=family == "dpo_lora", compile=gpu, packing=True, extra=extra)
+    stamps: list[tuple[float, float]] = []
+    ref_calls: list[float] = []
+    run.callbacks.append(lambda rec: rec["phase"] == "train" and stamps.append((time.perf_counter(), run.tokens_seen)))
+    if hasattr(run, "_reference_logps"):
+        inner = run._reference_logps
+
+        def timed_ref(batch, module=None):
+            sync(device)
+            t0 = time.perf_counter()
+            out = inner(batch, module)
+            sync(device)
+            ref_calls.append(time.perf_counter() - t0)
+            return out
+
+        run._reference_logps = timed_ref
+    reset_memory(device)
+    started = time.perf_counter()
+    try:
+        run.setup()
+        setup_s = time.perf_counter() - started
+        run.train()
+        lengths = run.train_set.lengths
+    finally:
+        run.cleanup()
+    tps, step_s, steps = rate(stamps, args.warmup)
+    out = {"tokens_per_s": tps, "step_s": step_s, "timed_steps": steps, "setup_s": setup_s,
+           "peak_gib": peak_gib(device), "tokens_per_step": (stamps[-1][1] - stamps[args.warmup - 1][1]) / steps}
+    if ref_calls and family != "rm":
+        per_call = [sum(lengths[i:i + pairs]) for i in range(0, len(lengths), pairs)][:len(ref_calls)]
+        out.update(reference_rate(per_call, ref_calls, args.warmup))
+    return out
+
+
+def reference_rate(tokens: list[int], seconds: list[float], skip: int) -> dict:
+    """Steady reference-pass tokens/s (batches after the first ``skip``) and the one-off rest."""
+    skip = min(skip, len(seconds) - 1)
+    steady = sum(tokens[skip:]) / sum(seconds[skip:])
+    return {"ref_tokens_per_s": steady, "ref_tokens": sum(tokens), "ref_batches": len(seconds), "ref_total_s": sum(seconds),
+            "ref_first_batches_s": sum(seconds[:skip])}
+
+
+# ---------------------------------------------------------------------------- TRL
+class LigerGlobals:
+    """Liger patches module globals (RoPE function, RMSNorm/MLP classes) process-wide: put them back."""
+
+    def __enter__(self):
+        import importlib
+
+        self.saved = {name: dict(vars(importlib.import_module(name))) for name in LIGER_MODULES}
+        return self
+
+    def __exit__(self, *exc):
+        import importlib
+
+        for name, before in self.saved.items():
+            module = importlib.import_module(name)
+            for key, value in before.items():
+                if vars(module).get(key) is not value:
+                    setattr(module, key, value)
+
+
+def run_trl(family: str, folder: Path, rows: list[dict], args, *, pairs: int, seq: int, best: bool = True,
+            liger: bool = True) -> dict:
+    """TRL 1.16 DPOTrainer / RewardTrainer at its best settings (``best``) or its defaults."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    device = args.device_t
+    stamps: list[tuple[float, float]] = []
+    ref_calls: list[tuple[float, int]] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            sync(device)
+            stamps.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    frame = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(folder))
+    lora = family == "dpo_lora"
+    peft_config = (LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                              task_type="CAUSAL_LM") if lora else None)
+    common = _trl_common(args, pairs, seq, args.work)
+    if best and liger:
+        common |= {"use_liger_kernel": True, "liger_kernel_config": {"fused_linear_cross_entropy": False}}
+    original = DPOTrainer.compute_ref_log_probs
+
+    def timed_ref(self, model, inputs):
+        sync(device)
+        t0 = time.perf_counter()
+        out = original(self, model, inputs)
+        sync(device)
+        ref_calls.append((time.perf_counter() - t0, int(inputs["attention_mask"].sum())))
+        return out
+
+    reset_memory(device)
+    started = time.perf_counter()
+    caught: list[str] = []
+    with LigerGlobals(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            if family == "rm":
+                model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
+                model.config.pad_token_id = tok.pad_token_id
+                trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=frame,
+                                        processing_class=tok, callbacks=[Stamp()])
+            else:
+                dpo = {"padding_free": True, "precompute_ref_log_probs": True} if best else {}
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+                DPOTrainer.compute_ref_log_probs = timed_ref
+                trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common, **dpo), train_dataset=frame,
+                                     processing_class=tok, peft_config=peft_config, callbacks=[Stamp()])
+            setup_s = time.perf_counter() - started
+            trainer.train()
+            padding_free_ran = getattr(trainer, "padding_free", None)
+        finally:
+            DPOTrainer.compute_ref_log_probs = original
+            caught = sorted({str(w.message)[:160] for w in seen if "liger" in str(w.message).lower()
+                             or "padding_free" in str(w.message)})
+            if "trainer" in locals():
+                trainer.accelerator.free_memory()
+                del trainer
+    tps, step_s, steps = rate(stamps, args.warmup)
+    out = {"tokens_per_s": tps, "step_s": step_s, "timed_steps": steps, "setup_s": setup_s,
+           "peak_gib": peak_gib(device), "tokens_per_step": (stamps[-1][1] - stamps[args.warmup - 1][1]) / steps,
+           "liger": best and liger, "padding_free_ran": padding_free_ran, "trl_warnings": caught}
+    if ref_calls:
+        out.update(reference_rate([n for _, n in ref_calls], [t for t, _ in ref_calls], args.warmup))
+    return out
+
+
+def trl_best(family, folder, rows, args, *, pairs, seq) -> dict:
+    """TRL at its best; if Liger fails here, the same without Liger (the error recorded)."""
+    try:
+        return run_trl(family, folder, rows, args, pairs=pairs, seq=seq)
+    except Exception as err:  # noqa: BLE001 - recorded; the comparison goes on without Liger
+        traceback.print_exc()
+        reset_accelerate()
+        out = run_trl(family, folder, rows, args, pairs=pairs, seq=seq, liger=False)
+        out["liger_error"] = f"{type(err).__name__}: {err}"[:300]
+        return out
+
+
+# ---------------------------------------------------------------------------- driver
+def epoch_rate(r: dict) -> float:
+    """Tokens/s over one epoch: training plus, where there is one, the precomputed reference pass."""
+    ref = r.get("ref_tokens_per_s")
+    return 1 / (1 / r["tokens_per_s"] + 1 / ref) if ref else r["tokens_per_s"]
+
+
+def plan(args) -> list[tuple]:
+    """(shape, dist, family, side, repeat) in run order: TRL cold first, then ours/TRL alternating."""
+    todo = []
+    for shape in args.shapes.split(","):
+        for dist in args.dists.split(","):
+            reps = args.repeats if dist == args.dists.split(",")[0] else args.other_repeats
+            for family in args.families.split(","):
+                todo.append((shape, dist, family, "trl", "cold"))
+                for rep in range(reps):
+                    todo += [(shape, dist, family, "ours", rep), (shape, dist, family, "trl", rep)]
+            if args.trl_default:
+                todo.append((shape, dist, "dpo", "trl_default", 0))
+    return todo
+
+
+def summary(results: list[dict], ceil: dict) -> str:
+    """Markdown: per (shape, dist, family) median and range of ours and TRL, ratios, memory."""
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if xs else float("nan")
+
+    lines = ["| shape | data | family | side | runs | train tok/s med [min-max] | one-epoch tok/s med [min-max] | "
+             "ref tok/s | peak GiB | tok/step | epoch ratio (train ratio) | mem ratio | MFU meas./989 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["shape"], r["dist"], r["family"]) for r in results}, key=str)
+    for key in keys:
+        group = [r for r in results if (r["shape"], r["dist"], r["family"]) == key and "error" not in r]
+        by_side = {}
+        for side in ("ours", "trl", "trl_default"):
+            runs = [r for r in group if r["side"] == side and r["repeat"] != "cold"]
+            if runs:
+                by_side[side] = runs
+        trl = by_side.get("trl")
+        for side, runs in by_side.items():
+            tr, ep = [r["tokens_per_s"] for r in runs], [epoch_rate(r) for r in runs]
+            ratio = mem = mfu = ""
+            if side == "ours" and trl:
+                ratio = (f"{med(ep) / med([epoch_rate(r) for r in trl]):.2f}x "
+                         f"({med(tr) / med([r['tokens_per_s'] for r in trl]):.2f}x)")
+                mem = f"{max(r['peak_gib'] or 0 for r in runs) / max(r['peak_gib'] or 1 for r in trl):.2f}x"
+            if side == "ours" and key[2] != "dpo_lora" and ceil.get("matmul_tflops"):
+                tf = med(tr) * 6 * runs[0]["params"] / 1e12
+                mfu = f"{100 * tf / ceil['matmul_tflops']:.1f}% / {100e12 * tf / PEAK_DATASHEET:.1f}%"
+            ref = med([r["ref_tokens_per_s"] for r in runs if r.get("ref_tokens_per_s")])
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {side} | {len(runs)} | {med(tr):,.0f} "
+                         f"[{min(tr):,.0f}-{max(tr):,.0f}] | {med(ep):,.0f} [{min(ep):,.0f}-{max(ep):,.0f}] | "
+                         f"{'' if math.isnan(ref) else f'{ref:,.0f}'} | "
+                         f"{max(r['peak_gib'] or 0 for r in runs):.1f} | {med([r['tokens_per_step'] for r in runs]):,.0f}"
+                         f" | {ratio} | {mem} | {mfu} |")
+    for r in results:
+        if "error" in r:
+            lines.append(f"ERROR {r['shape']}/{r['dist']}/{r['family']}/{r['side']}/{r['repeat']}: {r['error']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="llama1b")
+    parser.add_argument("--dists", default="hh,uniform", help="first gets --repeats, the others --other-repeats")
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--other-repeats", type=int, default=1)
+    parser.add_argument("--trl-default", action="store_true", help="also TRL DPO in its default configuration")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--work", default="/tmp/gpu_bench")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_bench_out"))
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no run after this many seconds")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    args.device_t = torch.device(args.device)
+    args.precision = "bf16" if args.device_t.type == "cuda" else "fp32"
+    args.work = Path(args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch._dynamo.config.cache_size_limit = 64
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("transformers", "trl", "peft", "accelerate", "datasets", "liger_kernel", "triton"):
+        try:
+            module = __import__(name)
+            env[name] = getattr(module, "__version__", None) or __import__("importlib.metadata").metadata.version(
+                name.replace("_", "-"))
+        except Exception as err:  # noqa: BLE001 - reported, not fatal
+            env[name] = f"missing ({err})"
+    ceil = ceilings(args.device_t) if args.device_t.type == "cuda" else {}
+    print("# env", json.dumps(env), "\n# ceilings", json.dumps(ceil), flush=True)
+    log = (out_dir / "trl_best.jsonl").open("a")
+    log.write(json.dumps({"env": env, "ceilings": ceil, "argv": sys.argv}) + "\n")
+    data_cache: dict = {}
+    results = []
+    for shape, dist, family, side, rep in plan(args):
+        if time.perf_counter() - started > args.budget_s:
+            print(f"# skip {shape}/{dist}/{family}/{side}/{rep}: over budget", flush=True)
+            continue
+        spec = SHAPES[shape]
+        seq = spec["seq"]
+        pairs = PAIRS.get((dist, shape), spec["pairs"]) if dist != "uniform" else spec["pairs"]
+        folder = build_shape(args.work, shape, args.device_t)
+        if (shape, dist) not in data_cache:
+            n = pairs * (args.warmup + args.steps)
+            rows, stats = (make_pairs(n, seq, spec["vocab_size"]), {}) if dist == "uniform" else real_pairs(
+                n, seq, spec["vocab_size"], DISTS[dist])
+            data_cache[shape, dist] = rows, stats, write_rows(rows, args.work / f"trlbest-{shape}-{dist}-{n}.parquet")
+        rows, stats, path = data_cache[shape, dist]
+        record = {"shape": shape, "dist": dist, "family": family, "side": side, "repeat": rep, "seq": seq,
+                  "pairs": pairs, "params": n_params(folder), "data_stats": stats}
+        t0 = time.perf_counter()
+        try:
+            if side == "ours":
+                record.update(run_ours(family, folder, path, args, pairs=pairs, seq=seq))
+            elif side == "trl":
+                record.update(trl_best(family, folder, rows, args, pairs=pairs, seq=seq))
+            else:
+                record.update(run_trl(family, folder, rows, args, pairs=pairs, seq=seq, best=False))
+            record["epoch_tokens_per_s"] = epoch_rate(record)
+        except Exception as err:  # noqa: BLE001 - one failing run must not lose the others
+            record["error"] = f"{type(err).__name__}: {err}"[:400]
+            traceback.print_exc()
+        finally:
+            reset_accelerate()
+            reset_memory(args.device_t)
+        record["wall_s"] = time.perf_counter() - t0
+        results.append(record)
+        log.write(json.dumps(record, default=str) + "\n")
+        log.flush()
+        brief = {k: record.get(k) for k in ("tokens_per_s", "epoch_tokens_per_s", "ref_tokens_per_s", "peak_gib",
+                                             "wall_s", "liger_error", "error") if record.get(k) is not None}
+        print(f"# {shape}/{dist}/{family}/{side}/{rep} {json.dumps(brief, default=str)}", flush=True)
+    text = summary(results, ceil)
+    (out_dir / "trl_best_table.md").write_text(text + "\n")
+    print(f"\n# ceilings {json.dumps(ceil)}\n# total {time.perf_counter() - started:.0f}s\n{text}")
+
+
+if __name__ == "__main__":
+    main()

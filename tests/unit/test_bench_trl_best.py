@@ -1,0 +1,49 @@
+"""The GPU comparison's data and accounting (benchmarks/gpu_trl_best.py), checked on the CPU."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+trl_best = pytest.importorskip("benchmarks.gpu_trl_best")
+
+
+def test_real_pairs_follow_the_published_means_when_nothing_is_clipped():
+    law = trl_best.DISTS["hh"]
+    rows, stats = trl_best.real_pairs(4000, 100_000, 1000, law, seed=1)
+    assert stats["clipped_share"] == 0
+    assert stats["prompt"]["mean"] == pytest.approx(law["prompt_mean"], rel=0.05)
+    assert stats["response"]["mean"] == pytest.approx(law["response_mean"], rel=0.05)
+    # one word-level token per word: the text carries the drawn lengths
+    assert sum(len(r["prompt"].split()) for r in rows) / len(rows) == pytest.approx(stats["prompt"]["mean"])
+
+
+def test_real_pairs_fit_the_sequence_length():
+    seq = 256
+    rows, stats = trl_best.real_pairs(500, seq, 1000, trl_best.DISTS["hh"], seed=2)
+    assert 0 < stats["clipped_share"] < 1
+    for r in rows:
+        p = len(r["prompt"].split())
+        assert p <= seq // 2
+        assert max(len(r["chosen"].split()), len(r["rejected"].split())) <= seq - p - 1
+
+
+def test_epoch_rate_counts_the_reference_pass_once_per_token():
+    # 100 tokens/s training and 300 tokens/s reference: 1/100 + 1/300 s per token
+    assert trl_best.epoch_rate({"tokens_per_s": 100.0, "ref_tokens_per_s": 300.0}) == pytest.approx(75.0)
+    assert trl_best.epoch_rate({"tokens_per_s": 100.0}) == 100.0
+
+
+def test_reference_rate_leaves_the_first_batches_out():
+    out = trl_best.reference_rate([10, 100, 100], [5.0, 1.0, 1.0], skip=1)
+    assert out["ref_tokens_per_s"] == pytest.approx(100.0)
+    assert out["ref_first_batches_s"] == 5.0 and out["ref_tokens"] == 210
+
+
+def test_liger_globals_are_put_back():
+    module = importlib.import_module(trl_best.LIGER_MODULES[0])
+    original = module.apply_rotary_pos_emb
+    with trl_best.LigerGlobals():
+        module.apply_rotary_pos_emb = lambda *a: a
+    assert module.apply_rotary_pos_emb is original
