@@ -22,8 +22,11 @@ from pathlib import Path
 # Set before torch loads; training processes inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-COMMANDS = ("run", "demo", "ingest", "promote", "rollback", "status", "serve", "monitor")
+COMMANDS = ("run", "demo", "ingest", "build-dataset", "promote", "rollback", "status", "serve", "monitor")
 PREFLIGHT_COMMANDS = ("run", "demo", "serve")
+HOME_COMMANDS = ("status", "ingest", "build-dataset")
+"""Commands that, without --config, use the pipeline that has run in the home (flows/home.py);
+with none there, the default settings (status: says so), never the demo's."""
 """Commands that train: their config is checked (tasks/preflight.py) before Prefect starts."""
 
 
@@ -52,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("source", help="file, folder, saved dataset or hub dataset id")
     ingest.add_argument("--kind", choices=["pairwise", "ranking", "rating", "binary", "demonstration"],
                         help="feedback kind (default: detected from the columns)")
+    ingest.add_argument("--column", action="append", metavar="SOURCE=FIELD",
+                        help="rename a column first, as data.sources[].columns (repeatable; e.g. question=prompt)")
+    build = sub.add_parser("build-dataset", help="turn feedback files into the library's training tables "
+                                                 "(pairs/prompts/demonstrations Parquet per split)")
+    _common(build)
+    build.add_argument("sources", nargs="+", metavar="SOURCE", help="files, folders or saved datasets")
+    build.add_argument("--out", required=True, metavar="DIR", help="folder for the tables (created)")
+    build.add_argument("--kind", choices=["pairwise", "ranking", "rating", "binary", "demonstration"],
+                       help="feedback kind of every source (default: detected from the columns)")
     promote = sub.add_parser("promote", help="point the champion alias at a policy version")
     _common(promote)
     promote.add_argument("--version", required=True, help="model version number")
@@ -73,6 +85,16 @@ def _prepare_environment(home: Path) -> None:
         os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from the embedded server
+    # Persisted results are JSON, never pickles (a pickle in a shared home runs code on load);
+    # cached stages also use tasks.results' restricted records. Not overridable on purpose.
+    os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] = "json"
+    # Prefect derives its UI links ("View at ...", serve's banner) from the API URL: without
+    # this, a user:password in PREFECT_API_URL would be printed in every flow run's log.
+    api = os.environ.get("PREFECT_API_URL")
+    if api and not os.environ.get("PREFECT_UI_URL"):
+        from tasks.redact import redact_url
+
+        os.environ["PREFECT_UI_URL"] = redact_url(api).rstrip("/").removesuffix("/api")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
@@ -88,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"alignflow: {err}", file=sys.stderr)
         return 2
+    if args.config is None and args.command in HOME_COMMANDS:  # the home's pipeline, not the demo
+        from flows.home import default_data_config, home_pipeline
+
+        found, note = home_pipeline(cfg.home, args.overrides)
+        if found is None and args.command == "status":
+            print(f"alignflow: {note}", file=sys.stderr)
+            return 0
+        cfg = found or default_data_config(cfg.home, args.overrides)
+        if args.command != "status":
+            note = note if found else f"no pipeline has run in {cfg.home}: default data settings"
+            note += f"; data.quarantine_max_share {cfg.data.quarantine_max_share:g}"
+        print(f"alignflow: {note}", file=sys.stderr)
     if args.command in PREFLIGHT_COMMANDS:  # before Prefect starts: one line naming a bad field
         from tasks.preflight import run_preflight
 
@@ -98,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     from flows import commands
 
-    handler = getattr(commands, f"cmd_{args.command}")
+    handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
     try:
         return int(handler(cfg, args) or 0)
     except KeyboardInterrupt:

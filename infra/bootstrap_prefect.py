@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                              "delete it or choose another name")
         client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, args.gpu_slots)
         client.upsert_global_concurrency_limit_by_name(REGISTRY_LIMIT, 1)
-    print(f"work pool {args.pool!r} ({args.type}) ready on {PREFECT_API_URL.value()}; "
+    from tasks.redact import redact_url
+
+    print(f"work pool {args.pool!r} ({args.type}) ready on {redact_url(PREFECT_API_URL.value())}; "
           f"limits: {GPU_LIMIT}={args.gpu_slots}, {REGISTRY_LIMIT}=1", file=sys.stderr)
     return 0
 

@@ -9,12 +9,13 @@ import time
 from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_table_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from rich.console import Console
 from rich.table import Table
 
 from tasks.records import StageTiming
-from tasks.stages.register import RegistryRecord
+from tasks.redact import redact_url
+from tasks.stages.register import RegistryRecord, version_label
 
 
 class PipelineSummary(BaseModel):
@@ -34,6 +35,12 @@ class PipelineSummary(BaseModel):
     wall_s: float = 0.0
     stage_s: float = 0.0
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        """The summary is printed, returned and saved: a password in the URI is masked."""
+        return redact_url(uri)
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -43,7 +50,7 @@ def _fmt(value: Any) -> str:
 
 def ui_hints(summary: PipelineSummary) -> list[str]:
     """How to look at this run in the MLflow UI and the Prefect UI."""
-    mlflow_url = os.environ.get("MLFLOW_TRACKING_URI", "")
+    mlflow_url = redact_url(os.environ.get("MLFLOW_TRACKING_URI", ""))  # shown and saved: no credentials
     if mlflow_url.startswith("http"):
         mlflow_cmd = f"open {mlflow_url.rstrip('/')}"
         base = mlflow_url.rstrip("/")
@@ -51,7 +58,7 @@ def ui_hints(summary: PipelineSummary) -> list[str]:
         mlflow_cmd = f"mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000"
         base = "http://127.0.0.1:5000"
     run_url = f"{base}/#/experiments/{summary.experiment_id}/runs/{summary.mlflow_run_id}"
-    api = os.environ.get("PREFECT_API_URL")
+    api = redact_url(os.environ.get("PREFECT_API_URL") or "")
     if api:
         prefect_cmd = f"open {api.removesuffix('/api')}"
         prefect_url = f"{api.removesuffix('/api')}/runs/flow-run/{summary.flow_run_id}"
@@ -86,12 +93,12 @@ def render(summary: PipelineSummary, console: Console | None = None) -> None:
     if summary.registry:
         r = summary.registry
         if summary.status == "unchanged":
-            console.print(f"registry: nothing new to train; {r.policy_model} champion v{r.champion_version} "
+            console.print(f"registry: nothing new to train; {r.policy_model} champion {version_label(r.champion_version)} "
                           "already reflects this data and config")
         else:
             verdict = "promoted to @champion" if r.promoted else "not promoted"
             console.print(f"registry: {r.policy_model} v{r.policy_version} @challenger, {verdict}; "
-                          f"champion is v{r.champion_version}")
+                          + (f"champion is v{r.champion_version}" if r.champion_version else "no champion yet"))
         for reason in r.reasons[:6]:
             console.print(f"  - {reason}")
     for hint in ui_hints(summary):

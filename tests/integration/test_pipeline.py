@@ -10,11 +10,13 @@ import time
 import mlflow
 import pandas as pd
 import pytest
+from prefect.settings import get_current_settings
 
 from flows.cli import main as cli_main
 from flows.pipeline import alignment_pipeline
 from tasks import tracking
 from tasks.config import load_pipeline_config
+from tasks.results import SERIALIZER_TYPE, pickles_under
 from tasks.stages.demo import demo_base_model, simulate_round
 from tasks.stages.models import champion_record
 from tests.integration.pipeline_helpers import TINY, child_runs, overrides, use_store
@@ -94,6 +96,12 @@ def test_rerun_with_no_new_data_trains_nothing(first_round, demo_cache, clean_ml
     assert elapsed < 60
     scheduled = alignment_pipeline(config=TINY, overrides=overrides(home, demo_cache), only_if_new_data=True)
     assert scheduled["status"] == "no-new-data"
+    assert {s["stage"]: s["status"] for s in again["stages"]}["build preferences"] == "cached"
+    # the cache hit above loaded a JSON record: no pickle anywhere in Prefect's result storage (issue 14)
+    storage = get_current_settings().results.local_storage_path
+    assert pickles_under(storage) == []
+    entries = [json.loads(p.read_text()) for p in (storage / "keys").iterdir()]
+    assert entries and all(e["serializer"]["type"] == SERIALIZER_TYPE for e in entries)
 
 
 def test_gate_rejection_keeps_champion_and_rollback_restores_it(prefect_harness, demo_cache, tmp_path,
