@@ -25,6 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from alignment.config import TrainSettings
+from tasks.faults import armed, fault_point
 from tasks.tracking import MetricStreamer
 
 TRAINING_ENV_DEFAULTS = {
@@ -222,6 +223,9 @@ def run_recipe(
         try:
             while proc.poll() is None:
                 watch.check()
+                if armed(f"train:{recipe}") and (run_dir / "metrics.jsonl").exists() and \
+                        (run_dir / "metrics.jsonl").stat().st_size:  # crash tests: die mid-training
+                    fault_point(f"train:{recipe}")
                 if time.monotonic() - start > timeout_s:
                     _kill_group(proc)
                     raise TrainingTimeout(f"{recipe} training ran past {timeout_s:.0f} s and was stopped; "

@@ -1,27 +1,37 @@
 """Ingest: new landing files and explicit sources -> validated tables, quarantine, report, ledger.
 
-Each file (or saved-dataset folder) is ingested once: its sha256 content digest goes into a
-JSON-lines ledger after a successful ingest, so a scheduled run takes only new content, a run
-with nothing new ingests nothing, and a file whose content changed counts as new (its earlier
-rows are not retracted; the builder counts rows repeated across batches once). Explicit sources
-are tracked the same way (hub datasets by id, config, split and revision).
+Each file (or saved-dataset folder) is tracked by its sha256 content digest in the pipeline's
+JSON-lines ledger (:class:`Ledger`, default ``<out_dir>/ledger.jsonl``), so a scheduled run takes
+only new content, a run with nothing new ingests nothing, and a file whose content changed
+counts as new (its earlier rows are not retracted; the builder counts rows repeated across
+batches once). Explicit sources are tracked the same way (hub datasets by id, config, split and
+revision). A digest is ``pending`` while the round that ingested it runs, then ``consumed`` when
+that round ends, or ``failed`` when its batch failed on its data (see :func:`ingest`).
+
+Files still being written are not read. Convention: write under a name starting with ``.`` or
+ending in ``.tmp``/``.part`` (see ``PARTIAL_SUFFIXES``), then rename it into place (atomic).
+A file written in place is taken once it looks complete (text ending with a newline, JSON with
+its closing bracket, Parquet with its footer) or once ``data.landing_quiet_s`` seconds passed
+since its last change.
 
 Layout under ``out_dir`` (one batch = the files of one ingest, id = digest of their digests)::
 
     validated/<kind>/<batch>.arrow       what passed, per kind, as Arrow IPC (the builder reads them all)
     quarantine/<batch>.parquet           what failed, with every reason and the raw row
     reports/<batch>.json                 counts, reasons, per-file counts
+    ledger.jsonl                         digest, state, path, batch, file stat (one entry per line)
 
 A batch over ``quarantine_max_share`` writes its quarantine and report, then raises
 :class:`~tasks.data.validate.QuarantineThresholdExceeded`; its validated tables are not written
-and its files are not entered in the ledger, so fixing the export (or raising the limit) and
-re-running ingests them. Re-running a batch rewrites the same files (idempotent).
-"""
+and its files are recorded as failed under the current validation settings, so fixing the
+export (new content) or changing the ``data`` settings (e.g. raising the limit) and re-running
+ingests them. Re-running a batch rewrites the same files (idempotent)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,38 +43,129 @@ from tasks.data.heap import retained_heap
 from tasks.data.readers import content_digest, detect_format, list_source_files, read_source
 from tasks.data.scan import TextScan, scan_text
 from tasks.data.settings import IngestSettings, SourceSettings
-from tasks.data.validate import ValidationReport, ValidationResult, validate_tables
+from tasks.data.validate import (
+    QuarantineThresholdExceeded,
+    ValidationReport,
+    ValidationResult,
+    validate_tables,
+)
+from tasks.faults import fault_point
+
+PENDING, CONSUMED, FAILED = "pending", "consumed", "failed"
+"""Ledger states of a content digest: ingested into a round that has not ended yet (taken again
+by the next ingest), used by a round that ended, or refused for its data (quarantine over the
+limit; taken again only when the ``data`` settings change or the content does)."""
+
+PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".inprogress", ".filepart")
+"""Landing names that are never read: the write-then-rename convention (also names starting with ``.``)."""
+
+
+class LedgerCorrupt(ValueError):
+    """A ledger line other than the last is not JSON (a torn last line is tolerated)."""
 
 
 class Ledger:
-    """Content digests already ingested (append-only JSON lines)."""
+    """Content digests seen by one pipeline and their state, as append-only JSON lines.
+
+    Each line is one entry (``digest``, ``state``, ``path``, ``batch_id``, file stat, ...); the
+    last line of a digest holds its state (lines without ``state``, from older versions, mean
+    consumed). A crash mid-append can leave the last line torn: it is ignored when read and cut
+    off before the next append. Callers hold the home lock (:mod:`tasks.lock`): one writer.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     def entries(self) -> list[dict]:
+        """Every complete entry in file order. Raises LedgerCorrupt naming the file and line."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_bytes().split(b"\n")
+        out = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or "digest" not in entry:
+                    raise ValueError("not an entry with a digest")
+            except ValueError as err:
+                if number == len(lines):  # no newline after it: an append a crash cut short
+                    continue
+                raise LedgerCorrupt(f"ledger {self.path}, line {number}: {err}; fix or remove that line "
+                                    f"(each line is one JSON entry)") from err
+            out.append(entry)
+        return out
 
-    def digests(self) -> set[str]:
-        return {e["digest"] for e in self.entries()}
+    def latest(self) -> dict[str, dict]:
+        """Digest -> its newest entry (with ``state`` filled in for older lines)."""
+        out: dict[str, dict] = {}
+        for entry in self.entries():
+            out[entry["digest"]] = {"state": CONSUMED, **entry}
+        return out
+
+    def digests(self, states: tuple[str, ...] = (CONSUMED,)) -> set[str]:
+        """Digests whose current state is one of ``states``."""
+        return {d for d, e in self.latest().items() if e["state"] in states}
 
     def record(self, entries: list[dict]) -> None:
-        """Append entries (each with at least ``digest`` and ``path``)."""
+        """Append entries (each with at least ``digest``, ``path`` and ``state``), flushed to disk."""
+        if not entries:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            for e in entries:
-                f.write(json.dumps(e, sort_keys=True) + "\n")
+        with self.path.open("ab") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                with self.path.open("rb") as r:
+                    data = r.read()
+                if not data.endswith(b"\n"):  # a torn last line: cut it off
+                    f.truncate(data.rfind(b"\n") + 1)
+            f.write("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def settle(self, state: str, *, batch_id: str | None = None, reason: str | None = None) -> int:
+        """Move every pending digest (of ``batch_id``, when given) to ``state``. Returns how many.
+
+        Idempotent: a re-run after a crash settles what is still pending and nothing else."""
+        now = _now()
+        moved = [{**e, "state": state, "settled_at": now, **({"reason": reason} if reason else {})}
+                 for e in self.latest().values()
+                 if e["state"] == PENDING and (batch_id is None or e.get("batch_id") == batch_id)]
+        self.record(moved)
+        return len(moved)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+LEGACY_LEDGER = ".alignflow-ledger.jsonl"
 
 
 def ledger_for(settings: IngestSettings, out_dir: str | Path) -> Ledger:
-    """The configured ledger; default next to the landing files, else in ``out_dir``."""
+    """The configured ledger; default ``ledger.jsonl`` in ``out_dir`` (the pipeline's own data folder).
+
+    Why not in the landing folder: several pipelines may read one folder, each consuming it for
+    itself. A ledger an older version kept in the landing folder is adopted once: its entries of
+    batches this ``out_dir`` holds a report of (so this pipeline ingested them) are copied.
+    """
     if settings.ledger_path:
         return Ledger(settings.ledger_path)
-    if settings.landing_dir:
-        return Ledger(Path(settings.landing_dir) / ".alignflow-ledger.jsonl")
-    return Ledger(Path(out_dir) / "ledger.jsonl")
+    ledger = Ledger(Path(out_dir) / "ledger.jsonl")
+    legacy = Path(settings.landing_dir) / LEGACY_LEDGER if settings.landing_dir else None
+    if not ledger.path.exists() and legacy is not None and legacy.is_file():
+        reports = Path(out_dir) / "reports"
+        ledger.record([{**e, "state": CONSUMED} for e in Ledger(legacy).entries()
+                       if e.get("batch_id") and (reports / f"{e['batch_id']}.json").exists()])
+    return ledger
+
+
+def settings_digest(settings: IngestSettings) -> str:
+    """Digest of the validation settings (not where files are): a failed digest is retried when it changes."""
+    blob = json.dumps(settings.model_dump(mode="json", exclude={"landing_dir", "ledger_path", "sources"}),
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -97,23 +198,80 @@ def _source_digest(src: SourceSettings) -> tuple[str, TextScan | None]:
     return "hub:" + hashlib.sha256(ident.encode()).hexdigest(), None
 
 
-def _stat_key(path: Path) -> tuple[str, int, int] | None:
+def _stat_key(path: Path) -> tuple[str, int, int, int, int] | None:
+    """(path, size, mtime, ctime, inode): any write or replacement changes ctime, which no user
+    call can set back, so an equal key means unchanged content (used to skip re-hashing)."""
     if not path.is_file():
         return None
     st = path.stat()
-    return str(path), st.st_size, st.st_mtime_ns
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _stat_fields(stat: tuple | None) -> dict:
+    keys = ("size", "mtime_ns", "ctime_ns", "ino")
+    return dict(zip(keys, stat[1:], strict=True)) if stat else dict.fromkeys(keys)
+
+
+def _entry_stat_key(entry: dict) -> tuple | None:
+    if entry.get("ctime_ns") is None:  # entries of older versions: hash the file again
+        return None
+    return entry["path"], entry.get("size"), entry.get("mtime_ns"), entry["ctime_ns"], entry.get("ino")
+
+
+def is_partial_name(path: Path) -> bool:
+    """Names a writer is still filling under the write-then-rename convention."""
+    return path.name.startswith(".") or path.name.lower().endswith(PARTIAL_SUFFIXES)
+
+
+def looks_complete(path: Path) -> bool:
+    """Whether a file ends the way a finished file of its format ends: text lines with a newline,
+    a JSON document with ``]`` or ``}``, Parquet with its footer magic. Unknown formats: True."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv", ".tsv", ".json", ".parquet"):
+        return True
+    size = path.stat().st_size
+    if size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(max(0, size - 64))
+        tail = f.read()
+    if suffix == ".parquet":
+        return tail.endswith(b"PAR1")
+    if suffix == ".json":
+        return tail.rstrip()[-1:] in (b"]", b"}")
+    return tail.endswith(b"\n")
+
+
+def still_being_written(path: Path, quiet_s: float, now: float | None = None) -> bool:
+    """A landing file left for a later run: a partial name, or modified less than ``quiet_s``
+    seconds ago without looking complete (see the module docstring's convention)."""
+    if is_partial_name(path):
+        return True
+    if not path.is_file():
+        return False
+    age = (time.time() if now is None else now) - path.stat().st_mtime
+    return age < quiet_s and not looks_complete(path)
 
 
 def pending_sources(settings: IngestSettings, ledger: Ledger) -> tuple[list[PendingSource], list[str]]:
-    """New sources in order (explicit ones first, then landing files by path) and skipped paths.
+    """Sources to ingest in order (explicit ones first, then landing files by path) and skipped paths.
 
-    A file whose path, size and modification time match a ledger entry is skipped without
-    reading it (scheduled runs over a large landing folder stay cheap); any other file is hashed
-    and skipped only if its content digest was ingested before.
+    Skipped: content consumed by an ended round, content that failed on its data under the same
+    validation settings, and landing files still being written (:func:`still_being_written`).
+    Pending content (ingested by a round that has not ended: it crashed or failed) is taken
+    again. A file whose path, size, mtime, ctime and inode match a ledger entry is not re-read
+    (scheduled runs over a large landing folder stay cheap); any other file is hashed.
     """
-    entries = ledger.entries()
-    done = {e["digest"] for e in entries}
-    seen_stat = {(e["path"], e.get("size"), e.get("mtime_ns")) for e in entries if e.get("mtime_ns") is not None}
+    latest = ledger.latest()
+    current = settings_digest(settings)
+
+    def done(digest: str) -> bool:
+        entry = latest.get(digest)
+        if entry is None or entry["state"] == PENDING:
+            return False
+        return entry["state"] == CONSUMED or entry.get("settings") == current
+
+    by_stat = {key: e["digest"] for e in latest.values() if (key := _entry_stat_key(e)) is not None}
     candidates: list[SourceSettings] = []
     for src in settings.sources:
         p = Path(src.path)
@@ -123,18 +281,22 @@ def pending_sources(settings: IngestSettings, ledger: Ledger) -> tuple[list[Pend
         else:
             candidates.append(src)
     if settings.landing_dir and Path(settings.landing_dir).exists():
+        now = time.time()
         for f in list_source_files(settings.landing_dir, settings.landing_patterns):
+            if still_being_written(Path(f), settings.landing_quiet_s, now):
+                continue
             candidates.append(SourceSettings(path=str(f), kind=settings.landing_kind, layout=settings.landing_layout))
-    pending, skipped = [], []
+    pending, skipped, taken = [], [], set()
     for src in candidates:
-        if _stat_key(Path(src.path)) in seen_stat:
+        known = by_stat.get(_stat_key(Path(src.path)))
+        if known is not None and done(known):
             skipped.append(src.path)
             continue
         digest, scan = _source_digest(src)
-        if digest in done:
+        if done(digest) or digest in taken:
             skipped.append(src.path)
             continue
-        done.add(digest)
+        taken.add(digest)
         pending.append(PendingSource(src, digest, scan))
     return pending, skipped
 
@@ -198,14 +360,18 @@ def write_quarantine(result: ValidationResult, path: str | Path) -> str:
 def ingest(settings: IngestSettings, out_dir: str | Path, *, commit: bool = True) -> IngestResult:
     """Ingest new sources into ``out_dir`` (see the module docstring).
 
-    ``commit=False`` leaves the ledger untouched (the caller commits after later steps succeed
-    with :meth:`Ledger.record`). Raises QuarantineThresholdExceeded (after writing the
-    quarantine and report), FileNotFoundError or ValueError for unreadable sources.
+    ``commit=True`` records the batch's files as consumed; ``commit=False`` (the pipeline)
+    records them as pending, and the round settles them with :meth:`Ledger.settle` when it ends,
+    so a round that crashes or fails is retried by the next ingest (same files, same batch id:
+    the same outputs are rewritten). Raises QuarantineThresholdExceeded (after writing the
+    quarantine and report, and recording the files as failed), AlreadyConsumed (see
+    :func:`_explain_nothing_new`), FileNotFoundError or ValueError for unreadable sources.
     """
     out = Path(out_dir)
     ledger = ledger_for(settings, out)
     pending, skipped = pending_sources(settings, ledger)
     if not pending:
+        _explain_nothing_new(ledger, skipped, out)
         return IngestResult(None, [], skipped)
     batch = hashlib.sha256("\n".join(sorted(p.digest for p in pending)).encode()).hexdigest()[:16]
     result = read_and_validate([p.options for p in pending], settings, [p.digest for p in pending],
@@ -215,7 +381,23 @@ def ingest(settings: IngestSettings, out_dir: str | Path, *, commit: bool = True
     r_path = out / "reports" / f"{batch}.json"
     r_path.parent.mkdir(parents=True, exist_ok=True)
     r_path.write_text(json.dumps({"batch_id": batch, **report.to_dict()}, indent=2, default=str))
-    result.raise_if_exceeded(q_path)
+    per_file = {f.source_file: f for f in report.files}
+
+    def entries(state: str, **extra) -> list[dict]:
+        now, rows = _now(), []
+        for p in pending:
+            stat = _stat_key(Path(p.options.path))
+            rows.append({"digest": p.digest, "path": p.options.path, "batch_id": batch, "ingested_at": now,
+                         "state": state, "rows_in": getattr(per_file.get(p.options.path), "rows_in", None),
+                         **_stat_fields(stat), **extra})
+        return rows
+
+    try:
+        result.raise_if_exceeded(q_path)
+    except QuarantineThresholdExceeded as err:  # failed on its data: not retried under the same settings
+        ledger.record(entries(FAILED, settings=settings_digest(settings), reason=str(err)[:500]))
+        raise
+    superseded = _superseded_batches(ledger, batch, {p.digest for p in pending})
     validated = {}
     for kind, n_valid in report.valid_by_kind.items():
         if n_valid:
@@ -223,15 +405,35 @@ def ingest(settings: IngestSettings, out_dir: str | Path, *, commit: bool = True
             result.write_valid(kind, path)
             path.with_suffix(".parquet").unlink(missing_ok=True)  # this batch as an older version wrote it
             validated[kind] = str(path)
-    if commit:
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        per_file = {f.source_file: f for f in report.files}
-        entries = []
-        for p in pending:
-            stat = _stat_key(Path(p.options.path))
-            entries.append({"digest": p.digest, "path": p.options.path, "batch_id": batch, "ingested_at": now,
-                            "rows_in": getattr(per_file.get(p.options.path), "rows_in", None),
-                            "size": stat[1] if stat else None, "mtime_ns": stat[2] if stat else None})
-        ledger.record(entries)
+    fault_point("ingest")
+    ledger.record(entries(CONSUMED if commit else PENDING))
+    for old in superseded:  # a crashed round's batch whose files this batch holds again
+        for stale in [*out.glob(f"validated/*/{old}.*"), out / "quarantine" / f"{old}.parquet",
+                      out / "reports" / f"{old}.json"]:
+            stale.unlink(missing_ok=True)
     return IngestResult(batch, [p.options.path for p in pending], skipped, validated, q_path, str(r_path),
                         report.to_dict())
+
+
+def _superseded_batches(ledger: Ledger, batch: str, digests: set[str]) -> list[str]:
+    """Pending batches other than ``batch`` all of whose digests ``batch`` ingests again."""
+    members: dict[str, set[str]] = {}
+    for digest, entry in ledger.latest().items():
+        if entry["state"] == PENDING and entry.get("batch_id") and entry["batch_id"] != batch:
+            members.setdefault(entry["batch_id"], set()).add(digest)
+    return sorted(b for b, ds in members.items() if ds <= digests)
+
+
+class AlreadyConsumed(ValueError):
+    """Every source was consumed according to the ledger, yet this pipeline holds no validated data."""
+
+
+def _explain_nothing_new(ledger: Ledger, skipped: list[str], out: Path) -> None:
+    """Raise :class:`AlreadyConsumed` when nothing is new because another pipeline (a shared
+    ``ledger_path``) or a removed data folder consumed the files: the build would find no pairs."""
+    if skipped and ledger.digests() and not any(out.glob("validated/*/*")):
+        raise AlreadyConsumed(
+            f"no data for this pipeline: its {len(skipped)} source file(s) are all recorded as consumed in the "
+            f"ledger {ledger.path}, but {out / 'validated'} holds no validated data (the ledger is shared with "
+            f"another pipeline, or this pipeline's data folder was removed). Give this pipeline its own "
+            f"ledger (leave data.ledger_path unset) or remove those entries to ingest the files again.")

@@ -171,7 +171,8 @@ def _assign_files(truth: pd.DataFrame, settings: SimulatorSettings, batch_id: st
 
 
 def _write(frame: pd.DataFrame, path: Path, fmt: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # landing globs never match a half-written file
+    # landing globs never match a half-written file; a unique name: two writers never share one
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
     if fmt == "jsonl":
         frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
     elif fmt == "csv":

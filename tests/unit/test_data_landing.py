@@ -46,7 +46,7 @@ def test_each_landing_file_is_ingested_once(tmp_path):
     _write(landing / "one.jsonl", _pairwise(6))  # changed content counts as new
     fourth = ingest(settings, out)
     assert fourth.sources == [str(landing / "one.jsonl")]
-    assert len(Ledger(landing / ".alignflow-ledger.jsonl").entries()) == 4
+    assert len(Ledger(out / "ledger.jsonl").entries()) == 4
     assert not ingest(settings, out).new_data
     os.utime(landing / "three.jsonl", ns=(1, 1))  # touched, same content: hashed, then skipped
     assert not ingest(settings, out).new_data
@@ -64,7 +64,9 @@ def test_over_threshold_writes_quarantine_and_commits_nothing(tmp_path):
         ingest(settings, out)
     q = pq.read_table(err.value.quarantine_path).to_pandas()
     assert len(q) == 3 and set(q["source_row"]) == {1, 2, 3}
-    assert not (out / "validated").exists() and not Ledger(landing / ".alignflow-ledger.jsonl").entries()
+    assert not (out / "validated").exists()
+    assert {e["state"] for e in Ledger(out / "ledger.jsonl").entries()} == {"failed"}  # failed on its data
+    assert not ingest(settings, out).new_data  # not retried while the settings that refused it stay
     report = json.loads(next((out / "reports").glob("*.json")).read_text())
     assert report["rows_quarantined"] == 3 and report["reasons"] == {"invalid_value:choice": 3}
     ok = ingest(settings.model_copy(update={"quarantine_max_share": 0.5}), out)  # retried after raising the limit

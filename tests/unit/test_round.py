@@ -1,0 +1,47 @@
+"""The round record (tasks/round.py) and the demo's crash-resume settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.config import load_pipeline_config
+from tasks.round import RoundLog
+
+
+def test_round_record_persists_each_step_and_tells_a_dead_round_from_a_failed_one(tmp_path):
+    log = RoundLog(tmp_path)
+    record, previous = log.begin("p", flow_run_id="f1", mlflow_run_id="m1")
+    assert previous is None and record.state == "started"
+    log.advance(record, "ingested", batch_id="b1")
+    log.advance(record, "built", dataset_digest="d1")
+    on_disk = json.loads((tmp_path / "round.json").read_text())
+    assert on_disk["state"] == "built" and on_disk["batch_id"] == "b1" and on_disk["dataset_digest"] == "d1"
+    assert [h["state"] for h in on_disk["history"]] == ["started", "ingested", "built"]
+    # the process dies here; the next run reads where it stopped
+    second, dead = log.begin("p", flow_run_id="f2")
+    assert dead.interrupted and dead.state == "built" and dead.flow_run_id == "f1"
+    assert second.retry_of.startswith(dead.round_id) and "died at built" in second.retry_of
+    log.advance(second, "failed", error="boom")
+    third, failed = log.begin("p")
+    assert not failed.interrupted and not failed.ended and "failed at failed" in third.retry_of
+    log.advance(third, "promoted")
+    fourth, ended = log.begin("p")
+    assert ended.ended and not ended.settled and fourth.retry_of is None
+    assert [json.loads(line)["state"] for line in (tmp_path / "rounds.jsonl").read_text().splitlines()] == \
+        ["failed", "promoted"]
+    with pytest.raises(ValueError, match="unknown round state"):
+        log.advance(fourth, "half-done")
+
+
+def test_an_unreadable_record_starts_afresh(tmp_path):
+    (tmp_path / "round.json").write_text('{"round_id": "x", "pipel')  # torn by a crash mid-write
+    record, previous = RoundLog(tmp_path).begin("p")
+    assert previous is None and record.state == "started"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_demo_checkpoints_its_training_so_a_crash_resumes_it():
+    cfg = load_pipeline_config(None, [])
+    assert cfg.dpo.save_every and cfg.reward.save_every
