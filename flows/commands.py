@@ -135,3 +135,11 @@ def cmd_monitor(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 def fail(message: str) -> int:
     print(f"alignflow: {message}", file=sys.stderr)
     return 1
+
+
+def cmd_build_dataset(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``alignflow build-dataset SOURCE... --out DIR``: the library's training tables from feedback
+    files, with the pipeline's validation and builder (``data`` and ``preferences`` sections)."""
+    from tasks.data.export import build_dataset
+
+    return build_dataset(list(args.sources), args.out, cfg.data, cfg.preferences, kind=args.kind)

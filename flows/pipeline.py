@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 
 from tasks import tracking
 from tasks.config import PipelineConfig, load_pipeline_config, to_yaml
-from tasks.methods import method
+from tasks.methods import label, method
 from tasks.records import ModelRecord, StageTiming
 from tasks.stages.data import build_preferences_task, ingest_task
 from tasks.stages.demo import demo_base_model_task, landing_is_empty, simulate_feedback_task
@@ -143,7 +143,8 @@ def alignment_pipeline(config: str | None = None, overrides: list[str] | None = 
         reference = base if row.implicit_reward and cfg.pipeline.dpo_reference == "base" else None
         candidate, cached = run_train_task(cfg, cfg.pipeline.method, dataset.files, dataset.digest, init, parent,
                                            reward=reward, reference=reference)
-        clock.add(f"fine-tune ({cfg.pipeline.method})", "cached" if cached else "ran", t,
+        shown = label(cfg.pipeline.method, getattr(getattr(cfg, method(cfg.pipeline.method).section), "loss_type", None))
+        clock.add(f"fine-tune ({shown})", "cached" if cached else "ran", t,
                   _final(candidate, "eval/rewards/accuracy", "reward/raw"))
 
         # -- evaluation, gate, registry -------------------------------------------------------

@@ -121,12 +121,13 @@ def build_command(recipe: str, config_path: Path, processes: int = 1,
 def launch_env(processes: int = 1, accelerate_config: str | None = None) -> dict[str, str]:
     """Extra environment of the launch: without CUDA, ``ACCELERATE_USE_CPU`` makes each
     process join a gloo group (MULTI_CPU); otherwise each would train alone on its shard."""
-    if (processes > 1 or accelerate_config) and _cuda_count() == 0:
+    if (processes > 1 or accelerate_config) and cuda_count() == 0:
         return {"ACCELERATE_USE_CPU": "true"}
     return {}
 
 
-def _cuda_count() -> int:
+def cuda_count() -> int:
+    """CUDA devices visible to this process (0 without CUDA support in torch)."""
     try:
         import torch
 

@@ -79,3 +79,11 @@ def method(name: str) -> Method:
         return STAGES[name]
     except KeyError:
         raise KeyError(f"unknown training stage {name!r}; expected one of {sorted(STAGES)}") from None
+
+
+def label(name: str, configured_loss: str | None = None) -> str:
+    """How summaries name a stage: the method, and the loss when the section's ``loss_type``
+    (``configured_loss``) makes it another one (``dpo`` with ``loss_type: ipo`` trains IPO:
+    ``dpo, loss ipo``)."""
+    loss = method(name).loss_type or configured_loss
+    return name if loss in (None, "sigmoid", name) else f"{name}, loss {loss}"

@@ -28,7 +28,7 @@ import pandas as pd
 import pandera.pandas as pa
 import pyarrow as pa_arrow
 
-from tasks.data.coerce import Problems, coerce_frame, to_json
+from tasks.data.coerce import LABELS, Problems, coerce_frame, to_json
 from tasks.data.formats import convert
 from tasks.data.handoff import write_validated
 from tasks.data.readers import RawTable
@@ -160,6 +160,10 @@ def _renamed(reason: str, columns: dict[str, str]) -> str:
     return f"{check}:{columns.get(col, col)}" if col else reason
 
 
+def _isna_scalar(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
 def _assign_kinds(frame: pd.DataFrame, declared: str | None, implied: str | None, allowed: set[str],
                   problems: Problems) -> tuple[np.ndarray, list[str]]:
     """Kind of each row (object array; None where unknown) and notes about the source."""
@@ -181,6 +185,14 @@ def _assign_kinds(frame: pd.DataFrame, declared: str | None, implied: str | None
             notes.append(f"could not detect the kind from columns {sorted(map(str, frame.columns))}")
             problems.add(np.ones(n, bool), "unknown_kind")
         kinds = np.full(n, kind, dtype=object)
+    if declared == "demonstration" and "label" in frame.columns and n:
+        # A thumbs file read as demonstrations: a thumbs-down answer is not one a person approved.
+        labels = frame["label"].map(lambda v: None if _isna_scalar(v) else str(v).strip().lower()).map(LABELS)
+        down = (labels == False).to_numpy(bool)  # noqa: E712 - element-wise; unmapped values are NaN
+        if down.any():
+            problems.add(down, "thumbs_down:label")
+            notes.append(f"{int(down.sum())} rows have a thumbs-down label: not demonstrations, quarantined "
+                         "(reason thumbs_down); ingest the file as kind binary to learn from them")
     banned = [k for k in KINDS if k not in allowed]
     if banned and n:
         problems.add(pd.Series(kinds, dtype=object).isin(banned).to_numpy(bool), "kind_not_allowed")

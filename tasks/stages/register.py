@@ -38,6 +38,11 @@ class RegistryRecord(BaseModel):
     newly_registered: bool = True
 
 
+def version_label(version: str | None, none: str = "none") -> str:
+    """``v3`` for a version, ``none`` (or the given word) when there is none (never ``vNone``)."""
+    return f"v{version}" if version else none
+
+
 def _serving_folder(candidate: ModelRecord) -> Path:
     """Full weights for local bases; the adapter alone when its base is a hub id (recorded in it)."""
     if candidate.adapter_path and candidate.base and not Path(candidate.base).exists():
@@ -122,7 +127,8 @@ def decision_markdown(record: RegistryRecord, decision: dict[str, Any]) -> str:
     for check in decision.get("checks", []):
         lines.append(f"| {check.get('rule')} | {check.get('value')} | {check.get('threshold')} | "
                      f"{'yes' if check.get('passed') else 'no'} |")
-    lines += ["", f"champion: v{record.champion_version} (before: v{record.previous_champion})"]
+    lines += ["", f"champion: {version_label(record.champion_version)} "
+                  f"(before: {version_label(record.previous_champion)})"]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ same key, so a crashed run resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from prefect.concurrency.sync import concurrency
 from alignment.config import RECIPE_CONFIGS, ModelSettings, TrainSettings
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.launcher import run_recipe
+from tasks.launcher import cuda_count, run_recipe
 from tasks.methods import method
 from tasks.preflight import check_batch_fits
 from tasks.records import ModelRecord
@@ -166,8 +167,11 @@ def _train_holding_gpu(cfg: PipelineConfig, stage: str, data: dict[str, str], da
                        init: ModelRecord, parent_run_id: str | None, reward: ModelRecord | None = None,
                        reference: ModelRecord | None = None) -> ModelRecord:
     """:func:`train_stage` holding ``pipeline.processes`` slots of the global concurrency limit
-    ``gpu`` (a no-op where no such limit exists, e.g. embedded)."""
-    with concurrency("gpu", occupy=cfg.pipeline.processes):
+    ``gpu`` (a no-op where no such limit exists, e.g. embedded). Without a CUDA device there is
+    no GPU to share: no slot is taken (and Prefect's "limit does not exist" warning, which every
+    CPU run would print, does not appear)."""
+    slots = concurrency("gpu", occupy=cfg.pipeline.processes) if cuda_count() else contextlib.nullcontext()
+    with slots:
         return train_stage(cfg, stage, data, dataset_digest, init, parent_run_id, reward, reference)
 
 
