@@ -146,7 +146,7 @@ def _chat_prompts(text: pd.Series, raw: pd.Series, list_rows: np.ndarray | None,
     plain. Invalid chats get ``bad_chat``, ``blank`` or ``control_chars`` on ``name``."""
     is_chat = np.zeros(len(text), bool)
     if hint is not None:
-        marked = hint.fillna(False).astype(bool).to_numpy() & text.notna().to_numpy()
+        marked = flag_values(hint, "is_chat", problems) & text.notna().to_numpy()
     else:
         marked = pc.fill_null(pc.match_substring_regex(pa.array(text), _CHAT_LIKE), False).to_numpy(zero_copy_only=False)
     strict = hint is not None  # a marked row must be a chat; an unmarked lookalike may be plain text
@@ -171,6 +171,34 @@ def _chat_prompts(text: pd.Series, raw: pd.Series, list_rows: np.ndarray | None,
         text = text.copy()
         text.iloc[np.fromiter(updates, np.int64, len(updates))] = list(updates.values())
     return text, is_chat
+
+
+FLAGS = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False, "yes": True, "no": False,
+         "t": True, "f": False, "y": True, "n": False, "": False}
+"""Spellings of a boolean flag column (``is_chat``) in text exports (case and whitespace folded)."""
+
+
+def flag_values(col: pd.Series, name: str, problems: Problems) -> np.ndarray:
+    """A boolean flag column as bool: booleans, 0/1 and the spellings of ``FLAGS`` (CSV cells are
+    text: ``"false"`` is False, not a non-empty string); missing is False; anything else gets
+    ``invalid_value:<name>`` and counts as False."""
+    if pd.api.types.is_bool_dtype(col):
+        return col.fillna(False).astype(bool).to_numpy()
+
+    def one(v):
+        if _isna(v):
+            return False
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        if isinstance(v, (int, float, np.integer, np.floating)) and v in (0, 1):
+            return bool(v)
+        if isinstance(v, str):
+            return FLAGS.get(v.strip().lower())
+        return None
+
+    values = col.map(one)
+    problems.add(values.isna().to_numpy(bool), f"invalid_value:{name}")
+    return values.fillna(False).astype(bool).to_numpy()
 
 
 def coerce_choice(col: pd.Series) -> pd.Series:
@@ -312,7 +340,10 @@ def to_json(value) -> str:
         if v is pd.NaT:
             return None
         return v
-    return json.dumps(clean(value), ensure_ascii=False, default=_json_default)
+    try:
+        return json.dumps(clean(value), ensure_ascii=False, default=_json_default)
+    except RecursionError:  # readers cap nesting; a value from elsewhere is shown as a note
+        return json.dumps("(a value nested too deeply to show)")
 
 
 def coerce_metadata(col: pd.Series) -> pd.Series:

@@ -1,6 +1,9 @@
 """Public preference-data layouts, converted into alignflow's kinds before validation.
 
-* ``chosen_rejected`` -> pairwise rows with ``choice = "a"`` (``response_a`` is the chosen one):
+* ``chosen_rejected`` -> pairwise rows with ``choice = "a"`` (``response_a`` is the chosen one;
+  with UltraFeedback-binarized ``score_chosen``/``score_rejected``, equal scores give
+  ``choice = "tie"``, which the builder drops or half-weights like any tie, and a chosen response
+  scored below the rejected one is quarantined as ``chosen_scored_lower``):
   - ``prompt``, ``chosen``, ``rejected`` as strings (TRL's standard format);
   - chat message lists (TRL's conversational format, UltraFeedback-binarized): with a
     ``prompt`` list, ``chosen``/``rejected`` are the assistant turn(s) after it (a leading copy
@@ -14,8 +17,14 @@
   one rating row per completion (its source row is the record's).
 
 Rows that cannot be converted get a reason (``bad_chat:prompt``, ``hh_no_assistant_turn``,
-``hh_prefix_mismatch``, ``response_not_single_assistant_turn``, ``bad_completions``) and are
-quarantined; the rest go on to validation like native rows.
+``hh_prefix_mismatch``, ``response_not_single_assistant_turn``, ``bad_completions``,
+``missing:rejected``, ``wrong_type:score_chosen``, ...) and are quarantined; the rest go on to
+validation like native rows. Reasons name the file's own columns: :attr:`Converted.fields` maps
+each field back to the column it came from (``response_b`` -> ``rejected``).
+
+Nothing is dropped silently: ``prompt_id`` and the scores are kept in ``metadata`` (when the
+file has no ``metadata`` column); a column the conversion does not use (``messages``, which
+repeats prompt and chosen) is named in the file's report notes.
 """
 
 from __future__ import annotations
@@ -45,6 +54,12 @@ class Converted:
     """The kind the layout implies (None for native rows)."""
     failures: list[tuple[int, str]] = field(default_factory=list)
     """(raw position, reason) of rows that could not be converted."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Field -> the raw column it was taken from, where the names differ."""
+    used: set[str] = field(default_factory=set)
+    """Raw columns the conversion read (the report names the others as not kept)."""
+    notes: list[str] = field(default_factory=list)
+    """What the report should say about the conversion."""
 
 
 def detect_layout(columns) -> str:
@@ -99,8 +114,18 @@ def split_hh(chosen: str, rejected: str) -> tuple[list[dict], str, str] | str:
     return messages, chosen[ic + cut:].strip(), rejected[ir + cut:].strip()
 
 
+def _isna(v) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
 def _pair_row(prompt, chosen, rejected) -> tuple[object, object, object] | str:
     """One chosen/rejected record -> (prompt, response_a, response_b) or a failure reason."""
+    if prompt is None and (isinstance(chosen, str) or isinstance(rejected, str)):  # HH: the prompt is inside
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            if _isna(value):
+                return f"missing:{name}"
+            if not isinstance(value, str):
+                return f"wrong_type:{name}"
     if isinstance(chosen, str) and isinstance(rejected, str) and not isinstance(prompt, str) and prompt is None:
         out = split_hh(chosen, rejected)
         if isinstance(out, str):
@@ -159,14 +184,59 @@ def _chosen_rejected(raw: pd.DataFrame) -> Converted:
                 is_chat[i] = isinstance(res[0], str) and (not isinstance(p, str)) and res[0].startswith("[")
         out = pd.DataFrame(rows, columns=["prompt", "response_a", "response_b"], dtype=object)
     out["choice"] = "a"
+    used = {"chosen", "rejected", *(["prompt"] if "prompt" in raw.columns else [])}
+    fields = {"response_a": "chosen", "response_b": "rejected"}
+    if {"score_chosen", "score_rejected"} <= set(raw.columns):
+        out["choice"] = _choice_from_scores(raw["score_chosen"], raw["score_rejected"], failures)
+        used |= {"score_chosen", "score_rejected"}
+        fields["choice"] = "score_chosen"
     if is_chat.any():
         out["is_chat"] = is_chat
     for col in OPTIONAL:
         if col in raw.columns:
             out[col] = raw[col].to_numpy()
+            used.add(col)
+    kept = [c for c in ("prompt_id", "score_chosen", "score_rejected") if c in raw.columns]
+    if kept and "metadata" not in raw.columns:  # kept, not dropped: JSON text like any metadata
+        records = raw[kept].astype(object).where(raw[kept].notna(), None).to_dict("records")
+        out["metadata"] = [json.dumps(r, ensure_ascii=False, default=str) for r in records]
+        used |= set(kept)
     keep = np.ones(n, bool)
     keep[[i for i, _ in failures]] = False
-    return Converted(out[keep].reset_index(drop=True), np.flatnonzero(keep), "pairwise", failures)
+    return Converted(out[keep].reset_index(drop=True), np.flatnonzero(keep), "pairwise", failures, fields, used)
+
+
+def _numbers(col: pd.Series) -> pd.Series:
+    """Numbers and numeric strings as float; anything else (booleans, lists, words) as NaN."""
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        return col.astype("float64")
+    ok = col.map(lambda v: isinstance(v, (int, float, str, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)))
+    return pd.to_numeric(col.where(ok, None), errors="coerce").astype("float64")
+
+
+def _choice_from_scores(chosen: pd.Series, rejected: pd.Series, failures: list[tuple[int, str]]) -> np.ndarray:
+    """``a`` where the chosen response scored higher, ``tie`` where the scores are equal (a tie is not
+    a preference); rows whose scores are missing, not numbers, or favour the rejected response fail."""
+    failed = {i for i, _ in failures}
+    choice = np.full(len(chosen), "a", dtype=object)
+    for name, col in (("score_chosen", chosen), ("score_rejected", rejected)):
+        values = _numbers(col)
+        for i in np.flatnonzero(col.isna().to_numpy(bool)):
+            if int(i) not in failed:
+                failures.append((int(i), f"missing:{name}"))
+                failed.add(int(i))
+        for i in np.flatnonzero((values.isna() & col.notna()).to_numpy(bool)):
+            if int(i) not in failed:
+                failures.append((int(i), f"wrong_type:{name}"))
+                failed.add(int(i))
+    c, r = _numbers(chosen).to_numpy(float), _numbers(rejected).to_numpy(float)
+    with np.errstate(invalid="ignore"):
+        choice[c == r] = "tie"
+        for i in np.flatnonzero(c < r):
+            if int(i) not in failed:
+                failures.append((int(i), "chosen_scored_lower:score_chosen"))
+    failures.sort()
+    return choice
 
 
 def _score(completion: dict, score_field: str):
@@ -198,4 +268,6 @@ def _ultrafeedback(raw: pd.DataFrame, score_field: str) -> Converted:
                          "metadata": json.dumps(meta), **extra})
             src.append(i)
     frame = pd.DataFrame(rows, columns=["prompt", "response", "score", "metadata", *optional])
-    return Converted(frame, np.asarray(src, dtype=np.int64), "rating", failures)
+    fields = {"prompt": prompt_col, "response": "completions.response", "score": f"completions.{score_field}"}
+    return Converted(frame, np.asarray(src, dtype=np.int64), "rating", failures, fields,
+                     {prompt_col, "completions", *optional})

@@ -8,7 +8,13 @@ UTF-8 decode to U+FFFD, which validation reports as ``invalid_utf8:<field>``.
 Row numbers (``source_row``) are 1-based: the line number in JSONL files; in CSV files the
 record number counting the header as 1 (the line number when no value spans lines); the row
 index + 1 in Parquet files and datasets. Raises FileNotFoundError for a missing path and
-ValueError for a format it cannot read at all (e.g. a corrupt Parquet file).
+:class:`UnreadableSource` (a ValueError) for a file it cannot read at all (a corrupt Parquet
+file, one whose rows would take more than :data:`MAX_DECOMPRESSED_BYTES` in memory).
+
+Hostile input is bounded: a line longer than :data:`~tasks.data.scan.MAX_LINE_BYTES` is a
+``line_too_long`` read error, never held whole; a row nesting arrays/objects deeper than
+:data:`~tasks.data.scan.MAX_NESTING` is a ``too_deeply_nested`` read error and never reaches
+Arrow's JSON reader, which recurses on the C stack (near 10,000 levels it kills the process).
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import codecs
 import hashlib
 import io
 import json
+import logging
+import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +37,19 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
 from tasks.data.coerce import to_json
-from tasks.data.scan import PatchedFile, TextScan, read_spans, scan_text, write_repaired
+from tasks.data.scan import (
+    MAX_LINE_BYTES,
+    MAX_NESTING,
+    PatchedFile,
+    TextScan,
+    nests_deeper,
+    read_spans,
+    scan_text,
+    split_json_array,
+    write_repaired,
+)
+
+log = logging.getLogger(__name__)
 
 try:  # orjson (a Prefect dependency) parses the slow path about twice as fast; json is the fallback
     import orjson
@@ -40,6 +61,19 @@ except ImportError:  # pragma: no cover - exercised only without orjson
 FILE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv",
                 ".parquet": "parquet", ".pq": "parquet"}
 DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+MAX_DECOMPRESSED_BYTES = 1 << 31
+"""Largest in-memory size (Arrow bytes) of one Parquet file's rows: a small file that expands
+past it (a compression or dictionary bomb) is refused as ``too_large_decompressed``."""
+RAW_MAX_CHARS = 65536
+"""Longest ``raw`` text kept for a row that could not be read (longer text is cut, marked)."""
+
+
+class UnreadableSource(ValueError):
+    """A source that cannot be read at all; ``reason`` is its quarantine reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -61,6 +95,10 @@ class RawTable:
     raw_rows: dict[int, object] = field(default_factory=dict)
     """What the quarantine shows as the raw row, by frame position, where the frame's copy
     was altered to be readable (invalid bytes masked)."""
+    notes: list[str] = field(default_factory=list)
+    """What the report should say about the source (e.g. why it could not be read)."""
+    unreadable: str | None = None
+    """The reason the source could not be read at all (then its only row is a read error, row 0)."""
 
     def raw_json(self, pos: int, frame: pd.DataFrame | None = None) -> str:
         """The raw row at frame position ``pos`` as JSON text (``frame``: a renamed view of it)."""
@@ -107,19 +145,43 @@ def detect_format(path: str | Path) -> str:
     raise ValueError(f"{path}: unknown format (extensions: {sorted(FILE_FORMATS)}, or a saved dataset folder)")
 
 
-def list_source_files(folder: str | Path, patterns: list[str]) -> list[Path]:
+def outside(path: str | Path, folder: str | Path) -> bool:
+    """``path`` resolves (through symlinks, at any level) to somewhere outside ``folder``."""
+    return not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def list_source_files(folder: str | Path, patterns: list[str], refused: list[Path] | None = None) -> list[Path]:
     """Files under ``folder`` matching any pattern, and saved-dataset folders, sorted by path.
-    Hidden files and folders (name starting with '.') are skipped."""
+
+    Hidden files and folders (name starting with '.') are skipped. A symlink that resolves
+    outside ``folder`` is refused: not listed, never opened (not even hashed), logged as a
+    warning and appended to ``refused`` when given; links that stay inside are followed.
+    Folder links are not descended into (``rglob``).
+    """
     folder = Path(folder)
     found: set[Path] = set()
-    datasets_dirs = sorted(p for p in [folder, *folder.rglob("*")] if is_saved_dataset(p))
+    escaping: set[Path] = set()
+
+    def inside(p: Path) -> bool:
+        if outside(p, folder):
+            escaping.add(p)
+            return False
+        return True
+
+    datasets_dirs = sorted(p for p in [folder, *folder.rglob("*")]
+                           if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                           and inside(p) and is_saved_dataset(p))
     for pattern in patterns:
         for p in folder.rglob(pattern):
             rel = p.relative_to(folder).parts
-            if p.is_file() and not any(part.startswith(".") for part in rel) and \
+            if not any(part.startswith(".") for part in rel) and inside(p) and p.is_file() and \
                     not any(d in p.parents for d in datasets_dirs):
                 found.add(p)
-    found.update(d for d in datasets_dirs if not any(part.startswith(".") for part in d.relative_to(folder).parts))
+    found.update(datasets_dirs)
+    for p in sorted(escaping):
+        log.warning("refused %s: a symlink that resolves outside %s (not read)", p, folder)
+    if refused is not None:
+        refused.extend(sorted(escaping))
     return sorted(found)
 
 
@@ -140,7 +202,7 @@ def _frame(records: list[dict]) -> pd.DataFrame:
 
 
 def _raw_text(line: bytes) -> str:
-    return json.dumps(line.decode("utf-8", errors="replace"))
+    return json.dumps(_cut(line.decode("utf-8", errors="replace")))
 
 
 def _without_surrogates(value):
@@ -170,7 +232,8 @@ def read_jsonl(path: str | Path, digest: str | None = None, scan: TextScan | Non
         head = f.read(4096).lstrip()
     if head[:1] == b"[" or head[:4] == codecs.BOM_UTF8 + b"[":
         out = _read_json_array(path, _utf8(path.read_bytes()))
-    elif not scan.blank_lines and not scan.bom and scan.lines and (table := _arrow_json(path, scan)) is not None:
+    elif not scan.blank_lines and not scan.bom and scan.lines and not scan.deep_lines and \
+            scan.longest_line <= MAX_LINE_BYTES and (table := _arrow_json(path, scan)) is not None:
         return table
     else:
         out = _read_lines(path)
@@ -237,8 +300,8 @@ def _arrow_json(path: Path, scan: TextScan) -> RawTable | None:
     columns are left alone (no copy of a column for a few bad rows).
     """
     table = _read_arrow_json(path, scan)
-    if table is None or table.num_rows != scan.lines:
-        return None
+    if table is None or table.num_rows != scan.lines or type_depth(table.schema) > MAX_NESTING:
+        return None  # deep rows: line by line, where each is quarantined on its own
     out = RawTable(table.to_pandas(), str(path), np.arange(1, scan.lines + 1), digest=scan.digest)
     if len(scan.bad_lines):
         picked = np.zeros(table.num_rows, bool)  # a filter, unlike a take, does not concatenate the chunks
@@ -271,8 +334,28 @@ def _same(a, b) -> bool:
         return json.dumps(a, default=str) == json.dumps(b, default=str)
 
 
+def type_depth(schema_or_type) -> int:
+    """Nesting depth of an Arrow schema or type (a flat column is 0); iterative, any depth."""
+    stack = [(t, 1) for t in (schema_or_type.types if isinstance(schema_or_type, pa.Schema) else [schema_or_type])]
+    deepest = 0
+    while stack:
+        t, d = stack.pop()
+        n = getattr(t, "num_fields", 0)
+        if n:
+            deepest = max(deepest, d)
+            stack.extend((t.field(i).type, d + 1) for i in range(n))
+    return deepest
+
+
+class _TooDeep(ValueError):
+    pass
+
+
 def _parse_line(line: bytes):
-    """A JSON line as a Python value; raises ValueError if it does not parse."""
+    """A JSON line as a Python value; raises ValueError if it does not parse (_TooDeep when it
+    nests deeper than MAX_NESTING: checked before parsing, since parsers recurse per level)."""
+    if nests_deeper(line):
+        raise _TooDeep
     try:
         return _loads(line)
     except ValueError:
@@ -280,18 +363,51 @@ def _parse_line(line: bytes):
         return _without_surrogates(json.loads(line.decode("utf-8", "replace")))
 
 
+def _cut(text: str, limit: int = RAW_MAX_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... [cut: {len(text)} characters]"
+
+
+def _raw_json_value(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= RAW_MAX_CHARS else json.dumps(_cut(text))
+
+
+def _lines(f) -> Iterator[tuple[int, bytes, int | None]]:
+    """(line number, line, None), or for a line over MAX_LINE_BYTES (line number, its first
+    bytes, its length): such a line is read past in pieces, never held whole."""
+    number = 0
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield number, line, None
+            continue
+        size = len(line)
+        while more := f.readline(1 << 20):
+            size += len(more)
+            if more.endswith(b"\n"):
+                break
+        yield number, line[:1000], size
+
+
 def _read_lines(path: Path, chunk: int = 1 << 16) -> RawTable:
     """Line by line, in chunks of rows turned into frames as they fill (so text is held as Arrow
     strings, not Python objects, for all but one chunk)."""
     frames, records, rows, errors = [], [], [], []
     with path.open("rb") as f:
-        for number, line in enumerate(f, start=1):
+        for number, line, size in _lines(f):
             if number == 1 and line.startswith(codecs.BOM_UTF8):
                 line = line[len(codecs.BOM_UTF8):]
+            if size is not None:
+                errors.append((number, "line_too_long", json.dumps(
+                    f"{line.decode('utf-8', 'replace')}... [cut: the line has {size} bytes]")))
+                continue
             if not line.strip():
                 continue
             try:
                 value = _parse_line(line)
+            except _TooDeep:
+                errors.append((number, "too_deeply_nested", _raw_text(line.rstrip(b"\r\n"))))
+                continue
             except ValueError:
                 errors.append((number, "malformed_json", _raw_text(line.rstrip(b"\r\n"))))
                 continue
@@ -310,17 +426,37 @@ def _read_lines(path: Path, chunk: int = 1 << 16) -> RawTable:
 
 
 def _read_json_array(path: Path, data: bytes) -> RawTable:
+    """A ``.json`` file holding one array of objects. When it nests deeper than MAX_NESTING
+    anywhere, its elements are cut apart unparsed and each is parsed (or refused as
+    ``too_deeply_nested``) on its own."""
+    parts = split_json_array(data) if nests_deeper(data, MAX_NESTING + 1) else None
+    if parts is not None:
+        values, errors = [], []
+        for i, part in enumerate(parts):
+            try:
+                values.append(_parse_line(part))
+            except _TooDeep:
+                values.append(None)
+                errors.append((i + 1, "too_deeply_nested", _raw_text(part)))
+            except ValueError:
+                values.append(None)
+                errors.append((i + 1, "malformed_json", _raw_text(part)))
+        bad = {row for row, _, _ in errors}
+        keep = [i for i, v in enumerate(values) if i + 1 not in bad and isinstance(v, dict)]
+        errors += [(i + 1, "not_an_object", _raw_json_value(v)) for i, v in enumerate(values)
+                   if i + 1 not in bad and not isinstance(v, dict)]
+        return RawTable(_frame([values[i] for i in keep]), str(path), np.asarray(keep, dtype=np.int64) + 1,
+                        sorted(errors))
     try:
         values = _loads(data)
     except ValueError as err:
         return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64),
-                        [(1, "malformed_json", json.dumps(f"{path.name}: {err}"))])
+                        [(1, "malformed_json", json.dumps(_cut(f"{path.name}: {err}")))])
     if not isinstance(values, list):
         return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64),
                         [(1, "not_an_object", _raw_text(data[:2000]))])
     keep = [i for i, v in enumerate(values) if isinstance(v, dict)]
-    errors = [(i + 1, "not_an_object", json.dumps(v, default=str)) for i, v in enumerate(values)
-              if not isinstance(v, dict)]
+    errors = [(i + 1, "not_an_object", _raw_json_value(v)) for i, v in enumerate(values) if not isinstance(v, dict)]
     frame = _frame([values[i] for i in keep])
     return RawTable(frame, str(path), np.asarray(keep, dtype=np.int64) + 1, errors)
 
@@ -343,10 +479,10 @@ def read_csv(path: str | Path, delimiter: str | None = None, digest: str | None 
         with tempfile.NamedTemporaryFile(suffix=".csv") as tmp:
             write_repaired(path, tmp)
             tmp.flush()
-            out = _read_csv_file(Path(tmp.name), delimiter or _delimiter(path))
+            out = _read_csv_file(Path(tmp.name), delimiter or _delimiter(path), scan.longest_line)
         out.source_file = str(path)
     else:
-        out = _read_csv_file(path, delimiter or _delimiter(path))
+        out = _read_csv_file(path, delimiter or _delimiter(path), scan.longest_line)
     out.digest = scan.digest
     return out
 
@@ -355,11 +491,28 @@ def _delimiter(path: Path) -> str:
     return "\t" if path.suffix.lower() == ".tsv" else ","
 
 
-def _read_csv_file(path: Path, sep: str) -> RawTable:
+def _read_csv_file(path: Path, sep: str, longest_line: int = 0) -> RawTable:
     """pyarrow's streaming CSV reader (memory: the table plus a block), every column as text, bad
-    records collected with their numbers."""
+    records collected with their numbers. A block must hold a whole record: it starts at twice
+    the longest line and grows (a quoted value may span lines) up to 4 x MAX_LINE_BYTES; a file
+    whose records do not fit, or whose header repeats a name, raises UnreadableSource."""
+    if longest_line > MAX_LINE_BYTES:
+        raise UnreadableSource("line_too_long", f"{path.name}: a line of {longest_line} bytes "
+                               f"(at most {MAX_LINE_BYTES} are read)")
+    block = 1 << max(20, int(2 * longest_line + 1).bit_length())
     parse = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=lambda r: "skip")
-    names = pacsv.open_csv(str(path), parse_options=parse).schema.names
+    while True:
+        try:
+            names = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=block),
+                                   parse_options=parse).schema.names
+            break
+        except pa.ArrowInvalid as err:
+            if block >= 4 * MAX_LINE_BYTES:
+                raise UnreadableSource("unreadable_file", f"{path.name}: not readable as CSV ({err})") from err
+            block *= 4
+    if len(set(names)) < len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise UnreadableSource("duplicate_columns", f"{path.name}: the header repeats {dup}")
     bad: list[pacsv.InvalidRow] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
@@ -367,10 +520,20 @@ def _read_csv_file(path: Path, sep: str) -> RawTable:
         return "skip"
 
     def read(threads: bool) -> pa.Table:
-        bad.clear()
+        nonlocal block
+        while True:
+            bad.clear()
+            try:
+                return read_blocks(threads)
+            except pa.ArrowInvalid as err:  # a record straddling blocks, or not CSV at all
+                if block >= 4 * MAX_LINE_BYTES:
+                    raise UnreadableSource("unreadable_file", f"{path.name}: not readable as CSV ({err})") from err
+                block *= 4
+
+    def read_blocks(threads: bool) -> pa.Table:
         return pacsv.open_csv(
             str(path),
-            read_options=pacsv.ReadOptions(use_threads=threads),
+            read_options=pacsv.ReadOptions(use_threads=threads, block_size=block),
             parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True, invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                  null_values=[""], strings_can_be_null=True),
@@ -382,16 +545,47 @@ def _read_csv_file(path: Path, sep: str) -> RawTable:
     bad_numbers = {int(r.number) for r in bad if r.number is not None}
     candidates = np.arange(2, table.num_rows + len(bad) + 2)
     rows = candidates[~np.isin(candidates, list(bad_numbers))] if bad_numbers else candidates
-    errors = [(int(r.number or 0), "malformed_csv_row", json.dumps(r.text)) for r in bad]
+    errors = [(int(r.number or 0), "malformed_csv_row", json.dumps(_cut(r.text))) for r in bad]
     return RawTable(table.to_pandas(), str(path), rows[: table.num_rows], errors)
 
 
-def read_parquet(path: str | Path) -> RawTable:
-    """A Parquet file. Raises ValueError when the file is not readable Parquet."""
+def read_parquet(path: str | Path, max_bytes: int | None = None) -> RawTable:
+    """A Parquet file, read a batch of rows at a time while counting their in-memory size.
+
+    Raises UnreadableSource: ``unreadable_file`` (not Parquet, truncated, a corrupt page),
+    ``too_deeply_nested`` (a column type nested deeper than MAX_NESTING) or
+    ``too_large_decompressed`` (the rows take more than ``max_bytes``, default
+    :data:`MAX_DECOMPRESSED_BYTES`, in memory: stopped as soon as the batches read pass it).
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    limit = MAX_DECOMPRESSED_BYTES if max_bytes is None else max_bytes
     try:
-        frame = pd.read_parquet(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"{path}: not a readable Parquet file ({err})") from err
+        with pq.ParquetFile(path) as pf:
+            schema = pf.schema_arrow
+            if type_depth(schema) > MAX_NESTING:
+                raise UnreadableSource("too_deeply_nested", f"{path.name}: a column nests deeper than {MAX_NESTING}")
+            schema = pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
+                                for f in schema], metadata=schema.metadata)
+            batches, size = [], 0
+            for batch in pf.iter_batches(batch_size=1 << 16):
+                # dictionary columns decoded here: their in-memory size is what validation will hold
+                batch = pa.RecordBatch.from_arrays(
+                    [c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in batch.columns],
+                    schema=schema)
+                size += batch.nbytes
+                if size > limit:
+                    raise UnreadableSource("too_large_decompressed", f"{path.name}: its rows take more than "
+                                           f"{limit} bytes in memory (a {path.stat().st_size}-byte file)")
+                batches.append(batch)
+        frame = pa.Table.from_batches(batches, schema).to_pandas()
+    except UnreadableSource:
+        raise
+    except (pa.ArrowException, OSError, ValueError, TypeError, KeyError) as err:
+        raise UnreadableSource("unreadable_file", f"{path.name}: not a readable Parquet file ({err})") from err
+    if len(set(map(str, frame.columns))) < frame.shape[1]:
+        raise UnreadableSource("duplicate_columns", f"{path.name}: repeated column names")
     return RawTable(frame.reset_index(drop=True), str(path), np.arange(1, len(frame) + 1))
 
 
@@ -402,6 +596,8 @@ def _dataset_table(ds, split: str, name: str) -> RawTable:
         if split not in ds:
             raise ValueError(f"{name}: no split {split!r} (has {sorted(ds)})")
         ds = ds[split]
+    if type_depth(ds.data.schema) > MAX_NESTING:
+        raise UnreadableSource("too_deeply_nested", f"{name}: a column nests deeper than {MAX_NESTING}")
     frame = ds.to_pandas()
     return RawTable(frame, name, np.arange(1, len(frame) + 1))
 

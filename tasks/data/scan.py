@@ -17,6 +17,12 @@ from pathlib import Path
 import numpy as np
 
 BLOCK = 1 << 24
+MAX_LINE_BYTES = 1 << 24
+"""Longest line a reader parses (16 MiB); a longer line is quarantined as ``line_too_long``
+without being held in memory (a row's texts are capped at ``data.max_text_chars`` anyway)."""
+MAX_NESTING = 64
+"""Deepest nesting of arrays and objects in a row; deeper rows are quarantined as
+``too_deeply_nested`` (parsers and the code after them recurse once per level)."""
 _positions: list[int] = []
 
 
@@ -48,11 +54,78 @@ class TextScan:
     """The file starts with a UTF-8 byte-order mark."""
     longest_line: int = 0
     """Bytes in the longest line (a parser's block must hold a whole line)."""
+    deep_lines: int = 0
+    """Lines of at least :data:`DEEP_CHECK_BYTES` bytes holding that many ``[``/``{`` or more:
+    they may nest deeper than Arrow's JSON reader survives (it recurses on the C stack and
+    crashes the process near 10,000 levels), so such files are parsed line by line."""
 
 
 def _lines_of(piece: bytes) -> np.ndarray:
     """Newline positions of a piece."""
     return np.flatnonzero(np.frombuffer(piece, np.uint8) == 10)
+
+
+DEEP_CHECK_BYTES = 4096
+"""A line shorter than this cannot nest this deep (each level takes a byte), so only longer lines
+have their brackets counted; Arrow's JSON reader and ``to_pandas`` were tried safe to 4096 levels."""
+
+
+def _openers(piece: bytes | memoryview) -> int:
+    data = bytes(piece)
+    return data.count(b"[") + data.count(b"{")
+
+
+def _depth_profile(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bytes, nesting depth after each byte, whether each byte is inside a string) of JSON text.
+    A quote is escaped when an odd run of backslashes precedes it; a quote counts as inside."""
+    a = np.frombuffer(data, np.uint8)
+    quotes = np.flatnonzero(a == 34)
+    if len(quotes):
+        backslash = a == 92
+        if backslash.any():
+            last_other = np.maximum.accumulate(np.where(backslash, -1, np.arange(len(a))))  # last non-backslash
+            before = np.maximum(quotes - 1, 0)
+            run = np.where(quotes > 0, before - last_other[before], 0)
+            quotes = quotes[run % 2 == 0]
+    step = np.zeros(len(a) + 1, np.int8)
+    step[quotes] = 1
+    inside = np.cumsum(step[:-1], dtype=np.int64) % 2 == 1
+    delta = ((a == 91) | (a == 123)).astype(np.int32) - ((a == 93) | (a == 125))
+    delta[inside] = 0
+    return a, np.cumsum(delta), inside
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest ``[``/``{`` nesting of JSON text, brackets inside strings not counted (vectorised).
+    On broken JSON it may count too deep, never too shallow up to where a parser would stop."""
+    if not data:
+        return 0
+    return int(max(_depth_profile(data)[1].max(), 0))
+
+
+def split_json_array(data: bytes) -> list[bytes] | None:
+    """The element texts of a JSON array document, cut at its top-level commas without parsing
+    (so one element nested too deep for a parser can be refused alone); None when the text is
+    not one array."""
+    if not data.strip():
+        return None
+    a, depth, inside = _depth_profile(data)
+    opened = np.flatnonzero(depth >= 1)
+    if not len(opened) or a[opened[0]] != 91:
+        return None
+    start = int(opened[0])
+    ends = np.flatnonzero((depth == 0) & (np.arange(len(a)) > start))
+    end = int(ends[0]) if len(ends) else len(a)
+    commas = np.flatnonzero((a == 44) & (depth == 1) & ~inside)
+    commas = commas[(commas > start) & (commas < end)]
+    bounds = [start, *commas.tolist(), end]
+    parts = [data[x + 1: y] for x, y in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [] if len(parts) == 1 and not parts[0].strip() else parts
+
+
+def nests_deeper(data: bytes, limit: int = MAX_NESTING) -> bool:
+    """JSON text nesting deeper than ``limit`` (brackets counted first: cheap for most rows)."""
+    return data.count(b"[") + data.count(b"{") > limit and json_depth(data) > limit
 
 
 DECODE_WINDOW = 1 << 20
@@ -97,16 +170,22 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
     a block behind the scan (hashlib releases the GIL), so hashing and scanning overlap.
     """
     h = hashlib.sha256()
-    base, offset, blank, bom, longest = 0, 0, False, None, 0
+    base, offset, blank, bom, longest, deep = 0, 0, False, None, 0, 0
     bad_lines, bad_spans, bad_bytes = [], [], []
 
     def take(piece: bytes | memoryview, ascii_only: bool) -> None:
-        nonlocal base, offset, blank, longest
+        nonlocal base, offset, blank, longest, deep
         newlines = _lines_of(piece)
-        longest = max(longest, len(piece) - (int(newlines[-1]) + 1 if len(newlines) else 0))
+        tail = len(piece) - (int(newlines[-1]) + 1 if len(newlines) else 0)
+        longest = max(longest, tail)
+        if tail >= DEEP_CHECK_BYTES:
+            deep += _openers(piece[len(piece) - tail:]) >= DEEP_CHECK_BYTES
         if len(newlines):  # an empty line: two newlines in a row, maybe with a CR between
             gaps = np.diff(newlines, prepend=-1)
             longest = max(longest, int(gaps.max()))
+            for i in np.flatnonzero(gaps > DEEP_CHECK_BYTES).tolist():  # few lines are this long
+                end = int(newlines[i])
+                deep += _openers(piece[end - int(gaps[i]) + 1: end]) >= DEEP_CHECK_BYTES
             blank = blank or bool((gaps == 1).any()) or bool(
                 ((gaps == 2) & (np.frombuffer(piece, np.uint8)[np.maximum(newlines - 1, 0)] == 13)).any())
         if not ascii_only:
@@ -119,6 +198,15 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
         base += len(newlines)
         offset += len(piece)
 
+    def take_carry(piece: bytes) -> None:
+        """A line that spanned blocks; past ``MAX_LINE_BYTES`` only its length was kept (the
+        readers quarantine such a line unread), so offsets move on by the dropped bytes."""
+        nonlocal dropped, offset, longest
+        take(piece, piece.isascii())
+        if dropped:
+            longest, offset, dropped = max(longest, len(piece) + dropped), offset + dropped, 0
+
+    dropped = 0
     with open(path, "rb") as f, ThreadPoolExecutor(max_workers=1) as hasher:
         carry, hashing = b"", None
         while chunk := f.read(block):
@@ -130,12 +218,14 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
                 bom = chunk.startswith(codecs.BOM_UTF8)
             first = chunk.find(b"\n")
             if first < 0:
-                carry += chunk
+                if len(carry) < MAX_LINE_BYTES:
+                    carry += chunk
+                else:  # a giant line: memory stays bounded
+                    dropped += len(chunk)
                 continue
             last, view, ascii_only = chunk.rfind(b"\n"), memoryview(chunk), chunk.isascii()
             if carry:
-                joined = carry + chunk[: first + 1]
-                take(joined, joined.isascii())
+                take_carry(carry + chunk[: first + 1])
             else:
                 take(view[: first + 1], ascii_only)
             if last > first:
@@ -144,15 +234,15 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
         if hashing is not None:
             hashing.result()
     lines = base
-    if carry.strip():
-        take(carry, carry.isascii())
+    if carry.strip() or dropped:
+        take_carry(carry)
         lines += 1
 
     def cat(parts, width):
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, width) if width else 0, np.int64)
 
     return TextScan(digest or h.hexdigest(), lines, blank, cat(bad_lines, 0), cat(bad_spans, 2), cat(bad_bytes, 2),
-                    bool(bom), longest)
+                    bool(bom), longest, deep)
 
 
 class PatchedFile(io.RawIOBase):

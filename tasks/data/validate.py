@@ -19,6 +19,8 @@ Quarantine columns: ``source_file, source_row, kind, reasons`` (sorted list of s
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,10 +34,21 @@ from tasks.data.coerce import LABELS, Problems, coerce_frame, to_json
 from tasks.data.formats import convert
 from tasks.data.handoff import write_validated
 from tasks.data.readers import RawTable
-from tasks.data.schemas import LINEAGE, TEXT_FIELDS, detect_kind, schema_model, validated_columns
+from tasks.data.schemas import (
+    LINEAGE,
+    OPTIONAL,
+    REQUIRED,
+    TEXT_FIELDS,
+    detect_kind,
+    schema_model,
+    validated_columns,
+)
 from tasks.data.settings import KINDS, IngestSettings, SourceSettings
 
 QUARANTINE_COLUMNS = ["source_file", "source_row", "kind", "reasons", "raw"]
+KNOWN_COLUMNS = frozenset({f for fields in REQUIRED.values() for f in fields} | set(OPTIONAL) | {"is_chat", "kind"})
+"""Columns a native row is read from (any other column is reported as not kept)."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +61,8 @@ class FileReport:
     rows_quarantined: int = 0
     digest: str | None = None
     notes: list[str] = field(default_factory=list)
+    unreadable: str | None = None
+    """Why the file could not be read at all (its one quarantine row, ``source_row`` 0), if so."""
 
 
 @dataclass
@@ -152,6 +167,28 @@ class _Part:
     raw_pos: np.ndarray
     file_index: int
     table: RawTable
+    names: dict[str, str]
+    """Field -> the source's own column name, for reasons (see :func:`_source_names`)."""
+
+
+def _source_names(conv_fields: dict[str, str], columns: dict[str, str]) -> dict[str, str]:
+    """Field -> the column the source calls it: through the layout (``response_b`` is
+    ``rejected``), then back through the renames of ``columns`` (source column -> field)."""
+    back = {v: k for k, v in columns.items()}
+    fields = set(conv_fields) | set(back)
+    names = {f: back.get(conv_fields.get(f, f), conv_fields.get(f, f)) for f in fields}
+    return {f: n for f, n in names.items() if n != f}
+
+
+def _in_source_terms(reasons, names: dict[str, str]) -> list[str]:
+    """Reasons with their field named as the source names it (sorted, without repeats)."""
+    if not names:
+        return sorted(set(reasons))
+    out = set()
+    for r in reasons:
+        check, sep, col = r.partition(":")
+        out.add(f"{check}:{names.get(col, col)}" if sep else r)
+    return sorted(out)
 
 
 def _renamed(reason: str, columns: dict[str, str]) -> str:
@@ -200,14 +237,15 @@ def _assign_kinds(frame: pd.DataFrame, declared: str | None, implied: str | None
 
 
 def _quarantine_rows(quarantine: list[dict], table: RawTable, raw: pd.DataFrame, raw_pos: np.ndarray,
-                     rows: np.ndarray, local: np.ndarray, pos: np.ndarray, reason: np.ndarray, file_index: int) -> None:
+                     rows: np.ndarray, local: np.ndarray, pos: np.ndarray, reason: np.ndarray, file_index: int,
+                     names: dict[str, str]) -> None:
     """Quarantine untyped rows (``local`` positions) with their reasons from (``pos``, ``reason``)."""
     by_row = pd.Series(reason, dtype=object).groupby(pos).agg(lambda r: sorted(set(r))) if len(pos) else {}
     records = raw.iloc[raw_pos].to_dict("records")
     for i, row, rp, record in zip(local.tolist(), rows.tolist(), raw_pos.tolist(), records, strict=True):
         text = table.raw_json(rp) if rp in table.raw_rows else to_json(record)
         quarantine.append({"source_file": table.source_file, "source_row": int(row), "kind": None,
-                           "reasons": list(by_row.get(i, [])), "raw": text, "_file": file_index})
+                           "reasons": _in_source_terms(by_row.get(i, []), names), "raw": text, "_file": file_index})
 
 
 def _prepare(table: RawTable, opts: SourceSettings, settings: IngestSettings, file_index: int,
@@ -219,14 +257,22 @@ def _prepare(table: RawTable, opts: SourceSettings, settings: IngestSettings, fi
     raw = table.frame.rename(columns=opts.columns) if opts.columns else table.frame
     raw = raw.reset_index(drop=True)
     conv = convert(raw, opts.layout, score_field=opts.score_field)
+    names = _source_names(conv.fields, opts.columns)
+    back = {v: k for k, v in opts.columns.items()}
     read_reasons = {pos: [_renamed(r, opts.columns) for r in reasons] for pos, reasons in table.row_reasons.items()}
-    for pos, reason in conv.failures:
+    for pos, reason in conv.failures:  # layout reasons name raw columns: only renames to undo
         quarantine.append({"source_file": table.source_file, "source_row": int(table.rows[pos]),
-                           "kind": conv.kind or opts.kind, "reasons": sorted({reason, *read_reasons.get(pos, [])}),
+                           "kind": conv.kind or opts.kind,
+                           "reasons": _in_source_terms([reason, *read_reasons.get(pos, [])], back | names),
                            "raw": table.raw_json(pos, raw), "_file": file_index})
     report.rows_in = len(table.errors) + len(conv.frame) + len(conv.failures)
     pre = Problems()
-    kinds, report.notes = _assign_kinds(conv.frame, opts.kind, conv.kind, set(settings.kinds), pre)
+    kinds, notes = _assign_kinds(conv.frame, opts.kind, conv.kind, set(settings.kinds), pre)
+    unused = [back.get(c, c) for c in map(str, raw.columns) if c not in conv.used and c not in conv.fields.values()
+              and (conv.kind is not None or c not in KNOWN_COLUMNS)]
+    report.notes = [*table.notes, *conv.notes, *notes] + (
+        [f"columns not kept: {', '.join(sorted(unused))} (rename them to fields with `columns`, or they are "
+         f"left out of the validated table)"] if unused else [])
     if read_reasons:  # reasons found while reading follow the raw row into its converted rows
         hits = np.flatnonzero(np.isin(conv.src, list(read_reasons)))
         for i in hits:
@@ -239,7 +285,7 @@ def _prepare(table: RawTable, opts: SourceSettings, settings: IngestSettings, fi
         sel = np.flatnonzero(kind_values.isna().to_numpy() if kind is None else (kinds == kind))
         rows = table.rows[conv.src[sel]]
         if kind is None:  # rows without a kind cannot be typed: straight to quarantine
-            _quarantine_rows(quarantine, table, raw, conv.src[sel], rows, sel, pre_pos, pre_reason, file_index)
+            _quarantine_rows(quarantine, table, raw, conv.src[sel], rows, sel, pre_pos, pre_reason, file_index, names)
             continue
         subset = conv.frame if len(sel) == len(conv.frame) else conv.frame.iloc[sel].reset_index(drop=True)
         problems = Problems()
@@ -254,8 +300,26 @@ def _prepare(table: RawTable, opts: SourceSettings, settings: IngestSettings, fi
         typed["source_file"] = pd.Categorical.from_codes(np.zeros(len(typed), np.int8), [table.source_file])
         typed["source_row"] = rows.astype(np.int64)
         typed["kind"] = pd.Categorical.from_codes(np.zeros(len(typed), np.int8), [kind])
-        parts.append(_Part(kind, typed, problems, raw, conv.src[sel], file_index, table))
+        parts.append(_Part(kind, typed, problems, raw, conv.src[sel], file_index, table, names))
     return parts
+
+
+def _quarantine_file(table: RawTable, opts: SourceSettings, err: Exception, file_index: int,
+                     quarantine: list[dict], report: FileReport) -> None:
+    """Every row of a source that validation failed on (a defect, logged): ``validation_error``."""
+    message = f"{type(err).__name__}: {err}"[:500]
+    report.rows_in = table.rows_in
+    report.notes = [*table.notes, f"not validated (validation_error): {message}"]
+    for number, reason, raw in table.errors:
+        quarantine.append({"source_file": table.source_file, "source_row": number, "kind": opts.kind,
+                           "reasons": [reason], "raw": raw, "_file": file_index})
+    for pos, row in enumerate(table.rows.tolist()):
+        try:
+            text = table.raw_json(pos)
+        except Exception:  # noqa: BLE001 - the row's own text is what failed
+            text = json.dumps({"error": message})
+        quarantine.append({"source_file": table.source_file, "source_row": int(row), "kind": opts.kind,
+                           "reasons": ["validation_error"], "raw": text, "_file": file_index})
 
 
 def _schema_problems(frame: pd.DataFrame, kind: str, settings: IngestSettings, problems: Problems) -> None:
@@ -347,10 +411,18 @@ def validate_tables(tables: list[tuple[RawTable, SourceSettings]], settings: Ing
     :meth:`ValidationResult.raise_if_exceeded` after writing the quarantine.
     """
     quarantine: list[dict] = []
-    files = [FileReport(t.source_file, digest=t.digest) for t, _ in tables]
+    files = [FileReport(t.source_file, digest=t.digest, unreadable=t.unreadable) for t, _ in tables]
     by_kind: dict[str, list[_Part]] = {}
     for i, (table, opts) in enumerate(tables):
-        for part in _prepare(table, opts, settings, i, quarantine, files[i]):
+        start = len(quarantine)
+        try:
+            prepared = _prepare(table, opts, settings, i, quarantine, files[i])
+        except Exception as err:  # noqa: BLE001 - a source this code cannot handle must not stop the batch
+            log.warning("cannot validate %s", table.source_file, exc_info=err)
+            del quarantine[start:]
+            _quarantine_file(table, opts, err, i, quarantine, files[i])
+            continue
+        for part in prepared:
             by_kind.setdefault(part.kind, []).append(part)
     typed: dict[str, tuple[pd.DataFrame, np.ndarray]] = {}
     for kind, parts in by_kind.items():
@@ -376,7 +448,8 @@ def validate_tables(tables: list[tuple[RawTable, SourceSettings]], settings: Ing
                                           strict=True):
                 text = part.table.raw_json(int(pos)) if int(pos) in part.table.raw_rows else to_json(raw)
                 quarantine.append({"source_file": files[part.file_index].source_file, "source_row": int(row),
-                                   "kind": kind, "reasons": why, "raw": text, "_file": part.file_index})
+                                   "kind": kind, "reasons": _in_source_terms(why, part.names), "raw": text,
+                                   "_file": part.file_index})
         keep = np.ones(len(frame), bool)
         keep[bad_pos] = False
         typed[kind] = (frame, keep)

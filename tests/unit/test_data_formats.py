@@ -105,7 +105,7 @@ def test_ultrafeedback_completions_become_rating_rows(tmp_path):
     assert valid["response"].tolist() == ["A boy meets a dog.", "Stuff happens."]
     assert valid["score"].tolist() == [4.5, 2.5]
     assert json.loads(valid["metadata"].iloc[0]) == {"completion": 0, "model": "m1"}
-    assert sorted(map(tuple, res.quarantine["reasons"])) == [("bad_completions",), ("out_of_scale:score",)]
+    assert sorted(map(tuple, res.quarantine["reasons"])) == [("bad_completions",), ("out_of_scale:completions.fine-grained_score",)]
     assert res.report.rows_in == 4 == res.report.rows_valid + res.report.rows_quarantined
 
 
