@@ -42,9 +42,14 @@ def cmd_demo(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def cmd_ingest(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """``alignflow ingest SOURCE``: validate only; non-zero past the quarantine threshold."""
-    from tasks.data.report import ingest_command
+    from tasks.data.report import EXIT_UNREADABLE, ingest_command, parse_columns
 
-    return ingest_command(args.source, args.kind, cfg.data, out_dir=cfg.home / "ingest-check")
+    try:
+        columns = parse_columns(getattr(args, "column", None))
+    except ValueError as err:
+        print(err)
+        return EXIT_UNREADABLE
+    return ingest_command(args.source, args.kind, cfg.data, out_dir=cfg.home / "ingest-check", columns=columns)
 
 
 def _policy_name(cfg: PipelineConfig) -> str:

@@ -31,16 +31,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.data.heap import retained_heap
-from tasks.data.readers import content_digest, detect_format, list_source_files, read_source
+from tasks.data.readers import (
+    RawTable,
+    UnreadableSource,
+    content_digest,
+    detect_format,
+    list_source_files,
+    outside,
+    read_source,
+)
 from tasks.data.scan import TextScan, scan_text
 from tasks.data.settings import IngestSettings, SourceSettings
 from tasks.data.validate import (
@@ -326,18 +337,77 @@ class IngestResult:
         return asdict(self)
 
 
+log = logging.getLogger(__name__)
+
+
 def read_and_validate(sources: list[SourceSettings], settings: IngestSettings,
                       digests: list[str | None] | None = None,
                       scans: list[TextScan | None] | None = None) -> ValidationResult:
     """Read sources (with their digests and text scans, when known) and validate them as one
-    batch (no files written). Raises FileNotFoundError or ValueError for unreadable sources."""
+    batch (no files written).
+
+    A local file that cannot be read at all (corrupt or truncated Parquet, too large once
+    decompressed, a header repeating a name, ...) does not stop the batch: it becomes one
+    quarantine row (``source_row`` 0, its reason, the error as ``raw``) that counts against
+    ``quarantine_max_share``, with a note in its file report, and the other files go on. So does a
+    path under ``landing_dir`` that resolves outside it (``symlink_outside_landing``; never
+    opened). Raises FileNotFoundError for a missing source, and whatever a hub download raises.
+    """
     tables = []
     for src, digest, scan in zip(sources, digests or [None] * len(sources), scans or [None] * len(sources),
                                  strict=True):
-        table = read_source(src.path, src.format, split=src.split, config_name=src.config_name, revision=src.revision,
-                            digest=digest if digest and not digest.startswith("hub:") else None, scan=scan)
+        known = digest if digest and not digest.startswith("hub:") else None
+        try:
+            if settings.landing_dir and Path(src.path).is_relative_to(settings.landing_dir) and \
+                    outside(src.path, settings.landing_dir):
+                raise UnreadableSource("symlink_outside_landing",
+                                       f"{src.path}: resolves outside the landing folder (not read)")
+            table = read_source(src.path, src.format, split=src.split, config_name=src.config_name,
+                                revision=src.revision, digest=known, scan=scan)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - one file must not stop the batch; the reason is kept
+            if src.format == "hub" or detect_format_or_none(src) == "hub":
+                raise
+            table = unreadable_table(src.path, err, known)
         tables.append((table, src))
     return validate_tables(tables, settings)
+
+
+def detect_format_or_none(src: SourceSettings) -> str | None:
+    try:
+        return detect_format(src.path)
+    except ValueError:
+        return None
+
+
+def unreadable_table(path: str, err: Exception, digest: str | None = None) -> RawTable:
+    """A source that could not be read, as one read error (row 0) naming why."""
+    reason = err.reason if isinstance(err, UnreadableSource) else "unreadable_file"
+    message = str(err) if isinstance(err, UnreadableSource) else f"{type(err).__name__}: {err}"
+    if not isinstance(err, UnreadableSource):
+        log.warning("cannot read %s", path, exc_info=err)
+    message = message[:2000]
+    return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64),
+                    [(0, reason, json.dumps({"error": message}, ensure_ascii=False))], digest=digest,
+                    notes=[f"not read ({reason}): {message}"], unreadable=reason)
+
+
+SAMPLE_RAW_CHARS = 1000
+"""Longest ``raw`` text in the quarantine sample logged to MLflow (the Parquet file keeps it whole)."""
+
+
+def quarantine_sample(path: str | Path, rows: int = 500, max_chars: int = SAMPLE_RAW_CHARS) -> pd.DataFrame:
+    """The first ``rows`` quarantine rows for a tracking UI: reasons joined with ``; ``, ``raw``
+    cut to ``max_chars`` (marked). Only landing bytes can be in it: links out of the landing
+    folder are refused unread, and an unreadable file's ``raw`` is its error message."""
+    with pq.ParquetFile(path) as pf:
+        head = next(pf.iter_batches(batch_size=rows), None)
+    frame = (head.to_pandas() if head is not None else pf.schema_arrow.empty_table().to_pandas()).head(rows)
+    frame["reasons"] = frame["reasons"].map(lambda r: "; ".join(r))
+    frame["raw"] = frame["raw"].map(lambda t: t if t is None or len(t) <= max_chars
+                                    else f"{t[:max_chars]}... [cut: {len(t)} characters]")
+    return frame
 
 
 def write_quarantine(result: ValidationResult, path: str | Path) -> str:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.data.handoff import read_validated_frame
-from tasks.data.landing import ingest
+from tasks.data.landing import ingest, quarantine_sample
 from tasks.data.preferences import build_preferences, validated_files
 from tasks.data.settings import IngestSettings
 from tasks.data.validate import QuarantineThresholdExceeded
@@ -119,9 +119,8 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
             if result.report_path:
                 tracking.log_artifact(run_id, result.report_path, "ingest")
             if result.quarantine and record.rows_quarantined:
-                q = pd.read_parquet(result.quarantine)
-                q["reasons"] = q["reasons"].map(lambda r: "; ".join(r))
-                mlflow.MlflowClient().log_table(run_id, q.head(500), "ingest/quarantine_sample.json")
+                mlflow.MlflowClient().log_table(run_id, quarantine_sample(result.quarantine),
+                                                "ingest/quarantine_sample.json")
             for kind, path in result.validated.items():
                 frame = read_validated_frame(path)
                 dataset = mlflow.data.from_pandas(frame, source=str(path), name=f"validated-{kind}")
