@@ -132,8 +132,6 @@ class TrainSettings(StrictModel):
     """Checkpoints kept on disk; older ones are deleted after a new one is written."""
     resume: bool = True
     """Resume from the newest checkpoint in ``output_dir`` when one exists (config must match)."""
-    num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes."""
     cudnn_attention: bool = False
     """Let scaled-dot-product attention use cuDNN's kernel on CUDA. Off by default: cuDNN builds an
     execution plan for every new sequence length, and ragged or packed batches bring a new length
@@ -397,20 +395,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
-def load_recipe_config(recipe: str, path: str | Path) -> TrainSettings:
-    """Read a YAML or JSON recipe config from ``path``. Raises ConfigError on unknown recipe or bad field."""
-    if recipe not in RECIPE_CONFIGS:
-        raise ConfigError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPE_CONFIGS)}")
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    return validate_config(RECIPE_CONFIGS[recipe], data)
+def _canonical(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def json_digest(value: Any) -> str:
+    """sha256 (16 hex chars) of ``value``'s canonical JSON: pydantic models as their JSON dump,
+    paths as strings, keys sorted, anything else JSON cannot write as ``str()``. The one
+    digest-of-JSON rule of the project (configs, cache keys, records)."""
+    blob = json.dumps(_canonical(value), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def config_digest(cfg: BaseModel | dict[str, Any], exclude: set[str] | None = None) -> str:
-    """Stable sha256 (16 hex chars) of a config's JSON form, optionally without some top-level keys."""
+    """:func:`json_digest` of a config, optionally without some top-level keys."""
     data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg)
     for key in exclude or ():
         data.pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(data)
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -417,14 +417,22 @@ def _files_digest(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _folder_digest(folder: Path, memo_dir: Path | None) -> str:
-    """Digest of a local model folder's config and weight bytes.
+def folder_digest(folder: str | Path, memo_dir: str | Path | None = None) -> str:
+    """Digest (64 hex) of a local model folder's config and weight bytes: the one model-folder
+    digest of the project (caches in ``alignment/`` and the pipeline's stage keys).
+
+    Why every byte and not a sample: a digest that samples file ends misses weights rewritten
+    in the middle with the same size (a fine-tune of a few layers), and a stale cache then
+    hands on another model's results; the memo below makes the full hash a one-time cost.
+    Tokenizer files are left out (tokenization has its own digest where it matters, e.g. the
+    reference cache), as are subfolders.
 
     Hashing reads every weight byte (seconds to a minute for 1–15 GB). With ``memo_dir`` the
     result is remembered there (never in the model folder, whose own digest would change),
     with each file's size and mtime, and reused while those are unchanged (rewriting a file
     changes its mtime). Where the memo cannot be written the folder is simply hashed again.
     """
+    folder = Path(folder)
     files = _weight_files(folder)
     stat = [[f.name, st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]
     memo = None
@@ -455,7 +463,7 @@ def model_fingerprint(settings: ModelSettings, memo_dir: str | Path | None = Non
     h = hashlib.sha256(f"{settings.dtype}|{settings.attn_implementation}".encode())
     folder = Path(settings.name_or_path)
     if folder.is_dir():
-        h.update(_folder_digest(folder, Path(memo_dir) if memo_dir else None).encode())
+        h.update(folder_digest(folder, memo_dir).encode())
     else:
         h.update(f"{settings.name_or_path}@{settings.revision}".encode())
     return h.hexdigest()[:16]

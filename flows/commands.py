@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import datetime, timezone
 
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from rich.console import Console
 from rich.table import Table
 
@@ -54,7 +51,7 @@ def cmd_ingest(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def _policy_name(cfg: PipelineConfig) -> str:
     tracking.configure(cfg.home, cfg.pipeline.name)
-    return f"{cfg.pipeline.name}-policy"
+    return tracking.policy_model_name(cfg.pipeline.name)
 
 
 def cmd_promote(cfg: PipelineConfig, args: argparse.Namespace) -> int:
@@ -62,7 +59,7 @@ def cmd_promote(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     name = _policy_name(cfg)
     try:
         tracking.promote(name, str(args.version), reason="manual promotion (alignflow promote)")
-    except MlflowException as err:
+    except tracking.TrackingError as err:
         console.print(f"[red]cannot promote {name} v{args.version}: {err.message}[/red]")
         return 1
     console.print(f"{name}: champion -> v{args.version}")
@@ -74,7 +71,7 @@ def cmd_rollback(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     name = _policy_name(cfg)
     try:
         old, new = tracking.rollback(name)
-    except (LookupError, MlflowException) as err:
+    except (LookupError, tracking.TrackingError) as err:
         console.print(f"[red]rollback failed: {err}[/red]")
         return 1
     console.print(f"{name}: champion v{old} -> v{new} (v{old} marked rolled back)")
@@ -90,7 +87,6 @@ def _when(ms: int | None) -> str:
 def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """``alignflow status``: champion, challenger and recent pipeline runs."""
     name = _policy_name(cfg)
-    client = MlflowClient()
     table = Table(title=f"{name} registry")
     for col in ("alias", "version", "created", "gate", "data digest", "method"):
         table.add_column(col)
@@ -99,16 +95,14 @@ def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         if version is None:
             table.add_row(alias, "-", "-", "-", "-", "-")
             continue
-        mv = client.get_model_version(name, version)
+        mv = tracking.model_version(name, version)
         table.add_row(alias, version, _when(mv.creation_timestamp), mv.tags.get("alignflow.gate", "-"),
                       mv.tags.get("alignflow.data_digest", "-"), mv.tags.get("alignflow.method", "-"))
     console.print(table)
-    experiment = client.get_experiment_by_name(cfg.pipeline.name)
-    if experiment is None:
+    runs = tracking.recent_runs(cfg.pipeline.name, "prefect.flow_run_id", max_results=10)
+    if runs is None:
         console.print("no runs yet")
         return 0
-    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`prefect.flow_run_id` != ''",
-                              order_by=["attributes.start_time DESC"], max_results=10)
     recent = Table(title="recent pipeline runs")
     for col in ("started", "run", "status", "prefect flow run"):
         recent.add_column(col)
@@ -135,11 +129,6 @@ def cmd_monitor(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
     result = monitor_feedback(**_flow_kwargs(args))
     return 0 if result is not None else 1
-
-
-def fail(message: str) -> int:
-    print(f"alignflow: {message}", file=sys.stderr)
-    return 1
 
 
 def cmd_build_dataset(cfg: PipelineConfig, args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ def next_round_index(landing: Path) -> int:
 
 def champion_oracle(cfg) -> tuple[str | None, float | None, float | None]:
     """(version, oracle mean, KL to base) of the champion, from its evaluation tags."""
-    name = f"{cfg.pipeline.name}-policy"
+    name = tracking.policy_model_name(cfg.pipeline.name)
     version = tracking.alias_version(name, tracking.CHAMPION)
     if version is None:
         return None, None, None

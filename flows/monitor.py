@@ -13,9 +13,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks import tracking
 from tasks.config import load_pipeline_config
-from tasks.data.handoff import read_validated_frame
+from tasks.data.handoff import read_validated_kind, validated_root
 from tasks.data.landing import ledger_for, pending_sources, read_and_validate
-from tasks.data.preferences import validated_files
 from tasks.evaluation.drift import monitor_batch
 from tasks.stages.data import data_dir, ingest_settings
 
@@ -31,7 +30,7 @@ def _reward_scorer(cfg, device: str = "cpu"):
     """The champion reward model as a scorer, or None when none is registered."""
     from tasks.evaluation.suite import reward_scorer_from_folder
 
-    name = f"{cfg.pipeline.name}-reward"
+    name = tracking.reward_model_name(cfg.pipeline.name)
     version = tracking.alias_version(name, tracking.CHAMPION)
     if version is None:
         return None
@@ -60,11 +59,10 @@ def monitor_feedback(config: str | None = None, overrides: list[str] | None = No
         return None
     new = read_and_validate([p.options for p in pending], settings, [p.digest for p in pending]).valid
     kind = _largest_kind(new)
-    reference_files = validated_files(data_dir(cfg) / "validated").get(kind or "", [])
-    if kind is None or not reference_files:
+    reference = read_validated_kind(validated_root(data_dir(cfg)), kind) if kind else None
+    if reference is None:
         logger.info("No reference feedback of kind %s yet (first batch): nothing to compare.", kind)
         return None
-    reference = pd.concat([read_validated_frame(p) for p in reference_files], ignore_index=True)
     report = monitor_batch(new[kind], reference, cfg.monitor, _reward_scorer(cfg), seed=cfg.pipeline.seed)
     experiment_id = tracking.configure(cfg.home, cfg.pipeline.name)
     run_id = tracking.start_parent_run(experiment_id, "monitor", {"alignflow.stage": "monitor",
@@ -81,10 +79,7 @@ def monitor_feedback(config: str | None = None, overrides: list[str] | None = No
             except Exception as err:  # noqa: BLE001 - the deployment may not exist outside `serve`
                 tags["alignflow.trigger_error"] = str(err)[:500]
                 logger.warning("Drift found but the retraining deployment could not be started: %s", err)
-        from mlflow import MlflowClient
-
-        for key, value in tags.items():
-            MlflowClient().set_tag(run_id, key, value)
+        tracking.set_tags(run_id, tags)
     finally:
         tracking.end_run(run_id)
     create_markdown_artifact(report.to_markdown(), key=f"{cfg.pipeline.name}-drift".replace("_", "-"),

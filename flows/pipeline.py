@@ -5,6 +5,11 @@ Each stage is a Prefect task (``tasks/stages``); stages pass records (paths, dig
 numbers), never models. Training stages are cached on their inputs, config section and the
 code version of ``alignment/``, so a re-run with nothing new skips them, and a re-run after a
 crash resumes the interrupted training from its last checkpoint.
+
+The flow is a straight list of steps (functions below it) inside one :class:`PipelineRound`,
+which owns the MLflow parent run, the stage timings and the summary, and ends the run in one
+place; a step that finds nothing more to do stops the round with :meth:`PipelineRound.stop`.
+A new step (e.g. one per round state) is a function here and a line in the list.
 """
 
 from __future__ import annotations
@@ -16,36 +21,89 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from alignment.config import apply_overrides, validate_config
 from tasks import tracking
 from tasks.config import PipelineConfig, load_pipeline_config, to_yaml
 from tasks.methods import label, method
 from tasks.records import ModelRecord, StageTiming
-from tasks.stages.data import build_preferences_task, ingest_task
+from tasks.stages.cached import run_cached
+from tasks.stages.data import DatasetRecord, IngestRecord, build_task, dataset_present, ingest_task
 from tasks.stages.demo import demo_base_model_task, landing_is_empty, simulate_feedback_task
 from tasks.stages.evaluate import evaluate_task, gate_decision
 from tasks.stages.models import base_model_record, champion_record, champion_trained_on, registered_candidate
-from tasks.stages.register import register_task
+from tasks.stages.register import RegistryRecord, register_task
 from tasks.stages.summary import PipelineSummary, publish_summary
-from tasks.stages.train import run_train_task
+from tasks.stages.train import train_task
+from tasks.trusted import check_deployment_run
 from tasks.versioning import code_version
 
 
-class StageClock:
-    """Times stages for the end-of-run table and the orchestration-overhead figure."""
+class RoundStopped(Exception):
+    """Raised by :meth:`PipelineRound.stop`: the round ends early with a status (not an error)."""
 
-    def __init__(self) -> None:
-        self.rows: list[StageTiming] = []
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class PipelineRound:
+    """One round's MLflow parent run, stage timings and summary.
+
+    Used as a context manager around the flow's steps. On leaving it the summary is published
+    and the parent run is ended — FINISHED when the steps completed or a step stopped the round
+    (:meth:`stop`), FAILED when one raised (the error propagates; every finished stage's
+    outputs stay on disk and in the cache for the re-run). This is the only place a round ends.
+    """
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.logger = get_run_logger()
         self.started = time.monotonic()
+        self.rows: list[StageTiming] = []
+        self.result: dict[str, Any] = {}
+        experiment_id = tracking.configure(cfg.home, cfg.pipeline.name)
+        flow_run_id = str(flow_run.get_id() or "")
+        self.parent = tracking.start_parent_run(
+            experiment_id, run_name=f"{cfg.pipeline.name}-{flow_run.get_name() or 'run'}",
+            tags={"prefect.flow_run_id": flow_run_id, "alignflow.config_digest": cfg.digest(),
+                  "alignflow.code_version": code_version(), "alignflow.method": cfg.pipeline.method})
+        self.summary = PipelineSummary(pipeline=cfg.pipeline.name, home=str(cfg.home), mlflow_run_id=self.parent,
+                                       experiment_id=experiment_id, tracking_uri=tracking.tracking_uri(cfg.home),
+                                       flow_run_id=flow_run_id)
 
-    def add(self, stage: str, status: str, started: float, metrics: dict[str, Any] | None = None) -> None:
+    def timed(self, stage: str, status: str, started: float, metrics: dict[str, Any] | None = None) -> None:
+        """Record a stage's row of the summary table (seconds since ``started``)."""
         self.rows.append(StageTiming(stage=stage, status=status, seconds=time.monotonic() - started,
                                      metrics=metrics or {}))
 
+    def stop(self, status: str, registry: RegistryRecord | None = None) -> None:
+        """End the round here with ``status`` (``no-new-data``, ``unchanged``). Raises RoundStopped."""
+        self.summary.status = status
+        if registry is not None:
+            self.summary.registry = registry
+        raise RoundStopped(status)
+
+    def __enter__(self) -> PipelineRound:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        status = "FAILED"
+        try:
+            if exc_type is None or issubclass(exc_type, RoundStopped):
+                self.result = publish_summary(self.summary, self.rows, self.started)
+                status = "FINISHED"
+        finally:
+            tracking.end_run(self.parent, status)
+        return exc_type is not None and issubclass(exc_type, RoundStopped)
+
 
 def resolve_config(config: PipelineConfig | str | None, overrides: list[str] | None) -> PipelineConfig:
-    """A config object as given, or loaded from a path (None: the embedded demo)."""
+    """The config as given (a :class:`PipelineConfig`, or a path; None: the embedded demo), with
+    ``overrides`` applied. Raises ConfigError naming each bad field."""
     if isinstance(config, PipelineConfig):
-        return config if not overrides else load_pipeline_config(None, overrides)
+        if not overrides:
+            return config
+        return validate_config(PipelineConfig, apply_overrides(config.model_dump(mode="json"), overrides))
     return load_pipeline_config(config, overrides)
 
 
@@ -63,114 +121,159 @@ def alignment_pipeline(config: str | None = None, overrides: list[str] | None = 
     Returns the run summary (stages, timings, metrics, registry state) as a dict.
     Raises the first stage error after marking the MLflow parent run FAILED; the quarantine
     and every finished stage's outputs stay on disk (and in the cache) for the re-run.
+    A deployment run whose parameters set code-executing settings is refused (tasks/trusted.py).
     """
+    if not isinstance(config, PipelineConfig):
+        check_deployment_run(config, overrides)
     cfg = resolve_config(config, overrides)
-    logger = get_run_logger()
-    clock = StageClock()
-    experiment_id = tracking.configure(cfg.home, cfg.pipeline.name)
-    parent = tracking.start_parent_run(experiment_id, run_name=f"{cfg.pipeline.name}-{flow_run.get_name() or 'run'}",
-                                       tags={"prefect.flow_run_id": str(flow_run.get_id() or ""),
-                                             "alignflow.config_digest": cfg.digest(),
-                                             "alignflow.code_version": code_version(),
-                                             "alignflow.method": cfg.pipeline.method})
-    summary = PipelineSummary(pipeline=cfg.pipeline.name, home=str(cfg.home), mlflow_run_id=parent,
-                              experiment_id=experiment_id, tracking_uri=tracking.tracking_uri(cfg.home),
-                              flow_run_id=str(flow_run.get_id() or ""))
-    status = "FAILED"
-    try:
-        tracking.log_params(parent, tracking.flatten(cfg.model_dump(mode="json")))
-        config_file = Path(cfg.home) / "runs" / cfg.pipeline.name / f"config-{cfg.digest()}.yaml"
-        config_file.parent.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(to_yaml(cfg))
-        tracking.log_artifact(parent, config_file, "config")
+    with PipelineRound(cfg) as rnd:
+        record_config(rnd)
+        base = starting_model(rnd)
+        ingest = collect_feedback(rnd, base, only_if_new_data)
+        dataset = build_dataset(rnd, ingest)
+        stop_if_champion_is_current(rnd, dataset)
+        init = fine_tune_supervised(rnd, dataset, policy_start(rnd, base))
+        reward = train_reward_model(rnd, dataset, base)
+        candidate = update_policy(rnd, dataset, init, base, reward)
+        stop_if_already_registered(rnd, candidate)
+        champion = champion_record(cfg)
+        decision = evaluate_and_gate(rnd, candidate, champion, base, reward, dataset)
+        register_and_promote(rnd, candidate, reward, dataset, decision, champion)
+    return rnd.result
 
-        # -- the starting model (the demo builds and caches its own) ---------------------------
+
+# ----------------------------------------------------------------------------- steps
+
+
+def record_config(rnd: PipelineRound) -> None:
+    """Log the resolved config as params and as a YAML artifact of the parent run."""
+    cfg = rnd.cfg
+    tracking.log_params(rnd.parent, tracking.flatten(cfg.model_dump(mode="json")))
+    config_file = Path(cfg.home) / "runs" / cfg.pipeline.name / f"config-{cfg.digest()}.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(to_yaml(cfg))
+    tracking.log_artifact(rnd.parent, config_file, "config")
+
+
+def starting_model(rnd: PipelineRound) -> ModelRecord:
+    """The base model: the configured one, or the demo's own (built and cached once)."""
+    t = time.monotonic()
+    if rnd.cfg.demo is not None and rnd.cfg.model.policy is None:
+        base = demo_base_model_task(rnd.cfg)
+        rnd.timed("base model (demo)", "ready", t, {"path": base.path})
+    else:
+        base = base_model_record(rnd.cfg)
+        rnd.timed("base model", "ready", t)
+    return base
+
+
+def collect_feedback(rnd: PipelineRound, base: ModelRecord, only_if_new_data: bool) -> IngestRecord:
+    """(Demo: simulate a first batch into an empty landing folder.) Ingest and validate new files;
+    with ``only_if_new_data``, stop the round when none arrived."""
+    cfg = rnd.cfg
+    if cfg.demo is not None and landing_is_empty(cfg):
         t = time.monotonic()
-        if cfg.demo is not None and cfg.model.policy is None:
-            base = demo_base_model_task(cfg)
-            clock.add("base model (demo)", "ready", t, {"path": base.path})
-        else:
-            base = base_model_record(cfg)
-            clock.add("base model", "ready", t)
+        sim = simulate_feedback_task(cfg, champion_record(cfg) or base, base, round_index=0)
+        rnd.timed("simulate feedback (demo)", "ran", t, sim)
+    t = time.monotonic()
+    ingest = ingest_task(cfg, rnd.parent)
+    rnd.timed("ingest + validate", "ran", t, {"new files": ingest.new_files, "rows in": ingest.rows_in,
+                                              "valid": ingest.rows_valid, "quarantined": ingest.rows_quarantined})
+    if only_if_new_data and ingest.new_files == 0:
+        rnd.logger.info("No new landing files: nothing to do.")
+        rnd.stop("no-new-data")
+    return ingest
 
-        # -- feedback --------------------------------------------------------------------------
-        if cfg.demo is not None and landing_is_empty(cfg):
-            t = time.monotonic()
-            sim = simulate_feedback_task(cfg, champion_record(cfg) or base, base, round_index=0)
-            clock.add("simulate feedback (demo)", "ran", t, sim)
-        t = time.monotonic()
-        ingest = ingest_task(cfg, parent)
-        clock.add("ingest + validate", "ran", t, {"new files": ingest.new_files, "rows in": ingest.rows_in,
-                                                  "valid": ingest.rows_valid,
-                                                  "quarantined": ingest.rows_quarantined})
-        if only_if_new_data and ingest.new_files == 0:
-            logger.info("No new landing files: nothing to do.")
-            summary.status = "no-new-data"
-            status = "FINISHED"
-            return publish_summary(summary, clock.rows, clock.started)
 
-        t = time.monotonic()
-        dataset, cached = build_preferences_task(cfg, ingest, parent)
-        clock.add("build preferences", "cached" if cached else "ran", t,
-                  {"pairs": dataset.num_pairs, "digest": dataset.digest})
+def build_dataset(rnd: PipelineRound, ingest: IngestRecord) -> DatasetRecord:
+    """The preference dataset (cached on the validated files and the ``preferences`` section)."""
+    t = time.monotonic()
+    dataset, cached = run_cached(build_task, dataset_present, cfg=rnd.cfg, ingest_record=ingest,
+                                 parent_run_id=rnd.parent)
+    rnd.timed("build preferences", "cached" if cached else "ran", t,
+              {"pairs": dataset.num_pairs, "digest": dataset.digest})
+    return dataset
 
-        # -- nothing new: the champion already reflects this data and config ------------------
-        current = champion_trained_on(cfg, dataset.digest)
-        if current is not None:
-            logger.info("The champion v%s was trained on this dataset and config: nothing to retrain.",
+
+def stop_if_champion_is_current(rnd: PipelineRound, dataset: DatasetRecord) -> None:
+    """Stop (``unchanged``) when the champion was trained on this dataset and config."""
+    current = champion_trained_on(rnd.cfg, dataset.digest)
+    if current is not None:
+        rnd.logger.info("The champion v%s was trained on this dataset and config: nothing to retrain.",
                         current.policy_version)
-            summary.registry = current
-            summary.status = "unchanged"
-            clock.add("train + evaluate", "skipped", time.monotonic(), {"champion": current.policy_version})
-            status = "FINISHED"
-            return publish_summary(summary, clock.rows, clock.started)
+        rnd.timed("train + evaluate", "skipped", time.monotonic(), {"champion": current.policy_version})
+        rnd.stop("unchanged", registry=current)
 
-        # -- training --------------------------------------------------------------------------
-        init = base
-        if cfg.pipeline.init_from == "champion":
-            init = champion_record(cfg) or base
-        if cfg.sft.enabled:
-            t = time.monotonic()
-            init, cached = run_train_task(cfg, "sft", dataset.files, dataset.digest, init, parent)
-            clock.add("supervised fine-tune", "cached" if cached else "ran", t, _final(init, "eval/loss"))
-        reward = None
-        row = method(cfg.pipeline.method)
-        if cfg.reward.enabled or row.needs_reward_model:
-            t = time.monotonic()
-            reward, cached = run_train_task(cfg, "reward", dataset.files, dataset.digest, base, parent)
-            clock.add("reward model", "cached" if cached else "ran", t, _final(reward, "eval/accuracy"))
-        t = time.monotonic()
-        reference = base if row.implicit_reward and cfg.pipeline.dpo_reference == "base" else None
-        candidate, cached = run_train_task(cfg, cfg.pipeline.method, dataset.files, dataset.digest, init, parent,
-                                           reward=reward, reference=reference)
-        shown = label(cfg.pipeline.method, getattr(getattr(cfg, method(cfg.pipeline.method).section), "loss_type", None))
-        clock.add(f"fine-tune ({shown})", "cached" if cached else "ran", t,
-                  _final(candidate, "eval/rewards/accuracy", "reward/raw"))
 
-        # -- evaluation, gate, registry -------------------------------------------------------
-        existing = registered_candidate(cfg, candidate)
-        if existing is not None:
-            summary.registry = existing
-            summary.status = "unchanged"
-            clock.add("evaluate + gate", "cached", time.monotonic(), {"version": existing.policy_version})
-        else:
-            t = time.monotonic()
-            champion = champion_record(cfg)
-            report, cached = evaluate_task(cfg, candidate, champion, base, reward, dataset, parent)
-            decision = gate_decision(cfg, report, has_champion=champion is not None)
-            clock.add("evaluate", "cached" if cached else "ran", t, report.headline())
-            t = time.monotonic()
-            registry = register_task(cfg, candidate, reward, dataset.digest, decision, parent,
-                                     evaluated_against=champion.registry_version if champion else None)
-            clock.add("register + promote", "ran", t, {"version": registry.policy_version,
-                                                       "promoted": registry.promoted})
-            summary.registry = registry
-            summary.evaluation = report.headline()
-            summary.status = "promoted" if registry.promoted else "not-promoted"
-        status = "FINISHED"
-        return publish_summary(summary, clock.rows, clock.started)
-    finally:
-        tracking.end_run(parent, status)
+def policy_start(rnd: PipelineRound, base: ModelRecord) -> ModelRecord:
+    """The model the round's policy starts from: the base model, or the champion (``init_from``)."""
+    if rnd.cfg.pipeline.init_from == "champion":
+        return champion_record(rnd.cfg) or base
+    return base
+
+
+def _train(rnd: PipelineRound, stage: str, label: str, dataset: DatasetRecord, init: ModelRecord,
+           figures: tuple[str, ...], **upstream: ModelRecord | None) -> ModelRecord:
+    """Run (or take from cache) one training stage and record its row."""
+    t = time.monotonic()
+    record, cached = run_cached(train_task, ModelRecord.exists, cfg=rnd.cfg, stage=stage, data=dataset.files,
+                                dataset_digest=dataset.digest, init=init, parent_run_id=rnd.parent, **upstream)
+    rnd.timed(label, "cached" if cached else "ran", t, _final(record, *figures))
+    return record
+
+
+def fine_tune_supervised(rnd: PipelineRound, dataset: DatasetRecord, init: ModelRecord) -> ModelRecord:
+    """SFT when ``sft.enabled`` (its output becomes the policy's start), else ``init``."""
+    if not rnd.cfg.sft.enabled:
+        return init
+    return _train(rnd, "sft", "supervised fine-tune", dataset, init, ("eval/loss",))
+
+
+def train_reward_model(rnd: PipelineRound, dataset: DatasetRecord, base: ModelRecord) -> ModelRecord | None:
+    """The reward model, when enabled or when the method needs one; else None."""
+    if not (rnd.cfg.reward.enabled or method(rnd.cfg.pipeline.method).needs_reward_model):
+        return None
+    return _train(rnd, "reward", "reward model", dataset, base, ("eval/accuracy",))
+
+
+def update_policy(rnd: PipelineRound, dataset: DatasetRecord, init: ModelRecord, base: ModelRecord,
+                  reward: ModelRecord | None) -> ModelRecord:
+    """The candidate: the policy update of ``pipeline.method``."""
+    name = rnd.cfg.pipeline.method
+    anchored = method(name).implicit_reward and rnd.cfg.pipeline.dpo_reference == "base"
+    shown = label(name, getattr(getattr(rnd.cfg, method(name).section), "loss_type", None))
+    return _train(rnd, name, f"fine-tune ({shown})", dataset, init, ("eval/rewards/accuracy", "reward/raw"),
+                  reward=reward, reference=base if anchored else None)
+
+
+def stop_if_already_registered(rnd: PipelineRound, candidate: ModelRecord) -> None:
+    """Stop (``unchanged``) when this exact candidate is already registered (a re-run)."""
+    existing = registered_candidate(rnd.cfg, candidate)
+    if existing is not None:
+        rnd.timed("evaluate + gate", "cached", time.monotonic(), {"version": existing.policy_version})
+        rnd.stop("unchanged", registry=existing)
+
+
+def evaluate_and_gate(rnd: PipelineRound, candidate: ModelRecord, champion: ModelRecord | None,
+                      base: ModelRecord, reward: ModelRecord | None, dataset: DatasetRecord) -> dict[str, Any]:
+    """Evaluate the candidate (cached) and take the gate's decision."""
+    t = time.monotonic()
+    report, cached = run_cached(evaluate_task, None, cfg=rnd.cfg, candidate=candidate, champion=champion,
+                                base=base, reward=reward, dataset=dataset, parent_run_id=rnd.parent)
+    rnd.timed("evaluate", "cached" if cached else "ran", t, report.headline())
+    rnd.summary.evaluation = report.headline()
+    return gate_decision(rnd.cfg, report, has_champion=champion is not None)
+
+
+def register_and_promote(rnd: PipelineRound, candidate: ModelRecord, reward: ModelRecord | None,
+                         dataset: DatasetRecord, decision: dict[str, Any], champion: ModelRecord | None) -> None:
+    """Register the candidate (and reward model), move ``challenger``, and ``champion`` if it passed."""
+    t = time.monotonic()
+    registry = register_task(rnd.cfg, candidate, reward, dataset.digest, decision, rnd.parent,
+                             evaluated_against=champion.registry_version if champion else None)
+    rnd.timed("register + promote", "ran", t, {"version": registry.policy_version, "promoted": registry.promoted})
+    rnd.summary.registry = registry
+    rnd.summary.status = "promoted" if registry.promoted else "not-promoted"
 
 
 def _final(record: ModelRecord, *keys: str) -> dict[str, Any]:

@@ -3,7 +3,6 @@ or tensors. They are persisted as task results, so a cached stage hands the same
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +41,3 @@ class StageTiming(BaseModel):
     """ran, cached, skipped or failed."""
     seconds: float
     metrics: dict[str, Any] = Field(default_factory=dict)
-
-
-def folder_digest(path: str | Path, sample_bytes: int = 1 << 20) -> str:
-    """Content digest of a model folder: names, sizes, small files whole, large files' ends.
-
-    Hub ids (not a local folder) digest to their id.
-    """
-    root = Path(path)
-    digest = hashlib.sha256()
-    if not root.exists():
-        digest.update(str(path).encode())
-        return digest.hexdigest()[:16]
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(root)}:{size}".encode())
-        with file.open("rb") as fh:
-            if size <= 8 * sample_bytes:
-                digest.update(fh.read())
-            else:
-                digest.update(fh.read(sample_bytes))
-                fh.seek(size - sample_bytes)
-                digest.update(fh.read(sample_bytes))
-    return digest.hexdigest()[:16]

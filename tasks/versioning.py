@@ -1,22 +1,17 @@
-"""Versions that make results reproducible and caches safe: the code version of ``alignment/``
-and the cache keys of pipeline stages.
-
-A stage's cache key hashes its stage name, the inputs that determine its result (data
-digests, upstream model digests, the relevant config sections) and the code version of
-``alignment/``. Anything else a task receives (MLflow run ids, progress callbacks) is left
-out, so a re-run with nothing new hits the cache and a code change retrains.
+"""Versions that make results reproducible and caches safe: the code version of ``alignment/``,
+the checkout's commit, and :func:`digest_of`, the one sha256-of-JSON digest of configs and
+records (stage cache keys are built from it in :mod:`tasks.stages.cached`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from alignment.config import json_digest
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,30 +37,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _canonical(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    return value
-
-
 def digest_of(*parts: Any) -> str:
-    """sha256 (16 hex) of JSON-canonical parts."""
-    blob = json.dumps([_canonical(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def stage_cache_key(*input_names: str):
-    """A Prefect ``cache_key_fn`` hashing the named task inputs, the task name and the code version."""
-
-    def key_fn(context: Any, inputs: dict[str, Any]) -> str:
-        task_name = getattr(getattr(context, "task", None), "name", "task")
-        picked = {name: inputs.get(name) for name in input_names}
-        return f"{task_name}-{digest_of(picked, code_version())}"
-
-    return key_fn
+    """:func:`alignment.config.json_digest` of the parts (as a list)."""
+    return json_digest(list(parts))

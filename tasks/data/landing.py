@@ -42,6 +42,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.data.handoff import drop_older_formats, validated_path
 from tasks.data.heap import retained_heap
 from tasks.data.readers import (
     RawTable,
@@ -471,9 +472,9 @@ def ingest(settings: IngestSettings, out_dir: str | Path, *, commit: bool = True
     validated = {}
     for kind, n_valid in report.valid_by_kind.items():
         if n_valid:
-            path = out / "validated" / kind / f"{batch}.arrow"
+            path = validated_path(out, kind, batch)
             result.write_valid(kind, path)
-            path.with_suffix(".parquet").unlink(missing_ok=True)  # this batch as an older version wrote it
+            drop_older_formats(path)  # this batch as an older version wrote it
             validated[kind] = str(path)
     fault_point("ingest")
     ledger.record(entries(CONSUMED if commit else PENDING))

@@ -40,7 +40,7 @@ from tasks.data.aggregate import (
     thumbs_to_pairs,
 )
 from tasks.data.card import length_stats, write_card
-from tasks.data.handoff import SUFFIXES
+from tasks.data.handoff import validated_files
 from tasks.data.heap import retained_heap
 from tasks.data.keys import (
     CHAT_KEY_PREFIX,
@@ -54,7 +54,7 @@ from tasks.data.keys import (
     parquet_options,
 )
 from tasks.data.readers import content_digest
-from tasks.data.settings import KINDS, PreferenceSettings
+from tasks.data.settings import PreferenceSettings
 from tasks.data.unpaired import UnpairedSet, unpaired_items
 from tasks.data.votes import ColumnSource, Feedback, encode_feedback
 
@@ -91,16 +91,6 @@ class PreferenceBuild:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def validated_files(validated: str | Path | Mapping[str, list]) -> dict[str, list[Path]]:
-    """Validated files per kind: a folder laid out as ``<kind>/*.arrow`` (or ``*.parquet``, from
-    older stores), or a mapping kind -> paths."""
-    if isinstance(validated, Mapping):
-        return {k: sorted(Path(p) for p in v) for k, v in validated.items() if k in KINDS and v}
-    root = Path(validated)
-    out = {k: sorted(p for suffix in SUFFIXES for p in (root / k).glob(f"*{suffix}")) for k in KINDS}
-    return {k: v for k, v in out.items() if v}
 
 
 def _source_digest(files: dict[str, list[Path]]) -> str:

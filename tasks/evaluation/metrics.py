@@ -21,8 +21,10 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 from scipy import sparse, stats
 
 __all__ = [
@@ -68,13 +70,29 @@ def _z(confidence: float) -> float:
 
 
 # --- win rate -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class WinRate:
-    """Share of paired comparisons won by model A (ties count half) with its interval."""
+Judge = Literal["reward_model", "oracle"]
+"""Who scores the comparisons of an evaluation report's win rate."""
 
+
+class WinRate(BaseModel):
+    """Share of paired comparisons won by model A (ties count half) with its interval.
+
+    The same type is an entry of the evaluation report (:class:`tasks.evaluation.report.EvalReport`),
+    where A is the candidate and ``judge`` and ``opponent`` say who scored it against whom;
+    :func:`win_rate` leaves those two None."""
+
+    model_config = ConfigDict(frozen=True)
+
+    judge: Judge | None = None
+    """Who scored the comparisons (set when the win rate enters a report)."""
+    opponent: Literal["champion", "reference"] | None = None
+    """Model B in a report (set when the win rate enters a report)."""
     rate: float
+    """(wins + ties / 2) / comparisons (per-prompt means when several samples per prompt)."""
     lower: float
+    """Lower Wilson bound at ``confidence``: the number the gate uses."""
     upper: float
+    """Upper Wilson bound at ``confidence``."""
     wins: int
     ties: int
     losses: int
@@ -143,7 +161,8 @@ def win_rate(
         unit = out
     rate = float(unit.mean())
     lo, hi = wilson_interval(rate * unit.size, unit.size, confidence)
-    return WinRate(rate, lo, hi, wins, ties, losses, int(unit.size), confidence)
+    return WinRate(rate=rate, lower=lo, upper=hi, wins=wins, ties=ties, losses=losses, units=int(unit.size),
+                   confidence=confidence)
 
 
 # --- KL -------------------------------------------------------------------------------------

@@ -13,26 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from tasks.evaluation.metrics import Judge, WinRate
+
 Role = Literal["candidate", "champion", "reference"]
-Judge = Literal["reward_model", "oracle"]
 
 
-class WinRateResult(BaseModel):
-    """Candidate vs ``opponent`` on the same prompts and sampling seed, judged by ``judge``."""
-
-    judge: Judge
-    opponent: Literal["champion", "reference"]
-    rate: float
-    """(wins + ties / 2) / comparisons (per-prompt means when several samples per prompt)."""
-    lower: float
-    """Lower Wilson bound at ``confidence``: the number the gate uses."""
-    upper: float
-    wins: int
-    ties: int
-    losses: int
-    units: int
-    """Independent units (prompts) behind the interval."""
-    confidence: float
+WinRateResult = WinRate
+"""A report's win rate: :class:`tasks.evaluation.metrics.WinRate` with ``judge`` and ``opponent`` set."""
 
 
 class AccuracyResult(BaseModel):
@@ -87,7 +74,7 @@ class EvalReport(BaseModel):
     reference: ModelEval
     champion_is_reference: bool
     """True when there was no champion and the reference stood in for it."""
-    win_rates: list[WinRateResult] = Field(default_factory=list)
+    win_rates: list[WinRate] = Field(default_factory=list)
     preference_accuracy: list[AccuracyResult] = Field(default_factory=list)
     length_drift: dict[str, float] = Field(default_factory=dict)
     """Candidate vs reference response lengths: mean_diff, relative_change, ks_statistic, ks_pvalue."""
@@ -107,7 +94,7 @@ class EvalReport(BaseModel):
     def model(self, role: Role) -> ModelEval:
         return {"candidate": self.candidate, "champion": self.champion, "reference": self.reference}[role]
 
-    def win_rate(self, judge: Judge, opponent: str) -> WinRateResult | None:
+    def win_rate(self, judge: Judge, opponent: str) -> WinRate | None:
         """The win rate of the candidate vs ``opponent`` by ``judge``, or None when not measured."""
         return next((w for w in self.win_rates if w.judge == judge and w.opponent == opponent), None)
 

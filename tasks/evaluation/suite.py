@@ -44,7 +44,7 @@ from alignment.models import (
     score_responses,
 )
 from tasks.evaluation import metrics as M
-from tasks.evaluation.report import AccuracyResult, EvalReport, ModelEval, WinRateResult
+from tasks.evaluation.report import AccuracyResult, EvalReport, ModelEval
 from tasks.evaluation.settings import EvalSettings
 
 Prompt = str | list[dict]
@@ -297,7 +297,7 @@ def _empty(texts: Sequence[str]) -> np.ndarray:
     return np.array([not t.strip() for t in texts], dtype=bool)
 
 
-def _win_rates(samples: dict[str, _Samples], settings: EvalSettings, groups: list[int]) -> list[WinRateResult]:
+def _win_rates(samples: dict[str, _Samples], settings: EvalSettings, groups: list[int]) -> list[M.WinRate]:
     """Win rates of the candidate by each judge. Empty responses are no answer, whatever a judge
     scores them: one empty against a non-empty response loses, and two empty responses are not a
     comparison (left out, so they are not ties that pull the rate to one half and narrow nothing)."""
@@ -316,7 +316,7 @@ def _win_rates(samples: dict[str, _Samples], settings: EvalSettings, groups: lis
                 continue  # nothing to compare: the gate then says no win rate was measured
             w = M.win_rate(a[keep], b[keep], tie_margin=settings.tie_margin, confidence=settings.confidence,
                            groups=[g for g, k in zip(groups, keep, strict=True) if k])
-            out.append(WinRateResult(judge=judge, opponent=opponent, **vars(w)))
+            out.append(w.model_copy(update={"judge": judge, "opponent": opponent}))
     return out
 
 

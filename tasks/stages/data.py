@@ -1,5 +1,6 @@
 """Data stages as Prefect tasks: ingest + validate (new landing files only) and the preference
 dataset build (cached on the validated data's digest and the ``preferences`` section).
+Which validated files a build reads is :func:`tasks.data.handoff.selected_files`.
 
 MLflow: row counts, quarantine share and failure reasons, the validation report and
 quarantine summary as artifacts; for the build, pair counts, agreement, split sizes, the data
@@ -10,19 +11,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.data.handoff import read_validated_frame
+from tasks.data.handoff import read_validated_frame, selected_files, validated_root
 from tasks.data.landing import ingest, quarantine_sample
-from tasks.data.preferences import build_preferences, validated_files
+from tasks.data.preferences import build_preferences
 from tasks.data.settings import IngestSettings
 from tasks.data.validate import QuarantineThresholdExceeded
-from tasks.versioning import digest_of, stage_cache_key
+from tasks.stages.cached import cached_stage
+from tasks.versioning import digest_of
 
 
 class IngestRecord(BaseModel):
@@ -66,72 +67,56 @@ def ingest_settings(cfg: PipelineConfig) -> IngestSettings:
     return cfg.data.model_copy(update={"landing_dir": landing})
 
 
-def selected_files(root: Path, recent_batches: int | None) -> dict[str, list[Path]]:
-    """Validated files per kind, limited to the newest ``recent_batches`` ingest batches.
-
-    A batch is one ingest (its files share the batch id as their name); batches are ordered by
-    when they were written."""
-    files = validated_files(root) if root.exists() else {}
-    if recent_batches is None:
-        return files
-    written: dict[str, float] = {}
-    for paths in files.values():
-        for p in paths:
-            written[p.stem] = max(written.get(p.stem, 0.0), p.stat().st_mtime)
-    keep = set(sorted(written, key=lambda b: (written[b], b))[-recent_batches:])
-    return {k: [p for p in v if p.stem in keep] for k, v in files.items() if any(p.stem in keep for p in v)}
-
-
 def _validated_digest(root: Path, recent_batches: int | None = None) -> str:
+    """Digest of the names of the validated files a build would read (the build's cache input)."""
     files = selected_files(root, recent_batches)
     return digest_of({k: [p.name for p in v] for k, v in sorted(files.items())})
+
+
+def _log_ingest_failure(run_id: str, out: Path, err: QuarantineThresholdExceeded) -> None:
+    tracking.log_metrics(run_id, {"ingest/threshold_exceeded": 1.0})
+    tracking.set_tags(run_id, {"alignflow.ingest_error": str(err)[:5000]})
+    for path in out.glob("reports/*.json"):
+        tracking.log_artifact(run_id, path, "ingest/reports")
+
+
+def _log_ingest(run_id: str, record: IngestRecord, result) -> None:
+    share = record.rows_quarantined / record.rows_in if record.rows_in else 0.0
+    tracking.log_metrics(run_id, {"ingest/new_files": record.new_files, "ingest/rows_in": record.rows_in,
+                                  "ingest/rows_valid": record.rows_valid,
+                                  "ingest/rows_quarantined": record.rows_quarantined,
+                                  "ingest/quarantine_share": share,
+                                  **{f"ingest/reason/{k}": v for k, v in record.top_reasons.items()}})
+    if result.report_path:
+        tracking.log_artifact(run_id, result.report_path, "ingest")
+    if result.quarantine and record.rows_quarantined:
+        tracking.log_table(run_id, quarantine_sample(result.quarantine), "ingest/quarantine_sample.json")
+    for kind, path in result.validated.items():
+        tracking.log_dataset(run_id, read_validated_frame(path), source=str(path), name=f"validated-{kind}",
+                             context="validated")
 
 
 def run_ingest(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
     """Validate new landing files; raise QuarantineThresholdExceeded after logging when over the limit."""
     out = data_dir(cfg)
-    settings = ingest_settings(cfg)
-
-    def body(run_id: str | None) -> IngestRecord:
+    with tracking.stage_run(parent_run_id, "ingest") as run_id:
         try:
-            result = ingest(settings, out)
+            result = ingest(ingest_settings(cfg), out)
         except QuarantineThresholdExceeded as err:
             if run_id:
-                tracking.log_metrics(run_id, {"ingest/threshold_exceeded": 1.0})
-                mlflow.MlflowClient().set_tag(run_id, "alignflow.ingest_error", str(err)[:5000])
-                for path in out.glob("reports/*.json"):
-                    tracking.log_artifact(run_id, path, "ingest/reports")
+                _log_ingest_failure(run_id, out, err)
             raise
         report = result.report or {}
         record = IngestRecord(new_files=len(result.sources), rows_in=report.get("rows_in", 0),
                               rows_valid=report.get("rows_valid", 0),
-                              rows_quarantined=report.get("rows_quarantined", 0), validated_dir=str(out / "validated"),
-                              validated_digest=_validated_digest(out / "validated", cfg.preferences.recent_batches),
+                              rows_quarantined=report.get("rows_quarantined", 0),
+                              validated_dir=str(validated_root(out)),
+                              validated_digest=_validated_digest(validated_root(out), cfg.preferences.recent_batches),
                               quarantine=result.quarantine,
                               top_reasons=dict(list((report.get("reasons") or {}).items())[:20]))
         if run_id:
-            share = record.rows_quarantined / record.rows_in if record.rows_in else 0.0
-            tracking.log_metrics(run_id, {"ingest/new_files": record.new_files, "ingest/rows_in": record.rows_in,
-                                          "ingest/rows_valid": record.rows_valid,
-                                          "ingest/rows_quarantined": record.rows_quarantined,
-                                          "ingest/quarantine_share": share,
-                                          **{f"ingest/reason/{k}": v for k, v in record.top_reasons.items()}})
-            if result.report_path:
-                tracking.log_artifact(run_id, result.report_path, "ingest")
-            if result.quarantine and record.rows_quarantined:
-                mlflow.MlflowClient().log_table(run_id, quarantine_sample(result.quarantine),
-                                                "ingest/quarantine_sample.json")
-            for kind, path in result.validated.items():
-                frame = read_validated_frame(path)
-                dataset = mlflow.data.from_pandas(frame, source=str(path), name=f"validated-{kind}")
-                with mlflow.start_run(run_id=run_id):
-                    mlflow.log_input(dataset, context="validated")
+            _log_ingest(run_id, record, result)
         return record
-
-    if parent_run_id is None:
-        return body(None)
-    with tracking.child_run(parent_run_id, "ingest") as run_id:
-        return body(run_id)
 
 
 @task(name="ingest-validate", retries=2, retry_delay_seconds=5,
@@ -151,54 +136,40 @@ def _files(build) -> dict[str, str]:
     return files
 
 
-def run_build(cfg: PipelineConfig, ingest_record: IngestRecord, parent_run_id: str | None) -> DatasetRecord:
-    """Build the preference dataset from every validated file so far; log counts, card, lineage."""
-    out = data_dir(cfg) / "preferences" / ingest_record.validated_digest
+def _log_build(run_id: str, cfg: PipelineConfig, build) -> None:
+    numeric = {f"data/{k}": v for k, v in build.counts.items() if isinstance(v, (int, float))}
+    pairs = pd.read_parquet(build.pairs, columns=["agreement", "weight", "split"])
+    numeric.update({"data/agreement_mean": float(pairs["agreement"].mean()) if len(pairs) else 0.0,
+                    "data/weight_mean": float(pairs["weight"].mean()) if len(pairs) else 0.0})
+    tracking.log_metrics(run_id, numeric)
+    tracking.set_tags(run_id, {"alignflow.data_digest": build.digest})
+    tracking.log_artifact(run_id, build.card_json, "data_card")
+    tracking.log_artifact(run_id, build.card_md, "data_card")
+    tracking.log_dataset(run_id, pd.read_parquet(build.pairs), source=build.pairs,
+                         name=f"{cfg.pipeline.name}-preferences", context="training", digest=build.digest[:36])
 
-    def body(run_id: str | None) -> DatasetRecord:
+
+def _build_key(cfg: PipelineConfig, ingest_record: IngestRecord, **_) -> tuple:
+    return ingest_record.validated_digest, cfg.preferences, cfg.pipeline.name, str(cfg.home)
+
+
+def dataset_present(record: DatasetRecord) -> bool:
+    """True while every file of a (cached) dataset record is still on disk."""
+    return all(Path(p).exists() for p in record.files.values())
+
+
+def run_build(cfg: PipelineConfig, ingest_record: IngestRecord, parent_run_id: str | None) -> DatasetRecord:
+    """Build the preference dataset from the selected validated files; log counts, card, lineage."""
+    out = data_dir(cfg) / "preferences" / ingest_record.validated_digest
+    with tracking.stage_run(parent_run_id, "preferences") as run_id:
         files = selected_files(Path(ingest_record.validated_dir), cfg.preferences.recent_batches)
         build = build_preferences({k: [str(p) for p in v] for k, v in files.items()}, out, cfg.preferences)
-        record = DatasetRecord(digest=build.digest, out_dir=build.out_dir, files=_files(build),
-                               counts=build.counts, card_md=build.card_md)
         if run_id:
-            numeric = {f"data/{k}": v for k, v in build.counts.items() if isinstance(v, (int, float))}
-            pairs = pd.read_parquet(build.pairs, columns=["agreement", "weight", "split"])
-            numeric.update({"data/agreement_mean": float(pairs["agreement"].mean()) if len(pairs) else 0.0,
-                            "data/weight_mean": float(pairs["weight"].mean()) if len(pairs) else 0.0})
-            tracking.log_metrics(run_id, numeric)
-            mlflow.MlflowClient().set_tag(run_id, "alignflow.data_digest", build.digest)
-            tracking.log_artifact(run_id, build.card_json, "data_card")
-            tracking.log_artifact(run_id, build.card_md, "data_card")
-            frame = pd.read_parquet(build.pairs)
-            dataset = mlflow.data.from_pandas(frame, source=build.pairs, name=f"{cfg.pipeline.name}-preferences",
-                                              digest=build.digest[:36])
-            with mlflow.start_run(run_id=run_id):
-                mlflow.log_input(dataset, context="training")
-        return record
-
-    if parent_run_id is None:
-        return body(None)
-    with tracking.child_run(parent_run_id, "preferences") as run_id:
-        return body(run_id)
+            _log_build(run_id, cfg, build)
+        return DatasetRecord(digest=build.digest, out_dir=build.out_dir, files=_files(build),
+                             counts=build.counts, card_md=build.card_md)
 
 
-@task(name="build-preferences", cache_key_fn=stage_cache_key("validated_digest", "settings_digest"),
-      persist_result=True)
-def build_task(cfg: PipelineConfig, ingest_record: IngestRecord, parent_run_id: str | None,
-               validated_digest: str = "", settings_digest: str = "") -> DatasetRecord:
-    """Prefect wrapper of :func:`run_build`; the digests exist for the cache key."""
-    return run_build(cfg, ingest_record, parent_run_id)
-
-
-def build_preferences_task(cfg: PipelineConfig, ingest_record: IngestRecord,
-                           parent_run_id: str | None) -> tuple[DatasetRecord, bool]:
-    """Build (or take from cache) the preference dataset. Returns (record, came_from_cache)."""
-    kwargs = dict(cfg=cfg, ingest_record=ingest_record, parent_run_id=parent_run_id,
-                  validated_digest=ingest_record.validated_digest,
-                  settings_digest=digest_of(cfg.preferences, cfg.pipeline.name, str(cfg.home)))
-    state = build_task(**kwargs, return_state=True)
-    record = state.result()
-    if not all(Path(p).exists() for p in record.files.values()):
-        state = build_task.with_options(refresh_cache=True)(**kwargs, return_state=True)
-        record = state.result()
-    return record, state.name == "Cached"
+build_task = cached_stage("build-preferences", key=_build_key)(run_build)
+"""Prefect task of :func:`run_build`, cached on the validated files' digest and the ``preferences``
+section (run it with :func:`tasks.stages.cached.run_cached` and :func:`dataset_present`)."""

@@ -13,10 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
-from prefect import task
 from pydantic import BaseModel, Field
 
 from alignment.batching import decode_prompt
@@ -28,8 +25,8 @@ from tasks.evaluation.report import EvalReport
 from tasks.evaluation.suite import evaluate_models
 from tasks.methods import method
 from tasks.records import ModelRecord
+from tasks.stages.cached import cached_stage
 from tasks.stages.data import DatasetRecord
-from tasks.versioning import digest_of, stage_cache_key
 
 EVAL_TAGS = ("kl", "reward_mean", "oracle_mean", "malformed_share", "distinct_2")
 
@@ -87,14 +84,9 @@ def _oracle(cfg: PipelineConfig):
 
 def _version_points(cfg: PipelineConfig, current: dict[str, float]) -> list[tuple[str, float, float]]:
     """(label, KL, reward) of earlier registered versions plus this candidate, for the frontier plot."""
-    name = f"{cfg.pipeline.name}-policy"
     judge = "oracle_mean" if cfg.demo is not None else "reward_mean"
     points = []
-    try:
-        versions = MlflowClient().search_model_versions(f"name = '{name}'")
-    except mlflow.exceptions.MlflowException:
-        versions = []
-    for v in sorted(versions, key=lambda v: int(v.version)):
+    for v in tracking.model_versions(tracking.policy_model_name(cfg.pipeline.name)):
         kl, reward = v.tags.get("alignflow.eval.kl"), v.tags.get(f"alignflow.eval.{judge}")
         if kl is not None and reward is not None:
             points.append((f"v{v.version}", float(kl), float(reward)))
@@ -131,7 +123,7 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
         tracking.log_metrics(run_id, metrics)
         tracking.log_artifact(run_id, report_path, "evaluation")
         if out.samples:
-            MlflowClient().log_table(run_id, pd.DataFrame(out.samples), "evaluation/samples.json")
+            tracking.log_table(run_id, pd.DataFrame(out.samples), "evaluation/samples.json")
         plots = []
         if out.scores:
             plots.append(plot_score_distributions(out.scores, folder / "score_distributions.png"))
@@ -148,20 +140,15 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
     return record
 
 
-@task(name="evaluate", cache_key_fn=stage_cache_key("key"), persist_result=True)
-def _evaluate(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,
-              reward: ModelRecord | None, dataset: DatasetRecord, parent_run_id: str | None, key: str = "") -> EvalRecord:
-    return run_evaluation(cfg, candidate, champion, base, reward, dataset, parent_run_id)
+def _evaluation_key(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,
+                    reward: ModelRecord | None, dataset: DatasetRecord, **_: Any) -> tuple:
+    return (candidate.digest, champion.digest if champion else None, base.digest, reward.digest if reward else None,
+            dataset.digest, cfg.evaluation, cfg.demo is not None)
 
 
-def evaluate_task(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,
-                  reward: ModelRecord | None, dataset: DatasetRecord,
-                  parent_run_id: str | None) -> tuple[EvalRecord, bool]:
-    """Evaluate (or take from cache). Returns (record, came_from_cache)."""
-    key = digest_of(candidate.digest, champion.digest if champion else None, base.digest,
-                    reward.digest if reward else None, dataset.digest, cfg.evaluation, cfg.demo is not None)
-    state = _evaluate(cfg, candidate, champion, base, reward, dataset, parent_run_id, key=key, return_state=True)
-    return state.result(), state.name == "Cached"
+evaluate_task = cached_stage("evaluate", key=_evaluation_key)(run_evaluation)
+"""Prefect task of :func:`run_evaluation`, cached on the models', the dataset's digests and the
+``evaluation`` section, so a re-run compares the same models only once."""
 
 
 def gate_decision(cfg: PipelineConfig, record: EvalRecord, has_champion: bool) -> dict[str, Any]:

@@ -3,12 +3,23 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+from alignment.models import folder_digest
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.records import ModelRecord, folder_digest
+from tasks.records import ModelRecord
 from tasks.stages.register import CANDIDATE_TAG, RegistryRecord
+
+
+def model_digest(cfg: PipelineConfig, ref: str | Path, revision: str | None = None) -> str:
+    """A model's identity in stage keys: a local folder's config and weight bytes
+    (:func:`alignment.models.folder_digest`, remembered under ``<home>/cache`` while the files are
+    unchanged), or a hub id by id and revision."""
+    if Path(ref).is_dir():
+        return folder_digest(ref, memo_dir=cfg.home / "cache")[:16]
+    return hashlib.sha256(f"{ref}@{revision}".encode()).hexdigest()[:16]
 
 
 def base_model_record(cfg: PipelineConfig) -> ModelRecord:
@@ -19,13 +30,13 @@ def base_model_record(cfg: PipelineConfig) -> ModelRecord:
     if cfg.model.policy is None:
         raise ValueError("model.policy is not set: give a hub id or a local folder (or add a demo section)")
     ref = cfg.model.policy.name_or_path
-    digest = folder_digest(ref) if Path(ref).exists() else folder_digest(f"{ref}@{cfg.model.policy.revision}")
+    digest = model_digest(cfg, ref, cfg.model.policy.revision)
     return ModelRecord(stage="base", path=ref, digest=digest, base=ref)
 
 
 def champion_record(cfg: PipelineConfig) -> ModelRecord | None:
     """The current champion policy, downloaded to a per-version cache folder; None if there is none."""
-    name = f"{cfg.pipeline.name}-policy"
+    name = tracking.policy_model_name(cfg.pipeline.name)
     version = tracking.alias_version(name, tracking.CHAMPION)
     if version is None:
         return None
@@ -37,14 +48,14 @@ def champion_record(cfg: PipelineConfig) -> ModelRecord | None:
     else:
         folder = tracking.download_model(name, version, dest)
         marker.write_text(str(folder))
-    digest = tags.get(CANDIDATE_TAG) or folder_digest(folder)
+    digest = tags.get(CANDIDATE_TAG) or model_digest(cfg, folder)
     return ModelRecord(stage="champion", path=str(folder), digest=digest, base=tags.get("alignflow.base_model"),
                        registry_version=version)
 
 
 def registered_candidate(cfg: PipelineConfig, candidate: ModelRecord) -> RegistryRecord | None:
     """The registry state when this exact candidate was already registered (a re-run), else None."""
-    name = f"{cfg.pipeline.name}-policy"
+    name = tracking.policy_model_name(cfg.pipeline.name)
     version = tracking.find_version(name, CANDIDATE_TAG, candidate.digest)
     if version is None:
         return None
@@ -62,7 +73,7 @@ def champion_trained_on(cfg: PipelineConfig, dataset_digest: str) -> RegistryRec
     Why: with ``init_from: champion`` a re-run would otherwise start from the new champion and
     train again on data it has already learnt from.
     """
-    name = f"{cfg.pipeline.name}-policy"
+    name = tracking.policy_model_name(cfg.pipeline.name)
     version = tracking.alias_version(name, tracking.CHAMPION)
     if version is None:
         return None

@@ -79,7 +79,7 @@ def register_and_promote(cfg: PipelineConfig, candidate: ModelRecord, reward: Mo
     stale and the candidate is not promoted.
     """
     name = cfg.pipeline.name
-    policy_name, reward_name = f"{name}-policy", f"{name}-reward"
+    policy_name, reward_name = tracking.policy_model_name(name), tracking.reward_model_name(name)
     previous = tracking.alias_version(policy_name, tracking.CHAMPION)
     passed = bool(decision.get("passed"))
     reasons = [str(r) for r in decision.get("reasons", [])]

@@ -1,0 +1,144 @@
+"""MLflow for the pipeline: the only package that talks to MLflow.
+
+* this module: where runs go (the tracking store, :func:`configure`);
+* :mod:`tasks.tracking.runs`: the run tree (one parent run per flow run, tagged with the
+  Prefect flow-run id; one child run per stage that actually runs, cached stages add none),
+  params, metrics, tags, artifacts, tables, dataset lineage, live metric streaming;
+* :mod:`tasks.tracking.registry`: registered models, their versions, tags and aliases.
+
+Every name of both is re-exported here, so callers write ``from tasks import tracking`` and
+``tracking.child_run(...)``, ``tracking.promote(...)``.
+
+Embedded default: ``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/mlartifacts``;
+``MLFLOW_TRACKING_URI`` (a tracking server) wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+TrackingError = MlflowException
+"""What a failed store or registry call raises (callers outside this package catch this name)."""
+
+_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+_ENV_SET_BY_US: dict[str, str] = {}
+"""Values :func:`configure` put in ``os.environ`` (``mlflow.set_tracking_uri`` exports the
+URI so subprocesses inherit it). They are not the user's choice and must not make a later
+pipeline with another home write into this one's embedded store."""
+
+
+def _user_env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if value is None or value == _ENV_SET_BY_US.get(name) else value
+
+
+def tracking_uri(home: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when the user set it, else the embedded SQLite store under ``home``."""
+    return _user_env("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(home).resolve()}/mlflow.db"
+
+
+def _create_sqlite_store_once(uri: str) -> None:
+    """Create the SQLite store's schema under an exclusive file lock (``<db>.lock``).
+
+    MLflow's schema creation is not safe when several processes create the same new SQLite
+    file at once: the losers fail, and leftover ``_alembic_tmp_*`` tables can leave the store
+    unusable for every later run (seen with three simultaneous first runs). Under the lock the
+    first process creates the schema and the others find it ready. No-op where ``fcntl`` is missing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: single-user embedded use only
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+
+
+def configure(home: Path, experiment: str) -> str:
+    """Point MLflow at the pipeline's store and make sure its experiment exists. Returns its id.
+
+    With the embedded store, artifacts go to ``<home>/mlartifacts/<experiment>``; with a
+    server, the server decides (``--serve-artifacts``). A new SQLite store is created under a
+    file lock, so runs that start at the same moment do not race in its schema creation.
+    """
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(home)
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store_once(uri)
+    user = {name: _user_env(name) for name in _URI_VARS}
+    registry = user["MLFLOW_REGISTRY_URI"] or uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(registry)
+    for name in _URI_VARS:
+        if user[name] is None and name in os.environ:
+            _ENV_SET_BY_US[name] = os.environ[name]
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (home / "mlartifacts" / experiment).resolve().as_uri()
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except MlflowException:  # created concurrently by another run
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+from tasks.tracking.registry import (  # noqa: E402  (re-exported: the package's public names)
+    CHALLENGER,
+    CHAMPION,
+    PROMOTED_AT,
+    ROLLED_BACK_AT,
+    alias_version,
+    champion_history,
+    download_model,
+    find_version,
+    log_policy,
+    log_reward_model,
+    model_version,
+    model_versions,
+    policy_model_name,
+    promote,
+    reward_model_name,
+    rollback,
+    set_alias,
+    set_version_tags,
+    version_tags,
+)
+from tasks.tracking.runs import (  # noqa: E402
+    HOME_TAG,
+    MetricStreamer,
+    child_run,
+    close_stale_runs,
+    end_run,
+    flatten,
+    log_artifact,
+    log_dataset,
+    log_metrics,
+    log_params,
+    log_table,
+    recent_runs,
+    set_tags,
+    stage_run,
+    start_parent_run,
+)
+
+__all__ = [
+    "TrackingError", "CHALLENGER", "CHAMPION", "PROMOTED_AT", "ROLLED_BACK_AT", "MetricStreamer", "alias_version",
+    "champion_history", "child_run", "close_stale_runs", "HOME_TAG", "configure", "download_model", "end_run", "find_version", "flatten",
+    "log_artifact", "log_dataset", "log_metrics", "log_params", "log_policy", "log_reward_model",
+    "log_table", "model_version", "model_versions", "policy_model_name", "promote", "recent_runs", "reward_model_name",
+    "rollback", "set_alias", "set_tags", "set_version_tags", "stage_run", "start_parent_run", "tracking_uri",
+    "version_tags",
+]
