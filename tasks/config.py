@@ -2,7 +2,7 @@
 
 Sections: ``pipeline`` (name, home, method), ``data`` (ingest + validation), ``preferences``
 (dataset building), ``model`` (policy and reward backbones), one section per training stage
-(``sft``, ``reward``, ``dpo``, ``ppo``, ``grpo``, each a recipe config from
+(``sft``, ``reward``, ``dpo``, ``kto``, ``ppo``, ``grpo``, each a recipe config from
 :mod:`alignment.config` plus ``enabled``), ``evaluation``, ``gate``, ``monitor``, ``schedule``
 and ``demo``. Errors name the field: ``dpo.beta: Input should be greater than 0 (got -1)``.
 The resolved config is logged to MLflow and its digest tagged on every run and model version.
@@ -22,6 +22,7 @@ from alignment.config import (
     ConfigError,
     DPOConfig,
     GRPOConfig,
+    KTOConfig,
     ModelSettings,
     PPOConfig,
     RewardConfig,
@@ -52,7 +53,7 @@ class PipelineSettings(StrictModel):
     """Seed for every stage (recorded on every run)."""
     method: Literal[METHOD_NAMES] = "dpo"  # type: ignore[valid-type]  # the names of tasks/methods.py
     """Fine-tuning method (a row of :mod:`tasks.methods`): dpo/ipo/simpo use the ``dpo`` section
-    (loss type set by the method), ppo and grpo their own sections (both use the reward model)."""
+    (loss type set by the method), kto, ppo and grpo their own sections (ppo and grpo use the reward model)."""
     init_from: Literal["base", "champion"] = "base"
     """Start each round's policy from the base model, or from the current champion (iterative,
     on-policy rounds; the champion is then also the DPO reference)."""
@@ -137,6 +138,8 @@ class PipelineConfig(StrictModel):
     """Reward model."""
     dpo: DPOConfig = DPOConfig()
     """DPO family (method dpo, ipo, simpo)."""
+    kto: KTOConfig = KTOConfig()
+    """KTO on unpaired desirable/undesirable responses (method kto; trains on ``unpaired-train``)."""
     ppo: PPOConfig = PPOConfig()
     """PPO (method ppo)."""
     grpo: GRPOConfig = GRPOConfig()

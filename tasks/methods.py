@@ -1,7 +1,7 @@
 """The one table of training stages and fine-tuning methods.
 
 Each row says, for one stage (``sft``, ``reward``) or ``pipeline.method`` value (``dpo``,
-``ipo``, ``simpo``, ``ppo``, ``grpo``): which section of the pipeline config holds its recipe
+``ipo``, ``simpo``, ``kto``, ``ppo``, ``grpo``): which section of the pipeline config holds its recipe
 settings, which recipe of :mod:`alignment.recipes` runs it, the loss type the method sets, which
 dataset files it trains on and whether it needs the reward model. Everything in ``tasks/`` and
 ``flows/`` that depends on the method reads this table; nothing else lists method names.
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-DataRole = Literal["pairs", "prompts", "demonstrations"]
+DataRole = Literal["pairs", "prompts", "demonstrations", "unpaired"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ _ROWS = (
     Method("dpo", section="dpo", recipe="dpo", data="pairs", implicit_reward=True),
     Method("ipo", section="dpo", recipe="dpo", data="pairs", loss_type="ipo", implicit_reward=True),
     Method("simpo", section="dpo", recipe="dpo", data="pairs", loss_type="simpo", implicit_reward=True),
+    Method("kto", section="kto", recipe="kto", data="unpaired", implicit_reward=True),
     Method("ppo", section="ppo", recipe="ppo", data="prompts", needs_reward_model=True),
     Method("grpo", section="grpo", recipe="grpo", data="prompts", needs_reward_model=True),
 )

@@ -33,7 +33,7 @@ def test_pipeline_method_accepts_exactly_the_table_methods():
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_recipe_settings_follow_the_row(tmp_path, name):
     row = STAGES[name]
-    data = {f"{role}-train": str(tmp_path / f"{role}.parquet") for role in ("pairs", "prompts", "demonstrations")}
+    data = {f"{role}-train": str(tmp_path / f"{role}.parquet") for role in ("pairs", "prompts", "demonstrations", "unpaired")}
     init = ModelRecord(stage="base", path=str(tmp_path / "base"), digest="b")
     reward = ModelRecord(stage="reward", path=str(tmp_path / "rm"), digest="r")
     cfg = load_pipeline_config(None, [f"pipeline.method={name}"])
