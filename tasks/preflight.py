@@ -5,8 +5,8 @@ naming the field, not surface mid-run as a traceback from the stage that trips o
 :func:`preflight` checks: the sections a real pipeline needs (a policy model, a feedback
 source); that model paths exist as folders or look like hub ids (and, offline, are cached);
 that a local folder's tokenizer loads; that every stage's ``max_length`` and the evaluation's
-prompt + new tokens fit the model's positions; that the landing folder and explicit sources
-exist. :func:`check_batch_fits` runs where the training split's size is first known (the
+prompt + new tokens fit the model's positions; that a configured landing folder and explicit
+sources exist (no ``landing_dir``: ``<home>/landing/<pipeline>``, created on first use). :func:`check_batch_fits` runs where the training split's size is first known (the
 training stage, before its process starts).
 
 Assumptions: no Prefect or MLflow import here (the CLI calls it before the embedded Prefect
@@ -131,8 +131,6 @@ def _check_sections(cfg: PipelineConfig) -> None:
     if cfg.model.policy is None:
         raise PreflightError("model.policy: not set; give a hub id or a local model folder "
                              "(model: {policy: {name_or_path: ...}}), or add a demo section")
-    if cfg.data.landing_dir is None and not cfg.data.sources:
-        raise PreflightError("data.landing_dir: not set and data.sources is empty; say where feedback files land")
 
 
 def _check_sources(cfg: PipelineConfig) -> None:

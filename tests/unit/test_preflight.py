@@ -125,3 +125,16 @@ def test_cli_refuses_before_prefect_starts_with_one_line(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr and "prefect" not in (proc.stdout + proc.stderr).lower()
     assert not (tmp_path / "home" / "prefect").exists()  # no embedded Prefect home was created
     assert time.monotonic() - started < 120
+
+
+def test_the_training_stage_names_a_batch_larger_than_its_split_before_starting_a_process(tmp_path, model_64):
+    from tasks.records import ModelRecord
+    from tasks.stages.train import train_stage
+    from tests.tiny_models import preference_pairs
+
+    cfg = load_pipeline_config(_config(tmp_path, str(model_64)), ["dpo.batch_size=8"])
+    preference_pairs(5).to_parquet(tmp_path / "pairs-train.parquet")
+    init = ModelRecord(stage="base", path=str(model_64), digest="base", base=str(model_64))
+    with pytest.raises(PreflightError, match=r"^dpo.batch_size: 8 is more than the 5 examples"):
+        train_stage(cfg, "dpo", {"pairs-train": str(tmp_path / "pairs-train.parquet")}, "d", init, None)
+    assert not (tmp_path / "home" / "runs").exists()  # no run folder, no training process
