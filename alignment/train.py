@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from alignment.config import RECIPE_CONFIGS, ConfigError, TrainSettings, apply_overrides, validate_config
 from alignment.recipes import get_recipe
-from alignment.recipes.base import MetricsCallback
+from alignment.recipes.metrics_log import MetricsCallback
 
 
 def load_config(recipe: str, path: str | Path | None, overrides: Sequence[str] = ()) -> TrainSettings:

@@ -14,6 +14,10 @@ reference is, by ``reference``:
 * ``adapter_disabled`` — the LoRA policy with its adapter switched off (needs ``model.lora``);
 * ``copy`` — a frozen second model in memory.
 
+One training step is :meth:`~alignment.recipes.supervised.SupervisedRecipe.train_step` (micro-batches,
+backward, one guarded update) around :meth:`DPORecipe.compute_loss`, which reads top to bottom:
+policy log-probs, reference log-probs, per-pair losses, weighted mean, metrics.
+
 Metrics: ``rewards/chosen``, ``rewards/rejected`` (beta * (log pi - log pi_ref), SimPO:
 beta * mean log pi), ``rewards/margin``, ``rewards/accuracy`` (share of pairs whose chosen reward
 is higher), ``logps/chosen``, ``logps/rejected`` (summed policy log-probs).
@@ -36,7 +40,7 @@ from alignment.models import (
     load_tokenizer,
     model_fingerprint,
 )
-from alignment.recipes.base import Recipe, StepOutput
+from alignment.recipes.supervised import StepOutput, SupervisedRecipe
 from alignment.refcache import (
     RefLogpsCache,
     attach,
@@ -49,12 +53,12 @@ from alignment.refcache import (
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-class DPORecipe(Recipe):
+class DPORecipe(SupervisedRecipe):
     """DPO-family training of ``config.model`` on ``config.train_path``."""
 
     name = "dpo"
     config_class = DPOConfig
-    released_on_cleanup = (*Recipe.released_on_cleanup, "reference")
+    released_on_cleanup = (*SupervisedRecipe.released_on_cleanup, "reference")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -156,27 +160,27 @@ class DPORecipe(Recipe):
             finally:
                 policy.train(was_training)
 
-    def _batch_reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if "ref_chosen" in batch:
-            return batch["ref_chosen"], batch["ref_rejected"]
-        seq = self._reference_logps(batch, self.reference)
-        self.reference_forwards += 1
-        n = seq.shape[0] // 2
-        return seq[:n], seq[n:]
-
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: dict) -> StepOutput:
+        """One micro-batch of pairs (chosen rows first, then rejected): policy log-probs, reference
+        log-probs (precomputed in the batch, or a forward of the frozen copy), per-pair losses,
+        their (weighted) mean and the reward metrics."""
         cfg = self.config
         out = self.train_module(batch)
         seq_logps = out["seq_logps"]
         n = seq_logps.shape[0] // 2
         chosen, rejected = seq_logps[:n], seq_logps[n:]
-        if cfg.loss_type == "simpo":
+        if cfg.loss_type == "simpo":  # reference-free, on length-normalised log-probs
             avg = seq_logps / out["seq_tokens"].clamp_min(1)
             losses, r_c, r_r = simpo_loss(avg[:n], avg[n:], beta=cfg.beta, gamma=cfg.simpo_gamma,
                                           label_smoothing=cfg.label_smoothing)
         else:
-            ref_c, ref_r = self._batch_reference(batch)
+            if "ref_chosen" in batch:
+                ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+            else:
+                ref = self._reference_logps(batch, self.reference)
+                self.reference_forwards += 1
+                ref_c, ref_r = ref[:n], ref[n:]
             losses, r_c, r_r = dpo_loss(chosen, rejected, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
                                         label_smoothing=cfg.label_smoothing)
         if cfg.use_weights and "weight" in batch:

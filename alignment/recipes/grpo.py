@@ -6,7 +6,8 @@ Each step (shared conventions in :mod:`alignment.recipes.rl_base`):
 2. sequence advantages within each group (:func:`alignment.rl.group_advantages`): ``grpo``
    (r - mean) / std (``scale_by_std: false`` = Dr. GRPO), or ``rloo`` (leave-one-out baseline);
    every token of a response gets its sequence's advantage;
-3. ``update_epochs`` passes of minibatches with the per-token loss
+3. ``update_epochs`` passes of minibatches (:meth:`~alignment.recipes.rl_base.RLRecipe.update`)
+   with the per-token loss
 
        clipped surrogate(ratio, A) + kl_coef * k3(pi, pi_ref)   (- entropy_coef * entropy)
 
@@ -28,14 +29,14 @@ the reference), ``kl_coef``, ``entropy``, ``loss``, ``loss/policy``, ``loss/kl``
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 
 from alignment.config import GRPOConfig
 from alignment.losses import ppo_policy_loss
-from alignment.recipes.rl_base import PolicyModule, RLRecipe, Rollout
+from alignment.recipes.rl_base import RLRecipe, UpdatePlan
+from alignment.recipes.rollout import PolicyModule, Rollout
 from alignment.rl import group_advantages, kl_k3, masked_mean
 
 
@@ -66,73 +67,41 @@ class GRPORecipe(RLRecipe):
                 flat["entropy"].append(out["entropy"].float())
         return {k: roll.to_grid(torch.cat(v)) for k, v in flat.items() if v}
 
-    def train_step(self) -> dict[str, float]:
+    def plan_update(self, roll: Rollout) -> UpdatePlan:
+        """Group advantages and the reference (and, when the policy moves within the step, the
+        rollout) log-probs; the clipped surrogate plus the k3 KL penalty."""
         cfg: GRPOConfig = self.config
-        started = time.perf_counter()
-        prompts = self.train_set.collate([self.train_set[i] for i in self.sampler.next_batch()])["prompts"]
-        roll = self.sample(prompts, repeats=cfg.group_size)
         mask = roll.mask
-        n = len(roll)
         advantages = group_advantages(roll.scores, cfg.group_size, cfg.advantage, cfg.scale_by_std)
-        single_update = cfg.update_epochs == 1 and cfg.minibatch_size >= n
+        single_update = cfg.update_epochs == 1 and cfg.minibatch_size >= len(roll)
         grids = self._no_grad_forward(roll, with_policy=not single_update)
         old = grids.get("logps", torch.zeros(mask.shape, device=self.device))
         entropy = grids.get("entropy", torch.zeros(mask.shape, device=self.device))
         ref = grids["ref"]
         kl_coef = self.kl_ctl.value
-        rollout_s = time.perf_counter() - started
 
-        sums: dict[str, torch.Tensor] = {}
-        losses, norms = [], []
-        for minibatch in self.minibatches(n):
-            n_tokens = mask[minibatch].sum().clamp_min(1)
-            total = torch.zeros((), device=self.device)
-            for rows in self.micro_batches(minibatch):
-                batch = roll.collate(rows, self.layout, self.device)
-                m = mask[rows].bool()
-                with self.accelerator.autocast():
-                    out = self.train_module(batch, with_entropy=single_update or cfg.entropy_coef > 0,
-                                            entropy_grad=cfg.entropy_coef > 0)
-                logps = out["token_logps"]
-                if single_update:  # this forward is the rollout policy: record its log-probs and entropy
-                    old[rows] = roll.to_grid(logps.detach().float(), rows)
-                    entropy[rows] = roll.to_grid(out["entropy"].detach().float(), rows)
-                adv = advantages[rows][:, None].expand(m.shape)[m]
-                pg, stats = ppo_policy_loss(logps, old[rows][m], adv, torch.ones_like(logps), cfg.clip_range)
-                kl_term = kl_k3(logps, ref[rows][m]).mean()
-                loss = pg + kl_coef * kl_term
-                if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * out["entropy"].mean()
-                share = m.sum() / n_tokens
-                self.backward(loss * share)
-                total += (loss * share).detach()
-                for key, value in {"loss/policy": pg, "loss/kl": kl_term, **stats}.items():
-                    sums[key] = sums.get(key, 0.0) + value.detach().float() * share
-            losses.append(total)
-            norms.append(self.optimizer_step(total))
-        update_s = time.perf_counter() - started - rollout_s
+        def loss(out: dict[str, torch.Tensor], rows: list[int], m: torch.Tensor):
+            logps = out["token_logps"]
+            if single_update:  # this forward is the rollout policy: record its log-probs and entropy
+                old[rows] = roll.to_grid(logps.detach().float(), rows)
+                entropy[rows] = roll.to_grid(out["entropy"].detach().float(), rows)
+            adv = advantages[rows][:, None].expand(m.shape)[m]
+            pg, stats = ppo_policy_loss(logps, old[rows][m], adv, torch.ones_like(logps), cfg.clip_range)
+            kl_term = kl_k3(logps, ref[rows][m]).mean()
+            return pg + kl_coef * kl_term, {"loss/policy": pg, "loss/kl": kl_term, **stats}
 
-        seq_kl = (kl_k3(old, ref) * mask).sum(1)
-        mean_kl = float(seq_kl.mean())
-        self.kl_ctl.update(float(self.reduce_metrics({"kl": mean_kl})["kl"]), n * self.accelerator.num_processes)
-        grouped = roll.scores.view(-1, cfg.group_size)
-        metrics: dict[str, Any] = {k: float(v) / len(norms) for k, v in sums.items()}
-        metrics.update({
-            "loss": float(torch.stack(losses).mean()),
-            "grad_norm": float(torch.stack(norms).float().mean()),
-            "reward/raw": float(roll.raw_scores.mean()),
-            "reward/shaped": float((roll.scores - kl_coef * seq_kl).mean()),
-            "reward/group_std": float(grouped.std(dim=1).mean()),
-            "groups_without_signal": float((grouped.max(1).values == grouped.min(1).values).float().mean()),
-            "kl": mean_kl,
-            "kl_coef": kl_coef,
-            "entropy": float(masked_mean(entropy, mask)),
-            "response_length": float(mask.sum(1).float().mean()),
-            "eos_rate": float(roll.hit_eos.float().mean()),
-            "generate_tokens_per_s": float(mask.sum()) / max(roll.generate_s, 1e-9),
-            "rollout_s": rollout_s,
-            "update_s": update_s,
-            "tokens": roll.num_tokens,
-            "samples": n,
-        })
-        return self.reduce_metrics(metrics)
+        def finish() -> tuple[float, dict[str, Any]]:
+            seq_kl = (kl_k3(old, ref) * mask).sum(1)  # after the updates: ``old`` may be filled by them
+            mean_kl = float(seq_kl.mean())
+            grouped = roll.scores.view(-1, cfg.group_size)
+            return mean_kl, {
+                "reward/shaped": float((roll.scores - kl_coef * seq_kl).mean()),
+                "reward/group_std": float(grouped.std(dim=1).mean()),
+                "groups_without_signal": float((grouped.max(1).values == grouped.min(1).values).float().mean()),
+                "kl": mean_kl,
+                "kl_coef": kl_coef,
+                "entropy": float(masked_mean(entropy, mask)),
+            }
+
+        return UpdatePlan(loss, finish, with_entropy=single_update or cfg.entropy_coef > 0,
+                          entropy_grad=cfg.entropy_coef > 0)

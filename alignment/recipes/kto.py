@@ -53,7 +53,7 @@ from alignment.models import (
     load_tokenizer,
     model_fingerprint,
 )
-from alignment.recipes.base import Recipe, StepOutput
+from alignment.recipes.supervised import StepOutput, SupervisedRecipe
 from alignment.refcache import (
     RefLogpsCache,
     cache_key,
@@ -150,12 +150,12 @@ def mismatched(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k[len(KL_PREFIX):]: v for k, v in batch.items() if k.startswith(KL_PREFIX)}
 
 
-class KTORecipe(Recipe):
+class KTORecipe(SupervisedRecipe):
     """KTO training of ``config.model`` on ``config.train_path`` (unpaired rows)."""
 
     name = "kto"
     config_class = KTOConfig
-    released_on_cleanup = (*Recipe.released_on_cleanup, "reference")
+    released_on_cleanup = (*SupervisedRecipe.released_on_cleanup, "reference")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -8,8 +8,9 @@ Each step (see :mod:`alignment.recipes.rl_base` for the shared conventions):
 3. per-token rewards r_t = -kl_coef * KL_t plus the score at the last response token
    (:func:`alignment.rl.kl_shaped_rewards`, estimator ``kl.estimator``), optionally whitened
    (scale only); GAE (``gamma``, ``lam``) gives advantages (whitened over the batch) and returns;
-4. ``update_epochs`` passes of minibatches: loss = clipped policy loss + ``vf_coef`` * clipped
-   value loss - ``entropy_coef`` * entropy, token means over the minibatch;
+4. ``update_epochs`` passes of minibatches (:meth:`~alignment.recipes.rl_base.RLRecipe.update`):
+   loss = clipped policy loss + ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy,
+   token means over the minibatch;
 5. the KL controller (adaptive or fixed) sees the batch's mean sequence KL.
 
 Value function (``value_model``): ``head`` — a linear head on the policy's last hidden state
@@ -28,7 +29,6 @@ the rollout per second of the whole step) and ``samples_per_s``.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -36,8 +36,9 @@ from torch import nn
 
 from alignment.config import ConfigError, ModelSettings, PPOConfig
 from alignment.losses import ppo_policy_loss, ppo_value_loss
-from alignment.models import hf_model, is_peft, load_reward_model, load_tokenizer
-from alignment.recipes.rl_base import PolicyModule, RLRecipe, Rollout, disable_dropout
+from alignment.models import hf_model, load_reward_model, load_tokenizer
+from alignment.recipes.rl_base import RLRecipe, UpdatePlan
+from alignment.recipes.rollout import PolicyModule, Rollout, disable_dropout
 from alignment.rl import explained_variance, gae, kl_shaped_rewards, masked_mean, masked_whiten
 
 
@@ -46,6 +47,7 @@ class PPORecipe(RLRecipe):
 
     name = "ppo"
     config_class = PPOConfig
+    samples_per_prompt = 1
 
     def build_models(self) -> None:
         cfg: PPOConfig = self.config
@@ -69,14 +71,10 @@ class PPORecipe(RLRecipe):
                 raise ConfigError("ppo.value_model: 'separate' needs a decoder backbone with a 'score' head")
             disable_dropout(model)
             self.value_module = model
+        self.extra_modules["value.safetensors"] = self.value_module
         self.train_module = PolicyModule(self.model, cfg.logprob_chunk_size, self.temperature,
                                          value_head=head, value_model=model)
 
-    def checkpoint_modules(self) -> dict[str, nn.Module]:
-        policy = "adapter_model.safetensors" if is_peft(self.model) else "model.safetensors"
-        return {policy: self.model, "value.safetensors": self.value_module}
-
-    # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def _rollout_forward(self, roll: Rollout) -> dict[str, torch.Tensor]:
         """Grids ``[B, R]`` of the rollout policy's log-probs, values and entropy, and the reference's log-probs."""
@@ -91,11 +89,9 @@ class PPORecipe(RLRecipe):
             flat["ref"].append(self.reference_logps(roll, rows).float())
         return {k: roll.to_grid(torch.cat(v)) for k, v in flat.items()}
 
-    def train_step(self) -> dict[str, float]:
+    def plan_update(self, roll: Rollout) -> UpdatePlan:
+        """KL-shaped rewards, GAE advantages and returns; the clipped policy + value loss."""
         cfg: PPOConfig = self.config
-        started = time.perf_counter()
-        prompts = self.train_set.collate([self.train_set[i] for i in self.sampler.next_batch()])["prompts"]
-        roll = self.sample(prompts)
         old = self._rollout_forward(roll)
         mask = roll.mask
         kl_coef = self.kl_ctl.value
@@ -105,55 +101,23 @@ class PPORecipe(RLRecipe):
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask)
-        rollout_s = time.perf_counter() - started
 
-        sums: dict[str, torch.Tensor] = {}
-        losses, norms = [], []
-        for minibatch in self.minibatches(len(roll)):
-            n_tokens = mask[minibatch].sum().clamp_min(1)
-            total = torch.zeros((), device=self.device)
-            for rows in self.micro_batches(minibatch):
-                batch = roll.collate(rows, self.layout, self.device)
-                m = mask[rows].bool()
-                with self.accelerator.autocast():
-                    out = self.train_module(batch, with_entropy=cfg.entropy_coef > 0, entropy_grad=True)
-                pg, pg_stats = ppo_policy_loss(out["token_logps"], old["logps"][rows][m], advantages[rows][m],
-                                               torch.ones_like(out["token_logps"]), cfg.clip_range)
-                vf, vf_stats = ppo_value_loss(out["values"], old["values"][rows][m], returns[rows][m],
-                                              torch.ones_like(out["values"]), cfg.value_clip)
-                loss = pg + cfg.vf_coef * vf
-                if cfg.entropy_coef > 0:
-                    loss = loss - cfg.entropy_coef * out["entropy"].mean()
-                share = m.sum() / n_tokens  # token mean over the whole minibatch
-                self.backward(loss * share)
-                total += (loss * share).detach()
-                for key, value in {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}.items():
-                    sums[key] = sums.get(key, 0.0) + value.detach().float() * share
-            losses.append(total)
-            norms.append(self.optimizer_step(total))
-        n_updates = len(norms)
-        update_s = time.perf_counter() - started - rollout_s
+        def loss(out: dict[str, torch.Tensor], rows: list[int], m: torch.Tensor):
+            pg, pg_stats = ppo_policy_loss(out["token_logps"], old["logps"][rows][m], advantages[rows][m],
+                                           torch.ones_like(out["token_logps"]), cfg.clip_range)
+            vf, vf_stats = ppo_value_loss(out["values"], old["values"][rows][m], returns[rows][m],
+                                          torch.ones_like(out["values"]), cfg.value_clip)
+            return pg + cfg.vf_coef * vf, {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}
 
-        seq_kl = kl.sum(1).mean()
-        self.kl_ctl.update(float(self.reduce_metrics({"kl": float(seq_kl)})["kl"]),
-                           len(roll) * self.accelerator.num_processes)
-        metrics: dict[str, Any] = {k: float(v) / n_updates for k, v in sums.items()}
-        metrics.update({
-            "loss": float(torch.stack(losses).mean()),
-            "grad_norm": float(torch.stack(norms).float().mean()),
-            "reward/raw": float(roll.raw_scores.mean()),
-            "reward/shaped": float(shaped_return),
-            "kl": float(seq_kl),
-            "kl_coef": kl_coef,
-            "entropy": float(masked_mean(old["entropy"], mask)),
-            "explained_variance": explained_variance(old["values"], returns, mask),
-            "value/mean": float(masked_mean(old["values"], mask)),
-            "response_length": float(mask.sum(1).float().mean()),
-            "eos_rate": float(roll.hit_eos.float().mean()),
-            "generate_tokens_per_s": float(mask.sum()) / max(roll.generate_s, 1e-9),
-            "rollout_s": rollout_s,
-            "update_s": update_s,
-            "tokens": roll.num_tokens,
-            "samples": len(roll),
-        })
-        return self.reduce_metrics(metrics)
+        def finish() -> tuple[float, dict[str, Any]]:
+            seq_kl = float(kl.sum(1).mean())
+            return seq_kl, {
+                "reward/shaped": float(shaped_return),
+                "kl": seq_kl,
+                "kl_coef": kl_coef,
+                "entropy": float(masked_mean(old["entropy"], mask)),
+                "explained_variance": explained_variance(old["values"], returns, mask),
+                "value/mean": float(masked_mean(old["values"], mask)),
+            }
+
+        return UpdatePlan(loss, finish, with_entropy=cfg.entropy_coef > 0, entropy_grad=True)

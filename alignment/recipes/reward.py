@@ -20,12 +20,12 @@ from alignment.batching import ExampleSet, collate_pairs, read_rows, tokenize_pa
 from alignment.config import ConfigError, RewardConfig
 from alignment.losses import reward_loss
 from alignment.models import ScalarReward, load_reward_model, load_tokenizer
-from alignment.recipes.base import Recipe, StepOutput
+from alignment.recipes.supervised import StepOutput, SupervisedRecipe
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-class RewardRecipe(Recipe):
+class RewardRecipe(SupervisedRecipe):
     """Bradley–Terry reward model on ``config.model`` (causal-LM or encoder backbone)."""
 
     name = "reward"

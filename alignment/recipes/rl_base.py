@@ -1,60 +1,48 @@
-"""What the RL recipes (PPO, GRPO) share: prompts in, rollouts, rewards, reference log-probs.
+"""RL recipes (PPO, GRPO): one step is a rollout, then minibatch updates on its samples.
 
-One training **step** is one iteration: sample responses for ``rollout_batch_size`` prompts
-(per process) with :func:`alignment.generation.generate`, score them (a reward model folder or
-a ``reward_fn`` ``"module:function"`` mapping ``(prompts, responses) -> list[float]``), compute
-no-grad log-probs, then ``update_epochs`` passes over the samples in minibatches of
-``minibatch_size`` samples, one optimizer step each, forwarded ``batch_size`` samples at a
-time (so ``grad_accum`` is not used: set it to 1). The learning-rate schedule counts optimizer
-steps.
+One training **step** (:meth:`RLRecipe.train_step`, written once for both algorithms):
+
+1. sample responses for ``rollout_batch_size`` prompts (per process) with
+   :func:`alignment.generation.generate` and score them (a reward model folder, or a
+   ``reward_fn`` ``"module:function"`` mapping ``(prompts, responses) -> list[float]``);
+2. the algorithm plans its update (:meth:`RLRecipe.plan_update`: no-grad log-probs,
+   advantages) and returns an :class:`UpdatePlan`;
+3. :meth:`RLRecipe.update`: ``update_epochs`` passes over the samples in minibatches of
+   ``minibatch_size`` samples, one optimizer step each, forwarded ``batch_size`` samples at a
+   time (so ``grad_accum`` is not used: set it to 1); each minibatch's loss is the token mean
+   of the plan's per-micro-batch loss (minus ``entropy_coef`` times the entropy);
+4. the KL controller moves on the step's (process-mean) sequence KL.
+
+The learning-rate schedule counts optimizer steps.
 
 Conventions
 -----------
-* Log-probs are of the *sampling* distribution: logits divided by ``generation.temperature``
-  (top-k/top-p truncation is ignored, as usual). Tokens are scored in the layout of
-  :mod:`alignment.batching` (prompt + response, targets = response tokens, EOS included), so the
-  per-token tensors of a batch are flat ``[N]`` in (sample, position) order; ``Rollout.mask``
-  ``[B, R]`` maps them to a right-padded grid for GAE and back (``grid[mask] = flat``).
+* Per-token tensors and the rollout layout: :mod:`alignment.recipes.rollout`.
 * Dropout is switched off in the policy (and value model): PPO ratios must compare the same
   function, and the rollout and update forwards must agree.
 * The reference is a frozen copy of the initial policy, or the policy with its LoRA adapter
   disabled (no second copy).
 * Resume: rollout sampling and minibatch order are seeded from ``(seed, step, rank)`` and the
-  KL coefficient is checkpointed (:meth:`extra_state`), so a resumed run equals an
-  uninterrupted one.
+  KL coefficient is checkpointed (``extra.pt``), so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from alignment.batching import (
-    ExampleSet,
-    Prompt,
-    collate_sequences,
-    decode_prompt,
-    encode_prompt,
-    read_rows,
-    to_device,
-)
+from alignment.batching import ExampleSet, Prompt, decode_prompt, encode_prompt, read_rows
 from alignment.config import ConfigError, ModelSettings, RLSettings
 from alignment.generation import generate
-from alignment.logprobs import check_finite, logps_from_hidden, selective_log_softmax
-from alignment.losses import entropy_from_logits
+from alignment.logprobs import check_finite
 from alignment.models import (
     adapter_disabled,
-    hf_model,
-    hidden_path_ok,
     is_peft,
     load_causal_lm,
     load_reference,
@@ -62,172 +50,45 @@ from alignment.models import (
     load_tokenizer,
     score_responses,
 )
-from alignment.recipes.base import Recipe, StepOutput
+from alignment.recipes.base import Recipe
+from alignment.recipes.rollout import Rollout, disable_dropout, load_reward_fn, response_forward
 from alignment.rl import AdaptiveKLController, FixedKLController, kl_k1
 
-RewardFn = Callable[[list[Prompt], list[str]], Sequence[float]]
-
-
-def load_reward_fn(spec: str) -> RewardFn:
-    """Import ``"package.module:function"``. Raises ValueError naming what is wrong."""
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise ValueError(f"reward_fn must look like 'module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward_fn {spec!r} cannot be imported: {err}") from None
-    if not callable(fn):
-        raise ValueError(f"reward_fn {spec!r} is not callable")
-    return fn
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0 (modules and the attention-dropout config field)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    config = getattr(hf_model(model), "config", None)
-    if config is not None and getattr(config, "attention_dropout", None):
-        config.attention_dropout = 0.0
-
-
-def _entropy_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float):
-    return entropy_from_logits(F.linear(hidden, weight, bias) / temperature, chunk_size=None)
-
-
-def response_forward(
-    model: nn.Module,
-    batch: dict[str, Any],
-    chunk_size: int,
-    temperature: float,
-    *,
-    with_hidden: bool = False,
-    with_entropy: bool = False,
-    entropy_grad: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Per-target log-probs ``[N]`` (fp32) of a causal LM on a collated batch; optionally the
-    hidden states ``[N, H]`` that predict each target (for a value head) and the per-target
-    entropy ``[N]`` of the tempered distribution (block by block; differentiable only with
-    ``entropy_grad``, i.e. when an entropy bonus is in the loss)."""
-    inner = hf_model(model)
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-              "attention_mask": batch.get("attention_mask"), "use_cache": False}
-    index, targets = batch["target_index"], batch["target_ids"]
-    out: dict[str, torch.Tensor] = {}
-    if hidden_path_ok(model):
-        head = inner.get_output_embeddings()
-        hidden = inner.base_model(**inputs).last_hidden_state.flatten(0, 1).index_select(0, index)
-        out["token_logps"] = logps_from_hidden(hidden[None], head.weight, targets[None], None, chunk_size,
-                                               lm_head_bias=head.bias, temperature=temperature)[0]
-        if with_entropy:
-            parts = []
-            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-                for s in range(0, hidden.shape[0], chunk_size):
-                    h = hidden[s : s + chunk_size]
-                    if torch.is_grad_enabled():  # recompute each block in backward instead of keeping it
-                        parts.append(checkpoint(_entropy_chunk, h, head.weight, head.bias, temperature,
-                                                use_reentrant=False))
-                    else:
-                        parts.append(_entropy_chunk(h, head.weight, head.bias, temperature))
-            out["entropy"] = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    else:
-        result = model(**inputs, output_hidden_states=with_hidden)
-        logits = result.logits.flatten(0, 1).index_select(0, index)
-        out["token_logps"] = selective_log_softmax(logits[None], targets[None], chunk_size, temperature=temperature)[0]
-        if with_hidden:
-            hidden = result.hidden_states[-1].flatten(0, 1).index_select(0, index)
-        if with_entropy:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-                out["entropy"] = entropy_from_logits(logits / temperature, chunk_size)
-    if with_hidden:
-        out["hidden"] = hidden
-    return out
-
-
-class PolicyModule(nn.Module):
-    """The trained module handed to ``accelerate``: the policy plus, for PPO, a value function.
-
-    ``forward(batch, with_entropy=False, entropy_grad=False) -> {"token_logps" [N], "values" [N]?,
-    "entropy" [N]?}`` (see :func:`response_forward`).
-    The value is a linear head on the policy's last hidden state (``value_head``) or a
-    separate sequence-classification model whose score head is applied at every position
-    (``value_model``); V at a target is the value of the state that emits it.
-    """
-
-    def __init__(self, policy: nn.Module, chunk_size: int, temperature: float, *,
-                 value_head: nn.Module | None = None, value_model: nn.Module | None = None) -> None:
-        super().__init__()
-        self.policy = policy
-        self.value_head = value_head
-        self.value_model = value_model
-        self.chunk_size = chunk_size
-        self.temperature = temperature
-
-    def forward(self, batch: dict[str, Any], with_entropy: bool = False,
-                entropy_grad: bool = False) -> dict[str, torch.Tensor]:
-        out = response_forward(self.policy, batch, self.chunk_size, self.temperature,
-                               with_hidden=self.value_head is not None, with_entropy=with_entropy,
-                               entropy_grad=entropy_grad)
-        if self.value_head is not None:
-            hidden = out.pop("hidden")
-            out["values"] = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        elif self.value_model is not None:
-            inner = hf_model(self.value_model)
-            hidden = inner.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                      attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
-            picked = hidden.flatten(0, 1).index_select(0, batch["target_index"])
-            out["values"] = inner.score(picked).squeeze(-1).float()
-        return out
+__all__ = ["RLRecipe", "UpdatePlan"]
 
 
 @dataclass
-class Rollout:
-    """Sampled responses of one step and their scores; per-token tensors are filled by the recipe."""
+class UpdatePlan:
+    """What an algorithm hands the shared minibatch loop for one rollout.
 
-    prompts: list[Prompt]
-    prompt_tokens: list[list[int]]
-    response_tokens: list[list[int]]
-    texts: list[str]
-    hit_eos: torch.Tensor
-    """[B] bool, on the device."""
-    raw_scores: torch.Tensor
-    """[B] fp32 reward-model / reward_fn output."""
-    scores: torch.Tensor
-    """[B] fp32 score used for training (raw minus the missing-EOS penalty)."""
-    mask: torch.Tensor
-    """[B, R] long, 1 on response tokens (right-padded), on the device."""
-    generate_s: float
+    ``loss(out, rows, mask)`` → ``(loss, stats)``: the token-mean loss of micro-batch ``rows``
+    (``out`` is the policy module's output for them, ``mask`` their ``[b, R]`` response mask as
+    bool) without the entropy bonus, and detached-able scalar stats averaged into the step's
+    metrics. ``finish()`` → ``(sequence KL, metrics)`` once the updates are done: the mean KL of
+    the rollout policy to the reference (for the KL controller) and the algorithm's metrics.
+    ``with_entropy`` / ``entropy_grad`` are passed to the policy module's forward.
+    """
 
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(p) + len(r) for p, r in zip(self.prompt_tokens, self.response_tokens, strict=True))
-
-    def collate(self, rows: Sequence[int], layout: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        batch = collate_sequences([self.prompt_tokens[i] for i in rows], [self.response_tokens[i] for i in rows],
-                                  **layout)
-        return to_device(batch, device)
-
-    def to_grid(self, flat: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
-        """Flat per-target values of ``rows`` (all rows when None) → ``[len(rows), R]``, 0 at padding."""
-        mask = self.mask if rows is None else self.mask[list(rows)]
-        grid = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
-        grid[mask.bool()] = flat
-        return grid
+    loss: Callable[[dict[str, torch.Tensor], list[int], torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    finish: Callable[[], tuple[float, dict[str, Any]]]
+    with_entropy: bool
+    entropy_grad: bool
 
 
 class RLRecipe(Recipe):
-    """Base of :class:`~alignment.recipes.ppo.PPORecipe` and :class:`~alignment.recipes.grpo.GRPORecipe`."""
+    """Rollout-and-update recipes; a subclass writes ``build_models()`` (calling
+    :meth:`build_policy`), ``samples_per_prompt`` and :meth:`plan_update`."""
 
     config_class = RLSettings
 
     @property
+    @abstractmethod
     def samples_per_prompt(self) -> int:
         """Responses sampled per prompt in a rollout."""
-        return 1
+
+    @abstractmethod
+    def plan_update(self, roll: Rollout) -> UpdatePlan:
+        """Everything of the algorithm before the updates: no-grad forwards, advantages, the loss."""
 
     # ------------------------------------------------------------------ models and data
     def build_policy(self) -> None:
@@ -259,6 +120,7 @@ class RLRecipe(Recipe):
             self.reward_model = load_reward_model(rm, self.reward_tokenizer, trainable=False)
         kl = cfg.kl
         self.kl_ctl = AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.coef)
+        self.stateful["kl_ctl"] = self.kl_ctl  # checkpointed: a resumed run continues its coefficient
 
     @property
     def temperature(self) -> float:
@@ -301,20 +163,70 @@ class RLRecipe(Recipe):
         return self.config.rollout_batch_size
 
     def steps_per_epoch(self) -> int:
-        return max(1, len(self.sampler))
+        return max(1, len(self.feed))
 
     def optimizer_steps_per_step(self) -> int:
         n = self.config.rollout_batch_size * self.samples_per_prompt
         return self.config.update_epochs * math.ceil(n / self.config.minibatch_size)
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"kl_ctl": self.kl_ctl.state_dict()}
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, float]:
+        """Rollout, the algorithm's plan, its minibatch updates, the KL controller; the step's
+        metrics (means over processes; ``tokens`` and ``samples`` summed)."""
+        started = time.perf_counter()
+        roll = self.sample(self.feed.collate_next()["prompts"], repeats=self.samples_per_prompt)
+        plan = self.plan_update(roll)
+        rollout_s = time.perf_counter() - started
+        metrics = self.update(roll, plan)
+        update_s = time.perf_counter() - started - rollout_s
+        seq_kl, algorithm_metrics = plan.finish()
+        self.kl_ctl.update(float(self.reduce_metrics({"kl": seq_kl})["kl"]), len(roll) * self.accelerator.num_processes)
+        mask = roll.mask
+        metrics["reward/raw"] = float(roll.raw_scores.mean())
+        metrics.update(algorithm_metrics)
+        metrics.update({
+            "response_length": float(mask.sum(1).float().mean()),
+            "eos_rate": float(roll.hit_eos.float().mean()),
+            "generate_tokens_per_s": float(mask.sum()) / max(roll.generate_s, 1e-9),
+            "rollout_s": rollout_s,
+            "update_s": update_s,
+            "tokens": roll.num_tokens,
+            "samples": len(roll),
+        })
+        return self.reduce_metrics(metrics)
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
+    def update(self, roll: Rollout, plan: UpdatePlan) -> dict[str, float]:
+        """``update_epochs`` passes of minibatches over ``roll``, one guarded optimizer step each.
 
-    def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
-        raise NotImplementedError(f"{self.name} trains through train_step() (rollouts), not compute_loss()")
+        Each minibatch's loss is the token mean over all its response tokens: a micro-batch's
+        loss is weighted by its share of them. Returns the plan's stats averaged over updates,
+        then ``loss`` and ``grad_norm`` (means over updates).
+        """
+        cfg, mask = self.config, roll.mask
+        sums: dict[str, torch.Tensor] = {}
+        losses, norms = [], []
+        for minibatch in self.minibatches(len(roll)):
+            n_tokens = mask[minibatch].sum().clamp_min(1)
+            total = torch.zeros((), device=self.device)
+            for rows in self.micro_batches(minibatch):
+                batch = roll.collate(rows, self.layout, self.device)
+                m = mask[rows].bool()
+                with self.accelerator.autocast():
+                    out = self.train_module(batch, with_entropy=plan.with_entropy, entropy_grad=plan.entropy_grad)
+                loss, stats = plan.loss(out, rows, m)
+                if cfg.entropy_coef > 0:
+                    loss = loss - cfg.entropy_coef * out["entropy"].mean()
+                share = m.sum() / n_tokens
+                self.accelerator.backward(loss * share)
+                total += (loss * share).detach()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float() * share
+            losses.append(total)
+            norms.append(self.optimizer_step(total))
+        metrics: dict[str, Any] = {k: float(v) / len(norms) for k, v in sums.items()}
+        metrics["loss"] = float(torch.stack(losses).mean())
+        metrics["grad_norm"] = float(torch.stack(norms).float().mean())
+        return metrics
 
     # ------------------------------------------------------------------ rollouts
     def _seed(self, salt: int) -> int:
@@ -397,7 +309,7 @@ class RLRecipe(Recipe):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def eval_metrics(self) -> dict[str, float]:
         """Sample once per held-out prompt (fixed seed) → ``eval/reward/raw``, ``eval/kl`` (k1,
         per sequence), ``eval/response_length``, ``eval/eos_rate``."""
         if self.eval_set is None or len(self.eval_set) == 0:
@@ -421,9 +333,5 @@ class RLRecipe(Recipe):
         if acc.num_processes > 1:
             sums = acc.reduce(sums, reduction="sum")
         total = max(sums[4].item(), 1.0)
-        metrics = {"eval/reward/raw": sums[0].item() / total, "eval/kl": sums[1].item() / total,
-                   "eval/response_length": sums[2].item() / total, "eval/eos_rate": sums[3].item() / total}
-        self.last_eval = metrics
-        self.emit(metrics, "eval")
-        return metrics
-
+        return {"eval/reward/raw": sums[0].item() / total, "eval/kl": sums[1].item() / total,
+                "eval/response_length": sums[2].item() / total, "eval/eos_rate": sums[3].item() / total}

@@ -17,10 +17,10 @@ from functools import partial
 from alignment.batching import ExampleSet, collate_demonstrations, read_rows, tokenize_demonstrations
 from alignment.config import ConfigError, SFTConfig
 from alignment.models import CausalLMLogps, load_causal_lm, load_tokenizer
-from alignment.recipes.base import Recipe, StepOutput
+from alignment.recipes.supervised import StepOutput, SupervisedRecipe
 
 
-class SFTRecipe(Recipe):
+class SFTRecipe(SupervisedRecipe):
     """Completion-only SFT of ``config.model`` on ``config.train_path``."""
 
     name = "sft"

@@ -1,7 +1,8 @@
 """Training-state helpers of the recipe lifecycle: trainable weights, RNG streams, lr schedule.
 
-Pure functions used by :class:`alignment.recipes.base.Recipe` to write and restore checkpoints
-(it is the only caller that touches checkpoint files).
+Pure functions: :class:`alignment.recipes.checkpoint.Checkpointer` (the only code that touches
+checkpoint files) writes and restores weights and RNG streams with them, and
+:mod:`alignment.recipes.optim` builds the schedule from :func:`lr_lambda`.
 """
 
 from __future__ import annotations

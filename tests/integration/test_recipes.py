@@ -13,7 +13,7 @@ from alignment.batching import collate_pairs
 from alignment.config import DPOConfig, RewardConfig, SFTConfig
 from alignment.logprobs import NonFiniteError
 from alignment.models import CausalLMLogps, load_reference, load_reward_model, load_tokenizer, score_responses
-from alignment.recipes.base import ResumeConfigError
+from alignment.recipes.checkpoint import ResumeConfigError
 from alignment.recipes.dpo import DPORecipe
 from alignment.recipes.reward import RewardRecipe
 from alignment.recipes.sft import SFTRecipe
