@@ -10,7 +10,9 @@ ENV PYTHONUNBUFFERED=1 \
     ALIGNFLOW_CODE_DIR=/opt/alignflow \
     ALIGNFLOW_HOME=/data/alignflow \
     PREFECT_HOME=/data/prefect \
-    HF_HOME=/data/hf
+    HF_HOME=/data/hf \
+    # task results are JSON on the shared volume, never pickles (tasks/results.py)
+    PREFECT_RESULTS_DEFAULT_SERIALIZER=json
 RUN apt-get update && apt-get install -y --no-install-recommends git && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1001 alignflow \
     && mkdir -p /data && chown 1001 /data

@@ -46,7 +46,8 @@ def load_bootstrap():
 
 
 def test_compose_has_the_stack_and_its_references_resolve():
-    assert set(SERVICES) == {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "prefect-init", "worker"}
+    assert set(SERVICES) == {"preflight", "postgres", "minio", "minio-init", "mlflow", "prefect-server",
+                             "prefect-init", "worker"}
     for name, svc in SERVICES.items():
         for dep, cond in (svc.get("depends_on") or {}).items():
             assert dep in SERVICES, f"{name} depends on unknown {dep}"
@@ -84,13 +85,13 @@ def test_compose_publishes_on_loopback_only_and_takes_every_secret_from_the_env_
 
 
 def test_compose_wires_postgres_minio_mlflow_and_prefect_together():
-    created = re.findall(r"CREATE DATABASE (\w+)", (INFRA / "docker" / "postgres-init.sql").read_text())
+    created = re.findall(r"CREATE DATABASE (\w+)", (INFRA / "docker" / "postgres-init.sh").read_text())
     mlflow_cmd = SERVICES["mlflow"]["command"]
-    backend = mlflow_cmd[mlflow_cmd.index("--backend-store-uri") + 1]
+    mlflow_env = SERVICES["mlflow"]["environment"]
+    backend = mlflow_env["MLFLOW_BACKEND_STORE_URI"]  # mlflow server reads it: not on its command line
     assert backend.startswith("postgresql+psycopg://") and backend.rsplit("/", 1)[1] in created
     assert "--serve-artifacts" in mlflow_cmd
     assert mlflow_cmd[mlflow_cmd.index("--artifacts-destination") + 1].startswith("s3://")
-    mlflow_env = SERVICES["mlflow"]["environment"]
     assert mlflow_env["MLFLOW_AUTH_DATABASE_URI"].rsplit("/", 1)[1] in created
     assert urlparse(mlflow_env["MLFLOW_S3_ENDPOINT_URL"]).hostname in SERVICES
     entrypoint = (INFRA / "docker" / "mlflow-entrypoint.sh").read_text()
@@ -106,6 +107,95 @@ def test_compose_wires_postgres_minio_mlflow_and_prefect_together():
     pool_cmd = " ".join(SERVICES["worker"]["command"])
     assert "--pool alignflow-process" in pool_cmd and "--type process" in pool_cmd
     assert "--pool alignflow-process --type process" in SERVICES["prefect-init"]["command"][2]
+
+
+CHECK_ENV = INFRA / "docker" / "check-env.sh"
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|AUTH_STRING")
+
+
+def _good_env(tmp_path: Path) -> Path:
+    """infra/.env.example with every change-me value replaced by a fresh secret."""
+    import secrets
+
+    lines = []
+    for line in (INFRA / ".env.example").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#") and "change-me" in value:
+            value = f"admin:{secrets.token_hex(24)}" if key == "PREFECT_AUTH_STRING" else secrets.token_hex(24)
+        lines.append(f"{key}{sep}{value}")
+    path = tmp_path / ".env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _check_env(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(CHECK_ENV), *args], capture_output=True, text=True, timeout=30,
+                          env={"PATH": "/usr/bin:/bin", **(env or {})})
+
+
+def test_the_stack_refuses_to_start_on_the_example_values():
+    refused = _check_env(str(INFRA / ".env.example"))
+    assert refused.returncode == 1
+    for key in (k for k in env_example() if SECRET_KEY.search(k)):
+        assert f"check-env: {key} still holds the example value" in refused.stderr, key
+    assert "refusing to start" in refused.stderr
+
+
+def test_the_guard_accepts_real_secrets_from_a_file_and_from_its_environment(tmp_path):
+    good = _good_env(tmp_path)
+    assert _check_env(str(good)).returncode == 0, _check_env(str(good)).stderr
+    values = dict(line.split("=", 1) for line in good.read_text().splitlines() if line and not line.startswith("#"))
+    assert _check_env(env=values).returncode == 0  # how the preflight service runs it
+    weak = {**values, "MLFLOW_DB_PASSWORD": values["POSTGRES_PASSWORD"], "MINIO_ROOT_PASSWORD": "short"}
+    refused = _check_env(env=weak)
+    assert refused.returncode == 1
+    assert "MLFLOW_DB_PASSWORD must differ" in refused.stderr and "MINIO_ROOT_PASSWORD is shorter" in refused.stderr
+    missing = {k: v for k, v in values.items() if k != "PREFECT_DB_PASSWORD"}
+    assert "PREFECT_DB_PASSWORD is not set" in _check_env(env=missing).stderr
+
+
+def test_every_service_waits_for_the_preflight_check():
+    preflight = SERVICES["preflight"]
+    assert preflight["entrypoint"] == ["sh", "/check-env.sh"]
+    assert "./docker/check-env.sh:/check-env.sh:ro" in preflight["volumes"]
+    checked = set(preflight["environment"])
+    assert {k for k in env_example() if SECRET_KEY.search(k)} <= checked, "the guard sees every secret"
+
+    def reaches_preflight(name: str) -> bool:
+        deps = SERVICES[name].get("depends_on") or {}
+        return "preflight" in deps or any(reaches_preflight(d) for d in deps)
+
+    for name in set(SERVICES) - {"preflight"}:
+        assert reaches_preflight(name), f"{name} could start without the preflight check"
+    assert SERVICES["postgres"]["depends_on"]["preflight"]["condition"] == "service_completed_successfully"
+
+
+def test_each_service_connects_as_its_own_postgres_role():
+    init = (INFRA / "docker" / "postgres-init.sh").read_text()
+    owners = dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+)", init))
+    assert owners == {"prefect": "prefect", "mlflow": "mlflow", "mlflow_auth": "mlflow"}
+    assert set(re.findall(r"CREATE ROLE (\w+) LOGIN", init)) == {"prefect", "mlflow"}
+    assert "\\getenv prefect_pw PREFECT_DB_PASSWORD" in init and "REVOKE ALL ON DATABASE prefect FROM PUBLIC" in init
+    mounts = SERVICES["postgres"]["volumes"]
+    assert "./docker/postgres-init.sh:/docker-entrypoint-initdb.d/10-roles.sh:ro" in mounts
+    assert (INFRA / "docker" / "postgres-init.sh").stat().st_mode & 0o111, "the postgres image runs it only if executable"
+    uris = {"mlflow": SERVICES["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"],
+            "mlflow_auth": SERVICES["mlflow"]["environment"]["MLFLOW_AUTH_DATABASE_URI"],
+            "prefect": SERVICES["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]}
+    for db, uri in uris.items():
+        user = urlparse(uri).username
+        assert user == owners[db] and "POSTGRES" not in uri, f"{db}: connects as {user}, not its own role"
+    assert "PREFECT_DB_PASSWORD" in uris["prefect"] and "MLFLOW_DB_PASSWORD" in uris["mlflow"]
+
+
+def test_no_password_is_on_a_command_line():
+    for name, svc in SERVICES.items():
+        argv = " ".join(str(part) for key in ("command", "entrypoint") for part in (svc.get(key) or []))
+        for var in VAR_RE.findall(argv) + re.findall(r"\$\$\{?([A-Z_]+)", argv):
+            assert not SECRET_KEY.search(var), f"{name} puts ${var} on its command line"
+        assert not re.search(r"://[^/\s]*@", argv), f"{name}: a URL with credentials on its command line"
+    entrypoint = (INFRA / "docker" / "mlflow-entrypoint.sh").read_text()
+    assert "PASSWORD" not in entrypoint.split("exec mlflow server", 1)[1]
 
 
 def test_worker_image_copies_what_exists_and_matches_the_pull_step():
