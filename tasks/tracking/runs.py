@@ -21,6 +21,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from tasks.redact import redact_text
+
 
 def start_parent_run(experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
     """Create the flow run's parent MLflow run (left open until :func:`end_run`)."""
@@ -100,10 +102,10 @@ def stage_run(parent_run_id: str | None, stage: str, tags: dict[str, str] | None
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
-    """Log flat params (values stringified and cut to MLflow's 6000-char limit)."""
+    """Log flat params (values stringified, URL credentials masked, cut to MLflow's 6000-char limit)."""
     from mlflow.entities import Param
 
-    items = [Param(str(k)[:250], str(v)[:6000]) for k, v in params.items()]
+    items = [Param(str(k)[:250], redact_text(str(v))[:6000]) for k, v in params.items()]
     client = MlflowClient()
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start : start + 100])
@@ -218,10 +220,10 @@ class MetricStreamer:
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
-    """Set several tags on a run (values stringified)."""
+    """Set several tags on a run (values stringified, URL credentials masked: error texts may hold URLs)."""
     client = MlflowClient()
     for key, value in tags.items():
-        client.set_tag(run_id, key, str(value))
+        client.set_tag(run_id, key, redact_text(str(value)))
 
 
 def log_table(run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:

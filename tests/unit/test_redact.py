@@ -90,3 +90,22 @@ def test_prefect_ui_links_come_from_a_redacted_api_url(monkeypatch, tmp_path):
     _prepare_environment(tmp_path)
     assert os.environ["PREFECT_UI_URL"] == "https://alice:***@prefect.example"
     assert os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] == "json"
+
+
+def test_run_params_and_tags_saved_in_mlflow_hold_no_credentials(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from tasks import tracking
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(tracking, "_ENV_SET_BY_US", {})
+    experiment = tracking.configure(tmp_path, "redact")
+    run_id = tracking.start_parent_run(experiment, "r", tags={})
+    tracking.log_params(run_id, {"model.policy.name_or_path": "https://tok123@hub.example/m",
+                                 "dpo.beta": 0.1})
+    tracking.set_tags(run_id, {"alignflow.trigger_error": "ConnectError for https://alice:hunter2@p.example/api"})
+    run = MlflowClient().get_run(run_id)
+    saved = repr(run.data.params) + repr(run.data.tags)
+    assert "p.example" in saved and not any(s in saved for s in SECRETS), saved
+    assert run.data.params["dpo.beta"] == "0.1"
