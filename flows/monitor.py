@@ -17,6 +17,7 @@ from tasks.data.handoff import read_validated_kind, validated_root
 from tasks.data.landing import ledger_for, pending_sources, read_and_validate
 from tasks.evaluation.drift import monitor_batch
 from tasks.stages.data import data_dir, ingest_settings
+from tasks.trusted import check_deployment_run
 
 
 def _largest_kind(frames: dict[str, pd.DataFrame]) -> str | None:
@@ -49,7 +50,9 @@ def trigger_retraining(deployment: str, reason: str) -> str:
 
 @flow(name="monitor-feedback", log_prints=True)
 def monitor_feedback(config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any] | None:
-    """Check new feedback for drift. Returns the drift report dict, or None when nothing new arrived."""
+    """Check new feedback for drift. Returns the drift report dict, or None when nothing new arrived.
+    A deployment run whose parameters set code-executing settings is refused (tasks/trusted.py)."""
+    check_deployment_run(config, overrides)
     cfg = load_pipeline_config(config, overrides)
     logger = get_run_logger()
     settings = ingest_settings(cfg)

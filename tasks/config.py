@@ -65,7 +65,11 @@ class PipelineSettings(StrictModel):
     processes: int = Field(1, gt=0)
     """Training processes; more than 1 launches training with ``accelerate launch``."""
     accelerate_config: str | None = None
-    """An accelerate config file (e.g. infra/accelerate/fsdp.yaml) for multi-process training."""
+    """An accelerate config file (e.g. infra/accelerate/fsdp.yaml) for multi-process training.
+    Settable only in the config file, never by a deployment run's ``overrides`` (:mod:`tasks.trusted`)."""
+    allowed_models: list[str] = []
+    """Model ids or folders (``fnmatch`` patterns, e.g. ``Qwen/*``) that a deployment run's
+    ``overrides`` may point a model path at; other model paths come only from this file."""
     stage_timeout_s: int = Field(6 * 3600, gt=0)
     """Wall-clock limit of one training process; past it the process group is killed."""
     stall_warning_s: int | None = Field(600, gt=0)
