@@ -63,8 +63,8 @@ class UpdatePlan:
 
     ``loss(out, rows, mask)`` → ``(loss, stats)``: the token-mean loss of micro-batch ``rows``
     (``out`` is the policy module's output for them, ``mask`` their ``[b, R]`` response mask as
-    bool) without the entropy bonus, and detached-able scalar stats averaged into the step's
-    metrics. ``finish()`` → ``(sequence KL, metrics)`` once the updates are done: the mean KL of
+    bool) without the entropy bonus, and scalar tensors (``stats``) that the loop detaches and
+    averages into the step's metrics. ``finish()`` → ``(sequence KL, metrics)`` once the updates are done: the mean KL of
     the rollout policy to the reference (for the KL controller) and the algorithm's metrics.
     ``with_entropy`` / ``entropy_grad`` are passed to the policy module's forward.
     """
