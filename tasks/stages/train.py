@@ -139,19 +139,14 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
     run_dir = run_dir_for(cfg, stage, key)
     tags = {"alignflow.dataset_digest": dataset_digest, "alignflow.init_digest": init.digest,
             "alignflow.code_version": code_version(), "alignflow.config_digest": cfg.digest()}
-    if parent_run_id is None:
-        summary = run_recipe(recipe, settings, run_dir, processes=cfg.pipeline.processes,
-                             accelerate_config=cfg.pipeline.accelerate_config,
-                             timeout_s=cfg.pipeline.stage_timeout_s,
-                             stall_warning_s=cfg.pipeline.stall_warning_s, description=stage)
-        run_id = None
-    else:
-        with tracking.child_run(parent_run_id, stage, tags) as run_id:
+    with tracking.stage_run(parent_run_id, stage, tags) as run_id:
+        if run_id:
             tracking.log_params(run_id, tracking.flatten(settings.model_dump(mode="json")))
-            summary = run_recipe(recipe, settings, run_dir, mlflow_run_id=run_id,
-                                 processes=cfg.pipeline.processes, accelerate_config=cfg.pipeline.accelerate_config,
-                                 timeout_s=cfg.pipeline.stage_timeout_s,
-                                 stall_warning_s=cfg.pipeline.stall_warning_s, description=f"train {stage}")
+        summary = run_recipe(recipe, settings, run_dir, mlflow_run_id=run_id,
+                             processes=cfg.pipeline.processes, accelerate_config=cfg.pipeline.accelerate_config,
+                             timeout_s=cfg.pipeline.stage_timeout_s,
+                             stall_warning_s=cfg.pipeline.stall_warning_s, description=f"train {stage}")
+        if run_id:
             final_metrics = {f"final/{k}": v for k, v in (summary.get("metrics") or summary).items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
             tracking.log_metrics(run_id, final_metrics, step=int(summary.get("step", 0) or 0))
