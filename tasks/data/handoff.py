@@ -48,6 +48,12 @@ def drop_older_formats(path: str | Path) -> None:
         Path(path).with_suffix(suffix).unlink(missing_ok=True)
 
 
+def batch_files(out_dir: str | Path, batch: str) -> list[Path]:
+    """Every validated file of one ingest batch (any kind, any format), e.g. to remove it."""
+    root = validated_root(out_dir)
+    return sorted(p for suffix in SUFFIXES for p in root.glob(f"*/{batch}{suffix}"))
+
+
 def batch_of(path: str | Path) -> str:
     """The ingest batch id of a validated file (its name)."""
     return Path(path).stem

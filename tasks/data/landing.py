@@ -42,7 +42,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.data.handoff import drop_older_formats, validated_path
+from tasks.data.handoff import (
+    batch_files,
+    drop_older_formats,
+    validated_files,
+    validated_path,
+    validated_root,
+)
 from tasks.data.heap import retained_heap
 from tasks.data.readers import (
     RawTable,
@@ -479,7 +485,7 @@ def ingest(settings: IngestSettings, out_dir: str | Path, *, commit: bool = True
     fault_point("ingest")
     ledger.record(entries(CONSUMED if commit else PENDING))
     for old in superseded:  # a crashed round's batch whose files this batch holds again
-        for stale in [*out.glob(f"validated/*/{old}.*"), out / "quarantine" / f"{old}.parquet",
+        for stale in [*batch_files(out, old), out / "quarantine" / f"{old}.parquet",
                       out / "reports" / f"{old}.json"]:
             stale.unlink(missing_ok=True)
     return IngestResult(batch, [p.options.path for p in pending], skipped, validated, q_path, str(r_path),
@@ -502,9 +508,9 @@ class AlreadyConsumed(ValueError):
 def _explain_nothing_new(ledger: Ledger, skipped: list[str], out: Path) -> None:
     """Raise :class:`AlreadyConsumed` when nothing is new because another pipeline (a shared
     ``ledger_path``) or a removed data folder consumed the files: the build would find no pairs."""
-    if skipped and ledger.digests() and not any(out.glob("validated/*/*")):
+    if skipped and ledger.digests() and not validated_files(validated_root(out)):
         raise AlreadyConsumed(
             f"no data for this pipeline: its {len(skipped)} source file(s) are all recorded as consumed in the "
-            f"ledger {ledger.path}, but {out / 'validated'} holds no validated data (the ledger is shared with "
+            f"ledger {ledger.path}, but {validated_root(out)} holds no validated data (the ledger is shared with "
             f"another pipeline, or this pipeline's data folder was removed). Give this pipeline its own "
             f"ledger (leave data.ledger_path unset) or remove those entries to ingest the files again.")
