@@ -230,9 +230,9 @@ def read_jsonl(path: str | Path, digest: str | None = None, scan: TextScan | Non
     scan = scan or scan_text(path, digest=digest)
     with path.open("rb") as f:
         head = f.read(4096).lstrip()
-    if head[:1] == b"[" or head[:4] == codecs.BOM_UTF8 + b"[":
+    if path.suffix.lower() == ".json" and (head[:1] == b"[" or head[:4] == codecs.BOM_UTF8 + b"["):
         out = _read_json_array(path, _utf8(path.read_bytes()))
-    elif not scan.blank_lines and not scan.bom and scan.lines and not scan.deep_lines and \
+    elif not scan.blank_lines and not scan.bom and scan.lines and not scan.deep_lines and not scan.non_object_lines and \
             scan.longest_line <= MAX_LINE_BYTES and (table := _arrow_json(path, scan)) is not None:
         return table
     else:
@@ -427,38 +427,44 @@ def _read_lines(path: Path, chunk: int = 1 << 16) -> RawTable:
 
 def _read_json_array(path: Path, data: bytes) -> RawTable:
     """A ``.json`` file holding one array of objects. When it nests deeper than MAX_NESTING
-    anywhere, its elements are cut apart unparsed and each is parsed (or refused as
-    ``too_deeply_nested``) on its own."""
-    parts = split_json_array(data) if nests_deeper(data, MAX_NESTING + 1) else None
+    anywhere, or does not parse as a whole, its elements are cut apart unparsed and each is
+    parsed (or quarantined: ``too_deeply_nested``, ``malformed_json``) on its own."""
+    values, parts = None, None
+    if nests_deeper(data, MAX_NESTING + 1):
+        parts = split_json_array(data)
+    else:
+        try:
+            values = _loads(data)
+        except ValueError:
+            parts = split_json_array(data)
     if parts is not None:
-        values, errors = [], []
-        for i, part in enumerate(parts):
-            try:
-                values.append(_parse_line(part))
-            except _TooDeep:
-                values.append(None)
-                errors.append((i + 1, "too_deeply_nested", _raw_text(part)))
-            except ValueError:
-                values.append(None)
-                errors.append((i + 1, "malformed_json", _raw_text(part)))
-        bad = {row for row, _, _ in errors}
-        keep = [i for i, v in enumerate(values) if i + 1 not in bad and isinstance(v, dict)]
-        errors += [(i + 1, "not_an_object", _raw_json_value(v)) for i, v in enumerate(values)
-                   if i + 1 not in bad and not isinstance(v, dict)]
-        return RawTable(_frame([values[i] for i in keep]), str(path), np.asarray(keep, dtype=np.int64) + 1,
-                        sorted(errors))
-    try:
-        values = _loads(data)
-    except ValueError as err:
-        return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64),
-                        [(1, "malformed_json", json.dumps(_cut(f"{path.name}: {err}")))])
-    if not isinstance(values, list):
-        return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64),
-                        [(1, "not_an_object", _raw_text(data[:2000]))])
+        return _json_elements(path, parts)
+    if values is None or not isinstance(values, list):
+        reason = "malformed_json" if values is None else "not_an_object"
+        return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64), [(1, reason, _raw_text(data[:2000]))])
     keep = [i for i, v in enumerate(values) if isinstance(v, dict)]
     errors = [(i + 1, "not_an_object", _raw_json_value(v)) for i, v in enumerate(values) if not isinstance(v, dict)]
     frame = _frame([values[i] for i in keep])
     return RawTable(frame, str(path), np.asarray(keep, dtype=np.int64) + 1, errors)
+
+
+def _json_elements(path: Path, parts: list[bytes]) -> RawTable:
+    """Array elements parsed one by one (row number = position in the array, 1-based)."""
+    values, errors = [], []
+    for i, part in enumerate(parts):
+        try:
+            values.append(_parse_line(part))
+            continue
+        except _TooDeep:
+            errors.append((i + 1, "too_deeply_nested", _raw_text(part)))
+        except ValueError:
+            errors.append((i + 1, "malformed_json", _raw_text(part)))
+        values.append(None)
+    bad = {row for row, _, _ in errors}
+    keep = [i for i, v in enumerate(values) if i + 1 not in bad and isinstance(v, dict)]
+    errors += [(i + 1, "not_an_object", _raw_json_value(v)) for i, v in enumerate(values)
+               if i + 1 not in bad and not isinstance(v, dict)]
+    return RawTable(_frame([values[i] for i in keep]), str(path), np.asarray(keep, dtype=np.int64) + 1, sorted(errors))
 
 
 def read_csv(path: str | Path, delimiter: str | None = None, digest: str | None = None,
@@ -552,8 +558,9 @@ def _read_csv_file(path: Path, sep: str, longest_line: int = 0) -> RawTable:
 def read_parquet(path: str | Path, max_bytes: int | None = None) -> RawTable:
     """A Parquet file, read a batch of rows at a time while counting their in-memory size.
 
-    Raises UnreadableSource: ``unreadable_file`` (not Parquet, truncated, a corrupt page),
-    ``too_deeply_nested`` (a column type nested deeper than MAX_NESTING) or
+    A column whose type nests deeper than MAX_NESTING is not read; every row gets
+    ``too_deeply_nested:<column>``. Raises UnreadableSource: ``unreadable_file`` (not Parquet,
+    truncated, a corrupt page), ``duplicate_columns``, ``too_deeply_nested`` (every column is) or
     ``too_large_decompressed`` (the rows take more than ``max_bytes``, default
     :data:`MAX_DECOMPRESSED_BYTES`, in memory: stopped as soon as the batches read pass it).
     """
@@ -564,12 +571,15 @@ def read_parquet(path: str | Path, max_bytes: int | None = None) -> RawTable:
     try:
         with pq.ParquetFile(path) as pf:
             schema = pf.schema_arrow
-            if type_depth(schema) > MAX_NESTING:
-                raise UnreadableSource("too_deeply_nested", f"{path.name}: a column nests deeper than {MAX_NESTING}")
+            if len(set(schema.names)) < len(schema.names):
+                raise UnreadableSource("duplicate_columns", f"{path.name}: repeated column names")
+            deep = [f.name for f in schema if type_depth(f.type) > MAX_NESTING]
+            if deep and len(deep) == len(schema):
+                raise UnreadableSource("too_deeply_nested", f"{path.name}: every column nests deeper than {MAX_NESTING}")
             schema = pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
-                                for f in schema], metadata=schema.metadata)
+                                for f in schema if f.name not in deep], metadata=schema.metadata)
             batches, size = [], 0
-            for batch in pf.iter_batches(batch_size=1 << 16):
+            for batch in pf.iter_batches(batch_size=1 << 16, columns=schema.names if deep else None):
                 # dictionary columns decoded here: their in-memory size is what validation will hold
                 batch = pa.RecordBatch.from_arrays(
                     [c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in batch.columns],
@@ -586,7 +596,16 @@ def read_parquet(path: str | Path, max_bytes: int | None = None) -> RawTable:
         raise UnreadableSource("unreadable_file", f"{path.name}: not a readable Parquet file ({err})") from err
     if len(set(map(str, frame.columns))) < frame.shape[1]:
         raise UnreadableSource("duplicate_columns", f"{path.name}: repeated column names")
-    return RawTable(frame.reset_index(drop=True), str(path), np.arange(1, len(frame) + 1))
+    return _without_deep(RawTable(frame.reset_index(drop=True), str(path), np.arange(1, len(frame) + 1)), deep)
+
+
+def _without_deep(table: RawTable, deep: list[str]) -> RawTable:
+    """Every row of a table read without its too-deep columns gets a reason per such column."""
+    if deep:
+        reasons = [f"too_deeply_nested:{c}" for c in deep]
+        table.row_reasons = {pos: list(reasons) for pos in range(len(table.frame))}
+        table.notes.append(f"columns nested deeper than {MAX_NESTING}, not read: {', '.join(deep)}")
+    return table
 
 
 def _dataset_table(ds, split: str, name: str) -> RawTable:
@@ -596,10 +615,11 @@ def _dataset_table(ds, split: str, name: str) -> RawTable:
         if split not in ds:
             raise ValueError(f"{name}: no split {split!r} (has {sorted(ds)})")
         ds = ds[split]
-    if type_depth(ds.data.schema) > MAX_NESTING:
-        raise UnreadableSource("too_deeply_nested", f"{name}: a column nests deeper than {MAX_NESTING}")
-    frame = ds.to_pandas()
-    return RawTable(frame, name, np.arange(1, len(frame) + 1))
+    deep = [f.name for f in ds.data.schema if type_depth(f.type) > MAX_NESTING]
+    if deep and len(deep) == len(ds.data.schema):
+        raise UnreadableSource("too_deeply_nested", f"{name}: every column nests deeper than {MAX_NESTING}")
+    frame = (ds.remove_columns(deep) if deep else ds).to_pandas()
+    return _without_deep(RawTable(frame, name, np.arange(1, len(frame) + 1)), deep)
 
 
 def read_saved_dataset(path: str | Path, split: str = "train") -> RawTable:

@@ -54,6 +54,10 @@ class TextScan:
     """The file starts with a UTF-8 byte-order mark."""
     longest_line: int = 0
     """Bytes in the longest line (a parser's block must hold a whole line)."""
+    non_object_lines: bool = False
+    """A line does not start with ``{`` (a blank line, leading whitespace, an array, ``null``):
+    such files are parsed line by line (pyarrow 25's JSON reader crashes the process on a
+    first line ``null``, and reads a ``null`` line as a row of nulls)."""
     deep_lines: int = 0
     """Lines of at least :data:`DEEP_CHECK_BYTES` bytes holding that many ``[``/``{`` or more:
     they may nest deeper than Arrow's JSON reader survives (it recurses on the C stack and
@@ -170,12 +174,15 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
     a block behind the scan (hashlib releases the GIL), so hashing and scanning overlap.
     """
     h = hashlib.sha256()
-    base, offset, blank, bom, longest, deep = 0, 0, False, None, 0, 0
+    base, offset, blank, bom, longest, deep, odd = 0, 0, False, None, 0, 0, False
     bad_lines, bad_spans, bad_bytes = [], [], []
 
     def take(piece: bytes | memoryview, ascii_only: bool) -> None:
-        nonlocal base, offset, blank, longest, deep
+        nonlocal base, offset, blank, longest, deep, odd
         newlines = _lines_of(piece)
+        if not odd and len(piece):  # the first byte of every line
+            starts = np.concatenate([[0], newlines + 1])
+            odd = bool((np.frombuffer(piece, np.uint8)[starts[starts < len(piece)]] != 123).any())
         tail = len(piece) - (int(newlines[-1]) + 1 if len(newlines) else 0)
         longest = max(longest, tail)
         if tail >= DEEP_CHECK_BYTES:
@@ -242,7 +249,7 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, width) if width else 0, np.int64)
 
     return TextScan(digest or h.hexdigest(), lines, blank, cat(bad_lines, 0), cat(bad_spans, 2), cat(bad_bytes, 2),
-                    bool(bom), longest, deep)
+                    bool(bom), longest, odd, deep)
 
 
 class PatchedFile(io.RawIOBase):

@@ -91,16 +91,22 @@ SEGFAULT_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("levels", [60_000, 200_000])
-def test_tens_of_thousands_of_levels_do_not_kill_the_process(tmp_path, levels):
-    """Arrow's JSON reader recursed once per level on the C stack: exit 139 (SIGSEGV). Run in a
-    child process, so a crash fails this test instead of taking the test runner down."""
-    path = _jsonl(tmp_path / "bomb.jsonl", [*map(json.dumps, _rows(3)), _deep(levels)])
+@pytest.mark.parametrize(("lines", "reason"), [
+    ([*map(json.dumps, _rows(3)), _deep(60_000)], "too_deeply_nested"),
+    ([*map(json.dumps, _rows(3)), _deep(200_000)], "too_deeply_nested"),
+    (["null", *map(json.dumps, _rows(3))], "not_an_object"),  # found by the fuzz test: pyarrow 25 segfaults
+    ([" null", *map(json.dumps, _rows(3))], "not_an_object"),
+], ids=["60k-levels", "200k-levels", "null-first-line", "spaced-null-first-line"])
+def test_lines_that_crashed_the_arrow_reader_do_not_kill_the_process(tmp_path, lines, reason):
+    """Arrow's JSON reader recursed once per level on the C stack, and dereferences a null first
+    row: exit 139 (SIGSEGV). Run in a child process, so a crash fails this test instead of
+    taking the test runner down."""
+    path = _jsonl(tmp_path / "bomb.jsonl", lines)
     proc = subprocess.run([sys.executable, "-c", SEGFAULT_CHILD, str(path)], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out == {"valid": 3, "reasons": {"too_deeply_nested": 1}}
+    assert out == {"valid": 3, "reasons": {reason: 1}}
 
 
 def test_a_deep_json_array_element_is_quarantined(tmp_path):
