@@ -19,10 +19,16 @@ def _flow_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    """``alignflow run``: one pipeline round. Exit 0 when the round completed (promoted or not)."""
+    """``alignflow run``: one pipeline round. Exit 0 when the round completed (promoted or not);
+    75 (try again later) when another run holds the home (``pipeline.lock_wait_s``)."""
     from flows.pipeline import alignment_pipeline
+    from tasks.lock import HomeBusy
 
-    alignment_pipeline(**_flow_kwargs(args), only_if_new_data=args.only_if_new_data)
+    try:
+        alignment_pipeline(**_flow_kwargs(args), only_if_new_data=args.only_if_new_data)
+    except HomeBusy as err:
+        console.print(f"alignflow: {err}", style="red", markup=False, highlight=False)
+        return 75
     return 0
 
 

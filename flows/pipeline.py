@@ -24,10 +24,23 @@ from prefect.runtime import flow_run
 from alignment.config import apply_overrides, validate_config
 from tasks import tracking
 from tasks.config import PipelineConfig, load_pipeline_config, to_yaml
+from tasks.data.landing import CONSUMED, ledger_for
+from tasks.data.validate import QuarantineThresholdExceeded
+from tasks.faults import fault_point
+from tasks.lock import home_lock
 from tasks.methods import label, method
 from tasks.records import ModelRecord, StageTiming
+from tasks.round import ENDS, FAILED, SETTLES, RoundLog, RoundRecord, close_stale_flow_runs
 from tasks.stages.cached import run_cached
-from tasks.stages.data import DatasetRecord, IngestRecord, build_task, dataset_present, ingest_task
+from tasks.stages.data import (
+    DatasetRecord,
+    IngestRecord,
+    build_task,
+    data_dir,
+    dataset_present,
+    ingest_settings,
+    ingest_task,
+)
 from tasks.stages.demo import demo_base_model_task, landing_is_empty, simulate_feedback_task
 from tasks.stages.evaluate import evaluate_task, gate_decision
 from tasks.stages.models import base_model_record, champion_record, champion_trained_on, registered_candidate
@@ -63,10 +76,18 @@ class PipelineRound:
         self.result: dict[str, Any] = {}
         experiment_id = tracking.configure(cfg.home, cfg.pipeline.name)
         flow_run_id = str(flow_run.get_id() or "")
+        home = str(Path(cfg.home).resolve())
+        self.rounds = RoundLog(data_dir(cfg))
+        self.ledger = ledger_for(ingest_settings(cfg), data_dir(cfg))
+        self._recover(self.rounds.load(), experiment_id, home)
+        self.record, _ = self.rounds.begin(cfg.pipeline.name, flow_run_id=flow_run_id or None)
         self.parent = tracking.start_parent_run(
             experiment_id, run_name=f"{cfg.pipeline.name}-{flow_run.get_name() or 'run'}",
             tags={"prefect.flow_run_id": flow_run_id, "alignflow.config_digest": cfg.digest(),
-                  "alignflow.code_version": code_version(), "alignflow.method": cfg.pipeline.method})
+                  "alignflow.code_version": code_version(), "alignflow.method": cfg.pipeline.method,
+                  tracking.HOME_TAG: home, "alignflow.round_id": self.record.round_id})
+        self.record.mlflow_run_id = self.parent
+        self.rounds.save(self.record)
         self.summary = PipelineSummary(pipeline=cfg.pipeline.name, home=str(cfg.home), mlflow_run_id=self.parent,
                                        experiment_id=experiment_id, tracking_uri=tracking.tracking_uri(cfg.home),
                                        flow_run_id=flow_run_id)
@@ -75,6 +96,46 @@ class PipelineRound:
         """Record a stage's row of the summary table (seconds since ``started``)."""
         self.rows.append(StageTiming(stage=stage, status=status, seconds=time.monotonic() - started,
                                      metrics=metrics or {}))
+
+    def _recover(self, previous: RoundRecord | None, experiment_id: str, home: str) -> None:
+        """Finish what the previous round on this home left: settle the files of a round that
+        ended but died before settling them; close the MLflow runs (FAILED) and Prefect flow runs
+        (CRASHED) of a round whose process died. Under the home lock, so that process is gone."""
+        if previous is not None and previous.ended and not previous.settled and previous.state in SETTLES:
+            self.ledger.settle(CONSUMED)
+        closed = tracking.close_stale_runs(experiment_id, home)
+        dead = {c["flow_run_id"] for c in closed if c["flow_run_id"]}
+        if previous is not None and previous.interrupted and previous.flow_run_id:
+            dead.add(previous.flow_run_id)
+        dead.discard(str(flow_run.get_id() or ""))
+        crashed = close_stale_flow_runs(sorted(dead), "its process died; closed by the next run on this home")
+        if previous is not None and previous.interrupted:
+            self.logger.warning("The previous round %s died at %r; this round redoes it (closed %d MLflow run(s) "
+                                "as FAILED and %d Prefect flow run(s) as CRASHED).", previous.round_id,
+                                previous.state, len(closed), len(crashed))
+
+    def reached(self, state: str, **fields: Any) -> None:
+        """Record a round state (tasks/round.py) where the next run can read it."""
+        self.rounds.advance(self.record, state, **fields)
+        fault_point(f"after:{state}")
+
+    def _end(self, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:
+        """Commit the round: its end state, then its landing files settled as consumed.
+        A round that raised (not on its data) is ``failed``: its files stay pending for a retry."""
+        if exc_type is None:
+            end = "promoted" if self.summary.status == "promoted" else "rejected"
+        elif issubclass(exc_type, RoundStopped):
+            end = exc.status if exc.status in ENDS else "unchanged"  # type: ignore[union-attr]
+        elif issubclass(exc_type, QuarantineThresholdExceeded):
+            end = "failed-on-data"  # the ingest recorded its files as failed
+        else:
+            self.rounds.advance(self.record, FAILED, error=f"{exc_type.__name__}: {exc}"[:2000])
+            return
+        self.rounds.advance(self.record, end)
+        fault_point("end")
+        if end in SETTLES:
+            self.ledger.settle(CONSUMED)
+        self.rounds.settled(self.record)
 
     def stop(self, status: str, registry: RegistryRecord | None = None) -> None:
         """End the round here with ``status`` (``no-new-data``, ``unchanged``). Raises RoundStopped."""
@@ -89,6 +150,7 @@ class PipelineRound:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         status = "FAILED"
         try:
+            self._end(exc_type, exc)
             if exc_type is None or issubclass(exc_type, RoundStopped):
                 self.result = publish_summary(self.summary, self.rows, self.started)
                 status = "FINISHED"
@@ -126,19 +188,25 @@ def alignment_pipeline(config: str | None = None, overrides: list[str] | None = 
     if not isinstance(config, PipelineConfig):
         check_deployment_run(config, overrides)
     cfg = resolve_config(config, overrides)
-    with PipelineRound(cfg) as rnd:
+    with home_lock(cfg.home, cfg.pipeline.lock_wait_s), PipelineRound(cfg) as rnd:
         record_config(rnd)
         base = starting_model(rnd)
         ingest = collect_feedback(rnd, base, only_if_new_data)
+        rnd.reached("ingested", batch_id=ingest.batch_id)
         dataset = build_dataset(rnd, ingest)
+        rnd.reached("built", dataset_digest=dataset.digest)
         stop_if_champion_is_current(rnd, dataset)
         init = fine_tune_supervised(rnd, dataset, policy_start(rnd, base))
         reward = train_reward_model(rnd, dataset, base)
         candidate = update_policy(rnd, dataset, init, base, reward)
+        rnd.reached("trained", candidate_digest=candidate.digest)
         stop_if_already_registered(rnd, candidate)
         champion = champion_record(cfg)
         decision = evaluate_and_gate(rnd, candidate, champion, base, reward, dataset)
+        rnd.reached("evaluated")
         register_and_promote(rnd, candidate, reward, dataset, decision, champion)
+        rnd.reached("registered", policy_version=rnd.summary.registry.policy_version)
+        rnd.reached("gated", promoted=rnd.summary.registry.promoted)
     return rnd.result
 
 

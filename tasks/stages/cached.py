@@ -32,7 +32,9 @@ def cached_stage(name: str, key: Callable[..., Any], **options: Any) -> Callable
     (:func:`tasks.results.cached_records`), so a cache hit hands the same record on."""
 
     def key_fn(context: Any, inputs: dict[str, Any]) -> str:
-        return f"{name}-{digest_of(key(**inputs), code_version())}"
+        cfg = inputs.get("cfg")  # records name files under <home>/.../<pipeline>: never shared across them
+        scope = (cfg.pipeline.name, str(cfg.home)) if cfg is not None else None
+        return f"{name}-{digest_of(key(**inputs), scope, code_version())}"
 
     def decorate(fn: Callable[..., R]) -> Task[..., R]:
         return task(name=name, **cached_records(key_fn), **options)(fn)  # JSON records, never pickles

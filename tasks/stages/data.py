@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.data.handoff import read_validated_frame, selected_files, validated_root
-from tasks.data.landing import ingest, quarantine_sample
+from tasks.data.landing import AlreadyConsumed, ingest, quarantine_sample
 from tasks.data.preferences import build_preferences
 from tasks.data.settings import IngestSettings
 from tasks.data.validate import QuarantineThresholdExceeded
@@ -36,6 +36,8 @@ class IngestRecord(BaseModel):
     validated_dir: str
     validated_digest: str
     """Digest of every validated file so far (the build's cache input)."""
+    batch_id: str | None = None
+    """The batch ingested now (its files stay pending in the ledger until the round ends)."""
     quarantine: str | None = None
     top_reasons: dict[str, int] = Field(default_factory=dict)
 
@@ -101,7 +103,7 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
     out = data_dir(cfg)
     with tracking.stage_run(parent_run_id, "ingest") as run_id:
         try:
-            result = ingest(ingest_settings(cfg), out)
+            result = ingest(ingest_settings(cfg), out, commit=False)  # the round settles the ledger
         except QuarantineThresholdExceeded as err:
             if run_id:
                 _log_ingest_failure(run_id, out, err)
@@ -112,7 +114,7 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
                               rows_quarantined=report.get("rows_quarantined", 0),
                               validated_dir=str(validated_root(out)),
                               validated_digest=_validated_digest(validated_root(out), cfg.preferences.recent_batches),
-                              quarantine=result.quarantine,
+                              quarantine=result.quarantine, batch_id=result.batch_id,
                               top_reasons=dict(list((report.get("reasons") or {}).items())[:20]))
         if run_id:
             _log_ingest(run_id, record, result)
@@ -121,7 +123,7 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
 
 @task(name="ingest-validate", retries=2, retry_delay_seconds=5,
       retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False),
-                                                                  QuarantineThresholdExceeded))
+                                                                  (QuarantineThresholdExceeded, AlreadyConsumed)))
 def ingest_task(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
     """Prefect task: ingest new landing files (I/O errors are retried; a quarantine overflow is not)."""
     return run_ingest(cfg, parent_run_id)

@@ -23,6 +23,7 @@ from tasks.evaluation.gate import decide
 from tasks.evaluation.plots import plot_reward_vs_kl, plot_score_distributions, plot_training_curves
 from tasks.evaluation.report import EvalReport
 from tasks.evaluation.suite import evaluate_models
+from tasks.faults import fault_point
 from tasks.methods import method
 from tasks.records import ModelRecord
 from tasks.stages.cached import cached_stage
@@ -121,6 +122,7 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
     with tracking.child_run(parent_run_id, "evaluate") as run_id:
         record.run_id = run_id
         tracking.log_metrics(run_id, metrics)
+        fault_point("evaluate")
         tracking.log_artifact(run_id, report_path, "evaluation")
         if out.samples:
             tracking.log_table(run_id, pd.DataFrame(out.samples), "evaluation/samples.json")

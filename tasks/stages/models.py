@@ -10,7 +10,7 @@ from alignment.models import folder_digest
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.records import ModelRecord
-from tasks.stages.register import CANDIDATE_TAG, RegistryRecord
+from tasks.stages.register import CANDIDATE_TAG, REGISTRATION_TAG, RegistryRecord
 
 
 def model_digest(cfg: PipelineConfig, ref: str | Path, revision: str | None = None) -> str:
@@ -54,12 +54,16 @@ def champion_record(cfg: PipelineConfig) -> ModelRecord | None:
 
 
 def registered_candidate(cfg: PipelineConfig, candidate: ModelRecord) -> RegistryRecord | None:
-    """The registry state when this exact candidate was already registered (a re-run), else None."""
+    """The registry state when this exact candidate was already registered, gated and aliased
+    (a re-run), else None: a version whose registration a crash cut short is finished by the
+    register stage, not taken as done."""
     name = tracking.policy_model_name(cfg.pipeline.name)
     version = tracking.find_version(name, CANDIDATE_TAG, candidate.digest)
     if version is None:
         return None
     tags = tracking.version_tags(name, version)
+    if tags.get(REGISTRATION_TAG) != "complete":
+        return None
     champion = tracking.alias_version(name, tracking.CHAMPION)
     reasons = [r for r in tags.get("alignflow.gate_reasons", "").split(" | ") if r]
     return RegistryRecord(policy_model=name, policy_version=version, promoted=champion == version,

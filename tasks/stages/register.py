@@ -1,9 +1,16 @@
 """Register + promote: log the candidate policy and reward model to the MLflow registry, tag the
 versions with their lineage and the gate decision, move ``challenger`` to the candidate and,
-when the gate passes, ``champion`` too. A failed gate leaves ``champion`` untouched.
+when the gate passes, ``champion`` too. A failed gate leaves ``champion`` untouched. Each
+version's description is its model card (:mod:`tasks.serving.card`).
 
-Idempotent: a candidate already registered (same ``alignflow.candidate_digest`` tag) is not
-registered again, so a re-run after a crash or with nothing new adds no version.
+Idempotent and crash-safe: a candidate already registered (same ``alignflow.candidate_digest``
+tag) is not registered again, so a re-run adds no version; every later write (gate tags,
+``challenger``, promotions) is repeated as the gate decides, and ``alignflow.registration =
+complete`` is written last. A re-run after a kill anywhere in between (a version without gate
+tags, tags without aliases, the reward model promoted but not the policy) finishes the job;
+only a version with that tag counts as done (:func:`tasks.stages.models.registered_candidate`).
+The reward model is promoted before the policy, so a policy ``champion`` never points at a
+round whose reward model was left behind.
 """
 
 from __future__ import annotations
@@ -18,10 +25,14 @@ from pydantic import BaseModel, Field
 
 from tasks import tracking
 from tasks.config import PipelineConfig
+from tasks.faults import fault_point
 from tasks.records import ModelRecord
+from tasks.serving.card import policy_card, reward_card
 from tasks.versioning import code_version, git_commit
 
 CANDIDATE_TAG = "alignflow.candidate_digest"
+REGISTRATION_TAG = "alignflow.registration"
+"""``complete`` once every write of :func:`register_and_promote` for the version is done."""
 
 
 class RegistryRecord(BaseModel):
@@ -94,6 +105,7 @@ def register_and_promote(cfg: PipelineConfig, candidate: ModelRecord, reward: Mo
         if version is None:
             version = tracking.log_policy(run_id, _serving_folder(candidate), name,
                                           lineage_tags(cfg, candidate, dataset_digest, previous))
+            fault_point("register:version")
         if reward is not None:
             reward_version = tracking.find_version(reward_name, CANDIDATE_TAG, reward.digest)
             if reward_version is None:
@@ -102,16 +114,24 @@ def register_and_promote(cfg: PipelineConfig, candidate: ModelRecord, reward: Mo
         gate_tags = {"alignflow.gate": "passed" if passed else "failed",
                      "alignflow.gate_reasons": " | ".join(reasons)[:5000]}
         tracking.set_version_tags(policy_name, version, {**gate_tags, **decision.get("eval_tags", {})})
+        tracking.set_version_description(policy_name, version, policy_card(cfg, candidate, version, dataset_digest,
+                                                                           decision, passed, reasons))
+        if reward_version:
+            tracking.set_version_description(reward_name, reward_version,
+                                             reward_card(cfg, reward, reward_version, dataset_digest, version))
+        fault_point("register:tags")
         if decision.get("report_path") and Path(decision["report_path"]).exists():
             tracking.log_artifact(run_id, decision["report_path"], "evaluation")
         tracking.set_alias(policy_name, tracking.CHALLENGER, version)
         if reward_version:
             tracking.set_alias(reward_name, tracking.CHALLENGER, reward_version)
         if passed and previous != version:
-            tracking.promote(policy_name, version, reason="; ".join(reasons))
             if reward_version:
                 tracking.promote(reward_name, reward_version, reason=f"with {policy_name} v{version}")
+            fault_point("register:promote")
+            tracking.promote(policy_name, version, reason="; ".join(reasons))
         tracking.log_metrics(run_id, {"promoted": float(passed), "policy_version": float(version)})
+        tracking.set_version_tags(policy_name, version, {REGISTRATION_TAG: "complete"})
     champion = tracking.alias_version(policy_name, tracking.CHAMPION)
     return RegistryRecord(policy_model=policy_name, policy_version=version, reward_model=reward_name if reward else None,
                           reward_version=reward_version, promoted=passed and champion == version,
