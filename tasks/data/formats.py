@@ -192,6 +192,9 @@ def _chosen_rejected(raw: pd.DataFrame) -> Converted:
         fields["choice"] = "score_chosen"
     if is_chat.any():
         out["is_chat"] = is_chat
+    elif "is_chat" in raw.columns:  # the file's own flag (validation reads its spellings)
+        out["is_chat"] = raw["is_chat"].to_numpy()
+        used.add("is_chat")
     for col in OPTIONAL:
         if col in raw.columns:
             out[col] = raw[col].to_numpy()
