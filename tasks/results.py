@@ -7,8 +7,8 @@ classes its decoder imports: whoever can write to the home (in Kubernetes, the s
 would run code in the next flow run. So:
 
 - :class:`RecordSerializer` (type ``alignflow-json``) is Prefect's JSON serializer with a decoder
-  that rebuilds only pydantic models of alignflow's own, already imported modules (``tasks.*``,
-  ``alignment.*``) plus paths, dates and UUIDs, and exceptions of builtins or those modules. It
+  that rebuilds only pydantic models (not Prefect blocks) of alignflow's own, already imported
+  modules (``tasks.*``, ``alignment.*``) plus paths, dates and UUIDs, and exceptions of builtins or those modules. It
   ignores every setting a record carries (``jsonlib``, ``object_decoder``) and imports nothing.
 - :class:`RecordKeys` stores the cache entries' metadata (``<storage>/keys/<cache key>``) and
   refuses, on read, any entry whose serializer is not ``alignflow-json`` or that points at a
@@ -34,6 +34,7 @@ from pathlib import Path, PosixPath, PurePosixPath
 from typing import Any, ClassVar
 from uuid import UUID
 
+from prefect.blocks.core import Block
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.serializers import JSONSerializer, prefect_json_object_encoder
@@ -69,7 +70,8 @@ def decode_object(obj: dict[str, Any]) -> Any:
     if "__class__" in obj:
         name = obj["__class__"]
         cls = _PLAIN_TYPES.get(name) or _loaded_class(name)
-        if not (isinstance(cls, type) and (cls in _PLAIN_TYPES.values() or issubclass(cls, BaseModel))):
+        plain = cls in _PLAIN_TYPES.values()
+        if not (isinstance(cls, type) and (plain or (issubclass(cls, BaseModel) and not issubclass(cls, Block)))):
             raise UnsafeRecordError(f"record holds an object of class {name!r}, which alignflow does not load")
         return TypeAdapter(cls).validate_python(obj["data"])
     if "__exc_type__" in obj:
@@ -85,6 +87,16 @@ def decode_object(obj: dict[str, Any]) -> Any:
     return obj
 
 
+def encode_object(obj: Any) -> Any:
+    """``json.dumps`` default: a pydantic model as ``{"__class__", "data"}`` with its fields in
+    Python mode (nested objects come back through here), so NaN and inf survive the round trip
+    (pydantic's JSON mode writes them as null); anything else as Prefect's encoder writes it."""
+    if isinstance(obj, BaseModel):
+        cls = type(obj)
+        return {"__class__": f"{cls.__module__}.{cls.__qualname__}", "data": obj.model_dump(mode="python")}
+    return prefect_json_object_encoder(obj)
+
+
 class RecordSerializer(JSONSerializer):
     """Prefect's JSON serializer, restricted on load (see the module docstring).
 
@@ -94,7 +106,7 @@ class RecordSerializer(JSONSerializer):
     type: str = Field(default=SERIALIZER_TYPE, frozen=True)
 
     def dumps(self, obj: Any) -> bytes:
-        return json.dumps(obj, default=prefect_json_object_encoder).encode()
+        return json.dumps(obj, default=encode_object).encode()
 
     def loads(self, blob: bytes) -> Any:
         try:
