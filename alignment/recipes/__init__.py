@@ -1,4 +1,7 @@
-"""Training recipes: one class per algorithm on the lifecycle of :class:`~alignment.recipes.base.Recipe`.
+"""Training recipes: one class per algorithm on the lifecycle of :class:`~alignment.recipes.base.Recipe`,
+in one of two sibling families: :class:`~alignment.recipes.supervised.SupervisedRecipe` (a loss per
+micro-batch: SFT, reward model, DPO family, KTO) or :class:`~alignment.recipes.rl_base.RLRecipe`
+(rollout + minibatch updates: PPO, GRPO).
 
 ``get_recipe("dpo")`` returns the class; modules are imported on first use, so a recipe whose
 optional dependencies are missing does not break the others.
