@@ -90,6 +90,9 @@ def _prepare_environment(home: Path) -> None:
     os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] = "json"
     # Prefect derives its UI links ("View at ...", serve's banner) from the API URL: without
     # this, a user:password in PREFECT_API_URL would be printed in every flow run's log.
+    # MLflow prints "View run ... at: <tracking URI>" after every run against a server, user:password
+    # included; the end-of-run summary prints the same link with credentials masked instead.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     api = os.environ.get("PREFECT_API_URL")
     if api and not os.environ.get("PREFECT_UI_URL"):
         from tasks.redact import redact_url

@@ -12,7 +12,9 @@ ENV PYTHONUNBUFFERED=1 \
     PREFECT_HOME=/data/prefect \
     HF_HOME=/data/hf \
     # task results are JSON on the shared volume, never pickles (tasks/results.py)
-    PREFECT_RESULTS_DEFAULT_SERIALIZER=json
+    PREFECT_RESULTS_DEFAULT_SERIALIZER=json \
+    # MLflow's "View run at <tracking URI>" lines would print credentials; the run summary masks them
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true
 RUN apt-get update && apt-get install -y --no-install-recommends git && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1001 alignflow \
     && mkdir -p /data && chown 1001 /data

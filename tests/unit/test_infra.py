@@ -198,6 +198,12 @@ def test_no_password_is_on_a_command_line():
     assert "PASSWORD" not in entrypoint.split("exec mlflow server", 1)[1]
 
 
+def test_worker_image_persists_json_results_and_prints_no_unmasked_links():
+    dockerfile = (INFRA / "docker" / "worker.Dockerfile").read_text()
+    assert re.search(r"^\s*PREFECT_RESULTS_DEFAULT_SERIALIZER=json\b", dockerfile, re.M)
+    assert re.search(r"^\s*MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true\b", dockerfile, re.M)
+
+
 def test_worker_image_copies_what_exists_and_matches_the_pull_step():
     dockerfile = (INFRA / "docker" / "worker.Dockerfile").read_text()
     for src in re.findall(r"^COPY (\S+) ", dockerfile, flags=re.M):

@@ -84,12 +84,14 @@ def test_prefect_ui_links_come_from_a_redacted_api_url(monkeypatch, tmp_path):
     from flows.cli import _prepare_environment
 
     for var in ("PREFECT_UI_URL", "PREFECT_RESULTS_DEFAULT_SERIALIZER", "PREFECT_LOGGING_LOG_PRINTS",
-                "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM", "GIT_PYTHON_REFRESH"):
+                "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM", "GIT_PYTHON_REFRESH",
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
         monkeypatch.delenv(var, raising=False)  # restored after the test: nothing leaks to others
     monkeypatch.setenv("PREFECT_API_URL", "https://alice:hunter2@prefect.example/api")
     _prepare_environment(tmp_path)
     assert os.environ["PREFECT_UI_URL"] == "https://alice:***@prefect.example"
     assert os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] == "json"
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"  # MLflow's own unmasked links
 
 
 def test_run_params_and_tags_saved_in_mlflow_hold_no_credentials(tmp_path, monkeypatch):
