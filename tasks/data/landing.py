@@ -62,6 +62,7 @@ from tasks.data.readers import (
 from tasks.data.scan import TextScan, scan_text
 from tasks.data.settings import IngestSettings, SourceSettings
 from tasks.data.validate import (
+    FileReport,
     QuarantineThresholdExceeded,
     ValidationReport,
     ValidationResult,
@@ -378,7 +379,22 @@ def read_and_validate(sources: list[SourceSettings], settings: IngestSettings,
                 raise
             table = unreadable_table(src.path, err, known)
         tables.append((table, src))
-    return validate_tables(tables, settings)
+    result = validate_tables(tables, settings)
+    _report_refused_links(result.report, sources, settings)
+    return result
+
+
+def _report_refused_links(report: ValidationReport, sources: list[SourceSettings], settings: IngestSettings) -> None:
+    """Links in the landing folder that resolve outside it (never listed, never read) go into the
+    batch report as files with no rows, so the refusal is on record and not only in a log."""
+    if not settings.landing_dir or not Path(settings.landing_dir).is_dir():
+        return
+    refused: list[Path] = []
+    list_source_files(settings.landing_dir, settings.landing_patterns, refused)
+    listed = {str(s.path) for s in sources}
+    report.files += [FileReport(str(link), unreadable="symlink_outside_landing",
+                                notes=["refused: a symlink that resolves outside the landing folder (not read)"])
+                     for link in refused if str(link) not in listed]
 
 
 def detect_format_or_none(src: SourceSettings) -> str | None:
