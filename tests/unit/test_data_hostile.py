@@ -263,6 +263,9 @@ def test_symlinks_out_of_the_landing_folder_are_refused_unread(tmp_path, caplog)
     assert "leak.jsonl" in caplog.text and "resolves outside" in caplog.text
     result = ingest(IngestSettings(landing_dir=str(landing), quarantine_max_share=0.5), out)
     assert str(landing / "leak.jsonl") not in result.sources
+    refused_files = [f for f in result.report["files"] if f["unreadable"] == "symlink_outside_landing"]
+    assert sorted(Path(f["source_file"]).name for f in refused_files) == ["dir-link.jsonl", "leak.jsonl"]
+    assert all(f["rows_in"] == 0 for f in refused_files)  # on record, not counted as rows
     for written in out.rglob("*"):
         if written.is_file():
             assert b"SECRET-TOKEN" not in written.read_bytes(), written
