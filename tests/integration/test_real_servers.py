@@ -50,17 +50,19 @@ def stack(tmp_path_factory, request) -> ServerStack:
     return st
 
 
-def deploy(stack: ServerStack, name: str, entrypoint: str | None = None) -> str:
+def deploy(stack: ServerStack, name: str, entrypoint: str | None = None, parameters: dict | None = None) -> str:
     """``prefect deploy`` one deployment of infra/prefect.yaml; returns ``flow-name/deployment``.
 
-    ``entrypoint`` replaces the file's entrypoint (the stand-in flow); everything else, pull
-    step, schedule and pool, is the committed file's.
+    ``entrypoint`` replaces the file's entrypoint (the stand-in flow), ``parameters`` update its
+    parameters (what an operator edits: a run may not pass another config, tasks/trusted.py);
+    everything else, pull step, schedule and pool, is the committed file's.
     """
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     chosen = [d for d in spec["deployments"] if d["name"] == name]
     assert chosen, f"{name} not in {PREFECT_YAML}"
     if entrypoint:
         chosen[0]["entrypoint"] = entrypoint
+    chosen[0]["parameters"].update(parameters or {})
     spec["deployments"] = chosen
     spec["deployments"][0]["work_pool"]["name"] = stack.pool
     path = stack.root / "prefect.yaml"
@@ -172,7 +174,7 @@ def test_real_pipeline_round_on_the_servers(stack, demo_cache, monkeypatch):
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url, PREFECT_API_AUTH_STRING: stack.prefect_auth}):
-        full_name = deploy(stack, DEPLOYMENT)
+        full_name = deploy(stack, DEPLOYMENT, parameters={"config": str(TINY_CONFIG), "overrides": overrides})
         assert full_name == "alignment-pipeline/retrain"
         started = run_deployment(full_name, timeout=0, parameters={
             "config": str(TINY_CONFIG), "overrides": overrides, "only_if_new_data": False})
