@@ -652,6 +652,8 @@ def read_source(path: str | Path, fmt: str = "auto", *, split: str = "train", co
         return read_hub(str(path), split, config_name, revision)
     if not Path(path).exists():
         raise FileNotFoundError(f"feedback source not found: {path}")
+    if fmt in ("jsonl", "csv", "parquet") and not Path(path).is_file():  # a FIFO or device would block or never end
+        raise UnreadableSource("not_a_regular_file", f"{path}: not a regular file")
     readers = {"jsonl": lambda p: read_jsonl(p, digest=digest, scan=scan),
                "csv": lambda p: read_csv(p, digest=digest, scan=scan),
                "parquet": read_parquet,

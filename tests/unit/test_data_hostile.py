@@ -302,3 +302,12 @@ def test_scan_of_a_giant_line_keeps_memory_bounded(tmp_path):
     scan = scan_text(path, block=1 << 20)
     assert scan.lines == 1 and scan.longest_line == 3 * MAX_LINE_BYTES
     assert np.array_equal(scan.bad_lines, np.zeros(0))
+
+
+def test_a_fifo_or_device_named_like_a_feedback_file_is_not_read(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jsonl")  # opening it for reading would block forever
+    os.symlink("/dev/zero", tmp_path / "zero.csv")  # reading it would never end
+    _jsonl(tmp_path / "good.jsonl", _rows(2))
+    result = _validate(tmp_path / "pipe.jsonl", tmp_path / "zero.csv", tmp_path / "good.jsonl", quarantine_max_share=1.0)
+    assert _reasons(result) == {("pipe.jsonl", 0): ["not_a_regular_file"], ("zero.csv", 0): ["not_a_regular_file"]}
+    assert result.report.rows_valid == 2
