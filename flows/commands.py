@@ -10,6 +10,7 @@ from rich.table import Table
 
 from tasks import tracking
 from tasks.config import PipelineConfig
+from tasks.serving import serve_command
 
 console = Console()
 
@@ -117,7 +118,7 @@ def cmd_status(cfg: PipelineConfig, args: argparse.Namespace) -> int:
                        run.data.tags.get("prefect.flow_run_id", "-"))
     console.print(recent)
     champion = tracking.alias_version(name, tracking.CHAMPION)
-    console.print(f"serve it: mlflow models serve -m models:/{name}@champion" if champion else "no champion yet")
+    console.print(f"serve it: {serve_command(tracking.tracking_uri(cfg.home), name)}" if champion else "no champion yet")
     return 0
 
 

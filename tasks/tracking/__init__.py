@@ -113,6 +113,7 @@ from tasks.tracking.registry import (  # noqa: E402  (re-exported: the package's
     reward_model_name,
     rollback,
     set_alias,
+    set_version_description,
     set_version_tags,
     version_tags,
 )
@@ -139,6 +140,6 @@ __all__ = [
     "champion_history", "child_run", "close_stale_runs", "HOME_TAG", "configure", "download_model", "end_run", "find_version", "flatten",
     "log_artifact", "log_dataset", "log_metrics", "log_params", "log_policy", "log_reward_model",
     "log_table", "model_version", "model_versions", "policy_model_name", "promote", "recent_runs", "reward_model_name",
-    "rollback", "set_alias", "set_tags", "set_version_tags", "stage_run", "start_parent_run", "tracking_uri",
+    "rollback", "set_alias", "set_tags", "set_version_description", "set_version_tags", "stage_run", "start_parent_run", "tracking_uri",
     "version_tags",
 ]

@@ -2,13 +2,17 @@
 :func:`policy_model_name` and :func:`reward_model_name`), their versions, tags and aliases.
 
 Alias ``champion`` is what production serves, ``challenger`` the last candidate. Promotion
-history lives in version tags (``alignflow.promoted_at``, ``alignflow.rolled_back_at``), one
-write per version, so two pipelines promoting at once cannot lose each other's history.
+history lives in version tags (``alignflow.promoted_at``, ``alignflow.rolled_back_at``: UTC
+times in ISO 8601), one write per version, so two pipelines promoting at once cannot lose each
+other's history. The policy is logged with a signature (params ``max_new_tokens``,
+``temperature``, ...) and an input example (:mod:`tasks.serving.signature`); each version's
+description is its model card (:mod:`tasks.serving.card`).
 """
 
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tasks.serving import POLICY_MODEL_FILE, REWARD_MODEL_FILE
+from tasks.serving.signature import policy_input_example, policy_signature
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -34,8 +39,21 @@ def reward_model_name(pipeline: str) -> str:
     return f"{pipeline}-reward"
 
 
+def utc_timestamp() -> str:
+    """Now in UTC, ISO 8601 (``2026-05-04T03:02:01.123456+00:00``): what time tags hold."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def tag_time(value: str) -> float:
+    """Seconds since the epoch of a time tag: ISO 8601, or the bare epoch seconds older versions wrote."""
+    try:
+        return float(value)
+    except ValueError:
+        return datetime.fromisoformat(value).timestamp()
+
+
 def _log_pyfunc(run_id: str, code_file: Path, model_dir: Path, name: str, registered_name: str,
-                tags: dict[str, str]) -> str:
+                tags: dict[str, str], signature: Any = None, input_example: Any = None) -> str:
     """Log a models-from-code pyfunc with the HF folder as its artifact and register it."""
     requirements = ["torch", "transformers", "safetensors"]
     if (Path(model_dir) / "adapter_config.json").exists():
@@ -46,6 +64,8 @@ def _log_pyfunc(run_id: str, code_file: Path, model_dir: Path, name: str, regist
             python_model=str(code_file),
             artifacts={"model": str(model_dir)},
             pip_requirements=requirements,
+            signature=signature,
+            input_example=input_example,
         )
     version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
     return str(version.version)
@@ -53,7 +73,8 @@ def _log_pyfunc(run_id: str, code_file: Path, model_dir: Path, name: str, regist
 
 def log_policy(run_id: str, model_dir: Path, pipeline: str, tags: dict[str, str]) -> str:
     """Log the policy folder as a text-generation pyfunc; register a new ``<pipeline>-policy`` version."""
-    return _log_pyfunc(run_id, POLICY_MODEL_FILE, model_dir, "policy", policy_model_name(pipeline), tags)
+    return _log_pyfunc(run_id, POLICY_MODEL_FILE, model_dir, "policy", policy_model_name(pipeline), tags,
+                       signature=policy_signature(), input_example=policy_input_example(model_dir))
 
 
 def log_reward_model(run_id: str, model_dir: Path, pipeline: str, tags: dict[str, str]) -> str:
@@ -91,6 +112,11 @@ def find_version(name: str, tag: str, value: str) -> str | None:
     return str(max(int(v.version) for v in hits)) if hits else None
 
 
+def set_version_description(name: str, version: str, text: str) -> None:
+    """Set a model version's description (its model card, Markdown)."""
+    MlflowClient().update_model_version(name, version, description=text)
+
+
 def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
     """Set several tags on a model version."""
     client = MlflowClient()
@@ -121,7 +147,7 @@ def promote(name: str, version: str, reason: str = "") -> None:
     """Point ``champion`` at ``version`` and record the promotion time on the version."""
     client = MlflowClient()
     client.get_model_version(name, version)  # raises for an unknown version
-    client.set_model_version_tag(name, version, PROMOTED_AT, f"{time.time():.6f}")
+    client.set_model_version_tag(name, version, PROMOTED_AT, utc_timestamp())
     if reason:
         client.set_model_version_tag(name, version, "alignflow.promotion_reason", reason)
     if ROLLED_BACK_AT in version_tags(name, version):  # promoted again after a rollback
@@ -133,7 +159,7 @@ def champion_history(name: str) -> list[str]:
     """Versions ever promoted and not rolled back, oldest promotion first."""
     versions = MlflowClient().search_model_versions(f"name = '{name}'")
     live = [v for v in versions if PROMOTED_AT in v.tags and ROLLED_BACK_AT not in v.tags]
-    return [str(v.version) for v in sorted(live, key=lambda v: float(v.tags[PROMOTED_AT]))]
+    return [str(v.version) for v in sorted(live, key=lambda v: tag_time(v.tags[PROMOTED_AT]))]
 
 
 def rollback(name: str) -> tuple[str, str]:
@@ -149,7 +175,7 @@ def rollback(name: str) -> tuple[str, str]:
         raise LookupError(f"{name}: version {current} is the only promoted version; nothing to roll back to")
     previous = history[-1]
     client = MlflowClient()
-    client.set_model_version_tag(name, current, ROLLED_BACK_AT, f"{time.time():.6f}")
+    client.set_model_version_tag(name, current, ROLLED_BACK_AT, utc_timestamp())
     _write_alias(client, name, CHAMPION, previous)
     return current, previous
 

@@ -38,3 +38,7 @@ def test_kto_method_trains_on_unpaired_feedback(prefect_harness, demo_cache, tmp
         prefs.data.metrics["data/unpaired_desirable"] + prefs.data.metrics["data/unpaired_undesirable"])
     version = client.get_model_version("tiny-policy", "1")
     assert version.tags["alignflow.method"] == "kto"
+    # the version's description is its model card
+    card = version.description
+    assert card.startswith("**tiny-policy v1**") and "Method: kto" in card and "beta=0.1" in card
+    assert f"digest `{version.tags['alignflow.data_digest']}`" in card and "Gate: " in card

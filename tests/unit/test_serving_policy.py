@@ -1,0 +1,89 @@
+"""The policy pyfunc's input and params handling, its signature, the serve command and model cards."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from tasks.config import load_pipeline_config
+from tasks.records import ModelRecord
+from tasks.serving import POLICY_MODEL_FILE, serve_command
+from tasks.serving.card import model_card, policy_card, reward_card
+from tasks.serving.signature import POLICY_PARAMS, policy_input_example, policy_signature
+from tests.integration.pipeline_helpers import TINY
+from tests.tiny_models import make_tiny_model
+
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def policy_model():
+    spec = importlib.util.spec_from_file_location("policy_model_under_test", POLICY_MODEL_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompts_of_accepts_plain_and_chat_prompts_in_every_shape(policy_model):
+    prompts_of = policy_model.prompts_of
+    assert prompts_of("a") == ["a"]
+    assert prompts_of(["a", CHAT, json.dumps(CHAT)]) == ["a", CHAT, CHAT]  # stored chat JSON text is decoded
+    assert prompts_of({"prompt": ["a", "b"]}) == ["a", "b"]
+    assert prompts_of({"messages": [CHAT]}) == [CHAT]
+    assert prompts_of(pd.DataFrame({0: ["a", CHAT]})) == ["a", CHAT]
+    assert prompts_of(pd.DataFrame([CHAT])) == [CHAT]  # a message list spread over columns by pandas
+    assert prompts_of(["[not json"]) == ["[not json"]
+    with pytest.raises(MlflowException, match="got int"):
+        prompts_of([3])
+    with pytest.raises(MlflowException, match="no prompt"):
+        prompts_of(pd.DataFrame({0: [None]}))
+
+
+def test_generation_params_defaults_and_range_errors(policy_model):
+    assert policy_model.PARAMS == POLICY_PARAMS  # the copied file and the signature agree
+    assert policy_model.generation_params(None) == POLICY_PARAMS
+    assert policy_model.generation_params({"temperature": 0.7})["temperature"] == 0.7
+    for bad, name in (({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
+                      ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"beam": 2}, "unknown params")):
+        with pytest.raises(MlflowException, match=name):
+            policy_model.generation_params(bad)
+
+
+def test_signature_and_input_example(tmp_path):
+    sig = policy_signature()
+    assert {p.name: p.default for p in sig.params.params} == POLICY_PARAMS
+    assert sig.outputs.input_types()[0].name == "string"
+    folder = make_tiny_model(tmp_path / "m", "gpt2")  # its tokenizer has a chat template
+    prompts, params = policy_input_example(folder)
+    assert isinstance(prompts[0], str) and prompts[1][0]["role"] == "user" and params == {"max_new_tokens": 8}
+    (folder / "adapter_config.json").write_text("{}")
+    assert policy_input_example(folder) is None  # an adapter's base would load from the hub
+
+
+def test_serve_command_puts_the_environment_on_path_and_masks_credentials():
+    cmd = serve_command("https://bob:s3cret@mlflow.example/", "demo-policy", port=5005)
+    assert "s3cret" not in cmd and "bob:***@" in cmd
+    assert cmd.startswith("PATH=") and "--env-manager local" in cmd and "models:/demo-policy@champion" in cmd
+    assert "--port 5005" in cmd
+
+
+def test_model_cards_say_what_a_version_is():
+    cfg = load_pipeline_config(TINY, ["pipeline.method=kto"])
+    candidate = ModelRecord(stage="kto", path="/x/final", digest="d", base="/models/base",
+                            summary={"steps": 12, "data": {"train": {"examples": 96}, "eval": {"examples": 20}}})
+    decision = {"eval_tags": {"alignflow.eval.kl": 1.23456, "alignflow.eval.reward_mean": 0.5}}
+    card = policy_card(cfg, candidate, "3", "abc123", decision, False,
+                       ["Not promoted: 1 of 6 rules failed (win_rate).", "Win rate 0.41 (0.30-0.52)."])
+    assert card.startswith("**tiny-policy v3**")
+    for text in ("`/models/base`", "digest `abc123`", "20 eval, 96 train examples", "Method: kto, 12 steps",
+                 "beta=0.1", "lr=0.001", "kl=1.235", "Gate: failed — Not promoted", "  - Win rate 0.41"):
+        assert text in card, (text, card)
+    reward = ModelRecord(stage="reward", path="/x/rm", digest="r", base="/models/base",
+                         summary={"metrics": {"eval/accuracy": 0.8125}})
+    assert "accuracy=0.8125" in reward_card(cfg, reward, "2", "abc123", "3")
+    assert "Settings: defaults" in model_card(title="t", base_model="", data_digest="d", data="?", method="m",
+                                              settings={}, evaluation={}, gate="passed")
