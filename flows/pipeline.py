@@ -40,6 +40,7 @@ from tasks.stages.data import (
     dataset_present,
     ingest_settings,
     ingest_task,
+    log_round_dataset,
 )
 from tasks.stages.demo import demo_base_model_task, landing_is_empty, simulate_feedback_task
 from tasks.stages.evaluate import evaluate_task, gate_decision
@@ -260,6 +261,7 @@ def build_dataset(rnd: PipelineRound, ingest: IngestRecord) -> DatasetRecord:
                                  parent_run_id=rnd.parent)
     rnd.timed("build preferences", "cached" if cached else "ran", t,
               {"pairs": dataset.num_pairs, "digest": dataset.digest})
+    log_round_dataset(rnd.parent, rnd.cfg, dataset)
     return dataset
 
 
@@ -330,6 +332,7 @@ def evaluate_and_gate(rnd: PipelineRound, candidate: ModelRecord, champion: Mode
                                 base=base, reward=reward, dataset=dataset, parent_run_id=rnd.parent)
     rnd.timed("evaluate", "cached" if cached else "ran", t, report.headline())
     rnd.summary.evaluation = report.headline()
+    tracking.log_metrics(rnd.parent, report.headline_metrics())  # the parent run's row shows them
     return gate_decision(rnd.cfg, report, has_champion=champion is not None)
 
 

@@ -76,6 +76,10 @@ class PipelineSettings(StrictModel):
     """Log a warning naming the stage each time a training process goes this long without a
     step (no new line in its metrics.jsonl), so a slow or stuck stage never sits silently;
     it keeps running (``stage_timeout_s`` stops it). None: no warning."""
+    progress_log_s: int | None = Field(60, gt=0)
+    """How often (at most, in seconds) a training stage logs its progress (step, loss, key
+    metrics, ETA) to the Prefect run's logs and moves its progress artifact; evaluations are
+    logged as they come. None: no progress lines (metrics still stream to MLflow)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where training and evaluation run (auto: CUDA when available)."""
     lock_wait_s: float = Field(0.0, ge=0)

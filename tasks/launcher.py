@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from alignment.config import TrainSettings
 from tasks.faults import armed, fault_point
+from tasks.progress import TrainingProgress
 from tasks.tracking import MetricStreamer
 
 TRAINING_ENV_DEFAULTS = {
@@ -180,6 +181,7 @@ def run_recipe(
     description: str | None = None,
     extra_env: dict[str, str] | None = None,
     stall_warning_s: float | None = None,
+    progress_every_s: float | None = 60.0,
 ) -> dict[str, Any]:
     """Run ``recipe`` with ``settings`` in a child process; return its ``summary.json``.
 
@@ -187,7 +189,9 @@ def run_recipe(
     exit, with the log's tail) or :class:`TrainingTimeout`. Interrupting the caller kills the
     child process group. With ``stall_warning_s``, a warning naming the stage and the seconds
     since the last step is logged each time that long passes without a new line in
-    ``metrics.jsonl`` (:class:`StallWatch`); the process keeps running.
+    ``metrics.jsonl`` (:class:`StallWatch`); the process keeps running. Progress (step, loss,
+    key metrics, ETA) is logged to the Prefect run at most every ``progress_every_s`` seconds,
+    evaluations at once, and followed by a progress artifact (:class:`tasks.progress.TrainingProgress`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,8 +204,10 @@ def run_recipe(
            **launch_env(processes, accelerate_config), **(extra_env or {})}
 
     bar = tqdm(desc=description or recipe, unit="step", dynamic_ncols=True, leave=True)
+    progress = TrainingProgress(description or recipe, progress_every_s)
 
     def on_line(rec: dict[str, Any]) -> None:
+        progress.observe(rec)
         if rec.get("phase", "train") != "train":
             return
         total = rec.get("total_steps")
@@ -224,6 +230,7 @@ def run_recipe(
         try:
             while proc.poll() is None:
                 watch.check()
+                progress.tick()
                 if armed(f"train:{recipe}") and (run_dir / "metrics.jsonl").exists() and \
                         (run_dir / "metrics.jsonl").stat().st_size:  # crash tests: die mid-training
                     fault_point(f"train:{recipe}")
@@ -239,6 +246,7 @@ def run_recipe(
             if streamer:
                 streamer.stop()
             bar.close()
+    progress.finish()
     if proc.returncode != 0:
         raise TrainingFailed(f"{recipe} training failed (exit {proc.returncode}); end of {log_path}:\n"
                              f"{_tail(log_path)}")

@@ -51,11 +51,19 @@ def plot_score_distributions(panels: Mapping[str, Mapping[str, Sequence[float]]]
     return _save(fig, path)
 
 
+SCORE_AXES = {
+    "oracle_mean": ("mean oracle score (the demo's VADER sentiment judge)", "Oracle score vs KL"),
+    "reward_mean": ("mean reward-model score", "Reward-model score vs KL"),
+}
+"""Y-axis label and title of the frontier plot per judge: the demo's oracle is not the reward model."""
+
+
 def plot_reward_vs_kl(points: Sequence[Point] | Mapping[str, Sequence[Point]], path: str | Path, *,
-                      xlabel: str = "KL(policy ‖ reference), nats", ylabel: str = "reward",
-                      title: str = "Reward vs KL") -> Path:
-    """Reward against KL, one labelled point per model version; a mapping draws one connected
-    series per key (e.g. ``{"DPO (β sweep)": [...], "PPO (KL coef sweep)": [...]}``: a frontier)."""
+                      xlabel: str = "KL(policy ‖ reference), nats", ylabel: str = SCORE_AXES["reward_mean"][0],
+                      title: str = SCORE_AXES["reward_mean"][1]) -> Path:
+    """A judge's score against KL, one labelled point per model version; a mapping draws one
+    connected series per key (e.g. ``{"DPO (β sweep)": [...], "PPO (KL coef sweep)": [...]}``: a
+    frontier). Name the judge in ``ylabel``/``title`` (:data:`SCORE_AXES`)."""
     series = dict(points) if isinstance(points, Mapping) else {"": list(points)}
     if not any(series.values()):
         raise ValueError("no points to plot")

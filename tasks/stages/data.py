@@ -151,6 +151,14 @@ def _log_build(run_id: str, cfg: PipelineConfig, build) -> None:
                          name=f"{cfg.pipeline.name}-preferences", context="training", digest=build.digest[:36])
 
 
+def log_round_dataset(parent_run_id: str, cfg: PipelineConfig, dataset: DatasetRecord) -> None:
+    """The preference dataset as an input of the round's parent run (also when the build was
+    cached), under the same name and digest as on the build's run."""
+    if Path(dataset.files.get("pairs", "")).is_file():
+        tracking.log_dataset(parent_run_id, pd.read_parquet(dataset.files["pairs"]), source=dataset.files["pairs"],
+                             name=f"{cfg.pipeline.name}-preferences", context="training", digest=dataset.digest[:36])
+
+
 def _build_key(cfg: PipelineConfig, ingest_record: IngestRecord, **_) -> tuple:
     return ingest_record.validated_digest, cfg.preferences, cfg.pipeline.name, str(cfg.home)
 

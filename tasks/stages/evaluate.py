@@ -20,7 +20,12 @@ from alignment.batching import decode_prompt
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.evaluation.gate import decide
-from tasks.evaluation.plots import plot_reward_vs_kl, plot_score_distributions, plot_training_curves
+from tasks.evaluation.plots import (
+    SCORE_AXES,
+    plot_reward_vs_kl,
+    plot_score_distributions,
+    plot_training_curves,
+)
 from tasks.evaluation.report import EvalReport
 from tasks.evaluation.suite import evaluate_models
 from tasks.faults import fault_point
@@ -30,6 +35,14 @@ from tasks.stages.cached import cached_stage
 from tasks.stages.data import DatasetRecord
 
 EVAL_TAGS = ("kl", "reward_mean", "oracle_mean", "malformed_share", "distinct_2")
+HEADLINE = {
+    "oracle cand": "eval/candidate/oracle_mean", "oracle base": "eval/reference/oracle_mean",
+    "reward cand": "eval/candidate/reward_mean", "KL to base": "eval/candidate/kl",
+    "win vs champion (RM)": "eval/win_rate/reward_model_vs_champion",
+    "win vs champion (oracle)": "eval/win_rate/oracle_vs_champion",
+    "malformed": "eval/candidate/malformed_share", "distinct-2": "eval/candidate/distinct_2",
+}
+"""Summary-table label -> metric of the evaluation's headline."""
 
 
 class EvalRecord(BaseModel):
@@ -45,15 +58,11 @@ class EvalRecord(BaseModel):
 
     def headline(self) -> dict[str, float]:
         """The handful of numbers shown in the summary table."""
-        m = self.metrics
-        keys = {
-            "oracle cand": "eval/candidate/oracle_mean", "oracle base": "eval/reference/oracle_mean",
-            "reward cand": "eval/candidate/reward_mean", "KL to base": "eval/candidate/kl",
-            "win vs champion (RM)": "eval/win_rate/reward_model_vs_champion",
-            "win vs champion (oracle)": "eval/win_rate/oracle_vs_champion",
-            "malformed": "eval/candidate/malformed_share", "distinct-2": "eval/candidate/distinct_2",
-        }
-        return {label: round(m[key], 4) for label, key in keys.items() if key in m}
+        return {label: round(self.metrics[key], 4) for label, key in HEADLINE.items() if key in self.metrics}
+
+    def headline_metrics(self) -> dict[str, float]:
+        """The headline numbers under their MLflow metric names (logged on the round's parent run)."""
+        return {key: self.metrics[key] for key in HEADLINE.values() if key in self.metrics}
 
 
 def _device(cfg: PipelineConfig) -> str:
@@ -83,9 +92,14 @@ def _oracle(cfg: PipelineConfig):
     return lambda texts: sentiment(texts)
 
 
+def frontier_judge(cfg: PipelineConfig) -> str:
+    """The score on the frontier plot's y axis: the demo's oracle, else the reward model's."""
+    return "oracle_mean" if cfg.demo is not None else "reward_mean"
+
+
 def _version_points(cfg: PipelineConfig, current: dict[str, float]) -> list[tuple[str, float, float]]:
-    """(label, KL, reward) of earlier registered versions plus this candidate, for the frontier plot."""
-    judge = "oracle_mean" if cfg.demo is not None else "reward_mean"
+    """(label, KL, score) of earlier registered versions plus this candidate, for the frontier plot."""
+    judge = frontier_judge(cfg)
     points = []
     for v in tracking.model_versions(tracking.policy_model_name(cfg.pipeline.name)):
         kl, reward = v.tags.get("alignflow.eval.kl"), v.tags.get(f"alignflow.eval.{judge}")
@@ -122,6 +136,7 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
     with tracking.child_run(parent_run_id, "evaluate") as run_id:
         record.run_id = run_id
         tracking.log_metrics(run_id, metrics)
+        _log_heldout(run_id, cfg, dataset)
         fault_point("evaluate")
         tracking.log_artifact(run_id, report_path, "evaluation")
         if out.samples:
@@ -136,10 +151,20 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
             plots.append(plot_training_curves(metrics_file, folder / "training_curves.png"))
         points = _version_points(cfg, metrics)
         if len(points) >= 2:
-            plots.append(plot_reward_vs_kl(points, folder / "reward_vs_kl.png"))
+            ylabel, title = SCORE_AXES[frontier_judge(cfg)]
+            plots.append(plot_reward_vs_kl(points, folder / "reward_vs_kl.png", ylabel=ylabel, title=title))
         for plot in plots:
             tracking.log_artifact(run_id, plot, "evaluation/plots")
     return record
+
+
+def _log_heldout(run_id: str, cfg: PipelineConfig, dataset: DatasetRecord) -> None:
+    """The held-out files the evaluation reads, as the run's dataset inputs."""
+    prompts = dataset.files.get("prompts-test") or dataset.files.get("prompts-validation")
+    for path in (prompts, dataset.files.get("pairs-test")):
+        if path and Path(path).is_file():
+            tracking.log_dataset(run_id, pd.read_parquet(path), source=path, context="evaluation",
+                                 name=f"{cfg.pipeline.name}-{Path(path).stem}", digest=dataset.digest[:36])
 
 
 def _evaluation_key(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, Field
@@ -96,8 +96,8 @@ def register_and_promote(cfg: PipelineConfig, candidate: ModelRecord, reward: Mo
     reasons = [str(r) for r in decision.get("reasons", [])]
     if passed and previous != evaluated_against:
         passed = False
-        reasons.insert(0, f"Not promoted: the champion changed from {evaluated_against or 'the base model'} to "
-                          f"v{previous} while this candidate was evaluated; its evidence is stale.")
+        reasons.insert(0, f"Not promoted: the champion changed from {version_label(evaluated_against, 'the base model')} "
+                          f"to {version_label(previous)} while this candidate was evaluated; its evidence is stale.")
     version = tracking.find_version(policy_name, CANDIDATE_TAG, candidate.digest)
     newly = version is None
     reward_version = None
@@ -139,17 +139,41 @@ def register_and_promote(cfg: PipelineConfig, candidate: ModelRecord, reward: Mo
                           newly_registered=newly)
 
 
+def _cell(value: Any) -> str:
+    """A gate figure for people: floats to 4 significant digits, none as a dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def verdict_line(record: RegistryRecord) -> str:
+    """``demo-policy v3 PROMOTED to champion`` or ``... NOT promoted (champion stays v2)``."""
+    if record.promoted:
+        verdict = "PROMOTED to champion"
+    else:
+        verdict = f"NOT promoted (champion stays {version_label(record.champion_version, 'unset: no champion yet')})"
+    return f"{record.policy_model} v{record.policy_version} {verdict}"
+
+
 def decision_markdown(record: RegistryRecord, decision: dict[str, Any]) -> str:
-    """The gate decision as a Markdown artifact: verdict, then one row per rule."""
-    verdict = "PROMOTED to champion" if record.promoted else "NOT promoted (champion unchanged)"
-    lines = [f"# Gate decision: {record.policy_model} v{record.policy_version} {verdict}", ""]
+    """The gate decision as a Markdown artifact: verdict, reasons, then one row per rule (figures
+    rounded); the champion before and after, never ``vNone``."""
+    lines = [f"# Gate decision: {verdict_line(record)}", ""]
     lines += [f"- {r}" for r in record.reasons] + ["", "| rule | value | threshold | passed |", "|---|---|---|---|"]
     for check in decision.get("checks", []):
-        lines.append(f"| {check.get('rule')} | {check.get('value')} | {check.get('threshold')} | "
+        lines.append(f"| {check.get('rule')} | {_cell(check.get('value'))} | {_cell(check.get('threshold'))} | "
                      f"{'yes' if check.get('passed') else 'no'} |")
-    lines += ["", f"champion: {version_label(record.champion_version)} "
-                  f"(before: {version_label(record.previous_champion)})"]
+    lines += ["", f"champion: {version_label(record.champion_version)} (before: {version_label(record.previous_champion)})"]
     return "\n".join(lines)
+
+
+def log_verdict(record: RegistryRecord, logger: Any) -> None:
+    """The gate's verdict and each reason as lines of the run's log (the Prefect UI's Logs tab)."""
+    logger.info("Gate: %s", verdict_line(record))
+    for reason in record.reasons:
+        logger.info("Gate reason: %s", reason)
 
 
 @task(name="register-and-promote", retries=2, retry_delay_seconds=5)
@@ -162,6 +186,7 @@ def register_task(cfg: PipelineConfig, candidate: ModelRecord, reward: ModelReco
     with concurrency("registry", occupy=1):
         record = register_and_promote(cfg, candidate, reward, dataset_digest, decision, parent_run_id,
                                       evaluated_against)
+    log_verdict(record, get_run_logger())
     create_markdown_artifact(decision_markdown(record, decision), key=f"{cfg.pipeline.name}-gate-decision".replace("_", "-"),
                              description="Promotion gate decision")
     return record

@@ -4,11 +4,12 @@ and the commands that open the MLflow and Prefect UIs on these runs."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import Any
 
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field, field_validator
 from rich.console import Console
 from rich.table import Table
@@ -48,9 +49,58 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+CELL_CHARS = 56
+"""Widest key-figures cell of the table artifact: with the other columns it fits a 1,400 px
+window beside the Prefect UI's sidebar (a longer cell is cut off there, not wrapped)."""
+
+
+def figure_lines(metrics: dict[str, Any], width: int = CELL_CHARS) -> list[str]:
+    """``k=v`` figures (floats rounded) packed into lines of at most ``width`` characters; a
+    single figure longer than that (a path) is broken after a ``/`` or, failing that, hard."""
+    pieces: list[str] = []
+    for key, value in metrics.items():
+        value = _fmt(value)
+        if re.fullmatch(r"[0-9a-f]{32,}", value):  # a digest: its head identifies it
+            value = value[:12] + "…"
+        text = f"{key}={value}"
+        while len(text) > width:
+            cut = text.rfind("/", 0, width) + 1 or width
+            pieces.append(text[:cut])
+            text = text[cut:]
+        pieces.append(text)
+    lines: list[str] = []
+    for piece in pieces:
+        if lines and len(lines[-1]) + 2 + len(piece) <= width:
+            lines[-1] += ", " + piece
+        else:
+            lines.append(piece)
+    return lines or [""]
+
+
+def table_rows(rows: list[StageTiming]) -> list[dict[str, Any]]:
+    """The summary table artifact's rows: one per stage, continued on rows with an empty stage
+    where its key figures do not fit one cell (:func:`figure_lines`)."""
+    out = []
+    for r in rows:
+        for i, line in enumerate(figure_lines(r.metrics)):
+            first = i == 0
+            out.append({"stage": r.stage if first else "", "status": r.status if first else "",
+                        "seconds": round(r.seconds, 1) if first else "", "key figures": line})
+    return out
+
+
+def run_link(summary: PipelineSummary) -> str | None:
+    """The MLflow run's web address on the configured tracking server (credentials masked);
+    None when the store is not a server (embedded SQLite, a database URI): no URL serves it."""
+    uri = redact_url(summary.tracking_uri)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{summary.experiment_id}/runs/{summary.mlflow_run_id}"
+
+
 def ui_hints(summary: PipelineSummary) -> list[str]:
     """How to look at this run in the MLflow UI and the Prefect UI."""
-    mlflow_url = redact_url(os.environ.get("MLFLOW_TRACKING_URI", ""))  # shown and saved: no credentials
+    mlflow_url = redact_url(summary.tracking_uri)  # shown and saved: no credentials
     if mlflow_url.startswith("http"):
         mlflow_cmd = f"open {mlflow_url.rstrip('/')}"
         base = mlflow_url.rstrip("/")
@@ -83,8 +133,7 @@ def render(summary: PipelineSummary, console: Console | None = None) -> None:
     for column in ("stage", "status", "seconds", "key figures"):
         table.add_column(column, justify="right" if column == "seconds" else "left")
     for row in summary.stages:
-        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in row.metrics.items())
-        table.add_row(row.stage, row.status, f"{row.seconds:.1f}", figures)
+        table.add_row(row.stage, row.status, f"{row.seconds:.1f}", "\n".join(figure_lines(row.metrics)))
     console.print(table)
     console.print(f"wall {summary.wall_s:.1f} s, stage work {summary.stage_s:.1f} s, "
                   f"orchestration {max(summary.wall_s - summary.stage_s, 0):.1f} s")
@@ -112,9 +161,14 @@ def publish_summary(summary: PipelineSummary, rows: list[StageTiming], started: 
     summary.stage_s = sum(r.seconds for r in rows)
     render(summary)
     key = f"{summary.pipeline}-run-summary".replace("_", "-")
-    create_table_artifact([{"stage": r.stage, "status": r.status, "seconds": round(r.seconds, 1),
-                            "key figures": ", ".join(f"{k}={_fmt(v)}" for k, v in r.metrics.items())}
-                           for r in rows], key=key, description=f"alignflow run summary ({summary.status})")
-    hint = ui_hints(summary)[0]
-    create_link_artifact(hint.split("then ")[-1], link_text="MLflow run", key=f"{summary.pipeline}-mlflow-run".replace("_", "-"))
+    create_table_artifact(table_rows(rows), key=key, description=f"alignflow run summary ({summary.status})")
+    link_key = f"{summary.pipeline}-mlflow-run".replace("_", "-")
+    link = run_link(summary)
+    if link is not None:
+        create_link_artifact(link, link_text="MLflow run", key=link_key)
+    else:  # no server to link to: say how to open the store, not a guessed address
+        create_markdown_artifact(f"MLflow run `{summary.mlflow_run_id}` (experiment {summary.experiment_id}) is in "
+                                 f"`{redact_url(summary.tracking_uri)}`. Open it with:\n\n"
+                                 f"    {ui_hints(summary)[0].removeprefix('MLflow UI:').strip()}",
+                                 key=link_key, description="MLflow run (embedded store)")
     return summary.model_dump(mode="json")

@@ -142,10 +142,12 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
     with tracking.stage_run(parent_run_id, stage, tags) as run_id:
         if run_id:
             tracking.log_params(run_id, tracking.flatten(settings.model_dump(mode="json")))
+            _log_inputs(run_id, cfg, settings, dataset_digest)
         summary = run_recipe(recipe, settings, run_dir, mlflow_run_id=run_id,
                              processes=cfg.pipeline.processes, accelerate_config=cfg.pipeline.accelerate_config,
                              timeout_s=cfg.pipeline.stage_timeout_s,
-                             stall_warning_s=cfg.pipeline.stall_warning_s, description=f"train {stage}")
+                             stall_warning_s=cfg.pipeline.stall_warning_s, description=f"train {stage}",
+                             progress_every_s=cfg.pipeline.progress_log_s)
         if run_id:
             final_metrics = {f"final/{k}": v for k, v in (summary.get("metrics") or summary).items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -156,6 +158,16 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
     path, adapter = _final_paths(run_dir)
     return ModelRecord(stage=stage, path=path, adapter_path=adapter, digest=key, run_id=run_id,
                        base=init.path, summary=summary)
+
+
+def _log_inputs(run_id: str, cfg: PipelineConfig, settings: TrainSettings, dataset_digest: str) -> None:
+    """The files the recipe reads, as the run's dataset inputs (MLflow's "Datasets" column)."""
+    import pandas as pd
+
+    for path, context in ((settings.train_path, "training"), (settings.eval_path, "validation")):
+        if path and Path(path).is_file():
+            tracking.log_dataset(run_id, pd.read_parquet(path), source=path, context=context,
+                                 name=f"{cfg.pipeline.name}-{Path(path).stem}", digest=dataset_digest[:36])
 
 
 def _train_holding_gpu(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str,

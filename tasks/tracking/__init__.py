@@ -85,14 +85,17 @@ def configure(home: Path, experiment: str) -> str:
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:
-        return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):
-        location = (home / "mlartifacts" / experiment).resolve().as_uri()
-    try:
-        return client.create_experiment(experiment, artifact_location=location)
-    except MlflowException:  # created concurrently by another run
-        return client.get_experiment_by_name(experiment).experiment_id
+        experiment_id = found.experiment_id
+    else:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (home / "mlartifacts" / experiment).resolve().as_uri()
+        try:
+            experiment_id = client.create_experiment(experiment, artifact_location=location)
+        except MlflowException:  # created concurrently by another run
+            experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    mark_training_experiment(experiment_id)  # the UI opens it on training runs, not the GenAI overview
+    return experiment_id
 
 
 from tasks.tracking.registry import (  # noqa: E402  (re-exported: the package's public names)
@@ -129,6 +132,7 @@ from tasks.tracking.runs import (  # noqa: E402
     log_metrics,
     log_params,
     log_table,
+    mark_training_experiment,
     recent_runs,
     set_tags,
     stage_run,
@@ -139,7 +143,7 @@ __all__ = [
     "TrackingError", "CHALLENGER", "CHAMPION", "PROMOTED_AT", "ROLLED_BACK_AT", "MetricStreamer", "alias_version",
     "champion_history", "child_run", "close_stale_runs", "HOME_TAG", "configure", "download_model", "end_run", "find_version", "flatten",
     "log_artifact", "log_dataset", "log_metrics", "log_params", "log_policy", "log_reward_model",
-    "log_table", "model_version", "model_versions", "policy_model_name", "promote", "recent_runs", "reward_model_name",
+    "log_table", "mark_training_experiment", "model_version", "model_versions", "policy_model_name", "promote", "recent_runs", "reward_model_name",
     "rollback", "set_alias", "set_tags", "set_version_description", "set_version_tags", "stage_run", "start_parent_run", "tracking_uri",
     "version_tags",
 ]

@@ -233,11 +233,28 @@ def log_table(run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
 
 def log_dataset(run_id: str, frame: pd.DataFrame, source: str, name: str, context: str,
                 digest: str | None = None) -> None:
-    """Record a dataset input of a run (``mlflow.data`` lineage); ``digest`` is its version."""
+    """Record a dataset input of a run (``mlflow.data`` lineage: the run page's "Datasets");
+    ``digest`` is its version. Logged through the client, so the run stays RUNNING (the fluent
+    ``mlflow.start_run`` context would end it) and no active run is left in this thread."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
     extra = {"digest": digest} if digest is not None else {}
-    dataset = mlflow.data.from_pandas(frame, source=source, name=name, **extra)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(dataset, context=context)
+    dataset = mlflow.data.from_pandas(frame, source=redact_text(source), name=name, **extra)
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(),
+                                                             tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow 3's experiment type tag: the UI opens a ``genai_development`` experiment (or one it cannot
+classify) on the GenAI traces overview, a ``custom_model_development`` one on its training runs."""
+
+
+def mark_training_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model training (``custom_model_development``) unless a user chose a kind."""
+    client = MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
 
 
 def recent_runs(experiment: str, tag: str, max_results: int = 10) -> list[Any] | None:
