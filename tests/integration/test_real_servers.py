@@ -198,3 +198,21 @@ def test_real_pipeline_round_on_the_servers(stack, demo_cache, monkeypatch):
     assert champion.version == versions[0].version and champion.tags
     assert client.get_run(champion.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
     assert list((stack.root / "artifacts").rglob("*.safetensors")), "weights must land in the server's store"
+
+
+@pytest.mark.skipif(not TINY_CONFIG.exists(), reason="configs/tiny.yaml (the pipeline's test config) is missing")
+def test_a_deployment_run_cannot_set_code_executing_settings(stack, monkeypatch):
+    """Whoever may start runs of ``retrain`` cannot make the worker import a reward function: the
+    flow run fails at once, naming the field (issue 14, tasks/trusted.py)."""
+    for key, value in stack.client_env.items():
+        monkeypatch.setenv(key, value)
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url, PREFECT_API_AUTH_STRING: stack.prefect_auth}):
+        full_name = deploy(stack, DEPLOYMENT, parameters={"config": str(TINY_CONFIG), "overrides": []})
+        started = run_deployment(full_name, timeout=0, parameters={
+            "overrides": ["ppo.reward_fn=os:system"], "only_if_new_data": False})
+        (run,) = wait_final([started.id], RUN_TIMEOUT_S)
+    assert run.state is not None and run.state.is_failed(), f"{run.state}\n{stack.logs(40)}"
+    assert "ppo.reward_fn: cannot be set by a deployment run" in (run.state.message or ""), run.state.message
