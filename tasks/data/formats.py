@@ -15,6 +15,15 @@
 * ``ultrafeedback`` -> rating rows: ``instruction`` (or ``prompt``) plus ``completions``, a list
   of ``{"response": ..., "<score_field>": ..., "annotations": {aspect: {"Rating": ...}}}``;
   one rating row per completion (its source row is the record's).
+* ``messages`` -> demonstration rows, read as they are: a ``messages`` column (OpenAI style,
+  ``role``/``content``) or a ``conversations`` column (ShareGPT style, ``from``/``value`` with
+  ``human``/``gpt``/``system``; either key style in either column). The last turn must be the
+  assistant's: it is the response, every turn before it the chat prompt (earlier assistant turns
+  stay as context, not as targets).
+* ``unpaired`` -> binary rows: TRL's unpaired preference layout ``prompt``/``completion``/``label``
+  (thumbs: label true = desirable); ``completion`` is the response.
+* ``prompt_completion`` -> demonstration rows: TRL's ``prompt``/``completion`` (no label).
+  In both TRL layouts the prompt may be a message list and the completion a one-assistant-turn list.
 
 Rows that cannot be converted get a reason (``bad_chat:prompt``, ``hh_no_assistant_turn``,
 ``hh_prefix_mismatch``, ``response_not_single_assistant_turn``, ``bad_completions``,
@@ -62,13 +71,27 @@ class Converted:
     """What the report should say about the conversion."""
 
 
+CHAT_COLUMNS = ("messages", "conversations")
+"""Columns holding a whole conversation (OpenAI ``messages``, ShareGPT ``conversations``)."""
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system", "tool": "tool"}
+"""ShareGPT ``from`` values (and OpenAI roles) -> role; any other role makes the row ``bad_chat``."""
+
+
 def detect_layout(columns) -> str:
-    """``ultrafeedback``, ``chosen_rejected`` or ``native`` from the column names."""
+    """``ultrafeedback``, ``chosen_rejected``, ``messages``, ``unpaired``, ``prompt_completion`` or
+    ``native`` from the column names (alignflow's own fields win where both are present)."""
     cols = set(columns)
     if "completions" in cols and ({"instruction", "prompt"} & cols):
         return "ultrafeedback"
     if {"chosen", "rejected"} <= cols and not ({"response_a", "response_b"} & cols):
         return "chosen_rejected"
+    if {"response", "response_a", "responses"} & cols:
+        return "native"
+    if {"prompt", "completion"} <= cols:
+        return "unpaired" if "label" in cols else "prompt_completion"
+    if set(CHAT_COLUMNS) & cols:  # a ``prompt`` beside it (UltraChat) repeats the first turn
+        return "messages"
     return "native"
 
 
@@ -81,7 +104,90 @@ def convert(raw: pd.DataFrame, layout: str = "auto", *, score_field: str = "fine
         return _chosen_rejected(raw)
     if layout == "ultrafeedback":
         return _ultrafeedback(raw, score_field)
+    if layout == "messages":
+        return _conversations(raw)
+    if layout in ("unpaired", "prompt_completion"):
+        return _prompt_completion(raw, labelled=layout == "unpaired")
     raise ValueError(f"unknown layout {layout!r}")
+
+
+def chat_turns(value) -> list[dict] | None:
+    """A message list in OpenAI (``role``/``content``) or ShareGPT (``from``/``value``) keys, or its
+    JSON text, as ``[{"role", "content"}]`` with ShareGPT roles mapped; None when it is not one."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(m, dict) for m in value):
+        return None
+    turns = []
+    for m in value:
+        role = m.get("role") or m.get("from")  # Arrow structs of mixed files hold both keys, one null
+        content = m.get("content") if m.get("content") is not None else m.get("value")
+        role = SHAREGPT_ROLES.get(role.strip().lower()) if isinstance(role, str) else None
+        if role is None:
+            return None
+        turns.append({"role": role, "content": content})
+    return turns
+
+
+def _conversations(raw: pd.DataFrame) -> Converted:
+    """Whole conversations -> demonstrations: the last (assistant) turn is the response."""
+    col = next(c for c in CHAT_COLUMNS if c in raw.columns)
+    prompts, responses, failures = [], [], []
+    for i, value in enumerate(raw[col].tolist()):
+        turns = chat_turns(value)
+        if turns is None:
+            failures.append((i, f"bad_chat:{col}"))
+        elif turns[-1]["role"] != "assistant":
+            failures.append((i, f"last_turn_not_assistant:{col}"))
+        elif not any(t["role"] == "user" for t in turns[:-1]):
+            failures.append((i, f"no_user_turn:{col}"))
+        else:
+            prompts.append(turns[:-1])
+            responses.append(turns[-1]["content"])
+            continue
+        prompts.append(None)
+        responses.append(None)
+    return _rows(raw, {"prompt": prompts, "response": responses}, "demonstration", failures,
+                 {"prompt": col, "response": col}, {col})
+
+
+def _prompt_completion(raw: pd.DataFrame, labelled: bool) -> Converted:
+    """TRL's prompt/completion(/label): the completion is the response; a conversational
+    completion must be one assistant turn (``bad_chat:completion`` otherwise)."""
+    completions, failures = [], []
+    for i, value in enumerate(raw["completion"].tolist()):
+        turns = chat_turns(value) if not isinstance(value, str) else None
+        if turns is None:
+            completions.append(value)  # text (or a wrong type, which validation names)
+        elif len(turns) == 1 and turns[0]["role"] == "assistant":
+            completions.append(turns[0]["content"])
+        else:
+            failures.append((i, "bad_chat:completion"))
+            completions.append(None)
+    prompts = [chat_turns(p) or p if not isinstance(p, str) else p for p in raw["prompt"].tolist()]
+    columns = {"prompt": prompts, "response": completions}
+    if labelled:
+        columns["label"] = raw["label"].tolist()
+    used = {"prompt", "completion", *(["label"] if labelled else [])}
+    return _rows(raw, columns, "binary" if labelled else "demonstration", failures, {"response": "completion"}, used)
+
+
+def _rows(raw: pd.DataFrame, columns: dict[str, list], kind: str, failures: list[tuple[int, str]],
+          fields: dict[str, str], used: set[str]) -> Converted:
+    """Converted rows (failed ones left out) plus the file's optional fields, in alignflow's names."""
+    out = pd.DataFrame({k: pd.Series(v, dtype=object) for k, v in columns.items()})
+    for col in OPTIONAL:
+        if col in raw.columns:
+            out[col] = raw[col].to_numpy()
+            used.add(col)
+    keep = np.ones(len(raw), bool)
+    keep[[i for i, _ in failures]] = False
+    return Converted(out[keep].reset_index(drop=True), np.flatnonzero(keep), kind, failures, fields, used)
 
 
 def _messages(value) -> list | None:

@@ -15,7 +15,7 @@ from alignment.config import StrictModel
 Kind = Literal["pairwise", "ranking", "rating", "binary", "demonstration"]
 KINDS: tuple[str, ...] = get_args(Kind)
 PREFERENCE_KINDS: tuple[str, ...] = ("pairwise", "ranking", "rating", "binary")
-Layout = Literal["auto", "native", "chosen_rejected", "ultrafeedback"]
+Layout = Literal["auto", "native", "chosen_rejected", "ultrafeedback", "messages", "unpaired", "prompt_completion"]
 Format = Literal["auto", "jsonl", "csv", "parquet", "dataset", "hub"]
 
 
@@ -34,7 +34,9 @@ class SourceSettings(StrictModel):
     layout: Layout = "auto"
     """Public layout to convert from: ``native`` (alignflow's fields), ``chosen_rejected``
     (prompt/chosen/rejected as strings or chat lists, including HH-RLHF full conversations),
-    ``ultrafeedback`` (instruction + completions with ratings); ``auto`` detects it."""
+    ``ultrafeedback`` (instruction + completions with ratings), ``messages`` (OpenAI ``messages`` or
+    ShareGPT ``conversations`` chat lists: demonstrations), ``unpaired`` (TRL prompt/completion/label:
+    thumbs), ``prompt_completion`` (TRL prompt/completion: demonstrations); ``auto`` detects it."""
     columns: dict[str, str] = {}
     """Renames applied first, source column -> alignflow field (e.g. {"question": "prompt"})."""
     split: str = "train"

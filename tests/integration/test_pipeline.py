@@ -83,6 +83,43 @@ def test_round_registers_versions_with_lineage_and_serves_the_champion(first_rou
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
 
 
+def test_round_is_visible_where_operators_look(first_round, clean_mlflow_env):
+    """Issue 17 (3): the MLflow experiment opens on training runs, the parent run carries the headline
+    metrics and the dataset, each stage run its inputs; the Prefect run holds training progress, the
+    gate verdict and a progress artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas import filters
+    from prefect.logging.handlers import APILogHandler
+
+    home, summary = first_round
+    client = use_store(home)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "eval/candidate/kl" in parent.data.metrics and "eval/win_rate/oracle_vs_champion" in parent.data.metrics
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["tiny-preferences"]
+    children = child_runs(client, parent.info.run_id)
+    contexts = {t.value for d in children["dpo"][0].inputs.dataset_inputs for t in d.tags
+                if t.key == "mlflow.data.context"}
+    assert "training" in contexts
+    assert children["evaluate"][0].inputs.dataset_inputs
+    APILogHandler().flush()
+    flow_run_id = summary["flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        for _ in range(20):  # the log worker sends in the background
+            logs = [log.message for log in prefect.read_logs(filters.LogFilter(
+                flow_run_id=filters.LogFilterFlowRunId(any_=[flow_run_id])))]
+            if any(m.startswith("Gate:") for m in logs):
+                break
+            time.sleep(0.5)
+        artifacts = {a.key: a for a in prefect.read_artifacts(
+            artifact_filter=filters.ArtifactFilter(flow_run_id=filters.ArtifactFilterFlowRunId(any_=[flow_run_id])))}
+    assert any(m.startswith("train dpo: step") and "loss" in m for m in logs), logs
+    assert "Gate: tiny-policy v1 PROMOTED to champion" in logs
+    assert any(m.startswith("Gate reason: ") for m in logs)
+    assert float(artifacts["train-dpo-progress"].data) == 100.0
+    assert "vNone" not in artifacts["tiny-gate-decision"].data
+
+
 def test_rerun_with_no_new_data_trains_nothing(first_round, demo_cache, clean_mlflow_env):
     home, _ = first_round
     started = time.monotonic()
