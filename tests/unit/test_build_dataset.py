@@ -41,3 +41,19 @@ def test_build_dataset_exit_codes(tmp_path, capsys, monkeypatch):
     assert main(["build-dataset", str(_hh(tmp_path / "bad.jsonl", bad=20)), "--out", str(tmp_path / "t")]) == 1
     assert "data.quarantine_max_share" in capsys.readouterr().out
     assert main(["build-dataset", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "t")]) == 2
+
+
+def test_build_dataset_takes_an_ultrafeedback_binarized_export(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = []
+    for i in range(40):
+        prompt = f"Review film {i}"
+        rows.append({"prompt": prompt, "prompt_id": f"id{i}",
+                     "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "a lovely film"}],
+                     "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "a dull film"}],
+                     "messages": [{"role": "user", "content": prompt}], "score_chosen": 8.0, "score_rejected": 3.0})
+    export = tmp_path / "ultrafeedback.jsonl"
+    export.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["build-dataset", str(export), "--out", str(tmp_path / "tables")]) == 0
+    pairs = pd.read_parquet(tmp_path / "tables" / "pairs.parquet")
+    assert len(pairs) == 40 and (pairs["chosen"] == "a lovely film").all() and (pairs["rejected"] == "a dull film").all()
