@@ -4,7 +4,9 @@ Whoever may start a deployment run (Prefect UI, API, ``prefect deployment run --
 its parameters ``config`` and ``overrides``. Some settings execute code on the worker:
 ``trust_remote_code`` (model code from the hub), ``reward_fn`` (a Python function imported by
 name), ``accelerate_config`` (launch settings), and every model path (a folder or hub id whose
-weights, tokenizer and config are loaded). In a deployment run those may only have the values
+weights, tokenizer and config are loaded); others choose which files on the worker are read and
+logged to MLflow, or written (the home, the landing folder, sources, ledger and cache folders).
+In a deployment run those may only have the values
 the deployment itself resolves to (its config file plus the overrides it was deployed with, e.g.
 ``alignflow serve --set ...``); model paths may also name an entry of ``pipeline.allowed_models``.
 The ``config`` path must be the deployment's own. Runs started outside a deployment (``alignflow
@@ -23,6 +25,8 @@ CODE_SETTINGS = frozenset({"trust_remote_code", "reward_fn", "accelerate_config"
 """Setting names (anywhere in the config tree) that run code or widen what may run."""
 MODEL_PATHS = frozenset({"name_or_path", "tokenizer", "reward_model", "revision"})
 """Setting names that choose which model files (and code) are loaded."""
+DATA_PATHS = frozenset({"home", "landing_dir", "sources", "ledger_path", "cache_dir", "ref_cache_dir"})
+"""Setting names that choose which files on the worker are read (and logged to MLflow) or written."""
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -36,7 +40,9 @@ def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def _guarded(path: str) -> str | None:
     name = path.rsplit(".", 1)[-1]
-    return "code" if name in CODE_SETTINGS else "model" if name in MODEL_PATHS else None
+    if name in CODE_SETTINGS or name in DATA_PATHS:
+        return "code"
+    return "model" if name in MODEL_PATHS else None
 
 
 def untrusted_changes(trusted: PipelineConfig, requested: PipelineConfig) -> list[str]:
@@ -75,8 +81,8 @@ def check_run_parameters(config: str | None, overrides: list[str] | None,
     bad = untrusted_changes(trusted, requested)
     if bad:
         raise ConfigError(
-            f"{', '.join(bad)}: cannot be set by a deployment run's overrides (they run code on the "
-            "worker); set them in the config file, or list allowed model paths in pipeline.allowed_models")
+            f"{', '.join(bad)}: cannot be set by a deployment run's overrides (they choose code or files "
+            "on the worker); set them in the config file, or list allowed model paths in pipeline.allowed_models")
 
 
 def deployment_parameters() -> dict[str, Any] | None:

@@ -24,11 +24,14 @@ def in_deployment_run(prefect_harness, monkeypatch):
     return deployment_id
 
 
-def test_deployment_run_setting_reward_fn_fails_before_any_work(in_deployment_run, tmp_path, clean_mlflow_env):
+def test_deployment_run_setting_reward_fn_fails_before_any_work(in_deployment_run, clean_mlflow_env,
+                                                                 tmp_path, monkeypatch):
     assert deployment_parameters()["overrides"] == ["pipeline.accelerate_config=ops.yaml"]
+    home = tmp_path / "home"
+    monkeypatch.setenv("ALIGNFLOW_HOME", str(home))
     with pytest.raises(ConfigError, match=r"ppo\.reward_fn: cannot be set by a deployment run"):
-        alignment_pipeline(config=TINY, overrides=[f"pipeline.home={tmp_path}", "ppo.reward_fn=os:system"])
-    assert list(tmp_path.iterdir()) == [], "nothing ran"
+        alignment_pipeline(config=TINY, overrides=["dpo.beta=0.2", "ppo.reward_fn=os:system"])
+    assert not home.exists(), "nothing ran"
 
 
 def test_deployment_runs_keep_their_own_settings_and_harmless_overrides(in_deployment_run):

@@ -23,6 +23,9 @@ DEPLOYED = {"config": TINY, "overrides": []}
     ("model.reward.name_or_path=/tmp/planted-model", "model.reward.name_or_path"),
     ("model.policy={name_or_path: someone/remote-code-model}", "model.policy.name_or_path"),
     ("pipeline.allowed_models=['*']", "pipeline.allowed_models"),
+    ("data.landing_dir=/etc", "data.landing_dir"),
+    ("data.sources=[{path: /root/.ssh/id_rsa}]", "data.sources"),
+    ("pipeline.home=/opt/alignflow", "pipeline.home"),
 ])
 def test_a_deployment_run_cannot_override_code_executing_settings(override, field):
     with pytest.raises(ConfigError) as err:
