@@ -5,9 +5,10 @@ monitoring (drift on new feedback; crossing a threshold triggers the retraining 
 declares the same deployments for work pools in production.
 
 Stopping ``serve``: SIGTERM (systemd, Kubernetes, ``docker stop``) or Ctrl-C. On SIGTERM the
-runner pauses the schedules, in-flight flow runs are cancelled, the process prints one line
-(``alignflow serve: stopped``) and exits 0; no traceback. A SIGTERM while the command is still
-importing (its first seconds) ends it with 143 (the default action), before anything started. systemd's default
+runner pauses the schedules and stops in-flight flow runs (the next run on their home finishes
+the round: a round is a transaction), the process prints one line (``alignflow serve: stopped``)
+and exits 0; no traceback. A SIGTERM while the command is still importing (its first seconds)
+ends it with 143 (the default action), before anything started. systemd's default
 ``KillMode=control-group`` sends SIGTERM to every process of the service at once, so the
 embedded Prefect API (no ``PREFECT_API_URL``) runs in its own session, outside the process
 group, and is stopped by ``serve`` after the runner has paused the schedules through it.
