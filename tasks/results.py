@@ -8,8 +8,9 @@ would run code in the next flow run. So:
 
 - :class:`RecordSerializer` (type ``alignflow-json``) is Prefect's JSON serializer with a decoder
   that rebuilds only pydantic models (not Prefect blocks) of alignflow's own, already imported
-  modules (``tasks.*``, ``alignment.*``) plus paths, dates and UUIDs, and exceptions of builtins or those modules. It
-  ignores every setting a record carries (``jsonlib``, ``object_decoder``) and imports nothing.
+  modules (``tasks.*``, ``alignment.*``), paths, dates and UUIDs, and exceptions of builtins or
+  those modules. It ignores every setting a record carries (``jsonlib``, ``object_decoder``) and
+  imports nothing. Models are written in Python mode, so NaN and inf survive the round trip.
 - :class:`RecordKeys` stores the cache entries' metadata (``<storage>/keys/<cache key>``) and
   refuses, on read, any entry whose serializer is not ``alignflow-json`` or that points at a
   storage block: a planted or rewritten entry is a cache miss (the stage runs again and
