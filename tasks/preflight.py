@@ -34,8 +34,8 @@ class PreflightError(ConfigError):
 
 
 def _looks_like_path(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~", "\\")) or ref.endswith("/") or os.sep + os.sep in ref or \
-        ref.count("/") > 1
+    """Written as a path (a hub id is ``name`` or ``org/name``, never absolute or relative to ``.``)."""
+    return ref.startswith(("/", "./", "../", "~", "\\")) or ref.endswith("/") or ref.count("/") > 1
 
 
 def _is_hub_id(ref: str) -> bool:
@@ -74,6 +74,8 @@ def model_config(field: str, settings: ModelSettings, *, load_tokenizer: bool = 
         if not path.is_dir():
             raise PreflightError(f"{field}.name_or_path: {ref} is a file; give the model's folder "
                                  "(with config.json) or a hub id")
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return None  # a LoRA adapter folder: its base model is named inside it
         if not (path / "config.json").is_file():
             raise PreflightError(f"{field}.name_or_path: {ref} has no config.json; is it a Hugging Face model folder?")
         if load_tokenizer:
