@@ -2,15 +2,17 @@
 
 A mistake that can be seen in the config and on disk should stop a run at once with one line
 naming the field, not surface mid-run as a traceback from the stage that trips on it.
-:func:`preflight` checks: the sections a real pipeline needs (a policy model, a feedback
-source); that model paths exist as folders or look like hub ids (and, offline, are cached);
-that a local folder's tokenizer loads; that every stage's ``max_length`` and the evaluation's
-prompt + new tokens fit the model's positions; that a configured landing folder and explicit
-sources exist (no ``landing_dir``: ``<home>/landing/<pipeline>``, created on first use). :func:`check_batch_fits` runs where the training split's size is first known (the
-training stage, before its process starts).
+:func:`preflight` checks: the sections a real pipeline needs (a policy model); that model paths
+exist as folders or look like hub ids (and, offline, are cached); that a local folder's tokenizer
+loads; that every stage's ``max_length`` and the evaluation's prompt + new tokens fit the model's
+positions; that a configured landing folder and explicit sources exist (no ``landing_dir``:
+``<home>/landing/<pipeline>``, created on first use). Its notes name the GPU fast paths the
+recipes will switch off here and an evaluation set too small to ever pass the gate.
+:func:`check_batch_fits` runs where the training split's size is first known (the training
+stage, before its process starts).
 
 Assumptions: no Prefect or MLflow import here (the CLI calls it before the embedded Prefect
-home is set); transformers is imported only to load a local tokenizer. Hub ids are not looked
+home is set); transformers only to load a local tokenizer, torch only to look for CUDA. Hub ids are not looked
 up online (a network call per run is not a check); a cached ``config.json`` is read when present.
 """
 
