@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, field_validator
 from rich.console import Console
 from rich.table import Table
 
+from tasks.progress import run_logger
 from tasks.records import StageTiming
 from tasks.redact import redact_url
 from tasks.stages.register import RegistryRecord, version_label
@@ -154,12 +155,24 @@ def render(summary: PipelineSummary, console: Console | None = None) -> None:
         console.print(hint)
 
 
+def log_summary(summary: PipelineSummary) -> None:
+    """The summary as lines of the run's log (the Prefect UI's Logs tab shows the round's outcome
+    and each stage's figures without opening an artifact)."""
+    logger = run_logger()
+    logger.info("Round %s: %s (wall %.1f s, stage work %.1f s)", summary.pipeline, summary.status,
+                summary.wall_s, summary.stage_s)
+    for row in summary.stages:
+        figures = ", ".join(figure_lines(row.metrics, width=10**6)) if row.metrics else ""
+        logger.info("Stage %s: %s in %.1f s%s", row.stage, row.status, row.seconds, f"; {figures}" if figures else "")
+
+
 def publish_summary(summary: PipelineSummary, rows: list[StageTiming], started: float) -> dict[str, Any]:
     """Fill timings, print, leave Prefect artifacts; returns the summary as a dict."""
     summary.stages = rows
     summary.wall_s = time.monotonic() - started
     summary.stage_s = sum(r.seconds for r in rows)
     render(summary)
+    log_summary(summary)
     key = f"{summary.pipeline}-run-summary".replace("_", "-")
     create_table_artifact(table_rows(rows), key=key, description=f"alignflow run summary ({summary.status})")
     link_key = f"{summary.pipeline}-mlflow-run".replace("_", "-")

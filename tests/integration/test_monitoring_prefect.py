@@ -9,7 +9,12 @@ import time
 import pytest
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
@@ -66,6 +71,8 @@ def test_training_progress_gate_verdict_and_summary_reach_the_prefect_run(prefec
     assert progress and progress[-1].startswith("train dpo: step 4/4 (100%), loss "), messages
     assert "Gate: mon-policy v1 NOT promoted (champion stays unset: no champion yet)" in messages
     assert "Gate reason: Not promoted: 1 of 6 rules failed (win_rate)." in messages
+    assert "Round mon: not-promoted" in " ".join(messages)
+    assert any(m.startswith("Stage evaluate: ran in 12.3 s; oracle cand=0.1235, ") for m in messages), messages
     by_key = {a.key: a for a in artifacts}
     bar = by_key["train-dpo-progress"]
     assert bar.type == "progress" and float(bar.data) == 100.0 and "step 4/4" in bar.description
