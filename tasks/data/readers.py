@@ -624,11 +624,35 @@ def _dataset_table(ds, split: str, name: str) -> RawTable:
     return _without_deep(RawTable(frame, name, np.arange(1, len(frame) + 1)), deep)
 
 
-def read_saved_dataset(path: str | Path, split: str = "train") -> RawTable:
-    """A ``datasets`` Dataset or DatasetDict saved with ``save_to_disk`` (DatasetDict: ``split``)."""
+def read_saved_dataset(path: str | Path, split: str = "train", max_bytes: int | None = None) -> RawTable:
+    """A ``datasets`` Dataset or DatasetDict saved with ``save_to_disk`` (DatasetDict: ``split``).
+
+    Its Arrow files may be compressed, and ``load_from_disk`` decompresses them whole: they are
+    first streamed a record batch at a time (memory-mapped; a compressed batch is decompressed
+    and dropped) and refused as ``too_large_decompressed`` past ``max_bytes`` (default
+    :data:`MAX_DECOMPRESSED_BYTES`)."""
     import datasets
 
+    path = Path(path)
+    folder = path / split if (path / "dataset_dict.json").exists() and (path / split).is_dir() else path
+    _check_arrow_size(folder, MAX_DECOMPRESSED_BYTES if max_bytes is None else max_bytes)
     return _dataset_table(datasets.load_from_disk(str(path)), split, str(path))
+
+
+def _check_arrow_size(folder: Path, limit: int) -> None:
+    import pyarrow.ipc as ipc
+
+    size = 0
+    for file in sorted(folder.glob("*.arrow")):
+        try:
+            with pa.memory_map(str(file)) as source:
+                for batch in ipc.open_stream(source):
+                    size += batch.nbytes
+                    if size > limit:
+                        raise UnreadableSource("too_large_decompressed", f"{folder.name}: its rows take more than "
+                                               f"{limit} bytes in memory")
+        except pa.ArrowException as err:
+            raise UnreadableSource("unreadable_file", f"{file.name}: not a readable Arrow stream ({err})") from err
 
 
 def read_hub(name: str, split: str = "train", config_name: str | None = None, revision: str | None = None) -> RawTable:

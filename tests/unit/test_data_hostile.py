@@ -311,3 +311,25 @@ def test_a_fifo_or_device_named_like_a_feedback_file_is_not_read(tmp_path):
     result = _validate(tmp_path / "pipe.jsonl", tmp_path / "zero.csv", tmp_path / "good.jsonl", quarantine_max_share=1.0)
     assert _reasons(result) == {("pipe.jsonl", 0): ["not_a_regular_file"], ("zero.csv", 0): ["not_a_regular_file"]}
     assert result.report.rows_valid == 2
+
+
+def test_a_compressed_datasets_folder_is_refused_past_the_memory_limit(tmp_path):
+    """`load_from_disk` decompresses a zstd Arrow stream whole: 2,000,000 repeated rows, a few
+    hundred KiB on disk, take 200 MB. Checked batch by batch first."""
+    import datasets
+    import pyarrow.ipc as ipc
+
+    datasets.Dataset.from_dict({"prompt": ["p"], "response": ["r"]}).save_to_disk(str(tmp_path / "ds"))
+    arrow = next((tmp_path / "ds").glob("*.arrow"))
+    n = 2_000_000
+    table = pa.table({"prompt": pa.array(["x" * 100]).take(pa.array(np.zeros(n, np.int64))),
+                      "response": pa.array(["r"]).take(pa.array(np.zeros(n, np.int64)))})
+    with pa.OSFile(str(arrow), "wb") as out:
+        writer = ipc.new_stream(out, table.schema, options=ipc.IpcWriteOptions(compression="zstd"))
+        writer.write_table(table, max_chunksize=250_000)
+        writer.close()
+    assert arrow.stat().st_size < 20_000_000 < table.nbytes
+    with pytest.raises(readers.UnreadableSource) as err:
+        readers.read_saved_dataset(tmp_path / "ds", max_bytes=50_000_000)
+    assert err.value.reason == "too_large_decompressed"
+    assert len(readers.read_saved_dataset(tmp_path / "ds", max_bytes=10**9).frame) == n  # under the limit: read
