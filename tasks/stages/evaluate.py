@@ -10,6 +10,7 @@ registered versions (PNG). Cached on the models' digests, the test split and the
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tasks.evaluation.report import EvalReport
 from tasks.evaluation.suite import evaluate_models
 from tasks.faults import fault_point
 from tasks.methods import method
+from tasks.progress import run_logger
 from tasks.records import ModelRecord
 from tasks.stages.cached import cached_stage
 from tasks.stages.data import DatasetRecord
@@ -122,9 +124,15 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
         prompts = heldout_prompts(cfg, base) or prompts
     row = method(cfg.pipeline.method)
     beta = getattr(cfg, row.section).beta if row.implicit_reward else 0.1
+    logger, started = run_logger(), time.monotonic()
+    logger.info("evaluate: %d response(s) for each of %d held-out prompts from the candidate, %s and the base "
+                "model; judged by %s", cfg.evaluation.samples_per_prompt, min(len(prompts), cfg.evaluation.num_prompts),
+                f"the champion v{champion.registry_version}" if champion and champion.registry_version else "no champion",
+                " and ".join(j for j, on in (("the reward model", reward), ("the oracle", cfg.demo)) if on) or "no judge")
     out = evaluate_models(candidate.path, champion.path if champion else None, base.path, prompts, pairs,
                           reward_model=reward.path if reward else None, oracle=_oracle(cfg),
                           settings=cfg.evaluation, beta=beta, device=_device(cfg))
+    logger.info("evaluate: done in %.0f s", time.monotonic() - started)
     folder = cfg.home / "runs" / cfg.pipeline.name / f"eval-{candidate.digest}"
     folder.mkdir(parents=True, exist_ok=True)
     report_path = folder / "eval_report.json"

@@ -116,6 +116,8 @@ def test_round_is_visible_where_operators_look(first_round, clean_mlflow_env):
     assert any(m.startswith("train dpo: step") and "loss" in m for m in logs), logs
     assert "Gate: tiny-policy v1 PROMOTED to champion" in logs
     assert any(m.startswith("Gate reason: ") for m in logs)
+    assert any(m.startswith("evaluate: 1 response(s) for each of") for m in logs), logs
+    assert any(m.startswith("Round tiny: promoted") for m in logs)
     assert float(artifacts["train-dpo-progress"].data) == 100.0
     assert "vNone" not in artifacts["tiny-gate-decision"].data
 
