@@ -3,13 +3,20 @@
 Rules (thresholds in :class:`~tasks.evaluation.settings.GateSettings`), all must pass:
 
 1. ``win_rate`` — the LOWER confidence bound of the candidate's win rate against the champion
-   (against the base model, i.e. the reference, for the first candidate) by the configured
-   judge is at least ``min_win_rate_lower_bound``: the improvement must be established, not
-   just observed.
+   (against the base model, i.e. the reference, for the first candidate) by the judge is at
+   least ``min_win_rate_lower_bound``: the improvement must be established, not just observed.
+   The judge is the configured one, but a reward model must earn it: when the lower bound of
+   its held-out pairwise accuracy misses ``min_judge_accuracy`` (or was not measured), its
+   verdict alone does not promote; the oracle decides where one exists, else the rule fails.
+   The message names the judge that decided and its reliability (accuracy, interval, ECE,
+   agreement with the oracle on the evaluated pairs).
 2. ``kl_budget`` — KL(candidate ‖ reference) is within ``max_kl`` (skipped when None).
 3. Guards against reward hacking: ``malformed_share`` (junk text share), ``malformed_increase``
    (its rise over the reference), ``distinct2_collapse`` (distinct-2 against the reference's),
-   ``repetition``, and optionally ``length_change``.
+   ``repetition`` (repeated bigrams within responses), ``repeated_trigrams`` (their rise over
+   the reference: loops, stuffed phrases), ``fluency`` (the fall of the per-token
+   log-likelihood of the candidate's text under the reference: word salad, stuffing), and
+   optionally ``length_change``.
 
 A missing or non-finite number fails its rule: a gate never passes on absent evidence.
 """
@@ -115,17 +122,58 @@ def _small_data_advice(w, thr: float) -> str:
             f"does not add prompts, the units of this interval.")
 
 
+def _reliability(report: EvalReport, opponent: str) -> str:
+    """The reward model's record as a judge, in words."""
+    acc, agree = report.accuracy("reward_model"), report.agreement(opponent)
+    if acc is None:
+        text = "its held-out accuracy was not measured (no held-out pairs were scored)"
+    else:
+        text = (f"held-out accuracy {acc.accuracy:.3f} (CI {acc.lower:.3f}–{acc.upper:.3f} on {acc.n} pairs, "
+                f"calibration error {acc.ece:.3f})")
+    if agree is not None:
+        text += (f", agreeing with the oracle on {_pct(agree.rate)} of the {agree.n} evaluated pairs the oracle "
+                 f"decided (CI {_pct(agree.lower)}–{_pct(agree.upper)})")
+    return text
+
+
+def _choose_judge(report: EvalReport, s: GateSettings, opponent: str) -> tuple[str | None, str]:
+    """(the judge whose win rate decides, or None when no trusted judge exists; a sentence saying
+    which judge decided and how reliable it is)."""
+    if s.judge == "oracle":
+        return "oracle", "Judge: the oracle (gate.judge)."
+    record = _reliability(report, opponent)
+    floor = s.min_judge_accuracy
+    if floor is None:
+        return "reward_model", f"Judge: the reward model, not checked (gate.min_judge_accuracy is unset); {record}."
+    acc = report.accuracy("reward_model")
+    if acc is not None and _finite(acc.lower) and acc.lower >= floor:
+        return "reward_model", (f"Judge: the reward model, {record}; its lower bound {acc.lower:.3f} clears "
+                                f"gate.min_judge_accuracy {floor:.3f}.")
+    missed = (f"its lower bound {acc.lower:.3f} misses gate.min_judge_accuracy {floor:.3f}" if acc is not None
+              else f"so it cannot be held to gate.min_judge_accuracy {floor:.3f}")
+    rm = report.win_rate("reward_model", opponent)
+    rm_verdict = (f" (its own verdict: win rate {rm.rate:.3f}, lower bound {rm.lower:.3f})" if rm is not None else "")
+    if report.win_rate("oracle", opponent) is not None:
+        return "oracle", (f"Judge: the oracle, because the reward model is not a trusted judge: {record}; {missed}, "
+                          f"so its verdict alone does not promote{rm_verdict}.")
+    return None, (f"No trusted judge: the reward model has {record}; {missed}, and no oracle verdict exists, so "
+                  f"its verdict alone does not promote{rm_verdict}.")
+
+
 def _win_rate_check(report: EvalReport, s: GateSettings, has_champion: bool) -> GateCheck:
     opponent = "champion" if has_champion else "reference"
     who = "the champion" if has_champion else "the base model (no champion yet)"
-    judge = "the reward model" if s.judge == "reward_model" else "the oracle"
     thr = s.min_win_rate_lower_bound
-    w = report.win_rate(s.judge, opponent)
+    judge_key, judged_by = _choose_judge(report, s, opponent)
+    if judge_key is None:
+        return _check("win_rate", None, thr, False, judged_by + _empty_note(report))
+    judge = "the reward model" if judge_key == "reward_model" else "the oracle"
+    w = report.win_rate(judge_key, opponent)
     if w is None:
         return _check("win_rate", None, thr, False,
-                      f"No win rate against {who} judged by {judge} is in the report, so the improvement is "
-                      f"unproven (is {'an oracle' if s.judge == 'oracle' else 'a reward model'} configured?)."
-                      + _empty_note(report))
+                      f"{judged_by} No win rate against {who} judged by {judge} is in the report, so the "
+                      f"improvement is unproven (is {'an oracle' if judge_key == 'oracle' else 'a reward model'} "
+                      f"configured?)." + _empty_note(report))
     ci = f"{w.confidence:.0%} CI {w.lower:.3f}–{w.upper:.3f}, {w.wins}W/{w.ties}T/{w.losses}L over {w.units} prompts"
     ok = w.lower >= thr
     verdict = "clears" if ok else "does not clear"
@@ -133,7 +181,7 @@ def _win_rate_check(report: EvalReport, s: GateSettings, has_champion: bool) -> 
     tail += _empty_note(report)
     return _check("win_rate", w.lower, thr, ok,
                   f"Win rate against {who} judged by {judge} is {w.rate:.3f} ({ci}); its lower bound "
-                  f"{w.lower:.3f} {verdict} the threshold {thr:.3f}{tail}")
+                  f"{w.lower:.3f} {verdict} the threshold {thr:.3f}{tail} {judged_by}")
 
 
 def _empty_note(report: EvalReport) -> str:
@@ -143,6 +191,34 @@ def _empty_note(report: EvalReport) -> str:
         return ""
     return (f" Empty responses: candidate {_pct(shares['candidate'])}, opponent {_pct(shares['champion'])} (an "
             "empty response loses to any other; two empty ones are no comparison and are left out).")
+
+
+def _readability_checks(cand, ref, s: GateSettings) -> list[GateCheck]:
+    """Guards against word stuffing and loops beyond distinct-2: repeated trigrams and fluency,
+    each measured against the reference's own samples (a model's text is judged by the change
+    it brings, so a corpus that repeats itself by nature does not fail every candidate)."""
+    checks = []
+    if s.max_repeated_trigram_increase is not None:
+        c, r = cand.repeated_trigram_rate, ref.repeated_trigram_rate
+        rise = c - r if _finite(c) and _finite(r) else None
+        ok = rise is not None and rise <= s.max_repeated_trigram_increase
+        shown = (f"went from {_pct(r)} (reference) to {_pct(c)}, {100 * rise:+.1f} points" if rise is not None
+                 else "was not measured")
+        checks.append(_check("repeated_trigrams", rise, s.max_repeated_trigram_increase, ok,
+                             f"The repeated-trigram share {shown}, {'within' if ok else 'beyond'} the allowed "
+                             f"{100 * s.max_repeated_trigram_increase:+.1f}" + ("." if ok else " (loops or stuffed "
+                                                                                 "phrases).")))
+    if s.max_fluency_drop is not None:
+        c, r = cand.fluency, ref.fluency
+        drop = r - c if _finite(c) and _finite(r) else None
+        ok = drop is not None and drop <= s.max_fluency_drop
+        shown = (f"is {c:.2f} nats per token against the reference's own {r:.2f}, a fall of {drop:.2f}"
+                 if drop is not None else "was not measured")
+        checks.append(_check("fluency", drop, s.max_fluency_drop, ok,
+                             f"Under the base model the candidate's text {shown}, {'within' if ok else 'beyond'} "
+                             f"the allowed {s.max_fluency_drop:.2f}" + ("." if ok else " (text the base model "
+                                                                         "finds unlikely: stuffing or junk).")))
+    return checks
 
 
 def decide(report: EvalReport, settings: GateSettings, has_champion: bool) -> GateDecision:
@@ -189,6 +265,8 @@ def decide(report: EvalReport, settings: GateSettings, has_champion: bool) -> Ga
     checks.append(_check("repetition", r, s.max_repetition_rate, ok,
                          f"Within-response repetition is {_pct(r)}, {'within' if ok else 'above'} the limit of "
                          f"{_pct(s.max_repetition_rate)}."))
+
+    checks += _readability_checks(cand, ref, s)
 
     if s.max_length_change is not None:
         change = report.length_drift.get("relative_change")

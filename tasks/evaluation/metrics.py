@@ -43,7 +43,10 @@ __all__ = [
     "length_stats",
     "length_drift",
     "perplexity",
+    "token_loglik",
     "preference_accuracy",
+    "Agreement",
+    "judge_agreement",
     "calibration_ece",
     "psi",
     "ks_test",
@@ -331,6 +334,20 @@ def perplexity(nll_sum, n_tokens) -> float:
     return math.exp(total / count)
 
 
+def token_loglik(logps, n_tokens) -> float:
+    """Mean log-likelihood per token, Σ log p / Σ tokens (nats/token), pooled over sequences:
+    ``logps`` are per-sequence sums of token log-probs, ``n_tokens`` their token counts.
+    Sequences with no tokens add nothing. The gate's fluency proxy (the candidate's text scored
+    by the base model: word stuffing and junk are unlikely text to the model it came from).
+    Raises ValueError with no tokens at all."""
+    lp, n = _array(logps, "logps"), _array(n_tokens, "n_tokens")
+    if lp.shape != n.shape:
+        raise ValueError(f"logps ({lp.size}) and n_tokens ({n.size}) must have one entry per sequence")
+    if n.sum() <= 0:
+        raise ValueError("token_loglik needs at least one token")
+    return float(lp[n > 0].sum() / n.sum())
+
+
 # --- preferences ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Accuracy:
@@ -371,6 +388,41 @@ def calibration_ece(chosen_scores, rejected_scores, n_bins: int = 10) -> float:
         sel = bins == b
         ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
     return float(ece)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How often a judge ranks paired responses as the oracle does, with a Wilson interval."""
+
+    rate: float
+    lower: float
+    upper: float
+    n: int
+    """Comparisons the oracle decided (its ties are left out: they have no right answer)."""
+    oracle_ties: int
+
+
+def judge_agreement(judge_a, judge_b, oracle_a, oracle_b, *, tie_margin: float = 0.0,
+                    confidence: float = 0.95) -> Agreement | None:
+    """Share of comparisons i where sign(judge_a − judge_b) = sign(oracle_a − oracle_b).
+
+    Comparisons the oracle calls a tie (|oracle_a − oracle_b| <= ``tie_margin``) are left out;
+    a judge tie on an oracle-decided comparison counts half (as in :func:`win_rate`). The
+    interval is :func:`wilson_interval` over the comparisons kept (treated as independent).
+    None when the oracle decides none of them.
+    """
+    ja, jb = _array(judge_a, "judge_a"), _array(judge_b, "judge_b")
+    oa, ob = _array(oracle_a, "oracle_a"), _array(oracle_b, "oracle_b")
+    if not ja.shape == jb.shape == oa.shape == ob.shape:
+        raise ValueError("judge and oracle scores must pair up one to one")
+    truth, keep = oa - ob, np.abs(oa - ob) > tie_margin
+    if not keep.any():
+        return None
+    judged = paired_outcomes(ja[keep], jb[keep], tie_margin)
+    agree = np.where(truth[keep] > 0, judged, 1.0 - judged)
+    rate = float(agree.mean())
+    lo, hi = wilson_interval(agree.sum(), int(agree.size), confidence)
+    return Agreement(rate, lo, hi, int(agree.size), int((~keep).sum()))
 
 
 # --- drift ----------------------------------------------------------------------------------

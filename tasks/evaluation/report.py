@@ -39,6 +39,19 @@ class AccuracyResult(BaseModel):
     n: int
 
 
+class JudgeAgreement(BaseModel):
+    """How often the reward model ranks the evaluated response pairs (candidate vs ``opponent``)
+    as the oracle does (:func:`tasks.evaluation.metrics.judge_agreement`)."""
+
+    opponent: Literal["champion", "reference"]
+    rate: float
+    lower: float
+    upper: float
+    n: int
+    """Comparisons the oracle decided (oracle ties are left out)."""
+    oracle_ties: int
+
+
 class ModelEval(BaseModel):
     """Everything measured on one model's samples (and on the held-out pairs)."""
 
@@ -57,6 +70,12 @@ class ModelEval(BaseModel):
     distinct_1: float
     distinct_2: float
     repetition_rate: float
+    """Mean share of repeated word bigrams within a response (:func:`tasks.evaluation.metrics.repetition_rate`)."""
+    repeated_trigram_rate: float | None = None
+    """The same for word trigrams: loops and stuffed phrases repeat trigrams, ordinary text rarely does."""
+    fluency: float | None = None
+    """Mean log-likelihood per token (nats) of this model's responses under the reference at
+    temperature 1 (:func:`tasks.evaluation.metrics.token_loglik`): the fluency proxy."""
     malformed_share: float
     malformed_reasons: dict[str, int] = Field(default_factory=dict)
     """How many responses tripped each malformed-text rule."""
@@ -76,6 +95,8 @@ class EvalReport(BaseModel):
     """True when there was no champion and the reference stood in for it."""
     win_rates: list[WinRate] = Field(default_factory=list)
     preference_accuracy: list[AccuracyResult] = Field(default_factory=list)
+    judge_agreement: list[JudgeAgreement] = Field(default_factory=list)
+    """Reward model vs oracle on the evaluated pairs (only where both judged)."""
     length_drift: dict[str, float] = Field(default_factory=dict)
     """Candidate vs reference response lengths: mean_diff, relative_change, ks_statistic, ks_pvalue."""
     num_prompts: int
@@ -98,6 +119,10 @@ class EvalReport(BaseModel):
         """The win rate of the candidate vs ``opponent`` by ``judge``, or None when not measured."""
         return next((w for w in self.win_rates if w.judge == judge and w.opponent == opponent), None)
 
+    def agreement(self, opponent: str) -> JudgeAgreement | None:
+        """The reward model's agreement with the oracle on candidate-vs-``opponent`` pairs, or None."""
+        return next((j for j in self.judge_agreement if j.opponent == opponent), None)
+
     def accuracy(self, judge: str, model: Role | None = None) -> AccuracyResult | None:
         return next((a for a in self.preference_accuracy if a.judge == judge and a.model == model), None)
 
@@ -117,6 +142,9 @@ class EvalReport(BaseModel):
         for a in self.preference_accuracy:
             name = f"{prefix}accuracy/{a.judge}" + (f"_{a.model}" if a.model else "")
             out[name], out[f"{name}_margin"], out[f"{name}_ece"] = a.accuracy, a.mean_margin, a.ece
+        for j in self.judge_agreement:
+            name = f"{prefix}judge_agreement/reward_model_vs_oracle_{j.opponent}"
+            out[name], out[f"{name}_lower"], out[f"{name}_upper"] = j.rate, j.lower, j.upper
         for key, value in self.length_drift.items():
             out[f"{prefix}length_drift/{key}"] = value
         return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}

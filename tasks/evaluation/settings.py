@@ -59,6 +59,20 @@ class GateSettings(StrictModel):
     max_length_change: float | None = Field(None, gt=0)
     """Largest relative change of mean response length vs the reference (None: not checked);
     a guard against length hacking."""
+    max_repeated_trigram_increase: float | None = Field(0.05, ge=0, le=1)
+    """Largest rise of the repeated-trigram share (mean share of a response's word trigrams that
+    repeat an earlier one) over the reference's, in share points (0.05 = 5 points); loops and
+    stuffed phrases raise it. None: not checked."""
+    max_fluency_drop: float | None = Field(1.0, gt=0)
+    """Largest fall, in nats per token, of the candidate's responses' log-likelihood under the
+    reference (temperature 1) below that of the reference's own responses: word salad and
+    stuffed words are text the base model finds unlikely. None: not checked."""
+    min_judge_accuracy: float | None = Field(0.6, ge=0, le=1)
+    """Floor for the reward model as a judge: the lower confidence bound of its held-out pairwise
+    accuracy (the evaluation's test pairs) must reach it. When it does not (or the accuracy was
+    not measured), the reward model's win rate alone cannot promote: the oracle's win rate
+    decides where an oracle is configured (the demo), else the win-rate rule fails. Applies when
+    ``judge`` is ``reward_model``. None: the reward model is trusted unchecked."""
 
 
 class MonitorSettings(StrictModel):

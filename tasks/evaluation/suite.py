@@ -44,7 +44,7 @@ from alignment.models import (
     score_responses,
 )
 from tasks.evaluation import metrics as M
-from tasks.evaluation.report import AccuracyResult, EvalReport, ModelEval
+from tasks.evaluation.report import AccuracyResult, EvalReport, JudgeAgreement, ModelEval
 from tasks.evaluation.settings import EvalSettings
 
 Prompt = str | list[dict]
@@ -72,6 +72,8 @@ class _Samples:
     """The same under the reference."""
     rewards: np.ndarray | None = None
     oracle: np.ndarray | None = None
+    fluency_logps: np.ndarray | None = None
+    """Σ_t log π_ref(y_t) at temperature 1: the reference's plain likelihood of the text (fluency proxy)."""
 
 
 def load_policy(path: str | Path, device: str = "cpu"):
@@ -165,9 +167,18 @@ def _model_eval(role: str, path: str, s: _Samples, kl: M.KLEstimate | None, max_
         length={**M.length_stats(s.gen.response_lengths.numpy(), max_new_tokens),
                 "empty_share": float(np.mean(_empty(texts))) if len(texts) else 0.0},
         distinct_1=M.distinct_n(texts, 1), distinct_2=M.distinct_n(texts, 2),
-        repetition_rate=M.repetition_rate(texts), malformed_share=M.malformed_share(texts),
+        repetition_rate=M.repetition_rate(texts), repeated_trigram_rate=M.repetition_rate(texts, 3),
+        fluency=_fluency(s), malformed_share=M.malformed_share(texts),
         malformed_reasons=dict(reasons), perplexity=ppl, eos_share=float(s.gen.hit_eos.float().mean()),
     )
+
+
+def _fluency(s: _Samples) -> float | None:
+    """Per-token log-likelihood of the responses under the reference; None when all are empty."""
+    if s.fluency_logps is None:
+        return None
+    lengths = s.gen.response_lengths.numpy()
+    return M.token_loglik(s.fluency_logps, lengths) if lengths.sum() > 0 else None
 
 
 def _release_accelerator_memory() -> None:
@@ -240,6 +251,7 @@ def evaluate_models(
     report = EvalReport(
         candidate=evals["candidate"], champion=evals["champion"], reference=evals["reference"],
         champion_is_reference=champion is None, win_rates=_win_rates(samples, settings, groups),
+        judge_agreement=_judge_agreement(samples, settings),
         preference_accuracy=_accuracies(pairs, pair_lp, scorer, beta, champion is not None, settings.confidence),
         length_drift=M.length_drift(samples["candidate"].gen.response_lengths.numpy(),
                                     samples["reference"].gen.response_lengths.numpy()),
@@ -268,7 +280,13 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
     vocab = tokenizer.get_vocab()
     ref_gen = sample(ref_model, tokenizer)
     ref_lp = response_logps(ref_model, ref_gen, temperature, settings.score_batch_size)
-    samples = {"reference": _Samples(ref_gen, ref_lp, ref_lp)}
+
+    def plain_ref_logps(gen: GenerationResult, at_temperature: np.ndarray, ref) -> np.ndarray:
+        if temperature == 1.0:
+            return at_temperature
+        return response_logps(ref, gen, 1.0, settings.score_batch_size)
+
+    samples = {"reference": _Samples(ref_gen, ref_lp, ref_lp, fluency_logps=plain_ref_logps(ref_gen, ref_lp, ref_model))}
     pair_lp: dict[str, tuple[np.ndarray, ...]] = {}
     if pairs:
         pair_lp["reference"] = pair_logps(ref_model, tokenizer, pairs, settings)
@@ -277,8 +295,9 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
         if own_tok is not None and own_tok.get_vocab() != vocab:
             raise ValueError(f"{role} at {path} has a different tokenizer from the reference; KL needs the same one")
         gen = sample(model, tokenizer)
+        under_ref = response_logps(ref_model, gen, temperature, settings.score_batch_size)
         samples[role] = _Samples(gen, response_logps(model, gen, temperature, settings.score_batch_size),
-                                 response_logps(ref_model, gen, temperature, settings.score_batch_size))
+                                 under_ref, fluency_logps=plain_ref_logps(gen, under_ref, ref_model))
         if pairs:
             pair_lp[role] = pair_logps(model, tokenizer, pairs, settings)
         del model
@@ -317,6 +336,26 @@ def _win_rates(samples: dict[str, _Samples], settings: EvalSettings, groups: lis
             w = M.win_rate(a[keep], b[keep], tie_margin=settings.tie_margin, confidence=settings.confidence,
                            groups=[g for g, k in zip(groups, keep, strict=True) if k])
             out.append(w.model_copy(update={"judge": judge, "opponent": opponent}))
+    return out
+
+
+def _judge_agreement(samples: dict[str, _Samples], settings: EvalSettings) -> list[JudgeAgreement]:
+    """How often the reward model orders candidate-vs-opponent responses as the oracle does
+    (both judges needed; pairs where both responses are empty are no comparison)."""
+    out = []
+    cand = samples["candidate"]
+    if cand.rewards is None or cand.oracle is None:
+        return out
+    for opponent in ("champion", "reference"):
+        other = samples[opponent]
+        keep = ~(_empty(cand.gen.texts) & _empty(other.gen.texts))
+        if not keep.any():
+            continue
+        a = M.judge_agreement(cand.rewards[keep], other.rewards[keep], cand.oracle[keep], other.oracle[keep],
+                              tie_margin=settings.tie_margin, confidence=settings.confidence)
+        if a is not None:
+            out.append(JudgeAgreement(opponent=opponent, rate=a.rate, lower=a.lower, upper=a.upper, n=a.n,
+                                      oracle_ties=a.oracle_ties))
     return out
 
 

@@ -21,6 +21,7 @@ from alignment.batching import decode_prompt
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.evaluation.gate import decide
+from tasks.evaluation.judge import report_judge_tags
 from tasks.evaluation.plots import (
     SCORE_AXES,
     plot_reward_vs_kl,
@@ -191,5 +192,6 @@ def gate_decision(cfg: PipelineConfig, record: EvalRecord, has_champion: bool) -
     decision = decide(record.parsed(), cfg.gate, has_champion).model_dump(mode="json")
     cand = record.report.get("candidate", {})
     decision["eval_tags"] = {f"alignflow.eval.{k}": cand[k] for k in EVAL_TAGS if cand.get(k) is not None}
+    decision["judge_tags"] = report_judge_tags(record.parsed(), cfg.evaluation.confidence)  # for the reward version
     decision["report_path"] = record.report_path
     return json.loads(json.dumps(decision, default=str))

@@ -148,6 +148,8 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
                              timeout_s=cfg.pipeline.stage_timeout_s,
                              stall_warning_s=cfg.pipeline.stall_warning_s, description=f"train {stage}",
                              progress_every_s=cfg.pipeline.progress_log_s)
+        if recipe == "reward" and settings.eval_path:  # the judge's record: accuracy, interval, calibration
+            summary = {**summary, "judge": _judge_reliability(cfg, settings, run_dir, run_id)}
         if run_id:
             final_metrics = {f"final/{k}": v for k, v in (summary.get("metrics") or summary).items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -168,6 +170,25 @@ def _log_inputs(run_id: str, cfg: PipelineConfig, settings: TrainSettings, datas
         if path and Path(path).is_file():
             tracking.log_dataset(run_id, pd.read_parquet(path), source=path, context=context,
                                  name=f"{cfg.pipeline.name}-{Path(path).stem}", digest=dataset_digest[:36])
+
+
+def _judge_reliability(cfg: PipelineConfig, settings: TrainSettings, run_dir: Path,
+                       run_id: str | None) -> dict[str, Any] | None:
+    """The trained reward model's held-out (validation) accuracy with its Wilson interval and
+    calibration error, logged on the reward run as ``judge/...`` metrics; registration tags the
+    reward-model version with them."""
+    from tasks.evaluation.judge import reward_model_reliability
+
+    device = "cuda" if cfg.pipeline.device != "cpu" and cuda_count() else "cpu"
+    rel = reward_model_reliability(_final_paths(run_dir)[0], settings.eval_path, split="validation",
+                                   max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
+                                   confidence=cfg.evaluation.confidence, batch_size=cfg.evaluation.score_batch_size,
+                                   device=device)
+    if rel is None:
+        return None
+    if run_id:
+        tracking.log_metrics(run_id, rel.metrics())
+    return rel.model_dump()
 
 
 def _train_holding_gpu(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str,

@@ -78,6 +78,20 @@ def test_suite_returns_a_complete_report(folders):
     assert len(out.samples) == 5 and {"prompt", "candidate", "champion", "candidate_reward"} <= set(out.samples[0])
     row = out.samples[0]
     assert row["candidate_oracle"] == sentiment_oracle([row["candidate"]])[0]
+    for role in ("candidate", "champion", "reference"):  # issue 15: readability guards' inputs
+        m = report.model(role)
+        assert m.fluency is not None and m.fluency < 0 and 0 <= m.repeated_trigram_rate <= 1
+    # the reward model's agreement with the oracle, recounted from the per-sample scores
+    rm, oracle = out.scores["reward model"], out.scores["oracle"]
+    for opponent in ("champion", "reference"):
+        d_rm = np.subtract(rm["candidate"], rm[opponent])
+        d_or = np.subtract(oracle["candidate"], oracle[opponent])
+        decided = d_or != 0
+        agree = np.where(d_rm == 0, 0.5, (np.sign(d_rm) == np.sign(d_or)).astype(float))[decided]
+        a = report.agreement(opponent)
+        assert (a.n, a.oracle_ties) == (int(decided.sum()), int((~decided).sum()))
+        assert a.rate == pytest.approx(agree.mean()) and a.lower <= a.rate <= a.upper
+    assert "eval/judge_agreement/reward_model_vs_oracle_champion" in metrics
 
 
 @pytest.mark.slow
@@ -94,6 +108,7 @@ def test_identical_candidate_ties_everything_and_has_zero_kl(folders):
     implicit = r.accuracy("implicit_dpo", "candidate")
     assert implicit.accuracy == 0.5 and implicit.mean_margin == 0.0
     assert r.candidate.perplexity == pytest.approx(r.reference.perplexity)
+    assert r.candidate.fluency == pytest.approx(r.reference.fluency)  # the same text under the same model
 
 
 @pytest.mark.slow

@@ -53,6 +53,9 @@ def test_round_builds_the_run_tree_with_metrics_and_artifacts(first_round, clean
     prefs = children["preferences"][0]
     assert prefs.data.metrics["data/pairs"] > 0
     assert prefs.inputs.dataset_inputs, "dataset lineage is logged with mlflow.data"
+    reward = children["reward"][0].data.metrics  # issue 15: the judge's record on held-out pairs
+    assert 0 <= reward["judge/accuracy_lower"] <= reward["judge/accuracy"] <= reward["judge/accuracy_upper"] <= 1
+    assert 0 <= reward["judge/ece"] <= 1 and reward["judge/pairs"] > 0
     evaluate = children["evaluate"][0]
     assert "eval/candidate/kl" in evaluate.data.metrics
     plots = [a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluation/plots")]
@@ -71,6 +74,11 @@ def test_round_registers_versions_with_lineage_and_serves_the_champion(first_rou
                 "alignflow.parent_version", "alignflow.gate"):
         assert tags[key], key
     assert tags["alignflow.gate"] == "passed" and tags["alignflow.parent_version"] == "base"
+    judge = client.get_model_version("tiny-reward", "1").tags  # issue 15: the judge's record
+    for split in ("validation", "test"):
+        low, high = map(float, judge[f"alignflow.judge.{split}.accuracy_ci"].split("-"))
+        assert low <= float(judge[f"alignflow.judge.{split}.accuracy"]) <= high
+        assert 0 <= float(judge[f"alignflow.judge.{split}.ece"]) <= 1 and int(judge[f"alignflow.judge.{split}.pairs"]) > 0
     model = mlflow.pyfunc.load_model("models:/tiny-policy@champion")
     out = model.predict(["This movie", "The plot"], params={"max_new_tokens": 6})
     assert len(out) == 2 and all(isinstance(t, str) for t in out)

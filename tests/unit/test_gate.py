@@ -7,16 +7,17 @@ import math
 import pytest
 
 from tasks.evaluation.gate import GateDecision, decide
-from tasks.evaluation.report import EvalReport, ModelEval, WinRateResult
+from tasks.evaluation.report import AccuracyResult, EvalReport, ModelEval, WinRateResult
 from tasks.evaluation.settings import GateSettings
 
-RULES = {"win_rate", "kl_budget", "malformed_share", "malformed_increase", "distinct2_collapse", "repetition"}
+RULES = {"win_rate", "kl_budget", "malformed_share", "malformed_increase", "distinct2_collapse", "repetition",
+         "repeated_trigrams", "fluency"}
 
 
 def model(role: str, **kw) -> ModelEval:
     base = dict(role=role, path=f"/models/{role}", reward_mean=0.1, oracle_mean=0.2, kl=0.0, kl_se=0.0,
                 length={"mean": 20.0}, distinct_1=0.3, distinct_2=0.55, repetition_rate=0.05,
-                malformed_share=0.01, eos_share=0.2)
+                repeated_trigram_rate=0.02, fluency=-3.0, malformed_share=0.01, eos_share=0.2)
     return ModelEval(**{**base, **kw})
 
 
@@ -25,8 +26,15 @@ def win(judge: str, opponent: str, rate: float, lower: float) -> WinRateResult:
                          wins=60, ties=5, losses=35, units=100, confidence=0.95)
 
 
+def judge_accuracy(accuracy: float = 0.80, lower: float = 0.72, n: int = 90) -> AccuracyResult:
+    """The reward model's held-out accuracy (default: a judge that clears the 0.6 floor)."""
+    return AccuracyResult(judge="reward_model", accuracy=accuracy, lower=lower, upper=min(1.0, 2 * accuracy - lower),
+                          mean_margin=0.5, ece=0.04, n=n)
+
+
 def report(*, candidate: dict | None = None, reference: dict | None = None, wins: list | None = None,
-           champion_is_reference: bool = False, length_change: float = 0.05) -> EvalReport:
+           champion_is_reference: bool = False, length_change: float = 0.05,
+           accuracy: list | None = None, agreement: list | None = None) -> EvalReport:
     cand = {"kl": 5.0, "kl_se": 0.4, "malformed_share": 0.02, "distinct_2": 0.50, **(candidate or {})}
     return EvalReport(
         candidate=model("candidate", **cand), champion=model("champion", kl=3.0), reference=model("reference",
@@ -36,6 +44,8 @@ def report(*, candidate: dict | None = None, reference: dict | None = None, wins
                                                  win("reward_model", "reference", 0.70, 0.61),
                                                  win("oracle", "champion", 0.58, 0.51),
                                                  win("oracle", "reference", 0.66, 0.57)],
+        preference_accuracy=accuracy if accuracy is not None else [judge_accuracy()],
+        judge_agreement=agreement or [],
         length_drift={"mean_diff": 1.0, "relative_change": length_change},
         num_prompts=100, samples_per_prompt=1, num_pairs=50, seed=0,
     )
@@ -44,7 +54,7 @@ def report(*, candidate: dict | None = None, reference: dict | None = None, wins
 def test_a_good_candidate_passes_and_says_why():
     d = decide(report(), GateSettings(), has_champion=True)
     assert d.passed and {c.rule for c in d.checks} == RULES and all(c.passed for c in d.checks)
-    assert d.reasons[0] == "Promoted: all 6 rules passed."
+    assert d.reasons[0] == "Promoted: all 8 rules passed."
     win_msg = next(c.message for c in d.checks if c.rule == "win_rate")
     assert "champion" in win_msg and "0.550" in win_msg and "clears the threshold 0.500" in win_msg
     assert GateDecision.model_validate_json(d.model_dump_json()) == d
