@@ -8,6 +8,7 @@ place); one child run per stage that actually runs (cached stages add no run).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -251,10 +252,15 @@ classify) on the GenAI traces overview, a ``custom_model_development`` one on it
 
 
 def mark_training_experiment(experiment_id: str) -> None:
-    """Tag the experiment as model training (``custom_model_development``) unless a user chose a kind."""
+    """Tag the experiment as model training (``custom_model_development``) unless a user chose a
+    kind. Only the UI's first page depends on it: a server that refuses the tag (an experiment
+    another user owns) is logged, not fatal."""
     client = MlflowClient()
-    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    try:
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    except MlflowException as err:
+        logging.getLogger(__name__).warning("experiment %s: %s not set (%s)", experiment_id, EXPERIMENT_KIND_TAG, err)
 
 
 def recent_runs(experiment: str, tag: str, max_results: int = 10) -> list[Any] | None:
