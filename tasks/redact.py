@@ -9,7 +9,7 @@ URL) or :func:`redact_text` (free text that may contain URLs); connecting still 
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 SECRET_PARAMS = re.compile(r"pass|pwd|secret|token|key|auth|sig|credential", re.IGNORECASE)
@@ -44,3 +44,17 @@ def redact_url(url: str) -> str:
 def redact_text(text: str) -> str:
     """``text`` with every URL in it passed through :func:`redact_url`."""
     return _URL.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``(url without user info, user, password)`` for an http(s) URL with ``user:password@``;
+    ``(url, None, None)`` for anything else (database URIs need theirs in the URL)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url, None, None
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return url, None, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return clean, unquote(parts.username or ""), unquote(parts.password)

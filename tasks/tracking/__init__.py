@@ -22,6 +22,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from tasks.redact import split_credentials
+
 TrackingError = MlflowException
 """What a failed store or registry call raises (callers outside this package catch this name)."""
 
@@ -77,6 +79,13 @@ def configure(home: Path, experiment: str) -> str:
         _create_sqlite_store_once(uri)
     user = {name: _user_env(name) for name in _URI_VARS}
     registry = user["MLFLOW_REGISTRY_URI"] or uri
+    # user:password in a server URL goes to MLflow's basic-auth variables, so MLflow never has it in
+    # a URL it prints ("View run ... at") or puts in error messages; subprocesses inherit both.
+    uri, user_name, password = split_credentials(uri)
+    registry = split_credentials(registry)[0]
+    if password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user_name or "")
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry)
     for name in _URI_VARS:

@@ -111,3 +111,28 @@ def test_run_params_and_tags_saved_in_mlflow_hold_no_credentials(tmp_path, monke
     saved = repr(run.data.params) + repr(run.data.tags)
     assert "p.example" in saved and not any(s in saved for s in SECRETS), saved
     assert run.data.params["dpo.beta"] == "0.1"
+
+
+def test_a_password_in_the_tracking_uri_never_reaches_mlflows_urls_or_errors(tmp_path, monkeypatch):
+    """MLflow puts its server URL in "View run" lines and in every request error; the password
+    moves to MLFLOW_TRACKING_USERNAME/PASSWORD instead. The server here does not exist."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tasks import tracking
+
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(tracking, "_ENV_SET_BY_US", {})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:s3cret@127.0.0.1:9/")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    previous = mlflow.get_tracking_uri()
+    try:
+        with pytest.raises(MlflowException) as err:
+            tracking.configure(tmp_path, "redact")
+        assert "127.0.0.1:9" in str(err.value) and "s3cret" not in str(err.value)
+        assert mlflow.get_tracking_uri() == "http://127.0.0.1:9/"
+    finally:
+        mlflow.set_tracking_uri(previous)  # no later test of this process talks to the dead server
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
