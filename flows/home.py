@@ -1,7 +1,7 @@
 """Which pipeline a command without ``--config`` means: the one that has run in the home.
 
 Every pipeline run saves its resolved config as ``<home>/runs/<name>/config-<digest>.yaml``
-(flows/pipeline.py). ``alignflow status`` and ``alignflow ingest`` without ``--config`` use the
+(:func:`saved_config_path`, written by flows/pipeline.py). ``alignflow status`` and ``alignflow ingest`` without ``--config`` use the
 most recently saved config of the home, and say which; with none in the home, ``status``
 says so and ``ingest`` uses the default ``data`` settings (not the demo's), so the threshold
 it applies is the one a new config would have. Imports no Prefect or MLflow.
@@ -15,10 +15,15 @@ from alignment.config import ConfigError
 from tasks.config import PipelineConfig, load_pipeline_config
 
 
+def saved_config_path(home: Path, name: str, digest: str) -> Path:
+    """Where a pipeline run saves its resolved config (this module owns the layout)."""
+    return Path(home) / "runs" / name / f"config-{digest}.yaml"
+
+
 def saved_configs(home: Path) -> dict[str, Path]:
     """The newest saved config of each pipeline that has run in ``home``, by pipeline name."""
     found: dict[str, Path] = {}
-    for path in sorted((home / "runs").glob("*/config-*.yaml"), key=lambda p: p.stat().st_mtime):
+    for path in sorted((Path(home) / "runs").glob("*/config-*.yaml"), key=lambda p: p.stat().st_mtime):
         found[path.parent.name] = path  # later (newer) files win
     return found
 

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from alignment.config import apply_overrides, validate_config
+from flows.home import saved_config_path
 from tasks import tracking
 from tasks.config import PipelineConfig, load_pipeline_config, to_yaml
 from tasks.data.landing import CONSUMED, ledger_for
@@ -218,7 +219,7 @@ def record_config(rnd: PipelineRound) -> None:
     """Log the resolved config as params and as a YAML artifact of the parent run."""
     cfg = rnd.cfg
     tracking.log_params(rnd.parent, tracking.flatten(cfg.model_dump(mode="json")))
-    config_file = Path(cfg.home) / "runs" / cfg.pipeline.name / f"config-{cfg.digest()}.yaml"
+    config_file = saved_config_path(cfg.home, cfg.pipeline.name, cfg.digest())
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(to_yaml(cfg))
     tracking.log_artifact(rnd.parent, config_file, "config")
