@@ -39,6 +39,7 @@ import pyarrow.json as pajson
 
 from tasks.data.coerce import to_json
 from tasks.data.scan import (
+    MAX_COLUMNS,
     MAX_LINE_BYTES,
     MAX_NESTING,
     PatchedFile,
@@ -301,8 +302,9 @@ def _arrow_json(path: Path, scan: TextScan) -> RawTable | None:
     columns are left alone (no copy of a column for a few bad rows).
     """
     table = _read_arrow_json(path, scan)
-    if table is None or table.num_rows != scan.lines or type_depth(table.schema) > MAX_NESTING:
-        return None  # deep rows: line by line, where each is quarantined on its own
+    if table is None or table.num_rows != scan.lines or type_depth(table.schema) > MAX_NESTING or \
+            table.num_columns > MAX_COLUMNS:
+        return None  # deep or wide rows: line by line, where each is quarantined on its own
     out = RawTable(table.to_pandas(), str(path), np.arange(1, scan.lines + 1), digest=scan.digest)
     if len(scan.bad_lines):
         picked = np.zeros(table.num_rows, bool)  # a filter, unlike a take, does not concatenate the chunks
@@ -364,6 +366,24 @@ def _parse_line(line: bytes):
         return _without_surrogates(json.loads(line.decode("utf-8", "replace")))
 
 
+class _FieldBudget:
+    """Distinct field names of a file, capped at MAX_COLUMNS: a row that brings the total over
+    is refused (``too_many_fields``), so no row can make the table arbitrarily wide."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def admit(self, record: dict) -> bool:
+        if len(record) > MAX_COLUMNS:
+            return False
+        if self.names.issuperset(record):
+            return True
+        if len(self.names | record.keys()) > MAX_COLUMNS:
+            return False
+        self.names.update(record)
+        return True
+
+
 def _cut(text: str, limit: int = RAW_MAX_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + f"... [cut: {len(text)} characters]"
 
@@ -395,6 +415,7 @@ def _read_lines(path: Path, chunk: int = 1 << 16, bounded: bool = False) -> RawT
     strings, not Python objects, for all but one chunk). ``bounded``: the scan found no line
     over MAX_LINE_BYTES (the file's own line iterator is then safe, and faster)."""
     frames, records, rows, errors = [], [], [], []
+    fields = _FieldBudget()
     with path.open("rb") as f:
         for number, line, size in (zip(itertools.count(1), f, itertools.repeat(None)) if bounded else _lines(f)):
             if number == 1 and line.startswith(codecs.BOM_UTF8):
@@ -413,7 +434,9 @@ def _read_lines(path: Path, chunk: int = 1 << 16, bounded: bool = False) -> RawT
             except ValueError:
                 errors.append((number, "malformed_json", _raw_text(line.rstrip(b"\r\n"))))
                 continue
-            if isinstance(value, dict):
+            if isinstance(value, dict) and not fields.admit(value):
+                errors.append((number, "too_many_fields", _raw_text(line.rstrip(b"\r\n"))))
+            elif isinstance(value, dict):
                 records.append(value)
                 rows.append(number)
                 if len(records) == chunk:
@@ -444,8 +467,12 @@ def _read_json_array(path: Path, data: bytes) -> RawTable:
     if values is None or not isinstance(values, list):
         reason = "malformed_json" if values is None else "not_an_object"
         return RawTable(pd.DataFrame(), str(path), np.zeros(0, np.int64), [(1, reason, _raw_text(data[:2000]))])
-    keep = [i for i, v in enumerate(values) if isinstance(v, dict)]
-    errors = [(i + 1, "not_an_object", _raw_json_value(v)) for i, v in enumerate(values) if not isinstance(v, dict)]
+    fields = _FieldBudget()
+    keep = [i for i, v in enumerate(values) if isinstance(v, dict) and fields.admit(v)]
+    kept = set(keep)
+    errors = [(i + 1, "not_an_object" if not isinstance(v, dict) else "too_many_fields",
+               _raw_json_value(v) if not isinstance(v, dict) else json.dumps("(not shown)"))
+              for i, v in enumerate(values) if i not in kept]
     frame = _frame([values[i] for i in keep])
     return RawTable(frame, str(path), np.asarray(keep, dtype=np.int64) + 1, errors)
 
@@ -462,6 +489,11 @@ def _json_elements(path: Path, parts: list[bytes]) -> RawTable:
         except ValueError:
             errors.append((i + 1, "malformed_json", _raw_text(part)))
         values.append(None)
+    fields = _FieldBudget()
+    for i, v in enumerate(values):
+        if isinstance(v, dict) and not fields.admit(v):
+            values[i] = None
+            errors.append((i + 1, "too_many_fields", json.dumps("(not shown)")))
     bad = {row for row, _, _ in errors}
     keep = [i for i, v in enumerate(values) if i + 1 not in bad and isinstance(v, dict)]
     errors += [(i + 1, "not_an_object", _raw_json_value(v)) for i, v in enumerate(values)
@@ -518,6 +550,8 @@ def _read_csv_file(path: Path, sep: str, longest_line: int = 0) -> RawTable:
             if block >= 4 * MAX_LINE_BYTES:
                 raise UnreadableSource("unreadable_file", f"{path.name}: not readable as CSV ({err})") from err
             block *= 4
+    if len(names) > MAX_COLUMNS:
+        raise UnreadableSource("too_many_columns", f"{path.name}: {len(names)} columns (at most {MAX_COLUMNS})")
     if len(set(names)) < len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise UnreadableSource("duplicate_columns", f"{path.name}: the header repeats {dup}")
@@ -573,6 +607,9 @@ def read_parquet(path: str | Path, max_bytes: int | None = None) -> RawTable:
     try:
         with pq.ParquetFile(path) as pf:
             schema = pf.schema_arrow
+            if len(schema.names) > MAX_COLUMNS:
+                raise UnreadableSource("too_many_columns", f"{path.name}: {len(schema.names)} columns "
+                                       f"(at most {MAX_COLUMNS})")
             if len(set(schema.names)) < len(schema.names):
                 raise UnreadableSource("duplicate_columns", f"{path.name}: repeated column names")
             deep = [f.name for f in schema if type_depth(f.type) > MAX_NESTING]
@@ -617,6 +654,8 @@ def _dataset_table(ds, split: str, name: str) -> RawTable:
         if split not in ds:
             raise ValueError(f"{name}: no split {split!r} (has {sorted(ds)})")
         ds = ds[split]
+    if len(ds.data.schema) > MAX_COLUMNS:
+        raise UnreadableSource("too_many_columns", f"{name}: {len(ds.data.schema)} columns (at most {MAX_COLUMNS})")
     deep = [f.name for f in ds.data.schema if type_depth(f.type) > MAX_NESTING]
     if deep and len(deep) == len(ds.data.schema):
         raise UnreadableSource("too_deeply_nested", f"{name}: every column nests deeper than {MAX_NESTING}")

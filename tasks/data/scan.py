@@ -23,6 +23,10 @@ without being held in memory (a row's texts are capped at ``data.max_text_chars`
 MAX_NESTING = 64
 """Deepest nesting of arrays and objects in a row; deeper rows are quarantined as
 ``too_deeply_nested`` (parsers and the code after them recurse once per level)."""
+MAX_COLUMNS = 1000
+"""Most fields a row (and a file) may have; a JSON row with more is quarantined as
+``too_many_fields``, a CSV/Parquet file with more columns as ``too_many_columns`` (Arrow's JSON
+type inference takes time quadratic in the number of distinct keys: 20,000 took 64 s)."""
 _positions: list[int] = []
 
 
@@ -59,9 +63,10 @@ class TextScan:
     such files are parsed line by line (pyarrow 25's JSON reader crashes the process on a
     first line ``null``, and reads a ``null`` line as a row of nulls)."""
     deep_lines: int = 0
-    """Lines of at least :data:`DEEP_CHECK_BYTES` bytes holding that many ``[``/``{`` or more:
-    they may nest deeper than Arrow's JSON reader survives (it recurses on the C stack and
-    crashes the process near 10,000 levels), so such files are parsed line by line."""
+    """Lines of at least :data:`DEEP_CHECK_BYTES` bytes holding that many ``[``/``{`` or more
+    (they may nest deeper than Arrow's JSON reader survives: it recurses on the C stack and
+    crashes the process near 10,000 levels), or more than MAX_COLUMNS ``:`` (keys): such files
+    are parsed line by line, where each row is bounded on its own."""
 
 
 def _lines_of(piece: bytes) -> np.ndarray:
@@ -74,9 +79,10 @@ DEEP_CHECK_BYTES = 4096
 have their brackets counted; Arrow's JSON reader and ``to_pandas`` were tried safe to 4096 levels."""
 
 
-def _openers(piece: bytes | memoryview) -> int:
+def _suspect(piece: bytes | memoryview) -> bool:
+    """A long line that may nest too deep or hold too many keys for Arrow's reader."""
     data = bytes(piece)
-    return data.count(b"[") + data.count(b"{")
+    return data.count(b"[") + data.count(b"{") >= DEEP_CHECK_BYTES or data.count(b":") > MAX_COLUMNS
 
 
 def _depth_profile(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -186,13 +192,13 @@ def scan_text(path: str | Path, block: int = BLOCK, digest: str | None = None) -
         tail = len(piece) - (int(newlines[-1]) + 1 if len(newlines) else 0)
         longest = max(longest, tail)
         if tail >= DEEP_CHECK_BYTES:
-            deep += _openers(piece[len(piece) - tail:]) >= DEEP_CHECK_BYTES
+            deep += _suspect(piece[len(piece) - tail:])
         if len(newlines):  # an empty line: two newlines in a row, maybe with a CR between
             gaps = np.diff(newlines, prepend=-1)
             longest = max(longest, int(gaps.max()))
             for i in np.flatnonzero(gaps > DEEP_CHECK_BYTES).tolist():  # few lines are this long
                 end = int(newlines[i])
-                deep += _openers(piece[end - int(gaps[i]) + 1: end]) >= DEEP_CHECK_BYTES
+                deep += _suspect(piece[end - int(gaps[i]) + 1: end])
             blank = blank or bool((gaps == 1).any()) or bool(
                 ((gaps == 2) & (np.frombuffer(piece, np.uint8)[np.maximum(newlines - 1, 0)] == 13)).any())
         if not ascii_only:

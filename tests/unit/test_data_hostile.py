@@ -333,3 +333,26 @@ def test_a_compressed_datasets_folder_is_refused_past_the_memory_limit(tmp_path)
         readers.read_saved_dataset(tmp_path / "ds", max_bytes=50_000_000)
     assert err.value.reason == "too_large_decompressed"
     assert len(readers.read_saved_dataset(tmp_path / "ds", max_bytes=10**9).frame) == n  # under the limit: read
+
+
+def test_a_row_with_too_many_fields_is_quarantined_fast(tmp_path):
+    """One line of 100,000 keys took 28 s (Arrow's type inference, then a 100,000-column frame)."""
+    import time
+
+    from tasks.data.scan import MAX_COLUMNS
+
+    wide = {**_rows(1)[0], **{f"k{i}": i for i in range(100_000)}}
+    path = _jsonl(tmp_path / "wide.jsonl", [json.dumps(_rows(1)[0]), json.dumps(wide), json.dumps(_rows(1, 7)[0])])
+    start = time.perf_counter()
+    result = _validate(path, quarantine_max_share=1.0)
+    assert time.perf_counter() - start < 10
+    assert _reasons(result) == {("wide.jsonl", 2): ["too_many_fields"]} and result.report.rows_valid == 2
+    # keys spread over rows: the file's distinct fields are capped, later rows bringing new ones are refused
+    many = [json.dumps(_rows(1, i)[0]) if i % 2 else json.dumps({**_rows(1, i)[0], f"extra{i}": 1})
+            for i in range(2 * MAX_COLUMNS + 10)]
+    result = _validate(_jsonl(tmp_path / "many.jsonl", ["", *many]), quarantine_max_share=1.0)
+    extra_rows, room = (len(many) + 1) // 2, MAX_COLUMNS - 4  # 4 fields of every row, then one new per even row
+    assert result.report.rows_in == len(many) and result.report.reasons == {"too_many_fields": extra_rows - room}
+    pd.DataFrame([[1] * (MAX_COLUMNS + 1)], columns=[f"c{i}" for i in range(MAX_COLUMNS + 1)]).to_csv(
+        tmp_path / "wide.csv", index=False)
+    assert _reasons(_validate(tmp_path / "wide.csv")) == {("wide.csv", 0): ["too_many_columns"]}
