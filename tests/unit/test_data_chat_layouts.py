@@ -151,3 +151,14 @@ def test_the_hub_path_reads_a_dataset_repository_by_split(local_hub_dataset):
     assert test.report.rows_valid == 2
     with pytest.raises(ValueError, match="Unknown split"):
         _validate(local_hub_dataset, format="hub", split="nope")
+
+
+def test_mixed_key_styles_in_one_parquet_file(tmp_path):
+    """Arrow gives every message all four keys, the unused ones null: either style still reads."""
+    frame = pd.DataFrame({"messages": [
+        [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+        [{"from": "human", "value": "Film?"}, {"from": "gpt", "value": "Paddington 2."}]]})
+    frame.to_parquet(tmp_path / "mixed.parquet")
+    result = _validate(tmp_path / "mixed.parquet")
+    assert result.report.rows_quarantined == 0
+    assert result.valid["demonstration"]["response"].tolist() == ["Hello.", "Paddington 2."]
