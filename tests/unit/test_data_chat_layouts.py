@@ -162,3 +162,18 @@ def test_mixed_key_styles_in_one_parquet_file(tmp_path):
     result = _validate(tmp_path / "mixed.parquet")
     assert result.report.rows_quarantined == 0
     assert result.valid["demonstration"]["response"].tolist() == ["Hello.", "Paddington 2."]
+
+
+def test_trl_unpaired_thumbs_reach_the_kto_set(tmp_path):
+    rows = [{"prompt": f"Film {i}?", "completion": f" {word} {i}", "label": word == "loved"}
+            for i in range(6) for word in ("loved", "hated")]
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    _jsonl(landing / "kto.jsonl", rows)
+    result = ingest(IngestSettings(landing_dir=str(landing), landing_quiet_s=0, quarantine_max_share=0.0),
+                    tmp_path / "out")
+    build = build_preferences({k: [v] for k, v in result.validated.items()}, tmp_path / "built")
+    unpaired = pd.read_parquet(build.unpaired)
+    assert len(unpaired) == 12
+    assert {(c.split()[0], bool(label)) for c, label in zip(unpaired["completion"], unpaired["label"], strict=True)} \
+        == {("loved", True), ("hated", False)}
