@@ -28,7 +28,7 @@ def cmd_run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     try:
         alignment_pipeline(**_flow_kwargs(args), only_if_new_data=args.only_if_new_data)
     except HomeBusy as err:
-        console.print(f"alignflow: {err}", style="red", markup=False, highlight=False)
+        console.print(f"alignflow: {err}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 75
     return 0
 

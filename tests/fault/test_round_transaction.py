@@ -84,7 +84,7 @@ def _registry(client, pipeline: str = "tiny") -> dict:
         out[name] = {
             "versions": {str(v.version): {k: t for k, t in v.tags.items() if k not in VOLATILE_TAGS}
                          for v in versions},
-            "aliases": dict(client.get_registered_model(name).aliases) if versions else {},
+            "aliases": {k: str(v) for k, v in client.get_registered_model(name).aliases.items()} if versions else {},
         }
     return out
 
