@@ -266,14 +266,16 @@ def epoch_rate(r: dict) -> float:
 
 
 def plan(args) -> list[tuple]:
-    """(shape, dist, family, side, repeat) in run order: TRL cold first, then ours/TRL alternating."""
+    """(shape, dist, family, side, repeat) in run order: TRL cold for each family first, then
+    repeat by repeat ours/TRL alternating over the families (a budget cut loses repeats, not families)."""
     todo = []
+    families = args.families.split(",")
     for shape in args.shapes.split(","):
         for dist in args.dists.split(","):
             reps = args.repeats if dist == args.dists.split(",")[0] else args.other_repeats
-            for family in args.families.split(","):
-                todo.append((shape, dist, family, "trl", "cold"))
-                for rep in range(reps):
+            todo += [(shape, dist, family, "trl", "cold") for family in families]
+            for rep in range(reps):
+                for family in families:
                     todo += [(shape, dist, family, "ours", rep), (shape, dist, family, "trl", rep)]
             if args.trl_default:
                 todo.append((shape, dist, "dpo", "trl_default", 0))
