@@ -22,7 +22,8 @@ from pathlib import Path
 # Set before torch loads; training processes inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-COMMANDS = ("run", "demo", "ingest", "build-dataset", "promote", "rollback", "status", "serve", "monitor")
+COMMANDS = ("run", "demo", "ingest", "build-dataset", "promote", "rollback", "status", "serve", "monitor",
+            "eval-export")
 PREFLIGHT_COMMANDS = ("run", "demo", "serve")
 HOME_COMMANDS = ("status", "ingest", "build-dataset")
 """Commands that, without --config, use the pipeline that has run in the home (flows/home.py);
@@ -75,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     monitor = sub.add_parser("monitor", help="check new feedback for drift against the champion")
     _common(monitor)
+    export = sub.add_parser("eval-export", help="a blinded side-by-side sheet (CSV, JSONL) of two policy versions "
+                                                "for people to judge (tasks/evaluation/human.py)")
+    _common(export)
+    export.add_argument("--first", default="champion", help="alias or version number (default: champion)")
+    export.add_argument("--second", default="challenger", help="alias or version judged against the first "
+                                                               "(default: challenger)")
+    export.add_argument("--prompts", metavar="FILE", help="prompts (.parquet/.jsonl/.csv with a prompt column; "
+                                                          "default: the newest build's test prompts)")
+    export.add_argument("--num-prompts", type=int, help="at most this many prompts (default: evaluation.num_prompts)")
+    export.add_argument("--out", metavar="DIR", help="folder for the sheet (default: <home>/human-eval/<sheet id>)")
     return parser
 
 

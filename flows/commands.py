@@ -144,3 +144,25 @@ def cmd_build_dataset(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from tasks.data.export import build_dataset
 
     return build_dataset(list(args.sources), args.out, cfg.data, cfg.preferences, kind=args.kind)
+
+def cmd_eval_export(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """``alignflow eval-export``: a blinded side-by-side sheet of two policy versions for people."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.evaluation.human import export_sheet, read_prompts
+
+    tracking.configure(cfg.home, cfg.pipeline.name)
+    try:
+        prompts = read_prompts(args.prompts) if args.prompts else None
+        result = export_sheet(cfg, args.first, args.second, prompts, args.num_prompts, args.out)
+    except (LookupError, ValueError, FileNotFoundError, MlflowException) as err:
+        console.print(f"eval-export: {err}", style="red", markup=False, highlight=False)
+        return 2
+    left = ", ".join(f"{n} {why}" for why, n in result.left_out.items() if n)
+    console.print(f"sheet {result.sheet_id}: {result.items} items, v{result.first_version} vs v{result.second_version} "
+                  f"in random order and sides" + (f" (left out, answers {left})" if left else "") + "\n"
+                  f"  {result.csv}\n  {result.jsonl}\nkey (keep it from the raters): "
+                  f"{result.key}\nEach rater fills choice (a, b or tie) and annotator_id (one row per rater and item; "
+                  "copy rows for more raters). Check a filled sheet with `alignflow ingest FILE`, then put it in the "
+                  "landing folder: the next run records the human win rate.", markup=False, highlight=False)
+    return 0

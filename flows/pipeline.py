@@ -27,6 +27,7 @@ from tasks import tracking
 from tasks.config import PipelineConfig, load_pipeline_config, to_yaml
 from tasks.data.landing import CONSUMED, ledger_for
 from tasks.data.validate import QuarantineThresholdExceeded
+from tasks.evaluation.human import await_people, human_evaluation_step
 from tasks.faults import fault_point
 from tasks.lock import home_lock
 from tasks.methods import label, method
@@ -195,6 +196,7 @@ def alignment_pipeline(config: str | None = None, overrides: list[str] | None = 
         base = starting_model(rnd)
         ingest = collect_feedback(rnd, base, only_if_new_data)
         rnd.reached("ingested", batch_id=ingest.batch_id)
+        record_human_evaluation(rnd, ingest)
         dataset = build_dataset(rnd, ingest)
         rnd.reached("built", dataset_digest=dataset.digest)
         stop_if_champion_is_current(rnd, dataset)
@@ -253,6 +255,15 @@ def collect_feedback(rnd: PipelineRound, base: ModelRecord, only_if_new_data: bo
         rnd.logger.info("No new landing files: nothing to do.")
         rnd.stop("no-new-data")
     return ingest
+
+
+def record_human_evaluation(rnd: PipelineRound, ingest: IngestRecord) -> None:
+    """Returned human-evaluation sheets: win rates on their versions; under ``gate.judge: human``
+    a version people preferred to the champion is promoted (tasks/evaluation/human.py)."""
+    t = time.monotonic()
+    summary = human_evaluation_step(rnd.cfg, ingest.validated_dir, rnd.parent)
+    if summary:
+        rnd.timed("human evaluation", "ran", t, summary)
 
 
 def build_dataset(rnd: PipelineRound, ingest: IngestRecord) -> DatasetRecord:
@@ -334,7 +345,7 @@ def evaluate_and_gate(rnd: PipelineRound, candidate: ModelRecord, champion: Mode
     rnd.timed("evaluate", "cached" if cached else "ran", t, report.headline())
     rnd.summary.evaluation = report.headline()
     tracking.log_metrics(rnd.parent, report.headline_metrics())  # the parent run's row shows them
-    return gate_decision(rnd.cfg, report, has_champion=champion is not None)
+    return await_people(rnd.cfg, gate_decision(rnd.cfg, report, has_champion=champion is not None))
 
 
 def register_and_promote(rnd: PipelineRound, candidate: ModelRecord, reward: ModelRecord | None,

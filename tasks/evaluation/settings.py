@@ -42,8 +42,11 @@ class EvalSettings(StrictModel):
 class GateSettings(StrictModel):
     """Promotion rules: the candidate replaces the champion only when every rule passes."""
 
-    judge: Literal["reward_model", "oracle"] = "reward_model"
-    """Whose judgement the win-rate rule uses (oracle only where one is configured)."""
+    judge: Literal["reward_model", "oracle", "human"] = "reward_model"
+    """Whose judgement the win-rate rule uses (oracle only where one is configured). ``human``:
+    people, through the blinded sheets of ``alignflow eval-export`` (:mod:`tasks.evaluation.human`):
+    a round's candidate then waits as ``challenger`` until a returned sheet shows people prefer
+    it to the champion."""
     min_win_rate_lower_bound: float = Field(0.5, ge=0, le=1)
     """The lower confidence bound of the win rate vs the champion must clear this."""
     max_kl: float | None = Field(25.0, gt=0)
