@@ -356,3 +356,18 @@ def test_a_row_with_too_many_fields_is_quarantined_fast(tmp_path):
     pd.DataFrame([[1] * (MAX_COLUMNS + 1)], columns=[f"c{i}" for i in range(MAX_COLUMNS + 1)]).to_csv(
         tmp_path / "wide.csv", index=False)
     assert _reasons(_validate(tmp_path / "wide.csv")) == {("wide.csv", 0): ["too_many_columns"]}
+
+
+def test_many_distinct_keys_over_many_lines_do_not_stall_the_json_reader(tmp_path):
+    """20,000 lines each with a new key took pyarrow's type inference 64 s (quadratic); the Arrow
+    path now never infers past the first MiB, so the file is read line by line and capped."""
+    import time
+
+    from tasks.data.scan import MAX_COLUMNS
+
+    lines = [json.dumps({**_rows(1, i)[0], f"k{i}": 1}) for i in range(20_000)]
+    start = time.perf_counter()
+    result = _validate(_jsonl(tmp_path / "keys.jsonl", lines), quarantine_max_share=1.0)
+    assert time.perf_counter() - start < 20
+    assert result.report.rows_in == 20_000
+    assert result.report.reasons == {"too_many_fields": 20_000 - (MAX_COLUMNS - 4)}
