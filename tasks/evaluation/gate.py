@@ -136,11 +136,31 @@ def _reliability(report: EvalReport, opponent: str) -> str:
     return text
 
 
+def _model_judge(report: EvalReport, s: GateSettings) -> tuple[str | None, str]:
+    """The judge model (evaluation.judge_model) decides only when its accuracy on the held-out
+    pairs (people's labels) clears ``min_judge_accuracy``, as the reward model must."""
+    acc = report.accuracy("model")
+    if acc is None:
+        return None, ("No trusted judge: gate.judge is model, but no judge-model accuracy is in the report (set "
+                      "evaluation.judge_model; the held-out pairs measure it).")
+    record = (f"agreeing with people on {acc.accuracy:.3f} of {acc.n} held-out pairs (CI {acc.lower:.3f}–"
+              f"{acc.upper:.3f}; its two answer orders disagreeing counts half)")
+    floor = s.min_judge_accuracy
+    if floor is None or (_finite(acc.lower) and acc.lower >= floor):
+        met = "not checked (gate.min_judge_accuracy is unset)" if floor is None else f"clears {floor:.3f}"
+        return "model", f"Judge: the judge model, {record}; {met}."
+    return None, (f"No trusted judge: the judge model is {record}; its lower bound {acc.lower:.3f} misses "
+                  f"gate.min_judge_accuracy {floor:.3f}, so its verdict does not promote (a stronger judge model "
+                  f"decides better).")
+
+
 def _choose_judge(report: EvalReport, s: GateSettings, opponent: str) -> tuple[str | None, str]:
     """(the judge whose win rate decides, or None when no trusted judge exists; a sentence saying
     which judge decided and how reliable it is)."""
     if s.judge == "oracle":
         return "oracle", "Judge: the oracle (gate.judge)."
+    if s.judge == "model":
+        return _model_judge(report, s)
     record = _reliability(report, opponent)
     floor = s.min_judge_accuracy
     if floor is None:
@@ -167,12 +187,12 @@ def _win_rate_check(report: EvalReport, s: GateSettings, has_champion: bool) -> 
     judge_key, judged_by = _choose_judge(report, s, opponent)
     if judge_key is None:
         return _check("win_rate", None, thr, False, judged_by + _empty_note(report))
-    judge = "the reward model" if judge_key == "reward_model" else "the oracle"
+    judge = {"reward_model": "the reward model", "oracle": "the oracle", "model": "the judge model"}[judge_key]
     w = report.win_rate(judge_key, opponent)
     if w is None:
         return _check("win_rate", None, thr, False,
                       f"{judged_by} No win rate against {who} judged by {judge} is in the report, so the "
-                      f"improvement is unproven (is {'an oracle' if judge_key == 'oracle' else 'a reward model'} "
+                      f"improvement is unproven (is {'an oracle' if judge_key == 'oracle' else 'a judge model' if judge_key == 'model' else 'a reward model'} "
                       f"configured?)." + _empty_note(report))
     ci = f"{w.confidence:.0%} CI {w.lower:.3f}–{w.upper:.3f}, {w.wins}W/{w.ties}T/{w.losses}L over {w.units} prompts"
     ok = w.lower >= thr

@@ -73,7 +73,7 @@ def _z(confidence: float) -> float:
 
 
 # --- win rate -------------------------------------------------------------------------------
-Judge = Literal["reward_model", "oracle"]
+Judge = Literal["reward_model", "oracle", "model"]
 """Who scores the comparisons of an evaluation report's win rate."""
 
 

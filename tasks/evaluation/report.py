@@ -25,8 +25,9 @@ WinRateResult = WinRate
 class AccuracyResult(BaseModel):
     """Held-out preference accuracy of a scorer: share of pairs ranked chosen > rejected."""
 
-    judge: Literal["reward_model", "implicit_dpo"]
-    """``reward_model``: the trained RM; ``implicit_dpo``: β·(log π − log π_ref) of ``model``."""
+    judge: Literal["reward_model", "implicit_dpo", "model"]
+    """``reward_model``: the trained RM; ``implicit_dpo``: β·(log π − log π_ref) of ``model``;
+    ``model``: the judge model's verdicts in both orders (:mod:`tasks.evaluation.model_judge`)."""
     model: Role | None = None
     """Whose implicit reward (implicit_dpo only)."""
     accuracy: float

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from alignment.config import GenerationSettings, StrictModel
+from tasks.evaluation.model_judge import JudgeModelSettings
 
 
 class EvalSettings(StrictModel):
@@ -23,6 +24,10 @@ class EvalSettings(StrictModel):
     """Sampling seed, fixed so that models are compared on the same randomness."""
     judge: Literal["reward_model", "oracle", "both"] = "both"
     """Who judges win rates: the reward model, the configured oracle (demo), or both."""
+    judge_model: JudgeModelSettings | None = None
+    """A local causal LM asked for pairwise verdicts in both orders (:mod:`tasks.evaluation.model_judge`);
+    when set, its win rates and its accuracy on the held-out pairs are reported too (``gate.judge:
+    model`` lets it decide). Its verdicts are only as good as that model."""
     samples_table_rows: int = Field(50, ge=0)
     """Rows of the samples table logged with mlflow.log_table."""
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
@@ -42,8 +47,9 @@ class EvalSettings(StrictModel):
 class GateSettings(StrictModel):
     """Promotion rules: the candidate replaces the champion only when every rule passes."""
 
-    judge: Literal["reward_model", "oracle", "human"] = "reward_model"
-    """Whose judgement the win-rate rule uses (oracle only where one is configured). ``human``:
+    judge: Literal["reward_model", "oracle", "human", "model"] = "reward_model"
+    """Whose judgement the win-rate rule uses (oracle only where one is configured). ``model``: the
+    judge model of ``evaluation.judge_model``, held to ``min_judge_accuracy`` like the reward model. ``human``:
     people, through the blinded sheets of ``alignflow eval-export`` (:mod:`tasks.evaluation.human`):
     a round's candidate then waits as ``challenger`` until a returned sheet shows people prefer
     it to the champion."""

@@ -44,6 +44,7 @@ from alignment.models import (
     score_responses,
 )
 from tasks.evaluation import metrics as M
+from tasks.evaluation.model_judge import ModelJudge, judge_accuracy
 from tasks.evaluation.report import AccuracyResult, EvalReport, JudgeAgreement, ModelEval
 from tasks.evaluation.settings import EvalSettings
 
@@ -234,6 +235,7 @@ def evaluate_models(
     if scorer is None and reward_model is not None:
         scorer = reward_scorer_from_folder(reward_model, device, settings.score_batch_size,
                                            settings.max_length, settings.max_prompt_length)
+    judge = ModelJudge(settings.judge_model, device) if settings.judge_model is not None else None
     for s in {id(v): v for v in samples.values()}.values():  # the champion may be the reference
         if scorer is not None:
             s.rewards = np.asarray(scorer(sample_prompts, s.gen.texts), dtype=np.float64)
@@ -250,9 +252,13 @@ def evaluate_models(
         evals[role] = _model_eval(role, str(path), smp, kl, gen_cfg.max_new_tokens, ppl)
     report = EvalReport(
         candidate=evals["candidate"], champion=evals["champion"], reference=evals["reference"],
-        champion_is_reference=champion is None, win_rates=_win_rates(samples, settings, groups),
+        champion_is_reference=champion is None,
+        win_rates=_win_rates(samples, settings, groups) + _model_win_rates(judge, sample_prompts, samples, settings,
+                                                                          groups),
         judge_agreement=_judge_agreement(samples, settings),
-        preference_accuracy=_accuracies(pairs, pair_lp, scorer, beta, champion is not None, settings.confidence),
+        preference_accuracy=_accuracies(pairs, pair_lp, scorer, beta, champion is not None, settings.confidence)
+        + ([_accuracy("model", None, v, 1.0 - v, settings.confidence) for v in [judge_accuracy(judge, pairs)]]
+           if judge is not None and pairs else []),
         length_drift=M.length_drift(samples["candidate"].gen.response_lengths.numpy(),
                                     samples["reference"].gen.response_lengths.numpy()),
         num_prompts=len(prompts), samples_per_prompt=k, num_pairs=len(pairs), seed=settings.seed,
@@ -336,6 +342,28 @@ def _win_rates(samples: dict[str, _Samples], settings: EvalSettings, groups: lis
             w = M.win_rate(a[keep], b[keep], tie_margin=settings.tie_margin, confidence=settings.confidence,
                            groups=[g for g, k in zip(groups, keep, strict=True) if k])
             out.append(w.model_copy(update={"judge": judge, "opponent": opponent}))
+    return out
+
+
+def _model_win_rates(judge: ModelJudge | None, prompts: list[Prompt], samples: dict[str, _Samples],
+                     settings: EvalSettings, groups: list[int]) -> list[M.WinRate]:
+    """Win rates of the candidate by the judge model (both orders per comparison; empty responses
+    as in :func:`_win_rates`)."""
+    if judge is None:
+        return []
+    out = []
+    cand = samples["candidate"]
+    for opponent in ("champion", "reference"):
+        other = samples[opponent]
+        outcome = judge.verdicts(prompts, cand.gen.texts, other.gen.texts)
+        empty_a, empty_b = _empty(cand.gen.texts), _empty(other.gen.texts)
+        outcome[empty_a & ~empty_b], outcome[empty_b & ~empty_a] = 0.0, 1.0
+        keep = ~(empty_a & empty_b)
+        if not keep.any():
+            continue
+        w = M.win_rate(outcome[keep], 1.0 - outcome[keep], confidence=settings.confidence,
+                       groups=[g for g, k in zip(groups, keep, strict=True) if k])
+        out.append(w.model_copy(update={"judge": "model", "opponent": opponent}))
     return out
 
 
