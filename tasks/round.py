@@ -149,8 +149,8 @@ class RoundLog:
 def close_stale_flow_runs(flow_run_ids: list[str], message: str) -> list[str]:
     """Set each Prefect flow run that is not in a final state to CRASHED. Returns those changed.
 
-    Best effort: a flow run the API does not know (another Prefect server, a wiped database)
-    is skipped."""
+    Best effort: a flow run the API does not know (another Prefect server, a wiped database),
+    or one the API refuses to change, is skipped."""
     if not flow_run_ids:
         return []
     from uuid import UUID
@@ -166,6 +166,9 @@ def close_stale_flow_runs(flow_run_ids: list[str], message: str) -> list[str]:
             except Exception:  # noqa: BLE001 - unknown id, or another server's run
                 continue
             if run.state is None or not run.state.is_final():
-                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                try:
+                    client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                except Exception:  # noqa: BLE001 - a server hiccup must not fail the round that recovers
+                    continue
                 changed.append(run_id)
     return changed
