@@ -87,3 +87,16 @@ def test_model_cards_say_what_a_version_is():
     assert "accuracy=0.8125" in reward_card(cfg, reward, "2", "abc123", "3")
     assert "Settings: defaults" in model_card(title="t", base_model="", data_digest="d", data="?", method="m",
                                               settings={}, evaluation={}, gate="passed")
+
+
+def test_time_tags_are_iso_8601_and_old_epoch_tags_still_order():
+    from datetime import datetime
+
+    from tasks.tracking.registry import tag_time, utc_timestamp
+
+    now = utc_timestamp()
+    parsed = datetime.fromisoformat(now)
+    assert parsed.utcoffset().total_seconds() == 0 and "T" in now
+    assert tag_time(now) == pytest.approx(parsed.timestamp())
+    assert tag_time("1700000000.5") == 1700000000.5  # what versions before ISO tags hold
+    assert sorted(["2026-01-02T00:00:00+00:00", "1700000000.0"], key=tag_time)[0] == "1700000000.0"
