@@ -89,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _api_credentials_out_of_urls() -> None:
+    """A user:password in ``PREFECT_API_URL`` becomes ``PREFECT_API_AUTH_STRING`` (the same basic
+    auth) unless one is set, and Prefect's UI links ("View at ...", serve's banner), derived from
+    the API URL, get a masked one: Prefect prints the URL in every flow run's log."""
+    from tasks.redact import redact_url, split_credentials
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        return
+    clean, user, password = split_credentials(api)
+    if password is not None and not os.environ.get("PREFECT_API_AUTH_STRING"):
+        os.environ["PREFECT_API_URL"] = clean
+        os.environ["PREFECT_API_AUTH_STRING"] = f"{user}:{password}"
+    if not os.environ.get("PREFECT_UI_URL"):
+        os.environ["PREFECT_UI_URL"] = redact_url(os.environ["PREFECT_API_URL"]).rstrip("/").removesuffix("/api")
+
+
 def _prepare_environment(home: Path) -> None:
     """Embedded defaults for Prefect before it is imported; explicit settings win."""
     home.mkdir(parents=True, exist_ok=True)
@@ -99,16 +116,10 @@ def _prepare_environment(home: Path) -> None:
     # Persisted results are JSON, never pickles (a pickle in a shared home runs code on load);
     # cached stages also use tasks.results' restricted records. Not overridable on purpose.
     os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] = "json"
-    # Prefect derives its UI links ("View at ...", serve's banner) from the API URL: without
-    # this, a user:password in PREFECT_API_URL would be printed in every flow run's log.
     # MLflow prints "View run ... at: <tracking URI>" after every run against a server, user:password
     # included; the end-of-run summary prints the same link with credentials masked instead.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    api = os.environ.get("PREFECT_API_URL")
-    if api and not os.environ.get("PREFECT_UI_URL"):
-        from tasks.redact import redact_url
-
-        os.environ["PREFECT_UI_URL"] = redact_url(api).rstrip("/").removesuffix("/api")
+    _api_credentials_out_of_urls()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 

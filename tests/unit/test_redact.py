@@ -85,9 +85,17 @@ def test_prefect_ui_links_come_from_a_redacted_api_url(monkeypatch, tmp_path):
 
     for var in ("PREFECT_UI_URL", "PREFECT_RESULTS_DEFAULT_SERIALIZER", "PREFECT_LOGGING_LOG_PRINTS",
                 "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM", "GIT_PYTHON_REFRESH",
-                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "PREFECT_API_AUTH_STRING"):
         monkeypatch.delenv(var, raising=False)  # restored after the test: nothing leaks to others
     monkeypatch.setenv("PREFECT_API_URL", "https://alice:hunter2@prefect.example/api")
+    _prepare_environment(tmp_path)
+    # the same basic auth, sent by Prefect's client from its auth string instead of the URL
+    assert os.environ["PREFECT_API_URL"] == "https://prefect.example/api"
+    assert os.environ["PREFECT_API_AUTH_STRING"] == "alice:hunter2"
+    assert os.environ["PREFECT_UI_URL"] == "https://prefect.example"
+    # an auth string already set wins: the URL keeps its user info, the links are masked
+    monkeypatch.setenv("PREFECT_API_URL", "https://alice:hunter2@prefect.example/api")
+    monkeypatch.delenv("PREFECT_UI_URL")
     _prepare_environment(tmp_path)
     assert os.environ["PREFECT_UI_URL"] == "https://alice:***@prefect.example"
     assert os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] == "json"
