@@ -181,7 +181,10 @@ def read_prompts(path: str | Path) -> list:
     frame = readers[path.suffix](path)
     if "prompt" not in frame.columns or frame.empty:
         raise ValueError(f"{path}: needs a 'prompt' column with at least one row; found columns {list(frame.columns)}")
-    return [decode_prompt({"prompt": r["prompt"], "is_chat": bool(r.get("is_chat", False))})
+    def flag(value: Any) -> bool:  # CSV cells are text: "False" must not read as true
+        return value is True or str(value).strip().lower() in ("true", "1", "yes")
+
+    return [decode_prompt({"prompt": r["prompt"], "is_chat": flag(r.get("is_chat", False))})
             for r in frame.to_dict("records")]
 
 
@@ -323,11 +326,19 @@ def human_verdict(result: HumanResult, champion: str | None, gate, preferences) 
     return True, [f"Promoted by people (gate.judge: human): the lower bound {w.lower:.3f} clears {thr:.3f}.", *reasons]
 
 
+def _decided(tags: dict[str, str], result: HumanResult) -> bool:
+    """Whether this sheet's verdict on the version is already taken: it promoted, or it failed on
+    the same votes (new votes on a sheet ask again; a later round never undoes a promotion)."""
+    if tags.get(f"{TAG}gate_sheet") != result.sheet_id:
+        return False
+    return tags.get(f"{TAG}gate") == "passed" or tags.get(f"{TAG}gate_votes") == str(result.votes)
+
+
 def human_evaluation_step(cfg, validated_dir: str | Path, parent_run_id: str | None) -> dict[str, Any]:
     """Record every returned sheet (MLflow child run ``human-eval``, version tags) and, with
     ``gate.judge: human``, promote a version people preferred over the champion. Returns a
     summary for the round's table (empty when no sheet has come back). Idempotent: re-running
-    sets the same tags and promotes nothing twice."""
+    sets the same tags; a sheet's verdict is taken once per set of votes and never undone."""
     from tasks import tracking
     from tasks.data.handoff import read_validated_kind
 
@@ -342,12 +353,13 @@ def human_evaluation_step(cfg, validated_dir: str | Path, parent_run_id: str | N
     for result in results:
         tracking.set_version_tags(name, result.second_version, result.tags())
         summary[f"v{result.second_version} vs v{result.first_version}"] = round(result.win_rate.rate, 3)
-        if cfg.gate.judge == "human":
+        if cfg.gate.judge == "human" and not _decided(tracking.version_tags(name, result.second_version), result):
             passed, reasons = human_verdict(result, tracking.alias_version(name, tracking.CHAMPION), cfg.gate,
                                             cfg.preferences)
             tracking.set_version_tags(name, result.second_version,
                                       {f"{TAG}gate": "passed" if passed else "failed",
-                                       f"{TAG}gate_reasons": " | ".join(reasons)[:5000]})
+                                       f"{TAG}gate_reasons": " | ".join(reasons)[:5000],
+                                       f"{TAG}gate_sheet": result.sheet_id, f"{TAG}gate_votes": str(result.votes)})
             if passed:
                 tracking.promote(name, result.second_version, reason=reasons[0])
                 promoted.append(result.second_version)

@@ -146,3 +146,23 @@ def test_simulated_annotators_fill_a_sheet_that_comes_back_through_ingest(tmp_pa
     assert result.win_rate.rate == pytest.approx(expected) and result.win_rate.units == 30
     assert result.win_rate.lower > 0.6  # the careful annotators clearly prefer the positive answers
     assert result.votes == len(filled) and result.annotators >= 3 and not math.isnan(result.agreement)
+
+
+def test_a_sheet_verdict_is_taken_once_per_set_of_votes(tmp_path):
+    from tasks.evaluation.human import _decided, read_prompts
+
+    key = _key({"i1": "first"})
+    result = unblind(pd.DataFrame([("i1", "b", "x")], columns=["conversation_id", "choice", "annotator_id"]), key)
+    assert not _decided({}, result)
+    assert _decided({"alignflow.human.gate_sheet": "s1", "alignflow.human.gate": "passed",
+                     "alignflow.human.gate_votes": "99"}, result)  # a promotion is never undone
+    failed = {"alignflow.human.gate_sheet": "s1", "alignflow.human.gate": "failed", "alignflow.human.gate_votes": "1"}
+    assert _decided(failed, result)
+    assert not _decided({**failed, "alignflow.human.gate_votes": "0"}, result)  # new votes: ask again
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"prompt": ["plain", json.dumps([{"role": "user", "content": "hi"}])],
+                  "is_chat": ["False", "True"]}).to_csv(csv, index=False)
+    assert read_prompts(csv) == ["plain", [{"role": "user", "content": "hi"}]]
+    with pytest.raises(ValueError, match="'prompt' column"):
+        pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "bad.csv", index=False)
+        read_prompts(tmp_path / "bad.csv")
