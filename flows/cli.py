@@ -113,6 +113,9 @@ def _prepare_environment(home: Path) -> None:
         os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from the embedded server
+    # Prefect's 20 s for its temporary server to answer is too short on a busy 2-core machine
+    # (seen: "Timed out while attempting to connect to ephemeral Prefect API server").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # Persisted results are JSON, never pickles (a pickle in a shared home runs code on load);
     # cached stages also use tasks.results' restricted records. Not overridable on purpose.
     os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] = "json"

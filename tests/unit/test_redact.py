@@ -85,7 +85,8 @@ def test_prefect_ui_links_come_from_a_redacted_api_url(monkeypatch, tmp_path):
 
     for var in ("PREFECT_UI_URL", "PREFECT_RESULTS_DEFAULT_SERIALIZER", "PREFECT_LOGGING_LOG_PRINTS",
                 "PREFECT_SERVER_ANALYTICS_ENABLED", "TOKENIZERS_PARALLELISM", "GIT_PYTHON_REFRESH",
-                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "PREFECT_API_AUTH_STRING"):
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "PREFECT_API_AUTH_STRING",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
         monkeypatch.delenv(var, raising=False)  # restored after the test: nothing leaks to others
     monkeypatch.setenv("PREFECT_API_URL", "https://alice:hunter2@prefect.example/api")
     _prepare_environment(tmp_path)
