@@ -152,12 +152,14 @@ def outside(path: str | Path, folder: str | Path) -> bool:
     return not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
 
 
-def list_source_files(folder: str | Path, patterns: list[str], refused: list[Path] | None = None) -> list[Path]:
+def list_source_files(folder: str | Path, patterns: list[str], refused: list[Path] | None = None,
+                      warn: bool = True) -> list[Path]:
     """Files under ``folder`` matching any pattern, and saved-dataset folders, sorted by path.
 
     Hidden files and folders (name starting with '.') are skipped. A symlink that resolves
     outside ``folder`` is refused: not listed, never opened (not even hashed), logged as a
-    warning and appended to ``refused`` when given; links that stay inside are followed.
+    warning (unless ``warn`` is False) and appended to ``refused`` when given; links that stay
+    inside are followed.
     Folder links are not descended into (``rglob``).
     """
     folder = Path(folder)
@@ -180,7 +182,7 @@ def list_source_files(folder: str | Path, patterns: list[str], refused: list[Pat
                     not any(d in p.parents for d in datasets_dirs):
                 found.add(p)
     found.update(datasets_dirs)
-    for p in sorted(escaping):
+    for p in sorted(escaping) if warn else []:
         log.warning("refused %s: a symlink that resolves outside %s (not read)", p, folder)
     if refused is not None:
         refused.extend(sorted(escaping))
