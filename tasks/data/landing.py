@@ -390,7 +390,7 @@ def _report_refused_links(report: ValidationReport, sources: list[SourceSettings
     if not settings.landing_dir or not Path(settings.landing_dir).is_dir():
         return
     refused: list[Path] = []
-    list_source_files(settings.landing_dir, settings.landing_patterns, refused)
+    list_source_files(settings.landing_dir, settings.landing_patterns, refused, warn=False)  # warned when listed
     listed = {str(s.path) for s in sources}
     report.files += [FileReport(str(link), unreadable="symlink_outside_landing",
                                 notes=["refused: a symlink that resolves outside the landing folder (not read)"])
