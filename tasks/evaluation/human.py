@@ -18,7 +18,8 @@ landing folder, the next round ingests it (its votes also train, as pairwise fee
 second version over the first (ties half) with a Wilson interval whose units are items (the
 votes of several people on one item are averaged first), the number of votes and annotators,
 and their agreement (share of agreeing vote pairs on items labelled more than once). It logs
-them to a ``human-eval`` child run and tags the second version (``alignflow.human.*``).
+them to a ``human-eval`` child run and tags both versions (``alignflow.human.*`` on the second,
+``alignflow.human.compared_with`` on the first).
 
 The gate's judge (``gate.judge: human``): the round's own candidate has no human verdict yet, so
 the round registers it as ``challenger`` without promoting it; once a sheet comparing the
@@ -352,6 +353,10 @@ def human_evaluation_step(cfg, validated_dir: str | Path, parent_run_id: str | N
     promoted = []
     for result in results:
         tracking.set_version_tags(name, result.second_version, result.tags())
+        w = result.win_rate
+        tracking.set_version_tags(name, result.first_version, {
+            f"{TAG}compared_with": f"v{result.second_version}: its win rate {w.rate:.3f} (CI {w.lower:.3f}-{w.upper:.3f}, "
+                                   f"{w.units} items), sheet {result.sheet_id}"})
         summary[f"v{result.second_version} vs v{result.first_version}"] = round(result.win_rate.rate, 3)
         if cfg.gate.judge == "human" and not _decided(tracking.version_tags(name, result.second_version), result):
             passed, reasons = human_verdict(result, tracking.alias_version(name, tracking.CHAMPION), cfg.gate,

@@ -79,6 +79,7 @@ def test_sheet_out_people_in_win_rate_recorded_and_gate_promotes(prefect_harness
     assert tags["alignflow.human.vs_version"] == "1" and tags["alignflow.human.items"] == str(items)
     assert int(tags["alignflow.human.votes"]) == len(filled)
     assert float(tags["alignflow.human.ci_low"]) <= expected <= float(tags["alignflow.human.ci_high"])
+    assert client.get_model_version("tiny-policy", "1").tags["alignflow.human.compared_with"].startswith("v2: ")
     runs = child_runs(client, second["mlflow_run_id"])
     human = runs["human-eval"][0]
     assert human.data.metrics["human/win_rate"] == pytest.approx(expected, abs=1e-6)
