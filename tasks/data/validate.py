@@ -270,6 +270,8 @@ def _prepare(table: RawTable, opts: SourceSettings, settings: IngestSettings, fi
     kinds, notes = _assign_kinds(conv.frame, opts.kind, conv.kind, set(settings.kinds), pre)
     unused = [back.get(c, c) for c in map(str, raw.columns) if c not in conv.used and c not in conv.fields.values()
               and (conv.kind is not None or c not in KNOWN_COLUMNS)]
+    if table.unreadable:  # nothing was read: nothing to say about its columns
+        notes, unused = [], []
     report.notes = [*table.notes, *conv.notes, *notes] + (
         [f"columns not kept: {', '.join(sorted(unused))} (rename them to fields with `columns`, or they are "
          f"left out of the validated table)"] if unused else [])
