@@ -368,8 +368,7 @@ def read_and_validate(sources: list[SourceSettings], settings: IngestSettings,
         try:
             if settings.landing_dir and Path(src.path).is_relative_to(settings.landing_dir) and \
                     outside(src.path, settings.landing_dir):
-                raise UnreadableSource("symlink_outside_landing",
-                                       f"{src.path}: resolves outside the landing folder (not read)")
+                raise UnreadableSource("symlink_outside_landing", "a link that resolves outside the landing folder")
             table = read_source(src.path, src.format, split=src.split, config_name=src.config_name,
                                 revision=src.revision, digest=known, scan=scan)
         except FileNotFoundError:
