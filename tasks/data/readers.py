@@ -66,6 +66,8 @@ DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 MAX_DECOMPRESSED_BYTES = 1 << 31
 """Largest in-memory size (Arrow bytes) of one Parquet file's rows: a small file that expands
 past it (a compression or dictionary bomb) is refused as ``too_large_decompressed``."""
+MAX_JSON_ARRAY_BYTES = 1 << 30
+"""Largest ``.json`` array document (it is parsed whole); JSON lines have no such limit."""
 RAW_MAX_CHARS = 65536
 """Longest ``raw`` text kept for a row that could not be read (longer text is cut, marked)."""
 
@@ -235,6 +237,9 @@ def read_jsonl(path: str | Path, digest: str | None = None, scan: TextScan | Non
     with path.open("rb") as f:
         head = f.read(4096).lstrip()
     if path.suffix.lower() == ".json" and (head[:1] == b"[" or head[:4] == codecs.BOM_UTF8 + b"["):
+        if path.stat().st_size > MAX_JSON_ARRAY_BYTES:  # parsed whole, several copies in memory
+            raise UnreadableSource("file_too_large", f"{path.name}: a JSON array document over "
+                                   f"{MAX_JSON_ARRAY_BYTES} bytes (write JSON lines instead)")
         out = _read_json_array(path, _utf8(path.read_bytes()))
     elif not scan.blank_lines and not scan.bom and scan.lines and not scan.deep_lines and not scan.non_object_lines and \
             scan.longest_line <= MAX_LINE_BYTES and (table := _arrow_json(path, scan)) is not None:

@@ -372,3 +372,11 @@ def test_many_distinct_keys_over_many_lines_do_not_stall_the_json_reader(tmp_pat
     assert time.perf_counter() - start < 20
     assert result.report.rows_in == 20_000
     assert result.report.reasons == {"too_many_fields": 20_000 - (MAX_COLUMNS - 4)}
+
+
+def test_a_json_array_document_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(_rows(200)))
+    monkeypatch.setattr(readers, "MAX_JSON_ARRAY_BYTES", 1000)
+    result = _validate(path, quarantine_max_share=1.0)
+    assert _reasons(result) == {("big.json", 0): ["file_too_large"]}
