@@ -1,6 +1,7 @@
 """Reward–KL frontier on the demo task (the DPO paper's sentiment experiment, at demo scale).
 
-Sweeps β for DPO and the KL coefficient for PPO on one simulated feedback batch from the demo
+Sweeps β for DPO (and, with ``--kto-betas``, KTO on the unpaired set) and the KL coefficient
+for PPO on one simulated feedback batch from the demo
 base model, evaluates every policy on the held-out prompts (mean VADER sentiment = the oracle,
 KL to the base model at the sampling temperature) and prints a Markdown table; writes the plot
 ``frontier.png`` and ``frontier.json`` into the home folder.
@@ -40,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--betas", type=float, nargs="*", default=[0.03, 0.1, 0.3, 1.0])
     p.add_argument("--kl-coefs", type=float, nargs="*", default=[0.02, 0.05, 0.2])
     p.add_argument("--ppo-steps", type=int, default=30, help="PPO iterations per run")
+    p.add_argument("--kto-betas", type=float, nargs="*", default=[],
+                   help="KTO runs (unpaired: the build's unpaired-train set) at these betas")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     return p.parse_args()
 
@@ -79,6 +82,11 @@ def main() -> None:
         run = load_pipeline_config(args.config, [*base_overrides, f"dpo.beta={beta}", "pipeline.init_from=base"])
         model = train_stage(run, "dpo", dataset.files, dataset.digest, base, None)
         evaluate("DPO", "beta", beta, model.path)
+    for beta in args.kto_betas:
+        run = load_pipeline_config(args.config, [*base_overrides, "pipeline.method=kto", f"kto.beta={beta}",
+                                                 "pipeline.init_from=base"])
+        model = train_stage(run, "kto", dataset.files, dataset.digest, base, None)
+        evaluate("KTO", "beta", beta, model.path)
     for coef in args.kl_coefs:
         run = load_pipeline_config(args.config, [*base_overrides, f"ppo.kl.coef={coef}",
                                                  f"ppo.max_steps={args.ppo_steps}"])
@@ -89,6 +97,7 @@ def main() -> None:
         "DPO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "DPO"],
         "PPO (KL-coefficient sweep)": [(f"c={r['kl_coef']}", r["kl"], r["oracle"]) for r in rows
                                        if r["method"] == "PPO"],
+        "KTO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "KTO"],
         "base": [("base", 0.0, ref.oracle_mean)],
     }
     plot = plot_reward_vs_kl(series, home / "frontier.png", ylabel="mean VADER sentiment (oracle)",
