@@ -34,7 +34,8 @@ or a :class:`~alignment.recipes.pending.PendingStep` still on the device),
 ``eval_metrics()`` and the sizes ``sampler_batch_size()``, ``steps_per_epoch()`` and
 ``optimizer_steps_per_step()``. Extra state is data, not hooks: ``self.extra_modules`` (file
 name → module whose trainable weights a checkpoint also holds) and ``self.stateful`` (name →
-object with ``state_dict``/``load_state_dict``, saved in ``extra.pt``). ``on_prepared()`` runs
+object with ``state_dict``/``load_state_dict``, saved in the checkpoint's ``extra`` JSON +
+safetensors pair: tensors, numbers, strings, lists, tuples and dicts only). ``on_prepared()`` runs
 once the models are on the device, before a checkpoint is loaded (e.g. to precompute reference
 log-probs from the *initial* policy).
 """

@@ -6,12 +6,27 @@
 * the *trainable* weights of each module a recipe names (``model.safetensors``, or
   ``adapter_model.safetensors`` under LoRA, plus e.g. ``value.safetensors``; frozen weights come
   from ``model.name_or_path`` again), or under FSDP accelerate's sharded ``fsdp/`` state;
-* ``optimizer.pt``, ``scheduler.pt``, ``extra.pt`` (recipe state such as a KL controller);
-* ``rng.pt`` (python, numpy, torch, cuda; ``rng-<rank>.pt`` for each other process);
+* ``optimizer``, ``scheduler``, ``extra`` (recipe state such as a KL controller) and ``rng``
+  (python, numpy, torch, cuda; ``rng-<rank>`` for each other process), each as a *state pair*:
+  ``<name>.json`` plus, when the state holds tensors, ``<name>.safetensors``;
 * ``state.json`` (step, data position, tokens seen, training time, process count, recipe) and
   ``config.json`` (the run's whole config).
 
-Every ``.pt`` file holds tensors and plain values only and is read with ``weights_only=True``.
+No file is a pickle (except in FSDP's folder, see below; the design rule: persisted state is JSON, Parquet or safetensors). A state
+pair's JSON is the state's structure with each tensor replaced by ``{"__tensor__": key, "device":
+...}``, where ``key`` is its dotted path (``state.0.exp_avg``) in the safetensors file (which keeps
+its dtype); tuples, dicts with non-string keys (the optimizer's param ids) and non-finite floats
+carry tags too, so a restored state equals the saved one exactly (types included: fused AdamW's
+``step`` stays a float32 tensor and goes back to the run's device, a CPU tensor stays on the CPU).
+Anything else (an arbitrary object) is refused with TypeError at save time rather than pickled.
+
+Known gap: under FSDP the ``fsdp/`` folder is accelerate's ``save_state`` format, which still
+writes torch pickles (``*.bin``, ``random_states_*.pkl``); the state pairs beside it are JSON and
+safetensors as everywhere.
+
+Checkpoints of older versions (``optimizer.pt`` etc., torch pickles) are refused with
+:class:`ResumeConfigError` naming the folder, never unpickled: resuming across that change is
+rare, and starting over (``resume: false`` or a new ``output_dir``) is the way on.
 
 Atomicity: a checkpoint is written under ``step-NNNNNN.tmp`` and renamed when complete, so a
 crash never leaves a half checkpoint under a real name; a ``.tmp`` folder is never chosen to
@@ -26,6 +41,7 @@ difference) a checkpoint whose config differs from the run's, apart from
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -56,7 +72,84 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _rng_name(rank: int) -> str:
-    return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
+    return "rng" if rank == 0 else f"rng-{rank}"
+
+
+def _join(key: str, part: Any) -> str:
+    return f"{key}.{part}" if key else str(part)
+
+
+def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able form of ``obj``; its tensors go to ``tensors`` under their dotted path ``key``.
+    Raises TypeError on any other kind of object (it would need a pickle)."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, torch.Tensor):
+        if key in tensors:
+            raise ValueError(f"two tensors would share the key {key!r}")
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()  # own storage: safetensors refuses shared
+        return {"__tensor__": key, "device": obj.device.type}
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(v, _join(key, i), tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, _join(key, k), tensors) for k, v in obj.items()}
+        return {"__dict__": [[_encode(k, _join(key, f"key{i}"), tensors), _encode(v, _join(key, k), tensors)]
+                             for i, (k, v) in enumerate(obj.items())]}
+    raise TypeError(f"state {key or '<root>'} is a {type(obj).__name__}: only tensors, numbers, strings, "
+                    "None, lists, tuples and dicts can be saved (no pickles)")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor], device: torch.device, source: str) -> Any:
+    """Inverse of :func:`_encode`; a tensor saved off the CPU goes to ``device``."""
+    if isinstance(obj, list):
+        return [_decode(v, tensors, device, source) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        if obj["__tensor__"] not in tensors:
+            raise ValueError(f"{source}: tensor {obj['__tensor__']!r} is missing from the .safetensors file")
+        tensor = tensors[obj["__tensor__"]]
+        return tensor if obj["device"] == "cpu" else tensor.to(device)
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors, device, source) for v in obj["__tuple__"])
+    if "__dict__" in obj:
+        return {_decode(k, tensors, device, source): _decode(v, tensors, device, source) for k, v in obj["__dict__"]}
+    if "__float__" in obj:
+        return float(obj["__float__"])
+    return {k: _decode(v, tensors, device, source) for k, v in obj.items()}
+
+
+def _save_pair(folder: Path, name: str, state: Any) -> None:
+    """Write ``state`` as ``<name>.json`` (+ ``<name>.safetensors`` when it holds tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        encoded = _encode(state, "", tensors)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"checkpoint {name}.json: {err}") from None
+    if tensors:
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(encoded, allow_nan=False) + "\n")
+
+
+def _load_pair(folder: Path, name: str, device: torch.device) -> Any:
+    """Read what :func:`_save_pair` wrote; tensors saved off the CPU go to ``device``."""
+    tensor_file = folder / f"{name}.safetensors"
+    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
+    return _decode(json.loads((folder / f"{name}.json").read_text()), tensors, device, str(folder / name))
+
+
+def _refuse_pickles(path: Path) -> None:
+    """Raise ResumeConfigError if ``path`` is an old checkpoint with torch pickles (never loaded)."""
+    pickles = sorted(p.name for p in path.glob("*.pt"))
+    if pickles:
+        raise ResumeConfigError(
+            f"cannot resume from {path}: it holds {', '.join(pickles)}, torch pickles written by an older "
+            "alignflow, which are never loaded. Set resume: false (or a new output_dir) to start over."
+        )
 
 
 class Checkpointer:
@@ -102,14 +195,14 @@ class Checkpointer:
         elif acc.is_main_process:
             for fname, module in modules.items():
                 save_file(trainable_state(module), str(tmp / fname))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _save_pair(tmp, "optimizer", optimizer.state_dict())
         if acc.is_main_process:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(extra, tmp / "extra.pt")
+            _save_pair(tmp, "scheduler", scheduler.state_dict())
+            _save_pair(tmp, "extra", extra)
             # state.json before config.json: a torn folder is recognisable by a missing config.
             write_json(tmp / "state.json", {**state, "num_processes": acc.num_processes})
             write_json(tmp / "config.json", self.config.model_dump(mode="json"))
-        torch.save(rng_state(), tmp / _rng_name(acc.process_index))
+        _save_pair(tmp, _rng_name(acc.process_index), rng_state())
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
@@ -121,12 +214,14 @@ class Checkpointer:
     def load(self, path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
              scheduler: Any, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restore weights, optimizer, scheduler and this process's RNG from ``path``; returns
-        ``(state, extra)`` (state.json and extra.pt) for the caller to restore the rest.
+        ``(state, extra)`` (state.json and extra) for the caller to restore the rest.
 
-        Raises ResumeConfigError if the checkpoint's config differs (see RESUME_IGNORED_FIELDS)
-        or it was written by a different number of processes.
+        Raises ResumeConfigError if the checkpoint holds torch pickles (an older version's
+        ``.pt`` files, never loaded), its config differs (see RESUME_IGNORED_FIELDS) or it was
+        written by a different number of processes.
         """
         acc = self.accelerator
+        _refuse_pickles(path)
         self.check_config(path)
         state = json.loads((path / "state.json").read_text())
         if state["num_processes"] != acc.num_processes:
@@ -138,10 +233,10 @@ class Checkpointer:
         else:
             for fname, module in modules.items():
                 load_trainable_state(module, load_file(str(path / fname)), str(path / fname))
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        extra = torch.load(path / "extra.pt", weights_only=True)
-        set_rng_state(torch.load(path / _rng_name(acc.process_index), weights_only=True))
+            optimizer.load_state_dict(_load_pair(path, "optimizer", device))
+        scheduler.load_state_dict(_load_pair(path, "scheduler", device))
+        extra = _load_pair(path, "extra", device)
+        set_rng_state(_load_pair(path, _rng_name(acc.process_index), torch.device("cpu")))
         return state, extra
 
     def check_config(self, path: Path) -> None:

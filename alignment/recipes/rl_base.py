@@ -23,7 +23,7 @@ Conventions
 * The reference is a frozen copy of the initial policy, or the policy with its LoRA adapter
   disabled (no second copy).
 * Resume: rollout sampling and minibatch order are seeded from ``(seed, step, rank)`` and the
-  KL coefficient is checkpointed (``extra.pt``), so a resumed run equals an uninterrupted one.
+  KL coefficient is checkpointed (``extra.json``), so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations

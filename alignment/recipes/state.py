@@ -37,11 +37,12 @@ def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], sour
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU and (if present) all CUDA generator states, loadable with weights_only."""
+    """Python, numpy, torch CPU and (if present) all CUDA generator states: plain values (numpy's
+    key as a list of ints) and uint8 CPU tensors, so a checkpoint stores them without a pickle."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -53,7 +54,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`rng_state`."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -45,4 +45,5 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     for name in one:
         torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-5)  # Adam steps are 1e-3
     ckpt = tmp_path / "ddp" / "checkpoints" / "step-000004"
-    assert (ckpt / "rng.pt").exists() and (ckpt / "rng-1.pt").exists()
+    assert (ckpt / "rng.json").exists() and (ckpt / "rng-1.json").exists() and (ckpt / "rng-1.safetensors").exists()
+    assert not list(ckpt.glob("*.pt"))

@@ -49,7 +49,8 @@ def test_cli_trains_writes_run_folder_and_refuses_changed_config(tmp_path):
     assert {"loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "time"} <= set(records[0])
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (run / "final").iterdir()}
     ckpt = run / "checkpoints" / "step-000003"
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json", "config.json"} <= {
+    assert {"model.safetensors", "optimizer.json", "optimizer.safetensors", "scheduler.json", "rng.json",
+            "rng.safetensors", "state.json", "config.json"} <= {
         p.name for p in ckpt.iterdir()}
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == 3 and summary["tokens_per_s"] > 0

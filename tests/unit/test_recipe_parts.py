@@ -66,8 +66,95 @@ def test_checkpoints_keep_the_newest_complete_ones_and_restore_everything(tmp_pa
     state, extra = ckpt.load(ckpt.latest(), {"model.safetensors": fresh}, fresh_opt, fresh_sched, torch.device("cpu"))
     assert state["step"] == 3 and extra == {"kl": {"value": 3}}
     assert all(torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
-    assert fresh_sched.get_last_lr() == lr and fresh_opt.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    assert fresh_sched.get_last_lr() == lr and fresh_sched.state_dict() == scheduler.state_dict()
+    _assert_same_optimizer_state(fresh_opt.state_dict(), optimizer.state_dict())
     assert torch.equal(torch.rand(3), draw)
+
+
+def _assert_same_optimizer_state(got: dict, want: dict) -> None:
+    assert got["param_groups"] == want["param_groups"]  # betas stay a tuple, lr etc. exact
+    assert got["state"].keys() == want["state"].keys()
+    for pid, entry in want["state"].items():
+        assert got["state"][pid].keys() == entry.keys()
+        for name, value in entry.items():
+            restored = got["state"][pid][name]
+            assert type(restored) is type(value), name
+            if isinstance(value, torch.Tensor):
+                assert restored.dtype == value.dtype and restored.device == value.device, name
+                assert torch.equal(restored, value), name
+            else:
+                assert restored == value, name
+
+
+def _is_pickle(path) -> bool:
+    """A raw pickle starts with the PROTO opcode; torch.save's zip holds a data.pkl."""
+    import zipfile
+
+    if path.read_bytes()[:1] == b"\x80":
+        return True
+    return zipfile.is_zipfile(path) and any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist())
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_checkpoint_is_json_and_safetensors_only_and_round_trips_exactly(tmp_path, accelerator, fused):
+    import random
+
+    import numpy as np
+
+    config = TrainSettings(output_dir=str(tmp_path), optim={"lr": 0.1, "warmup_steps": 2, "fused": fused})
+    model, optimizer, scheduler = _parts(config)
+    assert bool(optimizer.defaults.get("fused")) == fused
+    for _ in range(3):
+        _train_once(model, optimizer, scheduler)
+    # recipe state may hold tensors, tuples, non-string keys and non-finite floats
+    extra = {"kl": {"value": 0.1 + 0.2}, "odd": {3: (float("nan"), float("-inf"), None, True, "s")},
+             "t": {"mean": torch.arange(3, dtype=torch.bfloat16)}}
+    random.seed(5), np.random.seed(5)
+    path = Checkpointer(tmp_path, accelerator, config).save(3, {"model.safetensors": model}, optimizer, scheduler,
+                                                           extra, {"step": 3})
+    draws = (random.random(), np.random.rand(), torch.rand(2))
+    assert {p.name for p in path.iterdir()} == {
+        "model.safetensors", "optimizer.json", "optimizer.safetensors", "scheduler.json", "extra.json",
+        "extra.safetensors", "rng.json", "rng.safetensors", "state.json", "config.json"}
+    assert not [p.name for p in path.iterdir() if _is_pickle(p)]
+    assert all(json.loads((path / n).read_text()) is not None for n in ("optimizer.json", "rng.json"))
+
+    fresh, fresh_opt, fresh_sched = _parts(config, seed=1)
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    _, got_extra = Checkpointer(tmp_path, accelerator, config).load(
+        path, {"model.safetensors": fresh}, fresh_opt, fresh_sched, torch.device("cpu"))
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(2), draws[2])
+    _assert_same_optimizer_state(fresh_opt.state_dict(), optimizer.state_dict())
+    assert fresh_sched.state_dict() == scheduler.state_dict()
+    assert got_extra["kl"] == {"value": 0.1 + 0.2} and list(got_extra["odd"]) == [3]
+    nan, ninf, *rest = got_extra["odd"][3]
+    assert nan != nan and ninf == float("-inf") and rest == [None, True, "s"]
+    assert torch.equal(got_extra["t"]["mean"], extra["t"]["mean"]) and got_extra["t"]["mean"].dtype == torch.bfloat16
+    for _ in range(2):  # the restored copy goes on exactly like the original
+        for parts in ((model, optimizer, scheduler), (fresh, fresh_opt, fresh_sched)):
+            torch.manual_seed(1)
+            _train_once(*parts)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+
+
+def test_checkpoint_refuses_objects_it_would_have_to_pickle(tmp_path, accelerator):
+    config = TrainSettings(output_dir=str(tmp_path))
+    model, optimizer, scheduler = _parts(config)
+    with pytest.raises(TypeError, match=r"extra\.json: state ctl is a object"):
+        Checkpointer(tmp_path, accelerator, config).save(1, {"m.safetensors": model}, optimizer, scheduler,
+                                                         {"ctl": object()}, {"step": 1})
+
+
+def test_an_old_checkpoint_with_torch_pickles_is_refused_naming_the_folder(tmp_path, accelerator):
+    config = TrainSettings(output_dir=str(tmp_path))
+    model, optimizer, scheduler = _parts(config)
+    ckpt = Checkpointer(tmp_path, accelerator, config)
+    path = ckpt.save(1, {"m.safetensors": model}, optimizer, scheduler, {}, {"step": 1})
+    planted = path / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": []}, planted)  # what older versions wrote
+    assert _is_pickle(planted)
+    with pytest.raises(ResumeConfigError, match=rf"cannot resume from {path}: it holds optimizer\.pt, torch pickles"):
+        ckpt.load(ckpt.latest(), {"m.safetensors": model}, optimizer, scheduler, torch.device("cpu"))
 
 
 def test_resume_refuses_a_changed_config_listing_each_difference(tmp_path, accelerator):
