@@ -127,3 +127,21 @@ def test_without_the_kl_estimate_the_reference_point_is_zero(data, tmp_path):
         assert recipe.train()
     finally:
         recipe.cleanup()
+
+
+def test_packed_batches_give_the_padded_losses(data, tmp_path):
+    runs = {}
+    for packing in (False, True):
+        recipe = KTORecipe(config(data, tmp_path / str(packing), packing=packing, max_steps=2, reference="copy"))
+        try:
+            recipe.setup()
+            assert recipe.packing is packing
+            before = recipe.evaluate()
+            assert recipe.train()
+            runs[packing] = (before, recipe.last_eval)
+        finally:
+            recipe.cleanup()
+    for key in ("eval/logps/chosen", "eval/logps/rejected", "eval/loss"):  # the same numbers before training
+        assert runs[True][0][key] == pytest.approx(runs[False][0][key], abs=1e-4), key
+    # and the same run (two Adam steps amplify summation-order noise a little)
+    assert runs[True][1]["eval/loss"] == pytest.approx(runs[False][1]["eval/loss"], abs=2e-3)
