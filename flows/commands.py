@@ -145,6 +145,7 @@ def cmd_build_dataset(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
     return build_dataset(list(args.sources), args.out, cfg.data, cfg.preferences, kind=args.kind)
 
+
 def cmd_eval_export(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """``alignflow eval-export``: a blinded side-by-side sheet of two policy versions for people."""
     from mlflow.exceptions import MlflowException
