@@ -16,6 +16,7 @@ from flows.pipeline import alignment_pipeline
 from tasks import tracking
 from tasks.config import load_pipeline_config
 from tasks.evaluation.plots import plot_closed_loop
+from tasks.lock import home_lock
 from tasks.stages.data import ingest_settings
 from tasks.stages.demo import demo_base_model_task, simulate_feedback_task
 from tasks.stages.models import champion_record
@@ -49,10 +50,11 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
     rows: list[dict[str, Any]] = []
     baseline = None
     for _ in range(rounds):
-        index = next_round_index(landing)
-        policy = champion_record(cfg) or base
-        sim = simulate_feedback_task(cfg, policy, base, round_index=index)
-        summary = alignment_pipeline(config=config, overrides=overrides)
+        with home_lock(cfg.home, cfg.pipeline.lock_wait_s):  # one writer: no other run simulates or ingests
+            index = next_round_index(landing)
+            policy = champion_record(cfg) or base
+            sim = simulate_feedback_task(cfg, policy, base, round_index=index)
+            summary = alignment_pipeline(config=config, overrides=overrides)
         evaluation = summary.get("evaluation") or {}
         baseline = evaluation.get("oracle base", baseline)
         version, oracle, kl = champion_oracle(cfg)

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,11 @@ HOLDER_NAME = ".alignflow.lock.json"
 
 class HomeBusy(RuntimeError):
     """Another process holds the home's lock."""
+
+
+_HELD: dict[str, list[int]] = {}
+"""Homes this process holds: resolved path -> [thread id, depth] (re-entry by the holding thread)."""
+_HELD_GUARD = threading.Lock()
 
 
 def holder(home: str | Path) -> dict:
@@ -51,11 +57,24 @@ def home_lock(home: str | Path, wait_s: float = 0.0, purpose: str = "run") -> It
     """Hold the home's lock for the body. Yields the lock file.
 
     Raises HomeBusy after ``wait_s`` seconds when another process (or another thread of this
-    one) holds it. Not re-entrant: take it once per round.
+    one) holds it. Re-entrant in the holding thread: the closed-loop demo holds it around a
+    round whose pipeline flow takes it again.
     """
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     path = home / LOCK_NAME
+    key, me = str(home.resolve()), threading.get_ident()
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[0] == me:
+            held[1] += 1
+    if held is not None and held[0] == me:
+        try:
+            yield path
+        finally:
+            with _HELD_GUARD:
+                held[1] -= 1
+        return
     lock = FileLock(path, timeout=wait_s, thread_local=False, is_singleton=False)
     try:
         lock.acquire()
@@ -71,6 +90,10 @@ def home_lock(home: str | Path, wait_s: float = 0.0, purpose: str = "run") -> It
                                    "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                    "command": " ".join(sys.argv)[:300]}))
         os.replace(tmp, home / HOLDER_NAME)
+        with _HELD_GUARD:
+            _HELD[key] = [me, 1]
         yield path
     finally:
+        with _HELD_GUARD:
+            _HELD.pop(key, None)
         lock.release()

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -54,11 +55,25 @@ def test_a_second_run_waits_for_the_first_and_a_killed_holder_frees_the_home(tmp
         pass
 
 
-def test_threads_of_one_process_are_serialised_too(tmp_path):
-    with home_lock(tmp_path):
-        with pytest.raises(HomeBusy):
+def test_other_threads_of_one_process_are_serialised_and_the_holder_may_re_enter(tmp_path):
+    errors = []
+
+    def other_thread():
+        try:
             with home_lock(tmp_path, wait_s=0.1):
-                pass
+                errors.append("entered")
+        except HomeBusy as err:
+            errors.append(err)
+
+    with home_lock(tmp_path):
+        with home_lock(tmp_path):  # the closed-loop demo: a round inside the demo's hold
+            pass
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert len(errors) == 1 and isinstance(errors[0], HomeBusy)
+    with home_lock(tmp_path, wait_s=0):  # released when the outer hold ends
+        pass
 
 
 def test_unique_suffixes_differ_within_a_process():
