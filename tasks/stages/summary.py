@@ -17,6 +17,7 @@ from rich.table import Table
 from tasks.progress import run_logger
 from tasks.records import StageTiming
 from tasks.redact import redact_url
+from tasks.serving import serve_command
 from tasks.stages.register import RegistryRecord, version_label
 
 
@@ -100,7 +101,7 @@ def run_link(summary: PipelineSummary) -> str | None:
 
 
 def ui_hints(summary: PipelineSummary) -> list[str]:
-    """How to look at this run in the MLflow UI and the Prefect UI."""
+    """How to look at this run in the MLflow UI and the Prefect UI, and serve the champion."""
     mlflow_url = redact_url(summary.tracking_uri)  # shown and saved: no credentials
     if mlflow_url.startswith("http"):
         mlflow_cmd = f"open {mlflow_url.rstrip('/')}"
@@ -117,8 +118,11 @@ def ui_hints(summary: PipelineSummary) -> list[str]:
         prefect_home = os.environ.get("PREFECT_HOME", f"{summary.home}/prefect")
         prefect_cmd = f"PREFECT_HOME={prefect_home} prefect server start"
         prefect_url = f"http://127.0.0.1:4200/runs/flow-run/{summary.flow_run_id}"
-    return [f"MLflow UI:  {mlflow_cmd}   then {run_url}",
-            f"Prefect UI: {prefect_cmd}   then {prefect_url}"]
+    hints = [f"MLflow UI:  {mlflow_cmd}   then {run_url}",
+             f"Prefect UI: {prefect_cmd}   then {prefect_url}"]
+    if summary.registry is not None and summary.registry.champion_version:
+        hints.append(f"Serve it:   {serve_command(summary.tracking_uri, summary.registry.policy_model)}")
+    return hints
 
 
 def report_console() -> Console:

@@ -100,3 +100,17 @@ def test_time_tags_are_iso_8601_and_old_epoch_tags_still_order():
     assert tag_time(now) == pytest.approx(parsed.timestamp())
     assert tag_time("1700000000.5") == 1700000000.5  # what versions before ISO tags hold
     assert sorted(["2026-01-02T00:00:00+00:00", "1700000000.0"], key=tag_time)[0] == "1700000000.0"
+
+
+def test_end_of_run_hints_give_the_serve_command_once_there_is_a_champion():
+    from tasks.stages.register import RegistryRecord
+    from tasks.stages.summary import PipelineSummary, ui_hints
+
+    summary = PipelineSummary(pipeline="demo", home="/h", mlflow_run_id="r", experiment_id="1",
+                              tracking_uri="sqlite:////h/mlflow.db")
+    assert not any(h.startswith("Serve it") for h in ui_hints(summary))
+    summary.registry = RegistryRecord(policy_model="demo-policy", policy_version="2", promoted=True,
+                                      champion_version="2", previous_champion="1")
+    (serve,) = [h for h in ui_hints(summary) if h.startswith("Serve it")]
+    assert "models:/demo-policy@champion" in serve and "MLFLOW_TRACKING_URI=sqlite:////h/mlflow.db" in serve
+    assert "--env-manager local" in serve
