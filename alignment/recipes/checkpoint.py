@@ -111,7 +111,7 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], device: torch.device, so
         return obj
     if "__tensor__" in obj:
         if obj["__tensor__"] not in tensors:
-            raise ValueError(f"{source}: tensor {obj['__tensor__']!r} is missing from the .safetensors file")
+            raise ValueError(f"{source}: tensor {obj['__tensor__']!r} is missing from its .safetensors file")
         tensor = tensors[obj["__tensor__"]]
         return tensor if obj["device"] == "cpu" else tensor.to(device)
     if "__tuple__" in obj:
@@ -136,10 +136,15 @@ def _save_pair(folder: Path, name: str, state: Any) -> None:
 
 
 def _load_pair(folder: Path, name: str, device: torch.device) -> Any:
-    """Read what :func:`_save_pair` wrote; tensors saved off the CPU go to ``device``."""
-    tensor_file = folder / f"{name}.safetensors"
+    """Read what :func:`_save_pair` wrote; tensors saved off the CPU go to ``device``. Raises
+    ValueError naming the file when its JSON is unreadable or names a tensor the pair lacks."""
+    tensor_file, json_file = folder / f"{name}.safetensors", folder / f"{name}.json"
     tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
-    return _decode(json.loads((folder / f"{name}.json").read_text()), tensors, device, str(folder / name))
+    try:
+        encoded = json.loads(json_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{json_file}: not valid JSON ({err})") from None
+    return _decode(encoded, tensors, device, str(json_file))
 
 
 def _refuse_pickles(path: Path) -> None:

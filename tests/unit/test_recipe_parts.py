@@ -157,6 +157,20 @@ def test_an_old_checkpoint_with_torch_pickles_is_refused_naming_the_folder(tmp_p
         ckpt.load(ckpt.latest(), {"m.safetensors": model}, optimizer, scheduler, torch.device("cpu"))
 
 
+def test_a_damaged_checkpoint_state_pair_is_named(tmp_path, accelerator):
+    config = TrainSettings(output_dir=str(tmp_path))
+    model, optimizer, scheduler = _parts(config)
+    _train_once(model, optimizer, scheduler)
+    ckpt = Checkpointer(tmp_path, accelerator, config)
+    path = ckpt.save(1, {"m.safetensors": model}, optimizer, scheduler, {}, {"step": 1})
+    (path / "scheduler.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"scheduler\.json: not valid JSON"):
+        ckpt.load(path, {"m.safetensors": model}, optimizer, scheduler, torch.device("cpu"))
+    (path / "optimizer.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"optimizer\.json: tensor 'state\.0\.(step|exp_avg)' is missing"):
+        ckpt.load(path, {"m.safetensors": model}, optimizer, scheduler, torch.device("cpu"))
+
+
 def test_resume_refuses_a_changed_config_listing_each_difference(tmp_path, accelerator):
     config = TrainSettings(output_dir=str(tmp_path), max_steps=5, optim={"lr": 0.1})
     model, optimizer, scheduler = _parts(config)
