@@ -54,6 +54,7 @@ from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import nn
 
@@ -164,6 +165,10 @@ class Recipe(ABC):
         if cfg.max_prompt_length >= cfg.max_length:
             raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be below max_length ({cfg.max_length})")
         if self.accelerator is None:
+            # accelerate keeps one process-wide precision and refuses a second one; a library user
+            # may run recipes of different precisions one after another in one process. The
+            # process group (PartialState) is kept.
+            AcceleratorState._reset_state(reset_partial_state=False)
             # cpu=True on GPU-less hosts makes torchrun/accelerate launch use DDP over gloo.
             self.accelerator = Accelerator(mixed_precision=_PRECISION[cfg.precision], cpu=not torch.cuda.is_available())
         acc = self.accelerator
