@@ -111,7 +111,14 @@ def run_ours(family: str, folder: Path, data: Path, args, *, pairs: int, seq: in
                       lora=family == "dpo_lora", compile=gpu, packing=True, extra=extra)
     stamps: list[tuple[float, float]] = []
     ref_calls: list[float] = []
-    run.callbacks.append(lambda rec: rec["phase"] == "train" and stamps.append((time.perf_counter(), run.tokens_seen)))
+    graphs: list[int] = []
+
+    def stamp(rec):
+        if rec["phase"] == "train":
+            stamps.append((time.perf_counter(), run.tokens_seen))
+            graphs.append(compiled_graphs())
+
+    run.callbacks.append(stamp)
     if hasattr(run, "_reference_logps"):
         inner = run._reference_logps
 
@@ -135,11 +142,20 @@ def run_ours(family: str, folder: Path, data: Path, args, *, pairs: int, seq: in
         run.cleanup()
     tps, step_s, steps = rate(stamps, args.warmup)
     out = {"tokens_per_s": tps, "step_s": step_s, "timed_steps": steps, "setup_s": setup_s,
-           "peak_gib": peak_gib(device), "tokens_per_step": (stamps[-1][1] - stamps[args.warmup - 1][1]) / steps}
+           "peak_gib": peak_gib(device), "tokens_per_step": (stamps[-1][1] - stamps[args.warmup - 1][1]) / steps,
+           "step_times_s": [round(b[0] - a[0], 4) for a, b in zip(stamps, stamps[1:], strict=False)],
+           "graphs_compiled_in_timed_steps": graphs[-1] - graphs[args.warmup - 1], "ref_call_s": ref_calls}
     if ref_calls and family != "rm":
         per_call = [sum(lengths[i:i + pairs]) for i in range(0, len(lengths), pairs)][:len(ref_calls)]
         out.update(reference_rate(per_call, ref_calls, args.warmup))
     return out
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built so far in this process (a recompile in a timed window shows here)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def reference_rate(tokens: list[int], seconds: list[float], skip: int) -> dict:
