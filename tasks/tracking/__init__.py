@@ -28,15 +28,16 @@ TrackingError = MlflowException
 """What a failed store or registry call raises (callers outside this package catch this name)."""
 
 _URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-_ENV_SET_BY_US: dict[str, str] = {}
-"""Values :func:`configure` put in ``os.environ`` (``mlflow.set_tracking_uri`` exports the
-URI so subprocesses inherit it). They are not the user's choice and must not make a later
-pipeline with another home write into this one's embedded store."""
+_ENV_SET_BY_US: dict[str, set[str]] = {}
+"""Every value :func:`configure` put in ``os.environ`` in this process (``mlflow.set_tracking_uri``
+exports the URI so subprocesses inherit it). None is the user's choice, so none may make a later
+pipeline with another home write into an earlier one's embedded store, even after something
+(a test's monkeypatch, a caller's own save/restore) puts an older one of them back."""
 
 
 def _user_env(name: str) -> str | None:
     value = os.environ.get(name)
-    return None if value is None or value == _ENV_SET_BY_US.get(name) else value
+    return None if value is None or value in _ENV_SET_BY_US.get(name, set()) else value
 
 
 def tracking_uri(home: Path) -> str:
@@ -90,7 +91,7 @@ def configure(home: Path, experiment: str) -> str:
     mlflow.set_registry_uri(registry)
     for name in _URI_VARS:
         if user[name] is None and name in os.environ:
-            _ENV_SET_BY_US[name] = os.environ[name]
+            _ENV_SET_BY_US.setdefault(name, set()).add(os.environ[name])
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:

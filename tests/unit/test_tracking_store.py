@@ -4,6 +4,7 @@ MLflow (``mlflow.set_tracking_uri`` exports the URI to the environment)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from tasks import tracking
 @pytest.fixture
 def no_uri_env(monkeypatch):
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "-")  # records the value before the test, put back after it
+        monkeypatch.delenv(name)
     monkeypatch.setattr(tracking, "_ENV_SET_BY_US", {})
 
 
@@ -30,6 +32,15 @@ def test_second_home_gets_its_own_store_after_the_first_configured_mlflow(tmp_pa
 
     assert _db(mlflow.get_tracking_uri()) == (tmp_path / "b" / "mlflow.db").resolve()
     assert (tmp_path / "b" / "mlflow.db").exists()
+
+
+def test_an_earlier_home_put_back_in_the_environment_is_not_taken_for_the_users(tmp_path, no_uri_env):
+    # a test's monkeypatch (or a caller's save/restore) can put back a URI an earlier configure exported
+    tracking.configure(tmp_path / "a", "exp")
+    earlier = os.environ["MLFLOW_TRACKING_URI"]
+    tracking.configure(tmp_path / "b", "exp")
+    os.environ["MLFLOW_TRACKING_URI"] = earlier
+    assert _db(tracking.tracking_uri(tmp_path / "c")) == (tmp_path / "c" / "mlflow.db").resolve()
 
 
 def test_users_tracking_uri_wins(tmp_path, no_uri_env, monkeypatch):
