@@ -148,15 +148,13 @@ def cmd_build_dataset(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def cmd_eval_export(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """``alignflow eval-export``: a blinded side-by-side sheet of two policy versions for people."""
-    from mlflow.exceptions import MlflowException
-
     from tasks.evaluation.human import export_sheet, read_prompts
 
     tracking.configure(cfg.home, cfg.pipeline.name)
     try:
         prompts = read_prompts(args.prompts) if args.prompts else None
         result = export_sheet(cfg, args.first, args.second, prompts, args.num_prompts, args.out)
-    except (LookupError, ValueError, FileNotFoundError, MlflowException) as err:
+    except (LookupError, ValueError, FileNotFoundError, tracking.TrackingError) as err:
         console.print(f"eval-export: {err}", style="red", markup=False, highlight=False)
         return 2
     left = ", ".join(f"{n} {why}" for why, n in result.left_out.items() if n)
