@@ -18,10 +18,6 @@ from tasks.evaluation.metrics import Judge, WinRate
 Role = Literal["candidate", "champion", "reference"]
 
 
-WinRateResult = WinRate
-"""A report's win rate: :class:`tasks.evaluation.metrics.WinRate` with ``judge`` and ``opponent`` set."""
-
-
 class AccuracyResult(BaseModel):
     """Held-out preference accuracy of a scorer: share of pairs ranked chosen > rejected."""
 

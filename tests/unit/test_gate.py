@@ -7,7 +7,8 @@ import math
 import pytest
 
 from tasks.evaluation.gate import GateDecision, decide
-from tasks.evaluation.report import AccuracyResult, EvalReport, ModelEval, WinRateResult
+from tasks.evaluation.metrics import WinRate
+from tasks.evaluation.report import AccuracyResult, EvalReport, ModelEval
 from tasks.evaluation.settings import GateSettings
 
 RULES = {"win_rate", "kl_budget", "malformed_share", "malformed_increase", "distinct2_collapse", "repetition",
@@ -21,8 +22,8 @@ def model(role: str, **kw) -> ModelEval:
     return ModelEval(**{**base, **kw})
 
 
-def win(judge: str, opponent: str, rate: float, lower: float) -> WinRateResult:
-    return WinRateResult(judge=judge, opponent=opponent, rate=rate, lower=lower, upper=min(1.0, 2 * rate - lower),
+def win(judge: str, opponent: str, rate: float, lower: float) -> WinRate:
+    return WinRate(judge=judge, opponent=opponent, rate=rate, lower=lower, upper=min(1.0, 2 * rate - lower),
                          wins=60, ties=5, losses=35, units=100, confidence=0.95)
 
 
