@@ -34,15 +34,14 @@ from alignment.config import ConfigError, DPOConfig
 from alignment.losses import dpo_loss, simpo_loss
 from alignment.models import (
     CausalLMLogps,
-    adapter_disabled,
     load_causal_lm,
     load_reference,
     load_tokenizer,
     model_fingerprint,
 )
+from alignment.recipes.reference import cached_or_computed, ref_cache_folder, reference_logps
 from alignment.recipes.supervised import StepOutput, SupervisedRecipe
 from alignment.refcache import (
-    RefLogpsCache,
     attach,
     cache_key,
     compute_reference_logps,
@@ -112,24 +111,17 @@ class DPORecipe(SupervisedRecipe):
     # ------------------------------------------------------------------ reference
     def _precompute(self, split: str, data: ExampleSet) -> None:
         """Fill ``ref_chosen``/``ref_rejected`` of every example from the cache or one no-grad pass."""
-        cfg, acc = self.config, self.accelerator
-        ref_settings = cfg.reference_model or cfg.model
-        folder = cfg.ref_cache_dir or (str(self.output_dir / "ref_cache") if self.output_dir else None)
+        cfg = self.config
+        folder = ref_cache_folder(cfg.ref_cache_dir, self.output_dir)
         key = cache_key(
-            model_fingerprint(ref_settings, memo_dir=folder) + cfg.precision,
+            model_fingerprint(cfg.reference_model or cfg.model, memo_dir=folder) + cfg.precision,
             rows_digest(self._rows[split]),
             tokenization_digest(data.examples),
         )
-        indices = [e["index"] for e in data.examples]
-        cache = RefLogpsCache(folder) if folder else None
-        with acc.main_process_first():  # the main process computes and writes; the others then read
-            found = cache.load(key, indices) if cache else None
-            if found is None:
-                found = self._compute_reference(data)
-                if cache and acc.is_main_process:
-                    cache.save(key, indices, *found)
-            else:
-                self.reference_cache_hits.append(split)
+        found, hit = cached_or_computed(self.accelerator, folder, key, [e["index"] for e in data.examples],
+                                        lambda: self._compute_reference(data))
+        if hit:
+            self.reference_cache_hits.append(split)
         attach(data.examples, *found)
 
     def _compute_reference(self, data: ExampleSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,20 +137,9 @@ class DPORecipe(SupervisedRecipe):
         self.reference_forwards += forwards
         return chosen, rejected
 
-    @torch.no_grad()
     def _reference_logps(self, batch: dict, module: CausalLMLogps | None = None) -> torch.Tensor:
         """Per-sequence reference log-probs ``[2B]`` (no grad, no dropout)."""
-        with self.accelerator.autocast():
-            if module is not None:
-                return module(batch)["seq_logps"]
-            policy = self.accelerator.unwrap_model(self.train_module)
-            was_training = policy.training
-            policy.eval()
-            try:
-                with adapter_disabled(self.model):
-                    return policy(batch)["seq_logps"]
-            finally:
-                policy.train(was_training)
+        return reference_logps(self.accelerator, self.train_module, self.model, [batch], module)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: dict) -> StepOutput:

@@ -47,15 +47,14 @@ from alignment.config import ConfigError, KTOConfig
 from alignment.losses import kto_loss
 from alignment.models import (
     CausalLMLogps,
-    adapter_disabled,
     load_causal_lm,
     load_reference,
     load_tokenizer,
     model_fingerprint,
 )
+from alignment.recipes.reference import cached_or_computed, ref_cache_folder, reference_logps
 from alignment.recipes.supervised import StepOutput, SupervisedRecipe
 from alignment.refcache import (
-    RefLogpsCache,
     cache_key,
     compute_reference_logps,
     rows_digest,
@@ -213,52 +212,38 @@ class KTORecipe(SupervisedRecipe):
     # ------------------------------------------------------------------ reference
     def _precompute(self, split: str, data: ExampleSet) -> None:
         """Fill ``ref_logps``/``ref_kl_logps`` of every example from the cache or one no-grad pass."""
-        cfg, acc = self.config, self.accelerator
-        folder = cfg.ref_cache_dir or (str(self.output_dir / "ref_cache") if self.output_dir else None)
+        cfg = self.config
+        folder = ref_cache_folder(cfg.ref_cache_dir, self.output_dir)
         as_pairs = [{"index": e["index"], "prompt": e["prompt"], "chosen": e["completion"],
                      "rejected": e["kl_completion"]} for e in data.examples]
         key = cache_key(model_fingerprint(cfg.reference_model or cfg.model, memo_dir=folder) + cfg.precision,
                         rows_digest(self._rows[split], ("prompt", "is_chat", "completion")),
                         "kto" + tokenization_digest(as_pairs))
-        indices = [e["index"] for e in data.examples]
-        cache = RefLogpsCache(folder) if folder else None
-        collate = partial(collate_unpaired, kl=True, **self._layout)
-        with acc.main_process_first():  # the main process computes and writes; the others then read
-            found = cache.load(key, indices) if cache else None
-            if found is None:
-                module = None
-                if cfg.reference_model is not None:
-                    module = CausalLMLogps(load_reference(cfg.model, cfg.reference_model),
-                                           cfg.logprob_chunk_size).to(self.device)
-                matched, kl, forwards = compute_reference_logps(
-                    lambda batch: self._reference_logps(batch, module, both=True), data.examples, collate,
-                    self.device, cfg.batch_size)
-                self.reference_forwards += forwards
-                found = (matched, kl)
-                if cache and acc.is_main_process:
-                    cache.save(key, indices, matched, kl)
-            else:
-                self.reference_cache_hits.append(split)
+        found, hit = cached_or_computed(self.accelerator, folder, key, [e["index"] for e in data.examples],
+                                        lambda: self._compute_reference(data))
+        if hit:
+            self.reference_cache_hits.append(split)
         for ex, a, b in zip(data.examples, found[0].tolist(), found[1].tolist(), strict=True):
             ex["ref_logps"], ex["ref_kl_logps"] = a, b
 
-    @torch.no_grad()
+    def _compute_reference(self, data: ExampleSet) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        module = None
+        if cfg.reference_model is not None:
+            module = CausalLMLogps(load_reference(cfg.model, cfg.reference_model),
+                                   cfg.logprob_chunk_size).to(self.device)
+        matched, kl, forwards = compute_reference_logps(
+            lambda batch: self._reference_logps(batch, module, both=True), data.examples,
+            partial(collate_unpaired, kl=True, **self._layout), self.device, cfg.batch_size)
+        self.reference_forwards += forwards
+        return matched, kl
+
     def _reference_logps(self, batch: dict, module: CausalLMLogps | None = None, both: bool = False) -> torch.Tensor:
         """Reference log-probs of the batch's sequences ``[B]``, with ``both`` followed by those of
         its mismatched sequences ``[2B]`` (no grad, no dropout; the policy with its adapter off
         when ``module`` is None)."""
         parts = [batch, mismatched(batch)] if both else [batch]
-        with self.accelerator.autocast():
-            if module is not None:
-                return torch.cat([module(p)["seq_logps"] for p in parts])
-            policy = self.accelerator.unwrap_model(self.train_module)
-            was_training = policy.training
-            policy.eval()
-            try:
-                with adapter_disabled(self.model):
-                    return torch.cat([policy(p)["seq_logps"] for p in parts])
-            finally:
-                policy.train(was_training)
+        return reference_logps(self.accelerator, self.train_module, self.model, parts, module)
 
     def _batch_reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(reference log-probs [B], of the mismatched sequences [B] or None without ``kl_estimate``)."""
