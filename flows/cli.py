@@ -25,10 +25,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 COMMANDS = ("run", "demo", "ingest", "build-dataset", "promote", "rollback", "status", "serve", "monitor",
             "eval-export")
 PREFLIGHT_COMMANDS = ("run", "demo", "serve")
-HOME_COMMANDS = ("status", "ingest", "build-dataset")
-"""Commands that, without --config, use the pipeline that has run in the home (flows/home.py);
-with none there, the default settings (status: says so), never the demo's."""
 """Commands that train: their config is checked (tasks/preflight.py) before Prefect starts."""
+HOME_COMMANDS = ("status", "ingest", "build-dataset", "promote", "rollback", "monitor", "eval-export")
+"""Commands that, without --config, use the pipeline that has run in the home (flows/home.py),
+never the demo's. With none there: ``status`` says so, ``ingest`` and ``build-dataset`` use the
+default data settings, and the registry commands stop (they would act on a pipeline's models)."""
+DEFAULT_DATA_COMMANDS = ("ingest", "build-dataset")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -142,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         from flows.home import default_data_config, home_pipeline
 
         found, note = home_pipeline(cfg.home, args.overrides)
-        if found is None and args.command == "status":
+        if found is None and args.command not in DEFAULT_DATA_COMMANDS:
             print(f"alignflow: {note}", file=sys.stderr)
-            return 0
+            return 0 if args.command == "status" else 2
         cfg = found or default_data_config(cfg.home, args.overrides)
         if args.command != "status":
             note = note if found else f"no pipeline has run in {cfg.home}: default data settings"

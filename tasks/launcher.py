@@ -127,6 +127,14 @@ def launch_env(processes: int = 1, accelerate_config: str | None = None) -> dict
     return {}
 
 
+def device_env(device: str) -> dict[str, str]:
+    """Extra environment of a training process for ``pipeline.device``: ``cpu`` hides every CUDA
+    device from it, so torch and accelerate train on the CPU even on a GPU host (several processes
+    join a gloo group, as on a GPU-less host: :func:`launch_env`); ``auto`` and ``cuda`` leave the
+    environment as it is (``cuda`` without a device is refused by preflight)."""
+    return {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"} if device == "cpu" else {}
+
+
 def cuda_count() -> int:
     """CUDA devices visible to this process (0 without CUDA support in torch)."""
     try:

@@ -174,6 +174,7 @@ def preflight(cfg: PipelineConfig, *, load_tokenizers: bool = True) -> list[str]
     first field that cannot work."""
     _check_sections(cfg)
     _check_sources(cfg)
+    _check_device(cfg)
     configs: dict[str, dict | None] = {}
     if cfg.model.policy is not None:
         configs["policy"] = model_config("model.policy", cfg.model.policy, load_tokenizer=load_tokenizers)
@@ -187,6 +188,17 @@ def preflight(cfg: PipelineConfig, *, load_tokenizers: bool = True) -> list[str]
     notes = _fast_path_notes(cfg)
     note = decidable_note(cfg.evaluation, cfg.gate)
     return notes + ([note] if note else [])
+
+
+def _check_device(cfg: PipelineConfig) -> None:
+    """``pipeline.device: cuda`` on a host where torch sees no CUDA device cannot train."""
+    if cfg.pipeline.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PreflightError("pipeline.device: cuda, but torch sees no CUDA device on this machine "
+                             "(a CPU build of torch, or no GPU); use auto or cpu")
 
 
 def _fast_path_notes(cfg: PipelineConfig) -> list[str]:

@@ -19,7 +19,7 @@ from prefect.concurrency.sync import concurrency
 from alignment.config import RECIPE_CONFIGS, ModelSettings, TrainSettings
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.launcher import cuda_count, run_recipe
+from tasks.launcher import cuda_count, device_env, run_recipe
 from tasks.methods import method
 from tasks.preflight import check_batch_fits
 from tasks.records import ModelRecord
@@ -147,7 +147,8 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
                              processes=cfg.pipeline.processes, accelerate_config=cfg.pipeline.accelerate_config,
                              timeout_s=cfg.pipeline.stage_timeout_s,
                              stall_warning_s=cfg.pipeline.stall_warning_s, description=f"train {stage}",
-                             progress_every_s=cfg.pipeline.progress_log_s)
+                             progress_every_s=cfg.pipeline.progress_log_s,
+                             extra_env=device_env(cfg.pipeline.device))
         if recipe == "reward" and settings.eval_path:  # the judge's record: accuracy, interval, calibration
             summary = {**summary, "judge": _judge_reliability(cfg, settings, run_dir, run_id)}
         if run_id:
@@ -179,7 +180,7 @@ def _judge_reliability(cfg: PipelineConfig, settings: TrainSettings, run_dir: Pa
     reward-model version with them."""
     from tasks.evaluation.judge import reward_model_reliability
 
-    device = "cuda" if cfg.pipeline.device != "cpu" and cuda_count() else "cpu"
+    device = "cuda" if _uses_gpu(cfg) else "cpu"
     rel = reward_model_reliability(_final_paths(run_dir)[0], settings.eval_path, split="validation",
                                    max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
                                    confidence=cfg.evaluation.confidence, batch_size=cfg.evaluation.score_batch_size,
@@ -191,6 +192,11 @@ def _judge_reliability(cfg: PipelineConfig, settings: TrainSettings, run_dir: Pa
     return rel.model_dump()
 
 
+def _uses_gpu(cfg: PipelineConfig) -> bool:
+    """Whether this pipeline's training runs on CUDA here (``pipeline.device`` and the host)."""
+    return cfg.pipeline.device != "cpu" and cuda_count() > 0
+
+
 def _train_holding_gpu(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str,
                        init: ModelRecord, parent_run_id: str | None, reward: ModelRecord | None = None,
                        reference: ModelRecord | None = None) -> ModelRecord:
@@ -198,7 +204,7 @@ def _train_holding_gpu(cfg: PipelineConfig, stage: str, data: dict[str, str], da
     ``gpu`` (a no-op where no such limit exists, e.g. embedded). Without a CUDA device there is
     no GPU to share: no slot is taken (and Prefect's "limit does not exist" warning, which every
     CPU run would print, does not appear)."""
-    slots = concurrency("gpu", occupy=cfg.pipeline.processes) if cuda_count() else contextlib.nullcontext()
+    slots = concurrency("gpu", occupy=cfg.pipeline.processes) if _uses_gpu(cfg) else contextlib.nullcontext()
     with slots:
         return train_stage(cfg, stage, data, dataset_digest, init, parent_run_id, reward, reference)
 

@@ -138,3 +138,37 @@ def test_the_training_stage_names_a_batch_larger_than_its_split_before_starting_
     with pytest.raises(PreflightError, match=r"^dpo.batch_size: 8 is more than the 5 examples"):
         train_stage(cfg, "dpo", {"pairs-train": str(tmp_path / "pairs-train.parquet")}, "d", init, None)
     assert not (tmp_path / "home" / "runs").exists()  # no run folder, no training process
+
+
+def test_device_cuda_without_a_cuda_device_is_named(tmp_path, model_64):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    msg = _error(_config(tmp_path, str(model_64)), "pipeline.device=cuda")
+    assert msg.startswith("pipeline.device: cuda, but torch sees no CUDA device")
+
+
+def test_device_cpu_hides_cuda_from_the_training_process(tmp_path, model_64, monkeypatch):
+    """pipeline.device: cpu is honoured by training on a GPU host too: the training process is
+    launched with no CUDA device visible (and joins a gloo group when there are several)."""
+    import tasks.stages.train as train
+    from tasks.records import ModelRecord
+    from tests.tiny_models import preference_pairs
+
+    launched: list[dict] = []
+
+    def fake_run_recipe(recipe, settings, run_dir, **kwargs):
+        launched.append(kwargs)
+        raise RuntimeError("stop after the launch arguments")
+
+    monkeypatch.setattr(train, "run_recipe", fake_run_recipe)
+    preference_pairs(8).to_parquet(tmp_path / "pairs-train.parquet")
+    init = ModelRecord(stage="base", path=str(model_64), digest="base", base=str(model_64))
+    for device, hidden in (("cpu", True), ("auto", False)):
+        cfg = load_pipeline_config(_config(tmp_path, str(model_64)), ["dpo.batch_size=2", f"pipeline.device={device}"])
+        with pytest.raises(RuntimeError, match="stop after"):
+            train.train_stage(cfg, "dpo", {"pairs-train": str(tmp_path / "pairs-train.parquet")}, "d", init, None)
+        env = launched[-1]["extra_env"]
+        assert (env.get("CUDA_VISIBLE_DEVICES") == "") is hidden
+        assert (env.get("ACCELERATE_USE_CPU") == "true") is hidden

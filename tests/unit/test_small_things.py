@@ -96,3 +96,21 @@ def test_status_without_config_shows_the_home_pipeline_or_says_there_is_none(tmp
     assert main(["status"]) == 0
     out = capsys.readouterr()
     assert "mine-policy" in out.out and "demo-policy" not in out.out and "pipeline mine of" in out.err
+
+
+def test_registry_commands_without_config_act_on_the_home_pipeline_never_the_demo(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ALIGNFLOW_HOME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # Nothing has run here: promoting would act on the demo's models; it stops naming the fix.
+    assert main(["promote", "--version", "1"]) == 2
+    assert "no pipeline has run in" in capsys.readouterr().err
+    assert main(["rollback"]) == 2
+    assert "pass --config FILE" in capsys.readouterr().err
+    saved = tmp_path / ".alignflow" / "runs" / "mine" / "config-abc.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text("pipeline: {name: mine}\n")
+    code = main(["promote", "--version", "1"])  # the home's pipeline: its registry has no version 1
+    err = capsys.readouterr().err
+    assert "pipeline mine of" in err and "demo-policy" not in err
+    assert code != 0
