@@ -202,6 +202,9 @@ class DPOConfig(TrainSettings):
     """Where precomputed reference log-probs are cached (keyed by model, data and tokenization digests)."""
     use_weights: bool = True
     """Weight each pair's loss by its ``weight`` column when present."""
+    budget: DriftBudget | None = None
+    """A drift budget checked during training (:mod:`alignment.budget`): past it, training ends
+    with the weights of the last probe within it. None: train the full schedule."""
 
 
 class KTOConfig(TrainSettings):
@@ -258,6 +261,34 @@ class GenerationSettings(StrictModel):
     """On CUDA, check whether every row has ended only every this many tokens (each check waits
     for the device); rows that ended early get padding meanwhile, so the output is the same.
     On CPU the check is free and runs every token."""
+
+
+class DriftBudget(StrictModel):
+    """Early stop of one training run on a probe of the policy's own samples (:mod:`alignment.budget`).
+
+    Every ``every`` steps the policy samples ``prompts`` training prompts (fixed seed); training
+    ends when the sequence KL to the DPO reference (``reference_model``, else the initial policy)
+    passes ``max_kl`` or distinct-2 falls under ``min_distinct2_ratio`` of the reference's, and
+    the weights of the last probe within budget are kept. With neither limit the probe only
+    logs its readings (``budget/*`` metrics)."""
+
+    max_kl: float | None = Field(None, gt=0)
+    """Most KL(policy ‖ reference) in nats per sequence (None: no KL budget). Against the base
+    model (``pipeline.dpo_reference: base``) it is the gate's ``max_kl`` quantity; against the
+    initial policy, a per-round step."""
+    min_distinct2_ratio: float | None = Field(None, gt=0, le=1)
+    """Least pooled distinct-2 of the probe samples as a share of the reference's on the same
+    prompts (None: no diversity budget)."""
+    every: int = Field(5, gt=0)
+    """Optimizer steps between probes."""
+    prompts: int = Field(64, gt=0)
+    """Training prompts sampled per probe (the first distinct ones in a seeded shuffle)."""
+    generation: GenerationSettings = GenerationSettings(max_new_tokens=24, temperature=0.7)
+    """Sampling of the probe (the demo evaluation's settings by default)."""
+    reference: ModelSettings | None = None
+    """The model the probe measures KL and distinct-2 against; None: the DPO reference
+    (``reference_model``, else the initial policy). The closed-loop demo points it at the base
+    model, so a round's budget is the gate's KL-to-base however far the champion already moved."""
 
 
 class KLSettings(StrictModel):

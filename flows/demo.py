@@ -1,9 +1,13 @@
 """The closed-loop demo: each round samples feedback from the current champion (simulated
 annotators with the VADER oracle), runs the pipeline, which retrains and promotes only if the
-gate passes, and records the champion's oracle reward. Ends with a table and a plot."""
+gate passes, and records the champion's oracle reward. Ends with a per-round table (candidate
+and champion: oracle, KL, distinct-2, repeated trigrams, the oracle win rate against the
+previous champion with its 95% interval, the DPO drift budget's stop) and a plot, both logged
+on the demo's MLflow run."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ from rich.table import Table
 from flows.pipeline import alignment_pipeline
 from tasks import tracking
 from tasks.config import load_pipeline_config
-from tasks.evaluation.plots import plot_closed_loop
+from tasks.evaluation.plots import plot_closed_loop, plot_loop_rounds
 from tasks.lock import home_lock
 from tasks.stages.data import ingest_settings
 from tasks.stages.demo import demo_base_model_task, simulate_feedback_task
@@ -40,6 +44,46 @@ def champion_oracle(cfg) -> tuple[str | None, float | None, float | None]:
     return version, float(oracle) if oracle else None, float(kl) if kl else None
 
 
+def round_overrides(cfg, base_path: str, round_index: int) -> list[str]:
+    """Per-round settings of the loop (``demo.loop``): the DPO drift budget of this round,
+    measured against the base model at ``base_path``. Empty without a schedule."""
+    budget = cfg.demo.loop.kl_budget(round_index) if cfg.demo is not None else None
+    if budget is None or cfg.dpo.budget is None:
+        return []
+    return [f"dpo.budget.max_kl={budget:g}", f"dpo.budget.reference={{name_or_path: '{base_path}'}}"]
+
+
+def _newest(folder: Path, pattern: str) -> Path | None:
+    found = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def candidate_figures(report_path: Path | None) -> dict[str, Any]:
+    """The round's candidate from its evaluation report: oracle, KL, distinct-2 (and its share
+    of the base model's), repeated-trigram share (and its rise over the base's), the oracle's
+    paired win rate against the champion it challenged (per held-out prompt, 95% interval: a
+    lower bound above 0.5 is a gain beyond sampling noise), and the DPO drift budget's stop."""
+    if report_path is None or not report_path.exists():
+        return {}
+    report = json.loads(report_path.read_text())
+    cand, ref = report["candidate"], report["reference"]
+    win = next((w for w in report.get("win_rates", []) if w["judge"] == "oracle" and w["opponent"] == "champion"), None)
+    out: dict[str, Any] = {
+        "candidate oracle": cand.get("oracle_mean"), "candidate KL": cand.get("kl"),
+        "distinct-2": cand.get("distinct_2"),
+        "distinct-2 / base": cand["distinct_2"] / ref["distinct_2"] if ref.get("distinct_2") else None,
+        "rep-3 rise": (cand.get("repeated_trigram_rate") or 0.0) - (ref.get("repeated_trigram_rate") or 0.0),
+        "oracle win vs champion": None if win is None else (win["rate"], win["lower"], win["upper"]),
+        "base oracle": ref.get("oracle_mean"), "base distinct-2": ref.get("distinct_2"),
+    }
+    summary = Path(cand["path"]).parent / "summary.json"
+    if summary.exists():
+        budget = json.loads(summary.read_text()).get("budget") or {}
+        stop = budget.get("stop")
+        out["budget stop"] = f"step {stop['kept_step']}" if stop else ("full" if budget else None)
+    return out
+
+
 @flow(name="closed-loop-demo", log_prints=True)
 def closed_loop_demo(config: str | None = None, overrides: list[str] | None = None, rounds: int = 3) -> list[dict]:
     """Run ``rounds`` rounds of feedback → pipeline → (promotion). Returns one row per round."""
@@ -54,44 +98,74 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
             index = next_round_index(landing)
             policy = champion_record(cfg) or base
             sim = simulate_feedback_task(cfg, policy, base, round_index=index)
-            summary = alignment_pipeline(config=config, overrides=overrides)
+            summary = alignment_pipeline(config=config, overrides=[*(overrides or []),
+                                                                  *round_overrides(cfg, base.path, index)])
         evaluation = summary.get("evaluation") or {}
         baseline = evaluation.get("oracle base", baseline)
         version, oracle, kl = champion_oracle(cfg)
+        promoted = summary.get("status") == "promoted"
+        registry = summary.get("registry") or {}
+        figures = candidate_figures(_newest(cfg.home / "runs" / cfg.pipeline.name, "eval-*/eval_report.json"))
         rows.append({"round": index, "feedback from": f"v{policy.registry_version}" if policy.registry_version
-                     else "base", "rows": sim["rows"], "candidate oracle": evaluation.get("oracle cand"),
-                     "promoted": summary.get("status") == "promoted", "champion": version,
-                     "oracle": oracle, "kl": kl})
+                     else "base", "rows": sim["rows"], "rejected samples": sim.get("rejected samples"),
+                     "candidate oracle": evaluation.get("oracle cand"), **figures,
+                     "promoted": promoted, "why not": None if promoted else _first_failure(registry.get("reasons")),
+                     "champion": version, "oracle": oracle, "kl": kl})
     _render(rows, baseline)
-    plot = plot_closed_loop([r for r in rows if r["oracle"] is not None],
-                            cfg.home / "runs" / cfg.pipeline.name / "closed_loop.png", baseline=baseline)
+    folder = cfg.home / "runs" / cfg.pipeline.name
+    plot = plot_closed_loop([r for r in rows if r["oracle"] is not None], folder / "closed_loop.png",
+                            baseline=baseline) if any(r["oracle"] is not None for r in rows) else None
+    rounds_plot = plot_loop_rounds(rows, folder / "closed_loop_rounds.png", baseline=baseline, max_kl=cfg.gate.max_kl)
+    table = folder / "closed_loop_rounds.json"
+    table.write_text(json.dumps({"base_oracle": baseline, "rounds": rows}, indent=2, default=str))
     experiment_id = tracking.configure(cfg.home, cfg.pipeline.name)
     run_id = tracking.start_parent_run(experiment_id, "closed-loop-demo", {"alignflow.stage": "demo"})
     for row in rows:
         tracking.log_metrics(run_id, {"demo/champion_oracle": row["oracle"] or 0.0, "demo/kl": row["kl"] or 0.0,
-                                      "demo/promoted": float(row["promoted"])}, step=row["round"])
+                                      "demo/promoted": float(row["promoted"]),
+                                      **{f"demo/candidate_{k}": float(row[key]) for k, key in
+                                         (("oracle", "candidate oracle"), ("kl", "candidate KL"),
+                                          ("distinct2_ratio", "distinct-2 / base"))
+                                         if isinstance(row.get(key), (int, float))}}, step=row["round"])
     if baseline is not None:
         tracking.log_metrics(run_id, {"demo/base_oracle": baseline})
-    tracking.log_artifact(run_id, plot, "demo")
+    for path in (plot, rounds_plot, table):
+        if path is not None:
+            tracking.log_artifact(run_id, path, "demo")
     tracking.end_run(run_id)
     create_table_artifact([{k: (str(v) if v is not None else "-") for k, v in r.items()} for r in rows],
                           key=f"{cfg.pipeline.name}-closed-loop".replace("_", "-"),
                           description="Champion oracle reward per round")
-    print(f"closed-loop plot: {plot}")
+    print(f"closed-loop plot: {rounds_plot}")
     return rows
 
 
+def _first_failure(reasons: list[str] | None) -> str | None:
+    """The first failed rule of a gate verdict (reasons: the verdict, then each failed rule)."""
+    reasons = reasons or []
+    return (reasons[1] if len(reasons) > 1 else reasons[0])[:200] if reasons else None
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def _render(rows: list[dict], baseline: float | None) -> None:
-    table = Table(title="closed-loop demo: champion's mean oracle sentiment per round")
-    for col in ("round", "feedback from", "rows", "candidate oracle", "promoted", "champion", "oracle", "gain", "KL"):
+    table = Table(title="closed-loop demo: candidate and champion per round (oracle on held-out prompts)")
+    for col in ("round", "feedback from", "rows", "rejected", "budget stop", "cand. oracle", "cand. KL",
+                "distinct-2 / base", "rep-3 rise", "oracle win vs champion (95% CI)", "promoted", "champion",
+                "oracle", "gain", "KL"):
         table.add_column(col)
     for r in rows:
         gain = "-" if r["oracle"] is None or baseline is None else f"{r['oracle'] - baseline:+.3f}"
-        table.add_row(str(r["round"]), r["feedback from"], str(r["rows"]),
-                      "-" if r["candidate oracle"] is None else f"{r['candidate oracle']:.3f}",
+        win = r.get("oracle win vs champion")
+        table.add_row(str(r["round"]), r["feedback from"], str(r["rows"]), _num(r.get("rejected samples"), "d"),
+                      str(r.get("budget stop") or "-"), _num(r.get("candidate oracle"), ".3f"),
+                      _num(r.get("candidate KL"), ".2f"), _num(r.get("distinct-2 / base"), ".0%"),
+                      _num(r.get("rep-3 rise"), "+.3f"),
+                      "-" if win is None else f"{win[0]:.2f} ({win[1]:.2f}–{win[2]:.2f})",
                       "yes" if r["promoted"] else "no", f"v{r['champion']}" if r["champion"] else "-",
-                      "-" if r["oracle"] is None else f"{r['oracle']:.3f}", gain,
-                      "-" if r["kl"] is None else f"{r['kl']:.2f}")
+                      _num(r["oracle"], ".3f"), gain, _num(r["kl"], ".2f"))
     console = report_console()
     console.print(table)
     if baseline is not None:

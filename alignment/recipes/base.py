@@ -228,6 +228,8 @@ class Recipe(ABC):
                 self.evaluate()
             if save_due:
                 self.save_checkpoint()
+            if self.stop_early():  # a budget says stop: this step ends the run, finished
+                self.total_steps = self.step
         if previous is not None:
             self._finish_step(*previous)
         finished = self.step >= self.total_steps
@@ -236,6 +238,11 @@ class Recipe(ABC):
         if self.output_dir and not self.checkpointer.path(self.step).exists():
             self.save_checkpoint()
         return finished
+
+    def stop_early(self) -> bool:
+        """Whether training should end after the step just finished (e.g. a drift budget,
+        :meth:`alignment.recipes.dpo.DPORecipe.stop_early`); the run then ends as finished."""
+        return False
 
     def _finish_step(self, step: int, lr: float, elapsed: float, out: dict[str, float] | PendingStep) -> None:
         """Read (and check) a step's metrics, count its tokens and emit its record."""

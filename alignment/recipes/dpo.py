@@ -25,11 +25,14 @@ is higher), ``logps/chosen``, ``logps/rejected`` (summed policy log-probs).
 
 from __future__ import annotations
 
+import random
 from functools import partial
+from typing import Any
 
 import torch
 
 from alignment.batching import ExampleSet, collate_pairs, read_rows, tokenize_pairs
+from alignment.budget import DriftProbe, ProbeReading, budget_breach
 from alignment.config import ConfigError, DPOConfig
 from alignment.losses import dpo_loss, simpo_loss
 from alignment.models import (
@@ -66,6 +69,12 @@ class DPORecipe(SupervisedRecipe):
         """Reference forward passes this run did (0 when every log-prob came from the cache)."""
         self.reference_cache_hits: list[str] = []
         self._rows: dict[str, list[dict]] = {}
+        self.probe: DriftProbe | None = None
+        self.readings: list[ProbeReading] = []
+        """Drift-budget probes taken so far (``config.budget``)."""
+        self.budget_stop: dict[str, Any] | None = None
+        """Why and where a drift budget ended training, and which step's weights were kept."""
+        self._within_budget: tuple[int, dict[str, torch.Tensor]] | None = None
 
     @property
     def needs_reference(self) -> bool:
@@ -107,6 +116,52 @@ class DPORecipe(SupervisedRecipe):
             for split, data in (("train", self.train_set), ("eval", self.eval_set)):
                 if data is not None:
                     self._precompute(split, data)
+        if self.config.budget is not None:
+            self._start_probe()
+
+    # ------------------------------------------------------------------ drift budget
+    def _start_probe(self) -> None:
+        """The probe against ``budget.reference``, else the DPO reference (``reference_model``, else
+        the initial policy, read from its folder so a resumed run still measures from the start),
+        on training prompts."""
+        cfg, budget = self.config, self.config.budget
+        prompts = list({str(r["prompt"]): r["prompt"] for r in self._rows["train"]}.values())
+        random.Random(cfg.seed).shuffle(prompts)
+        reference = load_reference(cfg.model, budget.reference or cfg.reference_model).to(self.device)
+        self.probe = DriftProbe(reference, self.tokenizer, prompts[: budget.prompts], budget.generation, cfg.seed,
+                                max_prompt_length=cfg.max_prompt_length)
+        self._within_budget = (self.step, self._weights())
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
+
+    def stop_early(self) -> bool:
+        """Every ``budget.every`` steps: probe the policy; within budget, remember these weights;
+        past it, put back the last weights within budget and end training."""
+        budget = self.config.budget
+        if self.probe is None or self.step % budget.every:
+            return False
+        reading = self.probe.read(self.accelerator.unwrap_model(self.model), self.step)
+        self.readings.append(reading)
+        self.emit({"budget/kl": reading.kl, "budget/distinct2": reading.distinct2,
+                   "budget/distinct2_ratio": reading.distinct2_ratio}, "train")
+        reason = budget_breach(reading, budget.max_kl, budget.min_distinct2_ratio)
+        if reason is None:
+            self._within_budget = (self.step, self._weights())
+            return False
+        kept, weights = self._within_budget
+        self.accelerator.unwrap_model(self.model).load_state_dict(weights)
+        self.budget_stop = {"reason": reason, "stopped_at": self.step, "kept_step": kept}
+        print(f"dpo: drift budget: {reason}; keeping the weights of step {kept}", flush=True)
+        return True
+
+    def summary(self, finished: bool) -> dict[str, Any]:
+        out = super().summary(finished)
+        if self.config.budget is not None:
+            out["budget"] = {"stop": self.budget_stop,
+                             "readings": [{"step": r.step, "kl": r.kl, "distinct2": r.distinct2,
+                                           "distinct2_ratio": r.distinct2_ratio} for r in self.readings]}
+        return out
 
     # ------------------------------------------------------------------ reference
     def _precompute(self, split: str, data: ExampleSet) -> None:

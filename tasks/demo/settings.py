@@ -154,6 +154,21 @@ def _default_annotators() -> list[AnnotatorSpec]:
     ]
 
 
+class DegenerateFilter(StrictModel):
+    """Which sampled responses never reach the annotators: loops and word stuffing, judged on the
+    response's own lowercased word tokens (``\\w+`` runs and punctuation marks), never on the oracle."""
+
+    max_repeated_trigram_share: float = Field(0.1, ge=0, le=1)
+    """Most share of the response's word trigrams that repeat an earlier one (seq-rep-3): a loop
+    ("a good movie with a good movie with ...") is past it, one repeated phrase in 24 words is not."""
+    min_distinct1: float = Field(0.6, ge=0, le=1)
+    """Least unique words / words in the response: stuffing repeats the same few words."""
+    max_word_repeats: int = Field(3, gt=0)
+    """Most times one word of four or more letters may occur in one response ("good" four times is stuffing)."""
+    min_words: int = Field(4, gt=0)
+    """Responses shorter than this are judged only by ``max_word_repeats``."""
+
+
 class SimulatorSettings(StrictModel):
     """Simulated annotators judging samples of the current champion with the VADER oracle."""
 
@@ -198,6 +213,10 @@ class SimulatorSettings(StrictModel):
     live: top-40 keeps 99% of generated words real words (pure sampling: 90%)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus filter while sampling (1: off)."""
+    reject_degenerate: DegenerateFilter | None = None
+    """Drop degenerate samples (loops, word stuffing) before the annotators see them, as a
+    production pipeline filters junk before paying for labels; they are counted in the report
+    (``rejected_samples``). None: every sample goes to the annotators."""
     generation_batch_size: int = Field(128, gt=0)
     """Sequences generated per forward batch."""
     seed: int = 0
@@ -220,6 +239,26 @@ class SimulatorSettings(StrictModel):
         return self
 
 
+class LoopSettings(StrictModel):
+    """How ``alignflow demo --rounds N`` paces its rounds: each round's DPO drift budget
+    (``dpo.budget``) measured against the base model, growing from round to round so every
+    round may move a step further than the champion it starts from."""
+
+    kl_budget_start: float | None = Field(None, gt=0)
+    """KL-to-base budget (nats per sequence) of round 0; None: the loop leaves ``dpo.budget`` as configured."""
+    kl_budget_step: float = Field(0.0, ge=0)
+    """Added per round index: round k may reach ``start + k * step``."""
+    kl_budget_max: float | None = Field(None, gt=0)
+    """The budget never grows past this (keep it under the gate's ``max_kl``)."""
+
+    def kl_budget(self, round_index: int) -> float | None:
+        """Round ``round_index``'s KL budget, or None when no schedule is set."""
+        if self.kl_budget_start is None:
+            return None
+        budget = self.kl_budget_start + round_index * self.kl_budget_step
+        return budget if self.kl_budget_max is None else min(budget, self.kl_budget_max)
+
+
 class DemoSettings(StrictModel):
     """The embedded demo: corpus, tokenizer, base model, prompts and simulated feedback."""
 
@@ -238,6 +277,8 @@ class DemoSettings(StrictModel):
     """Prompt set construction."""
     simulator: SimulatorSettings = SimulatorSettings()
     """Simulated feedback."""
+    loop: LoopSettings = LoopSettings()
+    """Pacing of the closed-loop demo's rounds (``alignflow demo --rounds N``)."""
 
 
 def tiny_demo_settings(cache_dir: str | None = None) -> DemoSettings:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -36,7 +38,7 @@ from alignment.generation import generate
 from tasks.demo import annotators as ann
 from tasks.demo.malformed import corrupt_rows
 from tasks.demo.oracle import is_broken, sentiment, strip_broken
-from tasks.demo.settings import SimulatorSettings
+from tasks.demo.settings import DegenerateFilter, SimulatorSettings
 
 SOURCE = "alignflow-demo-simulator"
 EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -68,12 +70,14 @@ class SimulationReport:
     prompts: int
     samples: int
     skipped_samples: int
-    """Empty or duplicate responses left out of the items."""
+    """Empty or duplicate responses left out of the items (rejected ones included)."""
     broken_samples: int
     """Responses with invalid UTF-8 or control characters: scored -1 by the oracle and written
     with those characters removed (a rising count means the policy drifts into byte noise)."""
     policy_sentiment: float
     """Mean oracle score of all sampled responses: the policy's sentiment this round."""
+    rejected_samples: int = 0
+    """Degenerate responses (loops, word stuffing; ``reject_degenerate``) kept from the annotators."""
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -107,6 +111,31 @@ def sample_responses(policy_path: str | Path, prompts: list[str], settings: Simu
     with torch.inference_mode():
         result = generate(model, tokenizer, [p for p in prompts for _ in range(k)], generation_settings(settings), seed)
     return [result.texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def degenerate_reason(text: str, rules: DegenerateFilter) -> str | None:
+    """Why ``text`` is degenerate under ``rules`` (a loop or word stuffing), or None.
+
+    On lowercased word tokens w: seq-rep-3 = 1 − |unique trigrams| / |trigrams| above
+    ``max_repeated_trigram_share``; distinct-1 = |unique words| / |words| below ``min_distinct1``
+    (from ``min_words`` words on); a word of 4+ letters more than ``max_word_repeats`` times.
+    """
+    words = _WORD.findall(text.lower())
+    counts = Counter(w for w in words if len(w) >= 4 and w.isalpha())
+    if counts and max(counts.values()) > rules.max_word_repeats:
+        word, n = counts.most_common(1)[0]
+        return f"'{word}' {n} times"
+    if len(words) < rules.min_words:
+        return None
+    trigrams = list(zip(words, words[1:], words[2:], strict=False))
+    if trigrams and 1 - len(set(trigrams)) / len(trigrams) > rules.max_repeated_trigram_share:
+        return f"repeated trigrams {1 - len(set(trigrams)) / len(trigrams):.2f}"
+    if len(set(words)) / len(words) < rules.min_distinct1:
+        return f"distinct-1 {len(set(words)) / len(words):.2f}"
+    return None
 
 
 def label_items(
@@ -220,6 +249,12 @@ def simulate_feedback(
     broken = sum(is_broken(t) for texts in responses for t in texts)
     # Exports carry what a person saw: broken bytes are gone, the low score they earned stays.
     responses = [[strip_broken(t) if is_broken(t) else t for t in texts] for texts in responses]
+    rejected = 0
+    if settings.reject_degenerate is not None:  # blanked: label_items skips them like empty samples
+        flags = [[degenerate_reason(t, settings.reject_degenerate) is not None for t in texts] for texts in responses]
+        rejected = sum(map(sum, flags))
+        responses = [["" if bad else t for t, bad in zip(texts, f, strict=True)]
+                     for texts, f in zip(responses, flags, strict=True)]
     truth, skipped = label_items(drawn, responses, list(scores), settings, rng)
     if truth.empty:
         raise ValueError(f"batch {batch_id}: the policy produced no usable response for {len(drawn)} prompts")
@@ -238,6 +273,7 @@ def simulate_feedback(
     timer["written"] = time.monotonic()
 
     report = _report(truth, batch_id, files, len(drawn), scores, skipped, broken, timer)
+    report.rejected_samples = rejected
     if report_dir is not None:
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)

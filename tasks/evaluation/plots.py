@@ -157,3 +157,37 @@ def plot_closed_loop(rounds: Sequence[Mapping[str, float]], path: str | Path, *,
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def plot_loop_rounds(rows: Sequence[Mapping], path: str | Path, *, baseline: float | None = None,
+                     max_kl: float | None = None) -> Path:
+    """The closed loop round by round: oracle (left) and KL to the base model (right) of each
+    round's candidate, promoted ones filled, rejected ones as crosses, and the champion after
+    the round as a line. Rows carry ``round``, ``candidate oracle``, ``candidate KL``,
+    ``promoted``, ``oracle`` and ``kl`` (the champion's; None before the first promotion)."""
+    rows = sorted(rows, key=lambda r: r["round"])
+    if not rows:
+        raise ValueError("no rounds to plot")
+    fig = Figure(figsize=(10, 4))
+    for i, (cand, champ, title) in enumerate((("candidate oracle", "oracle", "mean oracle sentiment (held-out)"),
+                                              ("candidate KL", "kl", "KL to base (nats/sequence)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        line = [(r["round"], r[champ]) for r in rows if _finite(r.get(champ))]
+        if line:
+            ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", marker="o", label="champion")
+        for promoted, style in ((True, {"marker": "o", "color": "tab:green", "s": 70}),
+                                (False, {"marker": "x", "color": "tab:red", "s": 70})):
+            pts = [(r["round"], r[cand]) for r in rows if _finite(r.get(cand)) and bool(r.get("promoted")) == promoted]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3,
+                           label="candidate, promoted" if promoted else "candidate, rejected", **style)
+        if i == 0 and baseline is not None:
+            ax.axhline(baseline, linestyle="--", color="grey", label=f"base model ({baseline:.3f})")
+        if i == 1 and max_kl is not None:
+            ax.axhline(max_kl, linestyle=":", color="tab:red", label=f"gate KL budget ({max_kl:g})")
+        ax.set_xlabel("round")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([r["round"] for r in rows])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,65 @@
+"""The closed-loop demo's per-round figures (from an evaluation report) and its round plot."""
+
+from __future__ import annotations
+
+import json
+
+from flows.demo import _first_failure, candidate_figures
+from tasks.evaluation.plots import plot_loop_rounds
+
+
+def test_candidate_figures_read_the_report_and_the_budget_stop(tmp_path):
+    run = tmp_path / "dpo-x"
+    (run / "final").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"budget": {"stop": {"kept_step": 12, "stopped_at": 16,
+                                                                      "reason": "KL"}, "readings": []}}))
+    report = {"candidate": {"path": str(run / "final"), "oracle_mean": 0.6, "kl": 5.0, "distinct_2": 0.54,
+                            "repeated_trigram_rate": 0.03},
+              "reference": {"oracle_mean": 0.2, "distinct_2": 0.6, "repeated_trigram_rate": 0.01},
+              "win_rates": [{"judge": "reward_model", "opponent": "champion", "rate": 0.9, "lower": 0.8, "upper": 0.95},
+                            {"judge": "oracle", "opponent": "champion", "rate": 0.7, "lower": 0.6, "upper": 0.78}]}
+    path = tmp_path / "eval_report.json"
+    path.write_text(json.dumps(report))
+    out = candidate_figures(path)
+    assert out["candidate oracle"] == 0.6 and out["candidate KL"] == 5.0
+    assert abs(out["distinct-2 / base"] - 0.9) < 1e-9 and abs(out["rep-3 rise"] - 0.02) < 1e-9
+    assert out["oracle win vs champion"] == (0.7, 0.6, 0.78) and out["budget stop"] == "step 12"
+    assert candidate_figures(tmp_path / "missing.json") == {}
+
+
+def test_first_failure_names_the_first_failed_rule():
+    reasons = ["Not promoted: 1 of 6 rules failed (distinct-2).", "Distinct-2 is 0.48, 73% of the reference's."]
+    assert _first_failure(reasons).startswith("Distinct-2 is 0.48")
+    assert _first_failure(reasons[:1]).startswith("Not promoted")
+    assert _first_failure(None) is None
+
+
+def test_round_plot_marks_promoted_and_rejected_candidates(tmp_path):
+    rows = [{"round": 0, "candidate oracle": 0.5, "candidate KL": 4.0, "promoted": True, "oracle": 0.5, "kl": 4.0},
+            {"round": 1, "candidate oracle": 0.55, "candidate KL": 25.0, "promoted": False, "oracle": 0.5, "kl": 4.0},
+            {"round": 2, "candidate oracle": None, "candidate KL": None, "promoted": False, "oracle": None, "kl": None}]
+    path = plot_loop_rounds(rows, tmp_path / "p.png", baseline=0.2, max_kl=20)
+    assert path.exists() and path.stat().st_size > 10_000
+
+
+def test_kl_budget_grows_per_round_up_to_its_cap():
+    from tasks.demo.settings import LoopSettings
+
+    loop = LoopSettings(kl_budget_start=6, kl_budget_step=3, kl_budget_max=17)
+    assert [loop.kl_budget(k) for k in range(6)] == [6, 9, 12, 15, 17, 17]
+    assert LoopSettings().kl_budget(3) is None
+
+
+def test_round_overrides_set_the_rounds_budget_against_the_base_model(tmp_path):
+    from flows.demo import round_overrides
+    from tasks.config import load_pipeline_config
+
+    sets = ["dpo.budget={max_kl: 6}", "demo.loop={kl_budget_start: 6, kl_budget_step: 4, kl_budget_max: 16}",
+            f"pipeline.home={tmp_path}"]
+    cfg = load_pipeline_config(None, sets)
+    extra = round_overrides(cfg, "/models/base", 2)
+    assert extra == ["dpo.budget.max_kl=14", "dpo.budget.reference={name_or_path: '/models/base'}"]
+    budget = load_pipeline_config(None, sets + extra).dpo.budget
+    assert budget.max_kl == 14 and budget.reference.name_or_path == "/models/base"
+    no_budget = load_pipeline_config(None, [f"pipeline.home={tmp_path}", "dpo.budget=null"] + sets[1:2])
+    assert round_overrides(no_budget, "/b", 2) == []
