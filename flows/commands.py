@@ -131,10 +131,16 @@ def cmd_serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    """``alignflow monitor``: drift check of new feedback against the champion (one run)."""
+    """``alignflow monitor``: drift check of new feedback against the champion (one run); 75
+    when another run holds the home (``pipeline.lock_wait_s``), as ``run``."""
     from flows.monitor import monitor_feedback
+    from tasks.lock import HomeBusy
 
-    result = monitor_feedback(**_flow_kwargs(args))
+    try:
+        result = monitor_feedback(**_flow_kwargs(args))
+    except HomeBusy as err:
+        console.print(f"alignflow: {err}", style="red", markup=False, highlight=False, soft_wrap=True)
+        return 75
     return 0 if result is not None else 1
 
 

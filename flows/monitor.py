@@ -10,12 +10,15 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
 from tasks import tracking
-from tasks.config import load_pipeline_config
+from tasks.config import PipelineConfig, load_pipeline_config
 from tasks.data.handoff import read_validated_kind, validated_root
 from tasks.data.landing import ledger_for, pending_sources, read_and_validate
 from tasks.evaluation.drift import monitor_batch
+from tasks.lock import home_lock
+from tasks.round import FlowMarks, close_dead_flow_runs
 from tasks.stages.data import data_dir, ingest_settings
 from tasks.trusted import check_deployment_run
 
@@ -51,9 +54,19 @@ def trigger_retraining(deployment: str, reason: str) -> str:
 @flow(name="monitor-feedback", log_prints=True)
 def monitor_feedback(config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any] | None:
     """Check new feedback for drift. Returns the drift report dict, or None when nothing new arrived.
-    A deployment run whose parameters set code-executing settings is refused (tasks/trusted.py)."""
+    A deployment run whose parameters set code-executing settings is refused (tasks/trusted.py).
+    Holds the home's lock as ``run`` does (it reads the ledger and the validated store, writes
+    MLflow runs and the registry cache): raises HomeBusy after ``pipeline.lock_wait_s``."""
     check_deployment_run(config, overrides)
     cfg = load_pipeline_config(config, overrides)
+    with FlowMarks(cfg.home).mark(flow_run.get_id(), "monitor-feedback"), \
+            home_lock(cfg.home, cfg.pipeline.lock_wait_s, purpose="monitor"):
+        close_dead_flow_runs(cfg.home, keep=str(flow_run.get_id() or ""))
+        return check_drift(cfg)
+
+
+def check_drift(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """The monitoring flow's body, under the home's lock (see :func:`monitor_feedback`)."""
     logger = get_run_logger()
     settings = ingest_settings(cfg)
     pending, _ = pending_sources(settings, ledger_for(settings, data_dir(cfg)))

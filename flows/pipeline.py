@@ -32,7 +32,7 @@ from tasks.faults import fault_point
 from tasks.lock import home_lock
 from tasks.methods import label, method
 from tasks.records import ModelRecord, StageTiming
-from tasks.round import ENDS, FAILED, SETTLES, RoundLog, RoundRecord, close_stale_flow_runs
+from tasks.round import ENDS, FAILED, SETTLES, FlowMarks, RoundLog, RoundRecord, close_dead_flow_runs
 from tasks.stages.cached import run_cached
 from tasks.stages.data import (
     DatasetRecord,
@@ -110,12 +110,14 @@ class PipelineRound:
         dead = {c["flow_run_id"] for c in closed if c["flow_run_id"]}
         if previous is not None and previous.interrupted and previous.flow_run_id:
             dead.add(previous.flow_run_id)
-        dead.discard(str(flow_run.get_id() or ""))
-        crashed = close_stale_flow_runs(sorted(dead), "its process died; closed by the next run on this home")
+        crashed = close_dead_flow_runs(home, dead, keep=str(flow_run.get_id() or ""))  # + runs killed before a record
         if previous is not None and previous.interrupted:
             self.logger.warning("The previous round %s died at %r; this round redoes it (closed %d MLflow run(s) "
                                 "as FAILED and %d Prefect flow run(s) as CRASHED).", previous.round_id,
                                 previous.state, len(closed), len(crashed))
+        elif crashed:
+            self.logger.warning("Closed %d Prefect flow run(s) of processes that died on this home as CRASHED.",
+                                len(crashed))
 
     def reached(self, state: str, **fields: Any) -> None:
         """Record a round state (tasks/round.py) where the next run can read it."""
@@ -191,7 +193,8 @@ def alignment_pipeline(config: str | None = None, overrides: list[str] | None = 
     if not isinstance(config, PipelineConfig):
         check_deployment_run(config, overrides)
     cfg = resolve_config(config, overrides)
-    with home_lock(cfg.home, cfg.pipeline.lock_wait_s), PipelineRound(cfg) as rnd:
+    with FlowMarks(cfg.home).mark(flow_run.get_id(), "alignment-pipeline"), \
+            home_lock(cfg.home, cfg.pipeline.lock_wait_s), PipelineRound(cfg) as rnd:
         record_config(rnd)
         base = starting_model(rnd)
         ingest = collect_feedback(rnd, base, only_if_new_data)

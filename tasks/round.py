@@ -16,6 +16,14 @@ next run (under the home lock, so the writer is surely dead) closes that round's
 Prefect runs and then redoes the round; every step is idempotent (cached stages, resumable
 training, registration found by candidate digest), so it ends where an uninterrupted run would.
 
+A flow run killed before its round record names it (while it waits for the home's lock, or
+before the record is written) is found by its *flow mark*: ``<home>/.alignflow-flows/<unique>.json``
+(:class:`FlowMark`: pid, host, the process's start time, the Prefect flow run), written atomically
+before the lock is taken and removed when the flow returns. The next lock holder (a run, or
+``monitor``) closes, through :func:`close_dead_flow_runs` (the one path that also closes a dead
+round's flow runs), the flow run of each mark whose process is gone from this host or whose pid now
+belongs to a process started at another time; another host's marks cannot be checked and are left.
+
 Ledger order at the end of a round: the ended state is written first, then the round's
 pending files are settled as consumed (:meth:`tasks.data.landing.Ledger.settle`), then
 ``settled`` is set. A crash between the two is finished by the next run's :meth:`RoundLog.begin`.
@@ -27,6 +35,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +154,112 @@ class RoundLog:
         """Mark the round's landing files as settled in the ledger (persisted)."""
         record.settled = True
         self.save(record)
+
+
+# ----------------------------------------------------------------------------- flow marks
+
+FLOW_MARKS = ".alignflow-flows"
+"""Folder of the home holding one :class:`FlowMark` per flow run that has started on the home
+and not yet returned (``<home>/.alignflow-flows/<unique>.json``)."""
+
+
+class FlowMark(BaseModel):
+    """A flow run that started on a home: written before it waits for the home's lock, removed
+    when it returns (normally or by an exception). One left behind by a dead process is how the
+    next lock holder finds a flow run killed before its round record named it."""
+
+    flow_run_id: str
+    """The Prefect flow run (closed as CRASHED once this process is found dead)."""
+    flow: str
+    """The flow's name (``alignment-pipeline``, ``monitor-feedback``)."""
+    pid: int = Field(default_factory=os.getpid)
+    host: str = Field(default_factory=socket.gethostname)
+    process_start: int | None = None
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat``; None where there is
+    no /proc): a live process with this pid and another start time is a reused pid, not this run."""
+    at: str = Field(default_factory=_now)
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name in () may hold spaces
+
+
+def process_alive(pid: int, host: str, started: int | None) -> bool:
+    """Whether the process a mark names may still run. Another host's process cannot be checked
+    from here and counts as alive; on this host a missing pid, or a pid now held by a process that
+    started at another time (reused), is dead."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    now = process_start(pid)
+    return started is None or now is None or now == started
+
+
+class FlowMarks:
+    """The flow marks of one home (see :class:`FlowMark`)."""
+
+    def __init__(self, home: str | Path) -> None:
+        self.folder = Path(home) / FLOW_MARKS
+
+    @contextmanager
+    def mark(self, flow_run_id: str | None, flow: str) -> Iterator[Path | None]:
+        """Hold a mark for the body (written atomically before it, removed after it). Without a
+        flow run id (not inside a Prefect flow run) there is nothing to close later: no mark."""
+        if not flow_run_id:
+            yield None
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{unique_suffix()}.json"
+        tmp = self.folder / f".{path.name}.tmp"
+        record = FlowMark(flow_run_id=flow_run_id, flow=flow, process_start=process_start(os.getpid()))
+        with tmp.open("w") as f:
+            f.write(record.model_dump_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def dead(self) -> dict[Path, FlowMark]:
+        """Marks whose process is dead (see :func:`process_alive`), by file. An unreadable mark (torn
+        before its rename cannot happen; a foreign file) is skipped."""
+        found = {}
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                record = FlowMark.model_validate_json(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not process_alive(record.pid, record.host, record.process_start):
+                found[path] = record
+        return found
+
+
+def close_dead_flow_runs(home: str | Path, flow_run_ids: set[str] | frozenset[str] = frozenset(),
+                         keep: str | None = None,
+                         message: str = "its process died; closed by the next run on this home") -> list[str]:
+    """Close, as CRASHED, the Prefect flow runs of processes that died on ``home``: those of the
+    dead flow marks plus ``flow_run_ids`` (a dead round's, from its record and its MLflow runs),
+    except ``keep`` (the caller's own). Then remove those marks. Returns the flow runs changed.
+    Call it holding the home's lock: a dead round's writer is then surely gone."""
+    marks = FlowMarks(home)
+    dead = marks.dead()
+    ids = (set(flow_run_ids) | {m.flow_run_id for m in dead.values()}) - {keep or ""}
+    crashed = close_stale_flow_runs(sorted(ids - {""}), message)
+    for path in dead:
+        path.unlink(missing_ok=True)
+    return crashed
 
 
 def close_stale_flow_runs(flow_run_ids: list[str], message: str) -> list[str]:

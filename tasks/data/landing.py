@@ -433,7 +433,8 @@ def quarantine_sample(path: str | Path, rows: int = 500, max_chars: int = SAMPLE
 
 
 def write_quarantine(result: ValidationResult, path: str | Path) -> str:
-    """Write the quarantine Parquet (reasons as list<string>)."""
+    """Write the quarantine Parquet (reasons as list<string>), atomically (unique temp name, rename):
+    two writers (e.g. two ``alignflow ingest`` checks, which take no home lock) never tear it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     q = result.quarantine
@@ -444,7 +445,12 @@ def write_quarantine(result: ValidationResult, path: str | Path) -> str:
         "reasons": pa.array(q["reasons"].tolist(), pa.list_(pa.string())),
         "raw": pa.array(q["raw"].astype(object), pa.string()),
     })
-    pq.write_table(table, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return str(path)
 
 

@@ -1,0 +1,157 @@
+"""Flow runs killed before their round record names them, and the commands that share the home's lock
+(issue 14, points 1 and 3).
+
+A flow run writes a mark in the home (tasks/round.py, :class:`FlowMarks`) before it waits for the
+home's lock; the next lock holder closes the flow run of every mark whose process is dead (CRASHED)
+through the same path as a dead round's (:func:`close_dead_flow_runs`). The integration test kills a
+real ``alignflow run`` (SIGKILL) while it waits for the lock, and the next ``alignflow run`` closes it;
+while the test holds the lock, ``alignflow monitor`` exits 75 naming the holder, and ``alignflow
+ingest FILE`` (a check: it writes no pipeline state) does not wait.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tasks.round as round_module
+from tasks.lock import home_lock
+from tasks.round import FLOW_MARKS, FlowMark, FlowMarks, close_dead_flow_runs, process_alive, process_start
+from tests.integration.pipeline_helpers import REPO, TINY
+from tests.tiny_models import make_tiny_model
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_process_is_dead_when_its_pid_is_gone_or_reused_and_alive_otherwise():
+    me, started = os.getpid(), process_start(os.getpid())
+    assert started is not None  # Linux /proc
+    assert process_alive(me, socket.gethostname(), started)
+    assert not process_alive(_dead_pid(), socket.gethostname(), None)
+    assert not process_alive(me, socket.gethostname(), started + 1)  # this pid now belongs to another process
+    assert process_alive(_dead_pid(), "another-host", None)  # cannot be checked from here: left alone
+
+
+def test_a_mark_lives_exactly_as_long_as_its_flow_run_and_only_dead_ones_are_closed(tmp_path, monkeypatch):
+    marks = FlowMarks(tmp_path)
+    with marks.mark("live-run", "alignment-pipeline") as path:
+        record = json.loads(path.read_text())
+        assert record["flow_run_id"] == "live-run" and record["pid"] == os.getpid()
+        assert record["process_start"] == process_start(os.getpid())
+        assert [p.name for p in (tmp_path / FLOW_MARKS).iterdir()] == [path.name]  # no temp file left
+    assert not path.exists()
+    with pytest.raises(RuntimeError), marks.mark("failing-run", "alignment-pipeline") as path:
+        raise RuntimeError("a stage failed")
+    assert not path.exists()  # an exception is not a crash: the flow run ends FAILED by itself
+    with marks.mark(None, "alignment-pipeline") as path:
+        assert path is None  # outside a flow run there is nothing to close
+
+    def plant(name: str, **fields) -> Path:
+        path = tmp_path / FLOW_MARKS / f"{name}.json"
+        path.write_text(FlowMark(flow_run_id=name, flow="alignment-pipeline", **fields).model_dump_json())
+        return path
+
+    dead = plant("dead", pid=_dead_pid())
+    reused = plant("reused", process_start=(process_start(os.getpid()) or 0) + 1)
+    waiting = plant("waiting", process_start=process_start(os.getpid()))  # a live run waiting for the lock
+    elsewhere = plant("elsewhere", pid=_dead_pid(), host="another-host")
+    (tmp_path / FLOW_MARKS / "torn.json").write_text('{"flow_run_id": "x", "fl')
+    closed: list[list[str]] = []
+    monkeypatch.setattr(round_module, "close_stale_flow_runs", lambda ids, message: closed.append(ids) or ids)
+    crashed = close_dead_flow_runs(tmp_path, {"dead-round", "mine"}, keep="mine")
+    assert closed == [["dead", "dead-round", "reused"]] and crashed == closed[0]
+    assert not dead.exists() and not reused.exists() and waiting.exists() and elsewhere.exists()
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+@pytest.fixture(scope="module")
+def prefect_api_url(tmp_path_factory):
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def _env(api_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "ALIGNFLOW_FAULT"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PREFECT_API_URL=api_url)
+    return env
+
+
+def _cli(command: str, config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", command, "--config", str(config), *extra]
+
+
+def _flow_state(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.type.value
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.fault
+def test_a_run_killed_while_waiting_for_the_lock_is_closed_by_the_next_and_monitor_shares_the_lock(
+        tmp_path, prefect_api_url):
+    home = tmp_path / "home"
+    config = yaml.safe_load(Path(TINY).read_text())
+    del config["demo"]  # a configured model: the next run stops at no-new-data without building anything
+    config["pipeline"]["home"] = str(home)
+    config["model"] = {"policy": {"name_or_path": str(make_tiny_model(tmp_path / "model", "llama"))}}
+    config["evaluation"].update(max_prompt_length=16, max_length=48)  # the tiny model has 128 positions
+    cfg_path = tmp_path / "tiny-model.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    feedback = tmp_path / "check.jsonl"
+    feedback.write_text("".join(json.dumps({"prompt": f"p{i}", "response_a": "good", "response_b": "bad",
+                                            "choice": "a"}) + "\n" for i in range(4)))
+    env, marks = _env(prefect_api_url), home / FLOW_MARKS
+    with home_lock(home, purpose="test holder"):
+        waiting = subprocess.Popen(_cli("run", cfg_path, "--set", "pipeline.lock_wait_s=600"), cwd=REPO, env=env,
+                                   stdout=(tmp_path / "waiting.log").open("w"), stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            busy = subprocess.run(_cli("monitor", cfg_path), cwd=REPO, env=env, capture_output=True, text=True,
+                                  timeout=300)
+            out = busy.stdout + busy.stderr
+            assert busy.returncode == 75 and f"in use by pid {os.getpid()}" in out and "test holder" in out, out[-3000:]
+            check = subprocess.run(_cli("ingest", cfg_path, str(feedback)), cwd=REPO, env=env, capture_output=True,
+                                   text=True, timeout=300)
+            assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+            assert not (home / "data").exists()  # a check writes no ledger and no validated store
+            deadline = time.monotonic() + 240
+            while not list(marks.glob("*.json")) and time.monotonic() < deadline and waiting.poll() is None:
+                time.sleep(0.5)
+            [mark] = list(marks.glob("*.json"))
+            flow_run_id = json.loads(mark.read_text())["flow_run_id"]
+            time.sleep(1.0)
+            assert waiting.poll() is None and _flow_state(flow_run_id) == "RUNNING"  # waiting for the lock
+        finally:
+            os.killpg(waiting.pid, signal.SIGKILL)  # a crash: no finally, no atexit
+            waiting.wait()
+    assert waiting.returncode == -9 and mark.exists()
+    assert not (home / "data" / "tiny" / "round.json").exists()  # it never wrote a round record
+    assert _flow_state(flow_run_id) == "RUNNING"
+
+    nxt = subprocess.run(_cli("run", cfg_path, "--only-if-new-data"), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert nxt.returncode == 0 and "no-new-data" in nxt.stdout + nxt.stderr, nxt.stdout[-3000:] + nxt.stderr[-3000:]
+    assert _flow_state(flow_run_id) == "CRASHED"
+    assert list(marks.iterdir()) == []  # the dead mark removed, the next run's own gone with it
