@@ -45,7 +45,7 @@ from tasks.stages.data import (
     log_round_dataset,
 )
 from tasks.stages.demo import demo_base_model_task, landing_is_empty, simulate_feedback_task
-from tasks.stages.evaluate import evaluate_task, gate_decision
+from tasks.stages.evaluate import evaluate_task, evaluation_complete, gate_decision
 from tasks.stages.models import base_model_record, champion_record, champion_trained_on, registered_candidate
 from tasks.stages.register import RegistryRecord, register_task
 from tasks.stages.summary import PipelineSummary, publish_summary
@@ -343,7 +343,7 @@ def evaluate_and_gate(rnd: PipelineRound, candidate: ModelRecord, champion: Mode
                       base: ModelRecord, reward: ModelRecord | None, dataset: DatasetRecord) -> dict[str, Any]:
     """Evaluate the candidate (cached) and take the gate's decision."""
     t = time.monotonic()
-    report, cached = run_cached(evaluate_task, None, cfg=rnd.cfg, candidate=candidate, champion=champion,
+    report, cached = run_cached(evaluate_task, evaluation_complete, cfg=rnd.cfg, candidate=candidate, champion=champion,
                                 base=base, reward=reward, dataset=dataset, parent_run_id=rnd.parent)
     rnd.timed("evaluate", "cached" if cached else "ran", t, report.headline())
     rnd.summary.evaluation = report.headline()

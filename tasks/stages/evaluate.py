@@ -9,10 +9,12 @@ registered versions (PNG). Cached on the models' digests, the test split and the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pandas as pd
 from pydantic import BaseModel, Field
@@ -176,15 +178,61 @@ def _log_heldout(run_id: str, cfg: PipelineConfig, dataset: DatasetRecord) -> No
                                  name=f"{cfg.pipeline.name}-{Path(path).stem}", digest=dataset.digest[:36])
 
 
+def _report_model(annotation: Any) -> type[BaseModel] | None:
+    """The report model a field holds (itself, in a list or optional), or None for plain values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in get_args(annotation) if (m := _report_model(a)) is not None), None)
+
+
+def missing_report_fields(data: Any, model: type[BaseModel] = EvalReport, where: str = "") -> list[str]:
+    """Fields of the current report model (nested models and their list items included) that the
+    report dict ``data`` lacks: a record written by an older version, before a guard figure existed."""
+    if not isinstance(data, dict):
+        return [where.rstrip(".") or "<report>"]
+    missing = [f"{where}{name}" for name in model.model_fields if name not in data]
+    for name, info in model.model_fields.items():
+        sub, value = _report_model(info.annotation), data.get(name)
+        if sub is not None and isinstance(value, dict):
+            missing += missing_report_fields(value, sub, f"{where}{name}.")
+        elif sub is not None and isinstance(value, list):
+            for i, item in enumerate(value):
+                missing += missing_report_fields(item, sub, f"{where}{name}.{i}.")
+    return missing
+
+
+def evaluation_complete(record: EvalRecord) -> bool:
+    """Whether a (cached) evaluation record has every field the current report, and so the gate,
+    reads. False makes :func:`~tasks.stages.cached.run_cached` evaluate again rather than hand the
+    gate an old record whose missing guard figures would fail as "not measured"."""
+    return not missing_report_fields(record.report)
+
+
+@lru_cache(maxsize=1)
+def evaluation_version() -> str:
+    """The evaluation's own version in its cache key, beside ``alignment/``'s code version (which
+    does not cover this code): a digest of the report's fields (:class:`EvalReport`'s JSON schema,
+    nested) and of the evaluation code's source (``tasks/evaluation/``, this module). A new guard
+    figure, or a change in how one is measured, makes an older cached evaluation a miss."""
+    digest = hashlib.sha256(json.dumps(EvalReport.model_json_schema(), sort_keys=True).encode())
+    here = Path(__file__).resolve()
+    for path in [here, *sorted((here.parents[1] / "evaluation").glob("*.py"))]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _evaluation_key(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,
                     reward: ModelRecord | None, dataset: DatasetRecord, **_: Any) -> tuple:
     return (candidate.digest, champion.digest if champion else None, base.digest, reward.digest if reward else None,
-            dataset.digest, cfg.evaluation, cfg.demo is not None)
+            dataset.digest, cfg.evaluation, cfg.demo is not None, evaluation_version())
 
 
 evaluate_task = cached_stage("evaluate", key=_evaluation_key)(run_evaluation)
-"""Prefect task of :func:`run_evaluation`, cached on the models', the dataset's digests and the
-``evaluation`` section, so a re-run compares the same models only once."""
+"""Prefect task of :func:`run_evaluation`, cached on the models', the dataset's digests, the
+``evaluation`` section and :func:`evaluation_version`, so a re-run compares the same models only
+once and a record from before a report field existed is never handed to the gate (run it with
+:func:`evaluation_complete` as ``run_cached``'s check, which also catches such a record)."""
 
 
 def gate_decision(cfg: PipelineConfig, record: EvalRecord, has_champion: bool) -> dict[str, Any]:
