@@ -2,7 +2,8 @@
 # One PostgreSQL instance, one role per service, each owning only its databases:
 #   prefect -> prefect;  mlflow -> mlflow, mlflow_auth (MLflow's basic-auth users, apart from tracking data).
 # The superuser (POSTGRES_USER) is for administration and backups only; no service connects as it.
-# Runs once, on an empty data volume (the postgres image's /docker-entrypoint-initdb.d). Passwords
+# Runs once, on an empty data volume (the postgres image's /docker-entrypoint-initdb.d), and on
+# Kubernetes once against the managed server (infra/k8s/postgres-roles-job.yaml, PGHOST/PGPASSWORD). Passwords
 # come from the environment through psql's \getenv: never on a command line.
 set -euo pipefail
 : "${PREFECT_DB_PASSWORD:?set PREFECT_DB_PASSWORD}"
