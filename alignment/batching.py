@@ -6,7 +6,10 @@ Token layout (every collator returns it, padded or packed)
   (right padding, one sequence per row) or absent when packed (sequences concatenated, first
   fit decreasing, into rows as wide as the longest one; ``position_ids`` restart at 0 for each:
   transformers then builds a block-diagonal causal mask, or uses variable-length kernels with
-  flash/flex attention). A row's unused tail is padding in a segment of its own.
+  flash/flex attention). A row's unused tail is padding in a segment of its own. With
+  ``one_row`` (packed, for variable-length attention, which flattens the rows anyway) every
+  sequence goes into a single row ``[1, T]``, ``T`` the total rounded up to
+  ``pad_to_multiple_of``: no row tails to compute, and the compiled layers see one batch size.
 * ``labels``: ``[R, T]`` next-token targets **already shifted**: ``labels[r, t]`` is the token
   the hidden state at ``(r, t)`` must predict, or -100. Only completion tokens are targets
   (never the prompt, never padding, never across a packed boundary).
@@ -238,15 +241,19 @@ def tokenize_demonstrations(
 # ---------------------------------------------------------------------------- collation
 def collate_sequences(
     prompts: Sequence[list[int]], completions: Sequence[list[int]], *, pad_id: int, packing: bool = False,
-    pad_to_multiple_of: int | None = None,
+    pad_to_multiple_of: int | None = None, one_row: bool = False,
 ) -> dict[str, Any]:
-    """Sequences ``prompt + completion`` in the token layout of the module docstring."""
+    """Sequences ``prompt + completion`` in the token layout of the module docstring
+    (``one_row`` applies to packed batches only)."""
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
     n = len(seqs)
-    width = row_width([len(s) for s in seqs], pad_to_multiple_of)
+    lengths = [len(s) for s in seqs]
+    one_row = one_row and packing
+    width = row_width([sum(lengths)] if one_row else lengths, pad_to_multiple_of)
     if packing:
         rows, position_ids, offsets, row_of = [], [], [0] * n, [0] * n
-        for r, idx in enumerate(first_fit_decreasing([len(s) for s in seqs], width)):
+        members = [list(range(n))] if one_row else first_fit_decreasing(lengths, width)
+        for r, idx in enumerate(members):
             row, pos = [], []
             for i in idx:
                 offsets[i], row_of[i] = len(row), r

@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ONE_ROW_MULTIPLE = 64
+"""One-row packed batches (varlen attention) are padded to a multiple of this many tokens."""
 
 
 class Recipe(ABC):
@@ -353,8 +355,17 @@ class Recipe(ABC):
             share = False
         if share:
             layout["share_prompt"] = True
+        elif packing and self._uses_varlen(model):
+            # varlen attention flattens the rows: pack one row, no row tails (alignment.batching)
+            layout |= {"one_row": True, "pad_to_multiple_of": ONE_ROW_MULTIPLE}
         self.share_prompt = share
         return layout
+
+    def _uses_varlen(self, model: nn.Module) -> bool:
+        """Whether :meth:`_enable_fast_paths` will switch on varlen attention for packed batches."""
+        cfg = self.config
+        dtype = _AUTOCAST_DTYPES.get(cfg.precision) or next(model.parameters()).dtype
+        return usable_fast_paths(cfg.compile, cfg.varlen_attention, self.device, dtype)[1]
 
     def note_data(self, split: str, stats: dict[str, int], kept: int) -> None:
         """Record (and log) how many examples a split kept, truncated and dropped."""
