@@ -331,6 +331,10 @@ class RLSettings(TrainSettings):
     """Entropy bonus weight."""
     missing_eos_penalty: float | None = None
     """Subtract this from the score of responses that did not end with EOS."""
+    reward_norm: Literal["none", "batch", "running"] = "none"
+    """Normalise the scores before the KL penalty and advantages: ``batch`` whitens each rollout's
+    scores (zero mean, unit std), ``running`` divides by the std and subtracts the mean of every
+    score seen so far (checkpointed), so ``kl.coef`` is in units of the reward's spread."""
 
 
 class PPOConfig(RLSettings):
@@ -348,6 +352,10 @@ class PPOConfig(RLSettings):
     """GAE lambda."""
     whiten_rewards: bool = False
     """Whiten shaped rewards before GAE."""
+    value_warmup_steps: int = Field(0, ge=0)
+    """The first this many steps fit only the value function: no policy loss, no entropy bonus, and
+    the value head's input detached, so the policy stays the initial model while the critic learns
+    a baseline (otherwise its first advantages come from a random head)."""
 
 
 class GRPOConfig(RLSettings):
@@ -359,6 +367,10 @@ class GRPOConfig(RLSettings):
     """grpo: (r - mean) / std within the group; rloo: r minus the mean of the other samples."""
     scale_by_std: bool = True
     """Divide GRPO advantages by the group std (Dr. GRPO turns this off)."""
+    kl_penalty: Literal["loss", "reward"] = "loss"
+    """Where the KL to the reference acts: ``loss`` adds kl_coef * k3 per token to the loss (GRPO
+    paper); ``reward`` subtracts kl_coef * the sequence KL (``kl.estimator``) from each score before
+    the group advantages (RLOO, TRL's RLOOTrainer): the KL-regularised objective itself."""
 
 
 RECIPE_CONFIGS: dict[str, type[TrainSettings]] = {

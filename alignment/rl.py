@@ -30,6 +30,9 @@ __all__ = [
     "kl_shaped_rewards",
     "group_advantages",
     "explained_variance",
+    "sequence_kl",
+    "RunningMoments",
+    "normalize_scores",
 ]
 
 
@@ -268,3 +271,72 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     if var_y == 0.0:
         return math.nan
     return 1.0 - float(masked_var(returns - values, mask, unbiased=False)) / var_y
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                estimator: Literal["k1", "k3"] = "k1") -> torch.Tensor:
+    """``[B]`` sequence KL estimates: sum_t m_t * KL_t with the chosen per-token estimator.
+
+    With k1 this is log pi(y|x) - log pi_ref(y|x) of each sampled response, whose mean over
+    samples of pi is KL(pi || pi_ref) per sequence. No gradient.
+    """
+    with torch.no_grad():
+        return masked_sum(kl_estimate(logprobs, ref_logprobs, estimator), mask, dim=1)
+
+
+class RunningMoments:
+    """Running mean and (population) variance of every value seen, merged batch by batch.
+
+    Chan et al.'s parallel update: with the running (n_a, mu_a, M2_a) and a batch
+    (n_b, mu_b, M2_b), delta = mu_b - mu_a, n = n_a + n_b,
+
+        mu = mu_a + delta * n_b / n
+        M2 = M2_a + M2_b + delta^2 * n_a * n_b / n,     var = M2 / n
+
+    (exact, in float64, whatever the batch sizes). ``state_dict``/``load_state_dict`` make it
+    part of a checkpoint, so a resumed run normalises as an uninterrupted one.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    @property
+    def var(self) -> float:
+        """Population variance of the values seen (0 before any)."""
+        return self.m2 / self.count if self.count else 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def update(self, values: torch.Tensor) -> None:
+        """Merge a batch of values (any shape; all entries count)."""
+        x = values.detach().to(torch.float64).flatten()
+        n_b = x.numel()
+        if n_b == 0:
+            return
+        mu_b = float(x.mean())
+        m2_b = float(((x - mu_b) ** 2).sum())
+        n = self.count + n_b
+        delta = mu_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.count * n_b / n
+        self.count = n
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def normalize_scores(scores: torch.Tensor, mean: float, std: float, eps: float = 1e-8) -> torch.Tensor:
+    """(scores - mean) / (std + eps): reward normalisation to zero mean and unit scale.
+
+    With a batch's own moments this is reward whitening; with :class:`RunningMoments` it puts
+    every step's rewards on one scale, so a KL coefficient means the same thing whatever the
+    reward model's scale (a reward model's outputs are only defined up to shift and scale).
+    """
+    return (scores - mean) / (std + eps)

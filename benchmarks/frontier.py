@@ -1,14 +1,21 @@
 """Reward–KL frontier on the demo task (the DPO paper's sentiment experiment, at demo scale).
 
-Sweeps β for DPO (and, with ``--kto-betas``, KTO on the unpaired set) and the KL coefficient
-for PPO on one simulated feedback batch from the demo
-base model, evaluates every policy on the held-out prompts (mean VADER sentiment = the oracle,
-KL to the base model at the sampling temperature) and prints a Markdown table; writes the plot
+Sweeps β for DPO (and, with ``--kto-betas``, KTO on the unpaired set), and runs PPO and GRPO
+points (``--ppo`` / ``--grpo``: one run per argument, each a comma-separated list of overrides
+of the method's config section; ``--kl-coefs`` is shorthand for ``--ppo kl.coef=C``) on one
+simulated feedback batch from the demo base model, evaluates every policy on the held-out
+prompts (mean VADER sentiment = the oracle, KL to the base model at the sampling temperature)
+and prints a Markdown table with each run's training wall time; writes the plot
 ``frontier.png`` and ``frontier.json`` into the home folder.
 
     python benchmarks/frontier.py --home /tmp/frontier
     python benchmarks/frontier.py --betas 0.05 0.1 0.3 1 --kl-coefs 0.01 0.05 0.2 --ppo-steps 40
+    python benchmarks/frontier.py --betas --kl-coefs --ppo kl.coef=0.02 --grpo kl.coef=0.02,group_size=8 \
+        --reward-model <a reward folder> --reuse <an earlier frontier.json>
 
+``--reward-model`` pins the PPO/GRPO reward to a trained reward folder (else the demo's reward
+stage trains one, cached); ``--reuse`` copies an earlier run's rows of other methods into the
+table and plot (taken on the same machine and data, or the comparison is void).
 Training runs are cached by their inputs (re-running the script re-evaluates only).
 """
 
@@ -23,15 +30,18 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from alignment.batching import decode_prompt  # noqa: E402
 from tasks.config import load_pipeline_config  # noqa: E402
 from tasks.demo.oracle import sentiment  # noqa: E402
 from tasks.evaluation.plots import plot_reward_vs_kl  # noqa: E402
 from tasks.evaluation.suite import evaluate_models  # noqa: E402
+from tasks.records import ModelRecord  # noqa: E402
 from tasks.stages.data import run_build, run_ingest  # noqa: E402
 from tasks.stages.demo import demo_base_model, heldout_prompts, landing_is_empty, simulate_round  # noqa: E402
 from tasks.stages.train import train_stage  # noqa: E402
+from tasks.versioning import digest_of  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,7 +50,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--home", default="/tmp/alignflow-frontier", help="home folder for data, runs and outputs")
     p.add_argument("--betas", type=float, nargs="*", default=[0.03, 0.1, 0.3, 1.0])
     p.add_argument("--kl-coefs", type=float, nargs="*", default=[0.02, 0.05, 0.2])
-    p.add_argument("--ppo-steps", type=int, default=30, help="PPO iterations per run")
+    p.add_argument("--ppo-steps", type=int, default=None, help="PPO iterations per run (default: the config's)")
+    p.add_argument("--ppo", action="append", default=[], metavar="K=V[,K=V...]",
+                   help="a PPO run with these overrides of the ppo section (repeatable)")
+    p.add_argument("--grpo", action="append", default=[], metavar="K=V[,K=V...]",
+                   help="a GRPO run with these overrides of the grpo section (repeatable)")
+    p.add_argument("--reward-model", default=None, help="reward folder for PPO/GRPO (default: train the demo's)")
+    p.add_argument("--reuse", default=None, help="an earlier frontier.json: its rows of methods not run here")
     p.add_argument("--kto-betas", type=float, nargs="*", default=[],
                    help="KTO runs (unpaired: the build's unpaired-train set) at these betas")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
@@ -58,7 +74,10 @@ def main() -> None:
         simulate_round(cfg, base, base, round_index=0)
     ingest = run_ingest(cfg, None)
     dataset = run_build(cfg, ingest, None)
-    reward = train_stage(cfg, "reward", dataset.files, dataset.digest, base, None)
+    if args.reward_model:
+        reward = ModelRecord(stage="reward", path=args.reward_model, digest=digest_of("pinned", args.reward_model))
+    else:
+        reward = train_stage(cfg, "reward", dataset.files, dataset.digest, base, None)
     prompts = heldout_prompts(cfg, base)
     pairs_file = dataset.files.get("pairs-test")
     pairs = pd.read_parquet(pairs_file) if pairs_file else None
@@ -66,13 +85,20 @@ def main() -> None:
 
     rows = []
 
-    def evaluate(method: str, knob: str, value: float, model_path: str) -> None:
-        out = evaluate_models(model_path, None, base.path, prompts, pairs, reward_model=reward.path,
+    def evaluate(method: str, knob: str, value: float | str, model: ModelRecord, train_s: float) -> None:
+        out = evaluate_models(model.path, None, base.path, prompts, pairs, reward_model=reward.path,
                               oracle=lambda texts: sentiment(texts), settings=cfg.evaluation, device="cpu")
         c = out.report.candidate
         rows.append({"method": method, knob: value, "kl": c.kl, "kl_se": c.kl_se, "oracle": c.oracle_mean,
-                     "reward": c.reward_mean, "malformed": c.malformed_share, "distinct_2": c.distinct_2})
-        print(f"{method} {knob}={value}: KL {c.kl:.2f} ± {c.kl_se:.2f}, oracle {c.oracle_mean:+.3f}", flush=True)
+                     "reward": c.reward_mean, "malformed": c.malformed_share, "distinct_2": c.distinct_2,
+                     "train_s": train_s, **_train_summary(model)})
+        print(f"{method} {knob}={value}: KL {c.kl:.2f} ± {c.kl_se:.2f}, oracle {c.oracle_mean:+.3f}, "
+              f"distinct-2 {c.distinct_2:.3f}, trained in {train_s:.0f} s", flush=True)
+
+    def train(run_cfg, stage: str, **kw) -> tuple[ModelRecord, float]:
+        t0 = time.monotonic()
+        model = train_stage(run_cfg, stage, dataset.files, dataset.digest, base, None, **kw)
+        return model, time.monotonic() - t0
 
     ref = evaluate_models(base.path, None, base.path, prompts, pairs, oracle=lambda t: sentiment(t),
                           settings=cfg.evaluation, device="cpu").report.candidate
@@ -80,36 +106,64 @@ def main() -> None:
                  "malformed": ref.malformed_share, "distinct_2": ref.distinct_2})
     for beta in args.betas:
         run = load_pipeline_config(args.config, [*base_overrides, f"dpo.beta={beta}", "pipeline.init_from=base"])
-        model = train_stage(run, "dpo", dataset.files, dataset.digest, base, None)
-        evaluate("DPO", "beta", beta, model.path)
+        evaluate("DPO", "beta", beta, *train(run, "dpo"))
     for beta in args.kto_betas:
         run = load_pipeline_config(args.config, [*base_overrides, "pipeline.method=kto", f"kto.beta={beta}",
                                                  "pipeline.init_from=base"])
-        model = train_stage(run, "kto", dataset.files, dataset.digest, base, None)
-        evaluate("KTO", "beta", beta, model.path)
-    for coef in args.kl_coefs:
-        run = load_pipeline_config(args.config, [*base_overrides, f"ppo.kl.coef={coef}",
-                                                 f"ppo.max_steps={args.ppo_steps}"])
-        model = train_stage(run, "ppo", dataset.files, dataset.digest, base, None, reward=reward)
-        evaluate("PPO", "kl_coef", coef, model.path)
+        evaluate("KTO", "beta", beta, *train(run, "kto"))
+    rl_runs = [("ppo", f"kl.coef={c}") for c in args.kl_coefs]
+    rl_runs += [("ppo", spec) for spec in args.ppo] + [("grpo", spec) for spec in args.grpo]
+    for stage, spec in rl_runs:
+        sets = [item.strip() for item in spec.split(",") if item.strip()]
+        steps = [f"ppo.max_steps={args.ppo_steps}"] if stage == "ppo" and args.ppo_steps else []
+        run = load_pipeline_config(args.config, [*base_overrides, f"pipeline.method={stage}", *steps,
+                                                 *(f"{stage}.{item}" for item in sets)])
+        evaluate(stage.upper(), "setting", spec, *train(run, stage, reward=reward))
+    ran = {r["method"] for r in rows}
+    if args.reuse:
+        rows += [{**r, "reused_from": args.reuse} for r in json.loads(Path(args.reuse).read_text())
+                 if r["method"] not in ran]
 
     series = {
         "DPO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "DPO"],
-        "PPO (KL-coefficient sweep)": [(f"c={r['kl_coef']}", r["kl"], r["oracle"]) for r in rows
-                                       if r["method"] == "PPO"],
         "KTO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "KTO"],
         "base": [("base", 0.0, ref.oracle_mean)],
     }
+    for method in ("PPO", "GRPO"):
+        pts = [r for r in rows if r["method"] == method]
+        series[method] = [(_short_label(r), r["kl"], r["oracle"]) for r in pts]
+    series = {k: v for k, v in series.items() if v}
     plot = plot_reward_vs_kl(series, home / "frontier.png", ylabel="mean VADER sentiment (oracle)",
                              title="Reward–KL frontier on the demo task")
     (home / "frontier.json").write_text(json.dumps(rows, indent=2))
-    print("\n| method | setting | KL to base (nats/seq) | oracle sentiment | malformed | distinct-2 |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n(torch threads: {torch.get_num_threads()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
+    print("| method | setting | KL to base (nats/seq) | oracle sentiment | malformed | distinct-2 | train s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        setting = f"β={r['beta']}" if "beta" in r else (f"c={r['kl_coef']}" if "kl_coef" in r else "-")
+        setting = (f"β={r['beta']}" if "beta" in r else f"c={r['kl_coef']}" if "kl_coef" in r
+                   else r.get("setting", "-"))
+        train_s = f"{r['train_s']:.0f}" if r.get("train_s") is not None else "-"
         print(f"| {r['method']} | {setting} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {r['oracle']:+.3f} | "
-              f"{r['malformed']:.3f} | {r['distinct_2']:.3f} |")
+              f"{r['malformed']:.3f} | {r['distinct_2']:.3f} | {train_s} |")
     print(f"\nplot: {plot}; {len(rows)} points in {time.monotonic() - started:.0f} s")
+
+
+def _short_label(row: dict) -> str:
+    """A plot label for an RL point: its KL setting (coefficient or adaptive target) when named."""
+    spec = str(row.get("setting", ""))
+    if "kl_coef" in row:
+        return f"c={row['kl_coef']}"
+    picked = [item.split("=", 1)[1] for item in spec.split(",") if item.strip().startswith(("kl.coef=", "kl.target="))]
+    return ("KL→" if "kl.target=" in spec else "c=") + picked[-1] if picked else spec[:18]
+
+
+def _train_summary(model: ModelRecord) -> dict:
+    """Steps and the last logged RL metrics of a run (what reveals a silent failure), from its summary."""
+    summary = model.summary or {}
+    metrics = summary.get("metrics") or {}
+    keep = ("kl", "kl_coef", "reward/raw", "entropy", "clipfrac", "explained_variance", "response_length",
+            "eos_rate", "grad_norm")
+    return {"steps": summary.get("steps"), "final": {k: metrics[k] for k in keep if k in metrics}}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each step (see :mod:`alignment.recipes.rl_base` for the shared conventions):
 
 1. sample one response per prompt; score it (``reward/raw``), minus ``missing_eos_penalty``
-   for responses cut before EOS;
+   for responses cut before EOS; normalise (``reward_norm``);
 2. no-grad forwards: the rollout policy's log-probs, values and entropy, the reference's log-probs;
 3. per-token rewards r_t = -kl_coef * KL_t plus the score at the last response token
    (:func:`alignment.rl.kl_shaped_rewards`, estimator ``kl.estimator``), optionally whitened
@@ -13,16 +13,23 @@ Each step (see :mod:`alignment.recipes.rl_base` for the shared conventions):
    token means over the minibatch;
 5. the KL controller (adaptive or fixed) sees the batch's mean sequence KL.
 
+Value warm-up (``value_warmup_steps``): the first steps fit only the value function (loss =
+the value loss, the value head's input detached, no entropy bonus), so the policy is still the
+initial model when its first advantages are computed from a fitted critic instead of a random head.
+The ``head`` starts at zero (V = 0 everywhere, a constant baseline: explained variance 0 at the
+start, where a randomly initialised head adds noise and starts below 0).
+
 Value function (``value_model``): ``head`` — a linear head on the policy's last hidden state
 (shares the trunk; saved in checkpoints as ``value.safetensors``); ``separate`` — a sequence-
 classification model initialised from ``reward_model`` (or the policy's weights with a fresh
 head when rewards come from ``reward_fn``), which must share the policy's tokenizer.
 
-Metrics: ``reward/raw``, ``reward/shaped`` (sum of shaped rewards per sequence), ``kl`` (mean
+Metrics: ``reward/raw``, ``reward/raw_std``, ``reward/normalized`` / ``reward/norm_mean`` /
+``reward/norm_std`` (with ``reward_norm``), ``reward/shaped`` (sum of shaped rewards per sequence), ``kl`` (mean
 sequence KL of the rollout policy to the reference), ``kl_coef``, ``entropy`` (per token),
 ``loss``, ``loss/policy``, ``loss/value``, ``clipfrac``, ``approx_kl`` (rollout → updated
 policy), ``vf_clipfrac``, ``explained_variance``, ``value/mean``, ``response_length``,
-``eos_rate``, ``grad_norm`` (mean over the step's optimizer steps), ``generate_tokens_per_s``,
+``eos_rate``, ``grad_norm`` (mean over the step's optimizer steps), ``value_warmup`` (1 on a warm-up step), ``generate_tokens_per_s``,
 ``rollout_s``, ``update_s``; the base adds ``lr``, ``tokens_per_s`` (prompt + response tokens of
 the rollout per second of the whole step) and ``samples_per_s``.
 """
@@ -56,7 +63,7 @@ class PPORecipe(RLRecipe):
         if cfg.value_model == "head":
             hidden = hf_model(self.model).config.hidden_size
             head = nn.Linear(hidden, 1)
-            nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(head.weight)  # V = 0 everywhere: a constant baseline, never worse than one
             nn.init.zeros_(head.bias)
             self.value_module = head
         else:
@@ -101,8 +108,13 @@ class PPORecipe(RLRecipe):
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask)
+        warmup = self.step < cfg.value_warmup_steps
 
         def loss(out: dict[str, torch.Tensor], rows: list[int], m: torch.Tensor):
+            if warmup:  # the critic alone: the policy's log-probs are not in the loss
+                vf, vf_stats = ppo_value_loss(out["values"], old["values"][rows][m], returns[rows][m],
+                                              torch.ones_like(out["values"]), cfg.value_clip)
+                return vf, {"loss/value": vf, **vf_stats}
             pg, pg_stats = ppo_policy_loss(out["token_logps"], old["logps"][rows][m], advantages[rows][m],
                                            torch.ones_like(out["token_logps"]), cfg.clip_range)
             vf, vf_stats = ppo_value_loss(out["values"], old["values"][rows][m], returns[rows][m],
@@ -118,6 +130,8 @@ class PPORecipe(RLRecipe):
                 "entropy": float(masked_mean(old["entropy"], mask)),
                 "explained_variance": explained_variance(old["values"], returns, mask),
                 "value/mean": float(masked_mean(old["values"], mask)),
+                "value_warmup": float(warmup),
             }
 
-        return UpdatePlan(loss, finish, with_entropy=cfg.entropy_coef > 0, entropy_grad=True)
+        return UpdatePlan(loss, finish, with_entropy=cfg.entropy_coef > 0 and not warmup, entropy_grad=True,
+                          policy_trains=not warmup, forward_kwargs={"detach_value_input": warmup})

@@ -4,7 +4,9 @@ One training **step** (:meth:`RLRecipe.train_step`, written once for both algori
 
 1. sample responses for ``rollout_batch_size`` prompts (per process) with
    :func:`alignment.generation.generate` and score them (a reward model folder, or a
-   ``reward_fn`` ``"module:function"`` mapping ``(prompts, responses) -> list[float]``);
+   ``reward_fn`` ``"module:function"`` mapping ``(prompts, responses) -> list[float]``), minus
+   ``missing_eos_penalty`` for responses cut before EOS, then normalised (``reward_norm``:
+   the batch's or the running moments, :func:`alignment.rl.normalize_scores`);
 2. the algorithm plans its update (:meth:`RLRecipe.plan_update`: no-grad log-probs,
    advantages) and returns an :class:`UpdatePlan`;
 3. :meth:`RLRecipe.update`: ``update_epochs`` passes over the samples in minibatches of
@@ -52,7 +54,7 @@ from alignment.models import (
 )
 from alignment.recipes.base import Recipe
 from alignment.recipes.rollout import Rollout, disable_dropout, load_reward_fn, response_forward
-from alignment.rl import AdaptiveKLController, FixedKLController, kl_k1
+from alignment.rl import AdaptiveKLController, FixedKLController, RunningMoments, kl_k1, normalize_scores
 
 __all__ = ["RLRecipe", "UpdatePlan"]
 
@@ -66,13 +68,16 @@ class UpdatePlan:
     bool) without the entropy bonus, and scalar tensors (``stats``) that the loop detaches and
     averages into the step's metrics. ``finish()`` → ``(sequence KL, metrics)`` once the updates are done: the mean KL of
     the rollout policy to the reference (for the KL controller) and the algorithm's metrics.
-    ``with_entropy`` / ``entropy_grad`` are passed to the policy module's forward.
+    ``with_entropy`` / ``entropy_grad`` (and ``forward_kwargs``) are passed to the policy module's
+    forward. ``policy_trains`` False (a value warm-up step) leaves out the entropy bonus.
     """
 
     loss: Callable[[dict[str, torch.Tensor], list[int], torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     finish: Callable[[], tuple[float, dict[str, Any]]]
     with_entropy: bool
     entropy_grad: bool
+    policy_trains: bool = True
+    forward_kwargs: dict[str, Any] | None = None
 
 
 class RLRecipe(Recipe):
@@ -121,6 +126,9 @@ class RLRecipe(Recipe):
         kl = cfg.kl
         self.kl_ctl = AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.coef)
         self.stateful["kl_ctl"] = self.kl_ctl  # checkpointed: a resumed run continues its coefficient
+        self.score_moments = RunningMoments()
+        if cfg.reward_norm == "running":
+            self.stateful["score_moments"] = self.score_moments  # a resumed run normalises the same way
 
     @property
     def temperature(self) -> float:
@@ -175,6 +183,8 @@ class RLRecipe(Recipe):
         metrics (means over processes; ``tokens`` and ``samples`` summed)."""
         started = time.perf_counter()
         roll = self.sample(self.feed.collate_next()["prompts"], repeats=self.samples_per_prompt)
+        scores_before_norm = roll.scores
+        roll.scores = self.normalized(roll.scores)
         plan = self.plan_update(roll)
         rollout_s = time.perf_counter() - started
         metrics = self.update(roll, plan)
@@ -183,6 +193,10 @@ class RLRecipe(Recipe):
         self.kl_ctl.update(float(self.reduce_metrics({"kl": seq_kl})["kl"]), len(roll) * self.accelerator.num_processes)
         mask = roll.mask
         metrics["reward/raw"] = float(roll.raw_scores.mean())
+        metrics["reward/raw_std"] = float(roll.raw_scores.std()) if len(roll) > 1 else 0.0
+        if self.config.reward_norm != "none":
+            metrics["reward/normalized"] = float(roll.scores.mean())
+            metrics["reward/norm_mean"], metrics["reward/norm_std"] = self._norm_moments(scores_before_norm)
         metrics.update(algorithm_metrics)
         metrics.update({
             "response_length": float(mask.sum(1).float().mean()),
@@ -194,6 +208,23 @@ class RLRecipe(Recipe):
             "samples": len(roll),
         })
         return self.reduce_metrics(metrics)
+
+    def _norm_moments(self, scores: torch.Tensor) -> tuple[float, float]:
+        if self.config.reward_norm == "running":
+            return self.score_moments.mean, self.score_moments.std
+        return float(scores.mean()), float(scores.std()) if scores.numel() > 1 else 0.0
+
+    def normalized(self, scores: torch.Tensor) -> torch.Tensor:
+        """The training scores under ``reward_norm`` (all processes' scores count toward the moments)."""
+        mode = self.config.reward_norm
+        if mode == "none":
+            return scores
+        if mode == "batch":
+            every = self.accelerator.gather(scores) if self.accelerator.num_processes > 1 else scores
+            std = float(every.std()) if every.numel() > 1 else 0.0
+            return normalize_scores(scores, float(every.mean()), std)
+        self.score_moments.update(self.accelerator.gather(scores) if self.accelerator.num_processes > 1 else scores)
+        return normalize_scores(scores, self.score_moments.mean, self.score_moments.std)
 
     def update(self, roll: Rollout, plan: UpdatePlan) -> dict[str, float]:
         """``update_epochs`` passes of minibatches over ``roll``, one guarded optimizer step each.
@@ -212,9 +243,10 @@ class RLRecipe(Recipe):
                 batch = roll.collate(rows, self.layout, self.device)
                 m = mask[rows].bool()
                 with self.accelerator.autocast():
-                    out = self.train_module(batch, with_entropy=plan.with_entropy, entropy_grad=plan.entropy_grad)
+                    out = self.train_module(batch, with_entropy=plan.with_entropy, entropy_grad=plan.entropy_grad,
+                                            **(plan.forward_kwargs or {}))
                 loss, stats = plan.loss(out, rows, m)
-                if cfg.entropy_coef > 0:
+                if cfg.entropy_coef > 0 and plan.policy_trains:
                     loss = loss - cfg.entropy_coef * out["entropy"].mean()
                 share = m.sum() / n_tokens
                 self.accelerator.backward(loss * share)

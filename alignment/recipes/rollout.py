@@ -109,8 +109,10 @@ def response_forward(
 class PolicyModule(nn.Module):
     """The trained module handed to ``accelerate``: the policy plus, for PPO, a value function.
 
-    ``forward(batch, with_entropy=False, entropy_grad=False) -> {"token_logps" [N], "values" [N]?,
-    "entropy" [N]?}`` (see :func:`response_forward`).
+    ``forward(batch, with_entropy=False, entropy_grad=False, detach_value_input=False) ->
+    {"token_logps" [N], "values" [N]?, "entropy" [N]?}`` (see :func:`response_forward`);
+    ``detach_value_input`` stops the value loss's gradient at the value head's input (the shared
+    trunk is left alone: a value warm-up that does not move the policy).
     The value is a linear head on the policy's last hidden state (``value_head``) or a
     separate sequence-classification model whose score head is applied at every position
     (``value_model``); V at a target is the value of the state that emits it.
@@ -126,12 +128,14 @@ class PolicyModule(nn.Module):
         self.temperature = temperature
 
     def forward(self, batch: dict[str, Any], with_entropy: bool = False,
-                entropy_grad: bool = False) -> dict[str, torch.Tensor]:
+                entropy_grad: bool = False, detach_value_input: bool = False) -> dict[str, torch.Tensor]:
         out = response_forward(self.policy, batch, self.chunk_size, self.temperature,
                                with_hidden=self.value_head is not None, with_entropy=with_entropy,
                                entropy_grad=entropy_grad)
         if self.value_head is not None:
             hidden = out.pop("hidden")
+            if detach_value_input:
+                hidden = hidden.detach()
             out["values"] = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         elif self.value_model is not None:
             inner = hf_model(self.value_model)
@@ -155,7 +159,7 @@ class Rollout:
     raw_scores: torch.Tensor
     """[B] fp32 reward-model / reward_fn output."""
     scores: torch.Tensor
-    """[B] fp32 score used for training (raw minus the missing-EOS penalty)."""
+    """[B] fp32 score used for training (raw minus the missing-EOS penalty, then ``reward_norm``)."""
     mask: torch.Tensor
     """[B, R] long, 1 on response tokens (right-padded), on the device."""
     generate_s: float

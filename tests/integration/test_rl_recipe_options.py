@@ -1,0 +1,81 @@
+"""PPO value warm-up, reward normalisation and GRPO's KL-in-reward on a tiny model (issue 15, point 5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.config import GRPOConfig, PPOConfig
+from alignment.recipes.grpo import GRPORecipe
+from alignment.recipes.ppo import PPORecipe
+from tests.integration.test_rl_recipes import assets, read_metrics, rl_config  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def test_ppo_value_warmup_leaves_the_policy_and_fits_the_critic(assets):  # noqa: F811
+    cfg = PPOConfig.model_validate(rl_config(assets, "ppo", "ppo-warm", max_steps=3, rollout_batch_size=16,
+                                             minibatch_size=16, update_epochs=2, value_warmup_steps=3,
+                                             reward_norm="running", entropy_coef=0.01))
+    PPORecipe(cfg).run()
+    start = load_file(f"{assets['model']}/model.safetensors")
+    final = load_file(str(assets["root"] / "ppo-warm" / "final" / "model.safetensors"))
+    assert start.keys() == final.keys()
+    assert all(torch.equal(start[k], final[k]) for k in start), "a warm-up step moved the policy"
+    records = read_metrics(assets["root"] / "ppo-warm")
+    assert [r["value_warmup"] for r in records] == [1.0, 1.0, 1.0]
+    assert all("loss/policy" not in r and r["loss/value"] > 0 for r in records)
+    assert records[-1]["loss/value"] < records[0]["loss/value"]  # the critic learns
+    # running normalisation: the scores seen so far have these moments, and training sees them scaled
+    first = records[0]
+    assert first["reward/norm_mean"] == pytest.approx(first["reward/raw"], abs=1e-5)
+    assert first["reward/normalized"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ppo_after_warmup_trains_the_policy(assets):  # noqa: F811
+    cfg = PPOConfig.model_validate(rl_config(assets, "ppo", "ppo-warm-then", max_steps=3, rollout_batch_size=16,
+                                             minibatch_size=16, update_epochs=2, value_warmup_steps=1,
+                                             reward_norm="batch"))
+    PPORecipe(cfg).run()
+    records = read_metrics(assets["root"] / "ppo-warm-then")
+    assert [r["value_warmup"] for r in records] == [1.0, 0.0, 0.0]
+    assert "loss/policy" in records[-1] and records[-1]["approx_kl"] > 0  # the second epoch sees a moved policy
+    assert all(r["reward/normalized"] == pytest.approx(0.0, abs=1e-5) for r in records)  # batch whitening
+    start = load_file(f"{assets['model']}/model.safetensors")
+    final = load_file(str(assets["root"] / "ppo-warm-then" / "final" / "model.safetensors"))
+    assert any(not torch.equal(start[k], final[k]) for k in start)
+
+
+def test_grpo_kl_in_reward_penalises_the_scores_before_the_group_advantages(assets, monkeypatch):  # noqa: F811
+    import alignment.recipes.grpo as grpo_module
+
+    cfg = GRPOConfig.model_validate(rl_config(assets, "grpo", "grpo-klr", max_steps=2, rollout_batch_size=4,
+                                              group_size=4, minibatch_size=16, update_epochs=1,
+                                              kl_penalty="reward", kl={"coef": 0.5}))
+    recipe = GRPORecipe(cfg)
+    given, expected = [], []
+    real_advantages = grpo_module.group_advantages
+
+    def spy_advantages(rewards, *args, **kwargs):
+        given.append(rewards.tolist())
+        return real_advantages(rewards, *args, **kwargs)
+
+    plan_update = recipe.plan_update
+
+    def spy_plan(roll):  # the penalised scores, summed by hand from the rollout's own log-probs
+        grids = recipe._no_grad_forward(roll, with_policy=True)
+        kl_rows = [sum(float(lp - rp) for lp, rp, keep in zip(lp_row, rp_row, m_row, strict=True) if keep)
+                   for lp_row, rp_row, m_row in zip(grids["logps"], grids["ref"], roll.mask, strict=True)]
+        expected.append([s - 0.5 * k for s, k in zip(roll.scores.tolist(), kl_rows, strict=True)])
+        return plan_update(roll)
+
+    monkeypatch.setattr(grpo_module, "group_advantages", spy_advantages)
+    recipe.plan_update = spy_plan
+    recipe.run()
+    records = read_metrics(assets["root"] / "grpo-klr")
+    assert len(given) == len(expected) == len(records) == 2
+    for got, want in zip(given, expected, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert records[1]["kl"] != 0.0  # the policy moved after step 1: the penalty is not vacuous
+    assert records[1]["reward/shaped"] == pytest.approx(records[1]["reward/raw"] - 0.5 * records[1]["kl"], abs=1e-4)
