@@ -5,14 +5,14 @@
 
 * the *trainable* weights of each module a recipe names (``model.safetensors``, or
   ``adapter_model.safetensors`` under LoRA, plus e.g. ``value.safetensors``; frozen weights come
-  from ``model.name_or_path`` again), or under FSDP accelerate's sharded ``fsdp/`` state;
+  from ``model.name_or_path`` again), full (unsharded) tensors under FSDP as well;
 * ``optimizer``, ``scheduler``, ``extra`` (recipe state such as a KL controller) and ``rng``
   (python, numpy, torch, cuda; ``rng-<rank>`` for each other process), each as a *state pair*:
   ``<name>.json`` plus, when the state holds tensors, ``<name>.safetensors``;
 * ``state.json`` (step, data position, tokens seen, training time, process count, recipe) and
   ``config.json`` (the run's whole config).
 
-No file is a pickle (except in FSDP's folder, see below; the design rule: persisted state is JSON, Parquet or safetensors). A state
+No file is a pickle (the design rule: persisted state is JSON, Parquet or safetensors). A state
 pair's JSON is the state's structure with each tensor replaced by ``{"__tensor__": key, "device":
 ...}``, where ``key`` is its dotted path (``state.0.exp_avg``) in the safetensors file (which keeps
 its dtype); tuples, dicts with non-string keys (the optimizer's param ids) and non-finite floats
@@ -20,11 +20,17 @@ carry tags too, so a restored state equals the saved one exactly (types included
 ``step`` stays a float32 tensor and goes back to the run's device, a CPU tensor stays on the CPU).
 Anything else (an arbitrary object) is refused with TypeError at save time rather than pickled.
 
-Known gap: under FSDP the ``fsdp/`` folder is accelerate's ``save_state`` format, which still
-writes torch pickles (``*.bin``, ``random_states_*.pkl``); the state pairs beside it are JSON and
-safetensors as everywhere.
+Sharded models (FSDP2 ``fully_shard``, whose parameters are DTensors, or accelerate's FSDP) are
+written in the same format: ``torch.distributed.checkpoint.state_dict``'s
+``get_model_state_dict`` / ``get_optimizer_state_dict`` (``full_state_dict=True,
+cpu_offload=True``: a collective on every process) gather full tensors on the main process, which
+writes them (weights as safetensors, the optimizer as a state pair keyed by parameter names instead
+of ids); every process waits at a barrier. On load the main process reads the files and
+``set_model_state_dict`` / ``set_optimizer_state_dict`` (``broadcast_from_rank0=True``) shard them
+again over the processes. The same files serve any later sharding of the same process count.
 
-Checkpoints of older versions (``optimizer.pt`` etc., torch pickles) are refused with
+Checkpoints of older versions (``optimizer.pt`` etc., torch pickles, or accelerate's ``fsdp/``
+``save_state`` folder of pickled ``*.bin``/``*.pkl``) are refused with
 :class:`ResumeConfigError` naming the folder, never unpickled: resuming across that change is
 rare, and starting over (``resume: false`` or a new ``output_dir``) is the way on.
 
@@ -148,13 +154,88 @@ def _load_pair(folder: Path, name: str, device: torch.device) -> Any:
 
 
 def _refuse_pickles(path: Path) -> None:
-    """Raise ResumeConfigError if ``path`` is an old checkpoint with torch pickles (never loaded)."""
-    pickles = sorted(p.name for p in path.glob("*.pt"))
+    """Raise ResumeConfigError if ``path`` is an old checkpoint with torch pickles (never loaded):
+    ``*.pt`` files, or accelerate's ``fsdp/`` folder of an earlier FSDP checkpoint."""
+    pickles = sorted(p.name for p in path.glob("*.pt")) + (["fsdp/"] if (path / "fsdp").exists() else [])
     if pickles:
         raise ResumeConfigError(
             f"cannot resume from {path}: it holds {', '.join(pickles)}, torch pickles written by an older "
             "alignflow, which are never loaded. Set resume: false (or a new output_dir) to start over."
         )
+
+
+_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+"""Name parts wrappers add to parameter names, which torch's state-dict FQNs leave out."""
+
+
+def is_sharded(modules: dict[str, nn.Module], accelerator: Accelerator) -> bool:
+    """Whether the modules' parameters are sharded over the processes (FSDP2's DTensors, or
+    accelerate's FSDP): then their state is gathered and scattered by torch's state-dict API."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for module in modules.values() for p in module.parameters())
+
+
+def _fqn(name: str) -> str:
+    for part in _WRAPPERS:
+        name = name.replace(part, "")
+    return name
+
+
+def _owner(modules: dict[str, nn.Module]) -> nn.Module:
+    """The module whose parameter names key a sharded optimizer's state: the only module, or the
+    modules side by side (``0.``, ``1.``, ... in the order the recipe names them)."""
+    if len(modules) == 1:
+        return next(iter(modules.values()))
+    return nn.ModuleDict({str(i): module for i, module in enumerate(modules.values())})
+
+
+def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper (torch's state-dict API walks its groups)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _gather_trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full trainable weights of a sharded module by name (collective; empty off the main process)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=True))
+    buffers = {_fqn(n) for n, _ in module.named_buffers()}
+    return {n: t.contiguous() for n, t in state.items() if n not in buffers}
+
+
+def _scatter_trainable(module: nn.Module, state: dict[str, torch.Tensor], main: bool, source: str) -> None:
+    """Inverse of :func:`_gather_trainable` (collective): ``state`` is read on the main process only."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if main:
+        trainable = {_fqn(n) for n, p in module.named_parameters() if p.requires_grad}
+        unexpected = sorted(set(state) - trainable)
+        if unexpected:
+            raise ValueError(f"{source}: weights the model does not train: {unexpected[:5]}")
+    set_model_state_dict(module, state if main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+
+
+def _gather_optimizer(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Full optimizer state keyed by parameter names (collective; empty off the main process)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(_owner(modules), _unwrapped(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _scatter_optimizer(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Inverse of :func:`_gather_optimizer` (collective): ``state`` is read on the main process only."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(_owner(modules), _unwrapped(optimizer), state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 class Checkpointer:
@@ -195,8 +276,13 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        if acc.distributed_type == DistributedType.FSDP:
-            acc.save_state(str(tmp / "fsdp"))  # sharded model + optimizer; gathered by accelerate
+        if is_sharded(modules, acc):  # every process gathers; the main one writes
+            weights = {fname: _gather_trainable(module) for fname, module in modules.items()}
+            optim = _gather_optimizer(modules, optimizer)
+            if acc.is_main_process:
+                for fname, tensors in weights.items():
+                    save_file(tensors, str(tmp / fname))
+                _save_pair(tmp, "optimizer", optim)
         elif acc.is_main_process:
             for fname, module in modules.items():
                 save_file(trainable_state(module), str(tmp / fname))
@@ -233,8 +319,11 @@ class Checkpointer:
             raise ResumeConfigError(
                 f"cannot resume from {path}: written by {state['num_processes']} processes, now {acc.num_processes}"
             )
-        if acc.distributed_type == DistributedType.FSDP:
-            acc.load_state(str(path / "fsdp"))
+        if is_sharded(modules, acc):  # the main process reads; every process takes its shards
+            main = acc.is_main_process
+            for fname, module in modules.items():
+                _scatter_trainable(module, load_file(str(path / fname)) if main else {}, main, str(path / fname))
+            _scatter_optimizer(modules, optimizer, _load_pair(path, "optimizer", torch.device("cpu")) if main else {})
         else:
             for fname, module in modules.items():
                 load_trainable_state(module, load_file(str(path / fname)), str(path / fname))
