@@ -213,6 +213,11 @@ class SimulatorSettings(StrictModel):
     live: top-40 keeps 99% of generated words real words (pure sampling: 90%)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus filter while sampling (1: off)."""
+    reject_truncated: bool = False
+    """Drop responses cut off at ``max_new_tokens`` (no EOS) before the annotators see them: an
+    unfinished answer is not shown for rating. Without it the longer, unfinished samples, which
+    collect more positive words, win the comparisons, and DPO learns to stop ending its answers
+    (longer responses, lower distinct-2)."""
     reject_degenerate: DegenerateFilter | None = None
     """Drop degenerate samples (loops, word stuffing) before the annotators see them, as a
     production pipeline filters junk before paying for labels; they are counted in the report

@@ -77,7 +77,8 @@ class SimulationReport:
     policy_sentiment: float
     """Mean oracle score of all sampled responses: the policy's sentiment this round."""
     rejected_samples: int = 0
-    """Degenerate responses (loops, word stuffing; ``reject_degenerate``) kept from the annotators."""
+    """Responses kept from the annotators: degenerate (loops, word stuffing; ``reject_degenerate``)
+    or cut off at ``max_new_tokens`` (``reject_truncated``)."""
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -104,13 +105,17 @@ def generation_settings(settings: SimulatorSettings) -> GenerationSettings:
     )  # fmt: skip
 
 
-def sample_responses(policy_path: str | Path, prompts: list[str], settings: SimulatorSettings, seed: int) -> list[list[str]]:
-    """``samples_per_prompt`` sampled continuations for each prompt (prompt-major)."""
+def sample_responses(policy_path: str | Path, prompts: list[str], settings: SimulatorSettings,
+                     seed: int) -> tuple[list[list[str]], list[list[bool]]]:
+    """``samples_per_prompt`` sampled continuations for each prompt (prompt-major), and whether
+    each ended with EOS (False: cut at ``max_new_tokens``)."""
     model, tokenizer = load_policy(policy_path)
     k = settings.samples_per_prompt
     with torch.inference_mode():
         result = generate(model, tokenizer, [p for p in prompts for _ in range(k)], generation_settings(settings), seed)
-    return [result.texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+    ended = result.hit_eos.tolist()
+    return ([result.texts[i * k : (i + 1) * k] for i in range(len(prompts))],
+            [ended[i * k : (i + 1) * k] for i in range(len(prompts))])
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -243,15 +248,19 @@ def simulate_feedback(
     take = rng.choice(len(pool), size=settings.prompts_per_batch, replace=settings.prompts_per_batch > len(pool))
     drawn = [pool[int(i)] for i in take]
 
-    responses = sample_responses(policy_path, drawn, settings, seed)
+    responses, ended = sample_responses(policy_path, drawn, settings, seed)
     timer["sampled"] = time.monotonic()
     scores = sentiment([t for texts in responses for t in texts]).reshape(len(drawn), settings.samples_per_prompt)
     broken = sum(is_broken(t) for texts in responses for t in texts)
     # Exports carry what a person saw: broken bytes are gone, the low score they earned stays.
     responses = [[strip_broken(t) if is_broken(t) else t for t in texts] for texts in responses]
     rejected = 0
-    if settings.reject_degenerate is not None:  # blanked: label_items skips them like empty samples
-        flags = [[degenerate_reason(t, settings.reject_degenerate) is not None for t in texts] for texts in responses]
+    if settings.reject_degenerate is not None or settings.reject_truncated:
+        # blanked: label_items skips them like empty samples
+        flags = [[(settings.reject_truncated and not done)
+                  or (settings.reject_degenerate is not None
+                      and degenerate_reason(t, settings.reject_degenerate) is not None)
+                  for t, done in zip(texts, ends, strict=True)] for texts, ends in zip(responses, ended, strict=True)]
         rejected = sum(map(sum, flags))
         responses = [["" if bad else t for t, bad in zip(texts, f, strict=True)]
                      for texts, f in zip(responses, flags, strict=True)]

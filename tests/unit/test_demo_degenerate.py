@@ -36,18 +36,18 @@ def test_few_distinct_words_are_caught():
 
 def test_rejected_samples_never_reach_the_annotators(tmp_path, monkeypatch):
     prompts = [f"prompt number {i}" for i in range(12)]
-    texts = [LOOP, STUFFED, FINE[0], FINE[1]]
+    texts = [LOOP, STUFFED, FINE[0], FINE[1], FINE[3]]
 
     def fake_sample(policy_path, drawn, settings, seed):
-        return [list(texts) for _ in drawn]
+        return [list(texts) for _ in drawn], [[True, True, True, True, False] for _ in drawn]
 
     monkeypatch.setattr(simulator, "sample_responses", fake_sample)
-    settings = SimulatorSettings(prompts_per_batch=12, samples_per_prompt=4, malformed_share=0.0,
+    settings = SimulatorSettings(prompts_per_batch=12, samples_per_prompt=5, malformed_share=0.0,
                                  reject_degenerate=DegenerateFilter())
     report = simulate_feedback("unused", prompts, settings, tmp_path / "land", batch_id="b", report_dir=tmp_path / "r")
     truth = pd.read_parquet(tmp_path / "r" / "truth-b.parquet")
     seen = set(truth["response"].dropna()) | set(truth["response_a"].dropna()) | set(truth["response_b"].dropna())
-    assert seen == {FINE[0], FINE[1]}
+    assert seen == {FINE[0], FINE[1], FINE[3]}
     assert report.rejected_samples == 24 and report.skipped_samples == 24
     # without the filter the annotators see all four
     plain = simulate_feedback("unused", prompts, settings.model_copy(update={"reject_degenerate": None}),
@@ -55,3 +55,10 @@ def test_rejected_samples_never_reach_the_annotators(tmp_path, monkeypatch):
     truth = pd.read_parquet(tmp_path / "r2" / "truth-b.parquet")
     seen = set(truth["response"].dropna()) | set(truth["response_a"].dropna()) | set(truth["response_b"].dropna())
     assert seen == set(texts) and plain.rejected_samples == 0
+
+    # unfinished answers (no EOS: the fifth sample) are kept out too under reject_truncated
+    both = simulate_feedback("unused", prompts, settings.model_copy(update={"reject_truncated": True}),
+                             tmp_path / "land3", batch_id="b", report_dir=tmp_path / "r3")
+    truth = pd.read_parquet(tmp_path / "r3" / "truth-b.parquet")
+    seen = set(truth["response"].dropna()) | set(truth["response_a"].dropna()) | set(truth["response_b"].dropna())
+    assert seen == {FINE[0], FINE[1]} and both.rejected_samples == 36

@@ -1,0 +1,59 @@
+"""The closed-loop demo's per-round table as Markdown, and its plot copied beside RESULTS.md.
+
+Reads ``<home>/runs/<pipeline>/closed_loop_rounds.json`` and ``closed_loop_rounds.png``, written by
+``alignflow demo --rounds N`` (flows/demo.py), and prints one Markdown row per round: the candidate
+(oracle, KL to base, distinct-2 as a share of the base's, repeated-trigram rise, the oracle's paired
+win rate against the champion it challenged with its 95% interval, where the DPO drift budget
+stopped), the gate's verdict and the champion after the round.
+
+    .venv/bin/python benchmarks/loop_table.py --home $ALIGNFLOW_HOME [--copy-plot benchmarks/results/loop/rounds.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+
+def _f(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(data: dict) -> str:
+    base = data.get("base_oracle")
+    lines = ["| round | feedback from | rejected samples | budget stop | cand. oracle | cand. KL | distinct-2 / base "
+             "| rep-3 rise | oracle win vs champion (95% CI) | promoted | champion | champion oracle (gain) | champion KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rounds"]:
+        win = r.get("oracle win vs champion")
+        gain = "" if r.get("oracle") is None or base is None else f" ({r['oracle'] - base:+.3f})"
+        why = "" if r["promoted"] else f" ({r.get('why not') or ''})"[:90]
+        lines.append(
+            f"| {r['round']} | {r['feedback from']} | {_f(r.get('rejected samples'), 'd')} | {r.get('budget stop') or '-'} "
+            f"| {_f(r.get('candidate oracle'), '.3f')} | {_f(r.get('candidate KL'), '.2f')} "
+            f"| {_f(r.get('distinct-2 / base'), '.0%')} | {_f(r.get('rep-3 rise'), '+.3f')} "
+            f"| {'-' if not win else f'{win[0]:.2f} ({win[1]:.2f}–{win[2]:.2f})'} "
+            f"| {'yes' if r['promoted'] else 'no' + why} | {('v' + str(r['champion'])) if r.get('champion') else '-'} "
+            f"| {_f(r.get('oracle'), '.3f')}{gain} | {_f(r.get('kl'), '.2f')} |")
+    if base is not None:
+        lines.append(f"\nBase model: mean oracle {base:.3f} on the held-out prompts.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", required=True, help="the demo's home (ALIGNFLOW_HOME)")
+    parser.add_argument("--pipeline", default="demo")
+    parser.add_argument("--copy-plot", help="copy closed_loop_rounds.png here")
+    args = parser.parse_args()
+    folder = Path(args.home) / "runs" / args.pipeline
+    print(markdown(json.loads((folder / "closed_loop_rounds.json").read_text())))
+    if args.copy_plot:
+        Path(args.copy_plot).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / "closed_loop_rounds.png", args.copy_plot)
+
+
+if __name__ == "__main__":
+    main()
