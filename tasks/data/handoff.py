@@ -129,6 +129,19 @@ def validated_rows(path: str | Path) -> int:
         return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
 
 
+def head_frame(path: str | Path, rows: int = 100) -> pd.DataFrame:
+    """The first ``rows`` rows of a Parquet or validated (Arrow IPC) file as pandas, reading no
+    more of the file than they take (lineage records need the columns, not the data)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        first = next(pq.ParquetFile(path).iter_batches(batch_size=rows), None)
+        return (first if first is not None else pq.read_schema(path).empty_table()).to_pandas()
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        table = reader.get_batch(0).slice(0, rows) if reader.num_record_batches else reader.schema.empty_table()
+        return table.to_pandas()
+
+
 def read_validated_frame(path: str | Path) -> pd.DataFrame:
     """A validated file as a pandas frame (copied out of the mapping)."""
     return open_validated(path).to_pandas()

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.data.handoff import read_validated_frame, selected_files, validated_root
+from tasks.data.handoff import selected_files, validated_root
 from tasks.data.landing import AlreadyConsumed, ingest, quarantine_sample
 from tasks.data.preferences import build_preferences
 from tasks.data.settings import IngestSettings
@@ -94,8 +94,7 @@ def _log_ingest(run_id: str, record: IngestRecord, result) -> None:
     if result.quarantine and record.rows_quarantined:
         tracking.log_table(run_id, quarantine_sample(result.quarantine), "ingest/quarantine_sample.json")
     for kind, path in result.validated.items():
-        tracking.log_dataset(run_id, read_validated_frame(path), source=str(path), name=f"validated-{kind}",
-                             context="validated")
+        tracking.log_dataset(run_id, path, name=f"validated-{kind}", context="validated")
 
 
 def run_ingest(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
@@ -147,16 +146,16 @@ def _log_build(run_id: str, cfg: PipelineConfig, build) -> None:
     tracking.set_tags(run_id, {"alignflow.data_digest": build.digest})
     tracking.log_artifact(run_id, build.card_json, "data_card")
     tracking.log_artifact(run_id, build.card_md, "data_card")
-    tracking.log_dataset(run_id, pd.read_parquet(build.pairs), source=build.pairs,
-                         name=f"{cfg.pipeline.name}-preferences", context="training", digest=build.digest[:36])
+    tracking.log_dataset(run_id, build.pairs, name=f"{cfg.pipeline.name}-preferences", context="training",
+                         digest=build.digest[:36])
 
 
 def log_round_dataset(parent_run_id: str, cfg: PipelineConfig, dataset: DatasetRecord) -> None:
     """The preference dataset as an input of the round's parent run (also when the build was
     cached), under the same name and digest as on the build's run."""
     if Path(dataset.files.get("pairs", "")).is_file():
-        tracking.log_dataset(parent_run_id, pd.read_parquet(dataset.files["pairs"]), source=dataset.files["pairs"],
-                             name=f"{cfg.pipeline.name}-preferences", context="training", digest=dataset.digest[:36])
+        tracking.log_dataset(parent_run_id, dataset.files["pairs"], name=f"{cfg.pipeline.name}-preferences",
+                             context="training", digest=dataset.digest[:36])
 
 
 def _build_key(cfg: PipelineConfig, ingest_record: IngestRecord, **_) -> tuple:

@@ -174,8 +174,8 @@ def _log_heldout(run_id: str, cfg: PipelineConfig, dataset: DatasetRecord) -> No
     prompts = dataset.files.get("prompts-test") or dataset.files.get("prompts-validation")
     for path in (prompts, dataset.files.get("pairs-test")):
         if path and Path(path).is_file():
-            tracking.log_dataset(run_id, pd.read_parquet(path), source=path, context="evaluation",
-                                 name=f"{cfg.pipeline.name}-{Path(path).stem}", digest=dataset.digest[:36])
+            tracking.log_dataset(run_id, path, context="evaluation", name=f"{cfg.pipeline.name}-{Path(path).stem}",
+                                 digest=dataset.digest[:36])
 
 
 def _report_model(annotation: Any) -> type[BaseModel] | None:

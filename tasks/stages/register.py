@@ -20,7 +20,6 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, Field
 
 from tasks import tracking
@@ -29,6 +28,7 @@ from tasks.evaluation.judge import trained_judge_tags
 from tasks.faults import fault_point
 from tasks.records import ModelRecord
 from tasks.serving.card import policy_card, reward_card
+from tasks.stages import slots
 from tasks.versioning import code_version, git_commit
 
 CANDIDATE_TAG = "alignflow.candidate_digest"
@@ -185,9 +185,10 @@ def register_task(cfg: PipelineConfig, candidate: ModelRecord, reward: ModelReco
                   decision: dict[str, Any], parent_run_id: str, evaluated_against: str | None = None) -> RegistryRecord:
     """Prefect task: register, alias, and leave the decision as a Prefect artifact.
 
-    Holds the global concurrency limit ``registry`` (created by infra/bootstrap_prefect.py;
-    without it, e.g. embedded, the lock is a no-op) so champion moves are serialised."""
-    with concurrency("registry", occupy=1):
+    Holds the global concurrency limit ``registry`` where it exists (a bootstrapped server:
+    tasks/stages/slots.py) so champion moves are serialised across workers; embedded, the home
+    lock already makes this run the home's only writer."""
+    with slots.held(slots.REGISTRY):
         record = register_and_promote(cfg, candidate, reward, dataset_digest, decision, parent_run_id,
                                       evaluated_against)
     log_verdict(record, get_run_logger())

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -100,6 +102,12 @@ def run_link(summary: PipelineSummary) -> str | None:
     return f"{uri.rstrip('/')}/#/experiments/{summary.experiment_id}/runs/{summary.mlflow_run_id}"
 
 
+def _tool(name: str) -> str:
+    """This environment's console script ``name`` by its path: the printed command works as
+    written in a shell whose PATH lacks the environment (a fresh clone's ``.venv``)."""
+    return shlex.quote(str(Path(sys.executable).parent / name))
+
+
 def ui_hints(summary: PipelineSummary) -> list[str]:
     """How to look at this run in the MLflow UI and the Prefect UI, and serve the champion."""
     mlflow_url = redact_url(summary.tracking_uri)  # shown and saved: no credentials
@@ -107,7 +115,7 @@ def ui_hints(summary: PipelineSummary) -> list[str]:
         mlflow_cmd = f"open {mlflow_url.rstrip('/')}"
         base = mlflow_url.rstrip("/")
     else:
-        mlflow_cmd = f"mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000"
+        mlflow_cmd = f"{_tool('mlflow')} ui --backend-store-uri {summary.tracking_uri} --port 5000"
         base = "http://127.0.0.1:5000"
     run_url = f"{base}/#/experiments/{summary.experiment_id}/runs/{summary.mlflow_run_id}"
     api = redact_url(os.environ.get("PREFECT_API_URL") or "")
@@ -116,7 +124,7 @@ def ui_hints(summary: PipelineSummary) -> list[str]:
         prefect_url = f"{api.removesuffix('/api')}/runs/flow-run/{summary.flow_run_id}"
     else:
         prefect_home = os.environ.get("PREFECT_HOME", f"{summary.home}/prefect")
-        prefect_cmd = f"PREFECT_HOME={prefect_home} prefect server start"
+        prefect_cmd = f"PREFECT_HOME={prefect_home} {_tool('prefect')} server start"
         prefect_url = f"http://127.0.0.1:4200/runs/flow-run/{summary.flow_run_id}"
     hints = [f"MLflow UI:  {mlflow_cmd}   then {run_url}",
              f"Prefect UI: {prefect_cmd}   then {prefect_url}"]

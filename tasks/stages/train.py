@@ -14,8 +14,6 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from prefect.concurrency.sync import concurrency
-
 from alignment.config import RECIPE_CONFIGS, ModelSettings, TrainSettings
 from tasks import tracking
 from tasks.config import PipelineConfig
@@ -23,6 +21,7 @@ from tasks.launcher import cuda_count, device_env, run_recipe
 from tasks.methods import method
 from tasks.preflight import check_batch_fits
 from tasks.records import ModelRecord
+from tasks.stages import slots
 from tasks.stages.cached import cached_stage
 from tasks.versioning import code_version, digest_of
 
@@ -165,12 +164,10 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
 
 def _log_inputs(run_id: str, cfg: PipelineConfig, settings: TrainSettings, dataset_digest: str) -> None:
     """The files the recipe reads, as the run's dataset inputs (MLflow's "Datasets" column)."""
-    import pandas as pd
-
     for path, context in ((settings.train_path, "training"), (settings.eval_path, "validation")):
         if path and Path(path).is_file():
-            tracking.log_dataset(run_id, pd.read_parquet(path), source=path, context=context,
-                                 name=f"{cfg.pipeline.name}-{Path(path).stem}", digest=dataset_digest[:36])
+            tracking.log_dataset(run_id, path, context=context, name=f"{cfg.pipeline.name}-{Path(path).stem}",
+                                 digest=dataset_digest[:36])
 
 
 def _judge_reliability(cfg: PipelineConfig, settings: TrainSettings, run_dir: Path,
@@ -201,11 +198,9 @@ def _train_holding_gpu(cfg: PipelineConfig, stage: str, data: dict[str, str], da
                        init: ModelRecord, parent_run_id: str | None, reward: ModelRecord | None = None,
                        reference: ModelRecord | None = None) -> ModelRecord:
     """:func:`train_stage` holding ``pipeline.processes`` slots of the global concurrency limit
-    ``gpu`` (a no-op where no such limit exists, e.g. embedded). Without a CUDA device there is
-    no GPU to share: no slot is taken (and Prefect's "limit does not exist" warning, which every
-    CPU run would print, does not appear)."""
-    slots = concurrency("gpu", occupy=cfg.pipeline.processes) if _uses_gpu(cfg) else contextlib.nullcontext()
-    with slots:
+    ``gpu`` where it exists (tasks/stages/slots.py). Training on the CPU shares no GPU: no slot."""
+    gpu = slots.held(slots.GPU, occupy=cfg.pipeline.processes) if _uses_gpu(cfg) else contextlib.nullcontext()
+    with gpu:
         return train_stage(cfg, stage, data, dataset_digest, init, parent_run_id, reward, reference)
 
 

@@ -232,18 +232,24 @@ def log_table(run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
     MlflowClient().log_table(run_id, frame, artifact_file)
 
 
-def log_dataset(run_id: str, frame: pd.DataFrame, source: str, name: str, context: str,
-                digest: str | None = None) -> None:
-    """Record a dataset input of a run (``mlflow.data`` lineage: the run page's "Datasets");
-    ``digest`` is its version. Logged through the client, so the run stays RUNNING (the fluent
-    ``mlflow.start_run`` context would end it) and no active run is left in this thread."""
+def log_dataset(run_id: str, path: str | Path, name: str, context: str, digest: str | None = None) -> None:
+    """Record a table file (Parquet, or a validated Arrow file) as a dataset input of a run
+    (``mlflow.data`` lineage: the run page's "Datasets"): its columns, from the first rows only,
+    its row count (input tag ``alignflow.num_rows``, from the file's footer) and ``digest`` as its
+    version (None: MLflow's digest of name, source and columns). Nothing else of the file is read,
+    so a large dataset costs the flow process no memory. Logged through the client, so the run
+    stays RUNNING and no active run is left in this thread."""
+    from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    extra = {"digest": digest} if digest is not None else {}
-    dataset = mlflow.data.from_pandas(frame, source=redact_text(source), name=name, **extra)
-    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(),
-                                                             tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+    from tasks.data.handoff import head_frame, validated_rows
+
+    head = head_frame(path)
+    columns = mlflow.data.from_pandas(head, source=redact_text(str(path)), name=name)
+    dataset = MetaDataset(columns.source, name=name, digest=digest, schema=columns.schema)
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("alignflow.num_rows", str(validated_rows(path)))]
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)])
 
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -134,17 +133,29 @@ def test_experiment_opens_on_training_runs_and_a_users_choice_stays(store):
     assert client.get_experiment(store).tags["mlflow.experimentKind"] == "genai_development"
 
 
-def test_dataset_inputs_are_logged_and_the_run_stays_running(store):
+def test_dataset_inputs_are_logged_and_the_run_stays_running(store, tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # several row groups: the lineage record reads the first rows and the footer, not the data
+    path = tmp_path / "pairs-train.parquet"
+    n = 5000
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(n)], "chosen": ["x"] * n, "rejected": ["z"] * n,
+                             "weight": [1.0] * n}), path, row_group_size=500)
     parent = tracking.start_parent_run(store, "round", {})
     with tracking.child_run(parent, "train") as run_id:
-        frame = pd.DataFrame({"prompt": ["a", "b"], "chosen": ["x", "y"], "rejected": ["z", "w"]})
-        tracking.log_dataset(run_id, frame, source="/data/pairs-train.parquet", name="p-pairs-train",
-                             context="training", digest="d" * 36)
+        tracking.log_dataset(run_id, path, name="p-pairs-train", context="training", digest="d" * 36)
         run = MlflowClient().get_run(run_id)
         assert run.info.status == "RUNNING"  # logging an input does not end the stage's run
         [entry] = run.inputs.dataset_inputs
         assert entry.dataset.name == "p-pairs-train" and entry.dataset.digest == "d" * 36
-        assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "training"
+        tags = {t.key: t.value for t in entry.tags}
+        assert tags["mlflow.data.context"] == "training" and tags["alignflow.num_rows"] == "5000"
+        columns = [c["name"] for c in json.loads(entry.dataset.schema)["mlflow_colspec"]]
+        assert columns == ["prompt", "chosen", "rejected", "weight"]
+        assert str(path) in entry.dataset.source
     tracking.log_metrics(parent, {"eval/candidate/kl": 1.5})
     assert MlflowClient().get_run(parent).data.metrics == {"eval/candidate/kl": 1.5}
 

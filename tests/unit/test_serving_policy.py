@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -114,3 +116,22 @@ def test_end_of_run_hints_give_the_serve_command_once_there_is_a_champion():
     (serve,) = [h for h in ui_hints(summary) if h.startswith("Serve it")]
     assert "models:/demo-policy@champion" in serve and "MLFLOW_TRACKING_URI=sqlite:////h/mlflow.db" in serve
     assert "--env-manager local" in serve
+
+
+def test_end_of_run_ui_commands_run_from_a_shell_without_the_environment_on_path(monkeypatch):
+    """A fresh clone's `make run` installs into .venv, which is not on the user's PATH: the
+    printed UI commands name this environment's own mlflow and prefect executables."""
+    import shlex
+
+    from tasks.stages.summary import PipelineSummary, ui_hints
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    summary = PipelineSummary(pipeline="demo", home="/h", mlflow_run_id="r", experiment_id="1",
+                              tracking_uri="sqlite:////h/mlflow.db")
+    mlflow_hint, prefect_hint = ui_hints(summary)[:2]
+    mlflow_cmd = shlex.split(mlflow_hint.split("MLflow UI:", 1)[1].split("   then")[0])
+    prefect_cmd = shlex.split(prefect_hint.split("Prefect UI:", 1)[1].split("   then")[0])
+    assert mlflow_cmd[1:3] == ["ui", "--backend-store-uri"] and Path(mlflow_cmd[0]).is_absolute()
+    assert Path(mlflow_cmd[0]).is_file() and os.access(mlflow_cmd[0], os.X_OK)
+    assert prefect_cmd[0] == "PREFECT_HOME=/h/prefect" and prefect_cmd[2:] == ["server", "start"]
+    assert Path(prefect_cmd[1]).is_file() and os.access(prefect_cmd[1], os.X_OK)
