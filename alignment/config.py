@@ -202,6 +202,9 @@ class DPOConfig(TrainSettings):
     """Where precomputed reference log-probs are cached (keyed by model, data and tokenization digests)."""
     use_weights: bool = True
     """Weight each pair's loss by its ``weight`` column when present."""
+    nll_coef: float = Field(0.0, ge=0)
+    """α: weight of the chosen responses' per-token NLL added to the loss (RPO;
+    :func:`alignment.losses.chosen_nll`). 0: plain preference loss."""
     budget: DriftBudget | None = None
     """A drift budget checked during training (:mod:`alignment.budget`): past it, training ends
     with the weights of the last probe within it. None: train the full schedule."""

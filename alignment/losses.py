@@ -66,6 +66,19 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-pair negative log-likelihood of the chosen response, per token (RPO's NLL term,
+    Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's ``rpo_alpha``):
+
+        nll_i = −log π(y_w,i | x_i) / |y_w,i|
+
+    Added to the DPO loss with a weight α, it keeps the chosen responses likely instead of
+    only widening their margin over the rejected ones; on the policy's own samples it pulls
+    toward the sampled (diverse) distribution, against DPO's collapse onto a few phrasings.
+    """
+    return -policy_chosen_logps / chosen_tokens.clamp_min(1)
+
+
 def simpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,

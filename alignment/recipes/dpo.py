@@ -34,7 +34,7 @@ import torch
 from alignment.batching import ExampleSet, collate_pairs, read_rows, tokenize_pairs
 from alignment.budget import DriftProbe, ProbeReading, budget_breach
 from alignment.config import ConfigError, DPOConfig
-from alignment.losses import dpo_loss, simpo_loss
+from alignment.losses import chosen_nll, dpo_loss, simpo_loss
 from alignment.models import (
     CausalLMLogps,
     load_causal_lm,
@@ -219,6 +219,9 @@ class DPORecipe(SupervisedRecipe):
                 ref_c, ref_r = ref[:n], ref[n:]
             losses, r_c, r_r = dpo_loss(chosen, rejected, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
                                         label_smoothing=cfg.label_smoothing)
+        nll = chosen_nll(chosen, out["seq_tokens"][:n]) if cfg.nll_coef else None
+        if nll is not None:
+            losses = losses + cfg.nll_coef * nll
         if cfg.use_weights and "weight" in batch:
             loss = (losses * batch["weight"]).sum() / batch["weight"].sum().clamp_min(1e-8)
         else:
@@ -231,4 +234,6 @@ class DPORecipe(SupervisedRecipe):
             "logps/chosen": chosen.detach().mean(),
             "logps/rejected": rejected.detach().mean(),
         }
+        if nll is not None:
+            metrics["nll/chosen"] = nll.detach().mean()
         return StepOutput(loss=loss, metrics=metrics, tokens=batch["num_tokens"], samples=n)

@@ -49,3 +49,20 @@ def test_probe_of_the_reference_itself_reads_zero_kl(tmp_path):
     probe = DriftProbe(model, AutoTokenizer.from_pretrained(folder), ["review the movie", "tell me about it"], GenerationSettings(max_new_tokens=6), seed=0)
     r = probe.read(model, 0)
     assert r.kl == pytest.approx(0.0, abs=1e-6) and r.distinct2_ratio == pytest.approx(1.0)
+
+
+def test_nll_coef_adds_the_chosen_nll_to_the_dpo_loss(tmp_path):
+    model = make_tiny_model(tmp_path / "gpt2", "gpt2")
+    pairs = tmp_path / "pairs.parquet"
+    preference_pairs(32, seed=0).to_parquet(pairs)
+    losses = {}
+    for coef in (0.0, 1.0):
+        cfg = DPOConfig(model={"name_or_path": str(model)}, output_dir=str(tmp_path / f"run{coef}"),
+                        train_path=str(pairs), batch_size=8, max_steps=1, optim={"lr": 1e-9}, max_length=64,
+                        max_prompt_length=32, nll_coef=coef)
+        DPORecipe(cfg).run()
+        first = json.loads((tmp_path / f"run{coef}" / "metrics.jsonl").read_text().splitlines()[0])
+        losses[coef] = first
+    assert "nll/chosen" not in losses[0.0] and losses[1.0]["nll/chosen"] > 0
+    # step 1 sees the same batch and weights: the loss differs by exactly the NLL term
+    assert losses[1.0]["loss"] == pytest.approx(losses[0.0]["loss"] + losses[1.0]["nll/chosen"], rel=1e-4)
