@@ -14,8 +14,9 @@ and prints a Markdown table with each run's training wall time; writes the plot
         --reward-model <a reward folder> --reuse <an earlier frontier.json>
 
 ``--reward-model`` pins the PPO/GRPO reward to a trained reward folder (else the demo's reward
-stage trains one, cached); ``--reuse`` copies an earlier run's rows of other methods into the
-table and plot (taken on the same machine and data, or the comparison is void).
+stage trains one, cached); ``--reuse`` copies earlier runs' rows (frontier.json files) of points
+not run here into the table and plot (taken on the same machine and data, or the comparison is
+void); ``--plot-only`` runs nothing and draws the reused rows.
 Training runs are cached by their inputs (re-running the script re-evaluates only).
 """
 
@@ -56,7 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--grpo", action="append", default=[], metavar="K=V[,K=V...]",
                    help="a GRPO run with these overrides of the grpo section (repeatable)")
     p.add_argument("--reward-model", default=None, help="reward folder for PPO/GRPO (default: train the demo's)")
-    p.add_argument("--reuse", default=None, help="an earlier frontier.json: its rows of methods not run here")
+    p.add_argument("--reuse", nargs="*", default=[], help="earlier frontier.json files: their rows of points not run here")
+    p.add_argument("--plot-only", action="store_true", help="run nothing: table and plot of the --reuse rows")
     p.add_argument("--kto-betas", type=float, nargs="*", default=[],
                    help="KTO runs (unpaired: the build's unpaired-train set) at these betas")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
@@ -66,9 +68,25 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     home = Path(args.home)
+    started = time.monotonic()
+    rows = [] if args.plot_only else run_points(args, home)
+    for path in args.reuse:
+        seen = {_key(r) for r in rows}
+        rows += [{**r, "reused_from": r.get("reused_from", path)} for r in json.loads(Path(path).read_text())
+                 if _key(r) not in seen]
+    report(rows, home)
+    print(f"{len(rows)} points in {time.monotonic() - started:.0f} s")
+
+
+def _key(row: dict) -> tuple:
+    """A point's identity: method and setting (β, KL coefficient or override list)."""
+    return row["method"], row.get("beta"), row.get("kl_coef"), row.get("setting")
+
+
+def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
+    """Train (cached) and evaluate every requested point; the base model's row first."""
     base_overrides = [f"pipeline.home={home}", "pipeline.device=cpu", *args.overrides]
     cfg = load_pipeline_config(args.config, base_overrides)
-    started = time.monotonic()
     base = demo_base_model(cfg)
     if landing_is_empty(cfg):
         simulate_round(cfg, base, base, round_index=0)
@@ -119,15 +137,16 @@ def main() -> None:
         run = load_pipeline_config(args.config, [*base_overrides, f"pipeline.method={stage}", *steps,
                                                  *(f"{stage}.{item}" for item in sets)])
         evaluate(stage.upper(), "setting", spec, *train(run, stage, reward=reward))
-    ran = {r["method"] for r in rows}
-    if args.reuse:
-        rows += [{**r, "reused_from": args.reuse} for r in json.loads(Path(args.reuse).read_text())
-                 if r["method"] not in ran]
+    return rows
 
+
+def report(rows: list[dict], home: Path) -> None:
+    """``frontier.png`` and ``frontier.json`` in ``home``; the Markdown table on stdout."""
+    home.mkdir(parents=True, exist_ok=True)
     series = {
         "DPO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "DPO"],
         "KTO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "KTO"],
-        "base": [("base", 0.0, ref.oracle_mean)],
+        "base": [("base", 0.0, r["oracle"]) for r in rows if r["method"] == "base"][:1],
     }
     for method in ("PPO", "GRPO"):
         pts = [r for r in rows if r["method"] == method]
@@ -145,7 +164,7 @@ def main() -> None:
         train_s = f"{r['train_s']:.0f}" if r.get("train_s") is not None else "-"
         print(f"| {r['method']} | {setting} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {r['oracle']:+.3f} | "
               f"{r['malformed']:.3f} | {r['distinct_2']:.3f} | {train_s} |")
-    print(f"\nplot: {plot}; {len(rows)} points in {time.monotonic() - started:.0f} s")
+    print(f"\nplot: {plot}")
 
 
 def _short_label(row: dict) -> str:
