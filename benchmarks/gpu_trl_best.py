@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import random
@@ -119,6 +120,18 @@ def run_ours(family: str, folder: Path, data: Path, args, *, pairs: int, seq: in
             graphs.append(compiled_graphs())
 
     run.callbacks.append(stamp)
+    recompiles_before = len(RECOMPILES)
+    shapes: list[tuple] = []
+    if hasattr(run, "build_data"):
+        build = run.build_data
+
+        def build_data():  # note each collated batch's input shape (one row under varlen attention)
+            train, evals = build()
+            collate = train.collate
+            train.collate = lambda ex: _noted(collate(ex), shapes)
+            return train, evals
+
+        run.build_data = build_data
     if hasattr(run, "_reference_logps"):
         inner = run._reference_logps
 
@@ -144,11 +157,35 @@ def run_ours(family: str, folder: Path, data: Path, args, *, pairs: int, seq: in
     out = {"tokens_per_s": tps, "step_s": step_s, "timed_steps": steps, "setup_s": setup_s,
            "peak_gib": peak_gib(device), "tokens_per_step": (stamps[-1][1] - stamps[args.warmup - 1][1]) / steps,
            "step_times_s": [round(b[0] - a[0], 4) for a, b in zip(stamps, stamps[1:], strict=False)],
-           "graphs_compiled_in_timed_steps": graphs[-1] - graphs[args.warmup - 1], "ref_call_s": ref_calls}
+           "graphs_compiled_in_timed_steps": graphs[-1] - graphs[args.warmup - 1], "graphs_per_step": graphs,
+           "ref_call_s": ref_calls, "recompiles": RECOMPILES[recompiles_before:],
+           "batch_shapes": sorted({tuple(s) for s in shapes})[:8], "batch_shape_count": len(set(shapes))}
     if ref_calls and family != "rm":
         per_call = [sum(lengths[i:i + pairs]) for i in range(0, len(lengths), pairs)][:len(ref_calls)]
         out.update(reference_rate(per_call, ref_calls, args.warmup))
     return out
+
+
+RECOMPILES: list[str] = []
+"""torch.compile's recompilation messages (guard failures) so far in this process."""
+
+
+class _RecompileLog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "ecompil" in message:
+            RECOMPILES.append(message[:500])
+
+
+def watch_recompiles() -> None:
+    """Collect every recompilation's reason (``torch._logging`` 'recompiles') into RECOMPILES."""
+    torch._logging.set_logs(recompiles=True)
+    logging.getLogger("torch._dynamo").addHandler(_RecompileLog())
+
+
+def _noted(batch: dict, shapes: list) -> dict:
+    shapes.append(tuple(batch["input_ids"].shape))
+    return batch
 
 
 def compiled_graphs() -> int:
@@ -361,6 +398,7 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
+    watch_recompiles()
     env = {"torch": torch.__version__, "cuda": torch.version.cuda}
     for name in ("transformers", "trl", "peft", "accelerate", "datasets", "liger_kernel", "triton"):
         try:
