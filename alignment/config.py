@@ -355,6 +355,9 @@ class PPOConfig(RLSettings):
     """GAE lambda."""
     whiten_rewards: bool = False
     """Whiten shaped rewards before GAE."""
+    kl_penalty: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference acts: ``reward`` — -kl_coef * KL_t in each token's reward
+    (Ziegler et al.; TRL's PPOTrainer); ``loss`` — kl_coef * k3 per token in the loss (as GRPO)."""
     value_warmup_steps: int = Field(0, ge=0)
     """The first this many steps fit only the value function: no policy loss, no entropy bonus, and
     the value head's input detached, so the policy stays the initial model while the critic learns

@@ -7,7 +7,10 @@ Each step (see :mod:`alignment.recipes.rl_base` for the shared conventions):
 2. no-grad forwards: the rollout policy's log-probs, values and entropy, the reference's log-probs;
 3. per-token rewards r_t = -kl_coef * KL_t plus the score at the last response token
    (:func:`alignment.rl.kl_shaped_rewards`, estimator ``kl.estimator``), optionally whitened
-   (scale only); GAE (``gamma``, ``lam``) gives advantages (whitened over the batch) and returns;
+   (scale only); GAE (``gamma``, ``lam``) gives advantages (whitened over the batch) and returns.
+   With ``kl_penalty: loss`` the rewards carry the score only and the loss gets
+   kl_coef * k3(pi, pi_ref) per token instead (as GRPO; its gradient is that of the
+   mass-covering KL(pi_ref || pi), which keeps the reference's alternatives alive);
 4. ``update_epochs`` passes of minibatches (:meth:`~alignment.recipes.rl_base.RLRecipe.update`):
    loss = clipped policy loss + ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy,
    token means over the minibatch;
@@ -46,7 +49,7 @@ from alignment.losses import ppo_policy_loss, ppo_value_loss
 from alignment.models import hf_model, load_reward_model, load_tokenizer
 from alignment.recipes.rl_base import RLRecipe, UpdatePlan
 from alignment.recipes.rollout import PolicyModule, Rollout, disable_dropout
-from alignment.rl import explained_variance, gae, kl_shaped_rewards, masked_mean, masked_whiten
+from alignment.rl import explained_variance, gae, kl_k3, kl_shaped_rewards, masked_mean, masked_whiten
 
 
 class PPORecipe(RLRecipe):
@@ -102,8 +105,10 @@ class PPORecipe(RLRecipe):
         old = self._rollout_forward(roll)
         mask = roll.mask
         kl_coef = self.kl_ctl.value
-        rewards, kl = kl_shaped_rewards(roll.scores, old["logps"], old["ref"], mask, kl_coef, cfg.kl.estimator)
-        shaped_return = rewards.sum(1).mean()
+        in_loss = cfg.kl_penalty == "loss"
+        rewards, kl = kl_shaped_rewards(roll.scores, old["logps"], old["ref"], mask, 0.0 if in_loss else kl_coef,
+                                        cfg.kl.estimator)
+        shaped_return = (roll.scores - kl_coef * kl.sum(1)).mean()
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)
@@ -119,7 +124,11 @@ class PPORecipe(RLRecipe):
                                            torch.ones_like(out["token_logps"]), cfg.clip_range)
             vf, vf_stats = ppo_value_loss(out["values"], old["values"][rows][m], returns[rows][m],
                                           torch.ones_like(out["values"]), cfg.value_clip)
-            return pg + cfg.vf_coef * vf, {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}
+            stats = {"loss/policy": pg, "loss/value": vf, **pg_stats, **vf_stats}
+            if in_loss:
+                kl_term = kl_k3(out["token_logps"], old["ref"][rows][m]).mean()
+                return pg + cfg.vf_coef * vf + kl_coef * kl_term, {**stats, "loss/kl": kl_term}
+            return pg + cfg.vf_coef * vf, stats
 
         def finish() -> tuple[float, dict[str, Any]]:
             seq_kl = float(kl.sum(1).mean())

@@ -79,3 +79,25 @@ def test_grpo_kl_in_reward_penalises_the_scores_before_the_group_advantages(asse
         assert got == pytest.approx(want, abs=1e-4)
     assert records[1]["kl"] != 0.0  # the policy moved after step 1: the penalty is not vacuous
     assert records[1]["reward/shaped"] == pytest.approx(records[1]["reward/raw"] - 0.5 * records[1]["kl"], abs=1e-4)
+
+
+def test_ppo_kl_in_the_loss_leaves_the_rewards_to_the_score(assets, monkeypatch):  # noqa: F811
+    import alignment.recipes.ppo as ppo_module
+
+    coefs = []
+    real_shaped = ppo_module.kl_shaped_rewards
+
+    def spy(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1"):
+        coefs.append(kl_coef)
+        return real_shaped(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
+
+    monkeypatch.setattr(ppo_module, "kl_shaped_rewards", spy)
+    cfg = PPOConfig.model_validate(rl_config(assets, "ppo", "ppo-klloss", max_steps=2, rollout_batch_size=16,
+                                             minibatch_size=8, update_epochs=1, kl_penalty="loss",
+                                             kl={"coef": 0.3}))
+    PPORecipe(cfg).run()
+    records = read_metrics(assets["root"] / "ppo-klloss")
+    assert coefs == [0.0, 0.0]  # no per-token KL in the rewards
+    assert all(r["kl_coef"] == 0.3 for r in records)
+    assert records[-1]["loss/kl"] > 0  # the k3 term is in the loss once the policy has moved
+    assert records[-1]["reward/shaped"] == pytest.approx(records[-1]["reward/raw"] - 0.3 * records[-1]["kl"], abs=1e-4)
