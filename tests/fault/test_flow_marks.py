@@ -99,6 +99,20 @@ def _cli(command: str, config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "flows.cli", command, "--config", str(config), *extra]
 
 
+def _config(tmp_path: Path) -> tuple[Path, Path]:
+    """(home, config file): the tiny pipeline on a configured tiny model (no demo), so a run with
+    nothing new stops at no-new-data without building anything."""
+    home = tmp_path / "home"
+    config = yaml.safe_load(Path(TINY).read_text())
+    del config["demo"]
+    config["pipeline"]["home"] = str(home)
+    config["model"] = {"policy": {"name_or_path": str(make_tiny_model(tmp_path / "model", "llama"))}}
+    config["evaluation"].update(max_prompt_length=16, max_length=48)  # the tiny model has 128 positions
+    cfg_path = tmp_path / "tiny-model.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    return home, cfg_path
+
+
 def _flow_state(flow_run_id: str) -> str:
     from prefect.client.orchestration import get_client
 
@@ -111,14 +125,7 @@ def _flow_state(flow_run_id: str) -> str:
 @pytest.mark.fault
 def test_a_run_killed_while_waiting_for_the_lock_is_closed_by_the_next_and_monitor_shares_the_lock(
         tmp_path, prefect_api_url):
-    home = tmp_path / "home"
-    config = yaml.safe_load(Path(TINY).read_text())
-    del config["demo"]  # a configured model: the next run stops at no-new-data without building anything
-    config["pipeline"]["home"] = str(home)
-    config["model"] = {"policy": {"name_or_path": str(make_tiny_model(tmp_path / "model", "llama"))}}
-    config["evaluation"].update(max_prompt_length=16, max_length=48)  # the tiny model has 128 positions
-    cfg_path = tmp_path / "tiny-model.yaml"
-    cfg_path.write_text(yaml.safe_dump(config))
+    home, cfg_path = _config(tmp_path)
     feedback = tmp_path / "check.jsonl"
     feedback.write_text("".join(json.dumps({"prompt": f"p{i}", "response_a": "good", "response_b": "bad",
                                             "choice": "a"}) + "\n" for i in range(4)))
@@ -155,3 +162,63 @@ def test_a_run_killed_while_waiting_for_the_lock_is_closed_by_the_next_and_monit
     assert nxt.returncode == 0 and "no-new-data" in nxt.stdout + nxt.stderr, nxt.stdout[-3000:] + nxt.stderr[-3000:]
     assert _flow_state(flow_run_id) == "CRASHED"
     assert list(marks.iterdir()) == []  # the dead mark removed, the next run's own gone with it
+
+
+HOLD = """
+import sys, time
+from tasks.lock import home_lock
+with home_lock(sys.argv[1], purpose=sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[3]))
+"""
+
+
+def _holder(home: Path, purpose: str, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(home), purpose, str(seconds)], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_run_waits_for_a_monitor_check_but_not_for_another_run(tmp_path):
+    from tasks.lock import HomeBusy
+
+    proc = _holder(tmp_path, "monitor", 2.0)
+    try:
+        started = time.monotonic()
+        with home_lock(tmp_path, wait_s=0):  # the nightly run that fires at the monitor's minute
+            assert time.monotonic() - started > 1.0  # it queued behind the check instead of skipping its turn
+    finally:
+        proc.kill()
+        proc.wait()
+    proc = _holder(tmp_path, "run", 60.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(HomeBusy, match=rf"in use by pid {proc.pid} .*\(run, since .*waited 0 s"):
+            with home_lock(tmp_path, wait_s=0):
+                pass
+        assert time.monotonic() - started < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.integration
+def test_a_scheduled_monitor_skips_its_turn_on_a_busy_home_and_the_command_refuses(tmp_path, prefect_api_url,
+                                                                                     monkeypatch):
+    import flows.monitor as monitor_module
+    from tasks.lock import HomeBusy
+
+    home, cfg_path = _config(tmp_path)
+    proc = _holder(home, "run", 120.0)
+    try:
+        with pytest.raises(HomeBusy, match=rf"in use by pid {proc.pid}"):  # `alignflow monitor`: exit 75
+            monitor_module.monitor_feedback(config=str(cfg_path))
+        monkeypatch.setattr(monitor_module.deployment, "get_id", lambda: "a-deployment")
+        started = time.monotonic()
+        assert monitor_module.monitor_feedback(config=str(cfg_path)) is None  # skipped, not failed
+        assert time.monotonic() - started < 60
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list((home / FLOW_MARKS).glob("*.json")) == []  # both runs' marks gone with them
