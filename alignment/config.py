@@ -331,7 +331,16 @@ class RLSettings(TrainSettings):
     clip_range: float = Field(0.2, gt=0)
     """Policy ratio clip epsilon."""
     entropy_coef: float = Field(0.0, ge=0)
-    """Entropy bonus weight."""
+    """Entropy bonus weight (the starting value when ``entropy_target`` is set)."""
+    entropy_target: float | None = Field(None, gt=0, le=1)
+    """Hold the rollouts' per-token entropy at this share of the initial policy's: the entropy
+    coefficient rises by ``entropy_coef_step`` after each step whose entropy is below the target
+    and falls by it otherwise, within [0, ``entropy_coef_max``] (adaptive entropy control,
+    Skywork-OR1). Word stuffing shows as falling entropy. None: a fixed ``entropy_coef``."""
+    entropy_coef_step: float = Field(0.002, gt=0)
+    """Change of the entropy coefficient per step under ``entropy_target``."""
+    entropy_coef_max: float = Field(0.05, gt=0)
+    """Largest entropy coefficient under ``entropy_target``."""
     missing_eos_penalty: float | None = None
     """Subtract this from the score of responses that did not end with EOS."""
     reward_norm: Literal["none", "batch", "running"] = "none"

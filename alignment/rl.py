@@ -33,6 +33,7 @@ __all__ = [
     "sequence_kl",
     "RunningMoments",
     "normalize_scores",
+    "AdaptiveEntropyController",
 ]
 
 
@@ -175,6 +176,49 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])
+
+
+class AdaptiveEntropyController:
+    """Entropy-bonus coefficient that holds the per-token entropy of the rollouts near a target
+    (adaptive entropy control, as in Skywork-OR1; the bonus's coefficient is what moves).
+
+    The target is ``target_ratio`` times the first entropy reported (the initial policy's, on
+    its own samples). After each step with mean per-token entropy H:
+
+        coef <- clip(coef + delta, 0, max_coef)   if H < target
+        coef <- clip(coef - delta, 0, max_coef)   otherwise
+
+    so the bonus grows only while entropy sits below the target and fades once it is back. With
+    ``target_ratio`` None the coefficient stays ``init_coef`` (a fixed bonus).
+    ``state_dict``/``load_state_dict`` make it part of a checkpoint.
+    """
+
+    def __init__(self, init_coef: float, target_ratio: float | None = None, delta: float = 0.002,
+                 max_coef: float = 0.05) -> None:
+        if target_ratio is not None and not 0 < target_ratio <= 1:
+            raise ValueError(f"target_ratio must be in (0, 1], got {target_ratio}")
+        self.value = float(init_coef)
+        self.target_ratio = target_ratio
+        self.delta = float(delta)
+        self.max_coef = float(max_coef)
+        self.target: float | None = None
+
+    def update(self, entropy: float) -> float:
+        """Move the coefficient one ``delta`` toward holding the target; returns the new value."""
+        if self.target_ratio is None:
+            return self.value
+        if self.target is None:
+            self.target = self.target_ratio * float(entropy)
+        step = self.delta if float(entropy) < self.target else -self.delta
+        self.value = min(max(self.value + step, 0.0), self.max_coef)
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+        self.target = None if state.get("target") is None else float(state["target"])
 
 
 class FixedKLController:

@@ -32,7 +32,7 @@ Metrics: ``reward/raw``, ``reward/raw_std``, ``reward/normalized`` / ``reward/no
 sequence KL of the rollout policy to the reference), ``kl_coef``, ``entropy`` (per token),
 ``loss``, ``loss/policy``, ``loss/value``, ``clipfrac``, ``approx_kl`` (rollout → updated
 policy), ``vf_clipfrac``, ``explained_variance``, ``value/mean``, ``response_length``,
-``eos_rate``, ``grad_norm`` (mean over the step's optimizer steps), ``value_warmup`` (1 on a warm-up step), ``generate_tokens_per_s``,
+``eos_rate``, ``distinct_2`` (pooled over the rollout's responses), ``grad_norm`` (mean over the step's optimizer steps), ``value_warmup`` (1 on a warm-up step), ``generate_tokens_per_s``,
 ``rollout_s``, ``update_s``; the base adds ``lr``, ``tokens_per_s`` (prompt + response tokens of
 the rollout per second of the whole step) and ``samples_per_s``.
 """
@@ -142,5 +142,5 @@ class PPORecipe(RLRecipe):
                 "value_warmup": float(warmup),
             }
 
-        return UpdatePlan(loss, finish, with_entropy=cfg.entropy_coef > 0 and not warmup, entropy_grad=True,
+        return UpdatePlan(loss, finish, with_entropy=self.entropy_ctl.value > 0 and not warmup, entropy_grad=True,
                           policy_trains=not warmup, forward_kwargs={"detach_value_input": warmup})

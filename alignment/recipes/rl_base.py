@@ -12,8 +12,9 @@ One training **step** (:meth:`RLRecipe.train_step`, written once for both algori
 3. :meth:`RLRecipe.update`: ``update_epochs`` passes over the samples in minibatches of
    ``minibatch_size`` samples, one optimizer step each, forwarded ``batch_size`` samples at a
    time (so ``grad_accum`` is not used: set it to 1); each minibatch's loss is the token mean
-   of the plan's per-micro-batch loss (minus ``entropy_coef`` times the entropy);
-4. the KL controller moves on the step's (process-mean) sequence KL.
+   of the plan's per-micro-batch loss (minus the entropy coefficient times the entropy);
+4. the KL controller moves on the step's (process-mean) sequence KL, the entropy controller
+   (``entropy_target``) on its per-token entropy.
 
 The learning-rate schedule counts optimizer steps.
 
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from alignment.batching import ExampleSet, Prompt, decode_prompt, encode_prompt, read_rows
+from alignment.budget import distinct2
 from alignment.config import ConfigError, ModelSettings, RLSettings
 from alignment.generation import generate
 from alignment.logprobs import check_finite
@@ -54,7 +56,14 @@ from alignment.models import (
 )
 from alignment.recipes.base import Recipe
 from alignment.recipes.rollout import Rollout, disable_dropout, load_reward_fn, response_forward
-from alignment.rl import AdaptiveKLController, FixedKLController, RunningMoments, kl_k1, normalize_scores
+from alignment.rl import (
+    AdaptiveEntropyController,
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    kl_k1,
+    normalize_scores,
+)
 
 __all__ = ["RLRecipe", "UpdatePlan"]
 
@@ -126,6 +135,9 @@ class RLRecipe(Recipe):
         kl = cfg.kl
         self.kl_ctl = AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.coef)
         self.stateful["kl_ctl"] = self.kl_ctl  # checkpointed: a resumed run continues its coefficient
+        self.entropy_ctl = AdaptiveEntropyController(cfg.entropy_coef, cfg.entropy_target, cfg.entropy_coef_step,
+                                                     cfg.entropy_coef_max)
+        self.stateful["entropy_ctl"] = self.entropy_ctl
         self.score_moments = RunningMoments()
         if cfg.reward_norm == "running":
             self.stateful["score_moments"] = self.score_moments  # a resumed run normalises the same way
@@ -191,9 +203,13 @@ class RLRecipe(Recipe):
         update_s = time.perf_counter() - started - rollout_s
         seq_kl, algorithm_metrics = plan.finish()
         self.kl_ctl.update(float(self.reduce_metrics({"kl": seq_kl})["kl"]), len(roll) * self.accelerator.num_processes)
+        metrics["entropy_coef"] = self.entropy_ctl.value  # the coefficient this step's updates used
+        if "entropy" in algorithm_metrics:
+            self.entropy_ctl.update(float(self.reduce_metrics({"e": algorithm_metrics["entropy"]})["e"]))
         mask = roll.mask
         metrics["reward/raw"] = float(roll.raw_scores.mean())
         metrics["reward/raw_std"] = float(roll.raw_scores.std()) if len(roll) > 1 else 0.0
+        metrics["distinct_2"] = distinct2(roll.texts)  # pooled over the rollout: falls when phrases get stuffed
         if self.config.reward_norm != "none":
             metrics["reward/normalized"] = float(roll.scores.mean())
             metrics["reward/norm_mean"], metrics["reward/norm_std"] = self._norm_moments(scores_before_norm)
@@ -233,7 +249,7 @@ class RLRecipe(Recipe):
         loss is weighted by its share of them. Returns the plan's stats averaged over updates,
         then ``loss`` and ``grad_norm`` (means over updates).
         """
-        cfg, mask = self.config, roll.mask
+        mask = roll.mask
         sums: dict[str, torch.Tensor] = {}
         losses, norms = [], []
         for minibatch in self.minibatches(len(roll)):
@@ -246,8 +262,8 @@ class RLRecipe(Recipe):
                     out = self.train_module(batch, with_entropy=plan.with_entropy, entropy_grad=plan.entropy_grad,
                                             **(plan.forward_kwargs or {}))
                 loss, stats = plan.loss(out, rows, m)
-                if cfg.entropy_coef > 0 and plan.policy_trains:
-                    loss = loss - cfg.entropy_coef * out["entropy"].mean()
+                if self.entropy_ctl.value > 0 and plan.policy_trains:
+                    loss = loss - self.entropy_ctl.value * out["entropy"].mean()
                 share = m.sum() / n_tokens
                 self.accelerator.backward(loss * share)
                 total += (loss * share).detach()

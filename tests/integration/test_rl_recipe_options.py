@@ -25,6 +25,7 @@ def test_ppo_value_warmup_leaves_the_policy_and_fits_the_critic(assets):  # noqa
     assert all(torch.equal(start[k], final[k]) for k in start), "a warm-up step moved the policy"
     records = read_metrics(assets["root"] / "ppo-warm")
     assert [r["value_warmup"] for r in records] == [1.0, 1.0, 1.0]
+    assert all(0.0 < r["distinct_2"] <= 1.0 for r in records)  # the rollout's pooled diversity is logged
     assert all("loss/policy" not in r and r["loss/value"] > 0 for r in records)
     assert records[-1]["loss/value"] < records[0]["loss/value"]  # the critic learns
     # running normalisation: the scores seen so far have these moments, and training sees them scaled
@@ -101,3 +102,17 @@ def test_ppo_kl_in_the_loss_leaves_the_rewards_to_the_score(assets, monkeypatch)
     assert all(r["kl_coef"] == 0.3 for r in records)
     assert records[-1]["loss/kl"] > 0  # the k3 term is in the loss once the policy has moved
     assert records[-1]["reward/shaped"] == pytest.approx(records[-1]["reward/raw"] - 0.3 * records[-1]["kl"], abs=1e-4)
+
+
+def test_grpo_entropy_target_moves_the_bonus_on_the_measured_entropy(assets):  # noqa: F811
+    cfg = GRPOConfig.model_validate(rl_config(assets, "grpo", "grpo-ent", max_steps=4, rollout_batch_size=4,
+                                              group_size=4, minibatch_size=16, update_epochs=1,
+                                              entropy_target=1.0, entropy_coef_step=0.01))
+    GRPORecipe(cfg).run()
+    records = read_metrics(assets["root"] / "grpo-ent")
+    target = records[0]["entropy"]  # the first step's entropy sets the target (share 1.0)
+    coef = 0.0
+    assert records[0]["entropy_coef"] == 0.0
+    for before, after in zip(records, records[1:], strict=False):
+        coef = max(0.0, coef + (0.01 if before["entropy"] < target else -0.01))
+        assert after["entropy_coef"] == pytest.approx(coef)

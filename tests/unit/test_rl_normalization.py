@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from alignment.rl import RunningMoments, normalize_scores, sequence_kl
+from alignment.rl import AdaptiveEntropyController, RunningMoments, normalize_scores, sequence_kl
 
 
 def test_running_moments_equal_the_moments_of_everything_seen():
@@ -61,3 +61,18 @@ def test_sequence_kl_sums_the_estimator_over_valid_tokens():
 
     expected = [k3(-1.0, -1.5) + k3(-2.0, -1.0) + k3(-0.5, -0.5), k3(-0.3, -0.2) + k3(-4.0, -5.0)]
     assert sequence_kl(logps, ref, mask, "k3").tolist() == pytest.approx(expected)
+
+
+def test_adaptive_entropy_controller_by_hand():
+    ctl = AdaptiveEntropyController(0.0, target_ratio=0.8, delta=0.01, max_coef=0.025)
+    # first entropy 3.0 sets the target 2.4; at or above it the coefficient stays at its floor 0
+    assert ctl.update(3.0) == 0.0 and ctl.target == pytest.approx(2.4)
+    values = [ctl.update(h) for h in (2.0, 2.0, 2.0, 2.5, 2.3)]
+    assert values == pytest.approx([0.01, 0.02, 0.025, 0.015, 0.025])  # capped at max_coef, falls above target
+    restored = AdaptiveEntropyController(0.0, target_ratio=0.8, delta=0.01, max_coef=0.025)
+    restored.load_state_dict(ctl.state_dict())
+    assert (restored.value, restored.target) == (ctl.value, ctl.target)
+    fixed = AdaptiveEntropyController(0.03)
+    assert [fixed.update(h) for h in (3.0, 0.1)] == [0.03, 0.03]
+    with pytest.raises(ValueError):
+        AdaptiveEntropyController(0.0, target_ratio=1.5)
