@@ -179,6 +179,13 @@ class RewardConfig(TrainSettings):
     """Weight of the reward-centering term coef * mean((r_c + r_r)^2) keeping rewards near 0."""
     use_weights: bool = True
     """Weight each pair's loss by its ``weight`` column when present (down-weighted low-agreement pairs)."""
+    pooling: Literal["last", "sum", "mean"] = "last"
+    """Decoder backbones: score the hidden state of the sequence's last token (``last``), or the sum
+    or the mean of the hidden states over the response's tokens (``sum``/``mean``: the sum or mean of
+    per-token scores under the bias-free head). ``sum`` is a contextual bag of words: it suits
+    judges that add up what each phrase says (the demo's lexicon oracle) and generalises better
+    from few pairs (benchmarks/RESULTS.md, issue 15). Saved in the model's ``config.json``
+    (``reward_pooling``), so every scorer of the folder pools the same way."""
 
 
 class DPOConfig(TrainSettings):

@@ -260,13 +260,45 @@ class CausalLMLogps(nn.Module):
         return {"seq_logps": seq_logps, "seq_tokens": seq_tokens, "token_logps": tok}
 
 
+def response_pooled_hidden(hidden: torch.Tensor, target_index: torch.Tensor, target_seq: torch.Tensor,
+                           last_index: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Sum (``reduce="sum"``) or mean (``"mean"``) hidden state ``[S, H]`` over each sequence's
+    response tokens, from the batch layout of :mod:`alignment.batching`.
+
+    ``hidden`` is the flattened ``[R*T, H]`` grid. The response tokens of sequence s sit at the
+    positions that predict its targets shifted by one token: every target position but the first
+    (that one is the prompt's last token) plus the sequence's last token, so with K(s) those
+    positions (|K(s)| = the response's length)
+
+        sum_s = sum_{k in K(s)} h_k            mean_s = sum_s / |K(s)|
+
+    in every layout: padded, packed and prompt-shared (``target_seq`` runs 0..S-1 in order in
+    each). A sequence without response tokens gets its last (prompt) token's hidden state.
+    """
+    n = last_index.numel()
+    first = torch.ones_like(target_seq, dtype=torch.bool)
+    first[1:] = target_seq[1:] != target_seq[:-1]
+    keep = ~first
+    index = torch.cat([target_index[keep], last_index])
+    seq = torch.cat([target_seq[keep], torch.arange(n, device=last_index.device)])
+    sums = hidden.new_zeros(n, hidden.shape[-1]).index_add(0, seq, hidden.index_select(0, index))
+    if reduce == "sum":
+        return sums
+    if reduce != "mean":
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    return sums / torch.bincount(seq, minlength=n).to(hidden.dtype)[:, None]
+
+
 class ScalarReward(nn.Module):
     """``forward(batch) -> rewards [S]`` (fp32) of a ``num_labels=1`` sequence-classification model.
 
     Causal-LM backbones (a ``score`` head): the head is applied to the hidden state of each
-    sequence's last token (``batch["last_index"]``), which works padded or packed and needs no
-    pad-token convention. Encoder backbones (e.g. BERT, ``classifier`` head) use the model's own
-    pooling and need padded batches.
+    sequence's last token (``batch["last_index"]``), or, when the model's config says
+    ``reward_pooling: sum`` or ``mean`` (set by the reward recipe, saved in its ``config.json``),
+    to the sum or mean of the hidden states over the response tokens
+    (:func:`response_pooled_hidden`; with the bias-free ``score`` head that is the sum or mean of
+    per-token scores); all work padded or packed and need no pad-token convention. Encoder
+    backbones (e.g. BERT, ``classifier`` head) use the model's own pooling and need padded batches.
     """
 
     def __init__(self, model) -> None:
@@ -278,6 +310,11 @@ class ScalarReward(nn.Module):
         self.varlen_attention = False
         """GPU fast path for decoder backbones: packed batches through variable-length attention."""
 
+    @property
+    def pooling(self) -> str:
+        """``last``, ``sum`` or ``mean`` (the wrapped model's ``config.reward_pooling``; ``last`` when unset)."""
+        return getattr(hf_model(self.model).config, "reward_pooling", None) or "last"
+
     def forward(self, batch: dict) -> torch.Tensor:
         inner = hf_model(self.model)
         mask = batch.get("attention_mask")
@@ -286,8 +323,14 @@ class ScalarReward(nn.Module):
                 raise ValueError("encoder reward models need padded batches (set packing: false)")
             return self.model(input_ids=batch["input_ids"], attention_mask=mask).logits[:, 0].float()
         hidden = decoder_hidden(inner, batch, causal_padding=self.causal_padding, varlen=self.varlen_attention)
-        last = hidden.flatten(0, 1).index_select(0, batch["last_index"])
-        return inner.score(last)[:, 0].float()
+        flat = hidden.flatten(0, 1)
+        pooling = self.pooling
+        if pooling != "last":
+            pooled = response_pooled_hidden(flat, batch["target_index"], batch["target_seq"], batch["last_index"],
+                                            pooling)
+        else:
+            pooled = flat.index_select(0, batch["last_index"])
+        return inner.score(pooled)[:, 0].float()
 
 
 def _layouts_agree(inner, layouts, hidden_of, device, atol: float, what: str) -> bool:

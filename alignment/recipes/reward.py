@@ -2,7 +2,8 @@
 
 Data: ``prompt, is_chat, chosen, rejected`` [, ``weight``, ``margin``]. Each response is scored
 as ``prompt + response`` (no EOS appended; :func:`alignment.models.score_responses` scores the
-same way). Chosen and rejected go through the model in one forward. Per pair (see
+same way), pooled at its last token or summed or averaged over its tokens (``pooling``, written
+into the saved model's config). Chosen and rejected go through the model in one forward. Per pair (see
 :func:`alignment.losses.reward_loss`):
 
     loss = -log sigma(r_c - r_r - m) + center_coef * (r_c + r_r)^2
@@ -19,7 +20,7 @@ from functools import partial
 from alignment.batching import ExampleSet, collate_pairs, read_rows, tokenize_pairs
 from alignment.config import ConfigError, RewardConfig
 from alignment.losses import reward_loss
-from alignment.models import ScalarReward, load_reward_model, load_tokenizer
+from alignment.models import ScalarReward, hf_model, load_reward_model, load_tokenizer
 from alignment.recipes.supervised import StepOutput, SupervisedRecipe
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -37,6 +38,11 @@ class RewardRecipe(SupervisedRecipe):
         self.tokenizer = load_tokenizer(self.config.model)
         self.model = load_reward_model(self.config.model, self.tokenizer)
         self.train_module = ScalarReward(self.model)
+        if self.train_module.decoder_head:
+            hf_model(self.model).config.reward_pooling = self.config.pooling  # saved with the folder
+        elif self.config.pooling != "last":
+            raise ConfigError("reward.pooling: sum and mean pool a decoder's response tokens; "
+                              "encoder backbones pool their own way (use last)")
 
     def _load(self, path: str, split: str, layout: dict) -> ExampleSet:
         rows = read_rows(path, PAIR_COLUMNS)

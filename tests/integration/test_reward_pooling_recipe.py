@@ -1,0 +1,44 @@
+"""The reward recipe with ``pooling: sum`` (issue 15) trains on a tiny model, and its folder scores
+as it trained: the pooling travels in ``config.json`` to every scorer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignment.config import RewardConfig
+from alignment.models import ScalarReward, load_reward_model, load_tokenizer, score_responses
+from alignment.recipes.reward import RewardRecipe
+from tests.tiny_models import make_tiny_model, preference_pairs
+
+pytestmark = pytest.mark.slow
+
+
+def test_sum_pooled_reward_model_learns_and_its_folder_keeps_the_pooling(tmp_path):
+    model = make_tiny_model(tmp_path / "llama", "llama")
+    preference_pairs(64, seed=0, chat_every=4).to_parquet(tmp_path / "train.parquet")
+    preference_pairs(32, seed=1).to_parquet(tmp_path / "eval.parquet")
+    cfg = RewardConfig(model={"name_or_path": str(model)}, output_dir=str(tmp_path / "run"), batch_size=8,
+                       max_steps=30, optim={"lr": 3e-3, "schedule": "constant"}, max_length=64, max_prompt_length=32,
+                       train_path=str(tmp_path / "train.parquet"), eval_path=str(tmp_path / "eval.parquet"),
+                       pooling="sum", packing=True, share_prompt=True)
+    recipe = RewardRecipe(cfg)
+    try:
+        recipe.setup()
+        before = recipe.evaluate()
+        assert recipe.train()
+        after = recipe.last_eval
+        recipe.save()
+    finally:
+        recipe.cleanup()
+    assert before["eval/accuracy"] < 0.8 and after["eval/accuracy"] >= 0.9, (before, after)
+    assert after["eval/loss"] < 0.5 * before["eval/loss"], (before, after)
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["reward_pooling"] == "sum"
+    settings = cfg.model.model_copy(update={"name_or_path": str(final)})
+    tok = load_tokenizer(settings)
+    scorer = load_reward_model(settings, tok, trainable=False)
+    assert ScalarReward(scorer).pooling == "sum"
+    good, bad = score_responses(scorer, tok, ["review the movie"] * 2, ["it was good great happy", "it was bad awful sad"])
+    assert good > bad + 1.0
