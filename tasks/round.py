@@ -22,7 +22,9 @@ before the record is written) is found by its *flow mark*: ``<home>/.alignflow-f
 before the lock is taken and removed when the flow returns. The next lock holder (a run, or
 ``monitor``) closes, through :func:`close_dead_flow_runs` (the one path that also closes a dead
 round's flow runs), the flow run of each mark whose process is gone from this host or whose pid now
-belongs to a process started at another time; another host's marks cannot be checked and are left.
+belongs to a process started at another time; another host's process cannot be checked from here, so
+its mark is left until its flow run has ended by other means (the Kubernetes worker crashes the flow
+runs of dead pods), then removed.
 
 Ledger order at the end of a round: the ended state is written first, then the round's
 pending files are settled as consumed (:meth:`tasks.data.landing.Ledger.settle`), then
@@ -232,18 +234,24 @@ class FlowMarks:
         finally:
             path.unlink(missing_ok=True)
 
-    def dead(self) -> dict[Path, FlowMark]:
-        """Marks whose process is dead (see :func:`process_alive`), by file. An unreadable mark (torn
-        before its rename cannot happen; a foreign file) is skipped."""
+    def read(self) -> dict[Path, FlowMark]:
+        """Every mark, by file. An unreadable one (torn before its rename cannot happen; a foreign
+        file) is skipped."""
         found = {}
         for path in sorted(self.folder.glob("*.json")):
             try:
-                record = FlowMark.model_validate_json(path.read_text())
+                found[path] = FlowMark.model_validate_json(path.read_text())
             except (OSError, ValueError):
                 continue
-            if not process_alive(record.pid, record.host, record.process_start):
-                found[path] = record
         return found
+
+    def dead(self) -> dict[Path, FlowMark]:
+        """Marks whose process is dead (see :func:`process_alive`), by file."""
+        return {p: m for p, m in self.read().items() if not process_alive(m.pid, m.host, m.process_start)}
+
+    def foreign(self) -> dict[Path, FlowMark]:
+        """Marks of processes on other hosts (pods sharing the home's volume), by file."""
+        return {p: m for p, m in self.read().items() if m.host != socket.gethostname()}
 
 
 def close_dead_flow_runs(home: str | Path, flow_run_ids: set[str] | frozenset[str] = frozenset(),
@@ -251,15 +259,40 @@ def close_dead_flow_runs(home: str | Path, flow_run_ids: set[str] | frozenset[st
                          message: str = "its process died; closed by the next run on this home") -> list[str]:
     """Close, as CRASHED, the Prefect flow runs of processes that died on ``home``: those of the
     dead flow marks plus ``flow_run_ids`` (a dead round's, from its record and its MLflow runs),
-    except ``keep`` (the caller's own). Then remove those marks. Returns the flow runs changed.
-    Call it holding the home's lock: a dead round's writer is then surely gone."""
+    except ``keep`` (the caller's own). Then remove those marks, and those of other hosts whose
+    flow run has ended (e.g. set CRASHED by the Kubernetes worker when its pod died): their
+    processes cannot be checked from here. Returns the flow runs changed. Call it holding the
+    home's lock: a dead round's writer is then surely gone."""
     marks = FlowMarks(home)
     dead = marks.dead()
     ids = (set(flow_run_ids) | {m.flow_run_id for m in dead.values()}) - {keep or ""}
     crashed = close_stale_flow_runs(sorted(ids - {""}), message)
-    for path in dead:
+    foreign = marks.foreign()
+    ended = set(ended_flow_runs(sorted({m.flow_run_id for m in foreign.values()}))) if foreign else set()
+    for path in [*dead, *(p for p, m in foreign.items() if m.flow_run_id in ended)]:
         path.unlink(missing_ok=True)
     return crashed
+
+
+def ended_flow_runs(flow_run_ids: list[str]) -> list[str]:
+    """Those of the Prefect flow runs that are in a final state. One the API does not know (another
+    server) or cannot read is left out (it may still run)."""
+    if not flow_run_ids:
+        return []
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    ended = []
+    with get_client(sync_client=True) as client:
+        for run_id in flow_run_ids:
+            try:
+                run = client.read_flow_run(UUID(run_id))
+            except Exception:  # noqa: BLE001 - unknown id, or another server's run
+                continue
+            if run.state is not None and run.state.is_final():
+                ended.append(run_id)
+    return ended
 
 
 def close_stale_flow_runs(flow_run_ids: list[str], message: str) -> list[str]:

@@ -69,11 +69,16 @@ def test_a_mark_lives_exactly_as_long_as_its_flow_run_and_only_dead_ones_are_clo
     waiting = plant("waiting", process_start=process_start(os.getpid()))  # a live run waiting for the lock
     elsewhere = plant("elsewhere", pid=_dead_pid(), host="another-host")
     (tmp_path / FLOW_MARKS / "torn.json").write_text('{"flow_run_id": "x", "fl')
+    ended_elsewhere = plant("ended-elsewhere", host="another-host")
     closed: list[list[str]] = []
     monkeypatch.setattr(round_module, "close_stale_flow_runs", lambda ids, message: closed.append(ids) or ids)
+    asked: list[list[str]] = []
+    monkeypatch.setattr(round_module, "ended_flow_runs", lambda ids: asked.append(ids) or ["ended-elsewhere"])
     crashed = close_dead_flow_runs(tmp_path, {"dead-round", "mine"}, keep="mine")
     assert closed == [["dead", "dead-round", "reused"]] and crashed == closed[0]
+    assert asked == [["elsewhere", "ended-elsewhere"]]  # another host's: removed once its flow run has ended
     assert not dead.exists() and not reused.exists() and waiting.exists() and elsewhere.exists()
+    assert not ended_elsewhere.exists()
 
 
 # ----------------------------------------------------------------------------- real processes
@@ -161,6 +166,7 @@ def test_a_run_killed_while_waiting_for_the_lock_is_closed_by_the_next_and_monit
                          text=True, timeout=600)
     assert nxt.returncode == 0 and "no-new-data" in nxt.stdout + nxt.stderr, nxt.stdout[-3000:] + nxt.stderr[-3000:]
     assert _flow_state(flow_run_id) == "CRASHED"
+    assert round_module.ended_flow_runs([flow_run_id, "not-a-uuid"]) == [flow_run_id]  # what another host's mark waits for
     assert list(marks.iterdir()) == []  # the dead mark removed, the next run's own gone with it
 
 
