@@ -24,6 +24,12 @@ annotators per item, so their labels are much less noisy than single labels (the
 with about 0.93 of them, against 0.85 of raw labels): accuracy on built pairs must be held
 against the oracle's accuracy on those pairs, not against the simulator's raw-label ceiling.
 
+Calibration: ``test_ece_at_validation_temperature`` is the test pairs' ECE of σ((r_c − r_r)/T) with
+T fitted on the validation pairs (BT log-loss; accuracy unchanged). ``--bag-of-words C`` adds a
+baseline that is not a reward model: Bradley–Terry logistic regression on binary word features of
+the training pairs (L2, no intercept: 0.5‖w‖² + 2C Σ weight·log(1 + exp(−(x_c − x_r)·w))), scored
+on the same held-out sets — the textbook shape for a lexicon oracle such as VADER.
+
 With two folders it also runs exact McNemar tests on the labelled pairs and on the oracle-order
 pairs (pairs one model gets right and the other wrong; the oracle-order pairs of one prompt share
 responses, so that test is optimistic). Usage, after ``make run`` (or any demo home)::
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import minimize, minimize_scalar
 from scipy.stats import binomtest
 
 from alignment.batching import decode_prompt
@@ -105,12 +112,45 @@ def _ceilings(truth: pd.DataFrame, raw: pd.DataFrame, labelled: pd.DataFrame) ->
     }
 
 
+def _temperature(chosen: np.ndarray, rejected: np.ndarray) -> float:
+    """T minimising the BT log-loss mean log(1 + exp(-(r_c - r_r) / T))."""
+    d = chosen - rejected
+    fit = minimize_scalar(lambda t: float(np.mean(np.logaddexp(0.0, -d / np.exp(t)))), bounds=(-4, 4), method="bounded")
+    return float(np.exp(fit.x))
+
+
+def _bag_of_words(train: pd.DataFrame, c: float):
+    """A scorer: BT logistic regression on binary word features (module docstring)."""
+    import re
+
+    words = lambda text: set(re.findall(r"\w+|[!?]", text.lower()))  # noqa: E731
+    vocab = {w: i for i, w in enumerate(sorted(set().union(*map(words, pd.concat([train.chosen, train.rejected])))))}
+
+    def features(texts: list[str]) -> np.ndarray:
+        x = np.zeros((len(texts), len(vocab)))
+        for i, t in enumerate(texts):
+            x[i, [vocab[w] for w in words(t) if w in vocab]] = 1.0
+        return x
+
+    d = features(train.chosen.tolist()) - features(train.rejected.tolist())
+    weight = train["weight"].to_numpy(float)
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = d @ w
+        grad = -(weight * 2 * c / (1 + np.exp(z))) @ d
+        return float(0.5 * w @ w + 2 * c * np.sum(weight * np.logaddexp(0.0, -z))), w + grad
+
+    w = minimize(loss, np.zeros(len(vocab)), jac=True, method="L-BFGS-B").x
+    return lambda prompts, responses: features(list(responses)) @ w
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--home", type=Path, default=Path(".alignflow"), help="a demo home (its .alignflow folder)")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--max-prompt-length", type=int, default=16)
-    ap.add_argument("folders", nargs="+", help="reward-model folders (a reward run's final/)")
+    ap.add_argument("--bag-of-words", type=float, metavar="C", help="also score a bag-of-words BT baseline")
+    ap.add_argument("folders", nargs="*", help="reward-model folders (a reward run's final/)")
     args = ap.parse_args()
     prefs = _newest("data/demo/preferences/*/pairs-test.parquet", args.home).parent
     labelled = pd.concat([pd.read_parquet(prefs / f"pairs-{s}.parquet") for s in ("validation", "test")])
@@ -123,8 +163,13 @@ def main() -> None:
     p_a = raw["p_a"].astype(float).to_numpy()
     print(json.dumps({"ceilings": _ceilings(truth, raw, labelled)}))
     right, ordered = {}, {}
-    for folder in args.folders:
-        score = reward_scorer_from_folder(folder, "cpu", 64, args.max_length, args.max_prompt_length)
+    scorers = {f: None for f in args.folders}
+    if args.bag_of_words is not None:
+        scorers[f"bag-of-words C={args.bag_of_words:g}"] = _bag_of_words(
+            pd.read_parquet(prefs / "pairs-train.parquet"), args.bag_of_words)
+    for folder, score in scorers.items():
+        if score is None:
+            score = reward_scorer_from_folder(folder, "cpu", 64, args.max_length, args.max_prompt_length)
         chosen = score(prompts, [r["chosen"] for r in rows])
         rejected = score(prompts, [r["rejected"] for r in rows])
         right[folder] = chosen > rejected
@@ -134,6 +179,11 @@ def main() -> None:
             rel = reliability_from_scores(chosen[sel], rejected[sel], split=split or "held-out")
             out[rel.split] = {"accuracy": round(rel.accuracy, 4), "ci": [round(rel.lower, 4), round(rel.upper, 4)],
                               "ece": round(rel.ece, 4), "pairs": rel.pairs}
+        val, test = (labelled["split"] == "validation").to_numpy(), (labelled["split"] == "test").to_numpy()
+        t = _temperature(chosen[val], rejected[val])
+        out["test_ece_at_validation_temperature"] = {
+            "temperature": round(t, 3), "ece": round(reliability_from_scores(chosen[test] / t, rejected[test] / t,
+                                                                          split="test").ece, 4)}
         sa = score([a["prompt"] for a, _ in oracle], [a["response"] for a, _ in oracle])
         sb = score([b["prompt"] for _, b in oracle], [b["response"] for _, b in oracle])
         agree = ((sa - sb) * np.array([a["s"] - b["s"] for a, b in oracle]) > 0).astype(float)
