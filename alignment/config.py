@@ -186,6 +186,12 @@ class RewardConfig(TrainSettings):
     judges that add up what each phrase says (the demo's lexicon oracle) and generalises better
     from few pairs (benchmarks/RESULTS.md, issue 15). Saved in the model's ``config.json``
     (``reward_pooling``), so every scorer of the folder pools the same way."""
+    calibrate: bool = False
+    """After training, fit a temperature T on the eval pairs (minimising the BT log-loss of
+    σ((r_c − r_r)/T)) and divide the score head by it, so every consumer's σ(r_c − r_r) is a
+    calibrated preference probability (lower ECE; orderings and accuracy unchanged; rewards shrink
+    by T, which changes the reward scale PPO sees). T is saved as ``reward_temperature`` in
+    ``config.json`` and the summary; the eval metrics are those before calibration."""
 
 
 class DPOConfig(TrainSettings):

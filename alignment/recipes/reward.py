@@ -8,16 +8,20 @@ into the saved model's config). Chosen and rejected go through the model in one 
 
     loss = -log sigma(r_c - r_r - m) + center_coef * (r_c + r_r)^2
 
-averaged with the pair weights (``use_weights``). Metrics: ``loss``, ``accuracy`` (share of pairs
+averaged with the pair weights (``use_weights``). With ``calibrate`` the head is divided, after
+training, by the temperature that fits the eval pairs best (:func:`fit_temperature`). Metrics: ``loss``, ``accuracy`` (share of pairs
 with r_c > r_r), ``margin`` (mean r_c - r_r), ``reward/mean``, ``reward/chosen``,
 ``reward/rejected``, ``reward/std``.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
-from alignment.batching import ExampleSet, collate_pairs, read_rows, tokenize_pairs
+import torch
+
+from alignment.batching import ExampleSet, collate_pairs, read_rows, to_device, tokenize_pairs
 from alignment.config import ConfigError, RewardConfig
 from alignment.losses import reward_loss
 from alignment.models import ScalarReward, hf_model, load_reward_model, load_tokenizer
@@ -26,11 +30,35 @@ from alignment.recipes.supervised import StepOutput, SupervisedRecipe
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
+def fit_temperature(margins: torch.Tensor, low: float = 1e-2, high: float = 1e2, iterations: int = 60) -> float:
+    """The temperature T in [low, high] minimising the Bradley–Terry log-loss of margins d = r_c − r_r:
+
+        L(a) = mean_i log(1 + exp(−a d_i)),   a = 1/T,
+        L'(a) = −mean_i d_i σ(−a d_i)
+
+    L is convex in a, so L' rises with a and its root is found by bisection on log a (T = high when
+    the model is no better than chance, T = low when every margin is positive: no finite optimum).
+    """
+    d = margins.detach().double().flatten()
+    slope = lambda a: float(-(d * torch.sigmoid(-a * d)).mean())  # noqa: E731
+    lo, hi = math.log(1.0 / high), math.log(1.0 / low)
+    if slope(math.exp(lo)) >= 0:
+        return high
+    if slope(math.exp(hi)) <= 0:
+        return low
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(math.exp(mid)) < 0 else (lo, mid)
+    return 1.0 / math.exp(0.5 * (lo + hi))
+
+
 class RewardRecipe(SupervisedRecipe):
     """Bradley–Terry reward model on ``config.model`` (causal-LM or encoder backbone)."""
 
     name = "reward"
     config_class = RewardConfig
+    temperature: float | None = None
+    """The temperature folded into the head (``calibrate``), once."""
 
     def build_models(self) -> None:
         if self.config.model is None:
@@ -59,6 +87,44 @@ class RewardRecipe(SupervisedRecipe):
         train = self._load(self.config.train_path, "train", layout)
         evals = self._load(self.config.eval_path, "eval", layout) if self.config.eval_path else None
         return train, evals
+
+    def save(self, finished: bool = True) -> None:
+        """With ``calibrate``, fold the eval pairs' temperature into the score head before ``final/`` is written."""
+        if finished and self.config.calibrate and self.temperature is None:
+            self.temperature = self.calibrate()
+        super().save(finished)
+
+    @torch.no_grad()
+    def calibrate(self) -> float:
+        """Fit T on the eval pairs' margins (:func:`fit_temperature`; every process scores the whole
+        eval set, so all fold the same T) and divide the score head's parameters by it."""
+        if self.eval_set is None or len(self.eval_set) == 0:
+            raise ConfigError("reward.calibrate: the temperature is fitted on eval pairs (set eval_path)")
+        margins = []
+        self.train_module.eval()
+        try:
+            for start in range(0, len(self.eval_set), self.config.batch_size):
+                idx = range(start, min(start + self.config.batch_size, len(self.eval_set)))
+                batch = to_device(self.eval_set.collate([self.eval_set[i] for i in idx]), self.device)
+                with self.accelerator.autocast():
+                    rewards = self.train_module(batch).float()
+                n = rewards.shape[0] // 2
+                margins.append(rewards[:n] - rewards[n:])
+        finally:
+            self.train_module.train()
+        temperature = fit_temperature(torch.cat(margins))
+        inner = hf_model(self.accelerator.unwrap_model(self.model))
+        head = inner.score if hasattr(inner, "score") else inner.classifier  # decoder / encoder heads
+        for param in head.parameters():
+            param.div_(temperature)
+        inner.config.reward_temperature = temperature
+        return temperature
+
+    def summary(self, finished: bool) -> dict:
+        out = super().summary(finished)
+        if self.temperature is not None:
+            out["reward_temperature"] = self.temperature
+        return out
 
     def compute_loss(self, batch: dict) -> StepOutput:
         rewards = self.train_module(batch)

@@ -1,11 +1,13 @@
 """The reward recipe with ``pooling: sum`` (issue 15) trains on a tiny model, and its folder scores
-as it trained: the pooling travels in ``config.json`` to every scorer."""
+as it trained: the pooling travels in ``config.json`` to every scorer; ``calibrate`` folds the eval
+pairs' temperature into the head."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from alignment.config import RewardConfig
 from alignment.models import ScalarReward, load_reward_model, load_tokenizer, score_responses
@@ -42,3 +44,30 @@ def test_sum_pooled_reward_model_learns_and_its_folder_keeps_the_pooling(tmp_pat
     assert ScalarReward(scorer).pooling == "sum"
     good, bad = score_responses(scorer, tok, ["review the movie"] * 2, ["it was good great happy", "it was bad awful sad"])
     assert good > bad + 1.0
+
+
+def test_calibrate_folds_the_eval_temperature_into_the_head(tmp_path):
+    from alignment.recipes.reward import fit_temperature
+
+    model = make_tiny_model(tmp_path / "gpt2", "gpt2")
+    preference_pairs(64, seed=0).to_parquet(tmp_path / "train.parquet")
+    noisy = preference_pairs(32, seed=1)
+    flip = noisy.index % 4 == 0  # a quarter of the eval labels flipped: no perfect separation
+    noisy.loc[flip, ["chosen", "rejected"]] = noisy.loc[flip, ["rejected", "chosen"]].to_numpy()
+    noisy.to_parquet(tmp_path / "eval.parquet")
+    cfg = RewardConfig(model={"name_or_path": str(model)}, output_dir=str(tmp_path / "run"), batch_size=8,
+                       max_steps=20, optim={"lr": 3e-3, "schedule": "constant"}, max_length=64, max_prompt_length=32,
+                       train_path=str(tmp_path / "train.parquet"), eval_path=str(tmp_path / "eval.parquet"),
+                       pooling="sum", calibrate=True)
+    summary = RewardRecipe(cfg).run()
+    temperature = summary["reward_temperature"]
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["reward_temperature"] == temperature
+    assert temperature > 1.0  # a quarter of flipped labels: the trained model is over-confident on them
+    settings = cfg.model.model_copy(update={"name_or_path": str(final)})
+    tok = load_tokenizer(settings)
+    scorer = load_reward_model(settings, tok, trainable=False)
+    prompts = noisy["prompt"].tolist()
+    margins = [c - r for c, r in zip(score_responses(scorer, tok, prompts, noisy["chosen"].tolist()),
+                                     score_responses(scorer, tok, prompts, noisy["rejected"].tolist()), strict=True)]
+    assert fit_temperature(torch.tensor(margins)) == pytest.approx(1.0, rel=1e-3)  # calibrated: nothing left to fit

@@ -145,3 +145,22 @@ def test_pair_batches_pool_chosen_then_rejected(tiny):
         plain = ScalarReward(model)(collate_pairs(examples, pad_id=tok.pad_token_id))
         shared = ScalarReward(model)(collate_pairs(examples, share_prompt=True, pad_id=tok.pad_token_id))
     torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_fit_temperature_minimises_the_bt_log_loss_like_a_plain_grid_search():
+    import math
+
+    from alignment.recipes.reward import fit_temperature
+
+    margins = [2.5, 1.0, -0.5, 3.0, 0.2, -1.5, 4.0, 0.8]
+
+    def log_loss(t: float) -> float:
+        return sum(math.log1p(math.exp(-d / t)) for d in margins) / len(margins)
+
+    grid = [math.exp(-3 + 6 * i / 6000) for i in range(6001)]  # T from 0.05 to 20
+    best = min(grid, key=log_loss)
+    fitted = fit_temperature(torch.tensor(margins))
+    assert fitted == pytest.approx(best, rel=2e-3)
+    assert log_loss(fitted) <= log_loss(best) + 1e-9
+    assert fit_temperature(torch.tensor([1.0, 2.0, 3.0])) == 1e-2  # all right: sharpen as far as allowed
+    assert fit_temperature(torch.tensor([1.0, -1.0, 2.0, -2.0])) == 1e2  # no better than chance: flatten
