@@ -80,7 +80,7 @@ def simulate_round(cfg: PipelineConfig, policy: ModelRecord, base: ModelRecord, 
                                report_dir=data_dir(cfg) / "simulator", seed=settings.simulator.seed + round_index,
                                start_time=EPOCH + timedelta(days=round_index))
     return {"batch": batch_id, "files": len(report.files), "rows": sum(report.rows.values()),
-            "malformed share": round(report.malformed_share, 4), "best accuracy": round(report.best_accuracy, 4),
+            "malformed share": round(report.malformed_share, 4), "raw-click ceiling": round(report.best_accuracy, 4),
             "policy sentiment": round(report.policy_sentiment, 4), "rejected samples": report.rejected_samples}
 
 
