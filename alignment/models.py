@@ -393,23 +393,50 @@ def shared_prompt_supported(model, device: torch.device | str | None = None, ato
                           "prompt-sharing")
 
 
-def save_model_folder(model, tokenizer, path: str | Path) -> Path:
+def _unsharded_copy(model, state_dict: dict[str, torch.Tensor]):
+    """A plain CPU copy of the peft ``model`` (whose parameters may be FSDP shards) holding
+    ``state_dict``, its full weights as ``model.state_dict()`` names them: the same classes and
+    configs built on the meta device, then given the tensors (no second copy of the weights)."""
+    from peft import get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+
+    base = model.get_base_model()
+    plain = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))  # fully_shard made FSDP<cls>
+    with torch.device("meta"):
+        replica = get_peft_model(plain._from_config(copy.deepcopy(base.config)),
+                                 copy.deepcopy(model.peft_config[model.active_adapter]))
+    replica.load_state_dict(state_dict, strict=True, assign=True)
+    if getattr(base, "generation_config", None) is not None:
+        replica.get_base_model().generation_config = copy.deepcopy(base.generation_config)
+    return replica
+
+
+def save_model_folder(model, tokenizer, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save an ordinary HF folder with safetensors weights and the tokenizer.
 
     LoRA: ``path`` holds the adapter (``adapter_model.safetensors``, ``adapter_config.json``) and
     ``path/merged`` the full merged weights (a copy is merged, ``model`` is left untouched).
     The saved config has the KV cache on, for serving. Returns ``path``.
+
+    ``state_dict``: the model's full weights by ``state_dict()`` name, written instead of its own
+    parameters — for a model sharded over processes (FSDP), whose own are shards: every process
+    gathers (:func:`alignment.recipes.checkpoint.gather_state_dict`), the main one calls this. The
+    files are the same as an unsharded model's with those weights; under LoRA the merge runs on a
+    plain CPU copy built from the config, holding ``state_dict``'s tensors (the adapted weights
+    among them are merged in place: pass tensors of your own, as a gather gives).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    weights = {} if state_dict is None else {"state_dict": state_dict}
     full, full_path = model, path
     if is_peft(model):
-        model.save_pretrained(str(path))
+        model.save_pretrained(str(path), **weights)  # adapter weights only, PEFT's key names
         tokenizer.save_pretrained(str(path))
-        full, full_path = copy.deepcopy(model).merge_and_unload(), path / "merged"
+        replica = copy.deepcopy(model) if state_dict is None else _unsharded_copy(model, state_dict)
+        full, full_path, weights = replica.merge_and_unload(), path / "merged", {}
     use_cache, full.config.use_cache = full.config.use_cache, True  # on for serving, restored for training
     try:
-        full.save_pretrained(str(full_path))
+        full.save_pretrained(str(full_path), **weights)
     finally:
         full.config.use_cache = use_cache
     tokenizer.save_pretrained(str(full_path))

@@ -68,7 +68,7 @@ from alignment.fast_paths import (
     usable_fast_paths,
 )
 from alignment.models import is_peft, packing_supported, save_model_folder, shared_prompt_supported
-from alignment.recipes.checkpoint import Checkpointer, write_json
+from alignment.recipes.checkpoint import Checkpointer, gather_state_dict, is_sharded, write_json
 from alignment.recipes.feed import BatchFeed
 from alignment.recipes.metrics_log import MetricsCallback, MetricsLog
 from alignment.recipes.optim import build_optimizer, build_scheduler, guarded_step, skips_on_device
@@ -265,17 +265,24 @@ class Recipe(ABC):
         return metrics
 
     def save(self, finished: bool = True) -> None:
-        """Write ``final/`` when ``finished`` and ``summary.json`` always (main process)."""
+        """Write ``final/`` when ``finished`` and ``summary.json`` always (main process).
+
+        Collective: every process calls it. When the model is sharded (FSDP) every process takes
+        part in gathering its full weights, which the main process writes (the same files as an
+        unsharded model's)."""
         if self.output_dir is None:
             return
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            if finished:
+        if finished:
+            model = acc.unwrap_model(self.model)
+            full = gather_state_dict(model) if is_sharded({"model": model}, acc) else None
+            if acc.is_main_process:
                 final = self.output_dir / "final"
                 shutil.rmtree(final, ignore_errors=True)
                 # An ordinary HF folder (LoRA: the adapter plus merged/ full weights).
-                save_model_folder(acc.unwrap_model(self.model), self.tokenizer, final)
+                save_model_folder(model, self.tokenizer, final, state_dict=full)
+        if acc.is_main_process:
             write_json(self.output_dir / "summary.json", self.summary(finished))
         acc.wait_for_everyone()
 

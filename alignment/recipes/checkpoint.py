@@ -61,7 +61,8 @@ from torch import nn
 from alignment.config import ConfigError, TrainSettings, config_diff
 from alignment.recipes.state import load_trainable_state, rng_state, set_rng_state, trainable_state
 
-__all__ = ["RESUME_IGNORED_FIELDS", "Checkpointer", "ResumeConfigError", "write_json"]
+__all__ = ["RESUME_IGNORED_FIELDS", "Checkpointer", "ResumeConfigError", "gather_state_dict", "is_sharded",
+           "write_json"]
 
 RESUME_IGNORED_FIELDS = frozenset({"output_dir", "resume", "num_workers", "log_every", "keep_checkpoints",
                                    "overlap_steps"})
@@ -199,18 +200,33 @@ def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _gather_trainable(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Full trainable weights of a sharded module by name (collective; empty off the main process)."""
+def gather_state_dict(module: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU tensors of a sharded module by ``state_dict`` name. A collective: every
+    process calls it; the result is empty off the main process.
+
+    ``trainable_only``: the trainable parameters (what a checkpoint holds). Otherwise the whole
+    ``state_dict()`` — frozen parameters and persistent buffers too, tied parameters (GPT-2's
+    ``lm_head.weight`` and ``transformer.wte.weight``) sharing one tensor as they do in the module,
+    so ``save_pretrained`` writes them once as for an unsharded model.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                  ignore_frozen_params=True))
-    buffers = {_fqn(n) for n, _ in module.named_buffers()}
-    return {n: t.contiguous() for n, t in state.items() if n not in buffers}
+                                                                  ignore_frozen_params=trainable_only))
+    if trainable_only:
+        buffers = {_fqn(n) for n, _ in module.named_buffers()}
+        return {n: t.contiguous() for n, t in state.items() if n not in buffers}
+    state = {n: t.contiguous() for n, t in state.items()}
+    first: dict[int, str] = {}  # parameter -> its first name
+    for name, param in module.named_parameters(remove_duplicate=False):
+        name = _fqn(name)
+        if name in state:
+            state[name] = state[first.setdefault(id(param), name)]
+    return state
 
 
 def _scatter_trainable(module: nn.Module, state: dict[str, torch.Tensor], main: bool, source: str) -> None:
-    """Inverse of :func:`_gather_trainable` (collective): ``state`` is read on the main process only."""
+    """Inverse of :func:`gather_state_dict` with ``trainable_only`` (collective): ``state`` is read on the main process only."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if main:
@@ -277,7 +293,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         if is_sharded(modules, acc):  # every process gathers; the main one writes
-            weights = {fname: _gather_trainable(module) for fname, module in modules.items()}
+            weights = {fname: gather_state_dict(module, trainable_only=True) for fname, module in modules.items()}
             optim = _gather_optimizer(modules, optimizer)
             if acc.is_main_process:
                 for fname, tensors in weights.items():

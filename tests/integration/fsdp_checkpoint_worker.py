@@ -11,6 +11,13 @@ restores its checkpoints. Modes:
 
 Each writes ``OUT/losses-<mode>.json`` (step -> this process's loss) and, at the end, the gathered
 full weights to ``OUT/final-<mode>.safetensors`` (main process).
+
+* ``final OUT GPT2 LLAMA``: the end of a run, :meth:`alignment.recipes.base.Recipe.save` itself,
+  for a tiny GPT-2 (tied embeddings) and a tiny Llama under LoRA, each sharded inside a wrapper
+  as a recipe's ``train_module`` is and trained two steps; every process calls the save. Writes
+  ``OUT/<name>/`` (the run folder: ``final/``, ``summary.json``) and, from the main process,
+  ``OUT/<name>-weights.safetensors`` (the full weights gathered by torch directly) and
+  ``OUT/<name>-logits.safetensors`` (the sharded model's logits on fixed inputs).
 """
 
 from __future__ import annotations
@@ -25,12 +32,15 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from safetensors.torch import save_file
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignment.config import DPOConfig
+from alignment.config import DPOConfig, LoraSettings
+from alignment.models import apply_lora, hf_model
+from alignment.recipes.base import Recipe
 from alignment.recipes.checkpoint import Checkpointer
 
 STEPS, SAVE_AT = 4, 2
@@ -89,5 +99,66 @@ def main(mode: str, out: str, model_dir: str) -> None:
     dist.destroy_process_group()
 
 
+LOGIT_IDS = torch.tensor([[5, 9, 14, 22, 31, 7, 40, 12], [8, 8, 19, 27, 3, 33, 16, 50]])
+"""Fixed inputs whose logits the test compares with the saved models' (ids below every tiny vocab)."""
+
+
+class Policy(nn.Module):
+    """What accelerate shards: the recipe's ``train_module``, a wrapper whose child is ``Recipe.model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+
+class Run:
+    """The parts of a recipe that :meth:`Recipe.save` reads."""
+
+    def __init__(self, output_dir: Path, accelerator: Accelerator, model: nn.Module, tokenizer) -> None:
+        self.output_dir, self.accelerator, self.model, self.tokenizer = output_dir, accelerator, model, tokenizer
+
+    def summary(self, finished: bool) -> dict:
+        return {"finished": finished}
+
+
+def final(out: str, gpt2_dir: str, llama_dir: str) -> None:
+    acc = Accelerator(cpu=True)
+    rank, mesh = acc.process_index, init_device_mesh("cpu", (acc.num_processes,))
+    for name, model_dir, lora in (("plain", gpt2_dir, None), ("lora", llama_dir, ["q_proj", "v_proj"])):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        if lora:
+            model = apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=lora), "CAUSAL_LM")
+        policy = Policy(model)
+        blocks = set(hf_model(model)._no_split_modules)  # accelerate's FSDP2 auto-wrap: the decoder blocks
+        for module in list(policy.modules()):
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(policy, mesh=mesh)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+        for number in (1, 2):
+            ids = torch.randint(4, hf_model(model).config.vocab_size, (2, 12),
+                                generator=torch.Generator().manual_seed(100 * number + rank))
+            policy(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        run = Run(Path(out, name), acc, model, AutoTokenizer.from_pretrained(model_dir))
+        Recipe.save(run, finished=True)  # every process: the gather is a collective
+        with torch.no_grad():
+            logits = policy(input_ids=LOGIT_IDS).logits
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if acc.is_main_process:
+            save_file({k: v.clone() for k, v in full.items()}, str(Path(out, f"{name}-weights.safetensors")))
+            save_file({"logits": logits.contiguous()}, str(Path(out, f"{name}-logits.safetensors")))
+        acc.wait_for_everyone()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1] == "final":
+        final(*sys.argv[2:5])
+    else:
+        main(*sys.argv[1:4])
