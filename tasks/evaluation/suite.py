@@ -77,14 +77,15 @@ class _Samples:
     """Σ_t log π_ref(y_t) at temperature 1: the reference's plain likelihood of the text (fluency proxy)."""
 
 
-def load_policy(path: str | Path, device: str = "cpu"):
+def load_policy(path: str | Path, device: str = "cpu", tokenizer: str | None = None):
     """``(model, tokenizer)``, frozen in eval mode; a LoRA folder loads its ``merged/`` weights
-    when present (else transformers loads the adapter onto its recorded base). The tokenizer is
-    None when the folder has none."""
+    when present (else transformers loads the adapter onto its recorded base). ``tokenizer``: a
+    tokenizer id or folder apart from the model's (``model.policy.tokenizer``). The tokenizer is
+    None when there is none to load."""
     path = Path(path)
     if (path / "adapter_config.json").exists() and (path / "merged").is_dir():
         path = path / "merged"
-    settings = ModelSettings(name_or_path=str(path))
+    settings = ModelSettings(name_or_path=str(path), tokenizer=tokenizer)
     model = load_causal_lm(settings, trainable=False)
     try:
         tokenizer = load_tokenizer(settings)
@@ -203,6 +204,7 @@ def evaluate_models(
     settings: EvalSettings | None = None,
     beta: float = 0.1,
     device: str = "cpu",
+    reference_tokenizer: str | None = None,
 ) -> EvalOutput:
     """Evaluate ``candidate`` against ``champion`` (None: the reference stands in) and ``reference``.
 
@@ -212,7 +214,9 @@ def evaluate_models(
     ``is_chat``, ``chosen``, ``rejected``; the first ``settings.max_pairs``) for preference
     accuracy (reward model; implicit DPO reward β·(log π − log π_ref) of candidate and
     champion) and the perplexity of the chosen responses. ``reward_scorer`` wins over
-    ``reward_model`` (a folder). KL is computed at the sampling temperature. Raises ValueError
+    ``reward_model`` (a folder). ``reference_tokenizer``: the tokenizer of every policy when it
+    lives apart from the reference model's folder (``model.policy.tokenizer``; the trained
+    policies save it in theirs). KL is computed at the sampling temperature. Raises ValueError
     for no prompts, a bad pair row (naming it) or tokenizers that differ from the reference's.
     """
     settings = settings or EvalSettings()
@@ -230,7 +234,7 @@ def evaluate_models(
     temperature = gen_cfg.temperature if gen_cfg.do_sample else 1.0
 
     samples, pair_lp = _sample_policies(candidate, champion, reference, sample_prompts, pairs, settings,
-                                        temperature, device)
+                                        temperature, device, reference_tokenizer)
     scorer = reward_scorer
     if scorer is None and reward_model is not None:
         scorer = reward_scorer_from_folder(reward_model, device, settings.score_batch_size,
@@ -273,14 +277,14 @@ def evaluate_models(
 
 
 def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt], pairs: list[dict],
-                     settings: EvalSettings, temperature: float, device: str):
+                     settings: EvalSettings, temperature: float, device: str, reference_tokenizer: str | None):
     """Sample each policy with the same seed; log-probs of its samples under itself and the
     reference; its log-probs of the held-out pairs. Holds the reference and one other model."""
     def sample(model, tokenizer) -> GenerationResult:
         return generate(model, tokenizer, sample_prompts, settings.generation, settings.seed,
                         max_prompt_length=settings.max_prompt_length)
 
-    ref_model, tokenizer = load_policy(reference, device)
+    ref_model, tokenizer = load_policy(reference, device, reference_tokenizer)
     if tokenizer is None:
         raise ValueError(f"reference folder {reference} has no tokenizer")
     vocab = tokenizer.get_vocab()

@@ -134,7 +134,8 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
                 " and ".join(j for j, on in (("the reward model", reward), ("the oracle", cfg.demo)) if on) or "no judge")
     out = evaluate_models(candidate.path, champion.path if champion else None, base.path, prompts, pairs,
                           reward_model=reward.path if reward else None, oracle=_oracle(cfg),
-                          settings=cfg.evaluation, beta=beta, device=_device(cfg))
+                          settings=cfg.evaluation, beta=beta, device=_device(cfg),
+                          reference_tokenizer=cfg.model.policy.tokenizer if cfg.model.policy else None)
     logger.info("evaluate: done in %.0f s", time.monotonic() - started)
     folder = cfg.home / "runs" / cfg.pipeline.name / f"eval-{candidate.digest}"
     folder.mkdir(parents=True, exist_ok=True)

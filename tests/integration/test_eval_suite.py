@@ -164,3 +164,25 @@ def test_plots_write_pngs(folders, tmp_path):
         assert imread(path).shape[0] > 100
     with pytest.raises(ValueError, match="none of"):
         plots.plot_training_curves(metrics, tmp_path / "x.png", keys=["nonexistent"])
+
+
+def test_a_reference_whose_tokenizer_lives_apart_is_evaluated_with_the_configured_one(folders, tmp_path):
+    """model.policy.tokenizer: a base model folder without tokenizer files, its tokenizer in
+    another folder (the trained candidate saves it in its own). The evaluation reads the
+    configured tokenizer for the reference instead of failing on the bare folder."""
+    import shutil
+
+    bare = tmp_path / "bare-reference"
+    shutil.copytree(folders["reference"], bare)
+    tokenizer_files = [p for p in bare.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))]
+    assert tokenizer_files
+    separate = tmp_path / "tokenizer"
+    separate.mkdir()
+    for p in tokenizer_files:
+        shutil.move(p, separate / p.name)
+    few = settings()
+    with pytest.raises(ValueError, match="has no tokenizer|different tokenizer"):
+        evaluate_models(folders["candidate"], None, bare, PROMPTS, settings=few)
+    out = evaluate_models(folders["candidate"], None, bare, PROMPTS, settings=few, reference_tokenizer=str(separate))
+    same = evaluate_models(folders["candidate"], None, folders["reference"], PROMPTS, settings=few)
+    assert out.report.candidate.kl == pytest.approx(same.report.candidate.kl)
