@@ -274,25 +274,28 @@ def close_dead_flow_runs(home: str | Path, flow_run_ids: set[str] | frozenset[st
     return crashed
 
 
+def _known_flow_runs(client, flow_run_ids: list[str]):
+    """``(id, flow run)`` of each id the API can read; one it does not know (another Prefect
+    server, a wiped database) or cannot read is skipped."""
+    from uuid import UUID
+
+    for run_id in flow_run_ids:
+        try:
+            yield run_id, client.read_flow_run(UUID(run_id))
+        except Exception:  # noqa: BLE001 - unknown id, or another server's run
+            continue
+
+
 def ended_flow_runs(flow_run_ids: list[str]) -> list[str]:
     """Those of the Prefect flow runs that are in a final state. One the API does not know (another
     server) or cannot read is left out (it may still run)."""
     if not flow_run_ids:
         return []
-    from uuid import UUID
-
     from prefect.client.orchestration import get_client
 
-    ended = []
     with get_client(sync_client=True) as client:
-        for run_id in flow_run_ids:
-            try:
-                run = client.read_flow_run(UUID(run_id))
-            except Exception:  # noqa: BLE001 - unknown id, or another server's run
-                continue
-            if run.state is not None and run.state.is_final():
-                ended.append(run_id)
-    return ended
+        return [run_id for run_id, run in _known_flow_runs(client, flow_run_ids)
+                if run.state is not None and run.state.is_final()]
 
 
 def close_stale_flow_runs(flow_run_ids: list[str], message: str) -> list[str]:
@@ -302,18 +305,12 @@ def close_stale_flow_runs(flow_run_ids: list[str], message: str) -> list[str]:
     or one the API refuses to change, is skipped."""
     if not flow_run_ids:
         return []
-    from uuid import UUID
-
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
     changed = []
     with get_client(sync_client=True) as client:
-        for run_id in flow_run_ids:
-            try:
-                run = client.read_flow_run(UUID(run_id))
-            except Exception:  # noqa: BLE001 - unknown id, or another server's run
-                continue
+        for run_id, run in _known_flow_runs(client, flow_run_ids):
             if run.state is None or not run.state.is_final():
                 try:
                     client.set_flow_run_state(run.id, Crashed(message=message), force=True)

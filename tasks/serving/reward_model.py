@@ -30,22 +30,14 @@ class RewardScorer(PythonModel):
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
 
     def _text(self, prompt, response):
-        if isinstance(prompt, str) and prompt.startswith("["):
-            try:
-                prompt = json.loads(prompt)
-            except ValueError:
-                pass
+        prompt = _chat_or_text(prompt)
         if isinstance(prompt, (list, tuple)):
             messages = list(prompt) + [{"role": "assistant", "content": response}]
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return prompt + response
 
     def _prompt_ids(self, prompt):
-        if isinstance(prompt, str) and prompt.startswith("["):
-            try:
-                prompt = json.loads(prompt)
-            except ValueError:
-                pass
+        prompt = _chat_or_text(prompt)
         if isinstance(prompt, (list, tuple)):
             text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -81,3 +73,13 @@ class RewardScorer(PythonModel):
 
 
 mlflow.models.set_model(RewardScorer())
+
+
+def _chat_or_text(prompt):
+    """A prompt as the request gave it, or a chat message list when it is one as JSON text."""
+    if isinstance(prompt, str) and prompt.startswith("["):
+        try:
+            return json.loads(prompt)
+        except ValueError:
+            pass
+    return prompt
