@@ -126,6 +126,7 @@ def test_end_of_run_ui_commands_run_from_a_shell_without_the_environment_on_path
     from tasks.stages.summary import PipelineSummary, ui_hints
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_HOME", raising=False)  # the test session's Prefect harness sets it
     summary = PipelineSummary(pipeline="demo", home="/h", mlflow_run_id="r", experiment_id="1",
                               tracking_uri="sqlite:////h/mlflow.db")
     mlflow_hint, prefect_hint = ui_hints(summary)[:2]
