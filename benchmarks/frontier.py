@@ -108,7 +108,7 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
                               oracle=lambda texts: sentiment(texts), settings=cfg.evaluation, device="cpu")
         c = out.report.candidate
         rows.append({"method": method, knob: value, "kl": c.kl, "kl_se": c.kl_se, "oracle": c.oracle_mean,
-                     "reward": c.reward_mean, "malformed": c.malformed_share, "distinct_2": c.distinct_2,
+                     "oracle_se": c.oracle_std / len(prompts) ** 0.5, "reward": c.reward_mean, "malformed": c.malformed_share, "distinct_2": c.distinct_2,
                      "train_s": train_s, **_train_summary(model)})
         print(f"{method} {knob}={value}: KL {c.kl:.2f} ± {c.kl_se:.2f}, oracle {c.oracle_mean:+.3f}, "
               f"distinct-2 {c.distinct_2:.3f}, trained in {train_s:.0f} s", flush=True)
@@ -149,8 +149,11 @@ def report(rows: list[dict], home: Path) -> None:
         "base": [("base", 0.0, r["oracle"]) for r in rows if r["method"] == "base"][:1],
     }
     for method in ("PPO", "GRPO"):
-        pts = [r for r in rows if r["method"] == method]
+        pts = [r for r in rows if r["method"] == method and not r.get("series")]
         series[method] = [(_short_label(r), r["kl"], r["oracle"]) for r in pts]
+    for r in rows:  # a row may name its own series (e.g. one per RL variant, set in a reused JSON)
+        if r.get("series"):
+            series.setdefault(r["series"], []).append((_short_label(r), r["kl"], r["oracle"]))
     series = {k: v for k, v in series.items() if v}
     plot = plot_reward_vs_kl(series, home / "frontier.png", ylabel="mean VADER sentiment (oracle)",
                              title="Reward–KL frontier on the demo task")
@@ -160,7 +163,8 @@ def report(rows: list[dict], home: Path) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         setting = (f"β={r['beta']}" if "beta" in r else f"c={r['kl_coef']}" if "kl_coef" in r
-                   else r.get("setting", "-"))
+                   else f"{r['series']}: {r['label']}" if r.get("series") and r.get("label")
+                   else r.get("series") or r.get("setting", "-"))
         train_s = f"{r['train_s']:.0f}" if r.get("train_s") is not None else "-"
         print(f"| {r['method']} | {setting} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {r['oracle']:+.3f} | "
               f"{r['malformed']:.3f} | {r['distinct_2']:.3f} | {train_s} |")
@@ -170,6 +174,8 @@ def report(rows: list[dict], home: Path) -> None:
 def _short_label(row: dict) -> str:
     """A plot label for an RL point: its KL setting (coefficient or adaptive target) when named."""
     spec = str(row.get("setting", ""))
+    if row.get("label"):
+        return str(row["label"])
     if "kl_coef" in row:
         return f"c={row['kl_coef']}"
     picked = [item.split("=", 1)[1] for item in spec.split(",") if item.strip().startswith(("kl.coef=", "kl.target="))]
