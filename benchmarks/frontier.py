@@ -144,10 +144,12 @@ def report(rows: list[dict], home: Path) -> None:
     """``frontier.png`` and ``frontier.json`` in ``home``; the Markdown table on stdout."""
     home.mkdir(parents=True, exist_ok=True)
     series = {
+        "base": [("base", 0.0, r["oracle"]) for r in rows if r["method"] == "base"][:1],
         "DPO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "DPO"],
         "KTO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "KTO"],
-        "base": [("base", 0.0, r["oracle"]) for r in rows if r["method"] == "base"][:1],
     }
+    if series["DPO (β sweep)"]:  # the frontier starts at the base model (β → ∞)
+        series["DPO (β sweep)"] += series.pop("base")
     for method in ("PPO", "GRPO"):
         pts = [r for r in rows if r["method"] == method and not r.get("series")]
         series[method] = [(_short_label(r), r["kl"], r["oracle"]) for r in pts]
