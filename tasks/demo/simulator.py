@@ -295,7 +295,10 @@ def simulate_feedback(
 
 def _report(truth, batch_id, files, n_prompts, scores, skipped, broken, timer) -> SimulationReport:
     clean = truth[truth["malformed"].isna()]
-    pairs = clean[(clean["kind"] == "pairwise") & (clean["choice"] != "tie")]
+    # a batch may hold no pairwise row at all (every sample rejected before the annotators)
+    choice = clean["choice"] if "choice" in clean else pd.Series(None, index=clean.index, dtype=object)
+    pairwise = clean["kind"] == "pairwise"
+    pairs = clean[pairwise & (choice != "tie")]
     bad = truth["malformed"].dropna().value_counts()
     return SimulationReport(
         batch_id=batch_id,
@@ -305,7 +308,7 @@ def _report(truth, batch_id, files, n_prompts, scores, skipped, broken, timer) -
         malformed_share=float(truth["malformed"].notna().mean()),
         best_accuracy=ann.best_accuracy(pairs["p_a"].to_numpy()) if len(pairs) else float("nan"),
         pairwise_labels=len(pairs),
-        ties=int(((clean["kind"] == "pairwise") & (clean["choice"] == "tie")).sum()),
+        ties=int((pairwise & (choice == "tie")).sum()),
         label_stats=ann.label_rate_stats(truth),
         prompts=n_prompts,
         samples=int(scores.size),

@@ -72,3 +72,14 @@ def test_data_layer_quarantines_the_corrupted_rows(policy, tmp_path):
     assert result.report["rows_in"] == sum(report.rows.values())
     assert result.report["rows_quarantined"] == sum(report.malformed.values()) > 0
     assert 0.03 < result.report["rows_quarantined"] / result.report["rows_in"] < 0.05
+
+
+def test_a_batch_without_pairwise_rows_is_reported(policy, tmp_path):
+    """Every prompt's feedback as ratings and thumbs (or every pairwise sample rejected before the
+    annotators): the report has no pairwise labels, no ties and no ceiling, and does not crash."""
+    settings, info, prompts = policy
+    sim = settings.simulator.model_copy(update={"kind_shares": {"rating": 0.5, "binary": 0.5}, "malformed_share": 0.0})
+    report = simulate_feedback(info.path, prompts, sim, tmp_path / "landing", batch_id="np", report_dir=tmp_path / "r")
+    assert "pairwise" not in report.rows and report.pairwise_labels == 0 and report.ties == 0
+    assert report.best_accuracy != report.best_accuracy  # NaN: no pairwise label to bound
+    assert json.loads((tmp_path / "r" / "report-np.json").read_text())["pairwise_labels"] == 0
