@@ -140,11 +140,10 @@ def test_the_training_stage_names_a_batch_larger_than_its_split_before_starting_
     assert not (tmp_path / "home" / "runs").exists()  # no run folder, no training process
 
 
-def test_device_cuda_without_a_cuda_device_is_named(tmp_path, model_64):
+def test_device_cuda_without_a_cuda_device_is_named(tmp_path, model_64, monkeypatch):
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU host, also on a GPU one
     msg = _error(_config(tmp_path, str(model_64)), "pipeline.device=cuda")
     assert msg.startswith("pipeline.device: cuda, but torch sees no CUDA device")
 
