@@ -245,14 +245,6 @@ class FlowMarks:
                 continue
         return found
 
-    def dead(self) -> dict[Path, FlowMark]:
-        """Marks whose process is dead (see :func:`process_alive`), by file."""
-        return {p: m for p, m in self.read().items() if not process_alive(m.pid, m.host, m.process_start)}
-
-    def foreign(self) -> dict[Path, FlowMark]:
-        """Marks of processes on other hosts (pods sharing the home's volume), by file."""
-        return {p: m for p, m in self.read().items() if m.host != socket.gethostname()}
-
 
 def close_dead_flow_runs(home: str | Path, flow_run_ids: set[str] | frozenset[str] = frozenset(),
                          keep: str | None = None,
@@ -263,11 +255,11 @@ def close_dead_flow_runs(home: str | Path, flow_run_ids: set[str] | frozenset[st
     flow run has ended (e.g. set CRASHED by the Kubernetes worker when its pod died): their
     processes cannot be checked from here. Returns the flow runs changed. Call it holding the
     home's lock: a dead round's writer is then surely gone."""
-    marks = FlowMarks(home)
-    dead = marks.dead()
+    marks = FlowMarks(home).read()  # once: the dead (see process_alive) and other hosts' (pods sharing the volume)
+    dead = {p: m for p, m in marks.items() if not process_alive(m.pid, m.host, m.process_start)}
     ids = (set(flow_run_ids) | {m.flow_run_id for m in dead.values()}) - {keep or ""}
     crashed = close_stale_flow_runs(sorted(ids - {""}), message)
-    foreign = marks.foreign()
+    foreign = {p: m for p, m in marks.items() if m.host != socket.gethostname()}
     ended = set(ended_flow_runs(sorted({m.flow_run_id for m in foreign.values()}))) if foreign else set()
     for path in [*dead, *(p for p, m in foreign.items() if m.flow_run_id in ended)]:
         path.unlink(missing_ok=True)
