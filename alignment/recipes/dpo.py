@@ -43,6 +43,7 @@ from alignment.models import (
     model_fingerprint,
 )
 from alignment.recipes.reference import cached_or_computed, ref_cache_folder, reference_logps
+from alignment.recipes.state import load_trainable_state
 from alignment.recipes.supervised import StepOutput, SupervisedRecipe
 from alignment.refcache import (
     attach,
@@ -133,7 +134,9 @@ class DPORecipe(SupervisedRecipe):
         self._within_budget = (self.step, self._weights())
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
+        """A copy of the trainable parameters (frozen weights, e.g. a LoRA base, never change)."""
+        policy = self.accelerator.unwrap_model(self.model)
+        return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
 
     def stop_early(self) -> bool:
         """Every ``budget.every`` steps: probe the policy; within budget, remember these weights;
@@ -150,7 +153,7 @@ class DPORecipe(SupervisedRecipe):
             self._within_budget = (self.step, self._weights())
             return False
         kept, weights = self._within_budget
-        self.accelerator.unwrap_model(self.model).load_state_dict(weights)
+        load_trainable_state(self.accelerator.unwrap_model(self.model), weights, f"step {kept}'s weights")
         self.budget_stop = {"reason": reason, "stopped_at": self.step, "kept_step": kept}
         print(f"dpo: drift budget: {reason}; keeping the weights of step {kept}", flush=True)
         return True
