@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from tasks.demo import annotators as ann
 from tasks.demo.malformed import corrupt_rows
 from tasks.demo.oracle import is_broken, sentiment, strip_broken
 from tasks.demo.settings import DegenerateFilter, SimulatorSettings
+from tasks.evaluation.metrics import distinct_n, repetition_rate, word_tokens
 
 SOURCE = "alignflow-demo-simulator"
 EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -118,9 +118,6 @@ def sample_responses(policy_path: str | Path, prompts: list[str], settings: Simu
             [ended[i * k : (i + 1) * k] for i in range(len(prompts))])
 
 
-_WORD = re.compile(r"\w+|[^\w\s]")
-
-
 def degenerate_reason(text: str, rules: DegenerateFilter) -> str | None:
     """Why ``text`` is degenerate under ``rules`` (a loop or word stuffing), or None.
 
@@ -128,18 +125,17 @@ def degenerate_reason(text: str, rules: DegenerateFilter) -> str | None:
     ``max_repeated_trigram_share``; distinct-1 = |unique words| / |words| below ``min_distinct1``
     (from ``min_words`` words on); a word of 4+ letters more than ``max_word_repeats`` times.
     """
-    words = _WORD.findall(text.lower())
+    words = word_tokens(text)  # as the evaluation's distinct-n and repeated-trigram figures read a response
     counts = Counter(w for w in words if len(w) >= 4 and w.isalpha())
     if counts and max(counts.values()) > rules.max_word_repeats:
         word, n = counts.most_common(1)[0]
         return f"'{word}' {n} times"
     if len(words) < rules.min_words:
         return None
-    trigrams = list(zip(words, words[1:], words[2:], strict=False))
-    if trigrams and 1 - len(set(trigrams)) / len(trigrams) > rules.max_repeated_trigram_share:
-        return f"repeated trigrams {1 - len(set(trigrams)) / len(trigrams):.2f}"
-    if len(set(words)) / len(words) < rules.min_distinct1:
-        return f"distinct-1 {len(set(words)) / len(words):.2f}"
+    if (rep3 := repetition_rate([words], 3)) > rules.max_repeated_trigram_share:
+        return f"repeated trigrams {rep3:.2f}"
+    if (distinct1 := distinct_n([words], 1)) < rules.min_distinct1:
+        return f"distinct-1 {distinct1:.2f}"
     return None
 
 
