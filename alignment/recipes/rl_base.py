@@ -235,11 +235,11 @@ class RLRecipe(Recipe):
         mode = self.config.reward_norm
         if mode == "none":
             return scores
+        every = self.accelerator.gather(scores) if self.accelerator.num_processes > 1 else scores
         if mode == "batch":
-            every = self.accelerator.gather(scores) if self.accelerator.num_processes > 1 else scores
             std = float(every.std()) if every.numel() > 1 else 0.0
             return normalize_scores(scores, float(every.mean()), std)
-        self.score_moments.update(self.accelerator.gather(scores) if self.accelerator.num_processes > 1 else scores)
+        self.score_moments.update(every)
         return normalize_scores(scores, self.score_moments.mean, self.score_moments.std)
 
     def update(self, roll: Rollout, plan: UpdatePlan) -> dict[str, float]:
