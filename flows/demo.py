@@ -113,8 +113,8 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
                      "champion": version, "oracle": oracle, "kl": kl})
     _render(rows, baseline)
     folder = cfg.home / "runs" / cfg.pipeline.name
-    plot = plot_closed_loop([r for r in rows if r["oracle"] is not None], folder / "closed_loop.png",
-                            baseline=baseline) if any(r["oracle"] is not None for r in rows) else None
+    champions = [r for r in rows if r["oracle"] is not None]
+    plot = plot_closed_loop(champions, folder / "closed_loop.png", baseline=baseline) if champions else None
     rounds_plot = plot_loop_rounds(rows, folder / "closed_loop_rounds.png", baseline=baseline, max_kl=cfg.gate.max_kl)
     table = folder / "closed_loop_rounds.json"
     table.write_text(json.dumps({"base_oracle": baseline, "rounds": rows}, indent=2, default=str))
