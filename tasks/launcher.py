@@ -135,6 +135,12 @@ def device_env(device: str) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"} if device == "cpu" else {}
 
 
+def resolve_device(device: str) -> str:
+    """Where ``pipeline.device`` runs on this host: ``cuda`` unless it says ``cpu`` or no CUDA
+    device is visible."""
+    return "cuda" if device != "cpu" and cuda_count() > 0 else "cpu"
+
+
 def cuda_count() -> int:
     """CUDA devices visible to this process (0 without CUDA support in torch)."""
     try:

@@ -190,17 +190,15 @@ def read_prompts(path: str | Path) -> list:
 
 
 def _answers(cfg, folder: Path, prompts: list, seed: int) -> list[str]:
-    import torch
-
     from alignment.config import ModelSettings
     from alignment.generation import generate
     from alignment.models import load_causal_lm, load_tokenizer
+    from tasks.launcher import resolve_device
 
     settings = ModelSettings(name_or_path=str(folder))
     tokenizer = load_tokenizer(settings)
     model = load_causal_lm(settings, trainable=False)
-    if cfg.pipeline.device != "cpu" and torch.cuda.is_available():
-        model = model.to("cuda")
+    model = model.to(resolve_device(cfg.pipeline.device))
     result = generate(model, tokenizer, prompts, cfg.evaluation.generation, seed,
                       max_prompt_length=cfg.evaluation.max_prompt_length)
     return list(result.texts)

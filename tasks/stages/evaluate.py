@@ -33,6 +33,7 @@ from tasks.evaluation.plots import (
 from tasks.evaluation.report import EvalReport
 from tasks.evaluation.suite import evaluate_models
 from tasks.faults import fault_point
+from tasks.launcher import resolve_device
 from tasks.methods import method
 from tasks.progress import run_logger
 from tasks.records import ModelRecord
@@ -68,14 +69,6 @@ class EvalRecord(BaseModel):
     def headline_metrics(self) -> dict[str, float]:
         """The headline numbers under their MLflow metric names (logged on the round's parent run)."""
         return {key: self.metrics[key] for key in HEADLINE.values() if key in self.metrics}
-
-
-def _device(cfg: PipelineConfig) -> str:
-    if cfg.pipeline.device == "cpu":
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _heldout(dataset: DatasetRecord) -> tuple[list, pd.DataFrame | None]:
@@ -134,7 +127,7 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
                 " and ".join(j for j, on in (("the reward model", reward), ("the oracle", cfg.demo)) if on) or "no judge")
     out = evaluate_models(candidate.path, champion.path if champion else None, base.path, prompts, pairs,
                           reward_model=reward.path if reward else None, oracle=_oracle(cfg),
-                          settings=cfg.evaluation, beta=beta, device=_device(cfg),
+                          settings=cfg.evaluation, beta=beta, device=resolve_device(cfg.pipeline.device),
                           reference_tokenizer=cfg.model.policy.tokenizer if cfg.model.policy else None)
     logger.info("evaluate: done in %.0f s", time.monotonic() - started)
     folder = cfg.home / "runs" / cfg.pipeline.name / f"eval-{candidate.digest}"

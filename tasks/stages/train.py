@@ -17,7 +17,7 @@ from typing import Any
 from alignment.config import RECIPE_CONFIGS, ModelSettings, TrainSettings
 from tasks import tracking
 from tasks.config import PipelineConfig
-from tasks.launcher import cuda_count, device_env, run_recipe
+from tasks.launcher import device_env, resolve_device, run_recipe
 from tasks.methods import method
 from tasks.preflight import check_batch_fits
 from tasks.records import ModelRecord
@@ -177,7 +177,7 @@ def _judge_reliability(cfg: PipelineConfig, settings: TrainSettings, run_dir: Pa
     reward-model version with them."""
     from tasks.evaluation.judge import reward_model_reliability
 
-    device = "cuda" if _uses_gpu(cfg) else "cpu"
+    device = resolve_device(cfg.pipeline.device)
     rel = reward_model_reliability(_final_paths(run_dir)[0], settings.eval_path, split="validation",
                                    max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
                                    confidence=cfg.evaluation.confidence, batch_size=cfg.evaluation.score_batch_size,
@@ -189,17 +189,13 @@ def _judge_reliability(cfg: PipelineConfig, settings: TrainSettings, run_dir: Pa
     return rel.model_dump()
 
 
-def _uses_gpu(cfg: PipelineConfig) -> bool:
-    """Whether this pipeline's training runs on CUDA here (``pipeline.device`` and the host)."""
-    return cfg.pipeline.device != "cpu" and cuda_count() > 0
-
-
 def _train_holding_gpu(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str,
                        init: ModelRecord, parent_run_id: str | None, reward: ModelRecord | None = None,
                        reference: ModelRecord | None = None) -> ModelRecord:
     """:func:`train_stage` holding ``pipeline.processes`` slots of the global concurrency limit
     ``gpu`` where it exists (tasks/stages/slots.py). Training on the CPU shares no GPU: no slot."""
-    gpu = slots.held(slots.GPU, occupy=cfg.pipeline.processes) if _uses_gpu(cfg) else contextlib.nullcontext()
+    on_gpu = resolve_device(cfg.pipeline.device) == "cuda"
+    gpu = slots.held(slots.GPU, occupy=cfg.pipeline.processes) if on_gpu else contextlib.nullcontext()
     with gpu:
         return train_stage(cfg, stage, data, dataset_digest, init, parent_run_id, reward, reference)
 
