@@ -88,16 +88,21 @@ def _oracle_pairs(truth: pd.DataFrame, held: set[str]) -> list[tuple[dict, dict]
             if abs(a["s"] - b["s"]) > 0.05]
 
 
+def _labels(truth: pd.DataFrame) -> pd.DataFrame:
+    """Well-formed, non-tie comparison labels (one per annotator)."""
+    return truth[(truth["kind"] == "pairwise") & truth["malformed"].isna() & truth["choice"].isin(["a", "b"])]
+
+
 def _raw_labels(truth: pd.DataFrame, held: set[str]) -> pd.DataFrame:
-    """Well-formed, non-tie comparison labels (one per annotator) on held-out prompts."""
-    ok = truth[(truth["kind"] == "pairwise") & truth["malformed"].isna() & truth["choice"].isin(["a", "b"])]
+    """:func:`_labels` on held-out prompts."""
+    ok = _labels(truth)
     return ok[ok.prompt.isin(held)].reset_index(drop=True)
 
 
 def _ceilings(truth: pd.DataFrame, raw: pd.DataFrame, labelled: pd.DataFrame) -> dict:
     """The simulator's Bayes ceiling and the oracle's realised accuracy, raw and built (module docstring)."""
     p = raw["p_a"].astype(float).to_numpy()
-    every = truth[(truth["kind"] == "pairwise") & truth["malformed"].isna() & truth["choice"].isin(["a", "b"])]
+    every = _labels(truth)
     s = {(r.prompt, r.response): r.s for r in _scores(truth).itertuples()}
     sc = np.array([s.get((r["prompt"], r["chosen"]), np.nan) for r in labelled.to_dict("records")])
     sr = np.array([s.get((r["prompt"], r["rejected"]), np.nan) for r in labelled.to_dict("records")])
