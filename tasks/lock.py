@@ -40,8 +40,9 @@ told to wait less: the hourly monitor check must not make the nightly run that f
 minute skip its turn (with ``lock_wait_s`` 0 it would)."""
 
 
-_HELD: dict[str, list[int]] = {}
-"""Homes this process holds: resolved path -> [thread id, depth] (re-entry by the holding thread)."""
+_HELD: dict[str, int] = {}
+"""Homes this process holds: resolved path -> the holding thread's id (it may re-enter; the
+outermost ``home_lock`` releases)."""
 _HELD_GUARD = threading.Lock()
 
 
@@ -94,15 +95,9 @@ def home_lock(home: str | Path, wait_s: float = 0.0, purpose: str = "run") -> It
     path = home / LOCK_NAME
     key, me = str(home.resolve()), threading.get_ident()
     with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None and held[0] == me:
-            held[1] += 1
-    if held is not None and held[0] == me:
-        try:
-            yield path
-        finally:
-            with _HELD_GUARD:
-                held[1] -= 1
+        reentered = _HELD.get(key) == me
+    if reentered:
+        yield path
         return
     lock = FileLock(path, timeout=wait_s, thread_local=False, is_singleton=False)
     _acquire(lock, home, wait_s)
@@ -113,7 +108,7 @@ def home_lock(home: str | Path, wait_s: float = 0.0, purpose: str = "run") -> It
                                    "command": " ".join(sys.argv)[:300]}))
         os.replace(tmp, home / HOLDER_NAME)
         with _HELD_GUARD:
-            _HELD[key] = [me, 1]
+            _HELD[key] = me
         yield path
     finally:
         with _HELD_GUARD:
