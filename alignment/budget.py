@@ -17,26 +17,13 @@ them and ends training (see :meth:`alignment.recipes.dpo.DPORecipe.stop_early`).
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from alignment.generation import GenerationResult, generate
-from alignment.logprobs import selective_log_softmax
-
-_WORD = re.compile(r"\w+|[^\w\s]")
-
-
-def distinct2(texts: Iterable[str]) -> float:
-    """Pooled distinct-2 over lowercased word tokens (``\\w+`` runs and single punctuation
-    marks, as the evaluation counts them): unique bigrams / all bigrams; 0.0 when none."""
-    grams = []
-    for text in texts:
-        toks = _WORD.findall(text.lower())
-        grams += list(zip(toks, toks[1:], strict=False))
-    return len(set(grams)) / len(grams) if grams else 0.0
+from alignment.generation import GenerationResult, generate, response_logps
+from alignment.text_stats import distinct_n
 
 
 @dataclass(frozen=True)
@@ -69,25 +56,6 @@ def budget_breach(reading: ProbeReading, max_kl: float | None, min_distinct2_rat
     return None
 
 
-@torch.no_grad()
-def sample_logps(model, gen: GenerationResult, temperature: float, batch_size: int = 64) -> torch.Tensor:
-    """Σ_t log softmax(logits / T)[y_t] over each generated response (EOS included), from the
-    generated token ids."""
-    device = next(model.parameters()).device
-    ids, mask = gen.sequences()
-    P = gen.prompt_ids.shape[1]
-    out = []
-    for s in range(0, len(gen), batch_size):
-        b_ids, b_mask = ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)
-        positions = (b_mask.cumsum(1) - 1).clamp_min(0)
-        R = b_ids.shape[1] - P
-        logits = model(input_ids=b_ids, attention_mask=b_mask, position_ids=positions).logits[:, P - 1 : P - 1 + R]
-        labels = gen.response_ids[s : s + batch_size].to(device).masked_fill(
-            gen.response_mask[s : s + batch_size].to(device) == 0, -100)
-        out.append(selective_log_softmax(logits.float(), labels, temperature=temperature).sum(-1).cpu())
-    return torch.cat(out).double()
-
-
 class DriftProbe:
     """Samples a model on fixed prompts and measures KL to ``reference`` and distinct-2.
 
@@ -104,7 +72,7 @@ class DriftProbe:
         self.generation, self.seed, self.max_prompt_length = generation, seed, max_prompt_length
         self.temperature = generation.temperature if generation.do_sample else 1.0
         ref_gen = self._sample(self.reference)
-        self.reference_distinct2 = distinct2(ref_gen.texts)
+        self.reference_distinct2 = distinct_n(ref_gen.texts, 2)
 
     def _sample(self, model) -> GenerationResult:
         return generate(model, self.tokenizer, self.prompts, self.generation, self.seed,
@@ -117,8 +85,8 @@ class DriftProbe:
         policy.eval()
         try:
             gen = self._sample(policy)
-            kl = (sample_logps(policy, gen, self.temperature)
-                  - sample_logps(self.reference, gen, self.temperature)).mean()
+            kl = (response_logps(policy, gen, self.temperature)
+                  - response_logps(self.reference, gen, self.temperature)).mean()
         finally:
             policy.train(was_training)
-        return ProbeReading(step, float(kl), distinct2(gen.texts), self.reference_distinct2)
+        return ProbeReading(step, float(kl), distinct_n(gen.texts, 2), self.reference_distinct2)

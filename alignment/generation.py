@@ -30,6 +30,7 @@ from transformers import DynamicCache, StaticCache
 from alignment.batching import Prompt, Truncation, encode_prompt
 from alignment.config import GenerationSettings
 from alignment.fast_generation import GraphDecoder
+from alignment.logprobs import selective_log_softmax
 
 __all__ = [
     "GenerationResult",
@@ -348,3 +349,27 @@ def generate(
     finally:
         model.train(was_training)
     return GenerationResult.concat(parts)
+
+
+@torch.no_grad()
+def response_logps(model, gen: GenerationResult, temperature: float, batch_size: int = 64) -> torch.Tensor:
+    """Σ_t log softmax(logits / T)[y_t] over each sampled response's tokens (EOS included), as
+    float64 on the CPU, scored from the generated token ids themselves (re-tokenising the text
+    would change them). Logits are computed for the response positions only where the model
+    takes ``logits_to_keep``."""
+    device = next(model.parameters()).device
+    ids, mask = gen.sequences()
+    P = gen.prompt_ids.shape[1]
+    keep = "logits_to_keep" in _forward_params(model)
+    out = []
+    for s in range(0, len(gen), batch_size):
+        b_ids, b_mask = ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)
+        positions = (b_mask.cumsum(1) - 1).clamp_min(0)
+        R = b_ids.shape[1] - P
+        extra = {"logits_to_keep": R + 1} if keep else {}
+        logits = model(input_ids=b_ids, attention_mask=b_mask, position_ids=positions, **extra).logits
+        logits = logits[:, -(R + 1) : -1]  # position P-1+j predicts response token j
+        labels = gen.response_ids[s : s + batch_size].to(device).masked_fill(
+            gen.response_mask[s : s + batch_size].to(device) == 0, -100)
+        out.append(selective_log_softmax(logits, labels, temperature=temperature).sum(-1).cpu())
+    return torch.cat(out).double()

@@ -41,7 +41,6 @@ from typing import Any
 import torch
 
 from alignment.batching import ExampleSet, Prompt, decode_prompt, encode_prompt, read_rows
-from alignment.budget import distinct2
 from alignment.config import ConfigError, ModelSettings, RLSettings
 from alignment.generation import generate
 from alignment.logprobs import check_finite
@@ -64,6 +63,7 @@ from alignment.rl import (
     kl_k1,
     normalize_scores,
 )
+from alignment.text_stats import distinct_n
 
 __all__ = ["RLRecipe", "UpdatePlan"]
 
@@ -209,7 +209,7 @@ class RLRecipe(Recipe):
         mask = roll.mask
         metrics["reward/raw"] = float(roll.raw_scores.mean())
         metrics["reward/raw_std"] = float(roll.raw_scores.std()) if len(roll) > 1 else 0.0
-        metrics["distinct_2"] = distinct2(roll.texts)  # pooled over the rollout: falls when phrases get stuffed
+        metrics["distinct_2"] = distinct_n(roll.texts, 2)  # pooled over the rollout: falls when phrases get stuffed
         if self.config.reward_norm != "none":
             metrics["reward/normalized"] = float(roll.scores.mean())
             metrics["reward/norm_mean"], metrics["reward/norm_std"] = self._norm_moments(scores_before_norm)

@@ -27,6 +27,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from scipy import sparse, stats
 
+from alignment.text_stats import distinct_n, ngrams, tokenised, word_tokens
+
 __all__ = [
     "WinRate",
     "KLEstimate",
@@ -201,32 +203,6 @@ def sequence_kl(logps, ref_logps, groups: Sequence | None = None) -> KLEstimate:
 
 
 # --- text statistics ------------------------------------------------------------------------
-_WORD = re.compile(r"\w+|[^\w\s]")
-
-
-def word_tokens(text: str) -> list[str]:
-    """Lowercased words (``\\w+`` runs) and single punctuation marks: "Great!" -> ["great", "!"]."""
-    return _WORD.findall(text.lower())
-
-
-def _tokenised(texts: Iterable, tokenize: Callable[[str], list] | None) -> list[list]:
-    tok = tokenize or word_tokens
-    return [list(t) if not isinstance(t, str) else tok(t) for t in texts]
-
-
-def _ngrams(tokens: list, n: int) -> list[tuple]:
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-
-
-def distinct_n(texts: Iterable, n: int, tokenize: Callable[[str], list] | None = None) -> float:
-    """distinct-n (Li et al. 2016): unique n-grams / all n-grams, pooled over all responses.
-
-    ``texts`` are strings or token lists. 0.0 when no response has n tokens.
-    """
-    grams = [g for toks in _tokenised(texts, tokenize) for g in _ngrams(toks, n)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
 def repetition_rate(texts: Iterable, n: int = 2, tokenize: Callable[[str], list] | None = None) -> float:
     """Mean over responses of the share of repeated n-grams within the response.
 
@@ -234,8 +210,8 @@ def repetition_rate(texts: Iterable, n: int = 2, tokenize: Callable[[str], list]
     responses shorter than n tokens are skipped; 0.0 when all are.
     """
     reps = []
-    for toks in _tokenised(texts, tokenize):
-        grams = _ngrams(toks, n)
+    for toks in tokenised(texts, tokenize):
+        grams = ngrams(toks, n)
         if grams:
             reps.append(1.0 - len(set(grams)) / len(grams))
     return float(np.mean(reps)) if reps else 0.0
@@ -470,8 +446,8 @@ def js_divergence(p, q, base: float = 2.0) -> float:
 
 def token_js(docs_a: Iterable, docs_b: Iterable, tokenize: Callable[[str], list] | None = None) -> float:
     """JS divergence (bits) of the pooled token distributions of two document collections."""
-    ca = Counter(t for doc in _tokenised(docs_a, tokenize) for t in doc)
-    cb = Counter(t for doc in _tokenised(docs_b, tokenize) for t in doc)
+    ca = Counter(t for doc in tokenised(docs_a, tokenize) for t in doc)
+    cb = Counter(t for doc in tokenised(docs_b, tokenize) for t in doc)
     if not ca or not cb:
         raise ValueError("token_js needs at least one token on each side")
     vocab = list(ca.keys() | cb.keys())
@@ -508,7 +484,7 @@ def js_permutation_test(
         raise ValueError("js_permutation_test needs documents on both sides")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    toks = _tokenised(docs_a + docs_b, tokenize)
+    toks = tokenised(docs_a + docs_b, tokenize)
     vocab: dict = {}
     rows, cols = [], []
     for i, doc in enumerate(toks):

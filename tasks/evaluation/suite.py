@@ -14,7 +14,6 @@ base). At most two policies are in memory at once (the reference and one other).
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from alignment import generation
 from alignment.batching import (
     Truncation,
     collate_pairs,
@@ -35,7 +35,6 @@ from alignment.batching import (
 )
 from alignment.config import ModelSettings
 from alignment.generation import GenerationResult, generate
-from alignment.logprobs import selective_log_softmax
 from alignment.models import (
     CausalLMLogps,
     load_causal_lm,
@@ -98,26 +97,9 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-@torch.no_grad()
 def response_logps(model, gen: GenerationResult, temperature: float, batch_size: int) -> np.ndarray:
-    """Σ_t log softmax(logits / T)[y_t] over each sampled response's tokens (EOS included),
-    scored from the generated token ids themselves (re-tokenising the text would change them)."""
-    device = next(model.parameters()).device
-    ids, mask = gen.sequences()
-    P = gen.prompt_ids.shape[1]
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-    out = []
-    for s in range(0, len(gen), batch_size):
-        b_ids, b_mask = ids[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)
-        positions = (b_mask.cumsum(1) - 1).clamp_min(0)
-        R = b_ids.shape[1] - P
-        extra = {"logits_to_keep": R + 1} if keep else {}
-        logits = model(input_ids=b_ids, attention_mask=b_mask, position_ids=positions, **extra).logits
-        logits = logits[:, -(R + 1) : -1]  # position P-1+j predicts response token j
-        labels = gen.response_ids[s : s + batch_size].to(device).masked_fill(
-            gen.response_mask[s : s + batch_size].to(device) == 0, -100)
-        out.append(selective_log_softmax(logits, labels, temperature=temperature).sum(-1).cpu())
-    return torch.cat(out).double().numpy()
+    """:func:`alignment.generation.response_logps` as a NumPy array (the report's arithmetic)."""
+    return generation.response_logps(model, gen, temperature, batch_size).numpy()
 
 
 @torch.no_grad()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from alignment.budget import ProbeReading, budget_breach, distinct2
+from alignment.budget import ProbeReading, budget_breach
 from alignment.config import DPOConfig
+from alignment.text_stats import distinct_n
 
 
 def reading(kl=1.0, d2=0.6, ref_d2=0.6, step=10):
@@ -13,9 +14,9 @@ def reading(kl=1.0, d2=0.6, ref_d2=0.6, step=10):
 
 
 def test_distinct2_counts_unique_word_bigrams_pooled_over_texts():
-    assert distinct2(["a good film", "a good film"]) == pytest.approx(2 / 4)
-    assert distinct2(["Great!", "a"]) == 1.0  # "great !" is the only bigram
-    assert distinct2(["one", ""]) == 0.0
+    assert distinct_n(["a good film", "a good film"], 2) == pytest.approx(2 / 4)
+    assert distinct_n(["Great!", "a"], 2) == 1.0  # "great !" is the only bigram
+    assert distinct_n(["one", ""], 2) == 0.0
 
 
 def test_within_both_limits_is_no_breach():
