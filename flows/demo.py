@@ -24,6 +24,7 @@ from tasks.lock import home_lock
 from tasks.stages.data import ingest_settings
 from tasks.stages.demo import demo_base_model_task, simulate_feedback_task
 from tasks.stages.models import champion_record
+from tasks.stages.register import CANDIDATE_TAG
 from tasks.stages.summary import report_console
 
 
@@ -53,9 +54,15 @@ def round_overrides(cfg, base_path: str, round_index: int) -> list[str]:
     return [f"dpo.budget.max_kl={budget:g}", f"dpo.budget.reference={{name_or_path: '{base_path}'}}"]
 
 
-def _newest(folder: Path, pattern: str) -> Path | None:
-    found = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def round_report(runs: Path, registry: dict[str, Any] | None) -> Path | None:
+    """The evaluation report of the candidate this round registered (or found registered): the
+    folder named by the version's candidate digest. Not the newest report in ``runs``: a cached
+    evaluation leaves its report as it was, older than another candidate's. None when the round
+    registered nothing (it stopped before the gate)."""
+    if not registry or not registry.get("policy_version"):
+        return None
+    digest = tracking.version_tags(registry["policy_model"], registry["policy_version"]).get(CANDIDATE_TAG)
+    return runs / f"eval-{digest}" / "eval_report.json" if digest else None
 
 
 def candidate_figures(report_path: Path | None) -> dict[str, Any]:
@@ -105,7 +112,7 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
         version, oracle, kl = champion_oracle(cfg)
         promoted = summary.get("status") == "promoted"
         registry = summary.get("registry") or {}
-        figures = candidate_figures(_newest(cfg.home / "runs" / cfg.pipeline.name, "eval-*/eval_report.json"))
+        figures = candidate_figures(round_report(cfg.home / "runs" / cfg.pipeline.name, registry))
         rows.append({"round": index, "feedback from": f"v{policy.registry_version}" if policy.registry_version
                      else "base", "rows": sim["rows"], "rejected samples": sim.get("rejected samples"),
                      "candidate oracle": evaluation.get("oracle cand"), **figures,

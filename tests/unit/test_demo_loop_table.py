@@ -63,3 +63,30 @@ def test_round_overrides_set_the_rounds_budget_against_the_base_model(tmp_path):
     assert budget.max_kl == 14 and budget.reference.name_or_path == "/models/base"
     no_budget = load_pipeline_config(None, [f"pipeline.home={tmp_path}", "dpo.budget=null"] + sets[1:2])
     assert round_overrides(no_budget, "/b", 2) == []
+
+
+def test_round_report_is_the_registered_candidates_not_the_newest(tmp_path):
+    """A round whose evaluation was cached leaves an older report than another candidate's: the
+    row must read the report of the candidate the round registered (its digest tag)."""
+    import os
+    import time
+
+    from mlflow import MlflowClient
+
+    from flows.demo import round_report
+    from tasks import tracking
+    from tasks.stages.register import CANDIDATE_TAG
+
+    tracking.configure(tmp_path / "home", "p")
+    client = MlflowClient()
+    client.create_registered_model("p-policy")
+    version = client.create_model_version("p-policy", str(tmp_path), tags={CANDIDATE_TAG: "abc"}).version
+    runs = tmp_path / "runs"
+    for digest in ("abc", "zzz"):
+        (runs / f"eval-{digest}").mkdir(parents=True)
+        (runs / f"eval-{digest}" / "eval_report.json").write_text("{}")
+    old = time.time() - 3600
+    os.utime(runs / "eval-abc" / "eval_report.json", (old, old))
+    registry = {"policy_model": "p-policy", "policy_version": str(version)}
+    assert round_report(runs, registry) == runs / "eval-abc" / "eval_report.json"
+    assert round_report(runs, None) is None and round_report(runs, {"policy_version": None}) is None
