@@ -67,7 +67,10 @@ class RewardRecipe(SupervisedRecipe):
         self.model = load_reward_model(self.config.model, self.tokenizer)
         self.train_module = ScalarReward(self.model)
         if self.train_module.decoder_head:
-            hf_model(self.model).config.reward_pooling = self.config.pooling  # saved with the folder
+            config = hf_model(self.model).config  # saved with the folder: how every scorer reads it
+            config.reward_pooling = self.config.pooling
+            config.reward_max_length = self.config.max_length
+            config.reward_max_prompt_length = self.config.max_prompt_length
         elif self.config.pooling != "last":
             raise ConfigError("reward.pooling: sum and mean pool a decoder's response tokens; "
                               "encoder backbones pool their own way (use last)")

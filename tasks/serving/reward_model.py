@@ -2,11 +2,16 @@
 
 ``predict`` takes a DataFrame (or list of dicts) with ``prompt`` and ``response`` columns and
 returns one scalar reward per row. The artifact ``model`` is a Hugging Face sequence
-classification folder with one label. A model whose config says ``reward_pooling: sum`` or
-``mean`` (the reward recipe's ``pooling``) is scored as the recipe trains it: prompt and response
-tokenized apart (the prompt with the tokenizer's special tokens, or through the chat template with
-the generation prompt; the response without), the head applied to each response token's last
-hidden state, summed or averaged.
+classification folder with one label, scored as the reward recipe trains it and the gate's judge
+(``alignment.models.score_responses``) scores it: prompt and response tokenized apart (the prompt
+with the tokenizer's special tokens, or through the chat template with the generation prompt; the
+response without special tokens, no EOS), cut as the recipe cut them (``reward_max_prompt_length``
+keeps the prompt's end and a leading BOS, ``reward_max_length`` the response's start; a folder
+without them is cut at the model's positions), then the head on the last token's hidden state, or
+on each response token's, summed or averaged, as the config's ``reward_pooling`` says (an encoder
+backbone: its own pooling and head). This file is loaded alone by MLflow (models from code), so it
+repeats those rules rather than importing them; tests/unit/test_reward_pooling.py holds the two to
+the same scores.
 """
 
 import json
@@ -29,13 +34,6 @@ class RewardScorer(PythonModel):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
 
-    def _text(self, prompt, response):
-        prompt = _chat_or_text(prompt)
-        if isinstance(prompt, (list, tuple)):
-            messages = list(prompt) + [{"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return prompt + response
-
     def _prompt_ids(self, prompt):
         prompt = _chat_or_text(prompt)
         if isinstance(prompt, (list, tuple)):
@@ -46,14 +44,30 @@ class RewardScorer(PythonModel):
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         return list(ids) or [start]
 
-    def _pooled(self, prompt, response, pooling):
+    def _cut(self, prompt_ids, response_ids):
+        """The reward recipe's truncation (``alignment.batching.Truncation``, mode ``truncate``)."""
+        config = self.model.config
+        positions = getattr(config, "max_position_embeddings", None) or 10**9
+        max_length = min(getattr(config, "reward_max_length", None) or positions, positions)
+        max_prompt = min(getattr(config, "reward_max_prompt_length", None) or max_length - 1, max_length - 1)
+        if len(prompt_ids) > max_prompt:
+            keep_bos = self.tokenizer.bos_token_id is not None and prompt_ids[0] == self.tokenizer.bos_token_id
+            tail = prompt_ids[len(prompt_ids) - (max_prompt - keep_bos):]
+            prompt_ids = ([prompt_ids[0]] if keep_bos else []) + tail
+        return prompt_ids, response_ids[: max_length - len(prompt_ids)]
+
+    def _score(self, prompt, response, pooling):
         import torch
 
-        prompt_ids = self._prompt_ids(prompt)
-        response_ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
+        prompt_ids, response_ids = self._cut(self._prompt_ids(prompt),
+                                             list(self.tokenizer(response, add_special_tokens=False)["input_ids"]))
         ids = torch.tensor([prompt_ids + response_ids], device=self.device)
+        if not hasattr(self.model, "score"):  # an encoder backbone: its own pooling and head
+            return float(self.model(input_ids=ids).logits[0, 0])
         hidden = self.model.base_model(input_ids=ids).last_hidden_state[0]
-        scores = self.model.score(hidden[len(prompt_ids):] if response_ids else hidden[-1:])[:, 0]
+        if pooling == "last" or not response_ids:
+            return float(self.model.score(hidden[-1:])[0, 0])
+        scores = self.model.score(hidden[len(prompt_ids):])[:, 0]
         return float(scores.sum() if pooling == "sum" else scores.mean())
 
     def predict(self, context, model_input, params=None):
@@ -61,15 +75,8 @@ class RewardScorer(PythonModel):
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         pooling = getattr(self.model.config, "reward_pooling", None) or "last"
-        scores = []
-        for row in rows:
-            with torch.no_grad():
-                if pooling != "last":
-                    scores.append(self._pooled(row["prompt"], row["response"], pooling))
-                    continue
-                enc = self.tokenizer(self._text(row["prompt"], row["response"]), return_tensors="pt").to(self.device)
-                scores.append(float(self.model(**enc).logits[0, 0]))
-        return scores
+        with torch.no_grad():
+            return [self._score(row["prompt"], row["response"], pooling) for row in rows]
 
 
 mlflow.models.set_model(RewardScorer())

@@ -37,7 +37,9 @@ def test_sum_pooled_reward_model_learns_and_its_folder_keeps_the_pooling(tmp_pat
     assert before["eval/accuracy"] < 0.8 and after["eval/accuracy"] >= 0.9, (before, after)
     assert after["eval/loss"] < 0.5 * before["eval/loss"], (before, after)
     final = tmp_path / "run" / "final"
-    assert json.loads((final / "config.json").read_text())["reward_pooling"] == "sum"
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["reward_pooling"] == "sum"
+    assert (saved["reward_max_length"], saved["reward_max_prompt_length"]) == (cfg.max_length, cfg.max_prompt_length)
     settings = cfg.model.model_copy(update={"name_or_path": str(final)})
     tok = load_tokenizer(settings)
     scorer = load_reward_model(settings, tok, trainable=False)

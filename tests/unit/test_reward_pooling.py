@@ -115,6 +115,29 @@ def test_pooling_is_saved_and_every_scorer_of_the_folder_uses_it(tiny, tmp_path)
     assert pyfunc.predict(None, rows) == pytest.approx(scores, abs=1e-4)
 
 
+@pytest.mark.parametrize("pooling", ["last", "sum"])
+def test_pyfunc_cuts_long_inputs_as_the_recipe_and_the_judge_do(tiny, tmp_path, pooling):
+    """The served scorer truncates as the recipe trained (the lengths saved in config.json) and
+    gives the gate's judge's scores (score_responses) on inputs longer than those lengths; the
+    cut changes the score, so a scorer that did not cut would fail."""
+    import tasks.serving.reward_model as served
+
+    tok = load_tokenizer(tiny)
+    model = load_reward_model(tiny, tok).eval()
+    model.config.reward_pooling = pooling
+    model.config.reward_max_length, model.config.reward_max_prompt_length = 14, 6
+    save_model_folder(model, tok, tmp_path / "rm")
+    prompts = ["review the movie " * 4, "a", "tell me about the plot and the actors of the film please"]
+    responses = ["good " * 20, "very bad film that was long and dull and sad", "nice"]
+    judged = score_responses(model, tok, prompts, responses, batch_size=2, max_length=14, max_prompt_length=6)
+    uncut = score_responses(model, tok, prompts, responses, batch_size=2, max_length=512, max_prompt_length=256)
+    assert judged[0] != pytest.approx(uncut[0], abs=1e-3)
+    pyfunc = served.RewardScorer()
+    pyfunc.load_context(SimpleNamespace(artifacts={"model": str(tmp_path / "rm")}))
+    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
+    assert pyfunc.predict(None, rows) == pytest.approx(judged, abs=1e-4)
+
+
 def test_config_takes_the_three_poolings_and_an_encoder_refuses_sum(tmp_path):
     assert RewardConfig().pooling == "last"
     assert RewardConfig(pooling="sum").pooling == "sum"
