@@ -37,6 +37,7 @@ from alignment.batching import (
 from alignment.config import LoraSettings, ModelSettings
 from alignment.fast_paths import VARLEN_ATTENTION, attention_implementation
 from alignment.logprobs import logps_from_hidden, selective_log_softmax
+from alignment.losses import entropy_from_hidden, entropy_from_logits
 from alignment.prompt_sharing import collate_shared_prompt, shared_prompt_mask
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,9 @@ class CausalLMLogps(nn.Module):
         """GPU fast path: ignore the padding mask of right-padded batches (see ``TrainSettings.causal_padding``)."""
         self.varlen_attention = False
         """GPU fast path: packed batches through variable-length attention (``TrainSettings.varlen_attention``)."""
+        self.with_entropy = False
+        """Also return ``seq_entropy`` [S]: per sequence, the sum over its targets of the entropy of the
+        policy's next-token distribution (:func:`~alignment.losses.entropy_from_hidden`; DPO's ``entropy_coef``)."""
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         inner = hf_model(self.model)
@@ -238,6 +242,8 @@ class CausalLMLogps(nn.Module):
             hidden = decoder_hidden(inner, batch, causal_padding=self.causal_padding, varlen=self.varlen_attention)
             picked = hidden.flatten(0, 1).index_select(0, index)
             head = inner.get_output_embeddings()
+            if self.with_entropy:
+                ent = entropy_from_hidden(picked, head.weight, head.bias, self.chunk_size)
             if index.numel() <= self.chunk_size:
                 # One chunk's worth: chunking bounds no memory here, and plain autograd is about
                 # twice as fast (measured on CPU) as the recomputing chunked function.
@@ -253,11 +259,16 @@ class CausalLMLogps(nn.Module):
                                     attention_mask=mask, use_cache=False).logits
             picked = logits.flatten(0, 1).index_select(0, index)
             tok = selective_log_softmax(picked[None], targets[None], self.chunk_size)[0]
+            if self.with_entropy:
+                ent = entropy_from_logits(picked, self.chunk_size)
         n = batch["num_sequences"]
         seq = batch["target_seq"]
         seq_logps = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, seq, tok)
         seq_tokens = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, seq, torch.ones_like(tok))
-        return {"seq_logps": seq_logps, "seq_tokens": seq_tokens, "token_logps": tok}
+        out = {"seq_logps": seq_logps, "seq_tokens": seq_tokens, "token_logps": tok}
+        if self.with_entropy:
+            out["seq_entropy"] = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, seq, ent.float())
+        return out
 
 
 def response_pooled_hidden(hidden: torch.Tensor, target_index: torch.Tensor, target_seq: torch.Tensor,
@@ -411,6 +422,17 @@ def _unsharded_copy(model, state_dict: dict[str, torch.Tensor]):
     return replica
 
 
+def _sort_adapter_config(config_file: Path) -> None:
+    """PEFT writes set-valued fields (``target_modules`` resolved from ``all-linear``) in set
+    order, which changes with the process's string hash seed: the same adapter would get another
+    folder digest (and miss every cache keyed by it) in the next process. Sorted, it does not."""
+    config = json.loads(config_file.read_text())
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def save_model_folder(model, tokenizer, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save an ordinary HF folder with safetensors weights and the tokenizer.
 
@@ -431,6 +453,7 @@ def save_model_folder(model, tokenizer, path: str | Path, state_dict: dict[str, 
     full, full_path = model, path
     if is_peft(model):
         model.save_pretrained(str(path), **weights)  # adapter weights only, PEFT's key names
+        _sort_adapter_config(path / "adapter_config.json")
         tokenizer.save_pretrained(str(path))
         replica = copy.deepcopy(model) if state_dict is None else _unsharded_copy(model, state_dict)
         full, full_path, weights = replica.merge_and_unload(), path / "merged", {}

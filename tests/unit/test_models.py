@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,3 +222,29 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         CausalLMLogps(model)(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0))["seq_logps"].sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_lora_folder_is_the_same_bytes_under_any_hash_seed(tmp_path):
+    """PEFT writes ``target_modules`` (a set once "all-linear" is resolved) in set order, which
+    follows PYTHONHASHSEED: the same adapter saved by two processes must be the same files, or
+    its folder digest (cache keys, the registry's candidate tag) changes from run to run."""
+    import subprocess
+    import sys
+
+    from tests.tiny_models import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base", "llama")
+    script = ("import sys, torch; from alignment.config import ModelSettings, LoraSettings; "
+              "from alignment.models import load_causal_lm, load_tokenizer, save_model_folder; "
+              "torch.manual_seed(0); s = ModelSettings(name_or_path=sys.argv[1], "
+              "lora=LoraSettings(r=2, alpha=4)); "
+              "save_model_folder(load_causal_lm(s), load_tokenizer(s), sys.argv[2])")
+    saved = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"seed{seed}"
+        subprocess.run([sys.executable, "-c", script, str(base), str(out)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}, cwd=Path(__file__).resolve().parents[2])
+        saved.append((out / "adapter_config.json").read_text())
+    assert saved[0] == saved[1] == saved[2]
+    modules = json.loads(saved[0])["target_modules"]
+    assert len(modules) > 3 and modules == sorted(modules)
