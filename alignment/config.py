@@ -218,6 +218,11 @@ class DPOConfig(TrainSettings):
     nll_coef: float = Field(0.0, ge=0)
     """α: weight of the chosen responses' per-token NLL added to the loss (RPO;
     :func:`alignment.losses.chosen_nll`). 0: plain preference loss."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """α: weight of the entropy term (:func:`alignment.losses.entropy_bonus`): the pair's loss
+    gains −α · (mean per-token entropy of the policy over the chosen response + the same over the
+    rejected) / 2, so training resists collapsing onto a few phrasings. Costs one pass of the LM
+    head over the response positions (chunked). 0: off."""
     budget: DriftBudget | None = None
     """A drift budget checked during training (:mod:`alignment.budget`): past it, training ends
     with the weights of the last probe within it. None: train the full schedule."""

@@ -34,7 +34,7 @@ import torch
 from alignment.batching import ExampleSet, collate_pairs, read_rows, tokenize_pairs
 from alignment.budget import DriftProbe, ProbeReading, budget_breach
 from alignment.config import ConfigError, DPOConfig
-from alignment.losses import chosen_nll, dpo_loss, simpo_loss
+from alignment.losses import chosen_nll, dpo_loss, entropy_bonus, simpo_loss
 from alignment.models import (
     CausalLMLogps,
     load_causal_lm,
@@ -92,6 +92,7 @@ class DPORecipe(SupervisedRecipe):
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_causal_lm(cfg.model)
         self.train_module = CausalLMLogps(self.model, cfg.logprob_chunk_size)
+        self.train_module.with_entropy = cfg.entropy_coef > 0
         if self.needs_reference and cfg.reference == "copy":
             self.reference = CausalLMLogps(load_reference(cfg.model, cfg.reference_model), cfg.logprob_chunk_size)
 
@@ -225,6 +226,9 @@ class DPORecipe(SupervisedRecipe):
         nll = chosen_nll(chosen, out["seq_tokens"][:n]) if cfg.nll_coef else None
         if nll is not None:
             losses = losses + cfg.nll_coef * nll
+        if cfg.entropy_coef:  # mean of the two responses' terms, per pair
+            bonus = entropy_bonus(out["seq_entropy"], out["seq_tokens"])
+            losses = losses + cfg.entropy_coef * 0.5 * (bonus[:n] + bonus[n:])
         if cfg.use_weights and "weight" in batch:
             loss = (losses * batch["weight"]).sum() / batch["weight"].sum().clamp_min(1e-8)
         else:
@@ -239,4 +243,7 @@ class DPORecipe(SupervisedRecipe):
         }
         if nll is not None:
             metrics["nll/chosen"] = nll.detach().mean()
+        if cfg.entropy_coef:
+            metrics["entropy/chosen"] = -bonus[:n].detach().mean()
+            metrics["entropy/rejected"] = -bonus[n:].detach().mean()
         return StepOutput(loss=loss, metrics=metrics, tokens=batch["num_tokens"], samples=n)

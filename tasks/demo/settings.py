@@ -10,7 +10,7 @@ prefer positive continuations according to the VADER oracle.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -255,6 +255,11 @@ class LoopSettings(StrictModel):
     """Added per round index: round k may reach ``start + k * step``."""
     kl_budget_max: float | None = Field(None, gt=0)
     """The budget never grows past this (keep it under the gate's ``max_kl``)."""
+    betas: list[Annotated[float, Field(gt=0)]] = []
+    """DPO β of round k: ``betas[k]``, the last entry for every later round; empty: ``dpo.beta``
+    as configured. Converged rounds with β lowered round to round walk the β sweep's frontier
+    instead of stopping early (benchmarks/RESULTS.md, issue 15); with ``pipeline.dpo_reference:
+    base`` each round's optimum is the base model tilted by the reward at that β."""
 
     def kl_budget(self, round_index: int) -> float | None:
         """Round ``round_index``'s KL budget, or None when no schedule is set."""
@@ -262,6 +267,10 @@ class LoopSettings(StrictModel):
             return None
         budget = self.kl_budget_start + round_index * self.kl_budget_step
         return budget if self.kl_budget_max is None else min(budget, self.kl_budget_max)
+
+    def beta(self, round_index: int) -> float | None:
+        """Round ``round_index``'s DPO β, or None when ``betas`` is empty."""
+        return self.betas[min(round_index, len(self.betas) - 1)] if self.betas else None
 
 
 class DemoSettings(StrictModel):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from flows.demo import _first_failure, candidate_figures
 from tasks.evaluation.plots import plot_loop_rounds
 
@@ -63,6 +65,22 @@ def test_round_overrides_set_the_rounds_budget_against_the_base_model(tmp_path):
     assert budget.max_kl == 14 and budget.reference.name_or_path == "/models/base"
     no_budget = load_pipeline_config(None, [f"pipeline.home={tmp_path}", "dpo.budget=null"] + sets[1:2])
     assert round_overrides(no_budget, "/b", 2) == []
+
+
+def test_beta_schedule_sets_each_rounds_dpo_beta_and_keeps_the_last(tmp_path):
+    from flows.demo import round_overrides
+    from tasks.config import load_pipeline_config
+    from tasks.demo.settings import LoopSettings
+
+    assert LoopSettings().beta(0) is None
+    with pytest.raises(ValueError):
+        LoopSettings(betas=[1.0, 0.0])
+    sets = [f"pipeline.home={tmp_path}", "demo.loop={betas: [1.0, 0.5, 0.3]}"]
+    cfg = load_pipeline_config(None, sets)
+    assert [round_overrides(cfg, "/b", k) for k in (0, 2, 5)] == [["dpo.beta=1"], ["dpo.beta=0.3"], ["dpo.beta=0.3"]]
+    assert load_pipeline_config(None, sets + round_overrides(cfg, "/b", 1)).dpo.beta == 0.5
+    both = load_pipeline_config(None, sets + ["dpo.budget={max_kl: 6}", "demo.loop.kl_budget_start=6"])
+    assert round_overrides(both, "/b", 1)[0] == "dpo.beta=0.5" and "dpo.budget.max_kl=6" in round_overrides(both, "/b", 1)
 
 
 def test_round_report_is_the_registered_candidates_not_the_newest(tmp_path):
