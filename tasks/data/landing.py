@@ -50,9 +50,8 @@ from tasks.data.handoff import (
     validated_root,
 )
 from tasks.data.heap import retained_heap
+from tasks.data.raw import RawTable, UnreadableSource
 from tasks.data.readers import (
-    RawTable,
-    UnreadableSource,
     content_digest,
     detect_format,
     list_source_files,

@@ -33,7 +33,7 @@ import pyarrow as pa_arrow
 from tasks.data.coerce import LABELS, Problems, coerce_frame, to_json
 from tasks.data.formats import convert
 from tasks.data.handoff import write_validated
-from tasks.data.readers import RawTable
+from tasks.data.raw import RawTable
 from tasks.data.schemas import (
     LINEAGE,
     OPTIONAL,

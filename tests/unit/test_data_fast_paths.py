@@ -266,7 +266,7 @@ def test_patched_file_masks_the_spans_however_it_is_read(tmp_path_factory, data,
 def test_jsonl_with_invalid_utf8_reads_the_same_in_small_blocks(tmp_path, monkeypatch):
     """Invalid bytes in many blocks (each patched as pyarrow reads it) give the same rows and
     reasons as one block."""
-    import tasks.data.readers as readers
+    import tasks.data.json_reader as json_reader
 
     rows = [json.dumps({"prompt": f"p{i}", "response_a": f"a{i} " * 20, "response_b": f"b{i}", "choice": "a"})
             .encode() for i in range(3000)]
@@ -275,7 +275,7 @@ def test_jsonl_with_invalid_utf8_reads_the_same_in_small_blocks(tmp_path, monkey
     path = tmp_path / "f.jsonl"
     path.write_bytes(b"\n".join(rows) + b"\n")
     whole = read_source(str(path))
-    monkeypatch.setattr(readers, "JSON_BLOCK_BITS", 14)  # 16 KiB: ~20 blocks
+    monkeypatch.setattr(json_reader, "JSON_BLOCK_BITS", 14)  # 16 KiB: ~20 blocks
     blocks = read_source(str(path))
     pd.testing.assert_frame_equal(whole.frame, blocks.frame)
     assert whole.row_reasons == blocks.row_reasons and len(whole.row_reasons) == 31

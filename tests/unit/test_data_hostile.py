@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.data import readers
+from tasks.data import json_reader, readers
 from tasks.data.handoff import read_validated_frame
 from tasks.data.landing import ingest, quarantine_sample, read_and_validate
 from tasks.data.readers import list_source_files, read_parquet
@@ -377,6 +377,6 @@ def test_many_distinct_keys_over_many_lines_do_not_stall_the_json_reader(tmp_pat
 def test_a_json_array_document_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
     path = tmp_path / "big.json"
     path.write_text(json.dumps(_rows(200)))
-    monkeypatch.setattr(readers, "MAX_JSON_ARRAY_BYTES", 1000)
+    monkeypatch.setattr(json_reader, "MAX_JSON_ARRAY_BYTES", 1000)
     result = _validate(path, quarantine_max_share=1.0)
     assert _reasons(result) == {("big.json", 0): ["file_too_large"]}

@@ -212,7 +212,7 @@ def test_quarantine_parquet_columns(tmp_path):
 
 
 def test_jsonl_with_invalid_utf8_bytes_keeps_the_fast_path_and_names_the_field(tmp_path, monkeypatch):
-    from tasks.data import readers
+    from tasks.data import json_reader
     from tasks.data.scan import scan_text
 
     def no_fallback(*args):
@@ -226,7 +226,7 @@ def test_jsonl_with_invalid_utf8_bytes_keeps_the_fast_path_and_names_the_field(t
     scan = scan_text(path, block=256)  # tiny blocks: sequences and lines cross block boundaries
     assert scan.lines == 50 and list(scan.bad_lines) == [7, 31] and not scan.blank_lines
     assert [path.read_bytes()[s:e] for s, e in scan.bad_spans] == [lines[7], lines[31]]
-    monkeypatch.setattr(readers, "_read_lines", no_fallback)
+    monkeypatch.setattr(json_reader, "_read_lines", no_fallback)
     table = read_jsonl(path)
     assert not table.errors and list(table.rows) == list(range(1, 51))
     res = _validate(path)
