@@ -16,7 +16,9 @@ and prints a Markdown table with each run's training wall time; writes the plot
 ``--reward-model`` pins the PPO/GRPO reward to a trained reward folder (else the demo's reward
 stage trains one, cached); ``--reuse`` copies earlier runs' rows (frontier.json files) of points
 not run here into the table and plot (taken on the same machine and data, or the comparison is
-void); ``--plot-only`` runs nothing and draws the reused rows.
+void); ``--plot-only`` runs nothing and draws the reused rows. ``--set pipeline.seed=N`` trains
+with another seed (rollouts, minibatch order; each row records its seed): give it its own
+``--home``, where the simulator (``demo.simulator.seed``) writes the same feedback batch again.
 Training runs are cached by their inputs (re-running the script re-evaluates only).
 """
 
@@ -79,8 +81,8 @@ def main() -> None:
 
 
 def _key(row: dict) -> tuple:
-    """A point's identity: method and setting (β, KL coefficient or override list)."""
-    return row["method"], row.get("beta"), row.get("kl_coef"), row.get("setting")
+    """A point's identity: method, setting (β, KL coefficient or override list) and training seed."""
+    return row["method"], row.get("beta"), row.get("kl_coef"), row.get("setting"), row.get("seed", 0)
 
 
 def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
@@ -109,7 +111,7 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
         c = out.report.candidate
         rows.append({"method": method, knob: value, "kl": c.kl, "kl_se": c.kl_se, "oracle": c.oracle_mean,
                      "oracle_se": c.oracle_std / len(prompts) ** 0.5, "reward": c.reward_mean, "malformed": c.malformed_share, "distinct_2": c.distinct_2,
-                     "train_s": train_s, **_train_summary(model)})
+                     "train_s": train_s, "seed": cfg.pipeline.seed, **_train_summary(model)})
         print(f"{method} {knob}={value}: KL {c.kl:.2f} ± {c.kl_se:.2f}, oracle {c.oracle_mean:+.3f}, "
               f"distinct-2 {c.distinct_2:.3f}, trained in {train_s:.0f} s", flush=True)
 
@@ -161,16 +163,40 @@ def report(rows: list[dict], home: Path) -> None:
                              title="Reward–KL frontier on the demo task")
     (home / "frontier.json").write_text(json.dumps(rows, indent=2))
     print(f"\n(torch threads: {torch.get_num_threads()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
-    print("| method | setting | KL to base (nats/seq) | oracle sentiment | malformed | distinct-2 | train s |")
-    print("|---|---|---|---|---|---|---|")
+    curve = frontier_curve(rows)
+    print("| method | setting | KL to base (nats/seq) | oracle sentiment | malformed | distinct-2 | train s "
+          "| DPO frontier at that KL | gap |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         setting = (f"β={r['beta']}" if "beta" in r else f"c={r['kl_coef']}" if "kl_coef" in r
                    else f"{r['series']}: {r['label']}" if r.get("series") and r.get("label")
                    else r.get("series") or r.get("setting", "-"))
+        if r.get("seed"):
+            setting += f" (seed {r['seed']})"
         train_s = f"{r['train_s']:.0f}" if r.get("train_s") is not None else "-"
+        at = frontier_at(curve, r["kl"]) if r["method"] not in ("base", "DPO") else None
+        gap = "- | -" if at is None else f"{at:+.3f} | {r['oracle'] - at:+.3f}"
         print(f"| {r['method']} | {setting} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {r['oracle']:+.3f} | "
-              f"{r['malformed']:.3f} | {r['distinct_2']:.3f} | {train_s} |")
+              f"{r['malformed']:.3f} | {r['distinct_2']:.3f} | {train_s} | {gap} |")
     print(f"\nplot: {plot}")
+
+
+def frontier_curve(rows: list[dict]) -> list[tuple[float, float]]:
+    """The DPO frontier as (KL, oracle) points sorted by KL: the base model (KL 0) and every DPO
+    row (the β sweep). Empty without a base row and at least one DPO row."""
+    base = [(0.0, r["oracle"]) for r in rows if r["method"] == "base"][:1]
+    dpo = [(r["kl"], r["oracle"]) for r in rows if r["method"] == "DPO"]
+    return sorted(base + dpo) if base and dpo else []
+
+
+def frontier_at(curve: list[tuple[float, float]], kl: float) -> float | None:
+    """The frontier's oracle at ``kl``: linear between the two measured points around it (a concave
+    frontier lies above its chords, so this slightly flatters points between two DPO points).
+    None outside the measured KL range or without a curve."""
+    for (k0, o0), (k1, o1) in zip(curve, curve[1:], strict=False):
+        if k0 <= kl <= k1:
+            return o0 if k1 == k0 else o0 + (o1 - o0) * (kl - k0) / (k1 - k0)
+    return None
 
 
 def _short_label(row: dict) -> str:
@@ -184,13 +210,25 @@ def _short_label(row: dict) -> str:
     return ("KL→" if "kl.target=" in spec else "c=") + picked[-1] if picked else spec[:18]
 
 
+_WATCHED = ("kl", "kl_coef", "reward/raw", "entropy", "clipfrac", "approx_kl", "explained_variance", "loss/value",
+            "response_length", "eos_rate", "distinct_2", "grad_norm")
+"""RL metrics that reveal a silent failure (a critic that learns nothing, steps too large or too small)."""
+
+
 def _train_summary(model: ModelRecord) -> dict:
-    """Steps and the last logged RL metrics of a run (what reveals a silent failure), from its summary."""
+    """Steps, the last logged RL metrics of a run (from its summary) and their means over the
+    second half of its training steps (from metrics.jsonl beside ``final/``: the last step alone
+    sits at the end of the lr schedule, where clipfrac and approx_kl are ~0 by construction)."""
     summary = model.summary or {}
     metrics = summary.get("metrics") or {}
-    keep = ("kl", "kl_coef", "reward/raw", "entropy", "clipfrac", "explained_variance", "response_length",
-            "eos_rate", "grad_norm")
-    return {"steps": summary.get("steps"), "final": {k: metrics[k] for k in keep if k in metrics}}
+    out = {"steps": summary.get("steps"), "final": {k: metrics[k] for k in _WATCHED if k in metrics}}
+    log = Path(model.path).parent / "metrics.jsonl"
+    if log.is_file():
+        train = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("phase") == "train"]
+        late = train[len(train) // 2:]
+        out["second_half"] = {k: sum(r[k] for r in late) / len(late) for k in _WATCHED
+                              if late and all(isinstance(r.get(k), (int, float)) for r in late)}
+    return out
 
 
 if __name__ == "__main__":

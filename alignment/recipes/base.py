@@ -149,6 +149,11 @@ class Recipe(ABC):
         """Called once models are on the device and before a checkpoint is loaded."""
         return None
 
+    def own_lrs(self) -> dict[int, float]:
+        """Peak learning rates of parameters that do not use ``optim.lr``, keyed by ``id(param)``
+        (PPO's value function: ``value_lr``); the schedule scales them alike. {}: one lr."""
+        return {}
+
     # ------------------------------------------------------------------ lifecycle
     def run(self, until_step: int | None = None) -> dict[str, Any]:
         """setup → train → save (``final/`` only if training finished) → cleanup; returns the summary."""
@@ -191,7 +196,8 @@ class Recipe(ABC):
                                        group_by_length=cfg.length_grouping)
         self.feed = BatchFeed(self.train_set, sampler)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch()))
-        self.optimizer = build_optimizer(self.train_module, cfg.optim, self.device, type(self).__name__)
+        self.optimizer = build_optimizer(self.train_module, cfg.optim, self.device, type(self).__name__,
+                                         self.own_lrs())
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * self.optimizer_steps_per_step())
         self._enable_fast_paths()
         self.train_module, self.optimizer = acc.prepare(self.train_module, self.optimizer)

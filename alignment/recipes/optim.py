@@ -21,16 +21,22 @@ from alignment.recipes.state import lr_lambda
 __all__ = ["build_optimizer", "build_scheduler", "guarded_step", "skips_on_device"]
 
 
-def build_optimizer(module: nn.Module, opt: OptimSettings, device: torch.device, owner: str) -> torch.optim.AdamW:
+def build_optimizer(module: nn.Module, opt: OptimSettings, device: torch.device, owner: str,
+                    own_lrs: dict[int, float] | None = None) -> torch.optim.AdamW:
     """AdamW over ``module``'s trainable parameters; no weight decay on biases and norms (ndim < 2);
-    fused on CUDA unless ``opt.fused`` says otherwise. Raises RuntimeError naming ``owner`` when
-    nothing is trainable."""
+    fused on CUDA unless ``opt.fused`` says otherwise. ``own_lrs`` maps ``id(param)`` to a peak lr
+    other than ``opt.lr`` (e.g. a critic's): those parameters get groups of their own, after the
+    ``opt.lr`` groups (``param_groups[0]`` stays the main lr). Raises RuntimeError naming ``owner``
+    when nothing is trainable."""
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError(f"{owner}: the model has no trainable parameters")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    own_lrs = own_lrs or {}
+    groups = []
+    for lr in [opt.lr, *sorted(set(own_lrs.values()) - {opt.lr})]:
+        mine = [p for p in params if own_lrs.get(id(p), opt.lr) == lr]
+        groups += [{"params": [p for p in mine if p.ndim >= 2], "weight_decay": opt.weight_decay, "lr": lr},
+                   {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
     fused = opt.fused if opt.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=fused or None

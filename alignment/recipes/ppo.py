@@ -85,6 +85,11 @@ class PPORecipe(RLRecipe):
         self.train_module = PolicyModule(self.model, cfg.logprob_chunk_size, self.temperature,
                                          value_head=head, value_model=model)
 
+    def own_lrs(self) -> dict[int, float]:
+        """``value_lr`` for every parameter of the value function (head or separate model)."""
+        lr = self.config.value_lr
+        return {} if lr is None else {id(p): lr for p in self.value_module.parameters()}
+
     @torch.no_grad()
     def _rollout_forward(self, roll: Rollout) -> dict[str, torch.Tensor]:
         """Grids ``[B, R]`` of the rollout policy's log-probs, values and entropy, and the reference's log-probs."""

@@ -116,3 +116,25 @@ def test_grpo_entropy_target_moves_the_bonus_on_the_measured_entropy(assets):  #
     for before, after in zip(records, records[1:], strict=False):
         coef = max(0.0, coef + (0.01 if before["entropy"] < target else -0.01))
         assert after["entropy_coef"] == pytest.approx(coef)
+
+
+def test_ppo_value_lr_trains_the_critic_at_its_own_rate(assets):  # noqa: F811
+    cfg = PPOConfig.model_validate(rl_config(assets, "ppo", "ppo-vlr", max_steps=1, rollout_batch_size=16,
+                                             minibatch_size=16, update_epochs=1, value_warmup_steps=1,
+                                             value_lr=0.05))
+    recipe = PPORecipe(cfg)
+    recipe.setup()
+    try:
+        head = recipe.value_module
+        lrs = {id(p): g["lr"] for g in recipe.optimizer.param_groups for p in g["params"]}
+        assert recipe.optimizer.param_groups[0]["lr"] == 3e-3  # the policy's (and the logged) lr
+        assert {lrs[id(p)] for p in head.parameters()} == {0.05}
+        assert {lrs[id(p)] for p in recipe.model.parameters() if p.requires_grad} == {3e-3}
+        assert float(head.weight.abs().max()) == 0.0  # zero-initialised
+        recipe.train_step()
+        # one Adam step from zero (constant schedule): every weight with a gradient moved by value_lr
+        moved = head.weight.detach().abs()
+        assert float(moved.max()) == pytest.approx(0.05, rel=1e-3)
+        assert float(head.bias.detach().abs()) == pytest.approx(0.05, rel=1e-3)
+    finally:
+        recipe.cleanup()

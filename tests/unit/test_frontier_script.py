@@ -41,3 +41,61 @@ def test_short_labels_name_the_kl_setting():
     assert frontier._short_label({"setting": "max_steps=40,kl.target=5"}) == "KL→5"
     assert frontier._short_label({"setting": "kl.coef=0.05"}) == "c=0.05"
     assert frontier._short_label({"setting": "kl.target=5", "label": "budget 5"}) == "budget 5"
+
+
+def test_a_second_seed_of_one_setting_is_its_own_point(tmp_path, monkeypatch, capsys):
+    runs = [row("GRPO", 4.8, 0.59, setting="kl.target=5", seed=0), row("GRPO", 5.6, 0.61, setting="kl.target=5", seed=1)]
+    again = [row("GRPO", 9.9, 0.11, setting="kl.target=5", seed=1)]  # the same run from an older file: not taken
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(runs))
+    b.write_text(json.dumps(again))
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--home", str(tmp_path / "out"), "--plot-only", "--reuse",
+                                      str(a), str(b)])
+    frontier.main()
+    rows = json.loads((tmp_path / "out" / "frontier.json").read_text())
+    assert [(r["seed"], r["oracle"]) for r in rows] == [(0, 0.59), (1, 0.61)]
+    table = capsys.readouterr().out
+    assert "| GRPO | kl.target=5 | 4.80 ± 0.10 |" in table
+    assert "| GRPO | kl.target=5 (seed 1) | 5.60 ± 0.10 |" in table
+
+
+def test_train_summary_averages_the_second_half_of_the_run(tmp_path):
+    from tasks.records import ModelRecord
+
+    run = tmp_path / "ppo-run"
+    (run / "final").mkdir(parents=True)
+    lines = [{"step": s, "phase": "train", "clipfrac": 0.1 * s, "explained_variance": -1.0 + s} for s in (1, 2, 3, 4)]
+    lines.insert(2, {"step": 2, "phase": "eval", "clipfrac": 99.0})  # eval records do not count
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    model = ModelRecord(stage="ppo", path=str(run / "final"), digest="d",
+                        summary={"steps": 4, "metrics": {"clipfrac": 0.0, "kl": 5.0, "other": 1.0}})
+    out = frontier._train_summary(model)
+    assert out["steps"] == 4
+    assert out["final"] == {"clipfrac": 0.0, "kl": 5.0}
+    assert out["second_half"] == pytest.approx({"clipfrac": 0.35, "explained_variance": 2.5})
+
+
+def test_frontier_at_interpolates_between_the_measured_dpo_points():
+    rows = [row("DPO", 10.0, 0.78, beta=0.3), row("base", 0.0, 0.22), row("DPO", 5.0, 0.62, beta=1.0),
+            row("GRPO", 4.0, 0.6, setting="x"), row("KTO", 2.0, 0.9, beta=0.1)]
+    curve = frontier.frontier_curve(rows)
+    assert curve == [(0.0, 0.22), (5.0, 0.62), (10.0, 0.78)]  # base and DPO only, sorted by KL
+    assert frontier.frontier_at(curve, 4.0) == pytest.approx(0.22 + 0.4 * 4 / 5)
+    assert frontier.frontier_at(curve, 6.0) == pytest.approx(0.62 + 0.16 / 5)
+    assert frontier.frontier_at(curve, 5.0) == pytest.approx(0.62)
+    assert frontier.frontier_at(curve, 12.0) is None  # beyond the sweep: no claim
+    assert frontier.frontier_curve([row("GRPO", 4.0, 0.6)]) == []
+    assert frontier.frontier_at([], 1.0) is None
+
+
+def test_the_table_gives_each_rl_point_its_gap_to_the_frontier(tmp_path, monkeypatch, capsys):
+    rows = [row("base", 0.0, 0.2), row("DPO", 10.0, 0.7, beta=0.3), row("PPO", 5.0, 0.4, setting="s"),
+            row("GRPO", 11.0, 0.9, setting="s")]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--home", str(tmp_path / "out"), "--plot-only", "--reuse",
+                                      str(tmp_path / "a.json")])
+    frontier.main()
+    table = capsys.readouterr().out
+    assert "| PPO | s | 5.00 ± 0.10 | +0.400 | 0.000 | 0.500 | - | +0.450 | -0.050 |" in table
+    assert "| GRPO | s | 11.00 ± 0.10 | +0.900 | 0.000 | 0.500 | - | - | - |" in table
+    assert "| DPO | β=0.3 | 10.00 ± 0.10 | +0.700 | 0.000 | 0.500 | - | - | - |" in table

@@ -1,0 +1,50 @@
+"""The critic's own learning rate (ppo.value_lr) and the RL helpers added for issue 15, point 5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from alignment.config import OptimSettings
+from alignment.recipes.optim import build_optimizer, build_scheduler
+
+
+def _two_layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+
+
+def test_own_lrs_get_their_own_groups_after_the_main_lr():
+    model = _two_layers()
+    critic = model[1]
+    opt = OptimSettings(lr=1e-3, weight_decay=0.1, schedule="linear")
+    optimizer = build_optimizer(model, opt, torch.device("cpu"), "test", {id(p): 5e-2 for p in critic.parameters()})
+    groups = optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3, 5e-2, 5e-2]  # group 0 is still the logged main lr
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1, 0.0]  # biases never decay
+    assert {id(p) for g in groups[2:] for p in g["params"]} == {id(p) for p in critic.parameters()}
+    # without overrides: the two groups as before
+    plain = build_optimizer(_two_layers(), opt, torch.device("cpu"), "test")
+    assert [g["lr"] for g in plain.param_groups] == [1e-3, 1e-3]
+
+
+def test_own_lr_moves_its_parameters_by_its_own_step_and_follows_the_schedule():
+    model = _two_layers()
+    policy, critic = model
+    opt = OptimSettings(lr=1e-3, schedule="linear", max_grad_norm=None)
+    optimizer = build_optimizer(model, opt, torch.device("cpu"), "test", {id(p): 4e-2 for p in critic.parameters()})
+    scheduler = build_scheduler(optimizer, opt, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(8, 3)).pow(2).mean().backward()
+    optimizer.step()
+    scheduler.step()
+    # Adam's first step moves every parameter with a non-zero gradient by lr (m/sqrt(v) = ±1)
+    steps = [(p.detach() - b).abs() for p, b in zip(model.parameters(), before, strict=True)]
+    n_policy = len(list(policy.parameters()))
+    for moved in steps[:n_policy]:
+        assert moved[moved > 0].tolist() == pytest.approx([1e-3] * int((moved > 0).sum()), rel=1e-3)
+    for moved in steps[n_policy:]:
+        assert moved[moved > 0].tolist() == pytest.approx([4e-2] * int((moved > 0).sum()), rel=1e-3)
+    # the linear schedule scales both peaks alike: 3/4 of each after one of four steps
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([7.5e-4, 7.5e-4, 3e-2, 3e-2])
