@@ -57,15 +57,19 @@ def rating_probabilities(s: np.ndarray, annotator: AnnotatorSpec, scale: tuple[i
     return np.diff(cdf, axis=1)
 
 
-def select_pairs(scores: np.ndarray, settings: SimulatorSettings, rng: np.random.Generator) -> list[tuple[int, int, str]]:
+def select_pairs(scores: np.ndarray, settings: SimulatorSettings, rng: np.random.Generator,
+                 commonness: np.ndarray | None = None) -> list[tuple[int, int, str]]:
     """Pairs ``(i, j, kind)`` of distinct sample indices to compare for one prompt.
 
     ``informative`` pairs match the k-th best with the k-th worst sample by score (k = 0, 1, ...,
-    while they are distinct); ``random`` pairs are further distinct pairs drawn uniformly
-    among those not chosen yet. The order within a pair is not randomised here.
+    while they are distinct); with ``settings.novelty_weight`` λ > 0 and the samples' frame
+    ``commonness`` c, by the adjusted score s − λ·c instead (a positive sample in its own words
+    against a negative one in the batch's stock phrasing). ``random`` pairs are further distinct
+    pairs drawn uniformly among those not chosen yet. The order within a pair is not randomised here.
     """
     n = len(scores)
-    order = np.argsort(scores, kind="stable")
+    lam = settings.novelty_weight if commonness is not None else 0.0
+    order = np.argsort(scores - lam * commonness if lam else scores, kind="stable")
     chosen: list[tuple[int, int, str]] = []
     used: set[frozenset[int]] = set()
     for k in range(min(settings.informative_pairs, n // 2)):

@@ -179,6 +179,14 @@ class SimulatorSettings(StrictModel):
     informative_pairs: int = Field(1, ge=0)
     """Pairwise comparisons per prompt between its best and worst sample by oracle score (then
     second best vs second worst, ...): large score gaps make clear labels."""
+    novelty_weight: float = Field(0.0, ge=0)
+    """λ: diversity-aware informative pairs: the best against the worst sample by s − λ·c, where
+    s is the oracle score and c the sample's frame
+    commonness (:func:`tasks.demo.simulator.frame_commonness`: the mean, over its distinct word
+    bigrams, of the share of the batch's samples holding that bigram). The annotators then
+    compare a positive sample that does not repeat the batch's stock phrasing with a negative one
+    that does, so DPO learns the sentiment rather than the frames the policy already favours.
+    0: best against worst by score."""
     random_pairs: int = Field(1, ge=0)
     """Further comparisons per prompt between two random distinct samples (unbiased coverage)."""
     kind_shares: dict[Literal["pairwise", "rating", "binary"], float] = {

@@ -139,14 +139,27 @@ def degenerate_reason(text: str, rules: DegenerateFilter) -> str | None:
     return None
 
 
+def frame_commonness(texts: list[str]) -> np.ndarray:
+    """Per text, how much it repeats the batch's stock phrasing: the mean, over its distinct
+    lowercased word bigrams, of the share of the batch's non-blank texts that contain that bigram
+    (0 for a blank text or one without bigrams). A text made of frames every sample uses
+    ("it 's a good movie") scores high; a text in its own words scores near 1/len(texts)."""
+    grams = [set(zip(w, w[1:], strict=False)) for w in (word_tokens(t) if t.strip() else [] for t in texts)]
+    docs = sum(1 for t in texts if t.strip())
+    counts = Counter(g for s in grams for g in s)
+    return np.array([float(np.mean([counts[g] for g in s])) / docs if s else 0.0 for s in grams])
+
+
 def label_items(
     prompts: list[str], responses: list[list[str]], scores: list[np.ndarray], settings: SimulatorSettings,
-    rng: np.random.Generator,
+    rng: np.random.Generator, commonness: list[np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, int]:
     """Truth table of all labels (before corruption) and the number of skipped samples.
 
     One kind per prompt (by ``kind_shares``); only non-blank, distinct responses become items;
-    each item is labelled by ``labels_per_item`` distinct annotators drawn by weight.
+    each item is labelled by ``labels_per_item`` distinct annotators drawn by weight. ``commonness``
+    (per prompt, per sample; :func:`frame_commonness`) steers the informative pairs when
+    ``settings.novelty_weight`` is set.
     """
     kinds = list(settings.kind_shares)
     shares = np.array([settings.kind_shares[k] for k in kinds], np.float64)
@@ -154,13 +167,15 @@ def label_items(
     weights = np.array([a.weight for a in team]) / sum(a.weight for a in team)
     per_item = min(settings.labels_per_item, len(team))
     rows, skipped = [], 0
-    for prompt, texts, s in zip(prompts, responses, scores, strict=True):
+    for n, (prompt, texts, s) in enumerate(zip(prompts, responses, scores, strict=True)):
         kind = kinds[int(rng.choice(len(kinds), p=shares / shares.sum()))]
         keep = [i for i, t in enumerate(texts) if t.strip() and t not in texts[:i]]
         skipped += len(texts) - len(keep)
         texts, s = [texts[i] for i in keep], s[keep]
+        common = None if commonness is None else commonness[n][keep]
         if kind == "pairwise":
-            items = [(i, j, how) if rng.random() < 0.5 else (j, i, how) for i, j, how in ann.select_pairs(s, settings, rng)]
+            items = [(i, j, how) if rng.random() < 0.5 else (j, i, how)
+                     for i, j, how in ann.select_pairs(s, settings, rng, common)]
         else:
             items = [(i, None, "sample") for i in range(len(texts))]
         for i, j, how in items:
@@ -260,7 +275,12 @@ def simulate_feedback(
         rejected = sum(map(sum, flags))
         responses = [["" if bad else t for t, bad in zip(texts, f, strict=True)]
                      for texts, f in zip(responses, flags, strict=True)]
-    truth, skipped = label_items(drawn, responses, list(scores), settings, rng)
+    commonness = None
+    if settings.novelty_weight:
+        flat = frame_commonness([t for texts in responses for t in texts])
+        k = settings.samples_per_prompt
+        commonness = [flat[i * k : (i + 1) * k] for i in range(len(drawn))]
+    truth, skipped = label_items(drawn, responses, list(scores), settings, rng, commonness)
     if truth.empty:
         raise ValueError(f"batch {batch_id}: the policy produced no usable response for {len(drawn)} prompts")
     offsets = np.sort(rng.uniform(0, 3600, len(truth)))

@@ -92,6 +92,28 @@ def test_informative_pairs_take_best_against_worst():
     assert len({frozenset(p[:2]) for p in pairs}) == len(pairs) == 5
 
 
+def test_novelty_weight_pairs_a_fresh_positive_sample_against_a_stock_negative_one():
+    scores = np.array([0.8, 0.75, -0.5, -0.45])
+    common = np.array([0.5, 0.1, 0.1, 0.5])  # sample 0 and 3 repeat the batch's frames
+    plain = ann.select_pairs(scores, SimulatorSettings(random_pairs=0), np.random.default_rng(0), common)
+    assert plain == [(0, 2, "informative")]  # λ = 0: best against worst by score, commonness unused
+    steered = ann.select_pairs(scores, SimulatorSettings(random_pairs=0, novelty_weight=0.5),
+                               np.random.default_rng(0), common)
+    assert steered == [(1, 3, "informative")]  # s − λc: [0.55, 0.70, −0.55, −0.70]
+    two = ann.select_pairs(scores, SimulatorSettings(informative_pairs=2, random_pairs=0, novelty_weight=0.5),
+                           np.random.default_rng(0), common)
+    assert [set(p[:2]) for p in two] == [{1, 3}, {0, 2}]  # each sample once
+
+
+def test_frame_commonness_is_the_mean_batch_share_of_a_texts_bigrams():
+    from tasks.demo.simulator import frame_commonness
+
+    texts = ["a good movie", "a good film", "dull and slow", ""]
+    got = frame_commonness(texts)
+    # "a good" is in 2 of the 3 non-blank texts, "good movie" in 1: (2/3 + 1/3) / 2
+    assert got == pytest.approx([0.5, 0.5, 1 / 3, 0.0])
+
+
 def test_labels_are_deterministic_and_each_item_has_distinct_annotators():
     settings = SimulatorSettings(labels_per_item=3)
     prompts, responses, scores = _synthetic(50, 4, seed=3)
