@@ -30,6 +30,7 @@ __all__ = [
     "kl_shaped_rewards",
     "group_advantages",
     "explained_variance",
+    "last_token_explained_variance",
     "sequence_kl",
     "RunningMoments",
     "normalize_scores",
@@ -315,6 +316,22 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     if var_y == 0.0:
         return math.nan
     return 1.0 - float(masked_var(returns - values, mask, unbiased=False)) / var_y
+
+
+def last_token_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """:func:`explained_variance` over each row's last valid token only (right padding): how well the
+    critic predicts the return where the sequence score is paid. With the score only at the end
+    and no per-token KL in the rewards that return is the score itself, so a critic that knows the
+    reward shows here even when the token-level value is low (early tokens cannot foresee how a
+    sampled response will end). NaN with fewer than two rows or constant returns.
+    """
+    if values.shape[0] < 2:
+        return math.nan
+    rows = torch.arange(values.shape[0], device=values.device)
+    last = last_valid_index(mask)
+    keep = mask.to(torch.long).sum(dim=1) > 0
+    ones = keep.to(values.dtype)
+    return explained_variance(values[rows, last], returns[rows, last], ones)
 
 
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,

@@ -31,7 +31,8 @@ Metrics: ``reward/raw``, ``reward/raw_std``, ``reward/normalized`` / ``reward/no
 ``reward/norm_std`` (with ``reward_norm``), ``reward/shaped`` (sum of shaped rewards per sequence), ``kl`` (mean
 sequence KL of the rollout policy to the reference), ``kl_coef``, ``entropy`` (per token),
 ``loss``, ``loss/policy``, ``loss/value``, ``clipfrac``, ``approx_kl`` (rollout → updated
-policy), ``vf_clipfrac``, ``explained_variance``, ``value/mean``, ``response_length``,
+policy), ``vf_clipfrac``, ``explained_variance`` (all response tokens), ``explained_variance_last`` (the
+last token, where the score is paid), ``value/mean``, ``response_length``,
 ``eos_rate``, ``distinct_2`` (pooled over the rollout's responses), ``grad_norm`` (mean over the step's optimizer steps), ``value_warmup`` (1 on a warm-up step), ``generate_tokens_per_s``,
 ``rollout_s``, ``update_s``; the base adds ``lr``, ``tokens_per_s`` (prompt + response tokens of
 the rollout per second of the whole step) and ``samples_per_s``.
@@ -49,7 +50,15 @@ from alignment.losses import ppo_policy_loss, ppo_value_loss
 from alignment.models import hf_model, load_reward_model, load_tokenizer
 from alignment.recipes.rl_base import RLRecipe, UpdatePlan
 from alignment.recipes.rollout import PolicyModule, Rollout, disable_dropout
-from alignment.rl import explained_variance, gae, kl_k3, kl_shaped_rewards, masked_mean, masked_whiten
+from alignment.rl import (
+    explained_variance,
+    gae,
+    kl_k3,
+    kl_shaped_rewards,
+    last_token_explained_variance,
+    masked_mean,
+    masked_whiten,
+)
 
 
 class PPORecipe(RLRecipe):
@@ -143,6 +152,7 @@ class PPORecipe(RLRecipe):
                 "kl_coef": kl_coef,
                 "entropy": float(masked_mean(old["entropy"], mask)),
                 "explained_variance": explained_variance(old["values"], returns, mask),
+                "explained_variance_last": last_token_explained_variance(old["values"], returns, mask),
                 "value/mean": float(masked_mean(old["values"], mask)),
                 "value_warmup": float(warmup),
             }

@@ -48,3 +48,22 @@ def test_own_lr_moves_its_parameters_by_its_own_step_and_follows_the_schedule():
         assert moved[moved > 0].tolist() == pytest.approx([4e-2] * int((moved > 0).sum()), rel=1e-3)
     # the linear schedule scales both peaks alike: 3/4 of each after one of four steps
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([7.5e-4, 7.5e-4, 3e-2, 3e-2])
+
+
+def test_last_token_explained_variance_reads_each_rows_last_valid_token():
+    import math
+    import statistics
+
+    from alignment.rl import last_token_explained_variance
+
+    values = torch.tensor([[9.0, 1.0, 0.0], [5.0, 5.0, 2.5], [7.0, 0.0, 0.0], [3.0, 3.0, 3.0]])
+    returns = torch.tensor([[0.0, 1.5, 0.0], [0.0, 0.0, 2.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [0, 0, 0]])  # the last row is empty: left out
+    v, r = [1.0, 2.5, 7.0], [1.5, 2.0, -1.0]
+    expected = 1 - statistics.pvariance([b - a for a, b in zip(v, r, strict=True)]) / statistics.pvariance(r)
+    assert last_token_explained_variance(values, returns, mask) == pytest.approx(expected)
+    # a critic that predicts every last return exactly explains all of it, whatever it says earlier
+    knows_the_end = returns.clone()
+    knows_the_end[:, 0] += 4.0  # wrong on first tokens (not the last of rows 0, 1)
+    assert last_token_explained_variance(knows_the_end[:2], returns[:2], mask[:2]) == pytest.approx(1.0)
+    assert math.isnan(last_token_explained_variance(values[:1], returns[:1], mask[:1]))
