@@ -143,11 +143,14 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
 
 
 def report(rows: list[dict], home: Path) -> None:
-    """``frontier.png`` and ``frontier.json`` in ``home``; the Markdown table on stdout."""
+    """``frontier.png`` and ``frontier.json`` in ``home``; the Markdown table on stdout (every row).
+    A row with ``"plot": false`` (set in a reused JSON: an older variant) stays out of the plot."""
     home.mkdir(parents=True, exist_ok=True)
+    table_rows, rows = rows, [r for r in rows if r.get("plot", True)]
     series = {
         "base": [("base", 0.0, r["oracle"]) for r in rows if r["method"] == "base"][:1],
-        "DPO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "DPO"],
+        "DPO (β sweep)": sorted(((f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "DPO"),
+                               key=lambda point: -point[1]),  # drawn as one line, from high KL to the base
         "KTO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "KTO"],
     }
     if series["DPO (β sweep)"]:  # the frontier starts at the base model (β → ∞)
@@ -161,6 +164,7 @@ def report(rows: list[dict], home: Path) -> None:
     series = {k: v for k, v in series.items() if v}
     plot = plot_reward_vs_kl(series, home / "frontier.png", ylabel="mean VADER sentiment (oracle)",
                              title="Reward–KL frontier on the demo task")
+    rows = table_rows
     (home / "frontier.json").write_text(json.dumps(rows, indent=2))
     print(f"\n(torch threads: {torch.get_num_threads()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
     curve = frontier_curve(rows)

@@ -99,3 +99,19 @@ def test_the_table_gives_each_rl_point_its_gap_to_the_frontier(tmp_path, monkeyp
     assert "| PPO | s | 5.00 ± 0.10 | +0.400 | 0.000 | 0.500 | - | +0.450 | -0.050 |" in table
     assert "| GRPO | s | 11.00 ± 0.10 | +0.900 | 0.000 | 0.500 | - | - | - |" in table
     assert "| DPO | β=0.3 | 10.00 ± 0.10 | +0.700 | 0.000 | 0.500 | - | - | - |" in table
+
+
+def test_rows_marked_plot_false_stay_in_the_table_but_out_of_the_plot(tmp_path, monkeypatch, capsys):
+    drawn = {}
+    monkeypatch.setattr(frontier, "plot_reward_vs_kl", lambda series, path, **kw: drawn.update(series) or path)
+    rows = [row("base", 0.0, 0.2), row("DPO", 5.0, 0.6, beta=1.0), row("DPO", 10.0, 0.7, beta=0.3),
+            row("DPO", 2.0, 0.4, beta=3.0), row("PPO", 9.0, 0.5, setting="old", series="PPO, old", plot=False),
+            row("PPO", 4.0, 0.5, setting="new", series="PPO, new")]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--home", str(tmp_path / "out"), "--plot-only", "--reuse",
+                                      str(tmp_path / "a.json")])
+    frontier.main()
+    assert set(drawn) == {"DPO (β sweep)", "PPO, new"}
+    assert [kl for _, kl, _ in drawn["DPO (β sweep)"]] == [10.0, 5.0, 2.0, 0.0]  # one line, ending at the base
+    assert "| PPO | PPO, old | 9.00 ± 0.10 |" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "out" / "frontier.json").read_text())) == len(rows)
