@@ -46,13 +46,16 @@ def champion_oracle(cfg) -> tuple[str | None, float | None, float | None]:
 
 
 def round_overrides(cfg, base_path: str, round_index: int) -> list[str]:
-    """Per-round settings of the loop (``demo.loop``): this round's DPO β, and the DPO drift
-    budget of this round, measured against the base model at ``base_path``. Empty without a
-    schedule."""
+    """Per-round settings of the loop (``demo.loop``): this round's DPO β and entropy weight, and
+    the DPO drift budget of this round, measured against the base model at ``base_path``. Empty
+    without a schedule."""
     if cfg.demo is None:
         return []
-    out = [] if (beta := cfg.demo.loop.beta(round_index)) is None else [f"dpo.beta={beta:g}"]
-    budget = cfg.demo.loop.kl_budget(round_index)
+    loop = cfg.demo.loop
+    out = [] if (beta := loop.beta(round_index)) is None else [f"dpo.beta={beta:g}"]
+    if (coef := loop.entropy_coef(round_index)) is not None:
+        out.append(f"dpo.entropy_coef={coef:g}")
+    budget = loop.kl_budget(round_index)
     if budget is not None and cfg.dpo.budget is not None:
         out += [f"dpo.budget.max_kl={budget:g}", f"dpo.budget.reference={{name_or_path: '{base_path}'}}"]
     return out

@@ -268,6 +268,10 @@ class LoopSettings(StrictModel):
     as configured. Converged rounds with β lowered round to round walk the β sweep's frontier
     instead of stopping early (benchmarks/RESULTS.md, issue 15); with ``pipeline.dpo_reference:
     base`` each round's optimum is the base model tilted by the reward at that β."""
+    entropy_coefs: list[Annotated[float, Field(ge=0)]] = []
+    """DPO entropy weight (``dpo.entropy_coef``) of round k, indexed like ``betas``; empty:
+    ``dpo.entropy_coef`` as configured. A lower β pushes harder on the reward, so later rounds
+    may need a larger weight to keep distinct-2."""
 
     def kl_budget(self, round_index: int) -> float | None:
         """Round ``round_index``'s KL budget, or None when no schedule is set."""
@@ -278,7 +282,16 @@ class LoopSettings(StrictModel):
 
     def beta(self, round_index: int) -> float | None:
         """Round ``round_index``'s DPO β, or None when ``betas`` is empty."""
-        return self.betas[min(round_index, len(self.betas) - 1)] if self.betas else None
+        return _of_round(self.betas, round_index)
+
+    def entropy_coef(self, round_index: int) -> float | None:
+        """Round ``round_index``'s DPO entropy weight, or None when ``entropy_coefs`` is empty."""
+        return _of_round(self.entropy_coefs, round_index)
+
+
+def _of_round(values: list[float], round_index: int) -> float | None:
+    """``values[round_index]``, the last value past the end, None when empty."""
+    return values[min(round_index, len(values) - 1)] if values else None
 
 
 class DemoSettings(StrictModel):

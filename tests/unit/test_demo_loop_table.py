@@ -81,6 +81,9 @@ def test_beta_schedule_sets_each_rounds_dpo_beta_and_keeps_the_last(tmp_path):
     assert load_pipeline_config(None, sets + round_overrides(cfg, "/b", 1)).dpo.beta == 0.5
     both = load_pipeline_config(None, sets + ["dpo.budget={max_kl: 6}", "demo.loop.kl_budget_start=6"])
     assert round_overrides(both, "/b", 1)[0] == "dpo.beta=0.5" and "dpo.budget.max_kl=6" in round_overrides(both, "/b", 1)
+    coefs = load_pipeline_config(None, sets + ["demo.loop.entropy_coefs=[0.01, 0.03]"])
+    assert round_overrides(coefs, "/b", 0) == ["dpo.beta=1", "dpo.entropy_coef=0.01"]
+    assert load_pipeline_config(None, sets + round_overrides(coefs, "/b", 4)).dpo.entropy_coef == 0.03
 
 
 def test_round_report_is_the_registered_candidates_not_the_newest(tmp_path):
