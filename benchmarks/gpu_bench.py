@@ -56,6 +56,11 @@ SHAPES = {
     "llama1b": dict(kind="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=5e5,
                     seq=2048, pairs=4),
+    # Llama-3.1-8B: 32 x 4096, GQA 32/8, MLP 14336, vocab 128256, untied embeddings; saved in bf16
+    # (16 GB; fp32 would be 32 GB on disk and on the card), for LoRA/QLoRA on one GPU (issue 16 point 3).
+    "llama8b": dict(kind="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=5e5,
+                    seq=2048, pairs=4, tie=False, save_dtype="bfloat16", positions=131072),
     # CPU dry runs.
     "tiny": dict(kind="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, rope_theta=1e4, seq=128, pairs=4),
@@ -112,12 +117,18 @@ def build_shape(work: Path, name: str, device: torch.device) -> Path:
                                   eos_token="<eos>")
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "vocab_size", "rope_theta")
-    common = {k: spec[k] for k in keys} | dict(max_position_embeddings=8192, tie_word_embeddings=True,
+    common = {k: spec[k] for k in keys} | dict(max_position_embeddings=max(8192, spec.get("positions", 0)),
+                                                tie_word_embeddings=spec.get("tie", True),
                                                 pad_token_id=0, bos_token_id=2, eos_token_id=3)
     cls, cfg = (Qwen2ForCausalLM, Qwen2Config) if spec["kind"] == "qwen2" else (LlamaForCausalLM, LlamaConfig)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = cls(cfg(**common))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, spec.get("save_dtype", "float32")))  # built in it: no fp32 copy
+    try:
+        with torch.device(device):
+            model = cls(cfg(**common))
+    finally:
+        torch.set_default_dtype(previous)
     model.save_pretrained(folder)
     tok.save_pretrained(tokenizer_dir(folder))
     del model
@@ -226,9 +237,11 @@ def make_recipe(recipe: str, folder: Path, data: Path, args, *, pairs: int, seq:
     from alignment.config import RECIPE_CONFIGS
     from alignment.recipes import get_recipe
 
-    model = {"name_or_path": str(folder), "tokenizer": str(tokenizer_dir(folder)), "gradient_checkpointing": gc_}
+    model = {"name_or_path": str(folder), "tokenizer": str(tokenizer_dir(folder)), "gradient_checkpointing": gc_,
+             "dtype": getattr(args, "base_dtype", "float32")}
     if lora:
-        model["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+        model["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear",
+                         "quantize_4bit": bool(getattr(args, "qlora", False))}
     cfg = {"model": model, "train_path": str(data), "batch_size": pairs, "max_steps": args.warmup + args.steps,
            "max_length": seq, "max_prompt_length": seq // 4, "precision": args.precision, "packing": packing,
            "compile": compile, "optim": {"lr": 1e-6, "schedule": "constant", "max_grad_norm": 1.0}, "seed": 0}

@@ -14,7 +14,12 @@ script runs one layer forward and backward (rotary embeddings as the model makes
 causal attention) at each ``--tokens`` count and prints the graphs compiled and each
 recompilation's guard; ``--size-oblivious`` sets ``torch.fx.experimental._config.
 backed_size_oblivious``, under which sizes are reasoned about without their example values (one
-graph for all three counts on the CPU, 2026-12-05; not yet tried on a GPU, nor its speed).
+graph for all three counts on the CPU, 2026-12-05; on an H100, run 16, the compiled backward of the
+first size failed ``assert_size_stride`` on SDPA's saved log-sum-exp: the fake strides differ from
+the CUDA kernel's, so the recipes do not use it).
+``--lora`` puts LoRA r16 on every linear of the layer (base weights frozen) and runs, at each
+count, the training pass and then the DPO reference pass as the recipe does under
+``reference: adapter_disabled`` (adapters off, no grad): the graphs a LoRA run compiles.
 """
 
 from __future__ import annotations
@@ -55,11 +60,24 @@ def layer_of(shape: str, device: torch.device, dtype: torch.dtype):
         return layer_cls(cfg, 0).to(dtype), rope_cls(cfg), cfg.hidden_size
 
 
+def lora_layers(layer) -> list:
+    """Inject LoRA r16 into every linear of ``layer`` (base frozen); the tuner layers, to switch off."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)})
+    inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=names), layer)
+    for name, param in layer.named_parameters():
+        param.requires_grad = "lora_" in name
+    return [m for m in layer.modules() if isinstance(m, BaseTunerLayer)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="tiny-llama")
     parser.add_argument("--tokens", default="2624,4544,13248", help="token counts S, in order")
     parser.add_argument("--size-oblivious", action="store_true")
+    parser.add_argument("--lora", action="store_true", help="LoRA r16 layer: training pass + adapter-off no-grad pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     import torch.fx.experimental._config as fx_config
@@ -78,18 +96,34 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.float32
     layer, rope, hidden = layer_of(args.shape, device, dtype)
+    tuners = lora_layers(layer) if args.lora else []
     layer.compile(dynamic=True)
+
+    def call(x, positions):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope(x, positions))
+        return out[0] if isinstance(out, tuple) else out
+
     for n in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(1, n, hidden, device=device, dtype=dtype, requires_grad=True)
         positions = torch.arange(n, device=device)[None]
         started = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope(x, positions))
-        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        call(x, positions).float().sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        print(f"S={n}: {time.perf_counter() - started:.2f} s, graphs so far {counters['stats']['unique_graphs']}",
-              flush=True)
+        line = f"S={n}: {time.perf_counter() - started:.2f} s"
+        if tuners:  # the reference pass: adapters off, no grad
+            started = time.perf_counter()
+            for t in tuners:
+                t.enable_adapters(False)
+            with torch.no_grad():
+                call(x.detach(), positions)
+            for t in tuners:
+                t.enable_adapters(True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            line += f", reference pass {time.perf_counter() - started:.2f} s"
+        print(f"{line}, graphs so far {counters['stats']['unique_graphs']}", flush=True)
     print(f"graphs compiled: {counters['stats']['unique_graphs']} (size_oblivious={args.size_oblivious})")
     for reason in reasons:
         print("RECOMPILE:", " | ".join(line.strip() for line in reason.splitlines())[:400])

@@ -71,10 +71,12 @@ from benchmarks.gpu_bench import (  # noqa: E402
 
 DISTS = {"hh": {"prompt_mean": 251.5 - 88.4, "response_mean": 88.4, "sigma": 0.8}}
 """Log-normal token-count laws: the means from Llama 2's Table 6 (Anthropic Helpful), sigma assumed."""
-PAIRS = {("hh", "qwen0.5b"): 16, ("hh", "llama1b"): 8, ("hh", "tiny"): 4}
+PAIRS = {("hh", "qwen0.5b"): 16, ("hh", "llama1b"): 8, ("hh", "llama8b"): 8, ("hh", "tiny"): 4}
 """Pairs per step on the real-length data: about the tokens per step of the uniform data's
 settings (SHAPES' pairs), within TRL's memory on an 80 GB card (it pads every batch to its longest)."""
 FAMILIES = ("dpo", "dpo_lora", "rm")
+"""The default families; ``dpo_qlora`` (LoRA on a 4-bit NF4 base, bitsandbytes) is asked for by name."""
+LORA_FAMILIES = ("dpo_lora", "dpo_qlora")
 LIGER_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2")
 
 
@@ -108,8 +110,9 @@ def run_ours(family: str, folder: Path, data: Path, args, *, pairs: int, seq: in
     device = args.device_t
     gpu = device.type == "cuda"
     extra = {"varlen_attention": gpu, "max_prompt_length": seq // 2}
+    args.qlora = family == "dpo_qlora"
     run = make_recipe("reward" if family == "rm" else "dpo", folder, data, args, pairs=pairs, seq=seq,
-                      lora=family == "dpo_lora", compile=gpu, packing=True, extra=extra)
+                      lora=family in LORA_FAMILIES, compile=gpu, packing=True, extra=extra)
     stamps: list[tuple[float, float]] = []
     ref_calls: list[float] = []
     graphs: list[int] = []
@@ -247,7 +250,14 @@ def run_trl(family: str, folder: Path, rows: list[dict], args, *, pairs: int, se
 
     frame = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(folder))
-    lora = family == "dpo_lora"
+    lora = family in LORA_FAMILIES
+    load = {"dtype": getattr(torch, args.base_dtype)}
+    if family == "dpo_qlora":  # the same NF4 settings as alignment.models' QLoRA
+        from transformers import BitsAndBytesConfig
+
+        load["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
     peft_config = (LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                               task_type="CAUSAL_LM") if lora else None)
     common = _trl_common(args, pairs, seq, args.work)
@@ -270,13 +280,13 @@ def run_trl(family: str, folder: Path, rows: list[dict], args, *, pairs: int, se
         warnings.simplefilter("always")
         try:
             if family == "rm":
-                model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
+                model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, **load)
                 model.config.pad_token_id = tok.pad_token_id
                 trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=frame,
                                         processing_class=tok, callbacks=[Stamp()])
             else:
                 dpo = {"padding_free": True, "precompute_ref_log_probs": True} if best else {}
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_pretrained(folder, **load)
                 DPOTrainer.compute_ref_log_probs = timed_ref
                 trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common, **dpo), train_dataset=frame,
                                      processing_class=tok, peft_config=peft_config, callbacks=[Stamp()])
@@ -300,15 +310,54 @@ def run_trl(family: str, folder: Path, rows: list[dict], args, *, pairs: int, se
 
 
 def trl_best(family, folder, rows, args, *, pairs, seq) -> dict:
-    """TRL at its best; if Liger fails here, the same without Liger (the error recorded)."""
+    """TRL at its best; if Liger fails here, the same without Liger (the error recorded).
+
+    Out of memory is not a Liger failure: it is raised, not retried. The retry runs after the
+    failed run's exception is gone: its traceback holds the frames, and so the model, of that
+    run (run 17, RESULTS.md: a retry inside the ``except`` block ran out of memory moving a
+    second 8B model to the card)."""
     try:
         return run_trl(family, folder, rows, args, pairs=pairs, seq=seq)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - recorded; the comparison goes on without Liger
         traceback.print_exc()
-        reset_accelerate()
-        out = run_trl(family, folder, rows, args, pairs=pairs, seq=seq, liger=False)
-        out["liger_error"] = f"{type(err).__name__}: {err}"[:300]
-        return out
+        liger_error = f"{type(err).__name__}: {err}"[:300]
+    reset_accelerate()
+    reset_memory(args.device_t)
+    out = run_trl(family, folder, rows, args, pairs=pairs, seq=seq, liger=False)
+    out["liger_error"] = liger_error
+    return out
+
+
+# ---------------------------------------------------------------------------- longest sequence
+def long_pair(length: int, vocab: int, seed: int = 0) -> dict:
+    """One pair whose prompt + response is ``length`` tokens: prompt length/4, each response the rest."""
+    from benchmarks.gpu_bench import words
+
+    rng = random.Random(seed)
+    prompt = length // 4
+    response = length - prompt - 1
+    return {"prompt": words(rng, prompt, vocab), "is_chat": False, "chosen": " " + words(rng, response, vocab),
+            "rejected": " " + words(rng, response, vocab), "weight": 1.0}
+
+
+def length_probe(family: str, side: str, folder: Path, vocab: int, length: int, args) -> dict:
+    """One pair per step of ``length`` tokens (both responses: 2 sequences), 2 steps; peak memory or OOM."""
+    import copy
+
+    probe = copy.copy(args)
+    probe.warmup, probe.steps = 1, 1
+    rows = [long_pair(length, vocab, seed) for seed in range(2)]
+    try:
+        if side == "ours":
+            path = write_rows(rows, args.work / f"long-{length}.parquet")
+            out = run_ours(family, folder, path, probe, pairs=1, seq=length)
+        else:
+            out = run_trl(family, folder, rows, probe, pairs=1, seq=length)
+        return {"fits": True, "peak_gib": out["peak_gib"], "step_s": out["step_s"], "tokens_per_s": out["tokens_per_s"]}
+    except torch.OutOfMemoryError as err:
+        return {"fits": False, "error": str(err)[:200]}
 
 
 # ---------------------------------------------------------------------------- driver
@@ -360,7 +409,7 @@ def summary(results: list[dict], ceil: dict) -> str:
                 ratio = (f"{med(ep) / med([epoch_rate(r) for r in trl]):.2f}x "
                          f"({med(tr) / med([r['tokens_per_s'] for r in trl]):.2f}x)")
                 mem = f"{max(r['peak_gib'] or 0 for r in runs) / max(r['peak_gib'] or 1 for r in trl):.2f}x"
-            if side == "ours" and key[2] != "dpo_lora" and ceil.get("matmul_tflops"):
+            if side == "ours" and key[2] not in LORA_FAMILIES and ceil.get("matmul_tflops"):
                 tf = med(tr) * 6 * runs[0]["params"] / 1e12
                 mfu = f"{100 * tf / ceil['matmul_tflops']:.1f}% / {100e12 * tf / PEAK_DATASHEET:.1f}%"
             ref = med([r["ref_tokens_per_s"] for r in runs if r.get("ref_tokens_per_s")])
@@ -389,6 +438,11 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/gpu_bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_bench_out"))
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no run after this many seconds")
+    parser.add_argument("--pairs", type=int, default=0, help="pairs per step for every shape (0: PAIRS / SHAPES)")
+    parser.add_argument("--base-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="weights as loaded, both sides (bfloat16 for the 8B shape on one card)")
+    parser.add_argument("--lengths", default="", help="after the timed runs: longest sequence probe at these "
+                        "token counts (one pair per step), per family and side, up to the first that does not fit")
     args = parser.parse_args()
     started = time.perf_counter()
     args.device_t = torch.device(args.device)
@@ -419,7 +473,7 @@ def main() -> None:
             continue
         spec = SHAPES[shape]
         seq = spec["seq"]
-        pairs = PAIRS.get((dist, shape), spec["pairs"]) if dist != "uniform" else spec["pairs"]
+        pairs = args.pairs or (PAIRS.get((dist, shape), spec["pairs"]) if dist != "uniform" else spec["pairs"])
         folder = build_shape(args.work, shape, args.device_t)
         if (shape, dist) not in data_cache:
             n = pairs * (args.warmup + args.steps)
@@ -451,6 +505,24 @@ def main() -> None:
         brief = {k: record.get(k) for k in ("tokens_per_s", "epoch_tokens_per_s", "ref_tokens_per_s", "peak_gib",
                                              "wall_s", "liger_error", "error") if record.get(k) is not None}
         print(f"# {shape}/{dist}/{family}/{side}/{rep} {json.dumps(brief, default=str)}", flush=True)
+    for family in args.families.split(",") if args.lengths else []:
+        shape = args.shapes.split(",")[0]
+        folder = build_shape(args.work, shape, args.device_t)
+        for side in ("ours", "trl"):
+            for length in (int(n) for n in args.lengths.split(",")):
+                if time.perf_counter() - started > args.budget_s:
+                    break
+                t0 = time.perf_counter()
+                record = {"shape": shape, "family": family, "side": side, "probe_length": length,
+                          **length_probe(family, side, folder, SHAPES[shape]["vocab_size"], length, args)}
+                reset_accelerate()
+                reset_memory(args.device_t)
+                record["wall_s"] = time.perf_counter() - t0
+                log.write(json.dumps(record, default=str) + "\n")
+                log.flush()
+                print(f"# length {json.dumps(record, default=str)}", flush=True)
+                if not record["fits"]:
+                    break
     text = summary(results, ceil)
     (out_dir / "trl_best_table.md").write_text(text + "\n")
     print(f"\n# ceilings {json.dumps(ceil)}\n# total {time.perf_counter() - started:.0f}s\n{text}")

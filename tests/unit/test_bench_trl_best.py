@@ -47,3 +47,45 @@ def test_liger_globals_are_put_back():
     with trl_best.LigerGlobals():
         module.apply_rotary_pos_emb = lambda *a: a
     assert module.apply_rotary_pos_emb is original
+
+
+def _fake_runs(monkeypatch, first_error):
+    """run_trl raising ``first_error`` on its first call; the calls' liger flags are recorded."""
+    calls = []
+
+    def run_trl(family, folder, rows, args, *, pairs, seq, liger=True):
+        calls.append(liger)
+        if len(calls) == 1:
+            raise first_error
+        return {"tokens_per_s": 1.0}
+
+    monkeypatch.setattr(trl_best, "run_trl", run_trl)
+    monkeypatch.setattr(trl_best, "reset_accelerate", lambda: None)
+    return calls
+
+
+def test_trl_out_of_memory_is_raised_not_retried_without_liger(monkeypatch):
+    import torch
+
+    calls = _fake_runs(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
+    args = type("Args", (), {"device_t": torch.device("cpu")})()
+    with pytest.raises(torch.OutOfMemoryError):
+        trl_best.trl_best("dpo_lora", None, [], args, pairs=1, seq=8)
+    assert calls == [True]
+
+
+def test_a_liger_failure_is_retried_without_liger_and_recorded(monkeypatch):
+    import torch
+
+    calls = _fake_runs(monkeypatch, ValueError("liger cannot patch this model"))
+    args = type("Args", (), {"device_t": torch.device("cpu")})()
+    out = trl_best.trl_best("dpo", None, [], args, pairs=1, seq=8)
+    assert calls == [True, False]
+    assert out["liger_error"] == "ValueError: liger cannot patch this model"
+
+
+def test_long_pair_has_the_probed_length():
+    row = trl_best.long_pair(1000, 500)
+    prompt, response = len(row["prompt"].split()), len(row["chosen"].split())
+    assert prompt == 250 and response == 749 and len(row["rejected"].split()) == 749
+    assert prompt + response + 1 == 1000
