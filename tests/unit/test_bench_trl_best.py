@@ -89,3 +89,34 @@ def test_long_pair_has_the_probed_length():
     prompt, response = len(row["prompt"].split()), len(row["chosen"].split())
     assert prompt == 250 and response == 749 and len(row["rejected"].split()) == 749
     assert prompt + response + 1 == 1000
+
+
+@pytest.mark.slow
+def test_length_probe_trains_one_pair_of_the_probed_length_with_our_recipe(tmp_path):
+    import argparse
+
+    import torch
+
+    from benchmarks.gpu_bench import SHAPES, build_shape
+
+    args = argparse.Namespace(device_t=torch.device("cpu"), precision="fp32", warmup=3, steps=20, work=tmp_path,
+                              base_dtype="float32")
+    folder = build_shape(tmp_path, "tiny", args.device_t)
+    out = trl_best.length_probe("dpo_lora", "ours", folder, SHAPES["tiny"]["vocab_size"], 64, args)
+    assert out["fits"] is True
+    assert out["tokens_per_s"] * out["step_s"] == pytest.approx(2 * 64)  # both sequences of the pair, whole
+    assert (args.warmup, args.steps) == (3, 20)  # the probe's own 1 + 1 steps do not leak into the caller's
+
+
+def test_length_probe_reports_out_of_memory_as_not_fitting(monkeypatch, tmp_path):
+    import argparse
+
+    import torch
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 448.00 MiB.")
+
+    monkeypatch.setattr(trl_best, "run_ours", oom)
+    args = argparse.Namespace(work=tmp_path, warmup=3, steps=20)
+    out = trl_best.length_probe("dpo_lora", "ours", tmp_path, 1000, 8192, args)
+    assert out == {"fits": False, "error": "CUDA out of memory. Tried to allocate 448.00 MiB."}
