@@ -389,6 +389,11 @@ class PPOConfig(RLSettings):
     """The first this many steps fit only the value function: no policy loss, no entropy bonus, and
     the value head's input detached, so the policy stays the initial model while the critic learns
     a baseline (otherwise its first advantages come from a random head)."""
+    value_head_detached: bool = False
+    """``head`` only: the value head reads the policy's last hidden state with its gradient stopped
+    for the whole run (not only during the warm-up), so the value loss never moves the policy: the
+    head is a linear probe of the policy's features. False: the value loss also trains the shared
+    trunk (weighted by ``vf_coef``)."""
     value_lr: float | None = Field(None, gt=0)
     """Peak learning rate of the value function's own parameters (the head, or the whole
     ``separate`` model), under the same schedule; None: ``optim.lr``. Public recipes train the

@@ -23,9 +23,13 @@ The ``head`` starts at zero (V = 0 everywhere, a constant baseline: explained va
 start, where a randomly initialised head adds noise and starts below 0).
 
 Value function (``value_model``): ``head`` — a linear head on the policy's last hidden state
-(shares the trunk; saved in checkpoints as ``value.safetensors``); ``separate`` — a sequence-
-classification model initialised from ``reward_model`` (or the policy's weights with a fresh
-head when rewards come from ``reward_fn``), which must share the policy's tokenizer.
+(shares the trunk, or only reads it with ``value_head_detached``; saved in checkpoints as
+``value.safetensors``); ``separate`` — a sequence-classification model initialised from
+``reward_model`` (or the policy's weights with a fresh head when rewards come from
+``reward_fn``), which must share the policy's tokenizer: the critic of TRL's PPOTrainer and of
+the TL;DR reproduction (Huang et al. 2024), whose value loss never reaches the policy. With a
+``last``-pooled reward model its score at a prefix is already a value estimate. ``value_lr``
+gives the critic its own learning rate.
 
 Metrics: ``reward/raw``, ``reward/raw_std``, ``reward/normalized`` / ``reward/norm_mean`` /
 ``reward/norm_std`` (with ``reward_norm``), ``reward/shaped`` (sum of shaped rewards per sequence), ``kl`` (mean
@@ -158,4 +162,5 @@ class PPORecipe(RLRecipe):
             }
 
         return UpdatePlan(loss, finish, with_entropy=self.entropy_ctl.value > 0 and not warmup, entropy_grad=True,
-                          policy_trains=not warmup, forward_kwargs={"detach_value_input": warmup})
+                          policy_trains=not warmup,
+                          forward_kwargs={"detach_value_input": warmup or cfg.value_head_detached})

@@ -138,3 +138,19 @@ def test_ppo_value_lr_trains_the_critic_at_its_own_rate(assets):  # noqa: F811
         assert float(head.bias.detach().abs()) == pytest.approx(0.05, rel=1e-3)
     finally:
         recipe.cleanup()
+
+
+def test_ppo_value_head_detached_keeps_the_head_off_the_trunk_after_the_warmup(assets):  # noqa: F811
+    cfg = PPOConfig.model_validate(rl_config(assets, "ppo", "ppo-detached", max_steps=1, rollout_batch_size=8,
+                                             minibatch_size=8, update_epochs=1, value_head_detached=True))
+    recipe = PPORecipe(cfg)
+    recipe.setup()
+    try:
+        roll = recipe.sample(recipe.feed.collate_next()["prompts"])
+        plan = recipe.plan_update(roll)
+        assert recipe.step >= cfg.value_warmup_steps and plan.policy_trains
+        assert plan.forward_kwargs == {"detach_value_input": True}
+        recipe.config = cfg.model_copy(update={"value_head_detached": False})  # the default: a shared trunk
+        assert recipe.plan_update(roll).forward_kwargs == {"detach_value_input": False}
+    finally:
+        recipe.cleanup()

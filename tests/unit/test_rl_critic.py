@@ -67,3 +67,27 @@ def test_last_token_explained_variance_reads_each_rows_last_valid_token():
     knows_the_end[:, 0] += 4.0  # wrong on first tokens (not the last of rows 0, 1)
     assert last_token_explained_variance(knows_the_end[:2], returns[:2], mask[:2]) == pytest.approx(1.0)
     assert math.isnan(last_token_explained_variance(values[:1], returns[:1], mask[:1]))
+
+
+def test_a_detached_value_head_sends_no_gradient_into_the_policy(tmp_path):
+    from alignment.batching import collate_sequences
+    from alignment.config import ModelSettings
+    from alignment.models import load_causal_lm
+    from alignment.recipes.rollout import PolicyModule
+    from tests.tiny_models import make_tiny_model
+
+    policy = load_causal_lm(ModelSettings(name_or_path=str(make_tiny_model(tmp_path / "m", "gpt2"))))
+    head = nn.Linear(policy.config.hidden_size, 1)
+    module = PolicyModule(policy, chunk_size=64, temperature=0.7, value_head=head)
+    batch = collate_sequences([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], pad_id=0)
+
+    def grads(detach: bool) -> tuple[float, float]:
+        module.zero_grad(set_to_none=True)
+        module(batch, detach_value_input=detach)["values"].pow(2).sum().backward()
+        trunk = sum(float(p.grad.abs().sum()) for p in policy.parameters() if p.grad is not None)
+        return trunk, float(head.weight.grad.abs().sum())
+
+    trunk, own = grads(detach=True)
+    assert trunk == 0.0 and own > 0  # the head learns; the policy is untouched by the value loss
+    trunk, own = grads(detach=False)
+    assert trunk > 0 and own > 0  # shared: the value loss reaches the trunk
