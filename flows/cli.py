@@ -34,7 +34,14 @@ DEFAULT_DATA_COMMANDS = ("ingest", "build-dataset")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", metavar="FILE", help="pipeline YAML (default: the embedded demo)")
+    command = parser.prog.split()[-1]
+    if command in DEFAULT_DATA_COMMANDS:
+        default = "the pipeline that ran in this home, else default data settings"
+    elif command in HOME_COMMANDS:
+        default = "the pipeline that ran in this home"
+    else:
+        default = "the embedded demo"
+    parser.add_argument("--config", "-c", metavar="FILE", help=f"pipeline YAML (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set dpo.beta=0.2 (repeatable)")
 

@@ -60,3 +60,21 @@ def test_ingest_command_reports_and_exits_by_threshold(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "10" in out and "FAILED" in out
     assert main(["ingest", str(tmp_path / "missing.jsonl"), "--set", home]) == 2
+
+
+def test_config_help_names_each_commands_default():
+    """``--config``'s help says what a command uses without it: the demo for the commands that
+    train, the home's pipeline for the registry and status commands, and for ingest and
+    build-dataset the default data settings when no pipeline ran (not "the embedded demo")."""
+    from flows.cli import build_parser
+
+    actions = {name: sub for action in build_parser()._subparsers._group_actions
+               for name, sub in action.choices.items()}
+
+    def config_help(command: str) -> str:
+        return next(a.help for a in actions[command]._actions if "--config" in a.option_strings)
+
+    assert config_help("run").endswith("(default: the embedded demo)")
+    assert config_help("promote").endswith("(default: the pipeline that ran in this home)")
+    for command in ("ingest", "build-dataset"):
+        assert "else default data settings" in config_help(command) and "demo" not in config_help(command)
