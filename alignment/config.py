@@ -371,7 +371,11 @@ class PPOConfig(RLSettings):
     """PPO with a learned value function and GAE."""
 
     value_model: Literal["head", "separate"] = "head"
-    """A value head on the policy trunk, or a separate model initialised from the reward model."""
+    """A value head on the policy trunk, or a separate model initialised from the reward model
+    (its score head read at every position; its value loss never reaches the policy). From a
+    ``last``-pooled reward model that score is already a value estimate of each prefix; a ``sum``-
+    or ``mean``-pooled one scores single positions, a poor start (benchmarks/RESULTS.md, issue 15
+    point 5)."""
     vf_coef: float = Field(0.1, ge=0)
     """Value loss weight."""
     value_clip: float = Field(0.2, gt=0)
