@@ -20,7 +20,9 @@ policy log-probs, reference log-probs, per-pair losses, weighted mean, metrics.
 
 Metrics: ``rewards/chosen``, ``rewards/rejected`` (beta * (log pi - log pi_ref), SimPO:
 beta * mean log pi), ``rewards/margin``, ``rewards/accuracy`` (share of pairs whose chosen reward
-is higher), ``logps/chosen``, ``logps/rejected`` (summed policy log-probs).
+is higher), ``logps/chosen``, ``logps/rejected`` (summed policy log-probs); with ``nll_coef``
+``nll/chosen``; with ``entropy_coef`` ``entropy/chosen``, ``entropy/rejected`` (the policy's mean
+next-token entropy over each response, :func:`alignment.losses.entropy_bonus`).
 """
 
 from __future__ import annotations
