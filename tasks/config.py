@@ -50,7 +50,8 @@ class PipelineSettings(StrictModel):
     """Folder for the embedded stores and data (MLflow SQLite, Prefect DB, landing, runs).
     Default: $ALIGNFLOW_HOME, else ./.alignflow."""
     seed: int = 0
-    """Seed for every stage (recorded on every run)."""
+    """Seed for every stage (recorded on every run), except a stage whose section sets its own
+    ``seed`` (``--set ppo.seed=1``: that stage alone on another seed)."""
     method: Literal[METHOD_NAMES] = "dpo"  # type: ignore[valid-type]  # the names of tasks/methods.py
     """Fine-tuning method (a row of :mod:`tasks.methods`): dpo/ipo/simpo use the ``dpo`` section
     (loss type set by the method), kto, ppo and grpo their own sections (ppo and grpo use the reward model)."""

@@ -64,12 +64,14 @@ def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init:
     Raises ValueError when a role the stage needs is missing.
     """
     row = method(stage)
-    raw = getattr(cfg, row.section).model_dump()
+    section = getattr(cfg, row.section)
+    raw = section.model_dump()
     raw.pop("enabled", None)
     train_path, eval_path = row.files(data)
     raw["train_path"] = train_path
     raw["eval_path"] = eval_path if _has_rows(eval_path) else None
-    raw["seed"] = cfg.pipeline.seed
+    if "seed" not in section.model_fields_set:  # a seed the section sets itself is kept
+        raw["seed"] = cfg.pipeline.seed
     if row.backbone == "reward":
         template = cfg.model.reward or cfg.model.policy
         raw["model"] = _model_settings(template, cfg.model.reward.name_or_path if cfg.model.reward else init.path,

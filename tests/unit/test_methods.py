@@ -47,3 +47,15 @@ def test_recipe_settings_follow_the_row(tmp_path, name):
             recipe_settings(cfg, name, data, init)
     with pytest.raises(ValueError, match=f"{row.data}-train"):
         recipe_settings(cfg, name, {}, init, reward=reward)
+
+
+def test_stage_seed_is_the_pipelines_unless_its_section_sets_one(tmp_path):
+    """``pipeline.seed`` seeds every stage; ``--set ppo.seed=…`` moves that stage alone (it was
+    silently overwritten by the pipeline's seed)."""
+    data = {"prompts-train": str(tmp_path / "prompts.parquet"), "pairs-train": str(tmp_path / "pairs.parquet")}
+    init = ModelRecord(stage="base", path=str(tmp_path / "base"), digest="b")
+    reward = ModelRecord(stage="reward", path=str(tmp_path / "rm"), digest="r")
+    cfg = load_pipeline_config(None, ["pipeline.seed=3", "ppo.seed=7"])
+    assert recipe_settings(cfg, "ppo", data, init, reward=reward)[1].seed == 7
+    assert recipe_settings(cfg, "dpo", data, init)[1].seed == 3
+    assert recipe_settings(load_pipeline_config(None, ["pipeline.seed=3"]), "ppo", data, init, reward=reward)[1].seed == 3
