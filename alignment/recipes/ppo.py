@@ -44,6 +44,7 @@ the rollout per second of the whole step) and ``samples_per_s``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -63,6 +64,8 @@ from alignment.rl import (
     masked_mean,
     masked_whiten,
 )
+
+log = logging.getLogger(__name__)
 
 
 class PPORecipe(RLRecipe):
@@ -92,6 +95,12 @@ class PPORecipe(RLRecipe):
             model = load_reward_model(settings, self.tokenizer, trainable=True)
             if not hasattr(hf_model(model), "score"):
                 raise ConfigError("ppo.value_model: 'separate' needs a decoder backbone with a 'score' head")
+            pooling = getattr(hf_model(model).config, "reward_pooling", None) or "last"
+            if pooling != "last":  # its score at a prefix is then not a value of that prefix
+                log.warning("ppo.value_model: separate starts the critic from %s, a %s-pooled reward model: its "
+                            "score at a prefix is no value estimate of it (a last-pooled one's is), so the "
+                            "critic starts poorly; on the demo PPO then fell short of the DPO frontier "
+                            "(benchmarks/RESULTS.md, issue 15 point 5)", source, pooling)
             disable_dropout(model)
             self.value_module = model
         self.extra_modules["value.safetensors"] = self.value_module

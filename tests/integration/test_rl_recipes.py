@@ -154,3 +154,23 @@ def test_ppo_lora_with_reward_model_and_separate_value(assets):
     assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / "value.safetensors").exists()
     assert "score.weight" in load_file(str(ckpt / "value.safetensors"))
     assert (assets["root"] / "ppo-lora" / "final" / "merged" / "model.safetensors").exists()
+
+
+def test_separate_critic_from_a_pooled_reward_model_is_warned_about(assets, caplog):
+    """A sum-pooled reward model's score at a prefix is no value of it: the critic started from
+    one is warned about (PPO fell short of the frontier with it); a last-pooled one is not."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    for pooling in ("sum", "last"):
+        rm_dir = assets["root"] / f"rm-{pooling}"
+        rm = AutoModelForSequenceClassification.from_pretrained(assets["model"], num_labels=1)
+        rm.config.reward_pooling = pooling
+        rm.save_pretrained(rm_dir)
+        AutoTokenizer.from_pretrained(assets["model"]).save_pretrained(rm_dir)
+        cfg = PPOConfig.model_validate(rl_config(assets, "ppo", f"ppo-{pooling}", max_steps=1, reward_fn=None,
+                                                 reward_model=str(rm_dir), value_model="separate"))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alignment.recipes.ppo"):
+            PPORecipe(cfg).build_models()
+        warned = [r for r in caplog.records if "sum-pooled reward model" in r.getMessage()]
+        assert bool(warned) == (pooling == "sum")
