@@ -51,34 +51,29 @@ def test_probe_of_the_reference_itself_reads_zero_kl(tmp_path):
     assert r.kl == pytest.approx(0.0, abs=1e-6) and r.distinct2_ratio == pytest.approx(1.0)
 
 
+def _first_step_metrics(tmp_path, **settings) -> dict:
+    """Step 1's logged metrics of a one-step DPO run on a tiny GPT-2 (lr 1e-9: the batch and
+    weights are those of any other such run)."""
+    model = tmp_path / "gpt2"
+    if not model.exists():
+        make_tiny_model(model, "gpt2")
+        preference_pairs(32, seed=0).to_parquet(tmp_path / "pairs.parquet")
+    run = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}"
+    cfg = DPOConfig(model={"name_or_path": str(model)}, output_dir=str(run), train_path=str(tmp_path / "pairs.parquet"),
+                    batch_size=8, max_steps=1, optim={"lr": 1e-9}, max_length=64, max_prompt_length=32, **settings)
+    DPORecipe(cfg).run()
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+
+
 def test_nll_coef_adds_the_chosen_nll_to_the_dpo_loss(tmp_path):
-    model = make_tiny_model(tmp_path / "gpt2", "gpt2")
-    pairs = tmp_path / "pairs.parquet"
-    preference_pairs(32, seed=0).to_parquet(pairs)
-    losses = {}
-    for coef in (0.0, 1.0):
-        cfg = DPOConfig(model={"name_or_path": str(model)}, output_dir=str(tmp_path / f"run{coef}"),
-                        train_path=str(pairs), batch_size=8, max_steps=1, optim={"lr": 1e-9}, max_length=64,
-                        max_prompt_length=32, nll_coef=coef)
-        DPORecipe(cfg).run()
-        first = json.loads((tmp_path / f"run{coef}" / "metrics.jsonl").read_text().splitlines()[0])
-        losses[coef] = first
+    losses = {coef: _first_step_metrics(tmp_path, nll_coef=coef) for coef in (0.0, 1.0)}
     assert "nll/chosen" not in losses[0.0] and losses[1.0]["nll/chosen"] > 0
     # step 1 sees the same batch and weights: the loss differs by exactly the NLL term
     assert losses[1.0]["loss"] == pytest.approx(losses[0.0]["loss"] + losses[1.0]["nll/chosen"], rel=1e-4)
 
 
 def test_entropy_coef_subtracts_the_mean_token_entropy_from_the_dpo_loss(tmp_path):
-    model = make_tiny_model(tmp_path / "gpt2", "gpt2")
-    pairs = tmp_path / "pairs.parquet"
-    preference_pairs(32, seed=0).to_parquet(pairs)
-    first = {}
-    for coef in (0.0, 0.5):
-        cfg = DPOConfig(model={"name_or_path": str(model)}, output_dir=str(tmp_path / f"run{coef}"),
-                        train_path=str(pairs), batch_size=8, max_steps=1, optim={"lr": 1e-9}, max_length=64,
-                        max_prompt_length=32, entropy_coef=coef, use_weights=False)
-        DPORecipe(cfg).run()
-        first[coef] = json.loads((tmp_path / f"run{coef}" / "metrics.jsonl").read_text().splitlines()[0])
+    first = {coef: _first_step_metrics(tmp_path, entropy_coef=coef, use_weights=False) for coef in (0.0, 0.5)}
     assert "entropy/chosen" not in first[0.0] and first[0.5]["entropy/chosen"] > 0
     # same batch and weights at step 1: the loss drops by α times the pairs' mean entropy over both sides
     mean_entropy = (first[0.5]["entropy/chosen"] + first[0.5]["entropy/rejected"]) / 2
