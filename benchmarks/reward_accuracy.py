@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -124,17 +125,23 @@ def _temperature(chosen: np.ndarray, rejected: np.ndarray) -> float:
     return float(np.exp(fit.x))
 
 
+YARDSTICK_WORDS = re.compile(r"\w+|[!?]")
+
+
+def yardstick_words(text: str) -> list[str]:
+    """Lowercased word tokens (and ! ?): what the bag-of-words yardstick reads of a response."""
+    return YARDSTICK_WORDS.findall(text.lower())
+
+
 def _bag_of_words(train: pd.DataFrame, c: float, prior=None):
     """A scorer: BT logistic regression on binary word features (module docstring).
 
     ``prior`` (texts -> scores), when given, is one more feature whose weight is all but
     unregularised (1e-3 of the words' L2): a sentiment score the words' weights correct.
     """
-    import re
-
     import scipy.sparse as sp
 
-    words = lambda text: set(re.findall(r"\w+|[!?]", text.lower()))  # noqa: E731
+    words = lambda text: set(yardstick_words(text))  # noqa: E731
     vocab = {w: i for i, w in enumerate(sorted(set().union(*map(words, pd.concat([train.chosen, train.rejected])))))}
 
     def features(texts: list[str]) -> sp.csr_matrix:

@@ -53,16 +53,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reward_accuracy import _bag_of_words, _labels, _scores  # noqa: E402
+from reward_accuracy import yardstick_words as words  # noqa: E402
 
 from tasks.demo.annotators import best_accuracy  # noqa: E402
 
-WORD = re.compile(r"\w+|[!?]")
 Scorer = Callable[[list, list[str]], np.ndarray]
-
-
-def words(text: str) -> list[str]:
-    """Lowercased word tokens (and ! ?), as the bag-of-words yardstick reads a response."""
-    return WORD.findall(text.lower())
 
 
 def word_counts(texts: Iterable[str]) -> Counter:
