@@ -242,16 +242,18 @@ class CausalLMLogps(nn.Module):
             hidden = decoder_hidden(inner, batch, causal_padding=self.causal_padding, varlen=self.varlen_attention)
             picked = hidden.flatten(0, 1).index_select(0, index)
             head = inner.get_output_embeddings()
-            if self.with_entropy:
-                ent = entropy_from_hidden(picked, head.weight, head.bias, self.chunk_size)
             if index.numel() <= self.chunk_size:
                 # One chunk's worth: chunking bounds no memory here, and plain autograd is about
                 # twice as fast (measured on CPU) as the recomputing chunked function.
-                logits = F.linear(picked, head.weight, head.bias).float()
-                tok = logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+                logp = F.linear(picked, head.weight, head.bias).float().log_softmax(-1)
+                tok = logp.gather(-1, targets[:, None])[:, 0]
+                if self.with_entropy:  # from the same log-softmax, not a second pass of the head
+                    ent = -(logp.exp() * logp).sum(-1)
             else:
                 tok = logps_from_hidden(picked[None], head.weight, targets[None], None, self.chunk_size,
                                         lm_head_bias=head.bias, compiled=self.compiled_head)[0]
+                if self.with_entropy:
+                    ent = entropy_from_hidden(picked, head.weight, head.bias, self.chunk_size)
         else:
             mask, implementation = _attention_mask(inner, batch, self.causal_padding)
             with implementation:
