@@ -38,7 +38,7 @@ from tasks.demo import annotators as ann
 from tasks.demo.malformed import corrupt_rows
 from tasks.demo.oracle import is_broken, sentiment, strip_broken
 from tasks.demo.settings import DegenerateFilter, SimulatorSettings
-from tasks.evaluation.metrics import distinct_n, repetition_rate, word_tokens
+from tasks.evaluation.metrics import distinct_n, ngrams, repetition_rate, word_tokens
 
 SOURCE = "alignflow-demo-simulator"
 EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -144,7 +144,7 @@ def frame_commonness(texts: list[str]) -> np.ndarray:
     lowercased word bigrams, of the share of the batch's non-blank texts that contain that bigram
     (0 for a blank text or one without bigrams). A text made of frames every sample uses
     ("it 's a good movie") scores high; a text in its own words scores near 1/len(texts)."""
-    grams = [set(zip(w, w[1:], strict=False)) for w in (word_tokens(t) if t.strip() else [] for t in texts)]
+    grams = [set(ngrams(word_tokens(t), 2)) if t.strip() else set() for t in texts]
     docs = sum(1 for t in texts if t.strip())
     counts = Counter(g for s in grams for g in s)
     return np.array([float(np.mean([counts[g] for g in s])) / docs if s else 0.0 for s in grams])
