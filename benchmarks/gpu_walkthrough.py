@@ -82,17 +82,13 @@ def make_model(work: Path, shape: str, device) -> Path:
 
 def run_blocks(blocks, clone: Path, model: Path, env: dict, log, sampler, timeout_s: float) -> list[dict]:
     """Run each block in ``clone`` (the user's model names replaced by ``model``); stop at the first failure."""
-    from tests.integration.test_readme import USER_MODELS, bash_prelude
+    from tests.integration.test_readme import USER_MODELS, block_command
 
     done = []
     for lang, body, line in blocks:
         for name in USER_MODELS:
             body = body.replace(name, str(model))
-        if lang == "bash":
-            cmd = ["bash", "-euo", "pipefail", "-c", bash_prelude(clone.parent / "skipped.log") + body]
-        elif lang == "python":
-            cmd = [sys.executable, "-c", body]
-        else:
+        if (cmd := block_command(lang, body, clone.parent / "skipped.log")) is None:
             continue
         t0 = time.monotonic()
         proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=timeout_s)

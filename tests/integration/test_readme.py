@@ -79,6 +79,16 @@ def bash_prelude(skip_log: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def block_command(lang: str, body: str, skip_log: Path) -> list[str] | None:
+    """The command that runs a ``bash`` block (after :func:`bash_prelude`) or a ``python`` block
+    with this Python; None for any other block."""
+    if lang == "bash":
+        return ["bash", "-euo", "pipefail", "-c", bash_prelude(skip_log) + body]
+    if lang == "python":
+        return [sys.executable, "-c", body]
+    return None
+
+
 def hh_export(path: Path, rows: int = 150, seed: int = 0) -> None:
     """A public HH-RLHF layout file: full conversations in chosen/rejected, ~1.5% bad rows."""
     rng = random.Random(seed)
@@ -129,15 +139,11 @@ def test_every_readme_code_block_runs_as_written(clone, prefect_harness):
         text = text.replace(name, str(model))
     ran, logs, skip_log = [], [], work.parent / "skipped.log"
     for lang, body, line in code_blocks(text):
-        if lang == "bash":
-            cmd = ["bash", "-euo", "pipefail", "-c", bash_prelude(skip_log) + body]
-        elif lang == "python":
-            cmd = [sys.executable, "-c", body]
-        elif lang == "yaml" and (named := re.match(r"#\s*([\w.-]+\.ya?ml)\s*$", body.splitlines()[0])):
+        if lang == "yaml" and (named := re.match(r"#\s*([\w.-]+\.ya?ml)\s*$", body.splitlines()[0])):
             (work / named.group(1)).write_text(body)
             ran.append(f"README.md:{line} saved {named.group(1)}")
             continue
-        else:
+        if (cmd := block_command(lang, body, skip_log)) is None:
             continue  # a diagram or a config excerpt: nothing to run
         started = time.monotonic()
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
