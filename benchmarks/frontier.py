@@ -146,25 +146,7 @@ def report(rows: list[dict], home: Path) -> None:
     """``frontier.png`` and ``frontier.json`` in ``home``; the Markdown table on stdout (every row).
     A row with ``"plot": false`` (set in a reused JSON: an older variant) stays out of the plot."""
     home.mkdir(parents=True, exist_ok=True)
-    table_rows, rows = rows, [r for r in rows if r.get("plot", True)]
-    series = {
-        "base": [("base", 0.0, r["oracle"]) for r in rows if r["method"] == "base"][:1],
-        "DPO (β sweep)": sorted(((f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "DPO"),
-                               key=lambda point: -point[1]),  # drawn as one line, from high KL to the base
-        "KTO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "KTO"],
-    }
-    if series["DPO (β sweep)"]:  # the frontier starts at the base model (β → ∞)
-        series["DPO (β sweep)"] += series.pop("base")
-    for method in ("PPO", "GRPO"):
-        pts = [r for r in rows if r["method"] == method and not r.get("series")]
-        series[method] = [(_short_label(r), r["kl"], r["oracle"]) for r in pts]
-    for r in rows:  # a row may name its own series (e.g. one per RL variant, set in a reused JSON)
-        if r.get("series"):
-            series.setdefault(r["series"], []).append((_short_label(r), r["kl"], r["oracle"]))
-    series = {k: v for k, v in series.items() if v}
-    plot = plot_reward_vs_kl(series, home / "frontier.png", ylabel="mean VADER sentiment (oracle)",
-                             title="Reward–KL frontier on the demo task")
-    rows = table_rows
+    plot = _plot([r for r in rows if r.get("plot", True)], home)
     (home / "frontier.json").write_text(json.dumps(rows, indent=2))
     print(f"\n(torch threads: {torch.get_num_threads()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
     curve = frontier_curve(rows)
@@ -183,6 +165,28 @@ def report(rows: list[dict], home: Path) -> None:
         print(f"| {r['method']} | {setting} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {r['oracle']:+.3f} | "
               f"{r['malformed']:.3f} | {r['distinct_2']:.3f} | {train_s} | {gap} |")
     print(f"\nplot: {plot}")
+
+
+def _plot(rows: list[dict], home: Path) -> Path:
+    """``frontier.png`` in ``home``: the base model, the DPO and KTO β sweeps as lines, PPO and GRPO
+    points, and any series a reused row names."""
+    series = {
+        "base": [("base", 0.0, r["oracle"]) for r in rows if r["method"] == "base"][:1],
+        "DPO (β sweep)": sorted(((f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "DPO"),
+                               key=lambda point: -point[1]),  # drawn as one line, from high KL to the base
+        "KTO (β sweep)": [(f"β={r['beta']}", r["kl"], r["oracle"]) for r in rows if r["method"] == "KTO"],
+    }
+    if series["DPO (β sweep)"]:  # the frontier starts at the base model (β → ∞)
+        series["DPO (β sweep)"] += series.pop("base")
+    for method in ("PPO", "GRPO"):
+        pts = [r for r in rows if r["method"] == method and not r.get("series")]
+        series[method] = [(_short_label(r), r["kl"], r["oracle"]) for r in pts]
+    for r in rows:  # a row may name its own series (e.g. one per RL variant, set in a reused JSON)
+        if r.get("series"):
+            series.setdefault(r["series"], []).append((_short_label(r), r["kl"], r["oracle"]))
+    series = {k: v for k, v in series.items() if v}
+    return plot_reward_vs_kl(series, home / "frontier.png", ylabel="mean VADER sentiment (oracle)",
+                             title="Reward–KL frontier on the demo task")
 
 
 def frontier_curve(rows: list[dict]) -> list[tuple[float, float]]:
