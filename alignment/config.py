@@ -74,7 +74,11 @@ class OptimSettings(StrictModel):
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from 0 to ``lr`` over this many optimizer steps."""
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    """Decay after warmup, to 0 at the last step (constant keeps ``lr``)."""
+    """Decay after warmup, to ``min_lr_ratio`` * ``lr`` at the last step (constant keeps ``lr``)."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Floor of the linear/cosine decay as a share of ``lr`` (OpenRLHF's ``min_lr`` = 0.1 * lr): with
+    0 the last steps of a run barely move the weights, so an RL run's adaptive KL controller cannot
+    correct a late overshoot."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value; None disables clipping (the norm is still logged)."""
     fused: bool | None = None
@@ -186,6 +190,12 @@ class RewardConfig(TrainSettings):
     judges that add up what each phrase says (the demo's lexicon oracle) and generalises better
     from few pairs (benchmarks/RESULTS.md, issue 15). Saved in the model's ``config.json``
     (``reward_pooling``), so every scorer of the folder pools the same way."""
+    extra_train_paths: list[str] = []
+    """Further preference-pair files (Parquet files or folders, the builder's pair schema: ``prompt,
+    is_chat, chosen, rejected`` [, ``weight``]) trained on together with ``train_path``: a backlog of
+    labelled comparisons that the policy's training never sees (the demo's offline set,
+    :mod:`tasks.demo.offline_feedback`). Never evaluated on: ``eval_path`` (and the judge's held-out
+    pairs) stay the round's own. A bad row raises an error naming the file, row and column."""
     calibrate: bool = False
     """After training, fit a temperature T on the eval pairs (minimising the BT log-loss of
     σ((r_c − r_r)/T)) and divide the score head by it, so every consumer's σ(r_c − r_r) is a
@@ -365,6 +375,13 @@ class RLSettings(TrainSettings):
     """Normalise the scores before the KL penalty and advantages: ``batch`` whitens each rollout's
     scores (zero mean, unit std), ``running`` divides by the std and subtracts the mean of every
     score seen so far (checkpointed), so ``kl.coef`` is in units of the reward's spread."""
+    token_baseline: Literal["none", "batch_mean"] = "none"
+    """For a ``sum``-pooled reward model, which pays for length: ``batch_mean`` subtracts b * L from
+    each score (before ``reward_norm``), L the response's scored tokens (without its EOS) and b the
+    rollout's mean score per scored token (total score over total scored tokens, all processes),
+    so a response earns by better tokens, not by more of them (on the demo PPO and GRPO grew their
+    responses toward the limit). With PPO's ``dense_reward`` each scored token's score gets -b
+    instead (the same total). ``none``: the scores as they are."""
 
 
 class PPOConfig(RLSettings):
@@ -402,6 +419,19 @@ class PPOConfig(RLSettings):
     """Peak learning rate of the value function's own parameters (the head, or the whole
     ``separate`` model), under the same schedule; None: ``optim.lr``. Public recipes train the
     critic faster than the policy (OpenRLHF's Llama-3 recipe: 9e-6 against 5e-7)."""
+    value_head_init: Literal["reward", "zero"] = "reward"
+    """``separate`` only: keep the reward model's score head (with a ``last``-pooled model its score
+    at a prefix already estimates that prefix's value), or start a fresh head at zero on the reward
+    model's trunk (V = 0 everywhere: its sentiment-aware features, not its per-token scores, which
+    from a ``sum``-pooled model are no values; the natural start for ``dense_reward``)."""
+    dense_reward: bool = False
+    """Pay each response token its own score from a ``sum``-pooled reward model (the score head on
+    the hidden state of that token, computed on the rollout's own tokens; the EOS is not scored)
+    instead of the sequence score at the last token, as
+    :func:`alignment.rl.token_rewards`: the per-token scores sum to the sequence score, and the
+    critic predicts the rest of a response's reward from where it stands. Scaled like
+    ``reward_norm`` (the sequence scores' std: running, batch, or 1 with ``none``); see
+    ``token_baseline`` for the length incentive."""
 
 
 class GRPOConfig(RLSettings):

@@ -83,18 +83,35 @@ def _load_kwargs(settings: ModelSettings) -> dict:
     return kwargs
 
 
+def same_attention_on_recompute(config):
+    """A ``torch.utils.checkpoint`` ``context_fn``: a checkpointed layer is recomputed in the
+    backward under the attention implementation its forward ran with.
+
+    :func:`decoder_hidden` switches to varlen attention around the forward only; the backward's
+    recomputation ran outside that block, under the model's own attention, which saves other
+    tensors, so ``gradient_checkpointing`` with ``varlen_attention`` raised ``CheckpointError``
+    (run 17, benchmarks/RESULTS.md). The implementation is read when the layer's forward runs."""
+
+    def context_fn():
+        return nullcontext(), attention_implementation(config, config._attn_implementation)
+
+    return context_fn
+
+
 def _finish(model, settings: ModelSettings, task_type: str, trainable: bool):
     """Training switches shared by policy and reward models: no KV cache, checkpointing, LoRA."""
     model.config.use_cache = False  # a cache during training also disables packed-sequence masks
     if not trainable:
         return freeze(model)
+    checkpointing = {"use_reentrant": False, "context_fn": same_attention_on_recompute(model.config)}
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if settings.lora is not None:
         if settings.lora.quantize_4bit:
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs=checkpointing)
         model = apply_lora(model, settings.lora, task_type)
     return model
 
@@ -348,8 +365,9 @@ class ScalarReward(nn.Module):
 
 def _layouts_agree(inner, layouts, hidden_of, device, atol: float, what: str) -> bool:
     """Eval-mode forwards of each batch in ``layouts``; True when ``hidden_of(batch)`` (the hidden
-    states compared, ``[N, H]``) agree within ``atol`` (x100 for half-precision weights). A model
-    that raises on a layout does not support it: logged, False."""
+    states compared, ``[N, H]``) agree within ``atol`` (x100 when any weight is not fp32: half
+    precision, or 4-bit QLoRA, whose embeddings and norms peft keeps in fp32 while its matmuls run
+    in bf16). A model that raises on a layout does not support it: logged, False."""
     was_training = inner.training
     inner.eval()
     try:
@@ -359,8 +377,8 @@ def _layouts_agree(inner, layouts, hidden_of, device, atol: float, what: str) ->
         return False
     finally:
         inner.train(was_training)
-    dtype = next(inner.parameters()).dtype
-    return bool(torch.allclose(picked[0], picked[1], atol=atol * (1 if dtype == torch.float32 else 100)))
+    full_precision = all(p.dtype == torch.float32 for p in inner.parameters())
+    return bool(torch.allclose(picked[0], picked[1], atol=atol * (1 if full_precision else 100)))
 
 
 @torch.no_grad()

@@ -28,6 +28,9 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "kl_shaped_rewards",
+    "scored_token_mask",
+    "token_rewards",
+    "length_neutral_scores",
     "group_advantages",
     "explained_variance",
     "last_token_explained_variance",
@@ -252,21 +255,71 @@ def kl_shaped_rewards(
     kl_coef: float,
     estimator: Literal["k1", "k3"] = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards for PPO: r_t = -coef * KL_t, plus the sequence score at the last valid token.
+    """Per-token rewards for PPO: r_t = -coef * KL_t plus the score.
 
-    ``scores`` is ``[B]`` (one scalar per response), the rest ``[B, T]``, right-padded.
-    KL_t is the chosen per-token estimator of KL(pi || pi_ref). Returns ``(rewards, kl)``,
-    both ``[B, T]`` and 0 at padding, without gradient. Summing ``rewards`` over a row gives
-    score - coef * (sequence KL estimate).
+    ``scores`` is ``[B]`` (one scalar per response, paid at its last valid token) or ``[B, T]``
+    (a dense per-token reward, e.g. :func:`token_rewards`, added where it stands); the rest
+    ``[B, T]``, right-padded. KL_t is the chosen per-token estimator of KL(pi || pi_ref). Returns
+    ``(rewards, kl)``, both ``[B, T]`` and 0 at padding, without gradient. Summing ``rewards`` over
+    a row gives score (or the row's sum of token rewards) - coef * (sequence KL estimate).
     """
     with torch.no_grad():
         m = mask.to(logprobs.dtype)
         kl = kl_estimate(logprobs, ref_logprobs, estimator) * m
         rewards = -kl_coef * kl
-        last = last_valid_index(mask)
-        rows = torch.arange(rewards.shape[0], device=rewards.device)
-        rewards[rows, last] += scores.to(rewards.dtype)
+        if scores.dim() == 2:
+            if scores.shape != rewards.shape:
+                raise ValueError(f"dense scores {tuple(scores.shape)} do not match the mask {tuple(mask.shape)}")
+            rewards = rewards + scores.to(rewards.dtype)
+        else:
+            last = last_valid_index(mask)
+            rows = torch.arange(rewards.shape[0], device=rewards.device)
+            rewards[rows, last] += scores.to(rewards.dtype)
         return rewards * m, kl
+
+
+def scored_token_mask(mask: torch.Tensor, hit_eos: torch.Tensor) -> torch.Tensor:
+    """The response tokens a reward model scores: ``mask`` without each row's last valid token
+    where that token is the EOS (``hit_eos[b]``; rows cut by the length limit keep every token).
+    Reward models score responses without their EOS. Right padding; same dtype as ``mask``."""
+    scored = mask.clone()
+    rows = torch.nonzero(hit_eos.bool() & (mask.sum(dim=1) > 0)).flatten()
+    scored[rows, last_valid_index(mask)[rows]] = 0
+    return scored
+
+
+def token_rewards(token_scores: torch.Tensor, scored: torch.Tensor, baseline: float = 0.0,
+                  scale: float = 1.0) -> torch.Tensor:
+    """Dense per-token rewards from a sum-pooled reward model's per-token scores s_t ``[B, T]``:
+
+        r_t = scored_t * (s_t - baseline) / scale
+
+    Summed over a response this is (S - baseline * L) / scale, with S = sum_t s_t the model's
+    sequence score and L the number of scored tokens. With ``baseline`` the mean per-token score
+    (e.g. a running mean) a token pays only by being better than the average token, so length
+    alone earns nothing (a sum-pooled model otherwise pays for every above-zero token). ``scale``
+    puts the rewards in the units of the sequence scores' spread, like ``reward_norm``. 0 where
+    ``scored`` is 0 (padding, EOS). No gradient.
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    with torch.no_grad():
+        return (token_scores - baseline) * scored.to(token_scores.dtype) / scale
+
+
+def length_neutral_scores(scores: torch.Tensor, lengths: torch.Tensor,
+                          baseline: float | None = None) -> tuple[torch.Tensor, float]:
+    """Sequence scores ``[B]`` minus ``baseline`` times each response's length ``[B]`` (its scored
+    tokens): S_i - b * L_i, with b the mean score per token sum_i S_i / sum_i L_i unless given (for
+    a batch spread over processes, pass the totals' ratio). With a sum-pooled reward model S_i is
+    the sum of L_i token scores, so this is :func:`token_rewards` summed over each response: a
+    response of average tokens scores 0 whatever its length. Returns ``(scores, b)``."""
+    if scores.shape != lengths.shape or scores.dim() != 1:
+        raise ValueError(f"scores {tuple(scores.shape)} and lengths {tuple(lengths.shape)} must be equal [B]")
+    if baseline is None:
+        total = float(lengths.sum())
+        baseline = float(scores.sum()) / total if total > 0 else 0.0
+    return scores - baseline * lengths.to(scores.dtype), float(baseline)
 
 
 def group_advantages(

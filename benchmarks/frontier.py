@@ -218,8 +218,9 @@ def _short_label(row: dict) -> str:
     return ("KL→" if "kl.target=" in spec else "c=") + picked[-1] if picked else spec[:18]
 
 
-_WATCHED = ("kl", "kl_coef", "reward/raw", "entropy", "clipfrac", "approx_kl", "explained_variance", "loss/value",
-            "response_length", "eos_rate", "distinct_2", "grad_norm")
+_WATCHED = ("kl", "kl_coef", "reward/raw", "reward/raw_std", "reward/token_baseline", "entropy", "entropy_coef",
+            "clipfrac", "approx_kl", "explained_variance", "explained_variance_last", "loss/value", "response_length",
+            "eos_rate", "distinct_2", "grad_norm")
 """RL metrics that reveal a silent failure (a critic that learns nothing, steps too large or too small)."""
 
 

@@ -112,7 +112,8 @@ def run_ours(family: str, folder: Path, data: Path, args, *, pairs: int, seq: in
     extra = {"varlen_attention": gpu, "max_prompt_length": seq // 2}
     args.qlora = family == "dpo_qlora"
     run = make_recipe("reward" if family == "rm" else "dpo", folder, data, args, pairs=pairs, seq=seq,
-                      lora=family in LORA_FAMILIES, compile=gpu, packing=True, extra=extra)
+                      lora=family in LORA_FAMILIES, compile=gpu, packing=True, gc_=getattr(args, "gc", False),
+                      extra=extra)
     stamps: list[tuple[float, float]] = []
     ref_calls: list[float] = []
     graphs: list[int] = []
@@ -260,7 +261,7 @@ def run_trl(family: str, folder: Path, rows: list[dict], args, *, pairs: int, se
             bnb_4bit_compute_dtype=torch.bfloat16)
     peft_config = (LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                               task_type="CAUSAL_LM") if lora else None)
-    common = _trl_common(args, pairs, seq, args.work)
+    common = _trl_common(args, pairs, seq, args.work) | {"gradient_checkpointing": getattr(args, "gc", False)}
     if best and liger:
         common |= {"use_liger_kernel": True, "liger_kernel_config": {"fused_linear_cross_entropy": False}}
     original = DPOTrainer.compute_ref_log_probs
@@ -343,21 +344,28 @@ def long_pair(length: int, vocab: int, seed: int = 0) -> dict:
 
 
 def length_probe(family: str, side: str, folder: Path, vocab: int, length: int, args) -> dict:
-    """One pair per step of ``length`` tokens (both responses: 2 sequences), 2 steps; peak memory or OOM."""
+    """One pair per step of ``length`` tokens (both responses: 2 sequences), 2 steps; peak memory or OOM.
+
+    With ``args.probe_gc`` both sides checkpoint every decoder layer (the usual way to go long). Out of
+    memory is ``fits: False``; any other failure is ``fits: None`` with its error (not a size limit)."""
     import copy
 
     probe = copy.copy(args)
     probe.warmup, probe.steps = 1, 1
+    probe.gc = bool(getattr(args, "probe_gc", False))
     rows = [long_pair(length, vocab, seed) for seed in range(2)]
     try:
         if side == "ours":
             path = write_rows(rows, args.work / f"long-{length}.parquet")
             out = run_ours(family, folder, path, probe, pairs=1, seq=length)
         else:
-            out = run_trl(family, folder, rows, probe, pairs=1, seq=length)
+            out = trl_best(family, folder, rows, probe, pairs=1, seq=length)  # a Liger failure retried
         return {"fits": True, "peak_gib": out["peak_gib"], "step_s": out["step_s"], "tokens_per_s": out["tokens_per_s"]}
     except torch.OutOfMemoryError as err:
         return {"fits": False, "error": str(err)[:200]}
+    except Exception as err:  # noqa: BLE001 - recorded: a failing probe must not lose the records before it
+        traceback.print_exc()
+        return {"fits": None, "error": f"{type(err).__name__}: {err}"[:300]}
 
 
 # ---------------------------------------------------------------------------- driver
@@ -367,14 +375,23 @@ def epoch_rate(r: dict) -> float:
     return 1 / (1 / r["tokens_per_s"] + 1 / ref) if ref else r["tokens_per_s"]
 
 
+def flops_per_token(family: str, params: int) -> float:
+    """Model FLOPs per trained token: 6N for a full fine-tune (forward 2N, backward 4N), 4N under
+    LoRA (the frozen base's weight gradients are not computed; the rank-16 adapters' are negligible)."""
+    return (4 if family in LORA_FAMILIES else 6) * params
+
+
 def plan(args) -> list[tuple]:
     """(shape, dist, family, side, repeat) in run order: TRL cold for each family first, then
-    repeat by repeat ours/TRL alternating over the families (a budget cut loses repeats, not families)."""
+    repeat by repeat ours/TRL alternating over the families (a budget cut loses repeats, not families).
+    ``--repeats 0`` plans nothing (the cold run only warms TRL for timed repeats): the length probes alone."""
     todo = []
     families = args.families.split(",")
     for shape in args.shapes.split(","):
         for dist in args.dists.split(","):
             reps = args.repeats if dist == args.dists.split(",")[0] else args.other_repeats
+            if reps == 0:
+                continue
             todo += [(shape, dist, family, "trl", "cold") for family in families]
             for rep in range(reps):
                 for family in families:
@@ -409,8 +426,8 @@ def summary(results: list[dict], ceil: dict) -> str:
                 ratio = (f"{med(ep) / med([epoch_rate(r) for r in trl]):.2f}x "
                          f"({med(tr) / med([r['tokens_per_s'] for r in trl]):.2f}x)")
                 mem = f"{max(r['peak_gib'] or 0 for r in runs) / max(r['peak_gib'] or 1 for r in trl):.2f}x"
-            if side == "ours" and key[2] not in LORA_FAMILIES and ceil.get("matmul_tflops"):
-                tf = med(tr) * 6 * runs[0]["params"] / 1e12
+            if side in ("ours", "trl") and ceil.get("matmul_tflops"):
+                tf = med(tr) * flops_per_token(key[2], runs[0]["params"]) / 1e12
                 mfu = f"{100 * tf / ceil['matmul_tflops']:.1f}% / {100e12 * tf / PEAK_DATASHEET:.1f}%"
             ref = med([r["ref_tokens_per_s"] for r in runs if r.get("ref_tokens_per_s")])
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {side} | {len(runs)} | {med(tr):,.0f} "
@@ -443,6 +460,8 @@ def main() -> None:
                         help="weights as loaded, both sides (bfloat16 for the 8B shape on one card)")
     parser.add_argument("--lengths", default="", help="after the timed runs: longest sequence probe at these "
                         "token counts (one pair per step), per family and side, up to the first that does not fit")
+    parser.add_argument("--probe-gc", action="store_true", help="the length probes with gradient checkpointing "
+                        "on both sides")
     args = parser.parse_args()
     started = time.perf_counter()
     args.device_t = torch.device(args.device)
@@ -503,7 +522,8 @@ def main() -> None:
         log.write(json.dumps(record, default=str) + "\n")
         log.flush()
         brief = {k: record.get(k) for k in ("tokens_per_s", "epoch_tokens_per_s", "ref_tokens_per_s", "peak_gib",
-                                             "wall_s", "liger_error", "error") if record.get(k) is not None}
+                                             "wall_s", "graphs_compiled_in_timed_steps", "liger_error",
+                                             "error") if record.get(k) is not None}
         print(f"# {shape}/{dist}/{family}/{side}/{rep} {json.dumps(brief, default=str)}", flush=True)
     for family in args.families.split(",") if args.lengths else []:
         shape = args.shapes.split(",")[0]
@@ -514,6 +534,7 @@ def main() -> None:
                     break
                 t0 = time.perf_counter()
                 record = {"shape": shape, "family": family, "side": side, "probe_length": length,
+                          "gradient_checkpointing": args.probe_gc,
                           **length_probe(family, side, folder, SHAPES[shape]["vocab_size"], length, args)}
                 reset_accelerate()
                 reset_memory(args.device_t)

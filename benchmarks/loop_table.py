@@ -23,15 +23,17 @@ def _f(value, fmt: str) -> str:
 
 def markdown(data: dict) -> str:
     base = data.get("base_oracle")
-    lines = ["| round | feedback from | rejected samples | budget stop | cand. oracle | cand. KL | distinct-2 / base "
+    lines = ["| round | feedback from | rejected samples | kept samples (draws) | budget stop | cand. oracle | cand. KL | distinct-2 / base "
              "| rep-3 rise | oracle win vs champion (95% CI) | promoted | champion | champion oracle (gain) | champion KL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rounds"]:
         win = r.get("oracle win vs champion")
         gain = "" if r.get("oracle") is None or base is None else f" ({r['oracle'] - base:+.3f})"
         why = "" if r["promoted"] else f" ({r.get('why not') or ''})"[:90]
+        draws = f" ({r['draws']})" if r.get("draws") else ""
         lines.append(
-            f"| {r['round']} | {r['feedback from']} | {_f(r.get('rejected samples'), 'd')} | {r.get('budget stop') or '-'} "
+            f"| {r['round']} | {r['feedback from']} | {_f(r.get('rejected samples'), 'd')} "
+            f"| {_f(r.get('kept samples'), 'd')}{draws} | {r.get('budget stop') or '-'} "
             f"| {_f(r.get('candidate oracle'), '.3f')} | {_f(r.get('candidate KL'), '.2f')} "
             f"| {_f(r.get('distinct-2 / base'), '.0%')} | {_f(r.get('rep-3 rise'), '+.3f')} "
             f"| {'-' if not win else f'{win[0]:.2f} ({win[1]:.2f}–{win[2]:.2f})'} "

@@ -27,6 +27,13 @@ Coverage (``coverage``): of the sentiment-bearing tokens (VADER lexicon words) i
 responses, the share whose word never occurs in a training response, and the share seen fewer
 than 5 times; the share of raw held-out labels whose two responses hold only seen sentiment words.
 
+Offline comparisons (``--offline``): the demo's offline preference set
+(:mod:`tasks.demo.offline_feedback`: human continuations of train-document review beginnings,
+labelled by the same simulated annotators, no generation; ``--offline-set KEY=VALUE`` sets
+``demo.offline`` fields such as ``max_prompts`` or ``samples_per_prompt``) is built under
+``<work>/offline`` and the reward model trains on it besides each volume's pairs
+(``reward.extra_train_paths``); the held-out sets are unchanged.
+
 Usage (after ``make run``; OMP_NUM_THREADS=1 beside other work)::
 
     .venv/bin/python benchmarks/reward_learning_curve.py --home .alignflow --work /tmp/lc \\
@@ -187,6 +194,17 @@ def train_reward(config: Path, prefs: Path, out: Path, overrides: list[str]) -> 
     return out / "final", time.monotonic() - t0
 
 
+def offline_set(home: Path, work: Path, config: Path, sets: list[str]):
+    """The demo's offline preference set under ``<work>/offline`` (built once, then read from there)."""
+    from tasks.config import load_pipeline_config
+    from tasks.demo.offline_feedback import build_offline_set
+    from tasks.stages.demo import demo_settings
+
+    cfg = load_pipeline_config(config, [f"demo.offline.{s}" for s in sets])
+    settings = demo_settings(cfg).model_copy(update={"cache_dir": str(home / "cache" / "demo")})
+    return build_offline_set(settings, _base_model(home), cfg.data, cfg.preferences, cache_dir=work / "offline")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--home", type=Path, default=Path(".alignflow"), help="a finished demo home")
@@ -204,6 +222,9 @@ def main() -> None:
     ap.add_argument("--reward-config", type=Path, help="a reward run's reward.yaml: also train the reward model")
     ap.add_argument("--reward-set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--tag", default="", help="names the reward runs (runs/x<V><tag>)")
+    ap.add_argument("--offline", action="store_true", help="the reward model also trains on the demo's offline set")
+    ap.add_argument("--offline-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a demo.offline field for --offline (max_prompts=4000, samples_per_prompt=8, seed=1)")
     args = ap.parse_args()
     if max(args.volumes) > args.batches:
         raise SystemExit(f"--volumes goes to {max(args.volumes)} but --batches is {args.batches}")
@@ -246,6 +267,12 @@ def main() -> None:
     lexicon = SentimentIntensityAnalyzer().lexicon
     built_prompts = [decode_prompt(r) for r in built.to_dict("records")]
     prior = None
+    if args.offline:
+        offline = offline_set(home, work, args.config, args.offline_set)
+        pairs = pd.read_parquet(offline.path)
+        assert not set(pairs.prompt) & held, "a held-out prompt reached the offline set"
+        print(json.dumps({"offline": offline.to_dict()}), flush=True)
+        args.reward_set = [*args.reward_set, f"extra_train_paths=[{offline.path}]"]
     for v in args.volumes:
         prefs = build(landings[:v], work / f"prefs-x{v}", args.config)
         train = pd.read_parquet(prefs / "pairs-train.parquet")

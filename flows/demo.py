@@ -122,6 +122,7 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
         figures = candidate_figures(round_report(cfg.home / "runs" / cfg.pipeline.name, registry))
         rows.append({"round": index, "feedback from": f"v{policy.registry_version}" if policy.registry_version
                      else "base", "rows": sim["rows"], "rejected samples": sim.get("rejected samples"),
+                     "kept samples": sim.get("kept samples"), "draws": sim.get("draws"),
                      "candidate oracle": evaluation.get("oracle cand"), **figures,
                      "promoted": promoted, "why not": None if promoted else _first_failure(registry.get("reasons")),
                      "champion": version, "oracle": oracle, "kl": kl})

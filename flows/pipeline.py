@@ -44,7 +44,12 @@ from tasks.stages.data import (
     ingest_task,
     log_round_dataset,
 )
-from tasks.stages.demo import demo_base_model_task, landing_is_empty, simulate_feedback_task
+from tasks.stages.demo import (
+    demo_base_model_task,
+    demo_offline_reward_model,
+    landing_is_empty,
+    simulate_feedback_task,
+)
 from tasks.stages.evaluate import evaluate_task, evaluation_complete, gate_decision
 from tasks.stages.models import base_model_record, champion_record, champion_trained_on, registered_candidate
 from tasks.stages.register import RegistryRecord, register_task
@@ -315,10 +320,19 @@ def fine_tune_supervised(rnd: PipelineRound, dataset: DatasetRecord, init: Model
 
 
 def train_reward_model(rnd: PipelineRound, dataset: DatasetRecord, base: ModelRecord) -> ModelRecord | None:
-    """The reward model, when enabled or when the method needs one; else None."""
+    """The reward model, when enabled or when the method needs one; else None. With ``demo.offline``
+    it starts from the demo's offline reward model (trained once on the offline preference set,
+    cached) instead of the base model."""
     if not (rnd.cfg.reward.enabled or method(rnd.cfg.pipeline.method).needs_reward_model):
         return None
-    return _train(rnd, "reward", "reward model", dataset, base, ("eval/accuracy",))
+    init = base
+    if rnd.cfg.demo is not None and rnd.cfg.demo.offline.enabled:
+        t = time.monotonic()
+        init = demo_offline_reward_model(rnd.cfg, base)
+        extra = init.summary["extra_train"]
+        rnd.timed("offline reward model (demo)", "cached" if init.summary["cached"] else "ran", t,
+                  {"offline pairs": extra["pairs"], "digest": extra["digest"], "steps": init.summary["steps"]})
+    return _train(rnd, "reward", "reward model", dataset, init, ("eval/accuracy",))
 
 
 def update_policy(rnd: PipelineRound, dataset: DatasetRecord, init: ModelRecord, base: ModelRecord,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignment.config import (
     ConfigError,
@@ -163,6 +163,14 @@ class PipelineConfig(StrictModel):
     """Deployment schedules."""
     demo: DemoSettings | None = None
     """The embedded demo (corpus, base model, simulated annotators); None for real pipelines."""
+
+    @model_validator(mode="after")
+    def _one_reward_starting_point(self) -> PipelineConfig:
+        # demo.offline starts the reward stage from the offline reward model: model.reward would be ignored
+        if self.demo is not None and self.demo.offline.enabled and self.model.reward is not None:
+            raise ValueError("demo.offline.enabled starts the reward model from one trained on the offline set; "
+                             "model.reward names another starting point: unset one of them")
+        return self
 
     # --- derived values -------------------------------------------------------------------
     @property

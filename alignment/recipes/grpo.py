@@ -27,7 +27,8 @@ Metrics: ``reward/raw``, ``reward/raw_std``, ``reward/shaped`` (score - kl_coef 
 ``reward/group_std`` (mean within-group std of the scores), ``groups_without_signal`` (share of
 groups whose scores were all equal: zero advantage), ``kl`` (mean sequence KL of the rollout
 policy to the reference: k3, or ``kl.estimator`` with ``kl_penalty: reward``), ``kl_coef``, ``entropy``, ``loss``, ``loss/policy``, ``loss/kl``, ``clipfrac``,
-``approx_kl``, ``response_length``, ``eos_rate``, ``distinct_2`` (pooled over the rollout, all groups), ``grad_norm``, ``generate_tokens_per_s``,
+``approx_kl``, ``response_length``, ``eos_rate``, ``distinct_2`` (pooled over the rollout, all groups), ``grad_norm``,
+``reward/token_baseline`` (with ``token_baseline``), ``generate_tokens_per_s``,
 ``rollout_s``, ``update_s`` (plus the base's ``lr``, ``tokens_per_s``, ``samples_per_s``).
 """
 

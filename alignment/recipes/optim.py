@@ -45,8 +45,9 @@ def build_optimizer(module: nn.Module, opt: OptimSettings, device: torch.device,
 
 def build_scheduler(optimizer: torch.optim.Optimizer, opt: OptimSettings,
                     optimizer_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup then constant/linear/cosine decay over ``optimizer_steps`` optimizer steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, optimizer_steps, opt.schedule))
+    """Warmup then constant/linear/cosine decay (to ``opt.min_lr_ratio``) over ``optimizer_steps`` optimizer steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt.warmup_steps, optimizer_steps, opt.schedule,
+                                                                  opt.min_lr_ratio))
 
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -10,7 +10,10 @@ Each step (see :mod:`alignment.recipes.rl_base` for the shared conventions):
    (scale only); GAE (``gamma``, ``lam``) gives advantages (whitened over the batch) and returns.
    With ``kl_penalty: loss`` the rewards carry the score only and the loss gets
    kl_coef * k3(pi, pi_ref) per token instead (as GRPO; its gradient is that of the
-   mass-covering KL(pi_ref || pi), which keeps the reference's alternatives alive);
+   mass-covering KL(pi_ref || pi), which keeps the reference's alternatives alive).
+   With ``dense_reward`` (a ``sum``-pooled reward model) the score is paid token by token
+   instead: each response token's own score from the reward model, minus a mean token score
+   (``token_baseline``), in units of the sequence scores' std (:func:`alignment.rl.token_rewards`);
 4. ``update_epochs`` passes of minibatches (:meth:`~alignment.recipes.rl_base.RLRecipe.update`):
    loss = clipped policy loss + ``vf_coef`` * clipped value loss - ``entropy_coef`` * entropy,
    token means over the minibatch;
@@ -28,8 +31,9 @@ Value function (``value_model``): ``head`` — a linear head on the policy's las
 ``reward_model`` (or the policy's weights with a fresh head when rewards come from
 ``reward_fn``), which must share the policy's tokenizer: the critic of TRL's PPOTrainer and of
 the TL;DR reproduction (Huang et al. 2024), whose value loss never reaches the policy. With a
-``last``-pooled reward model its score at a prefix is already a value estimate. ``value_lr``
-gives the critic its own learning rate.
+``last``-pooled reward model its score at a prefix is already a value estimate;
+``value_head_init: zero`` keeps only the reward model's trunk (a fresh head at V = 0: the start for
+``dense_reward`` from a ``sum``-pooled model). ``value_lr`` gives the critic its own learning rate.
 
 Metrics: ``reward/raw``, ``reward/raw_std``, ``reward/normalized`` / ``reward/norm_mean`` /
 ``reward/norm_std`` (with ``reward_norm``), ``reward/shaped`` (sum of shaped rewards per sequence), ``kl`` (mean
@@ -38,7 +42,9 @@ sequence KL of the rollout policy to the reference), ``kl_coef``, ``entropy`` (p
 policy), ``vf_clipfrac``, ``explained_variance`` (all response tokens), ``explained_variance_last`` (the
 last token, where the score is paid), ``value/mean``, ``response_length``,
 ``eos_rate``, ``distinct_2`` (pooled over the rollout's responses), ``grad_norm`` (mean over the step's optimizer steps), ``value_warmup`` (1 on a warm-up step), ``generate_tokens_per_s``,
-``rollout_s``, ``update_s``; the base adds ``lr``, ``tokens_per_s`` (prompt + response tokens of
+``rollout_s``, ``update_s``; with ``token_baseline`` ``reward/token_baseline`` (the mean token score
+subtracted), with ``dense_reward`` ``reward/dense_gap`` (mean |sum of the rollout's token scores - the
+sequence score|: 0 unless re-encoding the text changes its tokens); the base adds ``lr``, ``tokens_per_s`` (prompt + response tokens of
 the rollout per second of the whole step) and ``samples_per_s``.
 """
 
@@ -54,15 +60,18 @@ from alignment.config import ConfigError, ModelSettings, PPOConfig
 from alignment.losses import ppo_policy_loss, ppo_value_loss
 from alignment.models import hf_model, load_reward_model, load_tokenizer
 from alignment.recipes.rl_base import RLRecipe, UpdatePlan
-from alignment.recipes.rollout import PolicyModule, Rollout, disable_dropout
+from alignment.recipes.rollout import PolicyModule, Rollout, disable_dropout, token_scores
 from alignment.rl import (
     explained_variance,
     gae,
     kl_k3,
     kl_shaped_rewards,
     last_token_explained_variance,
+    last_valid_index,
     masked_mean,
     masked_whiten,
+    scored_token_mask,
+    token_rewards,
 )
 
 log = logging.getLogger(__name__)
@@ -78,6 +87,11 @@ class PPORecipe(RLRecipe):
     def build_models(self) -> None:
         cfg: PPOConfig = self.config
         self.build_policy()
+        if cfg.dense_reward:
+            pooling = getattr(hf_model(self.reward_model).config, "reward_pooling", None) if self.reward_model else None
+            if pooling != "sum":
+                raise ConfigError("ppo.dense_reward: needs a reward_model trained with pooling 'sum' (its per-token "
+                                  f"scores add up to its score); got {pooling or cfg.reward_fn!r}")
         head = model = None
         if cfg.value_model == "head":
             hidden = hf_model(self.model).config.hidden_size
@@ -96,7 +110,11 @@ class PPORecipe(RLRecipe):
             if not hasattr(hf_model(model), "score"):
                 raise ConfigError("ppo.value_model: 'separate' needs a decoder backbone with a 'score' head")
             pooling = getattr(hf_model(model).config, "reward_pooling", None) or "last"
-            if pooling != "last":  # its score at a prefix is then not a value of that prefix
+            if cfg.value_head_init == "zero":  # a fresh head on the reward model's trunk: V = 0 to start
+                nn.init.zeros_(hf_model(model).score.weight)
+                if hf_model(model).score.bias is not None:
+                    nn.init.zeros_(hf_model(model).score.bias)
+            elif pooling != "last":  # its score at a prefix is then not a value of that prefix
                 log.warning("ppo.value_model: separate starts the critic from %s, a %s-pooled reward model: its "
                             "score at a prefix is no value estimate of it (a last-pooled one's is), so the "
                             "critic starts poorly; on the demo PPO then fell short of the DPO frontier "
@@ -116,15 +134,49 @@ class PPORecipe(RLRecipe):
     def _rollout_forward(self, roll: Rollout) -> dict[str, torch.Tensor]:
         """Grids ``[B, R]`` of the rollout policy's log-probs, values and entropy, and the reference's log-probs."""
         flat: dict[str, list[torch.Tensor]] = {"logps": [], "values": [], "entropy": [], "ref": []}
+        if self.config.dense_reward:
+            flat["token_scores"] = []
         for rows in self.micro_batches(range(len(roll))):
             batch = roll.collate(rows, self.layout, self.device)
             with self.accelerator.autocast():
                 out = self.train_module(batch, with_entropy=True)
+                if self.config.dense_reward:
+                    flat["token_scores"].append(token_scores(self.reward_model, batch).float())
             flat["logps"].append(out["token_logps"].float())
             flat["values"].append(out["values"].float())
             flat["entropy"].append(out["entropy"].float())
             flat["ref"].append(self.reference_logps(roll, rows).float())
         return {k: roll.to_grid(torch.cat(v)) for k, v in flat.items()}
+
+    def _dense_scores(self, roll: Rollout, grid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``dense_reward``: the ``[B, R]`` per-token training scores from the reward model's per-token
+        scores ``grid`` (:func:`alignment.rl.token_rewards`: minus the ``token_baseline`` mean per-token
+        score, in units of the sequence scores' std), plus at each row's last token the
+        missing-EOS penalty (and, without a token baseline, minus the sequence scores' mean), so that
+        a row sums to its normalised score minus baseline * length. Metrics: ``reward/token_baseline``,
+        ``reward/dense_gap`` (mean |sum of token scores - the sequence score|: tokenization drift
+        between the rollout's tokens and the scorer's; ~0 when they agree)."""
+        cfg: PPOConfig = self.config
+        scored = scored_token_mask(roll.mask, roll.hit_eos)
+        picked = grid[scored.bool()]
+        if self.accelerator.num_processes > 1:  # every process's tokens count toward the baseline
+            padded = self.accelerator.pad_across_processes(picked, pad_index=float("nan"))
+            picked = self.accelerator.gather(padded)
+            picked = picked[~torch.isnan(picked)]
+        norm_mean, norm_std = self.norm_moments
+        scale = norm_std if norm_std > 0 else 1.0
+        baseline = float(picked.mean()) if cfg.token_baseline == "batch_mean" and picked.numel() else 0.0
+        dense = token_rewards(grid, scored, baseline, scale)
+        at_end = torch.zeros(len(roll), device=grid.device)
+        if cfg.missing_eos_penalty is not None:
+            at_end -= cfg.missing_eos_penalty * (~roll.hit_eos).float() / scale
+        if cfg.token_baseline == "none":
+            at_end -= norm_mean / scale
+        rows = torch.arange(len(roll), device=grid.device)
+        dense[rows, last_valid_index(roll.mask)] += at_end
+        sums = (grid * scored).sum(1)
+        return dense * roll.mask, {"reward/token_baseline": baseline,
+                                   "reward/dense_gap": float((sums - roll.raw_scores).abs().mean())}
 
     def plan_update(self, roll: Rollout) -> UpdatePlan:
         """KL-shaped rewards, GAE advantages and returns; the clipped policy + value loss."""
@@ -133,9 +185,11 @@ class PPORecipe(RLRecipe):
         mask = roll.mask
         kl_coef = self.kl_ctl.value
         in_loss = cfg.kl_penalty == "loss"
-        rewards, kl = kl_shaped_rewards(roll.scores, old["logps"], old["ref"], mask, 0.0 if in_loss else kl_coef,
+        scores, dense_metrics = (self._dense_scores(roll, old["token_scores"]) if cfg.dense_reward
+                                 else (roll.scores, {}))
+        rewards, kl = kl_shaped_rewards(scores, old["logps"], old["ref"], mask, 0.0 if in_loss else kl_coef,
                                         cfg.kl.estimator)
-        shaped_return = (roll.scores - kl_coef * kl.sum(1)).mean()
+        shaped_return = ((scores.sum(1) if cfg.dense_reward else scores) - kl_coef * kl.sum(1)).mean()
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)
@@ -168,6 +222,7 @@ class PPORecipe(RLRecipe):
                 "explained_variance_last": last_token_explained_variance(old["values"], returns, mask),
                 "value/mean": float(masked_mean(old["values"], mask)),
                 "value_warmup": float(warmup),
+                **dense_metrics,
             }
 
         return UpdatePlan(loss, finish, with_entropy=self.entropy_ctl.value > 0 and not warmup, entropy_grad=True,

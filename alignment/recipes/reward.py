@@ -82,12 +82,22 @@ class RewardRecipe(SupervisedRecipe):
         self.note_data(split, stats, len(examples))
         return ExampleSet(examples, partial(collate_pairs, **layout), stats)
 
+    def _extend(self, train: ExampleSet, extra: ExampleSet) -> ExampleSet:
+        """``train`` followed by ``extra`` (row indices continue after ``train``'s), stats summed."""
+        offset = 1 + max((e["index"] for e in train.examples), default=-1)
+        examples = train.examples + [{**e, "index": e["index"] + offset} for e in extra.examples]
+        stats = {k: train.stats.get(k, 0) + extra.stats.get(k, 0) for k in {*train.stats, *extra.stats}}
+        self.note_data("train", stats, len(examples))
+        return ExampleSet(examples, train.collate, stats)
+
     def build_data(self) -> tuple[ExampleSet, ExampleSet | None]:
         if not self.config.train_path:
             raise ConfigError("reward.train_path: training pairs are required")
         decoder = self.train_module.decoder_head
         layout = self.token_layout(self.model, can_pack=decoder, can_share=decoder)
         train = self._load(self.config.train_path, "train", layout)
+        for i, path in enumerate(self.config.extra_train_paths):  # one data-stats entry per file
+            train = self._extend(train, self._load(path, f"train_extra_{i}", layout))
         evals = self._load(self.config.eval_path, "eval", layout) if self.config.eval_path else None
         return train, evals
 

@@ -5,8 +5,9 @@ One training **step** (:meth:`RLRecipe.train_step`, written once for both algori
 1. sample responses for ``rollout_batch_size`` prompts (per process) with
    :func:`alignment.generation.generate` and score them (a reward model folder, or a
    ``reward_fn`` ``"module:function"`` mapping ``(prompts, responses) -> list[float]``), minus
-   ``missing_eos_penalty`` for responses cut before EOS, then normalised (``reward_norm``:
-   the batch's or the running moments, :func:`alignment.rl.normalize_scores`);
+   ``missing_eos_penalty`` for responses cut before EOS, made length-neutral (``token_baseline``:
+   minus the rollout's mean score per token times the response's length), then normalised
+   (``reward_norm``: the batch's or the running moments, :func:`alignment.rl.normalize_scores`);
 2. the algorithm plans its update (:meth:`RLRecipe.plan_update`: no-grad log-probs,
    advantages) and returns an :class:`UpdatePlan`;
 3. :meth:`RLRecipe.update`: ``update_epochs`` passes over the samples in minibatches of
@@ -61,7 +62,9 @@ from alignment.rl import (
     FixedKLController,
     RunningMoments,
     kl_k1,
+    length_neutral_scores,
     normalize_scores,
+    scored_token_mask,
 )
 from alignment.text_stats import distinct_n
 
@@ -195,7 +198,11 @@ class RLRecipe(Recipe):
         metrics (means over processes; ``tokens`` and ``samples`` summed)."""
         started = time.perf_counter()
         roll = self.sample(self.feed.collate_next()["prompts"], repeats=self.samples_per_prompt)
-        scores_before_norm = roll.scores
+        baseline_metrics = {}
+        # PPO's dense_reward pays token by token and applies token_baseline itself
+        if self.config.token_baseline == "batch_mean" and not getattr(self.config, "dense_reward", False):
+            roll.scores, baseline = self.length_neutral(roll)
+            baseline_metrics["reward/token_baseline"] = baseline
         roll.scores = self.normalized(roll.scores)
         plan = self.plan_update(roll)
         rollout_s = time.perf_counter() - started
@@ -212,8 +219,9 @@ class RLRecipe(Recipe):
         metrics["distinct_2"] = distinct_n(roll.texts, 2)  # pooled over the rollout: falls when phrases get stuffed
         if self.config.reward_norm != "none":
             metrics["reward/normalized"] = float(roll.scores.mean())
-            metrics["reward/norm_mean"], metrics["reward/norm_std"] = self._norm_moments(scores_before_norm)
+            metrics["reward/norm_mean"], metrics["reward/norm_std"] = self.norm_moments
         metrics.update(algorithm_metrics)
+        metrics.update(baseline_metrics)
         metrics.update({
             "response_length": float(mask.sum(1).float().mean()),
             "eos_rate": float(roll.hit_eos.float().mean()),
@@ -225,22 +233,33 @@ class RLRecipe(Recipe):
         })
         return self.reduce_metrics(metrics)
 
-    def _norm_moments(self, scores: torch.Tensor) -> tuple[float, float]:
-        if self.config.reward_norm == "running":
-            return self.score_moments.mean, self.score_moments.std
-        return float(scores.mean()), float(scores.std()) if scores.numel() > 1 else 0.0
+    def length_neutral(self, roll: Rollout) -> tuple[torch.Tensor, float]:
+        """``token_baseline: batch_mean`` on sequence scores: S - b * L with L each response's scored
+        tokens (:func:`alignment.rl.scored_token_mask`) and b the rollout's score per scored token,
+        totals over all processes (:func:`alignment.rl.length_neutral_scores`)."""
+        lengths = scored_token_mask(roll.mask, roll.hit_eos).sum(1).to(roll.scores.dtype)
+        totals = torch.stack([roll.scores.sum(), lengths.sum()]).double()
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        baseline = float(totals[0] / totals[1]) if float(totals[1]) > 0 else 0.0
+        return length_neutral_scores(roll.scores, lengths, baseline)
 
     def normalized(self, scores: torch.Tensor) -> torch.Tensor:
-        """The training scores under ``reward_norm`` (all processes' scores count toward the moments)."""
+        """The training scores under ``reward_norm`` (all processes' scores count toward the moments).
+        The moments applied are kept in ``norm_moments`` (logged as ``reward/norm_mean`` and
+        ``reward/norm_std``, and the scale of PPO's dense rewards): with ``batch`` they are the
+        gathered batch's, the same on every process."""
         mode = self.config.reward_norm
         if mode == "none":
+            self.norm_moments = (0.0, 1.0)
             return scores
         every = self.accelerator.gather(scores) if self.accelerator.num_processes > 1 else scores
         if mode == "batch":
-            std = float(every.std()) if every.numel() > 1 else 0.0
-            return normalize_scores(scores, float(every.mean()), std)
-        self.score_moments.update(every)
-        return normalize_scores(scores, self.score_moments.mean, self.score_moments.std)
+            self.norm_moments = (float(every.mean()), float(every.std()) if every.numel() > 1 else 0.0)
+        else:
+            self.score_moments.update(every)
+            self.norm_moments = (self.score_moments.mean, self.score_moments.std)
+        return normalize_scores(scores, *self.norm_moments)
 
     def update(self, roll: Rollout, plan: UpdatePlan) -> dict[str, float]:
         """``update_epochs`` passes of minibatches over ``roll``, one guarded optimizer step each.

@@ -22,9 +22,10 @@ from torch.utils.checkpoint import checkpoint
 from alignment.batching import Prompt, collate_sequences, to_device
 from alignment.logprobs import logps_from_hidden, selective_log_softmax
 from alignment.losses import entropy_from_logits
-from alignment.models import hf_model, hidden_path_ok
+from alignment.models import decoder_hidden, hf_model, hidden_path_ok
 
-__all__ = ["PolicyModule", "RewardFn", "Rollout", "disable_dropout", "load_reward_fn", "response_forward"]
+__all__ = ["PolicyModule", "RewardFn", "Rollout", "disable_dropout", "load_reward_fn", "response_forward",
+           "token_scores"]
 
 RewardFn = Callable[[list[Prompt], list[str]], Sequence[float]]
 
@@ -104,6 +105,18 @@ def response_forward(
     if with_hidden:
         out["hidden"] = hidden
     return out
+
+
+def token_scores(reward_model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Per-target scores ``[N]`` (fp32) of a decoder reward model with a ``score`` head on a
+    collated batch: the head applied to the hidden state *of* each target token (position
+    ``target_index + 1``, the token itself, where the policy's log-prob is read one position
+    earlier). For a ``sum``-pooled reward model (bias-free head) these are the terms of its
+    sequence score: the scores of a response's tokens without its EOS sum to
+    :class:`alignment.models.ScalarReward`'s output on that response."""
+    inner = hf_model(reward_model)
+    picked = decoder_hidden(inner, batch).flatten(0, 1).index_select(0, batch["target_index"] + 1)
+    return inner.score(picked).squeeze(-1).float()
 
 
 class PolicyModule(nn.Module):

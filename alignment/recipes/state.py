@@ -60,8 +60,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimizer step ``s``: linear warmup, then constant/linear/cosine to 0."""
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step ``s``: linear warmup, then constant, or a
+    linear/cosine decay d(p) from 1 to 0 over the progress p, floored: min_ratio + (1 - min_ratio) * d(p)."""
 
     def factor(s: int) -> float:
         if s < warmup_steps:
@@ -69,6 +70,7 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[i
         if schedule == "constant":
             return 1.0
         progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_ratio + (1.0 - min_ratio) * decay
 
     return factor

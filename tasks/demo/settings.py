@@ -230,6 +230,17 @@ class SimulatorSettings(StrictModel):
     """Drop degenerate samples (loops, word stuffing) before the annotators see them, as a
     production pipeline filters junk before paying for labels; they are counted in the report
     (``rejected_samples``). None: every sample goes to the annotators."""
+    min_kept_samples: int | None = Field(None, gt=0)
+    """Floor of samples that reach the annotators (not rejected by ``reject_truncated`` or
+    ``reject_degenerate``, not blank, not a duplicate within the prompt): while the batch holds
+    fewer, the simulator draws more prompts (as many as the share kept so far says it needs, 10%
+    over) and samples them, until the floor or ``max_prompts_per_batch`` is reached. A champion
+    that stops ending its answers then does not starve the next round of labels. The draws,
+    kept and rejected counts are in the report. None: one draw of ``prompts_per_batch``."""
+    max_prompts_per_batch: int = Field(2400, gt=0)
+    """Cap on the prompts one batch may draw in all while reaching ``min_kept_samples`` (prompts
+    are drawn again, with new samples, once the pool is used up): a policy whose samples are nearly
+    all rejected cannot make a batch sample forever."""
     generation_batch_size: int = Field(128, gt=0)
     """Sequences generated per forward batch."""
     seed: int = 0
@@ -244,6 +255,9 @@ class SimulatorSettings(StrictModel):
         lo, hi = self.rating_scale
         if lo >= hi:
             raise ValueError(f"rating_scale must be (low, high) with low < high, got {self.rating_scale}")
+        if self.min_kept_samples is not None and self.max_prompts_per_batch < self.prompts_per_batch:
+            raise ValueError(f"max_prompts_per_batch ({self.max_prompts_per_batch}) must be at least "
+                             f"prompts_per_batch ({self.prompts_per_batch})")
         if not any(not a.spammer for a in self.annotators):
             raise ValueError("at least one annotator must not be a spammer")
         ids = [a.id for a in self.annotators]
@@ -294,6 +308,27 @@ def _of_round(values: list[float], round_index: int) -> float | None:
     return values[min(round_index, len(values) - 1)] if values else None
 
 
+class OfflineFeedbackSettings(StrictModel):
+    """A backlog of labelled comparisons for the reward model that costs no generation
+    (:mod:`tasks.demo.offline_feedback`): human continuations of train-document review beginnings,
+    labelled by the simulated annotators, built once and cached by content digest."""
+
+    enabled: bool = False
+    """Train a reward model on the set once (cached under the demo cache by digest) and start every
+    round's reward model from it, so the round's pairs fine-tune it (``reward`` settings). DPO never
+    sees the set; the judge is still tested on the round's own held-out pairs."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the set when the offline reward model is trained (the rest of its recipe is ``reward``'s)."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate of that training."""
+    max_prompts: int | None = Field(None, gt=0)
+    """Prompts (one per train document) in the set; None: every one whose prompt hashes to ``train``."""
+    samples_per_prompt: int = Field(4, ge=2)
+    """Responses per prompt: its own continuation and those of other documents, drawn at random."""
+    seed: int = 0
+    """Seeds the drawn continuations and the annotators."""
+
+
 class DemoSettings(StrictModel):
     """The embedded demo: corpus, tokenizer, base model, prompts and simulated feedback."""
 
@@ -314,6 +349,8 @@ class DemoSettings(StrictModel):
     """Simulated feedback."""
     loop: LoopSettings = LoopSettings()
     """Pacing of the closed-loop demo's rounds (``alignflow demo --rounds N``)."""
+    offline: OfflineFeedbackSettings = OfflineFeedbackSettings()
+    """An offline preference set the reward model trains on besides the round's pairs."""
 
 
 def tiny_demo_settings(cache_dir: str | None = None) -> DemoSettings:

@@ -79,6 +79,10 @@ class SimulationReport:
     rejected_samples: int = 0
     """Responses kept from the annotators: degenerate (loops, word stuffing; ``reject_degenerate``)
     or cut off at ``max_new_tokens`` (``reject_truncated``)."""
+    kept_samples: int = 0
+    """Responses that reached the annotators: not rejected, not blank, not a duplicate within their prompt."""
+    draws: int = 1
+    """Sampling draws: 1, plus one per extra draw made to reach ``min_kept_samples``."""
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -116,6 +120,29 @@ def sample_responses(policy_path: str | Path, prompts: list[str], settings: Simu
     ended = result.hit_eos.tolist()
     return ([result.texts[i * k : (i + 1) * k] for i in range(len(prompts))],
             [ended[i * k : (i + 1) * k] for i in range(len(prompts))])
+
+
+def usable_count(texts: list[str]) -> int:
+    """Responses of one prompt that become items: non-blank and distinct (``label_items``' rule)."""
+    return sum(1 for i, t in enumerate(texts) if t.strip() and t not in texts[:i])
+
+
+def next_draw_size(floor: int, kept: int, drawn: int, cap: int) -> int:
+    """Prompts to draw next so the batch reaches ``floor`` kept samples: the shortfall over the
+    kept samples per prompt so far, 10% over, at most what ``cap`` (prompts in all) leaves; 0 once
+    the floor or the cap is reached. With nothing kept yet, all the cap leaves."""
+    room = max(cap - drawn, 0)
+    if kept >= floor or room == 0:
+        return 0
+    if kept == 0:
+        return room
+    return min(room, int(np.ceil(1.1 * (floor - kept) * drawn / kept)))
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """Sampling seed of draw ``draw`` of a batch: ``seed`` itself for the first draw (so a batch
+    without a floor is what it always was), an independent stream for each later one."""
+    return seed if draw == 0 else int(np.random.SeedSequence([seed, 0xD2A3, draw]).generate_state(1)[0] >> 1)
 
 
 def degenerate_reason(text: str, rules: DegenerateFilter) -> str | None:
@@ -241,7 +268,8 @@ def simulate_feedback(
     """Simulate one feedback batch on ``policy_path`` and write it into ``landing_dir``.
 
     ``prompts`` is the pool to draw from (``prompts_per_batch`` of them, without replacement
-    when the pool is large enough); ``seed`` defaults to ``settings.seed`` (give each round its
+    when the pool is large enough; with ``min_kept_samples``, further draws until that many
+    samples pass the filters or ``max_prompts_per_batch`` prompts are drawn); ``seed`` defaults to ``settings.seed`` (give each round its
     own); ``start_time`` (default 2025-01-01 UTC) is when the batch's labelling began, and rows
     get ``created_at`` within the following hour. Raises FileExistsError if the batch's files
     already exist (a batch is written once), ValueError on an empty prompt pool.
@@ -257,24 +285,26 @@ def simulate_feedback(
     timer = {"start": time.monotonic()}
     pool = list(dict.fromkeys(prompts))
     take = rng.choice(len(pool), size=settings.prompts_per_batch, replace=settings.prompts_per_batch > len(pool))
-    drawn = [pool[int(i)] for i in take]
-
-    responses, ended = sample_responses(policy_path, drawn, settings, seed)
+    drawn: list[str] = []
+    responses: list[list[str]] = []  # as sampled: the oracle scores these
+    shown: list[list[str]] = []  # what the annotators may see: broken bytes stripped, rejected samples blanked
+    rejected = kept = draws = 0
+    used = np.zeros(len(pool), bool)
+    while len(take):
+        texts, ended = sample_responses(policy_path, [pool[int(i)] for i in take], settings, draw_seed(seed, draws))
+        blanked, n_rejected = _filter(texts, ended, settings)
+        drawn += [pool[int(i)] for i in take]
+        responses, shown = responses + texts, shown + blanked
+        rejected, kept, draws = rejected + n_rejected, kept + sum(map(usable_count, blanked)), draws + 1
+        used[take] = True
+        if settings.min_kept_samples is None:
+            break
+        size = next_draw_size(settings.min_kept_samples, kept, len(drawn), settings.max_prompts_per_batch)
+        take = _more_prompts(used, size, np.random.default_rng([seed, 0x5EED, draws]))
     timer["sampled"] = time.monotonic()
     scores = sentiment([t for texts in responses for t in texts]).reshape(len(drawn), settings.samples_per_prompt)
     broken = sum(is_broken(t) for texts in responses for t in texts)
-    # Exports carry what a person saw: broken bytes are gone, the low score they earned stays.
-    responses = [[strip_broken(t) if is_broken(t) else t for t in texts] for texts in responses]
-    rejected = 0
-    if settings.reject_degenerate is not None or settings.reject_truncated:
-        # blanked: label_items skips them like empty samples
-        flags = [[(settings.reject_truncated and not done)
-                  or (settings.reject_degenerate is not None
-                      and degenerate_reason(t, settings.reject_degenerate) is not None)
-                  for t, done in zip(texts, ends, strict=True)] for texts, ends in zip(responses, ended, strict=True)]
-        rejected = sum(map(sum, flags))
-        responses = [["" if bad else t for t, bad in zip(texts, f, strict=True)]
-                     for texts, f in zip(responses, flags, strict=True)]
+    responses = shown
     commonness = None
     if settings.novelty_weight:
         flat = frame_commonness([t for texts in responses for t in texts])
@@ -298,7 +328,7 @@ def simulate_feedback(
     timer["written"] = time.monotonic()
 
     report = _report(truth, batch_id, files, len(drawn), scores, skipped, broken, timer)
-    report.rejected_samples = rejected
+    report.rejected_samples, report.kept_samples, report.draws = rejected, kept, draws
     if report_dir is not None:
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -307,6 +337,31 @@ def simulate_feedback(
         truth.astype(mixed).to_parquet(out / f"truth-{batch_id}.parquet", index=False)
         (out / f"report-{batch_id}.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
+
+
+def _filter(responses: list[list[str]], ended: list[list[bool]],
+            settings: SimulatorSettings) -> tuple[list[list[str]], int]:
+    """(responses as the annotators may see them, rejected count): broken bytes stripped (exports
+    carry what a person saw; the low score they earned stays), rejected samples blanked
+    (``label_items`` skips them like empty ones)."""
+    responses = [[strip_broken(t) if is_broken(t) else t for t in texts] for texts in responses]
+    if settings.reject_degenerate is None and not settings.reject_truncated:
+        return responses, 0
+    flags = [[(settings.reject_truncated and not done)
+              or (settings.reject_degenerate is not None
+                  and degenerate_reason(t, settings.reject_degenerate) is not None)
+              for t, done in zip(texts, ends, strict=True)] for texts, ends in zip(responses, ended, strict=True)]
+    blanked = [["" if bad else t for t, bad in zip(texts, f, strict=True)] for texts, f in zip(responses, flags, strict=True)]
+    return blanked, sum(map(sum, flags))
+
+
+def _more_prompts(used: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` pool indices for an extra draw: unused prompts first (without replacement), then,
+    once the pool is used up, any prompt again (it gets new samples under the draw's seed)."""
+    fresh = np.flatnonzero(~used)
+    if size <= len(fresh):
+        return rng.choice(fresh, size=size, replace=False)
+    return np.concatenate([rng.permutation(fresh), rng.choice(len(used), size=size - len(fresh), replace=True)])
 
 
 def _report(truth, batch_id, files, n_prompts, scores, skipped, broken, timer) -> SimulationReport:

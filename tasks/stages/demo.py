@@ -3,6 +3,7 @@ and simulated feedback from the current champion written into the landing folder
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from prefect import task
 
 from tasks.config import PipelineConfig
 from tasks.demo.base_model import build_base_model
+from tasks.demo.offline_feedback import build_offline_set
 from tasks.demo.prompts import demo_prompts
 from tasks.demo.settings import DemoSettings
 from tasks.demo.simulator import simulate_feedback
@@ -41,6 +43,39 @@ def demo_base_model(cfg: PipelineConfig) -> ModelRecord:
 def demo_base_model_task(cfg: PipelineConfig) -> ModelRecord:
     """Prefect task: the demo base model (fetching the corpus is retried once on I/O errors)."""
     return demo_base_model(cfg)
+
+
+def demo_offline_reward_model(cfg: PipelineConfig, base: ModelRecord) -> ModelRecord:
+    """The reward model trained on the demo's offline set alone (``demo.offline``: its epochs and lr,
+    the rest of the recipe from ``reward``), trained once and cached under the demo cache by the
+    digest of the base model, the set, the settings and the code version of ``alignment/``. Each
+    round's reward stage starts from it (its ``init``). The record's summary holds the set's size and
+    digest (``extra_train``), which the reward run and the registered reward version record."""
+    from tasks.launcher import device_env, run_recipe
+    from tasks.stages.train import recipe_settings
+    from tasks.versioning import code_version, digest_of
+
+    settings = demo_settings(cfg)
+    offline = build_offline_set(settings, base.path, cfg.data, cfg.preferences)  # built once, cached by digest
+    _, recipe = recipe_settings(cfg, "reward", {"pairs-train": offline.path}, base)
+    recipe = recipe.model_copy(update={
+        "epochs": settings.offline.epochs, "optim": recipe.optim.model_copy(update={"lr": settings.offline.lr}),
+        "eval_path": None, "extra_train_paths": [], "calibrate": False, "max_steps": None})  # fmt: skip
+    key = digest_of("offline-reward", base.digest, offline.digest, code_version(),
+                    recipe.model_dump(mode="json", exclude={"output_dir", "train_path", "model"}))[:16]
+    run_dir = Path(settings.cache_dir) / f"reward-offline-{key}"
+    extra = {"paths": [offline.path], "pairs": offline.pairs, "digest": offline.digest, "mode": "warm_start"}
+    done = (run_dir / "final" / "config.json").exists() and (run_dir / "summary.json").exists()
+    if done:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    else:
+        summary = run_recipe("reward", recipe, run_dir, timeout_s=cfg.pipeline.stage_timeout_s,
+                             description="train the demo's offline reward model",
+                             progress_every_s=cfg.pipeline.progress_log_s, extra_env=device_env(cfg.pipeline.device))
+    return ModelRecord(stage="reward-offline", path=str(run_dir / "final"), digest=key, base=base.path,
+                       summary={"cached": done, "steps": summary.get("steps"), "wall_s": summary.get("wall_time_s"),
+                                "extra_train": extra, "offline_build_seconds": offline.build_seconds,
+                                "offline_cached": offline.cached})
 
 
 def prompt_table(cfg: PipelineConfig, base: ModelRecord) -> pd.DataFrame:
@@ -81,7 +116,8 @@ def simulate_round(cfg: PipelineConfig, policy: ModelRecord, base: ModelRecord, 
                                start_time=EPOCH + timedelta(days=round_index))
     return {"batch": batch_id, "files": len(report.files), "rows": sum(report.rows.values()),
             "malformed share": round(report.malformed_share, 4), "raw-click ceiling": round(report.best_accuracy, 4),
-            "policy sentiment": round(report.policy_sentiment, 4), "rejected samples": report.rejected_samples}
+            "policy sentiment": round(report.policy_sentiment, 4), "rejected samples": report.rejected_samples,
+            "kept samples": report.kept_samples, "draws": report.draws}
 
 
 @task(name="simulate-feedback")

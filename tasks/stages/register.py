@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from tasks import tracking
 from tasks.config import PipelineConfig
+from tasks.data.extra_pairs import extra_pairs_tags
 from tasks.evaluation.judge import trained_judge_tags
 from tasks.faults import fault_point
 from tasks.records import ModelRecord
@@ -114,7 +115,8 @@ def register_and_promote(cfg: PipelineConfig, candidate: ModelRecord, reward: Mo
                     run_id, Path(reward.path), name, lineage_tags(cfg, reward, dataset_digest, None))
         if reward_version:  # the judge's record: validation (reward run) and test (this evaluation) accuracy
             tracking.set_version_tags(reward_name, reward_version,
-                                      {**trained_judge_tags(reward.summary), **decision.get("judge_tags", {})})
+                                      {**trained_judge_tags(reward.summary), **decision.get("judge_tags", {}),
+                                       **extra_pairs_tags(reward.summary)})
         gate_tags = {"alignflow.gate": "passed" if passed else "failed",
                      "alignflow.gate_reasons": " | ".join(reasons)[:5000]}
         tracking.set_version_tags(policy_name, version, {**gate_tags, **decision.get("eval_tags", {})})

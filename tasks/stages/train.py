@@ -17,6 +17,7 @@ from typing import Any
 from alignment.config import RECIPE_CONFIGS, ModelSettings, TrainSettings
 from tasks import tracking
 from tasks.config import PipelineConfig
+from tasks.data.extra_pairs import ExtraPairs, check_extra_pairs, extra_pairs_digest
 from tasks.launcher import device_env, resolve_device, run_recipe
 from tasks.methods import method
 from tasks.preflight import check_batch_fits
@@ -97,6 +98,12 @@ def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init:
     return row.recipe, RECIPE_CONFIGS[row.recipe].model_validate(raw)
 
 
+def extra_pairs(cfg: PipelineConfig, settings: TrainSettings) -> ExtraPairs | None:
+    """The checked extra training pairs of a reward recipe's settings (None: none); raises
+    :class:`~tasks.data.extra_pairs.ExtraPairsError` naming the file, row and field of a bad one."""
+    return check_extra_pairs(list(getattr(settings, "extra_train_paths", None) or []), cfg.preferences)
+
+
 def run_dir_for(cfg: PipelineConfig, stage: str, key: str) -> Path:
     """Deterministic run folder for a stage's cache key (resume finds its checkpoints here)."""
     return cfg.home / "runs" / cfg.pipeline.name / f"{stage}-{key}"
@@ -119,9 +126,12 @@ def train_key(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_dig
     paths that follow from them, and the code version of ``alignment/``."""
     _, settings = recipe_settings(cfg, stage, data, init, reward, reference)
     reference = distinct_reference(init, reference)
+    extra = getattr(settings, "extra_train_paths", None)
     return digest_of(stage, dataset_digest, init.digest, reward.digest if reward else None,
                      *([reference.digest] if reference else []),  # absent: keys of runs without one stay valid
-                     settings.model_dump(mode="json", exclude={"output_dir", "train_path", "eval_path", "model"}),
+                     *([extra_pairs_digest(extra)] if extra else []),  # the extra pairs by content, not by path
+                     settings.model_dump(mode="json", exclude={"output_dir", "train_path", "eval_path", "model",
+                                                                "extra_train_paths"}),
                      settings.model.model_dump(mode="json", exclude={"name_or_path"}) if settings.model else None,
                      code_version())
 
@@ -136,6 +146,9 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
 
         check_batch_fits(method(stage).section, settings.batch_size, cfg.pipeline.processes,
                          pq.ParquetFile(settings.train_path).metadata.num_rows, settings.train_path)
+    extra = extra_pairs(cfg, settings)  # a bad extra file fails here, before the recipe starts
+    # a reward model started from one trained on other pairs (the demo's offline reward model)
+    warm = (init.summary or {}).get("extra_train") if recipe == "reward" else None
     key = train_key(cfg, stage, data, dataset_digest, init, reward, reference)
     run_dir = run_dir_for(cfg, stage, key)
     tags = {"alignflow.dataset_digest": dataset_digest, "alignflow.init_digest": init.digest,
@@ -144,6 +157,11 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
         if run_id:
             tracking.log_params(run_id, tracking.flatten(settings.model_dump(mode="json")))
             _log_inputs(run_id, cfg, settings, dataset_digest)
+            if extra is not None:
+                tracking.log_params(run_id, {"extra_train.pairs": extra.pairs, "extra_train.digest": extra.digest})
+            if warm is not None:
+                tracking.log_params(run_id, {"warm_start.pairs": warm["pairs"], "warm_start.digest": warm["digest"],
+                                             "warm_start.model": init.path})
         summary = run_recipe(recipe, settings, run_dir, mlflow_run_id=run_id,
                              processes=cfg.pipeline.processes, accelerate_config=cfg.pipeline.accelerate_config,
                              timeout_s=cfg.pipeline.stage_timeout_s,
@@ -152,6 +170,10 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
                              extra_env=device_env(cfg.pipeline.device))
         if recipe == "reward" and settings.eval_path:  # the judge's record: accuracy, interval, calibration
             summary = {**summary, "judge": _judge_reliability(cfg, settings, run_dir, run_id)}
+        if extra is not None:  # registration tags the reward version with these
+            summary = {**summary, "extra_train": extra.to_dict()}
+        if warm is not None:
+            summary = {**summary, "warm_start": {**warm, "model": init.path}}
         if run_id:
             final_metrics = {f"final/{k}": v for k, v in (summary.get("metrics") or summary).items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -170,6 +192,10 @@ def _log_inputs(run_id: str, cfg: PipelineConfig, settings: TrainSettings, datas
         if path and Path(path).is_file():
             tracking.log_dataset(run_id, path, context=context, name=f"{cfg.pipeline.name}-{Path(path).stem}",
                                  digest=dataset_digest[:36])
+    for path in getattr(settings, "extra_train_paths", None) or []:  # extra reward pairs, by their own digest
+        if Path(path).is_file():
+            tracking.log_dataset(run_id, path, context="training-extra", name=f"{cfg.pipeline.name}-extra-pairs",
+                                 digest=extra_pairs_digest([path]))
 
 
 def _judge_reliability(cfg: PipelineConfig, settings: TrainSettings, run_dir: Path,

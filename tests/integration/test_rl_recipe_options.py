@@ -154,3 +154,95 @@ def test_ppo_value_head_detached_keeps_the_head_off_the_trunk_after_the_warmup(a
         assert recipe.plan_update(roll).forward_kwargs == {"detach_value_input": False}
     finally:
         recipe.cleanup()
+
+
+def _sum_pooled_reward_folder(assets, pooling: str = "sum") -> str:  # noqa: F811
+    """A tiny reward model on the policy's own trunk and tokenizer, saved with ``reward_pooling``."""
+    from alignment.config import ModelSettings
+    from alignment.models import hf_model, load_reward_model, load_tokenizer
+
+    folder = assets["root"] / f"rm-{pooling}"
+    if not folder.exists():
+        settings = ModelSettings(name_or_path=assets["model"])
+        tokenizer = load_tokenizer(settings)
+        model = load_reward_model(settings, tokenizer, trainable=False)
+        torch.manual_seed(3)
+        torch.nn.init.normal_(hf_model(model).score.weight, std=0.5)  # per-token scores far from 0
+        hf_model(model).config.reward_pooling = pooling
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_ppo_dense_reward_pays_each_token_its_centred_score(assets):  # noqa: F811
+    """dense_reward with the batch-mean token baseline: the rewards handed to GAE are, per row, the
+    reward model's per-token scores on the rollout's tokens (EOS unscored) minus their mean over the
+    rollout, over the sequence scores' std; a fresh zero critic on the reward model's trunk."""
+    from alignment.batching import encode_completion
+    from alignment.config import ConfigError
+    from alignment.models import hf_model
+    from alignment.rl import scored_token_mask
+
+    over = dict(max_steps=1, rollout_batch_size=16, minibatch_size=16, update_epochs=1, reward_fn=None,
+                reward_model=_sum_pooled_reward_folder(assets), reward_norm="running", dense_reward=True, token_baseline="batch_mean",
+                value_model="separate", value_head_init="zero", kl_penalty="loss")
+    cfg = PPOConfig.model_validate(rl_config(assets, "ppo", "ppo-dense", **over))
+    recipe = PPORecipe(cfg)
+    recipe.setup()
+    try:
+        assert float(hf_model(recipe.value_module).score.weight.abs().max()) == 0.0
+        roll = recipe.sample(recipe.feed.collate_next()["prompts"])
+        roll.scores = recipe.normalized(roll.scores)
+        grids = recipe._rollout_forward(roll)
+        assert float(grids["values"].abs().max()) == 0.0  # V = 0 everywhere to start
+        dense, metrics = recipe._dense_scores(roll, grids["token_scores"])
+        scored = scored_token_mask(roll.mask, roll.hit_eos).bool()
+        s = grids["token_scores"]
+        baseline = float(s[scored].mean())
+        std = recipe.norm_moments[1]
+        for b in range(len(roll)):  # row by row, in plain Python
+            want = [(float(s[b, t]) - baseline) / std if scored[b, t] else 0.0 for t in range(s.shape[1])]
+            assert dense[b].tolist() == pytest.approx(want, abs=1e-5)
+        assert metrics["reward/token_baseline"] == pytest.approx(baseline)
+        # the rollout's per-token scores add up to the scorer's sequence score wherever the scorer's
+        # re-encoding of the text gives the sampled tokens back (a tiny random model also samples
+        # special tokens that decoding drops); reward/dense_gap is the mean gap
+        sums = (s * scored).sum(1)
+        same = [encode_completion(recipe.tokenizer, t, False) == r[: len(r) - int(e)]
+                for t, r, e in zip(roll.texts, roll.response_tokens, roll.hit_eos.tolist(), strict=True)]
+        assert sum(same) >= len(roll) // 2
+        for b in range(len(roll)):
+            if same[b]:
+                assert float(sums[b]) == pytest.approx(float(roll.raw_scores[b]), abs=1e-4)
+        assert metrics["reward/dense_gap"] == pytest.approx(float((sums - roll.raw_scores).abs().mean()), abs=1e-5)
+    finally:
+        recipe.cleanup()
+    bad = PPOConfig.model_validate(rl_config(assets, "ppo", "ppo-dense-last", **{
+        **over, "reward_model": _sum_pooled_reward_folder(assets, "last")}))
+    with pytest.raises(ConfigError, match="dense_reward"):
+        PPORecipe(bad).setup()
+
+
+def test_grpo_token_baseline_takes_the_rollouts_mean_token_score_times_length(assets, monkeypatch):  # noqa: F811
+    """token_baseline: batch_mean on sequence scores: the group advantages see S - b * L, L each
+    response's tokens without its EOS and b the rollout's total score over its total tokens."""
+    import alignment.recipes.grpo as grpo_module
+
+    cfg = GRPOConfig.model_validate(rl_config(assets, "grpo", "grpo-tokbase", max_steps=1, rollout_batch_size=4,
+                                              group_size=4, minibatch_size=16, update_epochs=1,
+                                              token_baseline="batch_mean"))
+    recipe = GRPORecipe(cfg)
+    given, rolls = [], []
+    real_advantages = grpo_module.group_advantages
+    monkeypatch.setattr(grpo_module, "group_advantages",
+                        lambda rewards, *a, **k: given.append(rewards.tolist()) or real_advantages(rewards, *a, **k))
+    real_sample = recipe.sample
+    recipe.sample = lambda *a, **k: rolls.append(real_sample(*a, **k)) or rolls[-1]
+    recipe.run()
+    roll = rolls[0]
+    lengths = [len(t) - int(e) for t, e in zip(roll.response_tokens, roll.hit_eos.tolist(), strict=True)]
+    raw = roll.raw_scores.tolist()
+    b = sum(raw) / sum(lengths)
+    assert len(set(lengths)) > 1  # lengths differ, so the baseline changes the ranking within a group
+    assert given[0] == pytest.approx([s - b * n for s, n in zip(raw, lengths, strict=True)], abs=1e-4)
+    assert read_metrics(assets["root"] / "grpo-tokbase")[0]["reward/token_baseline"] == pytest.approx(b, rel=1e-5)

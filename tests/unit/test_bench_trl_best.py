@@ -120,3 +120,40 @@ def test_length_probe_reports_out_of_memory_as_not_fitting(monkeypatch, tmp_path
     args = argparse.Namespace(work=tmp_path, warmup=3, steps=20)
     out = trl_best.length_probe("dpo_lora", "ours", tmp_path, 1000, 8192, args)
     assert out == {"fits": False, "error": "CUDA out of memory. Tried to allocate 448.00 MiB."}
+
+
+def test_length_probe_records_a_failure_that_is_not_out_of_memory_as_unknown(monkeypatch, tmp_path):
+    import argparse
+
+    seen = {}
+
+    def broken(family, folder, data, args, *, pairs, seq):
+        seen["gc"] = args.gc
+        raise RuntimeError("compiled backward failed")
+
+    monkeypatch.setattr(trl_best, "run_ours", broken)
+    args = argparse.Namespace(work=tmp_path, warmup=3, steps=20, probe_gc=True)
+    out = trl_best.length_probe("dpo_lora", "ours", tmp_path, 1000, 256, args)
+    assert out == {"fits": None, "error": "RuntimeError: compiled backward failed"}
+    assert seen["gc"] is True  # --probe-gc reaches the run; the caller's args are left alone
+    assert not hasattr(args, "gc")
+
+
+def test_flops_per_token_leaves_the_frozen_base_weight_gradients_out_under_lora():
+    assert trl_best.flops_per_token("dpo", 10) == 60
+    assert trl_best.flops_per_token("rm", 10) == 60
+    assert trl_best.flops_per_token("dpo_lora", 10) == 40
+    assert trl_best.flops_per_token("dpo_qlora", 10) == 40
+
+
+def test_plan_warms_trl_once_then_alternates_and_plans_nothing_for_zero_repeats():
+    import argparse
+
+    args = argparse.Namespace(shapes="llama8b", dists="hh", families="dpo_lora,rm", repeats=2, other_repeats=1,
+                              trl_default=False)
+    sides = [(family, side, rep) for _, _, family, side, rep in trl_best.plan(args)]
+    assert sides[:2] == [("dpo_lora", "trl", "cold"), ("rm", "trl", "cold")]
+    assert sides[2:6] == [("dpo_lora", "ours", 0), ("dpo_lora", "trl", 0), ("rm", "ours", 0), ("rm", "trl", 0)]
+    assert len(sides) == 10
+    args.repeats = 0
+    assert trl_best.plan(args) == []

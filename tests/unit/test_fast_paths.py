@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import alignment.logprobs as logprobs
 from alignment.batching import Truncation, collate_pairs, tokenize_pairs
-from alignment.config import GenerationSettings
+from alignment.config import GenerationSettings, ModelSettings
 from alignment.fast_generation import GraphDecoder, decode_attention, graph_supported
 from alignment.fast_paths import (
     compile_layers,
@@ -28,8 +28,8 @@ from alignment.fast_paths import (
 )
 from alignment.generation import KVDecoder, generate
 from alignment.losses import dpo_loss, reward_loss
-from alignment.models import CausalLMLogps, ScalarReward, packing_supported
-from tests.tiny_models import grads_of, preference_pairs
+from alignment.models import CausalLMLogps, ScalarReward, load_causal_lm, packing_supported
+from tests.tiny_models import grads_of, make_tiny_model, preference_pairs
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +230,22 @@ def test_varlen_packed_batches_equal_padded_ones(folder, batches):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     assert model.config._attn_implementation != "alignflow_varlen"  # switched only around the forward
     _assert_rewards_unchanged(folder, padded, packed, set_varlen_attention)
+
+
+def test_checkpointed_varlen_backward_equals_the_unchecked_one(tmp_path, batches):
+    """gradient_checkpointing with varlen attention: the backward recomputes each layer under the
+    attention its forward ran with (it raised CheckpointError, run 17) and gives the same gradients."""
+    _, packed, _ = batches
+    folder = make_tiny_model(tmp_path / "llama", "llama")  # no dropout: train mode is deterministic
+    grads = []
+    for ckpt in (False, True):
+        model = load_causal_lm(ModelSettings(name_or_path=str(folder), gradient_checkpointing=ckpt)).train()
+        module = CausalLMLogps(model, chunk_size=8)
+        assert set_varlen_attention(module, True) == 1
+        module(packed)["seq_logps"].sum().backward()
+        grads.append(grads_of(model))
+    for g, w in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
 
 
 def _assert_rewards_unchanged(folder, padded, fast_batch, switch_on):

@@ -16,6 +16,7 @@ from alignment.config import LoraSettings, ModelSettings
 from alignment.models import (
     CausalLMLogps,
     ScalarReward,
+    _layouts_agree,
     adapter_disabled,
     load_causal_lm,
     load_reward_model,
@@ -211,6 +212,21 @@ def test_lora_reward_model_trains_head_and_merges(tiny, tmp_path):
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(ScalarReward(merged)(batch), ScalarReward(model)(batch), rtol=1e-4, atol=1e-4)
+
+
+def test_layout_check_tolerance_follows_every_weight_not_the_first():
+    """QLoRA keeps its embeddings (the first parameter) in fp32 while its matmuls run in bf16: the
+    packed/padded check must use the half-precision tolerance (run 17: it held the 4-bit 8B model
+    to fp32's and fell back to padding)."""
+    layouts = [{"shift": torch.tensor(0.0)}, {"shift": torch.tensor(5e-4)}]  # bf16-sized disagreement
+
+    def hidden_of(batch):
+        return torch.ones(3, 2) + batch["shift"]
+
+    mixed = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 2).to(torch.bfloat16))
+    full = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 2))
+    assert _layouts_agree(mixed, layouts, hidden_of, torch.device("cpu"), 1e-4, "packing")
+    assert not _layouts_agree(full, layouts, hidden_of, torch.device("cpu"), 1e-4, "packing")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
