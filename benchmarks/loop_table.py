@@ -1,10 +1,11 @@
 """The closed-loop demo's per-round table as Markdown, and its plot copied beside RESULTS.md.
 
 Reads ``<home>/runs/<pipeline>/closed_loop_rounds.json`` and ``closed_loop_rounds.png``, written by
-``alignflow demo --rounds N`` (flows/demo.py), and prints one Markdown row per round: the candidate
-(oracle, KL to base, distinct-2 as a share of the base's, repeated-trigram rise, the oracle's paired
-win rate against the champion it challenged with its 95% interval, where the DPO drift budget
-stopped), the gate's verdict and the champion after the round.
+``alignflow demo --rounds N`` (flows/demo.py), and prints one Markdown row per round: the feedback
+(rejected and kept samples with the draws, kept samples on prompts that keep at least two, the
+preference pairs built), the candidate (oracle, KL to base, distinct-2 as a share of the base's,
+repeated-trigram rise, the oracle's paired win rate against the champion it challenged with its 95%
+interval, where the DPO drift budget stopped), the gate's verdict and the champion after the round.
 
     .venv/bin/python benchmarks/loop_table.py --home $ALIGNFLOW_HOME [--copy-plot benchmarks/results/loop/rounds.png]
 """
@@ -23,9 +24,9 @@ def _f(value, fmt: str) -> str:
 
 def markdown(data: dict) -> str:
     base = data.get("base_oracle")
-    lines = ["| round | feedback from | rejected samples | kept samples (draws) | budget stop | cand. oracle | cand. KL | distinct-2 / base "
+    lines = ["| round | feedback from | rejected samples | kept samples (draws) | paired samples | pairs built | budget stop | cand. oracle | cand. KL | distinct-2 / base "
              "| rep-3 rise | oracle win vs champion (95% CI) | promoted | champion | champion oracle (gain) | champion KL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rounds"]:
         win = r.get("oracle win vs champion")
         gain = "" if r.get("oracle") is None or base is None else f" ({r['oracle'] - base:+.3f})"
@@ -33,7 +34,8 @@ def markdown(data: dict) -> str:
         draws = f" ({r['draws']})" if r.get("draws") else ""
         lines.append(
             f"| {r['round']} | {r['feedback from']} | {_f(r.get('rejected samples'), 'd')} "
-            f"| {_f(r.get('kept samples'), 'd')}{draws} | {r.get('budget stop') or '-'} "
+            f"| {_f(r.get('kept samples'), 'd')}{draws} | {_f(r.get('paired samples'), 'd')} "
+            f"| {_f(r.get('pairs built'), 'd')} | {r.get('budget stop') or '-'} "
             f"| {_f(r.get('candidate oracle'), '.3f')} | {_f(r.get('candidate KL'), '.2f')} "
             f"| {_f(r.get('distinct-2 / base'), '.0%')} | {_f(r.get('rep-3 rise'), '+.3f')} "
             f"| {'-' if not win else f'{win[0]:.2f} ({win[1]:.2f}–{win[2]:.2f})'} "

@@ -237,6 +237,12 @@ class SimulatorSettings(StrictModel):
     over) and samples them, until the floor or ``max_prompts_per_batch`` is reached. A champion
     that stops ending its answers then does not starve the next round of labels. The draws,
     kept and rejected counts are in the report. None: one draw of ``prompts_per_batch``."""
+    floor_counts: Literal["samples", "paired"] = "samples"
+    """What ``min_kept_samples`` counts. ``samples``: every kept sample. ``paired``: only kept
+    samples on prompts (of one draw) that keep at least two, the samples a comparison or a
+    rating pair can be built from: a champion that keeps one sample on most prompts then draws
+    more prompts instead of filling the floor with samples no pair comes from (issue 15: rounds
+    kept ~1,250 samples but built only 250-400 pairs)."""
     max_prompts_per_batch: int = Field(2400, gt=0)
     """Cap on the prompts one batch may draw in all while reaching ``min_kept_samples`` (prompts
     are drawn again, with new samples, once the pool is used up): a policy whose samples are nearly

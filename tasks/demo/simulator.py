@@ -81,6 +81,8 @@ class SimulationReport:
     or cut off at ``max_new_tokens`` (``reject_truncated``)."""
     kept_samples: int = 0
     """Responses that reached the annotators: not rejected, not blank, not a duplicate within their prompt."""
+    paired_samples: int = 0
+    """Kept samples on prompts (of one draw) that keep at least two: those a pair can come from."""
     draws: int = 1
     """Sampling draws: 1, plus one per extra draw made to reach ``min_kept_samples``."""
     seconds: dict[str, float] = field(default_factory=dict)
@@ -125,6 +127,12 @@ def sample_responses(policy_path: str | Path, prompts: list[str], settings: Simu
 def usable_count(texts: list[str]) -> int:
     """Responses of one prompt that become items: non-blank and distinct (``label_items``' rule)."""
     return sum(1 for i, t in enumerate(texts) if t.strip() and t not in texts[:i])
+
+
+def paired_count(texts: list[str]) -> int:
+    """Usable responses of one prompt when it has at least two (a pair can be built), else 0."""
+    n = usable_count(texts)
+    return n if n >= 2 else 0
 
 
 def next_draw_size(floor: int, kept: int, drawn: int, cap: int) -> int:
@@ -269,7 +277,8 @@ def simulate_feedback(
 
     ``prompts`` is the pool to draw from (``prompts_per_batch`` of them, without replacement
     when the pool is large enough; with ``min_kept_samples``, further draws until that many
-    samples pass the filters or ``max_prompts_per_batch`` prompts are drawn); ``seed`` defaults to ``settings.seed`` (give each round its
+    samples pass the filters, counted as ``floor_counts`` says, or ``max_prompts_per_batch``
+    prompts are drawn); ``seed`` defaults to ``settings.seed`` (give each round its
     own); ``start_time`` (default 2025-01-01 UTC) is when the batch's labelling began, and rows
     get ``created_at`` within the following hour. Raises FileExistsError if the batch's files
     already exist (a batch is written once), ValueError on an empty prompt pool.
@@ -288,7 +297,7 @@ def simulate_feedback(
     drawn: list[str] = []
     responses: list[list[str]] = []  # as sampled: the oracle scores these
     shown: list[list[str]] = []  # what the annotators may see: broken bytes stripped, rejected samples blanked
-    rejected = kept = draws = 0
+    rejected = kept = paired = draws = 0
     used = np.zeros(len(pool), bool)
     while len(take):
         texts, ended = sample_responses(policy_path, [pool[int(i)] for i in take], settings, draw_seed(seed, draws))
@@ -296,10 +305,12 @@ def simulate_feedback(
         drawn += [pool[int(i)] for i in take]
         responses, shown = responses + texts, shown + blanked
         rejected, kept, draws = rejected + n_rejected, kept + sum(map(usable_count, blanked)), draws + 1
+        paired += sum(map(paired_count, blanked))
         used[take] = True
         if settings.min_kept_samples is None:
             break
-        size = next_draw_size(settings.min_kept_samples, kept, len(drawn), settings.max_prompts_per_batch)
+        counted = paired if settings.floor_counts == "paired" else kept
+        size = next_draw_size(settings.min_kept_samples, counted, len(drawn), settings.max_prompts_per_batch)
         take = _more_prompts(used, size, np.random.default_rng([seed, 0x5EED, draws]))
     timer["sampled"] = time.monotonic()
     scores = sentiment([t for texts in responses for t in texts]).reshape(len(drawn), settings.samples_per_prompt)
@@ -329,6 +340,7 @@ def simulate_feedback(
 
     report = _report(truth, batch_id, files, len(drawn), scores, skipped, broken, timer)
     report.rejected_samples, report.kept_samples, report.draws = rejected, kept, draws
+    report.paired_samples = paired
     if report_dir is not None:
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)

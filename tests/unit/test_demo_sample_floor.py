@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from tasks.demo import simulator
 from tasks.demo.settings import SimulatorSettings
-from tasks.demo.simulator import draw_seed, next_draw_size, simulate_feedback, usable_count
+from tasks.demo.simulator import draw_seed, next_draw_size, paired_count, simulate_feedback, usable_count
 
 WORDS = ["a fine film", "a dull plot", "a warm and funny story", "the actors are charming", "a clumsy thriller"]
 
@@ -96,6 +96,39 @@ def test_same_seed_same_batch_other_seed_other_batch(tmp_path, monkeypatch):
     assert read(a) != read(c)
 
 
+def test_a_paired_floor_counts_only_samples_a_pair_can_come_from(tmp_path, monkeypatch):
+    ends = []  # per draw: the sampler's EOS flags (kept = ended: the texts are distinct)
+
+    def recording(*args):
+        texts, ended = fake_sampler(0.3, [])(*args)
+        ends.append(ended)
+        return texts, ended
+
+    monkeypatch.setattr(simulator, "sample_responses", recording)
+    floor = BASE.model_copy(update={"min_kept_samples": 20, "max_prompts_per_batch": 400})
+    by_samples = simulate_feedback("unused", PROMPTS, floor, tmp_path / "s", batch_id="b", seed=3)
+    first = ends[0]
+    # 30% kept: one draw of 20 prompts keeps 20+ samples, but many prompts keep only one
+    assert by_samples.draws == 1 and by_samples.kept_samples >= 20 > by_samples.paired_samples
+    ends.clear()
+    paired = floor.model_copy(update={"floor_counts": "paired"})
+    report = simulate_feedback("unused", PROMPTS, paired, tmp_path / "p", batch_id="b", seed=3)
+    # the first draw is the same batch; more draws until 20 samples sit on prompts keeping two or more
+    assert ends[0] == first and report.draws == len(ends) > 1
+    kept = [sum(row) for draw in ends for row in draw]
+    assert report.kept_samples == sum(kept) and report.paired_samples == sum(k for k in kept if k >= 2) >= 20
+
+
+def test_paired_count():
+    assert paired_count(["a", "b", ""]) == 2 and paired_count(["a", "", "a"]) == 0 and paired_count(["a", "b", "c"]) == 3
+
+
+def test_the_floor_counts_samples_unless_told_otherwise():
+    assert SimulatorSettings().floor_counts == "samples"
+    with pytest.raises(ValidationError):
+        SimulatorSettings(floor_counts="pairs")
+
+
 def test_next_draw_size():
     assert next_draw_size(floor=100, kept=20, drawn=20, cap=1000) == 88  # 80 short at 1 a prompt, 10% over
     assert next_draw_size(floor=100, kept=20, drawn=20, cap=50) == 30  # what the cap leaves
@@ -123,10 +156,10 @@ def test_the_loop_table_shows_kept_samples_and_draws():
     loop_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loop_table)
     rounds = [{"round": 0, "feedback from": "base", "rejected samples": 856, "kept samples": 2321, "draws": 1,
-               "promoted": True, "champion": 1, "oracle": 0.62, "kl": 5.4},
+               "paired samples": 2200, "pairs built": 1101, "promoted": True, "champion": 1, "oracle": 0.62, "kl": 5.4},
               {"round": 1, "feedback from": "v1", "rejected samples": 5270, "kept samples": 1258, "draws": 2,
                "promoted": False, "why not": "KL", "champion": 1, "oracle": 0.62, "kl": 5.4}]
     rows = loop_table.markdown({"base_oracle": 0.22, "rounds": rounds}).splitlines()
     assert "kept samples (draws)" in rows[0]
-    assert "| 856 | 2321 (1) |" in rows[2] and "| 5270 | 1258 (2) |" in rows[3]
+    assert "| 856 | 2321 (1) | 2200 | 1101 |" in rows[2] and "| 5270 | 1258 (2) | - | - |" in rows[3]
     assert all(r.count("|") == rows[0].count("|") for r in rows[:4])
