@@ -7,7 +7,9 @@ response under three words), and
 prints one JSON line: the mean rep-3, the share of responses that loop (rep-3 above
 ``--loop-threshold``, 0.1 by default: one trigram in ten a repeat) and distinct-2 over all
 responses, then a few prompt → response examples. The evaluation's guards measure sampled text;
-this is the greedy check point 2 asks for.
+this is the greedy check point 2 asks for. The definitions are the evaluation's
+(:func:`tasks.evaluation.metrics.loop_stats`), which reports the same figures for every
+evaluated model (``evaluation.greedy``) and the gate's ``greedy_loops`` rule reads.
 
 Usage (the demo's prompt table, ``split`` column ``test``: the 103 held-out prompts the evaluation uses):
     .venv/bin/python benchmarks/greedy_loops.py --prompts-file <home>/data/demo/demo-prompts/prompts-<base digest>.parquet \
@@ -19,16 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
+from tasks.evaluation.metrics import LOOP_THRESHOLD, distinct_n, loop_stats
 
 
-def loop_stats(texts: list[str], threshold: float = 0.1) -> dict[str, float]:
-    """Mean seq-rep-3, the share of texts whose rep-3 exceeds ``threshold``, and distinct-2."""
-    from tasks.evaluation.metrics import distinct_n, repetition_rate, word_tokens
-
-    reps = np.array([repetition_rate([word_tokens(t)], 3) for t in texts])
-    return {"mean_seq_rep3": round(float(reps.mean()), 3) if len(reps) else 0.0,
-            "looping_share": round(float((reps > threshold).mean()), 3) if len(reps) else 0.0,
+def loop_summary(texts: list[str], threshold: float = LOOP_THRESHOLD) -> dict[str, float]:
+    """Mean seq-rep-3, the share of texts that loop and distinct-2, rounded for the JSON line:
+    :func:`tasks.evaluation.metrics.loop_stats`, the evaluation's own definition."""
+    stats = loop_stats(texts, 3, threshold)
+    return {"mean_seq_rep3": round(stats.mean_seq_rep, 3), "looping_share": round(stats.looping_share, 3),
             "distinct2": round(distinct_n(texts, 2), 3)}
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts-file", required=True, help="a prompts Parquet table with a split column")
     parser.add_argument("--prompts", type=int, default=103, help="how many test prompts (default 103)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--loop-threshold", type=float, default=0.1)
+    parser.add_argument("--loop-threshold", type=float, default=LOOP_THRESHOLD)
     args = parser.parse_args(argv)
 
     import pandas as pd
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.inference_mode():
             out = generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=args.max_new_tokens,
                                                                          do_sample=False, batch_size=64), 0)
-        print(json.dumps({"model": folder, "prompts": len(prompts), **loop_stats(out.texts, args.loop_threshold)}))
+        print(json.dumps({"model": folder, "prompts": len(prompts), **loop_summary(out.texts, args.loop_threshold)}))
         for prompt, text in list(zip(prompts, out.texts, strict=True))[:3]:
             print("   ", repr(prompt), "->", repr(text))
 

@@ -15,8 +15,10 @@ Rules (thresholds in :class:`~tasks.evaluation.settings.GateSettings`), all must
    (its rise over the reference), ``distinct2_collapse`` (distinct-2 against the reference's),
    ``repetition`` (repeated bigrams within responses), ``repeated_trigrams`` (their rise over
    the reference: loops, stuffed phrases), ``fluency`` (the fall of the per-token
-   log-likelihood of the candidate's text under the reference: word salad, stuffing), and
-   optionally ``length_change``.
+   log-likelihood of the candidate's text under the reference: word salad, stuffing),
+   ``greedy_loops`` (the rise of the share of greedy responses that loop over the reference's:
+   sampled text can read well while the model's most likely text loops), and optionally
+   ``length_change``.
 
 A missing or non-finite number fails its rule: a gate never passes on absent evidence.
 """
@@ -238,7 +240,25 @@ def _readability_checks(cand, ref, s: GateSettings) -> list[GateCheck]:
                              f"Under the base model the candidate's text {shown}, {'within' if ok else 'beyond'} "
                              f"the allowed {s.max_fluency_drop:.2f}" + ("." if ok else " (text the base model "
                                                                          "finds unlikely: stuffing or junk).")))
+    if s.max_greedy_loop_increase is not None:
+        checks.append(_greedy_loop_check(cand, ref, s.max_greedy_loop_increase))
     return checks
+
+
+def _greedy_loop_check(cand, ref, limit: float) -> GateCheck:
+    """The share of greedy responses that loop, the candidate's against the reference's."""
+    c, r = cand.greedy_looping_share, ref.greedy_looping_share
+    rise = c - r if _finite(c) and _finite(r) else None
+    ok = rise is not None and rise <= limit
+    if rise is None:
+        shown = "was not measured (evaluation.greedy is off, or the report predates it)"
+    else:
+        seq = ("" if not (_finite(cand.greedy_seq_rep3) and _finite(ref.greedy_seq_rep3)) else
+               f" (mean seq-rep-3 {ref.greedy_seq_rep3:.3f} to {cand.greedy_seq_rep3:.3f})")
+        shown = f"went from {_pct(r)} (reference) to {_pct(c)}{seq}, {100 * rise:+.1f} points"
+    return _check("greedy_loops", rise, limit, ok,
+                  f"The share of greedy responses that loop {shown}, {'within' if ok else 'beyond'} the allowed "
+                  f"{100 * limit:+.1f}" + ("." if ok else " (the model's most likely text repeats itself)."))
 
 
 def decide(report: EvalReport, settings: GateSettings, has_champion: bool) -> GateDecision:

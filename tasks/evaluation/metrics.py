@@ -40,6 +40,10 @@ __all__ = [
     "word_tokens",
     "distinct_n",
     "repetition_rate",
+    "LOOP_THRESHOLD",
+    "seq_rep",
+    "LoopStats",
+    "loop_stats",
     "malformed_reasons",
     "malformed_share",
     "length_stats",
@@ -215,6 +219,44 @@ def repetition_rate(texts: Iterable, n: int = 2, tokenize: Callable[[str], list]
         if grams:
             reps.append(1.0 - len(set(grams)) / len(grams))
     return float(np.mean(reps)) if reps else 0.0
+
+
+LOOP_THRESHOLD = 0.1
+"""A response loops when its seq-rep-3 exceeds this: more than one word trigram in ten repeats an
+earlier one. Ordinary text of 24 tokens rarely repeats a trigram; "a great pleasure to be a great
+pleasure to be" does (seq-rep-3 3/8)."""
+
+
+def seq_rep(text: str | Sequence, n: int = 3, tokenize: Callable[[str], list] | None = None) -> float:
+    """seq-rep-n of ONE response (Welleck et al. 2020): 1 − |unique n-grams| / |n-grams|, over its
+    words (:func:`word_tokens`, or ``tokenize``; a token list passes as it is). 0.0 for a response
+    shorter than n tokens: too short to repeat a phrase, so it does not loop (unlike
+    :func:`repetition_rate`, which leaves such responses out of its mean)."""
+    grams = ngrams(tokenised([text], tokenize)[0], n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    """How often responses loop (:func:`loop_stats`)."""
+
+    looping_share: float
+    """Share of responses whose seq-rep-n exceeds the threshold."""
+    mean_seq_rep: float
+    """Mean seq-rep-n over all responses (short ones count 0)."""
+    n: int
+    """Responses measured."""
+
+
+def loop_stats(texts: Iterable, n: int = 3, threshold: float = LOOP_THRESHOLD,
+               tokenize: Callable[[str], list] | None = None) -> LoopStats:
+    """The looping share and mean :func:`seq_rep` of responses: the evaluation's greedy-loop
+    figures (and benchmarks/greedy_loops.py's). A response loops when seq-rep-n > ``threshold``.
+    Raises ValueError for no responses."""
+    reps = np.array([seq_rep(t, n, tokenize) for t in texts], dtype=np.float64)
+    if reps.size == 0:
+        raise ValueError("texts is empty")
+    return LoopStats(float((reps > threshold).mean()), float(reps.mean()), int(reps.size))
 
 
 _ALLOWED_CONTROL = set("\n\t\r")

@@ -80,6 +80,12 @@ class ModelEval(BaseModel):
     """Perplexity of the held-out chosen responses under this model (None without pairs)."""
     eos_share: float
     """Share of responses that ended with EOS before the token limit."""
+    greedy_looping_share: float | None = None
+    """Share of this model's greedy responses to the evaluated prompts (one per prompt) that loop:
+    seq-rep-3 above the report's ``loop_threshold`` (:func:`tasks.evaluation.metrics.loop_stats`).
+    None when greedy decoding is off (``evaluation.greedy``)."""
+    greedy_seq_rep3: float | None = None
+    """Mean seq-rep-3 of those greedy responses (a response under three words counts 0)."""
 
 
 class EvalReport(BaseModel):
@@ -107,6 +113,8 @@ class EvalReport(BaseModel):
     samples come from the distributions compared; 1.0 for greedy decoding)."""
     beta: float | None = None
     """β of the implicit DPO reward."""
+    loop_threshold: float | None = None
+    """seq-rep-3 above which a greedy response loops (None: no greedy decoding)."""
     wall_time_s: float = 0.0
 
     def model(self, role: Role) -> ModelEval:

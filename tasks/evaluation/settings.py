@@ -42,6 +42,15 @@ class EvalSettings(StrictModel):
     """Longest prompt (tokens) for sampling and pair scoring; longer prompts keep their end."""
     score_batch_size: int = Field(32, gt=0)
     """Sequences per forward pass when computing log-probs and reward scores."""
+    greedy: bool = True
+    """Also decode every evaluated prompt greedily (``generation.max_new_tokens`` tokens) with the
+    candidate, the champion and the reference, and report the share of greedy responses that
+    loop and their mean seq-rep-3 (:func:`tasks.evaluation.metrics.loop_stats`): sampled text at
+    temperature 0.7 can read well while the most likely text loops ("a great pleasure to be a
+    great pleasure to be"). One extra decode per model, no scoring (seconds on the demo's CPU).
+    False: not measured (then ``gate.max_greedy_loop_increase`` fails, as for any missing figure)."""
+    loop_threshold: float = Field(0.1, ge=0, lt=1)
+    """A greedy response loops when its seq-rep-3 exceeds this (0.1: one word trigram in ten repeats)."""
 
 
 class GateSettings(StrictModel):
@@ -76,6 +85,11 @@ class GateSettings(StrictModel):
     """Largest fall, in nats per token, of the candidate's responses' log-likelihood under the
     reference (temperature 1) below that of the reference's own responses: word salad and
     stuffed words are text the base model finds unlikely. None: not checked."""
+    max_greedy_loop_increase: float | None = Field(None, ge=0, le=1)
+    """Largest rise, in share points, of the share of the candidate's GREEDY responses that loop
+    (seq-rep-3 above ``evaluation.loop_threshold``) over the reference's, on the evaluated
+    prompts (``evaluation.greedy``): a champion's sampled text may pass every other guard while
+    its most likely output loops. None: not checked."""
     min_judge_accuracy: float | None = Field(0.6, ge=0, le=1)
     """Floor for the reward model as a judge: the lower confidence bound of its held-out pairwise
     accuracy (the evaluation's test pairs) must reach it. When it does not (or the accuracy was

@@ -2,7 +2,9 @@
 
 :func:`evaluate_models` samples every model on the same prompts with the same seed
 (:func:`alignment.generation.generate`), scores the samples with the reward model and the
-oracle, and computes the statistics of :mod:`tasks.evaluation.metrics`. It returns the
+oracle, and computes the statistics of :mod:`tasks.evaluation.metrics`; with
+``settings.greedy`` it also decodes each prompt greedily per model and counts the responses
+that loop. It returns the
 :class:`~tasks.evaluation.report.EvalReport` and a samples table; logging is the caller's job.
 
 Assumptions: the three policies share the reference's tokenizer (checked: KL compares
@@ -74,6 +76,8 @@ class _Samples:
     oracle: np.ndarray | None = None
     fluency_logps: np.ndarray | None = None
     """Σ_t log π_ref(y_t) at temperature 1: the reference's plain likelihood of the text (fluency proxy)."""
+    greedy: list[str] | None = None
+    """The model's greedy response to each evaluated prompt (one per prompt; ``settings.greedy``)."""
 
 
 def load_policy(path: str | Path, device: str = "cpu", tokenizer: str | None = None):
@@ -138,8 +142,9 @@ def reward_scorer_from_folder(path: str | Path, device: str = "cpu", batch_size:
 
 
 def _model_eval(role: str, path: str, s: _Samples, kl: M.KLEstimate | None, max_new_tokens: int,
-                ppl: float | None) -> ModelEval:
+                ppl: float | None, loop_threshold: float) -> ModelEval:
     texts = s.gen.texts
+    loops = M.loop_stats(s.greedy, 3, loop_threshold) if s.greedy else None
     reasons = Counter(r for t in texts for r in M.malformed_reasons(t))
     def mean_std(x):
         return (None, None) if x is None else (float(np.mean(x)), float(np.std(x)))
@@ -154,6 +159,8 @@ def _model_eval(role: str, path: str, s: _Samples, kl: M.KLEstimate | None, max_
         repetition_rate=M.repetition_rate(texts), repeated_trigram_rate=M.repetition_rate(texts, 3),
         fluency=_fluency(s), malformed_share=M.malformed_share(texts),
         malformed_reasons=dict(reasons), perplexity=ppl, eos_share=float(s.gen.hit_eos.float().mean()),
+        greedy_looping_share=None if loops is None else loops.looping_share,
+        greedy_seq_rep3=None if loops is None else loops.mean_seq_rep,
     )
 
 
@@ -216,7 +223,8 @@ def evaluate_models(
     temperature = gen_cfg.temperature if gen_cfg.do_sample else 1.0
 
     samples, pair_lp = _sample_policies(candidate, champion, reference, sample_prompts, pairs, settings,
-                                        temperature, device, reference_tokenizer)
+                                        temperature, device, reference_tokenizer,
+                                        greedy_prompts=prompts if settings.greedy else None)
     scorer = reward_scorer
     if scorer is None and reward_model is not None:
         scorer = reward_scorer_from_folder(reward_model, device, settings.score_batch_size,
@@ -235,7 +243,7 @@ def evaluate_models(
         if role in pair_lp and pair_lp[role][2].sum() > 0:
             ppl = M.perplexity(-pair_lp[role][0], pair_lp[role][2])
         kl = M.sequence_kl(smp.logps, smp.ref_logps, groups=groups)
-        evals[role] = _model_eval(role, str(path), smp, kl, gen_cfg.max_new_tokens, ppl)
+        evals[role] = _model_eval(role, str(path), smp, kl, gen_cfg.max_new_tokens, ppl, settings.loop_threshold)
     report = EvalReport(
         candidate=evals["candidate"], champion=evals["champion"], reference=evals["reference"],
         champion_is_reference=champion is None,
@@ -249,22 +257,33 @@ def evaluate_models(
                                     samples["reference"].gen.response_lengths.numpy()),
         num_prompts=len(prompts), samples_per_prompt=k, num_pairs=len(pairs), seed=settings.seed,
         generation=gen_cfg.model_dump(), kl_temperature=temperature, beta=beta,
+        loop_threshold=settings.loop_threshold if settings.greedy else None,
         wall_time_s=time.perf_counter() - start,
     )
     shown = ("candidate", "champion", "reference") if champion is not None else ("candidate", "reference")
     scores = {judge: {role: getattr(samples[role], attr).tolist() for role in shown}
               for judge, attr in (("reward model", "rewards"), ("oracle", "oracle"))
               if getattr(samples["candidate"], attr) is not None}
-    return EvalOutput(report, _samples_table(sample_prompts, samples, settings.samples_table_rows), scores)
+    return EvalOutput(report, _samples_table(sample_prompts, groups, samples, settings.samples_table_rows), scores)
 
 
 def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt], pairs: list[dict],
-                     settings: EvalSettings, temperature: float, device: str, reference_tokenizer: str | None):
+                     settings: EvalSettings, temperature: float, device: str, reference_tokenizer: str | None,
+                     greedy_prompts: list[Prompt] | None = None):
     """Sample each policy with the same seed; log-probs of its samples under itself and the
-    reference; its log-probs of the held-out pairs. Holds the reference and one other model."""
+    reference; its log-probs of the held-out pairs; its greedy responses to ``greedy_prompts``
+    (None: none). Holds the reference and one other model."""
     def sample(model, tokenizer) -> GenerationResult:
         return generate(model, tokenizer, sample_prompts, settings.generation, settings.seed,
                         max_prompt_length=settings.max_prompt_length)
+
+    greedy_cfg = settings.generation.model_copy(update={"do_sample": False})
+
+    def greedy(model, tokenizer) -> list[str] | None:
+        if not greedy_prompts:
+            return None
+        return generate(model, tokenizer, greedy_prompts, greedy_cfg, settings.seed,
+                        max_prompt_length=settings.max_prompt_length).texts
 
     ref_model, tokenizer = load_policy(reference, device, reference_tokenizer)
     if tokenizer is None:
@@ -278,7 +297,8 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
             return at_temperature
         return response_logps(ref, gen, 1.0, settings.score_batch_size)
 
-    samples = {"reference": _Samples(ref_gen, ref_lp, ref_lp, fluency_logps=plain_ref_logps(ref_gen, ref_lp, ref_model))}
+    samples = {"reference": _Samples(ref_gen, ref_lp, ref_lp, fluency_logps=plain_ref_logps(ref_gen, ref_lp, ref_model),
+                                     greedy=greedy(ref_model, tokenizer))}
     pair_lp: dict[str, tuple[np.ndarray, ...]] = {}
     if pairs:
         pair_lp["reference"] = pair_logps(ref_model, tokenizer, pairs, settings)
@@ -289,7 +309,8 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
         gen = sample(model, tokenizer)
         under_ref = response_logps(ref_model, gen, temperature, settings.score_batch_size)
         samples[role] = _Samples(gen, response_logps(model, gen, temperature, settings.score_batch_size),
-                                 under_ref, fluency_logps=plain_ref_logps(gen, under_ref, ref_model))
+                                 under_ref, fluency_logps=plain_ref_logps(gen, under_ref, ref_model),
+                                 greedy=greedy(model, tokenizer))
         if pairs:
             pair_lp[role] = pair_logps(model, tokenizer, pairs, settings)
         del model
@@ -395,7 +416,10 @@ def _accuracy(judge: str, model: str | None, chosen: np.ndarray, rejected: np.nd
                           mean_margin=acc.mean_margin, ece=M.calibration_ece(chosen, rejected), n=acc.n)
 
 
-def _samples_table(prompts: list[Prompt], samples: dict[str, _Samples], rows: int) -> list[dict[str, Any]]:
+def _samples_table(prompts: list[Prompt], groups: list[int], samples: dict[str, _Samples],
+                   rows: int) -> list[dict[str, Any]]:
+    """The first ``rows`` samples: prompt, each role's sampled response and scores, and each
+    role's greedy response to that prompt (``{role}_greedy``, where greedy decoding ran)."""
     table = []
     for i in range(min(rows, len(prompts))):
         p = prompts[i]
@@ -407,6 +431,8 @@ def _samples_table(prompts: list[Prompt], samples: dict[str, _Samples], rows: in
                 row[f"{role}_reward"] = float(s.rewards[i])
             if s.oracle is not None:
                 row[f"{role}_oracle"] = float(s.oracle[i])
+            if s.greedy is not None:
+                row[f"{role}_greedy"] = s.greedy[groups[i]]
         cand = samples["candidate"]
         row["candidate_log_ratio"] = float(cand.logps[i] - cand.ref_logps[i])
         row["candidate_malformed"] = ",".join(M.malformed_reasons(cand.gen.texts[i]))

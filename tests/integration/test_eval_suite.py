@@ -186,3 +186,50 @@ def test_a_reference_whose_tokenizer_lives_apart_is_evaluated_with_the_configure
     out = evaluate_models(folders["candidate"], None, bare, PROMPTS, settings=few, reference_tokenizer=str(separate))
     same = evaluate_models(folders["candidate"], None, folders["reference"], PROMPTS, settings=few)
     assert out.report.candidate.kl == pytest.approx(same.report.candidate.kl)
+
+
+def _plain_greedy(folder, prompt: str, max_new_tokens: int) -> str:
+    """Greedy decoding by hand: a full forward per token, argmax, stop at EOS."""
+    model, tok = load_policy(folder)
+    ids = encode_prompt(tok, prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def test_greedy_loop_figures_of_each_model(folders):
+    """evaluation.greedy (issue 15 point 2): each model's greedy response to each evaluated prompt
+    (not to each sample), its looping share and mean seq-rep-3 in the report and its metrics,
+    and the greedy responses beside the samples; off, none of it."""
+    from tasks.evaluation.metrics import loop_stats
+
+    prompts = PROMPTS[:6]
+    # random tiny models repeat themselves (seq-rep-3 0.3-0.9): a high threshold splits their prompts
+    few = settings(samples_per_prompt=2, loop_threshold=0.85).model_copy(update={"samples_table_rows": 4})
+    out = evaluate_models(folders["candidate"], folders["champion"], folders["reference"], prompts, None,
+                          settings=few)
+    report, metrics = out.report, out.report.metrics()
+    assert report.loop_threshold == 0.85
+    for role in ("candidate", "champion", "reference"):
+        greedy = [_plain_greedy(folders[role], p, 12) for p in prompts]
+        want = loop_stats(greedy, 3, 0.85)
+        assert 0 < want.looping_share < 1
+        m = report.model(role)
+        assert m.greedy_looping_share == pytest.approx(want.looping_share)
+        assert m.greedy_seq_rep3 == pytest.approx(want.mean_seq_rep)
+        assert metrics[f"eval/{role}/greedy_looping_share"] == pytest.approx(want.looping_share)
+        assert metrics[f"eval/{role}/greedy_seq_rep3"] == pytest.approx(want.mean_seq_rep)
+        # two samples per prompt: rows 0-1 are prompt 0, rows 2-3 prompt 1
+        assert [row[f"{role}_greedy"] for row in out.samples] == [greedy[0], greedy[0], greedy[1], greedy[1]]
+
+    off = evaluate_models(folders["candidate"], None, folders["reference"], prompts, None,
+                          settings=settings(greedy=False))
+    assert off.report.loop_threshold is None
+    assert off.report.candidate.greedy_looping_share is None and off.report.reference.greedy_seq_rep3 is None
+    assert not any(k.startswith("eval/") and "greedy" in k for k in off.report.metrics())
+    assert not any(k.endswith("_greedy") for k in off.samples[0])

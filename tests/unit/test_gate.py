@@ -117,3 +117,40 @@ def test_several_failures_are_all_reported():
 def test_a_report_without_the_champion_is_refused_when_one_exists():
     with pytest.raises(ValueError, match="re-run the evaluation with the champion"):
         decide(report(champion_is_reference=True), GateSettings(), has_champion=True)
+
+
+def test_greedy_loops_rule_compares_the_looping_share_with_the_reference():
+    """Issue 15 point 2: the candidate's greedy output may loop at most this many points more
+    often than the base model's; the rule is off unless configured."""
+    base = {"greedy_looping_share": 0.47, "greedy_seq_rep3": 0.213}
+    s = GateSettings(max_greedy_loop_increase=0.05)
+    close = decide(report(candidate={"greedy_looping_share": 0.50, "greedy_seq_rep3": 0.22}, reference=base), s,
+                   has_champion=True)
+    assert close.passed and "greedy_loops" in {c.rule for c in close.checks}
+    check = next(c for c in close.checks if c.rule == "greedy_loops")
+    assert check.value == pytest.approx(0.03) and check.threshold == 0.05
+    assert "47.0% (reference) to 50.0%" in check.message and "+3.0 points" in check.message
+
+    loops = decide(report(candidate={"greedy_looping_share": 0.69, "greedy_seq_rep3": 0.31}, reference=base), s,
+                   has_champion=True)
+    assert loops.failed_rules() == ["greedy_loops"]
+    assert loops.reasons[1] == ("The share of greedy responses that loop went from 47.0% (reference) to 69.0% (mean "
+                                "seq-rep-3 0.213 to 0.310), +22.0 points, beyond the allowed +5.0 (the model's most "
+                                "likely text repeats itself).")
+    # the same report passes with the rule off (the default) or a looser threshold
+    assert decide(report(candidate={"greedy_looping_share": 0.69}, reference=base), GateSettings(),
+                  has_champion=True).passed
+    assert decide(report(candidate={"greedy_looping_share": 0.69}, reference=base),
+                  GateSettings(max_greedy_loop_increase=0.25), has_champion=True).passed
+    # looping less than the base model is no problem
+    assert decide(report(candidate={"greedy_looping_share": 0.10}, reference=base), s, has_champion=True).passed
+
+
+@pytest.mark.parametrize("candidate,reference", [({}, {}),  # greedy decoding off: not measured
+                                                 ({"greedy_looping_share": math.nan}, {"greedy_looping_share": 0.4}),
+                                                 ({"greedy_looping_share": 0.4}, {})])
+def test_greedy_loops_rule_fails_without_the_figures(candidate, reference):
+    d = decide(report(candidate=candidate, reference=reference), GateSettings(max_greedy_loop_increase=0.05),
+               has_champion=True)
+    assert d.failed_rules() == ["greedy_loops"] and "was not measured" in d.reasons[1]
+    assert next(c for c in d.checks if c.rule == "greedy_loops").value is None

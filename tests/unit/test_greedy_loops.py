@@ -1,15 +1,47 @@
-"""benchmarks/greedy_loops.py: the looping share and seq-rep-3, against hand counts."""
+"""Greedy-loop figures (issue 15, point 2): seq-rep-3 and the looping share against hand counts,
+one definition for the evaluation and benchmarks/greedy_loops.py."""
 
 from __future__ import annotations
 
-from benchmarks.greedy_loops import loop_stats
+import pytest
+
+from benchmarks.greedy_loops import loop_summary
+from tasks.evaluation.metrics import LOOP_THRESHOLD, loop_stats, seq_rep
+
+LOOPING = "a great pleasure to be a great pleasure to be"  # 8 trigrams, 5 distinct: 3/8 repeat
+PLAIN = "the plot was slow but the actors were fine"  # "the" twice, no trigram twice: 0
+SHORT = "great movie"  # under three words: no trigram, counts 0 (does not loop)
+STUFFED = "good good good good good"  # 3 trigrams, 1 distinct: 2/3
 
 
-def test_loop_stats_count_repeated_trigrams_by_hand():
-    texts = ["a good movie a good movie a good movie",  # 7 trigrams, 3 unique: rep-3 = 4/7
-             "the plot was slow but the actors were fine",  # no repeat: 0
-             "great"]  # under 3 words: no trigram, rep-3 0 (as in RESULTS' figures)
+def test_seq_rep_counts_repeated_trigrams_by_hand():
+    assert seq_rep(LOOPING) == pytest.approx(3 / 8)
+    assert seq_rep(PLAIN) == 0.0 and seq_rep(SHORT) == 0.0 and seq_rep("") == 0.0
+    assert seq_rep(STUFFED) == pytest.approx(2 / 3)
+    assert seq_rep(STUFFED, n=2) == pytest.approx(3 / 4)  # 4 bigrams, 1 distinct
+    # words are lowercased \w+ runs and single punctuation marks, as the other text guards read them
+    assert seq_rep("Fine. Fine. Fine.") == pytest.approx(2 / 4)  # fine . fine . fine . -> 4 trigrams, 2 distinct
+    assert seq_rep(["x", "y", "z", "x", "y", "z"]) == pytest.approx(1 / 4)  # token lists pass as they are
+
+
+def test_loop_stats_share_and_mean_by_hand():
+    texts = [LOOPING, PLAIN, SHORT, STUFFED]
     out = loop_stats(texts)
-    assert out["mean_seq_rep3"] == round((4 / 7 + 0.0 + 0.0) / 3, 3)
+    assert out.n == 4
+    assert out.looping_share == pytest.approx(2 / 4)  # LOOPING and STUFFED exceed 0.1
+    assert out.mean_seq_rep == pytest.approx((3 / 8 + 0 + 0 + 2 / 3) / 4)
+    # the threshold is strict: a response at exactly the threshold does not loop
+    assert loop_stats(texts, threshold=3 / 8).looping_share == pytest.approx(1 / 4)
+    assert loop_stats(texts, threshold=0.7).looping_share == 0.0
+    assert LOOP_THRESHOLD == 0.1
+    with pytest.raises(ValueError, match="empty"):
+        loop_stats([])
+
+
+def test_the_benchmark_reports_the_evaluation_figures():
+    texts = ["a good movie a good movie a good movie", PLAIN, "great"]  # 7 trigrams, 3 distinct: 4/7
+    out = loop_summary(texts)
+    assert out["mean_seq_rep3"] == round((4 / 7) / 3, 3)
     assert out["looping_share"] == round(1 / 3, 3)
-    assert loop_stats(texts, threshold=0.6)["looping_share"] == 0.0
+    assert loop_summary(texts, threshold=0.6)["looping_share"] == 0.0
+    assert 0 < out["distinct2"] < 1
