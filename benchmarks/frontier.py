@@ -14,11 +14,13 @@ and prints a Markdown table with each run's training wall time; writes the plot
         --reward-model <a reward folder> --reuse <an earlier frontier.json>
 
 ``--reward-model`` pins the PPO/GRPO reward to a trained reward folder (else the demo's reward
-stage trains one, cached); ``--reuse`` copies earlier runs' rows (frontier.json files) of points
+stage trains one, cached, started like the demo's from the offline reward model when ``demo.offline`` is on); ``--reuse`` copies earlier runs' rows (frontier.json files) of points
 not run here into the table and plot (taken on the same machine and data, or the comparison is
 void); ``--plot-only`` runs nothing and draws the reused rows. ``--set pipeline.seed=N`` trains
 with another seed (rollouts, minibatch order; each row records its seed): give it its own
 ``--home``, where the simulator (``demo.simulator.seed``) writes the same feedback batch again.
+It seeds the reward stage too; ``--ppo seed=N`` (``--grpo seed=N``) seeds that RL run alone, with
+the same data and reward model.
 Training runs are cached by their inputs (re-running the script re-evaluates only).
 """
 
@@ -42,7 +44,13 @@ from tasks.evaluation.plots import plot_reward_vs_kl  # noqa: E402
 from tasks.evaluation.suite import evaluate_models  # noqa: E402
 from tasks.records import ModelRecord  # noqa: E402
 from tasks.stages.data import run_build, run_ingest  # noqa: E402
-from tasks.stages.demo import demo_base_model, heldout_prompts, landing_is_empty, simulate_round  # noqa: E402
+from tasks.stages.demo import (  # noqa: E402
+    demo_base_model,
+    demo_offline_reward_model,
+    heldout_prompts,
+    landing_is_empty,
+    simulate_round,
+)
 from tasks.stages.train import train_stage  # noqa: E402
 from tasks.versioning import digest_of  # noqa: E402
 
@@ -96,8 +104,8 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
     dataset = run_build(cfg, ingest, None)
     if args.reward_model:
         reward = ModelRecord(stage="reward", path=args.reward_model, digest=digest_of("pinned", args.reward_model))
-    else:
-        reward = train_stage(cfg, "reward", dataset.files, dataset.digest, base, None)
+    else:  # as the demo's reward stage: started from the offline reward model when demo.offline is on
+        reward = train_stage(cfg, "reward", dataset.files, dataset.digest, reward_init(cfg, base), None)
     prompts = heldout_prompts(cfg, base)
     pairs_file = dataset.files.get("pairs-test")
     pairs = pd.read_parquet(pairs_file) if pairs_file else None
@@ -105,13 +113,14 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
 
     rows = []
 
-    def evaluate(method: str, knob: str, value: float | str, model: ModelRecord, train_s: float) -> None:
+    def evaluate(method: str, knob: str, value: float | str, model: ModelRecord, train_s: float,
+                 seed: int | None = None) -> None:
         out = evaluate_models(model.path, None, base.path, prompts, pairs, reward_model=reward.path,
                               oracle=lambda texts: sentiment(texts), settings=cfg.evaluation, device="cpu")
         c = out.report.candidate
         rows.append({"method": method, knob: value, "kl": c.kl, "kl_se": c.kl_se, "oracle": c.oracle_mean,
                      "oracle_se": c.oracle_std / len(prompts) ** 0.5, "reward": c.reward_mean, "malformed": c.malformed_share, "distinct_2": c.distinct_2,
-                     "train_s": train_s, "seed": cfg.pipeline.seed, **_train_summary(model)})
+                     "train_s": train_s, "seed": cfg.pipeline.seed if seed is None else seed, **_train_summary(model)})
         print(f"{method} {knob}={value}: KL {c.kl:.2f} ± {c.kl_se:.2f}, oracle {c.oracle_mean:+.3f}, "
               f"distinct-2 {c.distinct_2:.3f}, trained in {train_s:.0f} s", flush=True)
 
@@ -138,8 +147,18 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
         steps = [f"ppo.max_steps={args.ppo_steps}"] if stage == "ppo" and args.ppo_steps else []
         run = load_pipeline_config(args.config, [*base_overrides, f"pipeline.method={stage}", *steps,
                                                  *(f"{stage}.{item}" for item in sets)])
-        evaluate(stage.upper(), "setting", spec, *train(run, stage, reward=reward))
+        # the stage's own seed (``--ppo seed=1``: that run alone on another seed, the reward model and data kept)
+        evaluate(stage.upper(), "setting", spec, *train(run, stage, reward=reward), seed=getattr(run, stage).seed)
     return rows
+
+
+def reward_init(cfg, base: ModelRecord) -> ModelRecord:
+    """Where the frontier's reward stage starts: the demo's offline reward model (cached) when
+    ``demo.offline`` is on, as the demo's own reward stage does (flows.pipeline.train_reward_model),
+    else the base model. So the RL points are scored by the reward model the demo trains."""
+    if cfg.demo is not None and cfg.demo.offline.enabled:
+        return demo_offline_reward_model(cfg, base)
+    return base
 
 
 def report(rows: list[dict], home: Path) -> None:
@@ -151,8 +170,8 @@ def report(rows: list[dict], home: Path) -> None:
     print(f"\n(torch threads: {torch.get_num_threads()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
     curve = frontier_curve(rows)
     print("| method | setting | KL to base (nats/seq) | oracle sentiment | malformed | distinct-2 | train s "
-          "| DPO frontier at that KL | gap |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| DPO frontier at that KL | gap | between |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         setting = (f"β={r['beta']}" if "beta" in r else f"c={r['kl_coef']}" if "kl_coef" in r
                    else f"{r['series']}: {r['label']}" if r.get("series") and r.get("label")
@@ -161,7 +180,7 @@ def report(rows: list[dict], home: Path) -> None:
             setting += f" (seed {r['seed']})"
         train_s = f"{r['train_s']:.0f}" if r.get("train_s") is not None else "-"
         at = frontier_at(curve, r["kl"]) if r["method"] not in ("base", "DPO") else None
-        gap = "- | -" if at is None else f"{at:+.3f} | {r['oracle'] - at:+.3f}"
+        gap = "- | - | -" if at is None else f"{at:+.3f} | {r['oracle'] - at:+.3f} | {bracket(curve, r['kl'])}"
         print(f"| {r['method']} | {setting} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {r['oracle']:+.3f} | "
               f"{r['malformed']:.3f} | {r['distinct_2']:.3f} | {train_s} | {gap} |")
     print(f"\nplot: {plot}")
@@ -190,11 +209,29 @@ def _plot(rows: list[dict], home: Path) -> Path:
 
 
 def frontier_curve(rows: list[dict]) -> list[tuple[float, float]]:
-    """The DPO frontier as (KL, oracle) points sorted by KL: the base model (KL 0) and every DPO
-    row (the β sweep). Empty without a base row and at least one DPO row."""
+    """The DPO frontier as (KL, oracle) points sorted by KL: the upper concave hull of the base
+    model (KL 0) and every DPO row (the β sweep). Where several β land at about one KL (high β: three
+    epochs fit the pairs at any β), their oracles differ by noise, and a line through all of them
+    zigzags; the hull keeps the upper ones, so a gap against it is never flattered by a low DPO
+    point. On a concave sweep it is the line through every point. Empty without a base row and at
+    least one DPO row."""
     base = [(0.0, r["oracle"]) for r in rows if r["method"] == "base"][:1]
     dpo = [(r["kl"], r["oracle"]) for r in rows if r["method"] == "DPO"]
-    return sorted(base + dpo) if base and dpo else []
+    return upper_hull(base + dpo) if base and dpo else []
+
+
+def upper_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The upper concave hull of (x, y) points, sorted by x (Andrew's monotone chain, upper half):
+    the points no chord of two others lies above."""
+    hull: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if hull and hull[-1][0] == x:  # the same KL twice: the higher oracle (sorted first) stays
+            continue
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (y - hull[-2][1])
+                                  - (hull[-1][1] - hull[-2][1]) * (x - hull[-2][0])) >= 0:
+            hull.pop()  # the last point lies on or under the chord from the one before it to this one
+        hull.append((x, y))
+    return hull
 
 
 def frontier_at(curve: list[tuple[float, float]], kl: float) -> float | None:
@@ -205,6 +242,16 @@ def frontier_at(curve: list[tuple[float, float]], kl: float) -> float | None:
         if k0 <= kl <= k1:
             return o0 if k1 == k0 else o0 + (o1 - o0) * (kl - k0) / (k1 - k0)
     return None
+
+
+def bracket(curve: list[tuple[float, float]], kl: float) -> str:
+    """The two measured frontier points around ``kl`` (their KLs), marked ``chord from the base``
+    when the lower one is the base model: below the lowest DPO point the frontier is only the chord
+    from the base, which a concave curve lies above, so a gap measured there is no gap."""
+    for (k0, _), (k1, _) in zip(curve, curve[1:], strict=False):
+        if k0 <= kl <= k1:
+            return f"{k0:.2f}–{k1:.2f}" + (" (chord from the base)" if k0 == 0.0 else "")
+    return "outside"
 
 
 def _short_label(row: dict) -> str:

@@ -96,9 +96,30 @@ def test_the_table_gives_each_rl_point_its_gap_to_the_frontier(tmp_path, monkeyp
                                       str(tmp_path / "a.json")])
     frontier.main()
     table = capsys.readouterr().out
-    assert "| PPO | s | 5.00 ± 0.10 | +0.400 | 0.000 | 0.500 | - | +0.450 | -0.050 |" in table
-    assert "| GRPO | s | 11.00 ± 0.10 | +0.900 | 0.000 | 0.500 | - | - | - |" in table
-    assert "| DPO | β=0.3 | 10.00 ± 0.10 | +0.700 | 0.000 | 0.500 | - | - | - |" in table
+    # below the lowest DPO point the frontier is the chord from the base: said so beside the gap
+    assert "| PPO | s | 5.00 ± 0.10 | +0.400 | 0.000 | 0.500 | - | +0.450 | -0.050 | 0.00–10.00 (chord from the base) |" in table
+    assert "| GRPO | s | 11.00 ± 0.10 | +0.900 | 0.000 | 0.500 | - | - | - | - |" in table
+    assert "| DPO | β=0.3 | 10.00 ± 0.10 | +0.700 | 0.000 | 0.500 | - | - | - | - |" in table
+
+
+def test_the_frontier_is_the_upper_hull_of_the_dpo_points():
+    # four high-beta points at about one KL, their oracles apart by noise: the low ones drop out
+    rows = [row("base", 0.0, 0.22), row("DPO", 3.51, 0.51, beta=6.0), row("DPO", 3.75, 0.554, beta=8.0),
+            row("DPO", 3.77, 0.525, beta=4.0), row("DPO", 4.04, 0.577, beta=2.0), row("DPO", 5.4, 0.62, beta=1.0)]
+    curve = frontier.frontier_curve(rows)
+    assert curve == [(0.0, 0.22), (3.75, 0.554), (4.04, 0.577), (5.4, 0.62)]
+    # a point under the chord of its neighbours is gone; the gap there is to the chord
+    assert frontier.frontier_at(curve, 3.77) == pytest.approx(0.554 + 0.023 * 0.02 / 0.29)
+    assert frontier.upper_hull([(0.0, 0.0), (1.0, 1.0), (1.0, 0.5), (2.0, 2.0)]) == [(0.0, 0.0), (2.0, 2.0)]
+    assert frontier.upper_hull([(0.0, 0.0), (1.0, 1.5), (2.0, 2.0)]) == [(0.0, 0.0), (1.0, 1.5), (2.0, 2.0)]
+
+
+def test_bracket_names_the_measured_points_around_a_kl():
+    curve = [(0.0, 0.22), (2.0, 0.4), (5.0, 0.62), (10.0, 0.78)]
+    assert frontier.bracket(curve, 1.5) == "0.00–2.00 (chord from the base)"
+    assert frontier.bracket(curve, 3.0) == "2.00–5.00"
+    assert frontier.bracket(curve, 10.0) == "5.00–10.00"
+    assert frontier.bracket(curve, 12.0) == "outside"
 
 
 def test_rows_marked_plot_false_stay_in_the_table_but_out_of_the_plot(tmp_path, monkeypatch, capsys):
