@@ -197,6 +197,10 @@ def _plot(rows: list[dict], home: Path) -> Path:
     }
     if series["DPO (β sweep)"]:  # the frontier starts at the base model (β → ∞)
         series["DPO (β sweep)"] += series.pop("base")
+        hull = set(frontier_curve(rows))  # the line is the frontier the gaps use; a β under it is its own point
+        for label, kl, oracle in [p for p in series["DPO (β sweep)"] if (p[1], p[2]) not in hull]:
+            series["DPO (β sweep)"].remove((label, kl, oracle))
+            series[f"DPO {label}, under the hull"] = [(label, kl, oracle)]
     for method in ("PPO", "GRPO"):
         pts = [r for r in rows if r["method"] == method and not r.get("series")]
         series[method] = [(_short_label(r), r["kl"], r["oracle"]) for r in pts]

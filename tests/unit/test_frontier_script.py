@@ -114,6 +114,19 @@ def test_the_frontier_is_the_upper_hull_of_the_dpo_points():
     assert frontier.upper_hull([(0.0, 0.0), (1.0, 1.5), (2.0, 2.0)]) == [(0.0, 0.0), (1.0, 1.5), (2.0, 2.0)]
 
 
+def test_the_plot_draws_the_hull_as_the_dpo_line(tmp_path, monkeypatch, capsys):
+    drawn = {}
+    monkeypatch.setattr(frontier, "plot_reward_vs_kl", lambda series, path, **kw: drawn.update(series) or path)
+    rows = [row("base", 0.0, 0.22), row("DPO", 3.51, 0.51, beta=6.0), row("DPO", 3.75, 0.554, beta=8.0),
+            row("DPO", 5.4, 0.62, beta=1.0)]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--home", str(tmp_path / "out"), "--plot-only", "--reuse",
+                                      str(tmp_path / "a.json")])
+    frontier.main()
+    assert [kl for _, kl, _ in drawn["DPO (β sweep)"]] == [5.4, 3.75, 0.0]
+    assert drawn["DPO β=6.0, under the hull"] == [("β=6.0", 3.51, 0.51)]
+
+
 def test_bracket_names_the_measured_points_around_a_kl():
     curve = [(0.0, 0.22), (2.0, 0.4), (5.0, 0.62), (10.0, 0.78)]
     assert frontier.bracket(curve, 1.5) == "0.00–2.00 (chord from the base)"
