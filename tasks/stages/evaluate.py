@@ -47,6 +47,8 @@ HEADLINE = {
     "win vs champion (RM)": "eval/win_rate/reward_model_vs_champion",
     "win vs champion (oracle)": "eval/win_rate/oracle_vs_champion",
     "malformed": "eval/candidate/malformed_share", "distinct-2": "eval/candidate/distinct_2",
+    "greedy looping cand": "eval/candidate/greedy_looping_share",
+    "greedy looping base": "eval/reference/greedy_looping_share",
 }
 """Summary-table label -> metric of the evaluation's headline."""
 
