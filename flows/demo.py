@@ -177,7 +177,11 @@ def _num(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _render(rows: list[dict], baseline: float | None) -> None:
+LOOP_TABLE_WIDTH = 210
+"""Columns of the closed-loop table when piped to a log: its 15 columns fit without cutting a figure."""
+
+
+def _render(rows: list[dict], baseline: float | None, console=None) -> None:
     table = Table(title="closed-loop demo: candidate and champion per round (oracle on held-out prompts)")
     for col in ("round", "feedback from", "rows", "rejected", "budget stop", "cand. oracle", "cand. KL",
                 "distinct-2 / base", "rep-3 rise", "oracle win vs champion (95% CI)", "promoted", "champion",
@@ -193,7 +197,7 @@ def _render(rows: list[dict], baseline: float | None) -> None:
                       "-" if win is None else f"{win[0]:.2f} ({win[1]:.2f}–{win[2]:.2f})",
                       "yes" if r["promoted"] else "no", f"v{r['champion']}" if r["champion"] else "-",
                       _num(r["oracle"], ".3f"), gain, _num(r["kl"], ".2f"))
-    console = report_console()
+    console = console or report_console(piped_width=LOOP_TABLE_WIDTH)
     console.print(table)
     if baseline is not None:
         console.print(f"base model mean oracle sentiment: {baseline:.3f}")

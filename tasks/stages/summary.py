@@ -133,10 +133,11 @@ def ui_hints(summary: PipelineSummary) -> list[str]:
     return hints
 
 
-def report_console() -> Console:
-    """A console for end-of-run tables: the terminal's width, or 110 columns when piped to a log
-    (rich's 80-column default there folds every row of the tables)."""
-    return Console(width=None if sys.stdout.isatty() else 110)
+def report_console(piped_width: int = 110) -> Console:
+    """A console for end-of-run tables: the terminal's width, or ``piped_width`` columns when piped
+    to a log (rich's 80-column default there folds every row of the tables; a table of many
+    columns, like the closed loop's, asks for more so its figures are not cut to "0.7…")."""
+    return Console(width=None if sys.stdout.isatty() else piped_width)
 
 
 def render(summary: PipelineSummary, console: Console | None = None) -> None:
