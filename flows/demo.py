@@ -21,7 +21,7 @@ from tasks import tracking
 from tasks.config import load_pipeline_config
 from tasks.evaluation.plots import plot_closed_loop, plot_loop_rounds
 from tasks.lock import home_lock
-from tasks.stages.data import data_dir, ingest_settings
+from tasks.stages.data import ingest_settings
 from tasks.stages.demo import demo_base_model_task, simulate_feedback_task
 from tasks.stages.models import champion_record
 from tasks.stages.register import CANDIDATE_TAG
@@ -61,15 +61,13 @@ def round_overrides(cfg, base_path: str, round_index: int) -> list[str]:
     return out
 
 
-def feedback_figures(cfg, sim: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    """The round's feedback as DPO got it: kept samples on prompts that keep at least two (from
-    the simulator's report of the batch) and the preference pairs the pipeline built (all the
-    batches it read, ``preferences.recent_batches``)."""
-    report = data_dir(cfg) / "simulator" / f"report-{sim.get('batch')}.json"
-    paired = json.loads(report.read_text()).get("paired_samples") if report.exists() else None
+def feedback_figures(sim: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """The round's feedback as DPO got it: kept samples on prompts that keep at least two (the
+    simulate stage's figures) and the preference pairs the pipeline built (all the batches it
+    read, ``preferences.recent_batches``)."""
     stages = summary.get("stages") or []
     pairs = next((s.get("metrics", {}).get("pairs") for s in stages if s.get("stage") == "build preferences"), None)
-    return {"paired samples": paired, "pairs built": pairs}
+    return {"paired samples": sim.get("paired samples"), "pairs built": pairs}
 
 
 def round_report(runs: Path, registry: dict[str, Any] | None) -> Path | None:
@@ -134,7 +132,7 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
         rows.append({"round": index, "feedback from": f"v{policy.registry_version}" if policy.registry_version
                      else "base", "rows": sim["rows"], "rejected samples": sim.get("rejected samples"),
                      "kept samples": sim.get("kept samples"), "draws": sim.get("draws"),
-                     **feedback_figures(cfg, sim, summary),
+                     **feedback_figures(sim, summary),
                      "candidate oracle": evaluation.get("oracle cand"), **figures,
                      "promoted": promoted, "why not": None if promoted else _first_failure(registry.get("reasons")),
                      "champion": version, "oracle": oracle, "kl": kl})

@@ -117,7 +117,7 @@ def simulate_round(cfg: PipelineConfig, policy: ModelRecord, base: ModelRecord, 
     return {"batch": batch_id, "files": len(report.files), "rows": sum(report.rows.values()),
             "malformed share": round(report.malformed_share, 4), "raw-click ceiling": round(report.best_accuracy, 4),
             "policy sentiment": round(report.policy_sentiment, 4), "rejected samples": report.rejected_samples,
-            "kept samples": report.kept_samples, "draws": report.draws}
+            "kept samples": report.kept_samples, "paired samples": report.paired_samples, "draws": report.draws}
 
 
 @task(name="simulate-feedback")

@@ -113,16 +113,12 @@ def test_round_report_is_the_registered_candidates_not_the_newest(tmp_path):
     assert round_report(runs, None) is None and round_report(runs, {"policy_version": None}) is None
 
 
-def test_feedback_figures_read_the_batch_report_and_the_pairs_built(tmp_path):
+def test_feedback_figures_take_the_simulate_stage_figures_and_the_pairs_built():
     from flows.demo import feedback_figures
-    from tasks.config import load_pipeline_config
 
-    cfg = load_pipeline_config(None, [f"pipeline.home={tmp_path}"])
-    folder = cfg.home / "data" / cfg.pipeline.name / "simulator"
-    folder.mkdir(parents=True)
-    (folder / "report-round002-abc.json").write_text(json.dumps({"paired_samples": 1218, "kept_samples": 2063}))
     summary = {"stages": [{"stage": "ingest", "metrics": {"pairs": 7}},
                           {"stage": "build preferences", "metrics": {"pairs": 525}}]}
-    assert feedback_figures(cfg, {"batch": "round002-abc"}, summary) == {"paired samples": 1218, "pairs built": 525}
-    # a batch without a report (or a round that stopped before building) leaves the figures empty
-    assert feedback_figures(cfg, {"batch": "round003-def"}, {}) == {"paired samples": None, "pairs built": None}
+    sim = {"batch": "round002-abc", "kept samples": 2063, "paired samples": 1218}
+    assert feedback_figures(sim, summary) == {"paired samples": 1218, "pairs built": 525}
+    # a simulate stage without the figure (or a round that stopped before building) leaves them empty
+    assert feedback_figures({"batch": "round003-def"}, {}) == {"paired samples": None, "pairs built": None}
