@@ -46,9 +46,9 @@ from tasks.records import ModelRecord  # noqa: E402
 from tasks.stages.data import run_build, run_ingest  # noqa: E402
 from tasks.stages.demo import (  # noqa: E402
     demo_base_model,
-    demo_offline_reward_model,
     heldout_prompts,
     landing_is_empty,
+    reward_start,
     simulate_round,
 )
 from tasks.stages.train import train_stage  # noqa: E402
@@ -105,7 +105,7 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
     if args.reward_model:
         reward = ModelRecord(stage="reward", path=args.reward_model, digest=digest_of("pinned", args.reward_model))
     else:  # as the demo's reward stage: started from the offline reward model when demo.offline is on
-        reward = train_stage(cfg, "reward", dataset.files, dataset.digest, reward_init(cfg, base), None)
+        reward = train_stage(cfg, "reward", dataset.files, dataset.digest, reward_start(cfg, base), None)
     prompts = heldout_prompts(cfg, base)
     pairs_file = dataset.files.get("pairs-test")
     pairs = pd.read_parquet(pairs_file) if pairs_file else None
@@ -150,15 +150,6 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
         # the stage's own seed (``--ppo seed=1``: that run alone on another seed, the reward model and data kept)
         evaluate(stage.upper(), "setting", spec, *train(run, stage, reward=reward), seed=getattr(run, stage).seed)
     return rows
-
-
-def reward_init(cfg, base: ModelRecord) -> ModelRecord:
-    """Where the frontier's reward stage starts: the demo's offline reward model (cached) when
-    ``demo.offline`` is on, as the demo's own reward stage does (flows.pipeline.train_reward_model),
-    else the base model. So the RL points are scored by the reward model the demo trains."""
-    if cfg.demo is not None and cfg.demo.offline.enabled:
-        return demo_offline_reward_model(cfg, base)
-    return base
 
 
 def report(rows: list[dict], home: Path) -> None:

@@ -46,8 +46,8 @@ from tasks.stages.data import (
 )
 from tasks.stages.demo import (
     demo_base_model_task,
-    demo_offline_reward_model,
     landing_is_empty,
+    reward_start,
     simulate_feedback_task,
 )
 from tasks.stages.evaluate import evaluate_task, evaluation_complete, gate_decision
@@ -325,10 +325,9 @@ def train_reward_model(rnd: PipelineRound, dataset: DatasetRecord, base: ModelRe
     cached) instead of the base model."""
     if not (rnd.cfg.reward.enabled or method(rnd.cfg.pipeline.method).needs_reward_model):
         return None
-    init = base
-    if rnd.cfg.demo is not None and rnd.cfg.demo.offline.enabled:
-        t = time.monotonic()
-        init = demo_offline_reward_model(rnd.cfg, base)
+    t = time.monotonic()
+    init = reward_start(rnd.cfg, base)
+    if init is not base:
         extra = init.summary["extra_train"]
         rnd.timed("offline reward model (demo)", "cached" if init.summary["cached"] else "ran", t,
                   {"offline pairs": extra["pairs"], "digest": extra["digest"], "steps": init.summary["steps"]})

@@ -45,6 +45,16 @@ def demo_base_model_task(cfg: PipelineConfig) -> ModelRecord:
     return demo_base_model(cfg)
 
 
+def reward_start(cfg: PipelineConfig, base: ModelRecord) -> ModelRecord:
+    """Where a reward stage starts: the demo's offline reward model (:func:`demo_offline_reward_model`,
+    trained once and cached) when ``demo.offline`` is on, else ``base``. The pipeline's reward stage
+    and benchmarks/frontier.py both start here, so the frontier's RL points are scored by the reward
+    model the demo trains."""
+    if cfg.demo is not None and cfg.demo.offline.enabled:
+        return demo_offline_reward_model(cfg, base)
+    return base
+
+
 def demo_offline_reward_model(cfg: PipelineConfig, base: ModelRecord) -> ModelRecord:
     """The reward model trained on the demo's offline set alone (``demo.offline``: its epochs and lr,
     the rest of the recipe from ``reward``), trained once and cached under the demo cache by the
