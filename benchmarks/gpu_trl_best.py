@@ -460,6 +460,8 @@ def main() -> None:
                         help="weights as loaded, both sides (bfloat16 for the 8B shape on one card)")
     parser.add_argument("--lengths", default="", help="after the timed runs: longest sequence probe at these "
                         "token counts (one pair per step), per family and side, up to the first that does not fit")
+    parser.add_argument("--probe-sides", default="ours,trl", help="which sides the length probes run (a side "
+                        "already probed on the same case need not be paid for again)")
     parser.add_argument("--probe-gc", action="store_true", help="the length probes with gradient checkpointing "
                         "on both sides")
     args = parser.parse_args()
@@ -528,7 +530,7 @@ def main() -> None:
     for family in args.families.split(",") if args.lengths else []:
         shape = args.shapes.split(",")[0]
         folder = build_shape(args.work, shape, args.device_t)
-        for side in ("ours", "trl"):
+        for side in args.probe_sides.split(","):
             for length in (int(n) for n in args.lengths.split(",")):
                 if time.perf_counter() - started > args.budget_s:
                     break
