@@ -3,9 +3,16 @@
 Tiny models are dominated by per-op overhead, so one intra-op thread is faster than two and
 keeps parallel test processes (training subprocesses included, through OMP_NUM_THREADS) from
 fighting over the 2 CI cores.
+
+Session fixtures shared by tests/fault and tests/integration: one Prefect test server for the
+whole session (starting one costs ~12 s; the fault tests had one each) and one demo base-model
+cache (building it costs ~8 s; every pipeline test, the fault tests included, only reads it once
+built).
 """
 
 import os
+
+import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -17,3 +24,27 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A temporary Prefect API + SQLite database for the whole session."""
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_harness) -> str:
+    """The session's Prefect API, for CLI subprocesses (a killed run's flow run stays in it)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """Demo corpus + tiny base model cache, built once per session by the first pipeline run."""
+    return tmp_path_factory.mktemp("demo-cache")

@@ -46,8 +46,8 @@ def _training_alive(run_dir: Path) -> bool:
     return False
 
 
-def test_killed_flow_resumes_training_and_reuses_finished_stages(tmp_path):
-    home, cache = tmp_path / "home", tmp_path / "cache"
+def test_killed_flow_resumes_training_and_reuses_finished_stages(tmp_path, demo_cache):
+    home, cache = tmp_path / "home", demo_cache  # the session's demo base model (built by the first user)
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen([*ALIGNFLOW, *_run_args(home, cache)], stdout=log, stderr=subprocess.STDOUT,
                             env=_env(home), start_new_session=True, cwd=Path(TINY).parents[1])

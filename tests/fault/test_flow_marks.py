@@ -82,16 +82,7 @@ def test_a_mark_lives_exactly_as_long_as_its_flow_run_and_only_dead_ones_are_clo
 
 
 # ----------------------------------------------------------------------------- real processes
-
-
-@pytest.fixture(scope="module")
-def prefect_api_url(tmp_path_factory):
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+# (``prefect_api_url``: the session's Prefect test server, tests/conftest.py)
 
 
 def _env(api_url: str) -> dict[str, str]:
@@ -140,13 +131,14 @@ def test_a_run_killed_while_waiting_for_the_lock_is_closed_by_the_next_and_monit
                                    stdout=(tmp_path / "waiting.log").open("w"), stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
-            busy = subprocess.run(_cli("monitor", cfg_path), cwd=REPO, env=env, capture_output=True, text=True,
-                                  timeout=300)
-            out = busy.stdout + busy.stderr
+            # the monitor and the check are independent of each other: side by side
+            busy = subprocess.Popen(_cli("monitor", cfg_path), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            check = subprocess.Popen(_cli("ingest", cfg_path, str(feedback)), cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            out, check_out = busy.communicate(timeout=300)[0], check.communicate(timeout=300)[0]
             assert busy.returncode == 75 and f"in use by pid {os.getpid()}" in out and "test holder" in out, out[-3000:]
-            check = subprocess.run(_cli("ingest", cfg_path, str(feedback)), cwd=REPO, env=env, capture_output=True,
-                                   text=True, timeout=300)
-            assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+            assert check.returncode == 0, check_out[-3000:]
             assert not (home / "data").exists()  # a check writes no ledger and no validated store
             deadline = time.monotonic() + 240
             while not list(marks.glob("*.json")) and time.monotonic() < deadline and waiting.poll() is None:
