@@ -3,15 +3,18 @@ every stage boundary and inside ingest, training, evaluation and registration, r
 exactly where an uninterrupted run ends — same registry (versions, tags, aliases), same ledger,
 same validated data and dataset — with every dead round's MLflow and Prefect runs closed.
 
-How it shares work (one chain, not one home per kill point): run k is killed at point k; run
-k+1 first recovers from that kill, then goes further and is killed at point k+1; the last run
-has no fault and must finish the round. Each recovery is exercised by the run after it, and the
-final state is compared with an uninterrupted reference run of the same config, which runs
-beside the chain. Kills come from ``ALIGNFLOW_FAULT=<point>`` (tasks/faults.py): the process
+How it shares work (chains, not one home per kill point): in a chain, run k is killed at point
+k; run k+1 first recovers from that kill, then goes further and is killed at point k+1; the
+last run has no fault and must finish the round. Each recovery is exercised by the run after
+it. The points are split into two chains in two homes that run side by side (one run of the
+one-chain test used one of the two CI cores): the first chain's points end with training, the
+second's start with evaluation, so its first run trains the round in full and is killed inside
+evaluation. Each chain's final state is compared with an uninterrupted reference run of the
+same config, which runs beside them. Kills come from ``ALIGNFLOW_FAULT=<point>`` (tasks/faults.py): the process
 SIGKILLs itself there, so no ``finally`` or ``atexit`` code runs, as in a real crash.
 All runs use ``--only-if-new-data`` (the scheduled deployment's command), so a crashed or
 failed round whose files were taken as consumed would show up as ``no-new-data`` instead of
-being retried; one run of the chain fails for another reason than its data (training past
+being retried; one run of the first chain fails for another reason than its data (training past
 ``pipeline.stage_timeout_s``) and the next must retry it. At the end, a run started while the
 test holds the home's lock exits at once with a message naming the holder.
 """
@@ -23,12 +26,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from tasks.lock import home_lock
-from tests.integration.pipeline_helpers import REPO, TINY, overrides, use_store
+from tests.integration.pipeline_helpers import REPO, TINY, overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.fault]
 
@@ -48,6 +54,8 @@ POINTS = [
     "after:gated",        # registry complete; the round has not ended
     "end",                # the round's end recorded; its landing files not yet settled
 ]
+CHAINS = {"a": POINTS[:7], "b": POINTS[7:]}
+"""The two chains: kills up to the end of training, and kills from evaluation on."""
 VOLATILE_TAGS = {"alignflow.promoted_at", "alignflow.candidate_digest"}
 """Tags that differ between two homes without any crash: a time, and the training key (which
 hashes the DPO reference cache folder under the home). The candidate digest is checked against
@@ -75,6 +83,12 @@ def _start(home: Path, cache: Path, fault: str | None, api_url: str, log: Path) 
                                 stderr=subprocess.STDOUT, env=_env(None, api_url), cwd=REPO, start_new_session=True)
     return subprocess.Popen(_command(home, cache), stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env=_env(fault, api_url), cwd=REPO, start_new_session=True)
+
+
+def _client(home: Path) -> MlflowClient:
+    """A client of a home's embedded store (explicit URIs: the chains' threads share this process)."""
+    uri = f"sqlite:///{home}/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _registry(client, pipeline: str = "tiny") -> dict:
@@ -105,7 +119,7 @@ def _table_digest(path: Path, home: Path) -> str:
 
 def _snapshot(home: Path) -> dict:
     """Everything a finished round leaves that must not depend on crashes."""
-    client = use_store(home)
+    client = _client(home)
     data = home / "data" / "tiny"
     ledger: dict[str, str] = {}
     for line in (data / "ledger.jsonl").read_text().splitlines():
@@ -121,79 +135,103 @@ def _snapshot(home: Path) -> dict:
 
 
 def _open_runs(home: Path) -> list[str]:
-    client = use_store(home)
+    client = _client(home)
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
     return [f"{r.info.run_name} ({r.info.run_id})" for r in runs]
 
 
 def _flow_run_ids(home: Path) -> list[str]:
-    client = use_store(home)
+    client = _client(home)
     experiment = client.get_experiment_by_name("tiny")
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`prefect.flow_run_id` != ''")
     return [r.data.tags["prefect.flow_run_id"] for r in parents]
 
 
-@pytest.fixture(scope="module")
-def prefect_api_url(tmp_path_factory):
-    """One Prefect API for every run of this module (a killed run's flow run stays in it)."""
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-def test_a_round_killed_anywhere_ends_where_an_uninterrupted_round_ends(tmp_path, prefect_api_url):
-    cache, chain, ref = tmp_path / "demo-cache", tmp_path / "chain", tmp_path / "reference"
-    reference = None
+def _run_chain(name: str, home: Path, cache: Path, api_url: str, logs: Path,
+               after_first_kill: Callable[[], None] | None = None) -> dict:
+    """Run the chain's points in ``home`` (each run killed at its point, or failing for ``fails``),
+    then a run with no fault, which must finish the round. Returns the killed runs' Prefect flow
+    run ids and the seconds each run took."""
+    timings: dict[str, float] = {}
     killed_flow_runs: list[str] = []
-    timings = {}
-    for index, point in enumerate(POINTS):
-        log = tmp_path / f"run-{index:02d}-{point.replace(':', '-')}.log"
+    for index, point in enumerate(CHAINS[name]):
+        log = logs / f"run-{name}{index:02d}-{point.replace(':', '-')}.log"
         started = time.monotonic()
-        proc = _start(chain, cache, point, prefect_api_url, log)
+        proc = _start(home, cache, point, api_url, log)
         code = proc.wait(timeout=600)
         timings[point] = round(time.monotonic() - started, 1)
         if point == "fails":
             assert code == 1 and "TrainingTimeout" in log.read_text(), log.read_text()[-4000:]
-            assert json.loads((chain / "data" / "tiny" / "round.json").read_text())["state"] == "failed"
+            assert json.loads((home / "data" / "tiny" / "round.json").read_text())["state"] == "failed"
             continue
-        assert code == -9, f"run {index} was to die at {point!r} (SIGKILL) but exited {code}:\n" \
+        assert code == -9, f"run {name}{index} was to die at {point!r} (SIGKILL) but exited {code}:\n" \
                            f"{log.read_text()[-4000:]}"
-        if reference is None:  # the demo base model is cached now: the reference run can share it
-            reference = _start(ref, cache, None, prefect_api_url, tmp_path / "reference.log")
-        killed_flow_runs = _flow_run_ids(chain)
-    final = subprocess.run(_command(chain, cache), capture_output=True, text=True, env=_env(None, prefect_api_url),
+        if after_first_kill is not None:
+            after_first_kill()
+            after_first_kill = None
+        killed_flow_runs = _flow_run_ids(home)
+    started = time.monotonic()
+    final = subprocess.run(_command(home, cache), capture_output=True, text=True, env=_env(None, api_url),
                            cwd=REPO, timeout=600)
+    timings["final"] = round(time.monotonic() - started, 1)
     assert final.returncode == 0, final.stdout[-4000:] + final.stderr[-4000:]
-    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-4000:]
-    print("seconds per killed run:", timings)
+    return {"killed": killed_flow_runs, "seconds": timings}
 
-    got, want = _snapshot(chain), _snapshot(ref)
-    assert got["registry"] == want["registry"]  # one version per candidate, same tags, same aliases
-    assert len(got["registry"]["tiny-policy"]["versions"]) == 1
-    assert got["registry"]["tiny-policy"]["aliases"] == {"champion": "1", "challenger": "1"}
-    assert got["ledger"] == want["ledger"] and set(got["ledger"].values()) == {"consumed"}
-    assert got["files"] == want["files"] and got["landing"] == want["landing"]
-    assert got["datasets"] == want["datasets"] and len(got["datasets"]) == 1 and got["settled"] and want["settled"]
-    trained = {p.name.removeprefix("dpo-") for p in (chain / "runs" / "tiny").glob("dpo-*")}
-    version = use_store(chain).get_model_version("tiny-policy", "1")
-    assert trained == {version.tags["alignflow.candidate_digest"]}  # the one candidate, registered once
 
-    assert _open_runs(chain) == []  # every dead round's MLflow runs were closed
+def _one_writer_and_nothing_retried(home: Path, cache: Path, api_url: str) -> None:
+    """While the test holds a finished home's lock a run exits at once naming the holder; after
+    it, a run finds nothing new (no file of the round is retried twice)."""
+    with home_lock(home):  # one writer per home: a second run exits at once, naming the holder
+        busy = subprocess.run(_command(home, cache), capture_output=True, text=True,
+                              env=_env(None, api_url), cwd=REPO, timeout=600)
+    assert busy.returncode == 75 and f"in use by pid {os.getpid()}" in busy.stdout + busy.stderr, busy.stdout[-3000:]
+    again = subprocess.run(_command(home, cache), capture_output=True, text=True, env=_env(None, api_url),
+                           cwd=REPO, timeout=600)
+    assert again.returncode == 0 and "no-new-data" in again.stdout + again.stderr  # nothing is retried twice
+
+
+def test_a_round_killed_anywhere_ends_where_an_uninterrupted_round_ends(tmp_path, prefect_api_url, demo_cache):
+    homes = {name: tmp_path / f"chain-{name}" for name in CHAINS}
+    ref = tmp_path / "reference"
+    assert [p for chain in CHAINS.values() for p in chain] == POINTS  # every point, once
+    started: dict = {}
+
+    def second_chain() -> dict:
+        out = _run_chain("b", homes["b"], demo_cache, prefect_api_url, tmp_path)
+        _one_writer_and_nothing_retried(homes["b"], demo_cache, prefect_api_url)
+        return out
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        def start_the_others() -> None:
+            # the first run built the demo base model (if no earlier test had): the others share it
+            started["reference"] = _start(ref, demo_cache, None, prefect_api_url, tmp_path / "reference.log")
+            started["b"] = pool.submit(second_chain)
+
+        results = {"a": _run_chain("a", homes["a"], demo_cache, prefect_api_url, tmp_path, start_the_others)}
+        results["b"] = started["b"].result()
+    assert started["reference"].wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-4000:]
+    print("seconds per run:", {name: result["seconds"] for name, result in results.items()})
+
+    want = _snapshot(ref)
+    assert want["settled"]
+    for name, chain in homes.items():
+        got = _snapshot(chain)
+        assert got["registry"] == want["registry"], name  # one version per candidate, same tags, same aliases
+        assert len(got["registry"]["tiny-policy"]["versions"]) == 1
+        assert got["registry"]["tiny-policy"]["aliases"] == {"champion": "1", "challenger": "1"}
+        assert got["ledger"] == want["ledger"] and set(got["ledger"].values()) == {"consumed"}, name
+        assert got["files"] == want["files"] and got["landing"] == want["landing"], name
+        assert got["datasets"] == want["datasets"] and len(got["datasets"]) == 1 and got["settled"], name
+        trained = {p.name.removeprefix("dpo-") for p in (chain / "runs" / "tiny").glob("dpo-*")}
+        version = _client(chain).get_model_version("tiny-policy", "1")
+        assert trained == {version.tags["alignflow.candidate_digest"]}, name  # the one candidate, registered once
+        assert _open_runs(chain) == [], name  # every dead round's MLflow runs were closed
+
     from prefect.client.orchestration import get_client
 
+    killed_flow_runs = [run_id for result in results.values() for run_id in result["killed"]]
     with get_client(sync_client=True) as client:
         states = {run_id: client.read_flow_run(run_id).state.type.value for run_id in killed_flow_runs}
     assert list(states.values()).count("CRASHED") == len(POINTS) - 1, states  # all but the failed run
     assert list(states.values()).count("FAILED") == 1, states
-
-    with home_lock(chain):  # one writer per home: a second run exits at once, naming the holder
-        busy = subprocess.run(_command(chain, cache), capture_output=True, text=True,
-                              env=_env(None, prefect_api_url), cwd=REPO, timeout=600)
-    assert busy.returncode == 75 and f"in use by pid {os.getpid()}" in busy.stdout + busy.stderr, busy.stdout[-3000:]
-    again = subprocess.run(_command(chain, cache), capture_output=True, text=True, env=_env(None, prefect_api_url),
-                           cwd=REPO, timeout=600)
-    assert again.returncode == 0 and "no-new-data" in again.stdout + again.stderr  # nothing is retried twice
