@@ -34,6 +34,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
+WORKER_QUERY_S = 1
+"""How often the test worker polls for scheduled flow runs (Prefect's default: 10 s)."""
+QUEUE_RETRY_S = 2
+"""How long the test Prefect server holds back a run waiting for a deployment's concurrency slot
+before it is tried again (Prefect's default: 30 s). What queues and what runs is unchanged."""
 
 
 class ServersUnavailable(RuntimeError):
@@ -339,7 +344,10 @@ class ServerStack:
         env.update(PREFECT_SERVER_DATABASE_CONNECTION_URL=self.postgres.url("prefect", "postgresql+asyncpg"),
                    PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
                    PREFECT_API_URL=self.prefect_api_url, PREFECT_SERVER_LOGGING_LEVEL="WARNING",
-                   PREFECT_SERVER_API_AUTH_STRING=self.prefect_auth, PREFECT_API_AUTH_STRING=self.prefect_auth)
+                   PREFECT_SERVER_API_AUTH_STRING=self.prefect_auth, PREFECT_API_AUTH_STRING=self.prefect_auth,
+                   # a run queued behind a deployment's concurrency limit is retried after this many
+                   # seconds (Prefect's default 30 s: the queued run of a test then idles ~30 s)
+                   PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS=str(QUEUE_RETRY_S))
         argv = [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
                 "--no-ui", "--analytics-off"]
         proc = start_process("prefect-server", argv, self.root / "prefect-server.log", env=env, cwd=self.root)
@@ -358,7 +366,9 @@ class ServerStack:
 
     def start_worker(self, extra_env: dict[str, str] | None = None, limit: int = 2) -> ManagedProcess:
         """A process worker on :attr:`pool`; flow runs inherit its environment."""
-        env = self.env(**(extra_env or {}))
+        # the worker asks for scheduled runs every WORKER_QUERY_S seconds (Prefect's default 10 s: each
+        # triggered run of a test waited up to 10 s to be picked up)
+        env = self.env(PREFECT_WORKER_QUERY_SECONDS=str(WORKER_QUERY_S), **(extra_env or {}))
         argv = [str(VENV_BIN / "prefect"), "worker", "start", "--pool", self.pool, "--type", "process",
                 "--limit", str(limit), "--prefetch-seconds", "5"]
         proc = start_process("prefect-worker", argv, self.root / "worker.log", env=env, cwd=REPO_ROOT)

@@ -100,7 +100,7 @@ def wait_final(flow_run_ids: list, timeout_s: float) -> list:
                 return runs
             if time.monotonic() > deadline:
                 return runs
-            time.sleep(2)
+            time.sleep(0.5)
 
 
 def test_deployed_pipeline_runs_twice_at_once_and_registry_stays_consistent(stack, monkeypatch):
@@ -159,8 +159,21 @@ def test_deployed_pipeline_runs_twice_at_once_and_registry_stays_consistent(stac
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 
 
+@pytest.fixture(scope="module")
+def pipeline_deployment(stack, demo_cache) -> str:
+    """The committed ``retrain`` deployment of the pipeline (flows/pipeline.py), deployed once for
+    the two tests that run it (each deploy is a ``prefect deploy`` process)."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    overrides = [f"demo.cache_dir={demo_cache}"]  # the demo base model, shared with the pipeline tests
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url, PREFECT_API_AUTH_STRING: stack.prefect_auth}):
+        full_name = deploy(stack, DEPLOYMENT, parameters={"config": str(TINY_CONFIG), "overrides": overrides})
+    assert full_name == "alignment-pipeline/retrain"
+    return full_name
+
+
 @pytest.mark.skipif(not TINY_CONFIG.exists(), reason="configs/tiny.yaml (the pipeline's test config) is missing")
-def test_real_pipeline_round_on_the_servers(stack, demo_cache, monkeypatch):
+def test_real_pipeline_round_on_the_servers(stack, pipeline_deployment, demo_cache, monkeypatch):
     """The committed ``retrain`` deployment (flows/pipeline.py) runs one round of the tiny pipeline
     on the worker: everything lands on the servers, model weights in the server's artifact store."""
     from tasks.config import load_pipeline_config
@@ -174,8 +187,7 @@ def test_real_pipeline_round_on_the_servers(stack, demo_cache, monkeypatch):
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url, PREFECT_API_AUTH_STRING: stack.prefect_auth}):
-        full_name = deploy(stack, DEPLOYMENT, parameters={"config": str(TINY_CONFIG), "overrides": overrides})
-        assert full_name == "alignment-pipeline/retrain"
+        full_name = pipeline_deployment
         started = run_deployment(full_name, timeout=0, parameters={
             "config": str(TINY_CONFIG), "overrides": overrides, "only_if_new_data": False})
         (run,) = wait_final([started.id], RUN_TIMEOUT_S)
@@ -201,7 +213,7 @@ def test_real_pipeline_round_on_the_servers(stack, demo_cache, monkeypatch):
 
 
 @pytest.mark.skipif(not TINY_CONFIG.exists(), reason="configs/tiny.yaml (the pipeline's test config) is missing")
-def test_a_deployment_run_cannot_set_code_executing_settings(stack, monkeypatch):
+def test_a_deployment_run_cannot_set_code_executing_settings(stack, pipeline_deployment, monkeypatch):
     """Whoever may start runs of ``retrain`` cannot make the worker import a reward function: the
     flow run fails at once, naming the field (issue 14, tasks/trusted.py)."""
     for key, value in stack.client_env.items():
@@ -210,8 +222,7 @@ def test_a_deployment_run_cannot_set_code_executing_settings(stack, monkeypatch)
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url, PREFECT_API_AUTH_STRING: stack.prefect_auth}):
-        full_name = deploy(stack, DEPLOYMENT, parameters={"config": str(TINY_CONFIG), "overrides": []})
-        started = run_deployment(full_name, timeout=0, parameters={
+        started = run_deployment(pipeline_deployment, timeout=0, parameters={
             "overrides": ["ppo.reward_fn=os:system"], "only_if_new_data": False})
         (run,) = wait_final([started.id], RUN_TIMEOUT_S)
     assert run.state is not None and run.state.is_failed(), f"{run.state}\n{stack.logs(40)}"
