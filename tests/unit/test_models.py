@@ -255,12 +255,12 @@ def test_lora_folder_is_the_same_bytes_under_any_hash_seed(tmp_path):
               "torch.manual_seed(0); s = ModelSettings(name_or_path=sys.argv[1], "
               "lora=LoraSettings(r=2, alpha=4)); "
               "save_model_folder(load_causal_lm(s), load_tokenizer(s), sys.argv[2])")
-    saved = []
-    for seed in ("1", "2", "3"):
-        out = tmp_path / f"seed{seed}"
-        subprocess.run([sys.executable, "-c", script, str(base), str(out)], check=True,
-                       env={**os.environ, "PYTHONHASHSEED": seed}, cwd=Path(__file__).resolve().parents[2])
-        saved.append((out / "adapter_config.json").read_text())
+    outs = [tmp_path / f"seed{seed}" for seed in ("1", "2", "3")]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(base), str(out)],  # side by side: independent
+                              env={**os.environ, "PYTHONHASHSEED": out.name[-1]}, cwd=Path(__file__).resolve().parents[2])
+             for out in outs]
+    assert [proc.wait(timeout=300) for proc in procs] == [0, 0, 0]
+    saved = [(out / "adapter_config.json").read_text() for out in outs]
     assert saved[0] == saved[1] == saved[2]
     modules = json.loads(saved[0])["target_modules"]
     assert len(modules) > 3 and modules == sorted(modules)
