@@ -447,6 +447,15 @@ class GRPOConfig(RLSettings):
     """Where the KL to the reference acts: ``loss`` adds kl_coef * k3 per token to the loss (GRPO
     paper); ``reward`` subtracts kl_coef * the sequence KL (``kl.estimator``) from each score before
     the group advantages (RLOO, TRL's RLOOTrainer): the KL-regularised objective itself."""
+    process_reward: bool = False
+    """Credit each token with the reward model's per-token scores from it to the end instead of its
+    sequence's score (GRPO with process supervision, Shao et al. 2024; a ``sum``-pooled reward model's
+    per-token scores are its process rewards): each scored token's score, in units of the running
+    scores' std, centred on its group's mean per token, summed from the token to the end of the
+    response (:func:`alignment.rl.group_token_advantages`; ``scale_by_std`` divides by the group's
+    per-token std). A response's first token carries S - mu_g * L, the length-neutral score with the
+    group's baseline. Needs advantage ``grpo`` and kl_penalty ``loss``; costs one reward-model
+    forward per sample. False: every token gets its sequence's advantage."""
 
 
 RECIPE_CONFIGS: dict[str, type[TrainSettings]] = {

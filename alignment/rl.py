@@ -32,6 +32,7 @@ __all__ = [
     "token_rewards",
     "length_neutral_scores",
     "group_advantages",
+    "group_token_advantages",
     "explained_variance",
     "last_token_explained_variance",
     "sequence_kl",
@@ -355,6 +356,50 @@ def group_advantages(
     else:
         raise ValueError(f"unknown advantage kind {kind!r}; expected 'grpo' or 'rloo'")
     return adv.reshape(-1)
+
+
+def group_token_advantages(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    scale_by_std: bool = False,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Critic-free per-token advantages from per-token rewards (GRPO with process supervision,
+    Shao et al. 2024, section 4.1.3): ``rewards`` and ``mask`` are ``[N, T]``, right-padded, with
+    rows ``g*G .. g*G+G-1`` the samples of prompt ``g``. With R_g the rewards at the valid
+    positions (m = 1) of all of group g's samples, mean mu_g and unbiased std s_g:
+
+        r~_{i,t} = m_{i,t} * (r_{i,t} - mu_g)          (divided by s_g + eps with ``scale_by_std``)
+        A_{i,t}  = sum_{t' >= t} r~_{i,t'}              (the reward to go; 0 where no valid token follows)
+
+    A token is credited only with the rewards at and after it: a sum-pooled reward model's score of
+    a position depends on the tokens up to it, so the rewards before a token are no consequence of
+    it and only add noise to its advantage. A_{i,0} = sum_t r~_{i,t} = S_i - mu_g * L_i: the
+    sequence score with the group's mean reward per token as the baseline of every token (length
+    alone earns nothing). A group with fewer than two valid tokens, or all equal, gets 0. The mask
+    marks the rewarded positions (a position with m = 0 adds nothing, but a valid token before it
+    still collects the rewards after it). No gradient.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
+    if rewards.shape != mask.shape or rewards.dim() != 2 or rewards.shape[0] % group_size:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and mask {tuple(mask.shape)} must be equal [N, T] "
+                         f"with N a multiple of group_size={group_size}")
+    with torch.no_grad():
+        m = mask.to(rewards.dtype)
+        n, t = rewards.shape
+        grouped_r = (rewards * m).view(-1, group_size * t)
+        grouped_m = m.view(-1, group_size * t)
+        count = grouped_m.sum(1, keepdim=True)
+        mean = grouped_r.sum(1, keepdim=True) / count.clamp_min(1.0)
+        centred = (grouped_r - mean) * grouped_m
+        if scale_by_std:
+            var = (centred ** 2).sum(1, keepdim=True) / (count - 1).clamp_min(1.0)
+            centred = centred / (var.sqrt() + eps)
+        centred = centred * (count >= 2).to(rewards.dtype)
+        per_token = centred.view(n, t)
+        return per_token.flip(1).cumsum(1).flip(1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

@@ -262,8 +262,12 @@ def _short_label(row: dict) -> str:
 
 _WATCHED = ("kl", "kl_coef", "reward/raw", "reward/raw_std", "reward/token_baseline", "entropy", "entropy_coef",
             "clipfrac", "approx_kl", "explained_variance", "explained_variance_last", "loss/value", "response_length",
-            "eos_rate", "distinct_2", "grad_norm")
-"""RL metrics that reveal a silent failure (a critic that learns nothing, steps too large or too small)."""
+            "eos_rate", "distinct_2", "grad_norm", "reward/group_std", "groups_without_signal", "loss/kl", "ratio",
+            "advantage/first_token_abs", "advantage/token_abs", "reward/dense_gap")
+"""RL metrics that reveal a silent failure (a critic that learns nothing, steps too large or too small; for
+GRPO the within-group spread of the normalised scores, whose std-scaling amplifies groups of near-equal
+samples, and the share of groups with no signal at all; with ``process_reward`` the credit per token and
+the gap between the rollout's summed token scores and its sequence scores)."""
 
 
 def _train_summary(model: ModelRecord) -> dict:

@@ -6,7 +6,10 @@ Each step (shared conventions in :mod:`alignment.recipes.rl_base`):
    (normalised by ``reward_norm``);
 2. sequence advantages within each group (:func:`alignment.rl.group_advantages`): ``grpo``
    (r - mean) / std (``scale_by_std: false`` = Dr. GRPO), or ``rloo`` (leave-one-out baseline);
-   every token of a response gets its sequence's advantage. With ``kl_penalty: reward`` the
+   every token of a response gets its sequence's advantage; with ``process_reward`` (a sum-pooled
+   reward model) each token gets instead the sum of the model's per-token scores from it to the end,
+   centred on its group's mean score per token (:func:`alignment.rl.group_token_advantages`: GRPO
+   with process supervision). With ``kl_penalty: reward`` the
    score is first penalised by the sequence KL: r = score - kl_coef * sum_t KL_t (estimator
    ``kl.estimator``, rollout policy against the reference), as in RLOO;
 3. ``update_epochs`` passes of minibatches (:meth:`~alignment.recipes.rl_base.RLRecipe.update`)
@@ -28,7 +31,8 @@ Metrics: ``reward/raw``, ``reward/raw_std``, ``reward/shaped`` (score - kl_coef 
 groups whose scores were all equal: zero advantage), ``kl`` (mean sequence KL of the rollout
 policy to the reference: k3, or ``kl.estimator`` with ``kl_penalty: reward``), ``kl_coef``, ``entropy``, ``loss``, ``loss/policy``, ``loss/kl``, ``clipfrac``,
 ``approx_kl``, ``response_length``, ``eos_rate``, ``distinct_2`` (pooled over the rollout, all groups), ``grad_norm``,
-``reward/token_baseline`` (with ``token_baseline``), ``generate_tokens_per_s``,
+``reward/token_baseline`` (with ``token_baseline``), with ``process_reward`` ``reward/group_token_baseline``,
+``reward/dense_gap``, ``advantage/first_token_abs`` and ``advantage/token_abs``, ``generate_tokens_per_s``,
 ``rollout_s``, ``update_s`` (plus the base's ``lr``, ``tokens_per_s``, ``samples_per_s``).
 """
 
@@ -38,11 +42,20 @@ from typing import Any
 
 import torch
 
-from alignment.config import GRPOConfig
+from alignment.config import ConfigError, GRPOConfig
 from alignment.losses import ppo_policy_loss
+from alignment.models import hf_model
 from alignment.recipes.rl_base import RLRecipe, UpdatePlan
-from alignment.recipes.rollout import PolicyModule, Rollout
-from alignment.rl import group_advantages, kl_k3, masked_mean, sequence_kl
+from alignment.recipes.rollout import PolicyModule, Rollout, token_scores
+from alignment.rl import (
+    group_advantages,
+    group_token_advantages,
+    kl_k3,
+    masked_mean,
+    scored_token_mask,
+    sequence_kl,
+    token_rewards,
+)
 
 
 class GRPORecipe(RLRecipe):
@@ -56,14 +69,26 @@ class GRPORecipe(RLRecipe):
         return self.config.group_size
 
     def build_models(self) -> None:
+        cfg: GRPOConfig = self.config
         self.build_policy()
+        if cfg.process_reward:
+            pooling = getattr(hf_model(self.reward_model).config, "reward_pooling", None) if self.reward_model else None
+            if pooling != "sum":
+                raise ConfigError("grpo.process_reward: needs a reward_model trained with pooling 'sum' (its per-token "
+                                  f"scores add up to its score); got {pooling or cfg.reward_fn!r}")
+            if cfg.kl_penalty == "reward" or cfg.advantage != "grpo":
+                raise ConfigError("grpo.process_reward: works with advantage 'grpo' and kl_penalty 'loss'")
         self.train_module = PolicyModule(self.model, self.config.logprob_chunk_size, self.temperature)
 
     @torch.no_grad()
     def _no_grad_forward(self, roll: Rollout, with_policy: bool) -> dict[str, torch.Tensor]:
-        flat: dict[str, list[torch.Tensor]] = {"ref": [], "logps": [], "entropy": []}
+        flat: dict[str, list[torch.Tensor]] = {"ref": [], "logps": [], "entropy": [], "token_scores": []}
         for rows in self.micro_batches(range(len(roll))):
             flat["ref"].append(self.reference_logps(roll, rows).float())
+            if self.config.process_reward:
+                batch = roll.collate(rows, self.layout, self.device)
+                with self.accelerator.autocast():
+                    flat["token_scores"].append(token_scores(self.reward_model, batch).float())
             if with_policy:
                 batch = roll.collate(rows, self.layout, self.device)
                 with self.accelerator.autocast():
@@ -87,14 +112,18 @@ class GRPORecipe(RLRecipe):
         rewards = roll.scores
         if in_reward:
             rewards = roll.scores - kl_coef * sequence_kl(old, ref, mask, cfg.kl.estimator)
-        advantages = group_advantages(rewards, cfg.group_size, cfg.advantage, cfg.scale_by_std)
+        process_metrics: dict[str, float] = {}
+        if cfg.process_reward:
+            advantages, process_metrics = self._process_advantages(roll, grids["token_scores"])
+        else:
+            advantages = group_advantages(rewards, cfg.group_size, cfg.advantage, cfg.scale_by_std)[:, None]
 
         def loss(out: dict[str, torch.Tensor], rows: list[int], m: torch.Tensor):
             logps = out["token_logps"]
             if single_update:  # this forward is the rollout policy: record its log-probs and entropy
                 old[rows] = roll.to_grid(logps.detach().float(), rows)
                 entropy[rows] = roll.to_grid(out["entropy"].detach().float(), rows)
-            adv = advantages[rows][:, None].expand(m.shape)[m]
+            adv = advantages[rows].expand(m.shape)[m]
             pg, stats = ppo_policy_loss(logps, old[rows][m], adv, torch.ones_like(logps), cfg.clip_range)
             kl_term = kl_k3(logps, ref[rows][m]).mean()
             if in_reward:  # the KL is in the advantages; its k3 value is only reported
@@ -113,7 +142,34 @@ class GRPORecipe(RLRecipe):
                 "kl": mean_kl,
                 "kl_coef": kl_coef,
                 "entropy": float(masked_mean(entropy, mask)),
+                **process_metrics,
             }
 
         bonus = self.entropy_ctl.value > 0
         return UpdatePlan(loss, finish, with_entropy=single_update or bonus, entropy_grad=bonus)
+
+    def _process_advantages(self, roll: Rollout, grid: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``process_reward``: ``[B, R]`` per-token advantages from the reward model's per-token scores
+        ``grid`` (its sequence score is their sum): each scored token's score in units of the running
+        scores' std (:func:`alignment.rl.token_rewards`), centred on its group's mean per token and summed
+        from each token to the end (:func:`alignment.rl.group_token_advantages`), minus the missing-EOS
+        penalty (paid at the end, so every token of the row carries it). Metrics:
+        ``reward/group_token_baseline`` (the groups' mean score per token, raw units), ``reward/dense_gap``
+        (mean |sum of token scores - the sequence score|: ~0 when the rollout's tokens are the scorer's),
+        ``advantage/first_token_abs`` and ``advantage/token_abs`` (mean |A| at each row's first token and
+        over all tokens: the credit a token gets when rewards before it no longer count)."""
+        cfg: GRPOConfig = self.config
+        scored = scored_token_mask(roll.mask, roll.hit_eos)
+        scale = self.norm_moments[1] if self.norm_moments[1] > 0 else 1.0
+        dense = token_rewards(grid, scored, 0.0, scale)
+        adv = group_token_advantages(dense, scored, cfg.group_size, cfg.scale_by_std)
+        if cfg.missing_eos_penalty is not None:
+            adv = adv - (cfg.missing_eos_penalty / scale) * (~roll.hit_eos).float()[:, None]
+        adv = adv * roll.mask
+        per_group = (grid * scored).view(-1, cfg.group_size * grid.shape[1]).sum(1) / scored.view(
+            -1, cfg.group_size * grid.shape[1]).sum(1).clamp_min(1)
+        sums = (grid * scored).sum(1)
+        return adv, {"reward/group_token_baseline": float(per_group.mean()),
+                     "reward/dense_gap": float((sums - roll.raw_scores).abs().mean()),
+                     "advantage/first_token_abs": float(adv[:, 0].abs().mean()),
+                     "advantage/token_abs": float(masked_mean(adv.abs(), roll.mask))}

@@ -246,3 +246,42 @@ def test_grpo_token_baseline_takes_the_rollouts_mean_token_score_times_length(as
     assert len(set(lengths)) > 1  # lengths differ, so the baseline changes the ranking within a group
     assert given[0] == pytest.approx([s - b * n for s, n in zip(raw, lengths, strict=True)], abs=1e-4)
     assert read_metrics(assets["root"] / "grpo-tokbase")[0]["reward/token_baseline"] == pytest.approx(b, rel=1e-5)
+
+
+def test_grpo_process_reward_credits_each_token_with_the_scores_after_it(assets):  # noqa: F811
+    """process_reward: a token's advantage is the sum, from it to the end of its response, of the reward
+    model's per-token scores (EOS unscored) minus its group's mean score per token, over the running
+    std; one training step runs with it; a last-pooled reward model is refused."""
+    from alignment.config import ConfigError
+    from alignment.rl import scored_token_mask
+
+    over = dict(max_steps=1, rollout_batch_size=2, group_size=4, minibatch_size=8, update_epochs=1, reward_fn=None,
+                reward_model=_sum_pooled_reward_folder(assets), reward_norm="running", token_baseline="batch_mean",
+                scale_by_std=False, process_reward=True)
+    cfg = GRPOConfig.model_validate(rl_config(assets, "grpo", "grpo-process", **over))
+    recipe = GRPORecipe(cfg)
+    recipe.setup()
+    try:
+        roll = recipe.sample(recipe.feed.collate_next()["prompts"], repeats=4)
+        roll.scores = recipe.normalized(roll.scores)
+        grids = recipe._no_grad_forward(roll, with_policy=True)
+        adv, metrics = recipe._process_advantages(roll, grids["token_scores"])
+        s, std = grids["token_scores"], recipe.norm_moments[1]
+        scored = scored_token_mask(roll.mask, roll.hit_eos).bool()
+        for g in range(2):  # by hand: the group's mean score per token, then sums to the end of each row
+            rows = range(4 * g, 4 * g + 4)
+            mu = sum(float(s[b, t]) for b in rows for t in range(s.shape[1]) if scored[b, t]) / int(scored[list(rows)].sum())
+            for b in rows:
+                for t in range(int(roll.mask[b].sum())):
+                    want = sum((float(s[b, u]) - mu) / std for u in range(t, s.shape[1]) if scored[b, u])
+                    assert float(adv[b, t]) == pytest.approx(want, abs=1e-4)
+        assert metrics["advantage/first_token_abs"] == pytest.approx(float(adv[:, 0].abs().mean()))
+        assert float(adv.abs().max()) > 0
+        step = recipe.train_step()
+        assert step["advantage/token_abs"] > 0 and "reward/dense_gap" in step
+    finally:
+        recipe.cleanup()
+    bad = GRPOConfig.model_validate(rl_config(assets, "grpo", "grpo-process-last", **{
+        **over, "reward_model": _sum_pooled_reward_folder(assets, "last")}))
+    with pytest.raises(ConfigError, match="process_reward"):
+        GRPORecipe(bad).setup()

@@ -14,6 +14,7 @@ from alignment.rl import (
     explained_variance,
     gae,
     group_advantages,
+    group_token_advantages,
     kl_k1,
     kl_k3,
     kl_shaped_rewards,
@@ -150,6 +151,37 @@ def test_group_advantages_by_hand():
     assert rl[:4].tolist() == pytest.approx([x - (sum(r[:4]) - x) / 3 for x in r[:4]])
     with pytest.raises(ValueError, match="multiple"):
         group_advantages(torch.tensor(r[:7]), group_size=4)
+
+
+def test_group_token_advantages_match_a_python_loop():
+    """Reward to go of the group-centred token rewards, against loops over plain lists."""
+    gen = torch.Generator().manual_seed(5)
+    G, T = 3, 5
+    lengths = [5, 2, 4, 3, 3, 1]  # two groups of three, right-padded
+    rewards = torch.randn(len(lengths), T, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
+    noisy = rewards.masked_fill(mask == 0, 1e3)  # padding must not leak in
+    for scale in (False, True):
+        got = group_token_advantages(noisy, mask, G, scale_by_std=scale)
+        for g in range(len(lengths) // G):
+            rows = range(g * G, g * G + G)
+            vals = [float(rewards[i, t]) for i in rows for t in range(lengths[i])]
+            mu, sd = statistics.mean(vals), statistics.stdev(vals)
+            for i in rows:
+                for t in range(T):
+                    want = sum((float(rewards[i, u]) - mu) / ((sd + 1e-4) if scale else 1.0)
+                               for u in range(t, lengths[i]))
+                    assert float(got[i, t]) == pytest.approx(want, abs=1e-9)
+    # the first position carries the sequence score minus the group's mean reward per token times the length
+    seq = group_token_advantages(rewards, mask, G)[:, 0]
+    first = [float(rewards[i, :lengths[i]].sum()) for i in range(3)]
+    mu0 = sum(first) / sum(lengths[:3])
+    assert seq[:3].tolist() == pytest.approx([s - mu0 * n for s, n in zip(first, lengths[:3], strict=True)])
+    # a tied group carries no signal; bad shapes are refused
+    flat = group_token_advantages(torch.ones(2, 3), torch.ones(2, 3), 2, scale_by_std=True)
+    assert flat.abs().max() == 0
+    with pytest.raises(ValueError, match="multiple"):
+        group_token_advantages(rewards[:5], mask[:5], G)
 
 
 def test_explained_variance():
