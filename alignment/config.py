@@ -233,6 +233,12 @@ class DPOConfig(TrainSettings):
     gains −α · (mean per-token entropy of the policy over the chosen response + the same over the
     rejected) / 2, so training resists collapsing onto a few phrasings. Costs one pass of the LM
     head over the response positions (chunked). 0: off."""
+    entropy_excludes_eos: bool = False
+    """The entropy term over the non-EOS mass (:func:`alignment.losses.entropy_without_token`): at
+    each response position the entropy of the next-token distribution without EOS, renormalised,
+    so the term spreads the mass among words and leaves the probability of ending the answer
+    alone (the full entropy also lowers it where the model is sure to end: longer answers). False:
+    the full distribution's entropy."""
     budget: DriftBudget | None = None
     """A drift budget checked during training (:mod:`alignment.budget`): past it, training ends
     with the weights of the last probe within it. None: train the full schedule."""

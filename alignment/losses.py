@@ -26,6 +26,7 @@ __all__ = [
     "entropy_from_logits",
     "entropy_from_hidden",
     "entropy_bonus",
+    "entropy_without_token",
 ]
 
 
@@ -247,15 +248,43 @@ def ppo_value_loss(
     return loss, stats
 
 
-def _entropy_fp32(logits: torch.Tensor) -> torch.Tensor:
+def _entropy_fp32(logits: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
     if logits.dtype != torch.float64:
         logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
+    if exclude is not None:
+        return entropy_without_token(logp, exclude)
     return -(logp.exp() * logp).sum(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = 1024) -> torch.Tensor:
-    """Per-position entropy H = -sum_v p_v log p_v = logsumexp(l) - sum_v p_v l_v, in fp32.
+def entropy_without_token(logp: torch.Tensor, token: int) -> torch.Tensor:
+    """Per-position entropy of the next-token distribution with one token's mass taken out and
+    the rest renormalised (the entropy "over the non-EOS mass" when ``token`` is EOS).
+
+    With p = exp(``logp``) (``logp`` normalised log-probabilities ``[..., V]``) and e = ``token``,
+    the distribution over the other tokens is q_v = p_v / m (v ≠ e), m = Σ_{v≠e} p_v = 1 − p_e, and
+
+        H(q) = −Σ_{v≠e} q_v log q_v = A / m + log m,   A = −Σ_{v≠e} p_v log p_v,
+
+    computed as written: both sums run over the other tokens only (no 1 − p_e cancellation when
+    the model is sure of e). The full entropy splits as H(p) = h(p_e) + (1 − p_e) · H(q), h the
+    binary entropy. q is softmax(l with l_e = −∞) for logits l, so it does not depend on l_e:
+    ∂H(q)/∂l_e = 0 (H(q) is unchanged when every log p_v moves by the same constant, so the
+    log-softmax passes no gradient to l_e either). Raising H(q) spreads the mass among the other
+    tokens and leaves p_e (the decision to end the answer) alone, where raising H(p) also pulls
+    p_e towards 1/2 and, through (1 − p_e) · H(q), lowers it wherever the model is sure to end.
+    Returns ``[...]`` in ``logp``'s dtype; m is floored at the dtype's smallest normal number.
+    """
+    idx = torch.tensor([token], device=logp.device)
+    rest = logp.exp().index_fill(-1, idx, 0.0)  # p_v, 0 at e
+    m = rest.sum(-1).clamp_min(torch.finfo(logp.dtype).tiny)
+    return -(rest * logp).sum(-1) / m + m.log()
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = 1024,
+                        exclude: int | None = None) -> torch.Tensor:
+    """Per-position entropy H = -sum_v p_v log p_v = logsumexp(l) - sum_v p_v l_v, in fp32
+    (with ``exclude``, :func:`entropy_without_token` of that token).
 
     ``logits`` is ``[..., V]``; returns ``[...]`` (fp32). Positions are processed
     ``chunk_size`` at a time so the fp32 softmax buffer is ``chunk_size x V`` at most; when a
@@ -266,34 +295,36 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = 1024) -> 
     flat = logits.reshape(-1, logits.shape[-1])
     n = flat.shape[0]
     if chunk_size is None or n <= chunk_size:
-        return _entropy_fp32(flat).view(lead)
+        return _entropy_fp32(flat, exclude).view(lead)
     needs_grad = torch.is_grad_enabled() and flat.requires_grad
     parts = []
     for start in range(0, n, chunk_size):
         chunk = flat[start : start + chunk_size]
-        parts.append(checkpoint(_entropy_fp32, chunk, use_reentrant=False) if needs_grad else _entropy_fp32(chunk))
+        parts.append(checkpoint(_entropy_fp32, chunk, exclude, use_reentrant=False) if needs_grad
+                     else _entropy_fp32(chunk, exclude))
     return torch.cat(parts).view(lead)
 
 
-def _head_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _entropy_fp32(F.linear(hidden, weight, bias))
+def _head_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  exclude: int | None = None) -> torch.Tensor:
+    return _entropy_fp32(F.linear(hidden, weight, bias), exclude)
 
 
 def entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        chunk_size: int | None = 1024) -> torch.Tensor:
+                        chunk_size: int | None = 1024, exclude: int | None = None) -> torch.Tensor:
     """Per-row entropy of the LM head's distribution, H(softmax(h Wᵀ + b)), for hidden rows
-    ``[N, H]``: ``[N]`` fp32. Like :func:`entropy_from_logits`, but the head is applied
-    ``chunk_size`` rows at a time inside the (checkpointed) chunk, so the ``N x V`` logits never
-    exist at once."""
+    ``[N, H]``: ``[N]`` fp32 (with ``exclude``, :func:`entropy_without_token` of that token).
+    Like :func:`entropy_from_logits`, but the head is applied ``chunk_size`` rows at a time
+    inside the (checkpointed) chunk, so the ``N x V`` logits never exist at once."""
     n = hidden.shape[0]
     if chunk_size is None or n <= chunk_size:
-        return _head_entropy(hidden, weight, bias)
+        return _head_entropy(hidden, weight, bias, exclude)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     parts = []
     for start in range(0, n, chunk_size):
         chunk = hidden[start : start + chunk_size]
-        parts.append(checkpoint(_head_entropy, chunk, weight, bias, use_reentrant=False) if needs_grad
-                     else _head_entropy(chunk, weight, bias))
+        parts.append(checkpoint(_head_entropy, chunk, weight, bias, exclude, use_reentrant=False) if needs_grad
+                     else _head_entropy(chunk, weight, bias, exclude))
     return torch.cat(parts)
 
 

@@ -37,7 +37,7 @@ from alignment.batching import (
 from alignment.config import LoraSettings, ModelSettings
 from alignment.fast_paths import VARLEN_ATTENTION, attention_implementation
 from alignment.logprobs import logps_from_hidden, selective_log_softmax
-from alignment.losses import entropy_from_hidden, entropy_from_logits
+from alignment.losses import entropy_from_hidden, entropy_from_logits, entropy_without_token
 from alignment.prompt_sharing import collate_shared_prompt, shared_prompt_mask
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,9 @@ class CausalLMLogps(nn.Module):
         self.with_entropy = False
         """Also return ``seq_entropy`` [S]: per sequence, the sum over its targets of the entropy of the
         policy's next-token distribution (:func:`~alignment.losses.entropy_from_hidden`; DPO's ``entropy_coef``)."""
+        self.entropy_exclude: int | None = None
+        """With ``with_entropy``: a token id (EOS) whose mass the entropy leaves out, renormalising the
+        rest (:func:`~alignment.losses.entropy_without_token`; DPO's ``entropy_excludes_eos``)."""
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         inner = hf_model(self.model)
@@ -265,12 +268,13 @@ class CausalLMLogps(nn.Module):
                 logp = F.linear(picked, head.weight, head.bias).float().log_softmax(-1)
                 tok = logp.gather(-1, targets[:, None])[:, 0]
                 if self.with_entropy:  # from the same log-softmax, not a second pass of the head
-                    ent = -(logp.exp() * logp).sum(-1)
+                    ent = (-(logp.exp() * logp).sum(-1) if self.entropy_exclude is None
+                           else entropy_without_token(logp, self.entropy_exclude))
             else:
                 tok = logps_from_hidden(picked[None], head.weight, targets[None], None, self.chunk_size,
                                         lm_head_bias=head.bias, compiled=self.compiled_head)[0]
                 if self.with_entropy:
-                    ent = entropy_from_hidden(picked, head.weight, head.bias, self.chunk_size)
+                    ent = entropy_from_hidden(picked, head.weight, head.bias, self.chunk_size, self.entropy_exclude)
         else:
             mask, implementation = _attention_mask(inner, batch, self.causal_padding)
             with implementation:
@@ -279,7 +283,7 @@ class CausalLMLogps(nn.Module):
             picked = logits.flatten(0, 1).index_select(0, index)
             tok = selective_log_softmax(picked[None], targets[None], self.chunk_size)[0]
             if self.with_entropy:
-                ent = entropy_from_logits(picked, self.chunk_size)
+                ent = entropy_from_logits(picked, self.chunk_size, self.entropy_exclude)
         n = batch["num_sequences"]
         seq = batch["target_seq"]
         seq_logps = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, seq, tok)

@@ -22,7 +22,8 @@ Metrics: ``rewards/chosen``, ``rewards/rejected`` (beta * (log pi - log pi_ref),
 beta * mean log pi), ``rewards/margin``, ``rewards/accuracy`` (share of pairs whose chosen reward
 is higher), ``logps/chosen``, ``logps/rejected`` (summed policy log-probs); with ``nll_coef``
 ``nll/chosen``; with ``entropy_coef`` ``entropy/chosen``, ``entropy/rejected`` (the policy's mean
-next-token entropy over each response, :func:`alignment.losses.entropy_bonus`).
+next-token entropy over each response, :func:`alignment.losses.entropy_bonus`; with
+``entropy_excludes_eos`` the entropy over the non-EOS mass).
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ class DPORecipe(SupervisedRecipe):
         self.model = load_causal_lm(cfg.model)
         self.train_module = CausalLMLogps(self.model, cfg.logprob_chunk_size)
         self.train_module.with_entropy = cfg.entropy_coef > 0
+        if cfg.entropy_coef > 0 and cfg.entropy_excludes_eos:
+            if self.tokenizer.eos_token_id is None:
+                raise ConfigError("dpo.entropy_excludes_eos: the tokenizer has no EOS token")
+            self.train_module.entropy_exclude = self.tokenizer.eos_token_id
         if self.needs_reference and cfg.reference == "copy":
             self.reference = CausalLMLogps(load_reference(cfg.model, cfg.reference_model), cfg.logprob_chunk_size)
 
