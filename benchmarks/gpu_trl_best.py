@@ -112,7 +112,8 @@ def run_ours(family: str, folder: Path, data: Path, args, *, pairs: int, seq: in
     extra = {"varlen_attention": gpu, "max_prompt_length": seq // 2}
     args.qlora = family == "dpo_qlora"
     run = make_recipe("reward" if family == "rm" else "dpo", folder, data, args, pairs=pairs, seq=seq,
-                      lora=family in LORA_FAMILIES, compile=gpu, packing=True, gc_=getattr(args, "gc", False),
+                      lora=family in LORA_FAMILIES, compile=gpu and not getattr(args, "ours_eager", False),
+                      packing=True, gc_=getattr(args, "gc", False),
                       extra=extra)
     stamps: list[tuple[float, float]] = []
     ref_calls: list[float] = []
@@ -460,6 +461,8 @@ def main() -> None:
                         help="weights as loaded, both sides (bfloat16 for the 8B shape on one card)")
     parser.add_argument("--lengths", default="", help="after the timed runs: longest sequence probe at these "
                         "token counts (one pair per step), per family and side, up to the first that does not fit")
+    parser.add_argument("--ours-eager", action="store_true", help="ours without torch.compile (to tell what the "
+                        "compiled graphs cost or save, e.g. memory under QLoRA)")
     parser.add_argument("--probe-sides", default="ours,trl", help="which sides the length probes run (a side "
                         "already probed on the same case need not be paid for again)")
     parser.add_argument("--probe-gc", action="store_true", help="the length probes with gradient checkpointing "
