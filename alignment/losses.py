@@ -27,6 +27,7 @@ __all__ = [
     "entropy_from_hidden",
     "entropy_bonus",
     "entropy_without_token",
+    "entropy_from_logp",
 ]
 
 
@@ -248,13 +249,18 @@ def ppo_value_loss(
     return loss, stats
 
 
-def _entropy_fp32(logits: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
-    if logits.dtype != torch.float64:
-        logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
+def entropy_from_logp(logp: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
+    """Per-position entropy -sum_v p_v log p_v of normalised log-probabilities ``logp`` ``[..., V]``;
+    with ``exclude``, :func:`entropy_without_token` of that token. Returns ``[...]``."""
     if exclude is not None:
         return entropy_without_token(logp, exclude)
     return -(logp.exp() * logp).sum(-1)
+
+
+def _entropy_fp32(logits: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    return entropy_from_logp(torch.log_softmax(logits, dim=-1), exclude)
 
 
 def entropy_without_token(logp: torch.Tensor, token: int) -> torch.Tensor:

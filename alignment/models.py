@@ -37,7 +37,7 @@ from alignment.batching import (
 from alignment.config import LoraSettings, ModelSettings
 from alignment.fast_paths import VARLEN_ATTENTION, attention_implementation
 from alignment.logprobs import logps_from_hidden, selective_log_softmax
-from alignment.losses import entropy_from_hidden, entropy_from_logits, entropy_without_token
+from alignment.losses import entropy_from_hidden, entropy_from_logits, entropy_from_logp
 from alignment.prompt_sharing import collate_shared_prompt, shared_prompt_mask
 
 log = logging.getLogger(__name__)
@@ -268,8 +268,7 @@ class CausalLMLogps(nn.Module):
                 logp = F.linear(picked, head.weight, head.bias).float().log_softmax(-1)
                 tok = logp.gather(-1, targets[:, None])[:, 0]
                 if self.with_entropy:  # from the same log-softmax, not a second pass of the head
-                    ent = (-(logp.exp() * logp).sum(-1) if self.entropy_exclude is None
-                           else entropy_without_token(logp, self.entropy_exclude))
+                    ent = entropy_from_logp(logp, self.entropy_exclude)
             else:
                 tok = logps_from_hidden(picked[None], head.weight, targets[None], None, self.chunk_size,
                                         lm_head_bias=head.bias, compiled=self.compiled_head)[0]

@@ -85,12 +85,13 @@ class GRPORecipe(RLRecipe):
         flat: dict[str, list[torch.Tensor]] = {"ref": [], "logps": [], "entropy": [], "token_scores": []}
         for rows in self.micro_batches(range(len(roll))):
             flat["ref"].append(self.reference_logps(roll, rows).float())
+            if not (self.config.process_reward or with_policy):
+                continue
+            batch = roll.collate(rows, self.layout, self.device)  # once for both forwards
             if self.config.process_reward:
-                batch = roll.collate(rows, self.layout, self.device)
                 with self.accelerator.autocast():
                     flat["token_scores"].append(token_scores(self.reward_model, batch).float())
             if with_policy:
-                batch = roll.collate(rows, self.layout, self.device)
                 with self.accelerator.autocast():
                     out = self.train_module(batch, with_entropy=True)
                 flat["logps"].append(out["token_logps"].float())
@@ -166,9 +167,10 @@ class GRPORecipe(RLRecipe):
         if cfg.missing_eos_penalty is not None:
             adv = adv - (cfg.missing_eos_penalty / scale) * (~roll.hit_eos).float()[:, None]
         adv = adv * roll.mask
-        per_group = (grid * scored).view(-1, cfg.group_size * grid.shape[1]).sum(1) / scored.view(
+        scored_grid = grid * scored
+        per_group = scored_grid.view(-1, cfg.group_size * grid.shape[1]).sum(1) / scored.view(
             -1, cfg.group_size * grid.shape[1]).sum(1).clamp_min(1)
-        sums = (grid * scored).sum(1)
+        sums = scored_grid.sum(1)
         return adv, {"reward/group_token_baseline": float(per_group.mean()),
                      "reward/dense_gap": float((sums - roll.raw_scores).abs().mean()),
                      "advantage/first_token_abs": float(adv[:, 0].abs().mean()),
