@@ -46,15 +46,19 @@ def champion_oracle(cfg) -> tuple[str | None, float | None, float | None]:
 
 
 def round_overrides(cfg, base_path: str, round_index: int) -> list[str]:
-    """Per-round settings of the loop (``demo.loop``): this round's DPO β and entropy weight, and
-    the DPO drift budget of this round, measured against the base model at ``base_path``. Empty
-    without a schedule."""
+    """Per-round settings of the loop (``demo.loop``): this round's DPO β, entropy weight, NLL
+    (RPO) weight and whether the entropy term leaves EOS alone, and the DPO drift budget of this
+    round, measured against the base model at ``base_path``. Empty without a schedule."""
     if cfg.demo is None:
         return []
     loop = cfg.demo.loop
     out = [] if (beta := loop.beta(round_index)) is None else [f"dpo.beta={beta:g}"]
     if (coef := loop.entropy_coef(round_index)) is not None:
         out.append(f"dpo.entropy_coef={coef:g}")
+    if (nll := loop.nll_coef(round_index)) is not None:
+        out.append(f"dpo.nll_coef={nll:g}")
+    if (no_eos := loop.excludes_eos(round_index)) is not None:
+        out.append(f"dpo.entropy_excludes_eos={str(no_eos).lower()}")
     budget = loop.kl_budget(round_index)
     if budget is not None and cfg.dpo.budget is not None:
         out += [f"dpo.budget.max_kl={budget:g}", f"dpo.budget.reference={{name_or_path: '{base_path}'}}"]

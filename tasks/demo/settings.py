@@ -292,6 +292,16 @@ class LoopSettings(StrictModel):
     """DPO entropy weight (``dpo.entropy_coef``) of round k, indexed like ``betas``; empty:
     ``dpo.entropy_coef`` as configured. A lower β pushes harder on the reward, so later rounds
     may need a larger weight to keep distinct-2."""
+    nll_coefs: list[Annotated[float, Field(ge=0)]] = []
+    """DPO weight of the chosen responses' NLL (RPO, ``dpo.nll_coef``) of round k, indexed like
+    ``betas``; empty: ``dpo.nll_coef`` as configured. The term holds the policy near the chosen
+    answers, the champion's own best samples from round 1 on: at round 0 it lowered the share of
+    greedy responses that loop (β 0.6 with NLL 0.2: 33% of the held-out prompts, base 47%) at a cost
+    in oracle, and at 0.05 it did not hold greedy loops past round 2 (benchmarks/RESULTS.md, issue 15)."""
+    entropy_excludes_eos: list[bool] = []
+    """``dpo.entropy_excludes_eos`` of round k, indexed like ``betas``; empty: as configured. On, the
+    entropy term leaves the EOS probability alone, so later rounds' champions keep ending their
+    answers (the full term lowered the share ending within 24 tokens from 0.68 to 0.34-0.56)."""
 
     def kl_budget(self, round_index: int) -> float | None:
         """Round ``round_index``'s KL budget, or None when no schedule is set."""
@@ -308,8 +318,16 @@ class LoopSettings(StrictModel):
         """Round ``round_index``'s DPO entropy weight, or None when ``entropy_coefs`` is empty."""
         return _of_round(self.entropy_coefs, round_index)
 
+    def nll_coef(self, round_index: int) -> float | None:
+        """Round ``round_index``'s DPO NLL (RPO) weight, or None when ``nll_coefs`` is empty."""
+        return _of_round(self.nll_coefs, round_index)
 
-def _of_round(values: list[float], round_index: int) -> float | None:
+    def excludes_eos(self, round_index: int) -> bool | None:
+        """Round ``round_index``'s ``dpo.entropy_excludes_eos``, or None when the list is empty."""
+        return _of_round(self.entropy_excludes_eos, round_index)
+
+
+def _of_round(values: list, round_index: int):
     """``values[round_index]``, the last value past the end, None when empty."""
     return values[min(round_index, len(values) - 1)] if values else None
 

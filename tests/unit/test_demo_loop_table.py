@@ -86,6 +86,30 @@ def test_beta_schedule_sets_each_rounds_dpo_beta_and_keeps_the_last(tmp_path):
     assert load_pipeline_config(None, sets + round_overrides(coefs, "/b", 4)).dpo.entropy_coef == 0.03
 
 
+def test_nll_and_eos_schedules_set_each_rounds_dpo_terms(tmp_path):
+    """``demo.loop.nll_coefs`` and ``entropy_excludes_eos`` reach the round's DPO section, the last
+    entry standing for later rounds; empty lists leave the dpo section as configured."""
+    from flows.demo import round_overrides
+    from tasks.config import load_pipeline_config
+    from tasks.demo.settings import LoopSettings
+
+    assert LoopSettings().nll_coef(2) is None and LoopSettings().excludes_eos(2) is None
+    with pytest.raises(ValueError):
+        LoopSettings(nll_coefs=[0.05, -0.1])
+    sets = [f"pipeline.home={tmp_path}", "dpo.nll_coef=0.05",
+            "demo.loop={nll_coefs: [0.05, 0.2, 0.3], entropy_excludes_eos: [false, true]}"]
+    cfg = load_pipeline_config(None, sets)
+    assert round_overrides(cfg, "/b", 0) == ["dpo.nll_coef=0.05", "dpo.entropy_excludes_eos=false"]
+    assert round_overrides(cfg, "/b", 1) == ["dpo.nll_coef=0.2", "dpo.entropy_excludes_eos=true"]
+    for k, nll, no_eos in ((0, 0.05, False), (1, 0.2, True), (2, 0.3, True), (5, 0.3, True)):
+        dpo = load_pipeline_config(None, sets + round_overrides(cfg, "/b", k)).dpo
+        assert (dpo.nll_coef, dpo.entropy_excludes_eos) == (nll, no_eos), k
+    plain = load_pipeline_config(None, [f"pipeline.home={tmp_path}", "dpo.nll_coef=0.07", "demo.loop={betas: [0.5]}"])
+    assert round_overrides(plain, "/b", 3) == ["dpo.beta=0.5"]
+    assert load_pipeline_config(None, [f"pipeline.home={tmp_path}", "dpo.nll_coef=0.07", "demo.loop={betas: [0.5]}",
+                                       *round_overrides(plain, "/b", 3)]).dpo.nll_coef == 0.07
+
+
 def test_round_report_is_the_registered_candidates_not_the_newest(tmp_path):
     """A round whose evaluation was cached leaves an older report than another candidate's: the
     row must read the report of the candidate the round registered (its digest tag)."""
