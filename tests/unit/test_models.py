@@ -232,6 +232,34 @@ def test_layout_check_tolerance_follows_every_weight_not_the_first(caplog):
     assert "packing check: max |difference| 0.0005 (mean 0.0005) against the tolerance 0.0001" in caplog.text
 
 
+def test_half_precision_layout_tolerance_scales_with_the_hidden_states():
+    """bf16 rounding grows with the hidden states' scale (a 4-bit 8B model failed an absolute
+    tolerance, run 18): 1% of a scale of 40 passes, half of it (what a layout bug does) fails."""
+    mixed = torch.nn.Sequential(torch.nn.Embedding(4, 2), torch.nn.Linear(2, 2).to(torch.bfloat16))
+
+    def agree(shift: float) -> bool:
+        layouts = [{"shift": torch.tensor(0.0)}, {"shift": torch.tensor(shift)}]
+        return _layouts_agree(mixed, layouts, lambda b: torch.full((3, 2), 40.0) + b["shift"],
+                              torch.device("cpu"), 1e-4, "packing")
+
+    assert agree(0.4)
+    assert not agree(20.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layout_check_catches_a_packed_row_attending_across_sequences(tmp_path, dtype):
+    """The check's purpose: transformers builds a packed row's block-diagonal mask from the
+    restarting ``position_ids``; without it the row's second sequence attends to the first, and
+    the check must say so at either precision (the tolerances leave room for rounding only)."""
+    from unittest import mock
+
+    folder = make_tiny_model(tmp_path / "llama", "llama")
+    model = load_causal_lm(ModelSettings(name_or_path=str(folder), dtype=dtype), trainable=False)
+    assert packing_supported(model)
+    with mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda *a, **k: None):
+        assert not packing_supported(model)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     folder = make_tiny_model(tmp_path / "llama", "llama")  # no dropout, so train mode is deterministic
     grads = []
