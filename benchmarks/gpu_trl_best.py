@@ -208,6 +208,71 @@ def reference_rate(tokens: list[int], seconds: list[float], skip: int) -> dict:
             "ref_first_batches_s": sum(seconds[:skip])}
 
 
+def _site(frames: list[dict]) -> str:
+    """Where an allocation was asked for: its innermost frame outside torch (``file:line function``)."""
+    for f in frames:
+        name = f.get("filename", "")
+        if "/torch/" not in name and not name.startswith("<"):
+            return f"{'/'.join(Path(name).parts[-2:])}:{f.get('line')} {f.get('name')}"
+    return "torch internals"
+
+
+def peak_composition(events: list[dict], top: int = 15) -> dict:
+    """The allocations live at the peak of a recorded allocator history, summed by call site.
+
+    ``events``: one device's trace from ``torch.cuda.memory._snapshot()["device_traces"]`` (dicts with
+    ``action``, ``addr``, ``size``, ``frames``). Replays ``alloc`` / ``free_completed`` in order, finds
+    the event where the live total is largest, and sums the allocations live there by :func:`_site`.
+    Assumes the history began with nothing allocated that is freed later (recording started before
+    the run) and that no entries were dropped. Returns ``{"peak_gib", "sites": [[site, GiB], ...]}``."""
+    live: dict[int, int] = {}
+    total = peak = 0
+    peak_at = -1
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = i
+            total += e["size"]
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            del live[e["addr"]]
+            total -= e["size"]
+        if total > peak:
+            peak, peak_at = total, i
+    live = {}
+    for e in events[:peak_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    sites: dict[str, int] = {}
+    for e in live.values():
+        key = _site(e.get("frames") or [])
+        sites[key] = sites.get(key, 0) + e["size"]
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1])[:top]
+    return {"peak_gib": round(peak / 2**30, 3), "sites": [[k, round(v / 2**30, 3)] for k, v in ranked]}
+
+
+class MemoryHistory:
+    """``--memory-peak``: record the CUDA allocator's history (Python frames) around one run and
+    summarise the allocations live at its peak (:func:`peak_composition`); kept in memory, nothing
+    pickled to disk. Recording slows a run: use it on runs that are not timed."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and torch.cuda.is_available()
+
+    def __enter__(self):
+        if self.enabled:
+            torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            traces = snap.get("device_traces") or [[]]
+            self.result = peak_composition(traces[torch.cuda.current_device()])
+            self.result["events"] = len(traces[torch.cuda.current_device()])
+
+
 # ---------------------------------------------------------------------------- TRL
 class LigerGlobals:
     """Liger patches module globals (RoPE function, RMSNorm/MLP classes) process-wide: put them back."""
@@ -465,6 +530,8 @@ def main() -> None:
                         "compiled graphs cost or save, e.g. memory under QLoRA)")
     parser.add_argument("--probe-sides", default="ours,trl", help="which sides the length probes run (a side "
                         "already probed on the same case need not be paid for again)")
+    parser.add_argument("--memory-peak", action="store_true", help="record the allocator's history in each run "
+                        "and report what is live at its peak, by call site (slows the runs: not for timings)")
     parser.add_argument("--probe-gc", action="store_true", help="the length probes with gradient checkpointing "
                         "on both sides")
     args = parser.parse_args()
@@ -508,14 +575,18 @@ def main() -> None:
         record = {"shape": shape, "dist": dist, "family": family, "side": side, "repeat": rep, "seq": seq,
                   "pairs": pairs, "params": n_params(folder), "data_stats": stats}
         t0 = time.perf_counter()
+        history = MemoryHistory(args.memory_peak)
         try:
-            if side == "ours":
-                record.update(run_ours(family, folder, path, args, pairs=pairs, seq=seq))
-            elif side == "trl":
-                record.update(trl_best(family, folder, rows, args, pairs=pairs, seq=seq))
-            else:
-                record.update(run_trl(family, folder, rows, args, pairs=pairs, seq=seq, best=False))
+            with history:
+                if side == "ours":
+                    record.update(run_ours(family, folder, path, args, pairs=pairs, seq=seq))
+                elif side == "trl":
+                    record.update(trl_best(family, folder, rows, args, pairs=pairs, seq=seq))
+                else:
+                    record.update(run_trl(family, folder, rows, args, pairs=pairs, seq=seq, best=False))
             record["epoch_tokens_per_s"] = epoch_rate(record)
+            if history.enabled:
+                record["memory_at_peak"] = history.result
         except Exception as err:  # noqa: BLE001 - one failing run must not lose the others
             record["error"] = f"{type(err).__name__}: {err}"[:400]
             traceback.print_exc()
@@ -527,7 +598,7 @@ def main() -> None:
         log.write(json.dumps(record, default=str) + "\n")
         log.flush()
         brief = {k: record.get(k) for k in ("tokens_per_s", "epoch_tokens_per_s", "ref_tokens_per_s", "peak_gib",
-                                             "wall_s", "graphs_compiled_in_timed_steps", "liger_error",
+                                             "wall_s", "graphs_compiled_in_timed_steps", "liger_error", "memory_at_peak",
                                              "error") if record.get(k) is not None}
         print(f"# {shape}/{dist}/{family}/{side}/{rep} {json.dumps(brief, default=str)}", flush=True)
     for family in args.families.split(",") if args.lengths else []:

@@ -157,3 +157,28 @@ def test_plan_warms_trl_once_then_alternates_and_plans_nothing_for_zero_repeats(
     assert len(sides) == 10
     args.repeats = 0
     assert trl_best.plan(args) == []
+
+
+def test_peak_composition_sums_what_is_live_at_the_peak_by_call_site():
+    gib = 2**30
+
+    def at(file, line):
+        return [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+                {"filename": f"/site/{file}", "line": line, "name": "forward"}]
+
+    events = [
+        {"action": "alloc", "addr": 1, "size": 4 * gib, "frames": at("models/llama.py", 10)},   # weights
+        {"action": "alloc", "addr": 2, "size": 1 * gib, "frames": at("models/llama.py", 20)},   # activation
+        {"action": "alloc", "addr": 3, "size": 1 * gib, "frames": at("models/llama.py", 20)},   # activation
+        {"action": "alloc", "addr": 4, "size": 2 * gib, "frames": at("peft/lora.py", 5)},       # peak: 8 GiB
+        {"action": "free_requested", "addr": 4, "size": 2 * gib, "frames": []},
+        {"action": "free_completed", "addr": 4, "size": 2 * gib, "frames": []},
+        {"action": "free_completed", "addr": 2, "size": 1 * gib, "frames": []},
+        {"action": "alloc", "addr": 5, "size": 3 * gib, "frames": []},                          # 7 GiB: below
+    ]
+    out = trl_best.peak_composition(events)
+    assert out["peak_gib"] == 8
+    assert out["sites"] == [["models/llama.py:10 forward", 4], ["models/llama.py:20 forward", 2],
+                            ["peft/lora.py:5 forward", 2]]
+    assert trl_best.peak_composition(events[:1] + [{"action": "alloc", "addr": 9, "size": gib, "frames": [
+        {"filename": "/x/torch/autograd/graph.py", "line": 3, "name": "backward"}]}])["sites"][1] == ["torch internals", 1]
