@@ -215,10 +215,11 @@ def _empty_note(report: EvalReport) -> str:
             "empty response loses to any other; two empty ones are no comparison and are left out).")
 
 
-def _readability_checks(cand, ref, s: GateSettings) -> list[GateCheck]:
+def _readability_checks(report: EvalReport, s: GateSettings) -> list[GateCheck]:
     """Guards against word stuffing and loops beyond distinct-2: repeated trigrams and fluency,
     each measured against the reference's own samples (a model's text is judged by the change
     it brings, so a corpus that repeats itself by nature does not fail every candidate)."""
+    cand, ref = report.candidate, report.reference
     checks = []
     if s.max_repeated_trigram_increase is not None:
         c, r = cand.repeated_trigram_rate, ref.repeated_trigram_rate
@@ -241,12 +242,14 @@ def _readability_checks(cand, ref, s: GateSettings) -> list[GateCheck]:
                              f"the allowed {s.max_fluency_drop:.2f}" + ("." if ok else " (text the base model "
                                                                          "finds unlikely: stuffing or junk).")))
     if s.max_greedy_loop_increase is not None:
-        checks.append(_greedy_loop_check(cand, ref, s.max_greedy_loop_increase))
+        checks.append(_greedy_loop_check(report, s.max_greedy_loop_increase))
     return checks
 
 
-def _greedy_loop_check(cand, ref, limit: float) -> GateCheck:
-    """The share of greedy responses that loop, the candidate's against the reference's."""
+def _greedy_loop_check(report: EvalReport, limit: float) -> GateCheck:
+    """The share of greedy responses that loop, the candidate's against the reference's, with the
+    number of prompts and the rise's standard error (paired per prompt) where the report has them."""
+    cand, ref = report.candidate, report.reference
     c, r = cand.greedy_looping_share, ref.greedy_looping_share
     rise = c - r if _finite(c) and _finite(r) else None
     ok = rise is not None and rise <= limit
@@ -255,7 +258,10 @@ def _greedy_loop_check(cand, ref, limit: float) -> GateCheck:
     else:
         seq = ("" if not (_finite(cand.greedy_seq_rep3) and _finite(ref.greedy_seq_rep3)) else
                f" (mean seq-rep-3 {ref.greedy_seq_rep3:.3f} to {cand.greedy_seq_rep3:.3f})")
-        shown = f"went from {_pct(r)} (reference) to {_pct(c)}{seq}, {100 * rise:+.1f} points"
+        over = f" of {report.num_greedy_prompts} held-out prompts" if report.num_greedy_prompts else ""
+        se = (f" (standard error {100 * report.greedy_loop_rise_se:.1f}, paired per prompt)"
+              if _finite(report.greedy_loop_rise_se) else "")
+        shown = f"went from {_pct(r)} (reference) to {_pct(c)}{over}{seq}, {100 * rise:+.1f} points{se}"
     return _check("greedy_loops", rise, limit, ok,
                   f"The share of greedy responses that loop {shown}, {'within' if ok else 'beyond'} the allowed "
                   f"{100 * limit:+.1f}" + ("." if ok else " (the model's most likely text repeats itself)."))
@@ -306,7 +312,7 @@ def decide(report: EvalReport, settings: GateSettings, has_champion: bool) -> Ga
                          f"Within-response repetition is {_pct(r)}, {'within' if ok else 'above'} the limit of "
                          f"{_pct(s.max_repetition_rate)}."))
 
-    checks += _readability_checks(cand, ref, s)
+    checks += _readability_checks(report, s)
 
     if s.max_length_change is not None:
         change = report.length_drift.get("relative_change")

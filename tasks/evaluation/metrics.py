@@ -259,6 +259,24 @@ def loop_stats(texts: Iterable, n: int = 3, threshold: float = LOOP_THRESHOLD,
     return LoopStats(float((reps > threshold).mean()), float(reps.mean()), int(reps.size))
 
 
+def looping(texts: Iterable, n: int = 3, threshold: float = LOOP_THRESHOLD,
+            tokenize: Callable[[str], list] | None = None) -> np.ndarray:
+    """Per response: True when it loops (seq-rep-n above ``threshold``), as :func:`loop_stats` counts."""
+    return np.array([seq_rep(t, n, tokenize) > threshold for t in texts], dtype=bool)
+
+
+def paired_share_diff_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(a) − mean(b) for two 0/1 outcomes on the same items (paired: the
+    items are the units): sample standard deviation of a_i − b_i over sqrt(n). NaN under two items.
+    Items on which both agree add nothing but n, so it is smaller than the unpaired error when the
+    two models loop on the same prompts."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired outcomes differ in shape: {a.shape} vs {b.shape}")
+    d = a - b
+    return float(d.std(ddof=1) / np.sqrt(d.size)) if d.size >= 2 else float("nan")
+
+
 _ALLOWED_CONTROL = set("\n\t\r")
 _CHAR_RUN = re.compile(r"(\S)\1{5,}")
 _SYMBOL_RUN = re.compile(r"[^\w\s]{6,}")

@@ -81,11 +81,15 @@ class ModelEval(BaseModel):
     eos_share: float
     """Share of responses that ended with EOS before the token limit."""
     greedy_looping_share: float | None = None
-    """Share of this model's greedy responses to the evaluated prompts (one per prompt) that loop:
-    seq-rep-3 above the report's ``loop_threshold`` (:func:`tasks.evaluation.metrics.loop_stats`).
-    None when greedy decoding is off (``evaluation.greedy``)."""
+    """Share of this model's greedy responses to the greedy prompts (one per prompt: the evaluated
+    prompts and any other held-out ones of ``evaluation.greedy_splits``, ``num_greedy_prompts`` in
+    all) that loop: seq-rep-3 above the report's ``loop_threshold``
+    (:func:`tasks.evaluation.metrics.loop_stats`). None when greedy decoding is off (``evaluation.greedy``)."""
     greedy_seq_rep3: float | None = None
     """Mean seq-rep-3 of those greedy responses (a response under three words counts 0)."""
+    greedy_looping_share_evaluated: float | None = None
+    """The looping share on the evaluated prompts alone (the figure of reports before
+    ``evaluation.greedy_splits``; equal to ``greedy_looping_share`` when no other split is decoded)."""
 
 
 class EvalReport(BaseModel):
@@ -115,6 +119,12 @@ class EvalReport(BaseModel):
     """β of the implicit DPO reward."""
     loop_threshold: float | None = None
     """seq-rep-3 above which a greedy response loops (None: no greedy decoding)."""
+    num_greedy_prompts: int | None = None
+    """Prompts decoded greedily per model (None: no greedy decoding)."""
+    greedy_loop_rise_se: float | None = None
+    """Standard error of the candidate's looping share minus the reference's, paired per greedy
+    prompt (sample standard deviation of the per-prompt differences over sqrt(n)); what the gate's
+    ``greedy_loops`` rule states beside the rise."""
     wall_time_s: float = 0.0
 
     def model(self, role: Role) -> ModelEval:
@@ -152,4 +162,6 @@ class EvalReport(BaseModel):
             out[name], out[f"{name}_lower"], out[f"{name}_upper"] = j.rate, j.lower, j.upper
         for key, value in self.length_drift.items():
             out[f"{prefix}length_drift/{key}"] = value
+        out[f"{prefix}greedy/num_prompts"] = self.num_greedy_prompts
+        out[f"{prefix}greedy/loop_rise_se"] = self.greedy_loop_rise_se
         return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}

@@ -51,6 +51,15 @@ class EvalSettings(StrictModel):
     False: not measured (then ``gate.max_greedy_loop_increase`` fails, as for any missing figure)."""
     loop_threshold: float = Field(0.1, ge=0, lt=1)
     """A greedy response loops when its seq-rep-3 exceeds this (0.1: one word trigram in ten repeats)."""
+    greedy_splits: list[Literal["test", "validation"]] = ["test"]
+    """Held-out prompts the greedy figures are measured on: ``test``, the evaluated prompts (the
+    first ``num_prompts`` of the test split, those of every other figure); ``validation`` adds every
+    prompt of the validation split, whose pairs never train a policy (they only score DPO's eval
+    loss and, with ``reward.calibrate``, fit the reward model's temperature). Greedy decoding is
+    cheap and the share is a proportion: over n prompts its standard error is about
+    50/sqrt(n) points (5 at the demo's 103 test prompts, 3.4 at 220), so more prompts make the
+    gate's ``max_greedy_loop_increase`` a test of the model, not of the draw of prompts. The
+    report keeps the share on the evaluated prompts alone too (``greedy_looping_share_evaluated``)."""
 
 
 class GateSettings(StrictModel):
@@ -87,9 +96,10 @@ class GateSettings(StrictModel):
     stuffed words are text the base model finds unlikely. None: not checked."""
     max_greedy_loop_increase: float | None = Field(None, ge=0, le=1)
     """Largest rise, in share points, of the share of the candidate's GREEDY responses that loop
-    (seq-rep-3 above ``evaluation.loop_threshold``) over the reference's, on the evaluated
-    prompts (``evaluation.greedy``): a champion's sampled text may pass every other guard while
-    its most likely output loops. None: not checked."""
+    (seq-rep-3 above ``evaluation.loop_threshold``) over the reference's, on the greedy prompts
+    (``evaluation.greedy``, ``evaluation.greedy_splits``): a champion's sampled text may pass every
+    other guard while its most likely output loops. The reason states the rise's standard error
+    (paired per prompt). None: not checked."""
     min_judge_accuracy: float | None = Field(0.6, ge=0, le=1)
     """Floor for the reward model as a judge: the lower confidence bound of its held-out pairwise
     accuracy (the evaluation's test pairs) must reach it. When it does not (or the accuracy was

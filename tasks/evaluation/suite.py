@@ -142,9 +142,11 @@ def reward_scorer_from_folder(path: str | Path, device: str = "cpu", batch_size:
 
 
 def _model_eval(role: str, path: str, s: _Samples, kl: M.KLEstimate | None, max_new_tokens: int,
-                ppl: float | None, loop_threshold: float) -> ModelEval:
+                ppl: float | None, loop_threshold: float, evaluated: int) -> ModelEval:
+    """``evaluated``: how many of the greedy responses answer the evaluated prompts (the first ones)."""
     texts = s.gen.texts
     loops = M.loop_stats(s.greedy, 3, loop_threshold) if s.greedy else None
+    loops_evaluated = M.loop_stats(s.greedy[:evaluated], 3, loop_threshold) if s.greedy else None
     reasons = Counter(r for t in texts for r in M.malformed_reasons(t))
     def mean_std(x):
         return (None, None) if x is None else (float(np.mean(x)), float(np.std(x)))
@@ -161,6 +163,7 @@ def _model_eval(role: str, path: str, s: _Samples, kl: M.KLEstimate | None, max_
         malformed_reasons=dict(reasons), perplexity=ppl, eos_share=float(s.gen.hit_eos.float().mean()),
         greedy_looping_share=None if loops is None else loops.looping_share,
         greedy_seq_rep3=None if loops is None else loops.mean_seq_rep,
+        greedy_looping_share_evaluated=None if loops_evaluated is None else loops_evaluated.looping_share,
     )
 
 
@@ -194,6 +197,7 @@ def evaluate_models(
     beta: float = 0.1,
     device: str = "cpu",
     reference_tokenizer: str | None = None,
+    greedy_prompts: Sequence[Prompt] | None = None,
 ) -> EvalOutput:
     """Evaluate ``candidate`` against ``champion`` (None: the reference stands in) and ``reference``.
 
@@ -205,7 +209,9 @@ def evaluate_models(
     champion) and the perplexity of the chosen responses. ``reward_scorer`` wins over
     ``reward_model`` (a folder). ``reference_tokenizer``: the tokenizer of every policy when it
     lives apart from the reference model's folder (``model.policy.tokenizer``; the trained
-    policies save it in theirs). KL is computed at the sampling temperature. Raises ValueError
+    policies save it in theirs). KL is computed at the sampling temperature. ``greedy_prompts``:
+    more held-out prompts to decode greedily beside the evaluated ones (``settings.greedy``;
+    duplicates of an evaluated prompt dropped), for the looping share only. Raises ValueError
     for no prompts, a bad pair row (naming it) or tokenizers that differ from the reference's.
     """
     settings = settings or EvalSettings()
@@ -222,9 +228,9 @@ def evaluate_models(
     gen_cfg = settings.generation
     temperature = gen_cfg.temperature if gen_cfg.do_sample else 1.0
 
+    greedy_set = _greedy_set(prompts, greedy_prompts) if settings.greedy else None
     samples, pair_lp = _sample_policies(candidate, champion, reference, sample_prompts, pairs, settings,
-                                        temperature, device, reference_tokenizer,
-                                        greedy_prompts=prompts if settings.greedy else None)
+                                        temperature, device, reference_tokenizer, greedy_prompts=greedy_set)
     scorer = reward_scorer
     if scorer is None and reward_model is not None:
         scorer = reward_scorer_from_folder(reward_model, device, settings.score_batch_size,
@@ -243,7 +249,8 @@ def evaluate_models(
         if role in pair_lp and pair_lp[role][2].sum() > 0:
             ppl = M.perplexity(-pair_lp[role][0], pair_lp[role][2])
         kl = M.sequence_kl(smp.logps, smp.ref_logps, groups=groups)
-        evals[role] = _model_eval(role, str(path), smp, kl, gen_cfg.max_new_tokens, ppl, settings.loop_threshold)
+        evals[role] = _model_eval(role, str(path), smp, kl, gen_cfg.max_new_tokens, ppl, settings.loop_threshold,
+                                  len(prompts))
     report = EvalReport(
         candidate=evals["candidate"], champion=evals["champion"], reference=evals["reference"],
         champion_is_reference=champion is None,
@@ -258,6 +265,8 @@ def evaluate_models(
         num_prompts=len(prompts), samples_per_prompt=k, num_pairs=len(pairs), seed=settings.seed,
         generation=gen_cfg.model_dump(), kl_temperature=temperature, beta=beta,
         loop_threshold=settings.loop_threshold if settings.greedy else None,
+        num_greedy_prompts=len(greedy_set) if greedy_set else None,
+        greedy_loop_rise_se=_greedy_rise_se(samples, settings.loop_threshold),
         wall_time_s=time.perf_counter() - start,
     )
     shown = ("candidate", "champion", "reference") if champion is not None else ("candidate", "reference")
@@ -265,6 +274,25 @@ def evaluate_models(
               for judge, attr in (("reward model", "rewards"), ("oracle", "oracle"))
               if getattr(samples["candidate"], attr) is not None}
     return EvalOutput(report, _samples_table(sample_prompts, groups, samples, settings.samples_table_rows), scores)
+
+
+def _greedy_set(prompts: list[Prompt], extra: Sequence[Prompt] | None) -> list[Prompt]:
+    """The evaluated prompts, then each extra prompt not among them (in order, once)."""
+    out, seen = list(prompts), {json.dumps(p, sort_keys=True) for p in prompts}
+    for p in extra or []:
+        if (key := json.dumps(p, sort_keys=True)) not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _greedy_rise_se(samples: dict[str, _Samples], threshold: float) -> float | None:
+    """Standard error of the candidate's greedy looping share minus the reference's, paired per prompt."""
+    cand, ref = samples["candidate"].greedy, samples["reference"].greedy
+    if not cand or not ref:
+        return None
+    se = M.paired_share_diff_se(M.looping(cand, 3, threshold), M.looping(ref, 3, threshold))
+    return se if np.isfinite(se) else None
 
 
 def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt], pairs: list[dict],

@@ -227,9 +227,26 @@ def test_greedy_loop_figures_of_each_model(folders):
         # two samples per prompt: rows 0-1 are prompt 0, rows 2-3 prompt 1
         assert [row[f"{role}_greedy"] for row in out.samples] == [greedy[0], greedy[0], greedy[1], greedy[1]]
 
+    # more held-out prompts for the greedy figures only: the evaluated ones first, a duplicate dropped
+    extra = ["the actors were", "a slow story of", "music and light"]
+    wide = evaluate_models(folders["candidate"], None, folders["reference"], prompts[:3], None, settings=few,
+                           greedy_prompts=[prompts[0], *extra])
+    assert wide.report.num_prompts == 3 and wide.report.num_greedy_prompts == 6
+    flags = {}
+    for role in ("candidate", "reference"):
+        greedy = [_plain_greedy(folders[role], p, 12) for p in [*prompts[:3], *extra]]
+        m = wide.report.model(role)
+        assert m.greedy_looping_share == pytest.approx(loop_stats(greedy, 3, 0.85).looping_share)
+        assert m.greedy_looping_share_evaluated == pytest.approx(loop_stats(greedy[:3], 3, 0.85).looping_share)
+        flags[role] = [loop_stats([g], 3, 0.85).looping_share for g in greedy]
+    diff = [c - r for c, r in zip(flags["candidate"], flags["reference"], strict=True)]
+    assert wide.report.greedy_loop_rise_se == pytest.approx(float(np.std(diff, ddof=1) / np.sqrt(6)))
+    assert wide.report.metrics()["eval/greedy/num_prompts"] == 6
+
     off = evaluate_models(folders["candidate"], None, folders["reference"], prompts, None,
                           settings=settings(greedy=False))
     assert off.report.loop_threshold is None
     assert off.report.candidate.greedy_looping_share is None and off.report.reference.greedy_seq_rep3 is None
+    assert off.report.num_greedy_prompts is None and off.report.greedy_loop_rise_se is None
     assert not any(k.startswith("eval/") and "greedy" in k for k in off.report.metrics())
     assert not any(k.endswith("_greedy") for k in off.samples[0])

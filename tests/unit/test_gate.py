@@ -146,6 +146,22 @@ def test_greedy_loops_rule_compares_the_looping_share_with_the_reference():
     assert decide(report(candidate={"greedy_looping_share": 0.10}, reference=base), s, has_champion=True).passed
 
 
+def test_greedy_loops_rule_states_the_prompts_and_the_rises_standard_error():
+    """With ``evaluation.greedy_splits`` the report says over how many prompts the shares were
+    measured and the rise's paired standard error: the reason gives both, the verdict stays the
+    threshold's."""
+    base = {"greedy_looping_share": 0.466, "greedy_seq_rep3": 0.213}
+    r = report(candidate={"greedy_looping_share": 0.534, "greedy_seq_rep3": 0.2}, reference=base)
+    r = r.model_copy(update={"num_greedy_prompts": 220, "greedy_loop_rise_se": 0.0312})
+    d = decide(r, GateSettings(max_greedy_loop_increase=0.05), has_champion=True)
+    assert d.failed_rules() == ["greedy_loops"]
+    assert d.reasons[1] == ("The share of greedy responses that loop went from 46.6% (reference) to 53.4% of 220 "
+                            "held-out prompts (mean seq-rep-3 0.213 to 0.200), +6.8 points (standard error 3.1, "
+                            "paired per prompt), beyond the allowed +5.0 (the model's most likely text repeats itself).")
+    ok = decide(r, GateSettings(max_greedy_loop_increase=0.07), has_champion=True)
+    assert ok.passed and "of 220 held-out prompts" in next(c.message for c in ok.checks if c.rule == "greedy_loops")
+
+
 @pytest.mark.parametrize("candidate,reference", [({}, {}),  # greedy decoding off: not measured
                                                  ({"greedy_looping_share": math.nan}, {"greedy_looping_share": 0.4}),
                                                  ({"greedy_looping_share": 0.4}, {})])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.greedy_loops import loop_summary
-from tasks.evaluation.metrics import LOOP_THRESHOLD, loop_stats, seq_rep
+from tasks.evaluation.metrics import LOOP_THRESHOLD, loop_stats, looping, paired_share_diff_se, seq_rep
 
 LOOPING = "a great pleasure to be a great pleasure to be"  # 8 trigrams, 5 distinct: 3/8 repeat
 PLAIN = "the plot was slow but the actors were fine"  # "the" twice, no trigram twice: 0
@@ -45,3 +45,20 @@ def test_the_benchmark_reports_the_evaluation_figures():
     assert out["looping_share"] == round(1 / 3, 3)
     assert loop_summary(texts, threshold=0.6)["looping_share"] == 0.0
     assert 0 < out["distinct2"] < 1
+
+
+def test_per_response_flags_and_the_paired_standard_error_by_hand():
+    """The gate's rise of the looping share is paired per prompt: its standard error is the sample
+    standard deviation of the per-prompt differences over sqrt(n)."""
+    assert looping([LOOPING, PLAIN, SHORT, STUFFED]).tolist() == [True, False, False, True]
+    assert looping([LOOPING], threshold=0.4).tolist() == [False]
+    cand = [1, 1, 0, 1, 0]  # differences 0, 1, 0, 1, -1: mean 0.2, sample variance (4 * 0.04 + ... ) / 4
+    ref = [1, 0, 0, 0, 1]
+    d = [0, 1, 0, 1, -1]
+    var = sum((x - 0.2) ** 2 for x in d) / 4
+    assert paired_share_diff_se(cand, ref) == pytest.approx((var / 5) ** 0.5)
+    # two models that loop on the same prompts: no spread, no error (unpaired it would be 0.2 or more)
+    assert paired_share_diff_se([1, 0, 1, 0], [1, 0, 1, 0]) == 0.0
+    assert paired_share_diff_se([1], [0]) != paired_share_diff_se([1], [0])  # NaN under two prompts
+    with pytest.raises(ValueError, match="shape"):
+        paired_share_diff_se([1, 0], [1, 0, 1])
