@@ -16,7 +16,6 @@ from tasks import tracking
 from tasks.config import PipelineConfig, load_pipeline_config
 from tasks.data.handoff import read_validated_kind, validated_root
 from tasks.data.landing import ledger_for, pending_sources, read_and_validate
-from tasks.evaluation.drift import monitor_batch
 from tasks.lock import HomeBusy, home_lock
 from tasks.round import FlowMarks, close_dead_flow_runs
 from tasks.stages.data import data_dir, ingest_settings
@@ -88,6 +87,8 @@ def check_drift(cfg: PipelineConfig) -> dict[str, Any] | None:
     if reference is None:
         logger.info("No reference feedback of kind %s yet (first batch): nothing to compare.", kind)
         return None
+    from tasks.evaluation.drift import monitor_batch  # torch: imported only when there is a batch to compare
+
     report = monitor_batch(new[kind], reference, cfg.monitor, _reward_scorer(cfg), seed=cfg.pipeline.seed)
     experiment_id = tracking.configure(cfg.home, cfg.pipeline.name)
     run_id = tracking.start_parent_run(experiment_id, "monitor", {"alignflow.stage": "monitor",

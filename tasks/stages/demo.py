@@ -12,11 +12,8 @@ import pandas as pd
 from prefect import task
 
 from tasks.config import PipelineConfig
-from tasks.demo.base_model import build_base_model
-from tasks.demo.offline_feedback import build_offline_set
 from tasks.demo.prompts import demo_prompts
 from tasks.demo.settings import DemoSettings
-from tasks.demo.simulator import simulate_feedback
 from tasks.records import ModelRecord
 from tasks.stages.data import data_dir, ingest_settings
 
@@ -33,6 +30,8 @@ def demo_settings(cfg: PipelineConfig) -> DemoSettings:
 
 def demo_base_model(cfg: PipelineConfig) -> ModelRecord:
     """Build (once) or load the demo's base model; its record's digest is the build digest."""
+    from tasks.demo.base_model import build_base_model  # torch and transformers: imported when a stage runs
+
     info = build_base_model(demo_settings(cfg))
     return ModelRecord(stage="base", path=info.path, digest=info.digest, base=info.path,
                        summary={"heldout_perplexity": info.heldout_perplexity, "parameters": info.parameters,
@@ -61,6 +60,7 @@ def demo_offline_reward_model(cfg: PipelineConfig, base: ModelRecord) -> ModelRe
     digest of the base model, the set, the settings and the code version of ``alignment/``. Each
     round's reward stage starts from it (its ``init``). The record's summary holds the set's size and
     digest (``extra_train``), which the reward run and the registered reward version record."""
+    from tasks.demo.offline_feedback import build_offline_set
     from tasks.launcher import device_env, run_recipe
     from tasks.stages.train import recipe_settings
     from tasks.versioning import code_version, digest_of
@@ -117,6 +117,8 @@ def simulate_round(cfg: PipelineConfig, policy: ModelRecord, base: ModelRecord, 
 
     The batch id names the round and the policy, so the same round is never written twice.
     """
+    from tasks.demo.simulator import simulate_feedback  # torch and transformers: imported when a stage runs
+
     settings = demo_settings(cfg)
     frame = prompt_table(cfg, base)
     batch_id = f"round{round_index:03d}-{policy.digest[:10]}"

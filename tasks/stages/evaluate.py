@@ -19,19 +19,11 @@ from typing import Any, get_args
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from alignment.batching import decode_prompt
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.evaluation.gate import decide
 from tasks.evaluation.judge import report_judge_tags
-from tasks.evaluation.plots import (
-    SCORE_AXES,
-    plot_reward_vs_kl,
-    plot_score_distributions,
-    plot_training_curves,
-)
 from tasks.evaluation.report import EvalReport
-from tasks.evaluation.suite import evaluate_models
 from tasks.faults import fault_point
 from tasks.launcher import resolve_device
 from tasks.methods import method
@@ -75,6 +67,8 @@ class EvalRecord(BaseModel):
 
 def _heldout(dataset: DatasetRecord) -> tuple[list, pd.DataFrame | None]:
     """Test-split prompts (falling back to validation) and test pairs."""
+    from alignment.batching import decode_prompt  # torch: imported when the stage runs, not with the flow
+
     prompt_file = dataset.files.get("prompts-test") or dataset.files.get("prompts-validation")
     if not prompt_file or not Path(prompt_file).exists():
         raise ValueError(f"the dataset {dataset.digest} has no held-out prompts (test or validation split)")
@@ -115,6 +109,15 @@ def _version_points(cfg: PipelineConfig, current: dict[str, float]) -> list[tupl
 def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,
                    reward: ModelRecord | None, dataset: DatasetRecord, parent_run_id: str | None) -> EvalRecord:
     """Evaluate and log; returns the record (the report is also written under the run folder)."""
+    # torch, transformers and matplotlib: imported when the stage runs, not with the flow (process start-up)
+    from tasks.evaluation.plots import (
+        SCORE_AXES,
+        plot_reward_vs_kl,
+        plot_score_distributions,
+        plot_training_curves,
+    )
+    from tasks.evaluation.suite import evaluate_models
+
     prompts, pairs = _heldout(dataset)
     if cfg.demo is not None:  # the demo's own test split is larger than the feedback's
         from tasks.stages.demo import heldout_prompts

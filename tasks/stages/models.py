@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from alignment.models import folder_digest
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.records import ModelRecord
@@ -18,6 +17,9 @@ def model_digest(cfg: PipelineConfig, ref: str | Path, revision: str | None = No
     (:func:`alignment.models.folder_digest`, remembered under ``<home>/cache`` while the files are
     unchanged), or a hub id by id and revision."""
     if Path(ref).is_dir():
+        # alignment.models imports torch: only where a folder is digested (process start-up)
+        from alignment.models import folder_digest
+
         return folder_digest(ref, memo_dir=cfg.home / "cache")[:16]
     return hashlib.sha256(f"{ref}@{revision}".encode()).hexdigest()[:16]
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
+import tasks.evaluation.suite as suite_module
 import tasks.stages.evaluate as evaluate_module
 from tasks.config import load_pipeline_config
 from tasks.evaluation.suite import EvalOutput
@@ -78,7 +79,7 @@ def test_a_cached_evaluation_missing_a_guard_figure_is_a_miss_not_a_not_measured
         calls.append(1)
         return EvalOutput(report=report(), samples=[], scores={})
 
-    monkeypatch.setattr(evaluate_module, "evaluate_models", fake_evaluate_models)
+    monkeypatch.setattr(suite_module, "evaluate_models", fake_evaluate_models)  # the stage imports it when it runs
     prompts = tmp_path / "prompts-test.parquet"
     pd.DataFrame({"prompt_id": ["1"], "prompt": ["hello"], "is_chat": [False], "split": ["test"]}).to_parquet(prompts)
     cfg = load_pipeline_config(TINY, [f"pipeline.home={tmp_path / 'home'}", "gate.max_repeated_trigram_increase=0.1",
