@@ -5,7 +5,9 @@ Reads ``<home>/runs/<pipeline>/closed_loop_rounds.json`` and ``closed_loop_round
 (rejected and kept samples with the draws, kept samples on prompts that keep at least two, the
 preference pairs built), the candidate (oracle, KL to base, distinct-2 as a share of the base's,
 repeated-trigram rise, the oracle's paired win rate against the champion it challenged with its 95%
-interval, where the DPO drift budget stopped), the gate's verdict and the champion after the round.
+interval, where the DPO drift budget stopped, the greedy looping share with its rise over the base
+model's, the rise's paired standard error and the number of greedy prompts, the share of sampled
+answers that end), the gate's verdict and the champion after the round.
 
     .venv/bin/python benchmarks/loop_table.py --home $ALIGNFLOW_HOME [--copy-plot benchmarks/results/loop/rounds.png]
 """
@@ -17,16 +19,22 @@ import json
 import shutil
 from pathlib import Path
 
+from flows.demo import greedy_cell
+
 
 def _f(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _prompts(row: dict) -> str:
+    return f", {row['greedy prompts']}" if row.get("greedy prompts") else ""
+
+
 def markdown(data: dict) -> str:
     base = data.get("base_oracle")
     lines = ["| round | feedback from | rejected samples | kept samples (draws) | paired samples | pairs built | budget stop | cand. oracle | cand. KL | distinct-2 / base "
-             "| rep-3 rise | oracle win vs champion (95% CI) | promoted | champion | champion oracle (gain) | champion KL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| rep-3 rise | greedy looping (rise ± SE, prompts) | answers ending | oracle win vs champion (95% CI) | promoted | champion | champion oracle (gain) | champion KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rounds"]:
         win = r.get("oracle win vs champion")
         gain = "" if r.get("oracle") is None or base is None else f" ({r['oracle'] - base:+.3f})"
@@ -38,6 +46,7 @@ def markdown(data: dict) -> str:
             f"| {_f(r.get('pairs built'), 'd')} | {r.get('budget stop') or '-'} "
             f"| {_f(r.get('candidate oracle'), '.3f')} | {_f(r.get('candidate KL'), '.2f')} "
             f"| {_f(r.get('distinct-2 / base'), '.0%')} | {_f(r.get('rep-3 rise'), '+.3f')} "
+            f"| {greedy_cell(r)}{_prompts(r)} | {_f(r.get('answers ending'), '.2f')} "
             f"| {'-' if not win else f'{win[0]:.2f} ({win[1]:.2f}–{win[2]:.2f})'} "
             f"| {'yes' if r['promoted'] else 'no' + why} | {('v' + str(r['champion'])) if r.get('champion') else '-'} "
             f"| {_f(r.get('oracle'), '.3f')}{gain} | {_f(r.get('kl'), '.2f')} |")

@@ -89,7 +89,10 @@ def candidate_figures(report_path: Path | None) -> dict[str, Any]:
     """The round's candidate from its evaluation report: oracle, KL, distinct-2 (and its share
     of the base model's), repeated-trigram share (and its rise over the base's), the oracle's
     paired win rate against the champion it challenged (per held-out prompt, 95% interval: a
-    lower bound above 0.5 is a gain beyond sampling noise), and the DPO drift budget's stop."""
+    lower bound above 0.5 is a gain beyond sampling noise), the greedy-loop figures (the candidate's
+    looping share, its rise over the base model's with the rise's paired standard error, the number
+    of greedy prompts, the share on the evaluated prompts alone), the share of sampled answers that
+    end (EOS) and the DPO drift budget's stop."""
     if report_path is None or not report_path.exists():
         return {}
     report = json.loads(report_path.read_text())
@@ -102,6 +105,10 @@ def candidate_figures(report_path: Path | None) -> dict[str, Any]:
         "rep-3 rise": (cand.get("repeated_trigram_rate") or 0.0) - (ref.get("repeated_trigram_rate") or 0.0),
         "oracle win vs champion": None if win is None else (win["rate"], win["lower"], win["upper"]),
         "base oracle": ref.get("oracle_mean"), "base distinct-2": ref.get("distinct_2"),
+        "greedy looping": cand.get("greedy_looping_share"), "base greedy looping": ref.get("greedy_looping_share"),
+        "greedy rise SE": report.get("greedy_loop_rise_se"), "greedy prompts": report.get("num_greedy_prompts"),
+        "greedy looping (evaluated prompts)": cand.get("greedy_looping_share_evaluated"),
+        "answers ending": cand.get("eos_share"),
     }
     summary = Path(cand["path"]).parent / "summary.json"
     if summary.exists():
@@ -179,15 +186,25 @@ def _num(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-LOOP_TABLE_WIDTH = 210
-"""Columns of the closed-loop table when piped to a log: its 15 columns fit without cutting a figure."""
+LOOP_TABLE_WIDTH = 240
+"""Columns of the closed-loop table when piped to a log: its 16 columns fit without cutting a figure."""
+
+
+def greedy_cell(row: dict) -> str:
+    """The candidate's greedy looping share with its rise over the base's and the rise's standard
+    error: "53.4% (+6.8 ± 3.1)"; "-" when not measured."""
+    share, base, se = row.get("greedy looping"), row.get("base greedy looping"), row.get("greedy rise SE")
+    if share is None:
+        return "-"
+    rise = "" if base is None else f"{100 * (share - base):+.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
+    return f"{share:.1%}" + (f" ({rise})" if rise else "")
 
 
 def _render(rows: list[dict], baseline: float | None, console=None) -> None:
     table = Table(title="closed-loop demo: candidate and champion per round (oracle on held-out prompts)")
     for col in ("round", "feedback from", "rows", "rejected", "budget stop", "cand. oracle", "cand. KL",
-                "distinct-2 / base", "rep-3 rise", "oracle win vs champion (95% CI)", "promoted", "champion",
-                "oracle", "gain", "KL"):
+                "distinct-2 / base", "rep-3 rise", "greedy looping (rise ± SE)", "oracle win vs champion (95% CI)",
+                "promoted", "champion", "oracle", "gain", "KL"):
         table.add_column(col)
     for r in rows:
         gain = "-" if r["oracle"] is None or baseline is None else f"{r['oracle'] - baseline:+.3f}"
@@ -195,7 +212,7 @@ def _render(rows: list[dict], baseline: float | None, console=None) -> None:
         table.add_row(str(r["round"]), r["feedback from"], str(r["rows"]), _num(r.get("rejected samples"), "d"),
                       str(r.get("budget stop") or "-"), _num(r.get("candidate oracle"), ".3f"),
                       _num(r.get("candidate KL"), ".2f"), _num(r.get("distinct-2 / base"), ".0%"),
-                      _num(r.get("rep-3 rise"), "+.3f"),
+                      _num(r.get("rep-3 rise"), "+.3f"), greedy_cell(r),
                       "-" if win is None else f"{win[0]:.2f} ({win[1]:.2f}–{win[2]:.2f})",
                       "yes" if r["promoted"] else "no", f"v{r['champion']}" if r["champion"] else "-",
                       _num(r["oracle"], ".3f"), gain, _num(r["kl"], ".2f"))

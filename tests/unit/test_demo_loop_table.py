@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flows.demo import _first_failure, candidate_figures
+from flows.demo import _first_failure, candidate_figures, greedy_cell
 from tasks.evaluation.plots import plot_loop_rounds
 
 
@@ -26,7 +26,25 @@ def test_candidate_figures_read_the_report_and_the_budget_stop(tmp_path):
     assert out["candidate oracle"] == 0.6 and out["candidate KL"] == 5.0
     assert abs(out["distinct-2 / base"] - 0.9) < 1e-9 and abs(out["rep-3 rise"] - 0.02) < 1e-9
     assert out["oracle win vs champion"] == (0.7, 0.6, 0.78) and out["budget stop"] == "step 12"
+    assert out["greedy looping"] is None and greedy_cell(out) == "-"  # a report from before the greedy figures
     assert candidate_figures(tmp_path / "missing.json") == {}
+
+
+def test_the_rounds_greedy_loop_figures_come_from_the_report(tmp_path):
+    """The loop's row carries the candidate's greedy looping share, the base's, the rise's paired
+    standard error and the number of greedy prompts; the table cell shows the rise with its error."""
+    report = {"candidate": {"path": str(tmp_path / "final"), "oracle_mean": 0.7, "kl": 9.0, "distinct_2": 0.5,
+                            "greedy_looping_share": 0.534, "greedy_looping_share_evaluated": 0.55, "eos_share": 0.4},
+              "reference": {"distinct_2": 0.6, "greedy_looping_share": 0.466},
+              "num_greedy_prompts": 220, "greedy_loop_rise_se": 0.031}
+    path = tmp_path / "eval_report.json"
+    path.write_text(json.dumps(report))
+    out = candidate_figures(path)
+    assert (out["greedy looping"], out["base greedy looping"], out["greedy rise SE"], out["greedy prompts"]) == (
+        0.534, 0.466, 0.031, 220)
+    assert out["greedy looping (evaluated prompts)"] == 0.55 and out["answers ending"] == 0.4
+    assert greedy_cell(out) == "53.4% (+6.8 ± 3.1)"
+    assert greedy_cell({**out, "greedy rise SE": None}) == "53.4% (+6.8)"
 
 
 def test_first_failure_names_the_first_failed_rule():

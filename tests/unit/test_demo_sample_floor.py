@@ -163,3 +163,7 @@ def test_the_loop_table_shows_kept_samples_and_draws():
     assert "kept samples (draws)" in rows[0]
     assert "| 856 | 2321 (1) | 2200 | 1101 |" in rows[2] and "| 5270 | 1258 (2) | - | - |" in rows[3]
     assert all(r.count("|") == rows[0].count("|") for r in rows[:4])
+    greedy = {**rounds[1], "greedy looping": 0.534, "base greedy looping": 0.466, "greedy rise SE": 0.031,
+              "greedy prompts": 220, "answers ending": 0.4}
+    row = loop_table.markdown({"rounds": [greedy]}).splitlines()[2]
+    assert "| 53.4% (+6.8 ± 3.1), 220 | 0.40 |" in row and row.count("|") == rows[0].count("|")
