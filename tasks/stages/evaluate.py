@@ -78,6 +78,26 @@ def _heldout(dataset: DatasetRecord) -> tuple[list, pd.DataFrame | None]:
     return prompts, pairs
 
 
+def _greedy_extra_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord) -> list | None:
+    """The validation split's prompts when ``evaluation.greedy_splits`` names it: decoded greedily
+    beside the evaluated prompts for the looping share (no policy trains on them). The demo's
+    own prompt table where there is one, else the dataset's ``prompts-validation`` file; None when
+    not asked for or there are none."""
+    if not cfg.evaluation.greedy or "validation" not in cfg.evaluation.greedy_splits:
+        return None
+    if cfg.demo is not None:
+        from tasks.stages.demo import heldout_prompts
+
+        if found := heldout_prompts(cfg, base, "validation"):
+            return found
+    path = dataset.files.get("prompts-validation")
+    if not path or not Path(path).exists():
+        return None
+    from alignment.batching import decode_prompt
+
+    return [decode_prompt(row) for row in pd.read_parquet(path).to_dict("records")] or None
+
+
 def _oracle(cfg: PipelineConfig):
     if cfg.demo is None:
         return None
@@ -123,6 +143,7 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
         from tasks.stages.demo import heldout_prompts
 
         prompts = heldout_prompts(cfg, base) or prompts
+    greedy_extra = _greedy_extra_prompts(cfg, dataset, base)
     row = method(cfg.pipeline.method)
     beta = getattr(cfg, row.section).beta if row.implicit_reward else 0.1
     logger, started = run_logger(), time.monotonic()
@@ -133,7 +154,8 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
     out = evaluate_models(candidate.path, champion.path if champion else None, base.path, prompts, pairs,
                           reward_model=reward.path if reward else None, oracle=_oracle(cfg),
                           settings=cfg.evaluation, beta=beta, device=resolve_device(cfg.pipeline.device),
-                          reference_tokenizer=cfg.model.policy.tokenizer if cfg.model.policy else None)
+                          reference_tokenizer=cfg.model.policy.tokenizer if cfg.model.policy else None,
+                          greedy_prompts=greedy_extra)
     logger.info("evaluate: done in %.0f s", time.monotonic() - started)
     folder = cfg.home / "runs" / cfg.pipeline.name / f"eval-{candidate.digest}"
     folder.mkdir(parents=True, exist_ok=True)

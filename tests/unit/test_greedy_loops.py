@@ -62,3 +62,38 @@ def test_per_response_flags_and_the_paired_standard_error_by_hand():
     assert paired_share_diff_se([1], [0]) != paired_share_diff_se([1], [0])  # NaN under two prompts
     with pytest.raises(ValueError, match="shape"):
         paired_share_diff_se([1, 0], [1, 0, 1])
+
+
+def test_the_stage_adds_the_validation_prompts_only_when_asked(tmp_path):
+    """``evaluation.greedy_splits``: the evaluation stage hands the validation split's prompts to the
+    greedy decode (the demo's prompt table, else the dataset's file); with the default, none."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from tasks.config import load_pipeline_config
+    from tasks.records import ModelRecord
+    from tasks.stages.data import DatasetRecord, data_dir
+    from tasks.stages.evaluate import _greedy_extra_prompts
+
+    tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    table = pd.DataFrame({"prompt_id": ["1", "2", "3"], "prompt": ["a test one", "a valid one", "a train one"],
+                          "is_chat": False, "split": ["test", "validation", "train"]})
+    file = tmp_path / "prompts-validation.parquet"
+    table[table["split"] == "validation"].assign(prompt=["from the file"]).to_parquet(file)
+    dataset = DatasetRecord(digest="d" * 16, out_dir=str(tmp_path), files={"prompts-validation": str(file)})
+    base = ModelRecord(stage="base", path=str(tmp_path / "base"), digest="b" * 16)
+    sets = [f"pipeline.home={tmp_path / 'home'}"]
+    both = "evaluation.greedy_splits=[test, validation]"
+    plain = load_pipeline_config(tiny, sets + [both]).model_copy(update={"demo": None})
+    assert _greedy_extra_prompts(plain, dataset, base) == ["from the file"]
+    assert _greedy_extra_prompts(plain.model_copy(update={"evaluation": plain.evaluation.model_copy(
+        update={"greedy": False})}), dataset, base) is None
+    default = load_pipeline_config(tiny, sets).model_copy(update={"demo": None})
+    assert default.evaluation.greedy_splits == ["test"] and _greedy_extra_prompts(default, dataset, base) is None
+
+    demo = load_pipeline_config(None, sets + [both])  # the demo: its own prompt table's validation split
+    path = data_dir(demo) / "demo-prompts" / f"prompts-{base.digest}.parquet"
+    path.parent.mkdir(parents=True)
+    table.to_parquet(path)
+    assert _greedy_extra_prompts(demo, dataset, base) == ["a valid one"]
