@@ -107,11 +107,11 @@ def _finish(model, settings: ModelSettings, task_type: str, trainable: bool):
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if settings.lora is not None:
-        if settings.lora.quantize_4bit:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
-                                                    gradient_checkpointing_kwargs=checkpointing)
+        # QLoRA: no peft.prepare_model_for_kbit_training. It casts every weight that is not 4-bit to
+        # fp32, which for the 8B shape is 3.9 GiB of embeddings and LM head instead of 2.0 (run 19's
+        # allocation trace, benchmarks/RESULTS.md), and puts fp32 into every layer's residual stream;
+        # the matmuls run in bf16 either way, as in plain bf16 LoRA. The freezing it does, apply_lora
+        # does, and non-reentrant checkpointing needs no input-gradient hook.
         model = apply_lora(model, settings.lora, task_type)
     return model
 
@@ -378,8 +378,8 @@ attending_across_sequences``), eight times this."""
 def _layouts_agree(inner, layouts, hidden_of, device, atol: float, what: str) -> bool:
     """Eval-mode forwards of each batch in ``layouts``; True when ``hidden_of(batch)`` (the hidden
     states compared, ``[N, H]``) agree: within ``atol`` when every weight is fp32; otherwise (half
-    precision, or 4-bit QLoRA, whose embeddings and norms peft keeps in fp32 while its matmuls run
-    in bf16) within ``100 * atol`` plus :data:`HALF_PRECISION_RTOL` of the largest hidden state.
+    precision, or 4-bit QLoRA, whose matmuls run in bf16 on dequantized weights) within
+    ``100 * atol`` plus :data:`HALF_PRECISION_RTOL` of the largest hidden state.
     A model that raises on a layout does not support it: logged, False. A failing check logs its
     figures (largest and mean difference, tolerance, scale)."""
     was_training = inner.training
