@@ -7,7 +7,11 @@ fighting over the 2 CI cores.
 Session fixtures shared by tests/fault and tests/integration: one Prefect test server for the
 whole session (starting one costs ~12 s; the fault tests had one each) and one demo base-model
 cache (building it costs ~8 s; every pipeline test, the fault tests included, only reads it once
-built).
+built). Under ``make test``'s two pytest-xdist workers each worker has its own.
+
+Test order: modules with fault tests first, then the real-server module, then other slow
+modules, then the rest (collection order within each), so that the two workers start the
+longest tests first and finish together (longest-first scheduling).
 """
 
 import os
@@ -24,6 +28,21 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def _module_rank(item: pytest.Item) -> int:
+    for rank, marker in enumerate(("fault", "server", "slow")):
+        if item.get_closest_marker(marker):
+            return rank
+    return 3
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first (see the module docstring); a module's tests stay together."""
+    rank: dict = {}
+    for item in items:
+        rank[item.path] = min(rank.get(item.path, 3), _module_rank(item))
+    items.sort(key=lambda item: rank[item.path])  # stable: collection order within a rank
 
 
 @pytest.fixture(scope="session")

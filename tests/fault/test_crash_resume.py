@@ -16,7 +16,7 @@ import pytest
 
 from tests.integration.pipeline_helpers import TINY, child_runs, overrides, use_store
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.fault]
 
 ALIGNFLOW = [sys.executable, "-m", "flows.cli"]
 
