@@ -303,8 +303,8 @@ def decide(report: EvalReport, settings: GateSettings, has_champion: bool) -> Ga
     ok = _finite(cand.distinct_2) and cand.distinct_2 >= floor
     ratio = cand.distinct_2 / ref.distinct_2 if ref.distinct_2 > 0 else math.inf
     checks.append(_check("distinct2_collapse", cand.distinct_2, floor, ok,
-                         f"Distinct-2 is {cand.distinct_2:.3f}, {ratio:.0%} of the reference's {ref.distinct_2:.3f}"
-                         f"; the floor is {s.min_distinct2_ratio:.0%}" + ("." if ok else " (diversity collapsed).")))
+                         f"Distinct-2 is {cand.distinct_2:.3f}, {ratio:.1%} of the reference's {ref.distinct_2:.3f}"
+                         f"; the floor is {s.min_distinct2_ratio:.1%}" + ("." if ok else " (diversity collapsed).")))
 
     r = cand.repetition_rate
     ok = _finite(r) and r <= s.max_repetition_rate

@@ -170,3 +170,14 @@ def test_greedy_loops_rule_fails_without_the_figures(candidate, reference):
                has_champion=True)
     assert d.failed_rules() == ["greedy_loops"] and "was not measured" in d.reasons[1]
     assert next(c for c in d.checks if c.rule == "greedy_loops").value is None
+
+
+def test_distinct2_just_under_its_floor_reads_as_under_it():
+    """79.8% of the reference's distinct-2 fails an 80% floor, and the reason shows 79.8%, not a
+    rounded "80% ... the floor is 80%" (make run's loop printed that at round 1)."""
+    settings = GateSettings(min_distinct2_ratio=0.8)
+    under = decide(report(candidate={"distinct_2": 0.798 * 0.55}), settings, has_champion=True)
+    check = next(c for c in under.checks if c.rule == "distinct2_collapse")
+    assert not check.passed and "79.8% of the reference's" in check.message and "floor is 80.0%" in check.message
+    over = decide(report(candidate={"distinct_2": 0.802 * 0.55}), settings, has_champion=True)
+    assert next(c for c in over.checks if c.rule == "distinct2_collapse").passed
