@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     table = pd.read_parquet(args.prompts_file)
     splits = args.splits.split(",")
     test = table.loc[table["split"] == "test", "prompt"].tolist()[: args.prompts] if "test" in splits else []
+    seen = set(test)
     prompts = test + [p for p in table.loc[table["split"] == "validation", "prompt"].tolist()
-                      if "validation" in splits and p not in set(test)]
+                      if "validation" in splits and p not in seen]
     first = None
     for folder in args.folders:
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
