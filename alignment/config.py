@@ -294,6 +294,12 @@ class GenerationSettings(StrictModel):
     the norm, rotary, activation and residual kernels (a 1B decode step is ~900 kernels eager).
     Compiles once per batch shape (tens of seconds), so it pays off for long or repeated
     generation at a fixed shape (benchmarks, large rollouts), not for short demo evaluations."""
+    fuse_projections: bool = False
+    """With ``cuda_graphs``: decode with copies of the weights in the compute dtype, q/k/v and
+    gate/up concatenated into one matmul each (:mod:`alignment.fused_decode`; Llama and Qwen2
+    layers with plain linear projections, others unchanged). Fewer, larger kernels per step and
+    no per-token cast of fp32 weights under autocast, for a copy of the weights while generating.
+    Same tokens up to kernel rounding."""
     sync_every: int = Field(8, gt=0)
     """On CUDA, check whether every row has ended only every this many tokens (each check waits
     for the device); rows that ended early get padding meanwhile, so the output is the same.

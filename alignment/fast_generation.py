@@ -25,8 +25,10 @@ the rotary embedding, and then fail on bf16 values).
 
 Assumptions: a transformers decoder whose forward accepts ``position_ids``, a prepared 4-D
 ``attention_mask`` and a ``StaticCache`` that tracks its own write position (transformers 5);
-full attention in every layer (sliding-window configs are refused). Sampling stays outside the
-graph (it is a few kernels, and a seeded generator cannot be captured without registering it).
+full attention in every layer (sliding-window configs are refused). With :meth:`GraphDecoder.advance`
+the token choice (sampling from a seeded generator, registered with the graph, and the caller's
+bookkeeping) is captured with the forward: a decode step is then one graph launch, with no
+Python between the kernels.
 
 With ``compile_step`` the step's forward goes through ``torch.compile`` (one module-level
 compiled function, so decoders of later batches with the same shapes reuse the compiled code)
@@ -48,6 +50,7 @@ import torch
 from transformers import AttentionInterface, StaticCache
 
 from alignment.fast_paths import attention_implementation
+from alignment.fused_decode import FusedDecodeWeights
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +125,22 @@ class GraphDecoder:
 
     ``prefill(prompt_ids, prompt_mask, max_new_tokens)`` returns the logits ``[B, V]`` for the
     first new token; each ``step(tokens)`` appends ``tokens`` ``[B]`` and returns the logits for
-    the next one. The first step runs eagerly (it warms up kernels and library handles), the
-    second captures the graph and every later one replays it. The returned logits live in a
-    buffer the next step overwrites: use them (sample) before calling ``step`` again.
+    the next one. ``advance(pick, logits)`` is ``step(pick(logits))`` with the token choice inside
+    the graph: ``pick`` (sampling and the caller's bookkeeping, in place on fixed buffers, no host
+    sync) is captured with the forward, so a decode step is one graph launch and nothing else.
+    The first call runs eagerly (it warms up kernels and library handles), the second captures
+    the graph and every later one replays it. The returned logits live in a buffer the next call
+    overwrites: use them (sample) before calling again. Use either ``step`` or ``advance`` for one
+    batch, not both. A random generator ``pick`` draws from must be passed as ``generator``: it is
+    registered with the graph, so each replay advances it as an eager call would.
     One decoder serves one batch; build a new one per :func:`~alignment.generation.generate` batch.
-    Raises ValueError for models with sliding-window attention.
+    ``fuse_projections`` decodes with :mod:`alignment.fused_decode` weights (one matmul for
+    q/k/v and one for gate/up, in the compute dtype). Raises ValueError for models with
+    sliding-window attention.
     """
 
-    def __init__(self, model, use_graph: bool | None = None, compile_step: bool = False) -> None:
+    def __init__(self, model, use_graph: bool | None = None, compile_step: bool = False,
+                 fuse_projections: bool = False) -> None:
         if not graph_supported(model):
             raise ValueError("GraphDecoder needs full attention in every layer (sliding-window models are not supported)")
         self.model = model
@@ -138,6 +149,8 @@ class GraphDecoder:
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.keep_last = "logits_to_keep" in params
         self.compile_step = compile_step
+        self.fuse_projections = fuse_projections
+        self.fused = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps_run = 0
         self.captured = False
@@ -170,6 +183,8 @@ class GraphDecoder:
         dev = self.device.type
         self.cache.compute_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                                     else next(self.model.parameters()).dtype)
+        if self.fuse_projections:
+            self.fused = FusedDecodeWeights.build(self.model, self.cache.compute_dtype)
         self.valid = torch.zeros(B, T, dtype=torch.bool, device=self.device)
         self.valid[:, :P] = prompt_mask.bool()
         slots = torch.arange(T, device=self.device)
@@ -180,56 +195,86 @@ class GraphDecoder:
         positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp_min(0)
         with self._autocast():
             logits = self._forward(prompt_ids, mask[:, None], positions)
-        # Static step buffers: the graph reads these addresses on every replay.
+        # Static step buffers: the graph reads and updates these addresses on every replay.
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
         self.positions = (positions[:, -1:] + 1).clone()
+        self.slot = torch.tensor([P], device=self.device)  # the slot the next token goes to
         self.step_mask = self.valid[:, None, None, :]  # a view: marking a slot valid updates it
         self.next_slot = P
         self.total = T
         return logits
 
-    def _eager_step(self) -> torch.Tensor:
-        with self._autocast(), attention_implementation(_inner(self.model).config, DECODE_ATTENTION):
-            return self._forward(self.ids, self.step_mask, self.positions, compiled=self.compile_step)
+    def _step_body(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens`` at the slot ``self.slot`` and run the one-token forward (what is captured)."""
+        self.ids.copy_(tokens.view(-1, 1))
+        self.valid.index_fill_(1, self.slot, True)
+        patched = self.fused.patched() if self.fused is not None else contextlib.nullcontext()
+        with self._autocast(), attention_implementation(_inner(self.model).config, DECODE_ATTENTION), patched:
+            logits = self._forward(self.ids, self.step_mask, self.positions, compiled=self.compile_step)
+        self.positions.add_(1)
+        self.slot.add_(1)
+        return logits
 
-    def _capture(self) -> torch.Tensor | None:
-        """Capture one step (not run) and replay it; None when capture fails (then eager)."""
+    def _run(self, body, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``body()`` eagerly, or as the captured graph (first call eager on a side stream,
+        second captured and replayed, later ones replayed); returns its logits."""
+        if self.next_slot >= self.total:
+            raise RuntimeError(f"the static cache holds {self.total} slots; no room for another token")
+        if not self.use_graph:
+            logits = body()
+        elif self.graph is not None:
+            self.graph.replay()
+            logits = self.graph_logits
+        elif self.steps_run == 0:
+            # First call eagerly on a side stream: lazy inits (library handles, workspaces) happen
+            # here, outside the capture, as the CUDA graph documentation asks.
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                logits = body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            logits = self._capture(body, generator)
+        self.next_slot += 1
+        self.steps_run += 1
+        return logits
+
+    def _capture(self, body, generator: torch.Generator | None) -> torch.Tensor:
+        """Capture ``body`` (not run) and replay it; runs it eagerly from now on when capture fails."""
         graph = torch.cuda.CUDAGraph()
         try:
+            if generator is not None:
+                graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
-                out = self._eager_step()
+                out = body()
         except Exception as err:  # a host sync or unsupported op inside the forward
             log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly", err)
             self.use_graph = False
-            return None
+            return body()
         self.graph, self.graph_logits, self.captured = graph, out, True
         graph.replay()
         return out
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` ``[B]`` at the next slot; returns the logits ``[B, V]`` for the following token."""
-        if self.next_slot >= self.total:
-            raise RuntimeError(f"the static cache holds {self.total} slots; no room for another token")
-        self.ids.copy_(tokens.view(-1, 1))
-        self.valid[:, self.next_slot] = True
+        if self.use_graph:  # the graph reads the tokens from a fixed address
+            if not hasattr(self, "tokens_in"):
+                self.tokens_in = torch.empty_like(tokens)
+            self.tokens_in.copy_(tokens)
+            tokens = self.tokens_in
+        return self._run(lambda: self._step_body(tokens))
+
+    def advance(self, pick, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``step(pick(logits))``, with ``pick`` inside the captured graph; returns the next logits."""
         if not self.use_graph:
-            logits = self._eager_step()
-        elif self.graph is not None:
-            self.graph.replay()
-            logits = self.graph_logits
-        elif self.steps_run == 0:
-            # First step eagerly on a side stream: lazy inits (library handles, workspaces) happen
-            # here, outside the capture, as the CUDA graph documentation asks.
-            side = torch.cuda.Stream(device=self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                logits = self._eager_step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-        else:
-            logits = self._capture()
-            if logits is None:
-                logits = self._eager_step()
-        self.positions.add_(1)
-        self.next_slot += 1
-        self.steps_run += 1
-        return logits
+            return self._run(lambda: self._step_body(pick(logits)))
+        if not hasattr(self, "logits_in"):
+            self.logits_in = logits.clone()  # the graph samples from here and writes the next logits here
+        elif self.graph is None:
+            self.logits_in.copy_(logits)
+
+        def body():
+            self.logits_in.copy_(self._step_body(pick(self.logits_in)))
+            return self.logits_in
+
+        return self._run(body, generator)

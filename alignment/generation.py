@@ -20,6 +20,7 @@ next to the response) and a leading BOS.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Literal
@@ -130,7 +131,7 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def sample_next(
-    logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None
+    logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None, fused: bool = False
 ) -> torch.Tensor:
     """Next token ``[B]`` from last-position ``logits`` ``[B, V]``.
 
@@ -138,9 +139,14 @@ def sample_next(
     temperature, keep the ``top_k`` largest (0: all), keep the smallest set of tokens whose
     probability mass reaches ``top_p`` (always at least the most likely token), and draw from
     the renormalised distribution with ``generator`` (one exponential variate per token).
+    ``fused`` (CUDA, no top-k/top-p): the same draw with the arithmetic after the noise as one
+    compiled kernel instead of six passes over ``[B, V]`` fp32 (the same tokens up to rounding).
     """
     if not settings.do_sample:
         return logits.argmax(dim=-1)
+    if fused and not settings.top_k and settings.top_p >= 1.0:
+        race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1.0, generator=generator)
+        return _compiled_race()(logits, race, settings.temperature)
     scores = logits.float() / settings.temperature
     if settings.top_k and settings.top_k < scores.shape[-1]:
         kth = torch.topk(scores, settings.top_k, dim=-1).values[:, -1:]
@@ -157,6 +163,16 @@ def sample_next(
     # in another form). Unlike torch.multinomial it is fast on CPU and never syncs on GPU.
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(dim=-1)
+
+
+def _tempered_race(logits: torch.Tensor, race: torch.Tensor, temperature: float) -> torch.Tensor:
+    """argmax softmax(logits / T) / race: :func:`sample_next`'s draw without top-k/top-p."""
+    return ((logits.float() / temperature).softmax(dim=-1) / race).argmax(dim=-1)
+
+
+@functools.cache
+def _compiled_race():
+    return torch.compile(_tempered_race, dynamic=False)
 
 
 def _forward_params(model) -> set[str]:
@@ -242,30 +258,50 @@ def _suppressed_ids(model, device) -> torch.Tensor | None:
 
 
 def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pad_id, suppress=None):
+    """Decode one batch: ``[B, steps]`` tokens, their mask and whether each row hit EOS.
+
+    ``pick`` chooses column ``col``'s tokens and records them on fixed buffers without a host
+    sync, so a :class:`~alignment.fast_generation.GraphDecoder` captures it with the forward
+    (``advance``); other decoders call it, then ``step``. Rows that ended get padding.
+    """
     B = prompt_ids.shape[0]
     n = settings.max_new_tokens
     device = prompt_ids.device
     sync_every = settings.sync_every if device.type == "cuda" else 1
+    fused = settings.compile_step and device.type == "cuda"  # the sampler compiled with the step
     out = torch.full((B, n), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros((B, n), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     hit_eos = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = decoder.prefill(prompt_ids, prompt_mask, n)
-    steps = 0
-    for i in range(n):
+    col = torch.zeros(1, dtype=torch.long, device=device)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
         if suppress is not None:
             logits = logits.index_fill(-1, suppress, float("-inf"))
-        tokens = sample_next(logits, settings, generator)
+        tokens = sample_next(logits, settings, generator, fused)
         tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
-        out[:, i] = tokens
-        out_mask[:, i] = (~finished).long()
-        is_eos = torch.isin(tokens, eos) & ~finished
-        hit_eos |= is_eos
-        finished |= is_eos
+        out.index_copy_(1, col, tokens[:, None])
+        out_mask.index_copy_(1, col, (~finished).long()[:, None])
+        is_eos = (tokens[:, None] == eos[None, :]).any(dim=-1) & ~finished
+        hit_eos.logical_or_(is_eos)
+        finished.logical_or_(is_eos)
+        col.add_(1)
+        return tokens
+
+    logits = decoder.prefill(prompt_ids, prompt_mask, n)
+    advance = decoder.advance if getattr(decoder, "use_graph", False) else None
+    steps = 0
+    for i in range(n):
+        last = i == n - 1
+        if advance is not None and not last:
+            logits = advance(pick, logits, generator)
+        else:
+            tokens = pick(logits)
         steps = i + 1
-        if steps == n or (steps % sync_every == 0 and bool(finished.all())):  # the check syncs
+        if last or (steps % sync_every == 0 and bool(finished.all())):  # the check syncs
             break
-        logits = decoder.step(tokens)
+        if advance is None:
+            logits = decoder.step(tokens)
     if sync_every > 1:  # cut the columns decoded after the last row ended (all padding)
         live = out_mask[:, :steps].any(dim=0).nonzero()
         steps = int(live.max()) + 1 if len(live) else 1
@@ -336,8 +372,9 @@ def generate(
             if backend == "hf":
                 resp, resp_mask, hit = _hf_batch(model, ids, mask, settings, seed + start, eos, pad_id)
             else:
-                decoder = (GraphDecoder(model, compile_step=settings.compile_step) if settings.cuda_graphs
-                           else KVDecoder(model, cache))
+                decoder = (GraphDecoder(model, compile_step=settings.compile_step,
+                                        fuse_projections=settings.fuse_projections)
+                           if settings.cuda_graphs else KVDecoder(model, cache))
                 resp, resp_mask, hit = _decode_batch(decoder, ids, mask, settings, generator, eos, pad_id,
                                                      _suppressed_ids(model, device))
             resp, resp_mask = resp.cpu(), resp_mask.cpu()

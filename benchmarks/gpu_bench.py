@@ -563,8 +563,14 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 8, compile_step: bool 
 
 
 # ---------------------------------------------------------------------------- RL
-def rl_case(recipe: str, shape: str, args, cuda_graphs: bool = True) -> dict:
-    """PPO or GRPO steps at 64 samples x 128-token prompts x 256 new tokens; rollout and update timed apart."""
+def rl_case(case: str, shape: str, args, cuda_graphs: bool = True) -> dict:
+    """PPO or GRPO steps at 64 samples x 128-token prompts x 256 new tokens; rollout and update timed apart.
+
+    ``case`` is the recipe (``ppo``, ``grpo``), or the recipe + ``_fast``: rollouts with
+    ``fuse_projections`` and ``compile_step`` (compute-dtype decode weights, compiled graph step).
+    """
+    recipe, _, variant = case.partition("_")
+    fast = {"fuse_projections": True, "compile_step": True} if variant == "fast" else {}
     folder = build_shape(args.work, shape, args.device_t)
     tiny = shape == "tiny"
     prompt_len, new_tokens, samples = (16, 16, 8) if tiny else (128, 256, 64)
@@ -575,14 +581,14 @@ def rl_case(recipe: str, shape: str, args, cuda_graphs: bool = True) -> dict:
     group = 4
     extra = {"train_path": str(prompts), "reward_fn": "benchmarks.gpu_bench:length_reward",
              "rollout_batch_size": samples // group if recipe == "grpo" else samples,
-             "generation": {"max_new_tokens": new_tokens, "batch_size": samples, "cuda_graphs": cuda_graphs},
+             "generation": {"max_new_tokens": new_tokens, "batch_size": samples, "cuda_graphs": cuda_graphs, **fast},
              "minibatch_size": samples, "update_epochs": 1, "max_prompt_length": prompt_len}
     if recipe == "grpo":
         extra["group_size"] = group
     out = run_ours(recipe, folder, prompts, args, pairs=16 if not tiny else 4, seq=prompt_len + new_tokens,
                    extra=extra)
     last = out["last"]
-    out.update(shape=shape, recipe=recipe, cuda_graphs=cuda_graphs, samples=samples,
+    out.update(shape=shape, recipe=recipe, case=case, cuda_graphs=cuda_graphs, samples=samples,
                generate_tokens_per_s=last.get("generate_tokens_per_s"), rollout_s=last.get("rollout_s"),
                update_s=last.get("update_s"))
     N = n_params(folder)
