@@ -291,7 +291,8 @@ class GenerationSettings(StrictModel):
     same static step runs eagerly. Same tokens as the default loop up to kernel rounding."""
     compile_step: bool = False
     """With ``cuda_graphs``: ``torch.compile`` the decode step before capturing it, which fuses
-    the norm, rotary, activation and residual kernels (a 1B decode step is ~900 kernels eager).
+    the norm, rotary, activation and residual kernels (a 1B decode step is ~900 kernels eager),
+    and on CUDA the sampler's arithmetic after the noise (one kernel; same tokens up to rounding).
     Compiles once per batch shape (tens of seconds), so it pays off for long or repeated
     generation at a fixed shape (benchmarks, large rollouts), not for short demo evaluations."""
     fuse_projections: bool = False
