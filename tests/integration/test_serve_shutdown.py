@@ -1,6 +1,11 @@
-"""``alignflow serve`` stopped the way systemd stops it (SIGTERM to the whole process group)
-shuts down cleanly: exit 0, its one line, no traceback, and no Prefect API server left behind
-(issue 14). The real command in a subprocess against a temporary home; bounded in time."""
+"""Commands stopped by SIGTERM leave no Prefect API server behind.
+
+``alignflow serve`` stopped the way systemd stops it (SIGTERM to the whole process group) shuts
+down cleanly: exit 0, its one line, no traceback (issue 14). ``alignflow run`` stopped mid-round
+by a SIGTERM to its own pid (``kill PID``, ``docker stop``: the signal reaches the main process
+only) exits 143 with one line, its flow run CRASHED, and the temporary server Prefect started for it stops with it
+(it used to be left running: Prefect stops it from an ``atexit`` hook, which the default SIGTERM
+action skips). The real commands in subprocesses against temporary homes; bounded in time."""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -59,3 +66,36 @@ def test_serve_stops_cleanly_on_sigterm_to_its_process_group(tmp_path):
     assert api, stderr[-3000:]
     with socket.socket() as sock:  # the embedded API went with it
         assert sock.connect_ex(("127.0.0.1", int(api.group(1)))) != 0
+
+
+def test_run_stopped_by_sigterm_to_its_pid_exits_143_and_takes_its_prefect_server_with_it(tmp_path):
+    home = tmp_path / "home"
+    out, err = tmp_path / "run.out", tmp_path / "run.err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", "configs/tiny.yaml",
+                                 "--set", f"pipeline.home={home}"], cwd=REPO, env=_env(home), stdout=o, stderr=e,
+                                start_new_session=True)
+    marks = home / ".alignflow-flows"  # a flow run's mark (tasks/round.py): the round has begun
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not (marks.is_dir() and any(marks.iterdir())):
+            time.sleep(0.2)
+        assert proc.poll() is None and any(marks.iterdir()), f"no flow run began:\n{err.read_text()[-3000:]}"
+        servers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "uvicorn" in " ".join(p.cmdline())]
+        assert servers, "Prefect started no temporary server for the run"
+        os.kill(proc.pid, signal.SIGTERM)  # the main process only
+        code = proc.wait(timeout=120)
+        _, left = psutil.wait_procs(servers, timeout=15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for server in left:
+        server.kill()
+    stderr = err.read_text()
+    assert code == 143, stderr[-3000:]
+    assert stderr.count("alignflow: terminated (SIGTERM)") == 1, stderr[-3000:]
+    assert not left, f"the temporary Prefect server outlived the run: {[p.pid for p in left]}"
+    with sqlite3.connect(home / "prefect" / "prefect.db") as db:  # the embedded server's database, in the home
+        assert [state for (state,) in db.execute("SELECT state_type FROM flow_run")] == ["CRASHED"]
