@@ -42,13 +42,20 @@ def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout_s: float
     return None
 
 
-def test_serve_stops_cleanly_on_sigterm_to_its_process_group(tmp_path):
+def _start(tmp_path: Path, command: str) -> tuple[subprocess.Popen, Path, Path, Path]:
+    """``alignflow COMMAND`` on the tiny config in a fresh home, in its own process group (as a
+    service under systemd); returns the process, the home and its stdout and stderr files."""
     home = tmp_path / "home"
-    out, err = tmp_path / "serve.out", tmp_path / "serve.err"
+    out, err = tmp_path / f"{command}.out", tmp_path / f"{command}.err"
     with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--config", "configs/tiny.yaml",
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", command, "--config", "configs/tiny.yaml",
                                  "--set", f"pipeline.home={home}"], cwd=REPO, env=_env(home), stdout=o, stderr=e,
-                                start_new_session=True)  # its own group, as a service under systemd
+                                start_new_session=True)
+    return proc, home, out, err
+
+
+def test_serve_stops_cleanly_on_sigterm_to_its_process_group(tmp_path):
+    proc, _, out, err = _start(tmp_path, "serve")
     try:
         assert _wait_for(out, r"prefect deployment run", proc, 240), f"serve did not start:\n{err.read_text()[-3000:]}"
         time.sleep(1)
@@ -69,12 +76,7 @@ def test_serve_stops_cleanly_on_sigterm_to_its_process_group(tmp_path):
 
 
 def test_run_stopped_by_sigterm_to_its_pid_exits_143_and_takes_its_prefect_server_with_it(tmp_path):
-    home = tmp_path / "home"
-    out, err = tmp_path / "run.out", tmp_path / "run.err"
-    with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", "configs/tiny.yaml",
-                                 "--set", f"pipeline.home={home}"], cwd=REPO, env=_env(home), stdout=o, stderr=e,
-                                start_new_session=True)
+    proc, home, _, err = _start(tmp_path, "run")
     marks = home / ".alignflow-flows"  # a flow run's mark (tasks/round.py): the round has begun
     try:
         deadline = time.monotonic() + 240
