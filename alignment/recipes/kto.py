@@ -298,5 +298,7 @@ class KTORecipe(SupervisedRecipe):
             "logps/rejected": (detached * down).sum() / n_down,
             "desirable_share": up.mean(),
         }
+        if policy_kl is not None:  # z0 before its clamp at 0: a long run of negative estimates is a noisy z0
+            metrics["kl/estimate"] = (policy_kl - ref_kl).mean()
         return StepOutput(loss=loss, metrics=metrics, tokens=batch["num_tokens"] + batch.get("kl.num_tokens", 0),
                           samples=labels.shape[0])

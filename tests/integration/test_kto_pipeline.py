@@ -29,9 +29,12 @@ def test_kto_method_trains_on_unpaired_feedback(prefect_harness, demo_cache, tmp
     # the policy starts as its own reference: r = 0 and z0 = 0, so every example costs exactly 1/2
     assert loss[0] == pytest.approx(0.5, abs=1e-4)
     assert any(abs(v - 0.5) > 1e-4 for v in loss[1:]), loss
-    # z0 (the KL estimate on mismatched pairs) starts at 0 and grows as the policy leaves its reference
+    # z0 = max(0, the KL estimate on mismatched pairs): the estimate starts at 0 (the policy is its reference) and
+    # moves as the policy leaves it, either way (an estimate, not a KL: on some CPUs it stays negative here)
     kl = [m.value for m in sorted(client.get_metric_history(kto.info.run_id, "kl"), key=lambda m: m.step)]
-    assert kl[0] == 0.0 and all(v >= 0 for v in kl) and kl[-1] > 0.01, kl
+    estimate = [m.value for m in sorted(client.get_metric_history(kto.info.run_id, "kl/estimate"), key=lambda m: m.step)]
+    assert len(estimate) == len(kl) and abs(estimate[0]) < 1e-3 and abs(estimate[-1]) > 0.01, estimate
+    assert kl == pytest.approx([max(0.0, v) for v in estimate], abs=1e-6), (kl, estimate)
     assert "rewards/accuracy" in kto.data.metrics and "final/eval/loss" in kto.data.metrics
     prefs = children["preferences"][0]
     assert prefs.data.metrics["data/unpaired"] == pytest.approx(
