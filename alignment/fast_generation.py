@@ -151,6 +151,8 @@ class GraphDecoder:
         self.compile_step = compile_step
         self.fuse_projections = fuse_projections
         self.fused = None
+        self.tokens_in: torch.Tensor | None = None  # graph inputs at fixed addresses (step / advance)
+        self.logits_in: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps_run = 0
         self.captured = False
@@ -258,7 +260,7 @@ class GraphDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` ``[B]`` at the next slot; returns the logits ``[B, V]`` for the following token."""
         if self.use_graph:  # the graph reads the tokens from a fixed address
-            if not hasattr(self, "tokens_in"):
+            if self.tokens_in is None:
                 self.tokens_in = torch.empty_like(tokens)
             self.tokens_in.copy_(tokens)
             tokens = self.tokens_in
@@ -268,7 +270,7 @@ class GraphDecoder:
         """``step(pick(logits))``, with ``pick`` inside the captured graph; returns the next logits."""
         if not self.use_graph:
             return self._run(lambda: self._step_body(pick(logits)))
-        if not hasattr(self, "logits_in"):
+        if self.logits_in is None:
             self.logits_in = logits.clone()  # the graph samples from here and writes the next logits here
         elif self.graph is None:
             self.logits_in.copy_(logits)

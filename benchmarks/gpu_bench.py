@@ -200,33 +200,47 @@ def rate(stamps: list[tuple[float, float]], warmup: int) -> tuple[float, float, 
     return (n1 - n0) / (t1 - t0), (t1 - t0) / steps, steps
 
 
-def ceilings(device: torch.device) -> dict:
-    """bf16 8192^3 matmul TFLOP/s and device-to-device copy TB/s (read + written bytes), medians of 10."""
-    def timed(fn, reps=10):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times)[len(times) // 2]
+def _cuda_median_s(fn, reps: int = 10) -> float:
+    """Median CUDA-event time of ``fn`` in seconds over ``reps`` runs, after 3 warm-up runs."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
 
+
+def copy_tbps(device: torch.device, numel: int = 2**30) -> float:
+    """Device-to-device copy TB/s of ``numel`` bf16 elements (read + written bytes), median of 10."""
+    bufs = [torch.randn(numel, device=device, dtype=torch.bfloat16)]
+    bufs.append(torch.empty_like(bufs[0]))
+    seconds = _cuda_median_s(lambda: bufs[1].copy_(bufs[0]))
+    return 2 * numel * bufs[0].element_size() / seconds / 1e12
+
+
+def ceilings(device: torch.device) -> dict:
+    """bf16 8192^3 matmul TFLOP/s and device-to-device copy TB/s of 2 GiB (read + written bytes), medians of 10."""
     n = 8192
     mats = [torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2)]
-    mm = timed(lambda: torch.mm(*mats))
+    mm = _cuda_median_s(lambda: torch.mm(*mats))
     mats.clear()
-    bufs = [torch.randn(2**30, device=device, dtype=torch.bfloat16)]  # 2 GiB
-    bufs.append(torch.empty_like(bufs[0]))
-    cp = timed(lambda: bufs[1].copy_(bufs[0]))
-    bytes_moved = 2 * bufs[0].numel() * bufs[0].element_size()
-    bufs.clear()
     props = torch.cuda.get_device_properties(device)
-    return {"matmul_tflops": 2 * n**3 / mm / 1e12, "copy_tbps": bytes_moved / cp / 1e12, "gpu": props.name,
+    return {"matmul_tflops": 2 * n**3 / mm / 1e12, "copy_tbps": copy_tbps(device), "gpu": props.name,
             "sms": props.multi_processor_count, "memory_gib": props.total_memory / 2**30}
+
+
+def decode_step_bytes(model, batch: int, avg_len: float) -> tuple[float, float]:
+    """(weight bytes, KV-cache bytes) one decode step reads at best: the weights once in bf16, and K and V
+    of ``batch`` sequences of ``avg_len`` tokens in bf16 (the memory-bandwidth bound's numerator)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+    return sum(p.numel() for p in model.parameters()) * 2, batch * avg_len * kv_per_token
 
 
 # ---------------------------------------------------------------------------- our trainers
@@ -513,12 +527,7 @@ def gen_case(shape: str, args, batch: int = 64, prompt_len: int = 128, new_token
         out["decode_profile"] = profile_decode(model, ids)
         out["decode_profile_compiled"] = profile_decode(model, ids, compile_step=True)
     # Memory-bandwidth bound of one decode step: bf16 weights once + the KV cache of the average length.
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
-    weight_bytes = sum(p.numel() for p in model.parameters()) * 2
-    avg_len = prompt_len + new_tokens / 2
-    step_bytes = weight_bytes + batch * avg_len * kv_per_token
+    step_bytes = sum(decode_step_bytes(model, batch, prompt_len + new_tokens / 2))
     out["bound_ms_per_step"] = 1000 * step_bytes / (args.copy_tbps * 1e12)
     for name in paths:
         out[name]["fraction_of_bound"] = out["bound_ms_per_step"] / out[name]["ms_per_step"]

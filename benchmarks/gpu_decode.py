@@ -44,7 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alignment.config import GenerationSettings  # noqa: E402
 from alignment.fast_generation import GraphDecoder  # noqa: E402
 from alignment.generation import _decode_batch, left_pad  # noqa: E402
-from benchmarks.gpu_bench import SHAPES, build_shape, tokenizer_dir, words  # noqa: E402
+from benchmarks.gpu_bench import (  # noqa: E402
+    SHAPES,
+    build_shape,
+    copy_tbps,
+    decode_step_bytes,
+    sync,
+    tokenizer_dir,
+    words,
+)
 
 PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused")
 
@@ -53,28 +61,6 @@ class StepGraphDecoder(GraphDecoder):
     """The decoder with sampling outside the graph (``_decode_batch`` then calls ``step``)."""
 
     advance = None
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_tbps(device) -> float:
-    if device.type != "cuda":
-        return 0.05
-    x = torch.empty(2**29, dtype=torch.bfloat16, device=device)
-    y = torch.empty_like(x)
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        y.copy_(x)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    times = sorted(times[2:])
-    return 2 * x.numel() * 2 / times[len(times) // 2] / 1e12  # read + write
 
 
 def decode(model, ids, settings, decoder_cls, seed=0, fuse=False, compile_step=True):
@@ -124,14 +110,10 @@ def run_shape(shape: str, args) -> dict:
     N = args.new_tokens
     settings = GenerationSettings(max_new_tokens=N, batch_size=B, do_sample=True, cuda_graphs=True)
     greedy = settings.model_copy(update={"do_sample": False})
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
-    weight_bytes = sum(p.numel() for p in model.parameters()) * 2
-    step_bytes = weight_bytes + B * (P + N / 2) * kv_per_token
+    weight_bytes, kv_bytes = decode_step_bytes(model, B, P + N / 2)
     out: dict = {"shape": shape, "batch": B, "prompt_len": P, "new_tokens": N, "copy_tbps": args.tbps,
-                 "weight_gb": weight_bytes / 1e9, "kv_gb_avg": B * (P + N / 2) * kv_per_token / 1e9}
-    out["bound_ms_per_step"] = 1000 * step_bytes / (args.tbps * 1e12)
+                 "weight_gb": weight_bytes / 1e9, "kv_gb_avg": kv_bytes / 1e9}
+    out["bound_ms_per_step"] = 1000 * (weight_bytes + kv_bytes) / (args.tbps * 1e12)
 
     def timed(fn, reps):
         times = []
@@ -207,7 +189,7 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
-    args.tbps = copy_tbps(args.device_t)
+    args.tbps = copy_tbps(args.device_t, 2**29) if args.device_t.type == "cuda" else 0.05  # 1 GiB copies
     device_name = torch.cuda.get_device_name(args.device_t) if args.device_t.type == "cuda" else "cpu"
     print(f"# device {device_name}, torch {torch.__version__}, copy {args.tbps:.2f} TB/s", flush=True)
     with (out_dir / "decode.jsonl").open("a") as log:
