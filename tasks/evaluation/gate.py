@@ -100,7 +100,7 @@ def decidable_note(evaluation: EvalSettings, gate: GateSettings) -> str | None:
     need = prompts_needed(1.0, thr, conf)
     return (f"evaluation.num_prompts: {n} prompts can never pass the gate: even winning all of them gives a "
             f"{conf:.0%} lower bound of {best:.3f}, under gate.min_win_rate_lower_bound {thr:g}; it needs at least "
-            f"{need} prompts in the test split")
+            f"{need} held-out prompts (evaluation.prompt_splits)")
 
 
 def _small_data_advice(w, thr: float) -> str:
@@ -110,8 +110,9 @@ def _small_data_advice(w, thr: float) -> str:
     if best < thr:
         need = prompts_needed(1.0, thr, w.confidence)
         return (f" The evaluation set is too small to decide: with {units} even winning every one gives a lower "
-                f"bound of {best:.3f}; it takes at least {need} prompts (raise evaluation.num_prompts and give the "
-                f"test split more prompts: more feedback or a larger preferences.splits.test).")
+                f"bound of {best:.3f}; it takes at least {need} prompts (raise evaluation.num_prompts, add the validation "
+                f"split to evaluation.prompt_splits, or give the test split more prompts: more feedback or a larger "
+                f"preferences.splits.test).")
     if w.upper < thr:
         return ""  # decided: the candidate is worse than required
     need = prompts_needed(w.rate, thr, w.confidence)
@@ -119,8 +120,8 @@ def _small_data_advice(w, thr: float) -> str:
         return (f" Its observed rate {w.rate:.3f} is not above {thr:.3f}, so more prompts would not establish "
                 "the improvement.")
     return (f" Undecided on {units}: at the observed rate {w.rate:.3f} about {need} prompts would decide it (raise "
-            f"evaluation.num_prompts and give the test split more prompts: more feedback or a larger "
-            f"preferences.splits.test). evaluation.samples_per_prompt makes each prompt's verdict less noisy but "
+            f"evaluation.num_prompts, add the validation split to evaluation.prompt_splits, or give the test split "
+            f"more prompts: more feedback or a larger preferences.splits.test). evaluation.samples_per_prompt makes each prompt's verdict less noisy but "
             f"does not add prompts, the units of this interval.")
 
 

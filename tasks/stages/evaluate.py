@@ -78,13 +78,9 @@ def _heldout(dataset: DatasetRecord) -> tuple[list, pd.DataFrame | None]:
     return prompts, pairs
 
 
-def _greedy_extra_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord) -> list | None:
-    """The validation split's prompts when ``evaluation.greedy_splits`` names it: decoded greedily
-    beside the evaluated prompts for the looping share (no policy trains on them). The demo's
-    own prompt table where there is one, else the dataset's ``prompts-validation`` file; None when
-    not asked for or there are none."""
-    if not cfg.evaluation.greedy or "validation" not in cfg.evaluation.greedy_splits:
-        return None
+def _validation_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord) -> list:
+    """The validation split's prompts: the demo's own prompt table where there is one, else the
+    dataset's ``prompts-validation`` file; empty when there are none."""
     if cfg.demo is not None:
         from tasks.stages.demo import heldout_prompts
 
@@ -92,10 +88,38 @@ def _greedy_extra_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: Mod
             return found
     path = dataset.files.get("prompts-validation")
     if not path or not Path(path).exists():
-        return None
+        return []
     from alignment.batching import decode_prompt
 
-    return [decode_prompt(row) for row in pd.read_parquet(path).to_dict("records")] or None
+    return [decode_prompt(row) for row in pd.read_parquet(path).to_dict("records")]
+
+
+def _eval_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord, test: list) -> list:
+    """The prompts of ``evaluation.prompt_splits`` in order, each once: ``test`` (the demo's own
+    test split, larger than the feedback's, else the dataset's test prompts as given) and
+    ``validation``. Raises ValueError when they hold none."""
+    prompts: list = []
+    for split in cfg.evaluation.prompt_splits:
+        if split == "test" and cfg.demo is not None:
+            from tasks.stages.demo import heldout_prompts
+
+            prompts += heldout_prompts(cfg, base) or test
+        else:
+            prompts += test if split == "test" else _validation_prompts(cfg, dataset, base)
+    seen: set[str] = set()
+    unique = [p for p in prompts if not (repr(p) in seen or seen.add(repr(p)))]
+    if not unique:
+        raise ValueError(f"no held-out prompts in the splits {cfg.evaluation.prompt_splits} of dataset {dataset.digest}")
+    return unique
+
+
+def _greedy_extra_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord) -> list | None:
+    """The validation split's prompts when ``evaluation.greedy_splits`` names it: decoded greedily
+    beside the evaluated prompts for the looping share (no policy trains on them). None when not
+    asked for or there are none."""
+    if not cfg.evaluation.greedy or "validation" not in cfg.evaluation.greedy_splits:
+        return None
+    return _validation_prompts(cfg, dataset, base) or None
 
 
 def _oracle(cfg: PipelineConfig):
@@ -138,11 +162,8 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
     )
     from tasks.evaluation.suite import evaluate_models
 
-    prompts, pairs = _heldout(dataset)
-    if cfg.demo is not None:  # the demo's own test split is larger than the feedback's
-        from tasks.stages.demo import heldout_prompts
-
-        prompts = heldout_prompts(cfg, base) or prompts
+    test, pairs = _heldout(dataset)
+    prompts = _eval_prompts(cfg, dataset, base, test)
     greedy_extra = _greedy_extra_prompts(cfg, dataset, base)
     row = method(cfg.pipeline.method)
     beta = getattr(cfg, row.section).beta if row.implicit_reward else 0.1

@@ -97,3 +97,43 @@ def test_the_stage_adds_the_validation_prompts_only_when_asked(tmp_path):
     path.parent.mkdir(parents=True)
     table.to_parquet(path)
     assert _greedy_extra_prompts(demo, dataset, base) == ["a valid one"]
+
+
+def test_the_stage_evaluates_on_the_prompt_splits_asked_for(tmp_path):
+    """``evaluation.prompt_splits``: test prompts first, then the validation split's, each once
+    (the demo's prompt table, else the dataset's files); the default is the test split alone."""
+    from pathlib import Path
+
+    import pandas as pd
+    import pytest
+
+    from tasks.config import load_pipeline_config
+    from tasks.records import ModelRecord
+    from tasks.stages.data import DatasetRecord, data_dir
+    from tasks.stages.evaluate import _eval_prompts
+
+    tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    file = tmp_path / "prompts-validation.parquet"
+    pd.DataFrame({"prompt_id": ["2", "4"], "prompt": ["valid one", "shared one"], "is_chat": False}).to_parquet(file)
+    dataset = DatasetRecord(digest="d" * 16, out_dir=str(tmp_path), files={"prompts-validation": str(file)})
+    base = ModelRecord(stage="base", path=str(tmp_path / "base"), digest="b" * 16)
+    sets = [f"pipeline.home={tmp_path / 'home'}"]
+    both = "evaluation.prompt_splits=[test, validation]"
+    test = ["test one", "shared one"]
+    default = load_pipeline_config(tiny, sets).model_copy(update={"demo": None})
+    assert default.evaluation.prompt_splits == ["test"]
+    assert _eval_prompts(default, dataset, base, test) == test
+    plain = load_pipeline_config(tiny, sets + [both]).model_copy(update={"demo": None})
+    assert _eval_prompts(plain, dataset, base, test) == ["test one", "shared one", "valid one"]
+    only = load_pipeline_config(tiny, sets + ["evaluation.prompt_splits=[validation]"]).model_copy(update={"demo": None})
+    assert _eval_prompts(only, dataset, base, test) == ["valid one", "shared one"]
+    with pytest.raises(ValueError, match="no held-out prompts"):
+        _eval_prompts(only, DatasetRecord(digest="e" * 16, out_dir=str(tmp_path), files={}), base, test)
+
+    demo = load_pipeline_config(None, sets + [both])  # the demo: its own prompt table's test and validation splits
+    table = pd.DataFrame({"prompt_id": ["1", "2", "3", "5"], "prompt": ["t1", "v1", "tr", "t2"], "is_chat": False,
+                          "split": ["test", "validation", "train", "test"]})
+    path = data_dir(demo) / "demo-prompts" / f"prompts-{base.digest}.parquet"
+    path.parent.mkdir(parents=True)
+    table.to_parquet(path)
+    assert _eval_prompts(demo, dataset, base, test) == ["t1", "t2", "v1"]
