@@ -30,13 +30,6 @@ the token choice (sampling from a seeded generator, registered with the graph, a
 bookkeeping) is captured with the forward: a decode step is then one graph launch, with no
 Python between the kernels.
 
-Attention reads only the filled part of the cache, rounded up to a block of ``attend_block`` slots:
-step ``i`` writes slot ``s = P + i`` and attends over the first ``min(block * ceil((s + 1) / block), T)``
-slots, so a 384-slot cache is read at 192, 256, 320 and 384 slots instead of 384 every step (the
-decode's KV traffic falls to about the filled length). Each length is its own graph (and, with
-``compile_step``, its own compiled shape): its first step runs eagerly, the next is captured, later
-ones replay it. The graphs share one memory pool.
-
 With ``compile_step`` the step's forward goes through ``torch.compile`` (one module-level
 compiled function, so decoders of later batches with the same shapes reuse the compiled code)
 before it is captured: inductor fuses the element-wise kernels between the matmuls.
@@ -71,14 +64,11 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     ``query`` ``[B, Hq, q, D]``, ``key``/``value`` ``[B, Hk, T, D]`` with ``Hq = G * Hk`` (query head
     ``h`` reads K/V head ``h // G``, transformers' ``repeat_kv`` order), ``attention_mask`` boolean
-    ``[B, 1, q, L]`` (True = attend) with ``L <= T``: only the first ``L`` cache slots are read (the
-    decoder passes a mask over the filled blocks). softmax(q k^T * scaling) v with the softmax in
-    fp32. Returns ``([B, q, Hq, D], None)``. No dropout (inference only).
+    ``[B, 1, q, T]`` (True = attend). softmax(q k^T * scaling) v with the softmax in fp32. Returns
+    ``([B, q, Hq, D], None)``. No dropout (inference only).
     """
     B, Hq, q, D = query.shape
     Hk = key.shape[1]
-    if key.shape[-2] > attention_mask.shape[-1]:  # a mask over the filled blocks only: read no more of the cache
-        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     G = Hq // Hk
     scale = scaling if scaling is not None else D**-0.5
     grouped = query.reshape(B, Hk, G * q, D)  # rows g*q + i: head (kv*G + g), query i
@@ -138,23 +128,19 @@ class GraphDecoder:
     the next one. ``advance(pick, logits)`` is ``step(pick(logits))`` with the token choice inside
     the graph: ``pick`` (sampling and the caller's bookkeeping, in place on fixed buffers, no host
     sync) is captured with the forward, so a decode step is one graph launch and nothing else.
-    At each visible length (see ``attend_block``) the first call runs eagerly (it warms up
-    kernels, library handles and a compile), the second captures the graph and every later one
-    replays it. The returned logits live in a buffer the next call
+    The first call runs eagerly (it warms up kernels and library handles), the second captures
+    the graph and every later one replays it. The returned logits live in a buffer the next call
     overwrites: use them (sample) before calling again. Use either ``step`` or ``advance`` for one
     batch, not both. A random generator ``pick`` draws from must be passed as ``generator``: it is
-    registered with each graph, so each replay advances it as an eager call would.
+    registered with the graph, so each replay advances it as an eager call would.
     One decoder serves one batch; build a new one per :func:`~alignment.generation.generate` batch.
     ``fuse_projections`` decodes with :mod:`alignment.fused_decode` weights (one matmul for
-    q/k/v and one for gate/up, in the compute dtype). ``attend_block`` is the block of cache
-    slots attention reads by (0: the whole cache every step; see the module docstring). Raises
-    ValueError for models with sliding-window attention or a negative ``attend_block``.
+    q/k/v and one for gate/up, in the compute dtype). Raises ValueError for models with
+    sliding-window attention.
     """
 
     def __init__(self, model, use_graph: bool | None = None, compile_step: bool = False,
-                 fuse_projections: bool = False, attend_block: int = 64) -> None:
-        if attend_block < 0:
-            raise ValueError(f"attend_block must be >= 0 (0 reads the whole cache every step), got {attend_block}")
+                 fuse_projections: bool = False) -> None:
         if not graph_supported(model):
             raise ValueError("GraphDecoder needs full attention in every layer (sliding-window models are not supported)")
         self.model = model
@@ -165,12 +151,9 @@ class GraphDecoder:
         self.compile_step = compile_step
         self.fuse_projections = fuse_projections
         self.fused = None
-        self.attend_block = attend_block
         self.tokens_in: torch.Tensor | None = None  # graph inputs at fixed addresses (step / advance)
         self.logits_in: torch.Tensor | None = None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # visible slots -> graph, its logits
-        self.warmed: set[int] = set()  # visible-slot counts whose first (eager) step has run
-        self.visible = 0  # slots the current step attends over
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.steps_run = 0
         self.captured = False
 
@@ -218,6 +201,7 @@ class GraphDecoder:
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
         self.positions = (positions[:, -1:] + 1).clone()
         self.slot = torch.tensor([P], device=self.device)  # the slot the next token goes to
+        self.step_mask = self.valid[:, None, None, :]  # a view: marking a slot valid updates it
         self.next_slot = P
         self.total = T
         return logits
@@ -227,45 +211,30 @@ class GraphDecoder:
         self.ids.copy_(tokens.view(-1, 1))
         self.valid.index_fill_(1, self.slot, True)
         patched = self.fused.patched() if self.fused is not None else contextlib.nullcontext()
-        mask = self.valid[:, None, None, : self.visible]  # a view: marking a slot valid updates it
         with self._autocast(), attention_implementation(_inner(self.model).config, DECODE_ATTENTION), patched:
-            logits = self._forward(self.ids, mask, self.positions, compiled=self.compile_step)
+            logits = self._forward(self.ids, self.step_mask, self.positions, compiled=self.compile_step)
         self.positions.add_(1)
         self.slot.add_(1)
         return logits
 
-    def _visible_slots(self, slot: int) -> int:
-        """Slots the step writing ``slot`` attends over: up to ``slot`` rounded up to a block."""
-        if not self.attend_block:
-            return self.total
-        return min(self.attend_block * -(-(slot + 1) // self.attend_block), self.total)
-
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        """The captured graph of the current visible length, if any."""
-        return self.graphs.get(self.visible, (None, None))[0]
-
     def _run(self, body, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``body()`` eagerly, or as the captured graph of this step's visible length (first
-        call at a length eager on a side stream, second captured and replayed, later ones
-        replayed); returns its logits."""
+        """``body()`` eagerly, or as the captured graph (first call eager on a side stream,
+        second captured and replayed, later ones replayed); returns its logits."""
         if self.next_slot >= self.total:
             raise RuntimeError(f"the static cache holds {self.total} slots; no room for another token")
-        self.visible = self._visible_slots(self.next_slot)
         if not self.use_graph:
             logits = body()
-        elif self.visible in self.graphs:
-            graph, logits = self.graphs[self.visible]
-            graph.replay()
-        elif self.visible not in self.warmed:
-            # Eagerly on a side stream: lazy inits (library handles, workspaces, a compile for
-            # this shape) happen here, outside the capture, as the CUDA graph documentation asks.
+        elif self.graph is not None:
+            self.graph.replay()
+            logits = self.graph_logits
+        elif self.steps_run == 0:
+            # First call eagerly on a side stream: lazy inits (library handles, workspaces) happen
+            # here, outside the capture, as the CUDA graph documentation asks.
             side = torch.cuda.Stream(device=self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 logits = body()
             torch.cuda.current_stream(self.device).wait_stream(side)
-            self.warmed.add(self.visible)
         else:
             logits = self._capture(body, generator)
         self.next_slot += 1
@@ -275,18 +244,16 @@ class GraphDecoder:
     def _capture(self, body, generator: torch.Generator | None) -> torch.Tensor:
         """Capture ``body`` (not run) and replay it; runs it eagerly from now on when capture fails."""
         graph = torch.cuda.CUDAGraph()
-        pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
         try:
             if generator is not None:
                 graph.register_generator_state(generator)
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph):
                 out = body()
         except Exception as err:  # a host sync or unsupported op inside the forward
             log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly", err)
             self.use_graph = False
             return body()
-        self.graphs[self.visible] = (graph, out)
-        self.captured = True
+        self.graph, self.graph_logits, self.captured = graph, out, True
         graph.replay()
         return out
 
@@ -304,8 +271,8 @@ class GraphDecoder:
         if not self.use_graph:
             return self._run(lambda: self._step_body(pick(logits)))
         if self.logits_in is None:
-            self.logits_in = logits.clone()  # the graphs sample from here and write the next logits here
-        elif logits.data_ptr() != self.logits_in.data_ptr():
+            self.logits_in = logits.clone()  # the graph samples from here and writes the next logits here
+        elif self.graph is None:
             self.logits_in.copy_(logits)
 
         def body():

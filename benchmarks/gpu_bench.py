@@ -546,7 +546,7 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 8, compile_step: bool 
 
     from alignment.fast_generation import GraphDecoder
 
-    dec = GraphDecoder(model, compile_step=compile_step, attend_block=0)  # one graph: the whole cache every step
+    dec = GraphDecoder(model, compile_step=compile_step)
     with torch.no_grad():
         logits = dec.prefill(ids, torch.ones_like(ids), steps + 4 + 20)
         for _ in range(3):  # eager, capture, replay

@@ -8,9 +8,7 @@ prompts × 256 new tokens, sampling at T = 1 with EOS off, so every run decodes 
   (the path of RESULTS run 8, kept here as the baseline);
 - ``advance_graph``: the token choice captured with the forward (one graph launch per token);
 - ``advance_sampler``: the same with the sampler's arithmetic compiled (``compile_step`` in the settings);
-- ``advance_fused``: the same with ``fuse_projections`` (q/k/v and gate/up as one matmul each);
-- ``advance_blocks``: the same with attention over the filled cache blocks only (``attend_block=64``, a
-  graph per visible length; every path above reads the whole cache every step, ``attend_block=0``).
+- ``advance_fused``: the same with ``fuse_projections`` (q/k/v and gate/up as one matmul each).
 
 ms/step (whole call) = wall time of the whole decode call (prefill, the eager first step and the
 graph capture included) / 256, best of ``--reps``. ms/step (steady state) = (best 256-token call −
@@ -22,9 +20,8 @@ process (a device-to-device copy of 1 GiB, median of 10). Fraction of the bound 
 
 Checks printed with the figures: ``advance_graph`` samples the very tokens ``step_graph`` samples (the
 seeded generator registered with the graph advances as in eager decoding); greedy tokens of
-``advance_fused`` against ``step_graph`` and of ``advance_blocks`` against ``advance_fused`` (bf16: they may
-part after a rounding tie, so the share of equal tokens up to each row's first difference is reported). Also the
-graph's kernels per step.
+``advance_fused`` against ``step_graph`` (bf16: they may part after a rounding tie, so the share of
+equal tokens up to each row's first difference is reported). Also the graph's kernels per step.
 
     python3 benchmarks/gpu_decode.py --shapes qwen0.5b,llama1b --out $OUT
     .venv/bin/python benchmarks/gpu_decode.py --device cpu --shapes tiny --new-tokens 8 --batch 4   # dry run
@@ -57,7 +54,7 @@ from benchmarks.gpu_bench import (  # noqa: E402
     words,
 )
 
-PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused", "advance_blocks")
+PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused")
 
 
 class StepGraphDecoder(GraphDecoder):
@@ -66,24 +63,24 @@ class StepGraphDecoder(GraphDecoder):
     advance = None
 
 
-def decode(model, ids, settings, decoder_cls, seed=0, fuse=False, compile_step=True, block=0):
+def decode(model, ids, settings, decoder_cls, seed=0, fuse=False, compile_step=True):
     gen = torch.Generator(device=ids.device).manual_seed(seed)
-    dec = decoder_cls(model, compile_step=compile_step, fuse_projections=fuse, attend_block=block)
+    dec = decoder_cls(model, compile_step=compile_step, fuse_projections=fuse)
     eos = torch.tensor([-1], device=ids.device)
     out, _, _ = _decode_batch(dec, ids, torch.ones_like(ids), settings, gen, eos, pad_id=0)
     return out, dec
 
 
-def kernels_per_step(model, ids, settings, cls, fuse, block) -> dict:
+def kernels_per_step(model, ids, settings, cls, fuse) -> dict:
     """Kernels and GPU time per decode step: a 40-token decode's profile minus an 8-token one's
     (the same prefill, eager and capture steps), over the 32 steps between."""
     from torch.profiler import ProfilerActivity, profile
 
     def kernels(n):
-        decode(model, ids, settings.model_copy(update={"max_new_tokens": n}), cls, fuse=fuse, block=block)  # warm
+        decode(model, ids, settings.model_copy(update={"max_new_tokens": n}), cls, fuse=fuse)  # warm
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decode(model, ids, settings.model_copy(update={"max_new_tokens": n}), cls, fuse=fuse, block=block)
+            decode(model, ids, settings.model_copy(update={"max_new_tokens": n}), cls, fuse=fuse)
             torch.cuda.synchronize()
         return {e.key: (e.count, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0}
 
@@ -136,22 +133,18 @@ def run_shape(shape: str, args) -> dict:
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=N,
                 min_new_tokens=N, pad_token_id=0), args.gen_reps)
         fast = settings.model_copy(update={"compile_step": True})  # the compiled sampler
-        paths = {"step_graph": (StepGraphDecoder, False, settings, 0),
-                 "advance_graph": (GraphDecoder, False, settings, 0), "advance_sampler": (GraphDecoder, False, fast, 0),
-                 "advance_fused": (GraphDecoder, True, fast, 0), "advance_blocks": (GraphDecoder, True, fast, 64)}
+        paths = {"step_graph": (StepGraphDecoder, False, settings), "advance_graph": (GraphDecoder, False, settings),
+                 "advance_sampler": (GraphDecoder, False, fast), "advance_fused": (GraphDecoder, True, fast)}
         tokens = {}
-        for name, (cls, fuse, s, block) in paths.items():
-            tokens[name] = decode(model, ids, s, cls, fuse=fuse, block=block)[0].cpu()  # compiles on the first
+        for name, (cls, fuse, s) in paths.items():
+            tokens[name] = decode(model, ids, s, cls, fuse=fuse)[0].cpu()  # compiles on the first
             print(f"# {shape} {name}: warm", flush=True)
             if name not in args.paths.split(","):
                 continue
-            out[name] = timed(lambda cls=cls, fuse=fuse, s=s, b=block: decode(model, ids, s, cls, fuse=fuse, block=b),
-                              args.reps)
+            out[name] = timed(lambda cls=cls, fuse=fuse, s=s: decode(model, ids, s, cls, fuse=fuse), args.reps)
             # Steady state: what one more token costs once the batch is prefilled and its graph captured.
-            # The short call is prefilled with the long call's cache size (its graphs' shapes, compiled once).
             short = s.model_copy(update={"max_new_tokens": args.short_tokens})
-            shorter = timed(lambda cls=cls, fuse=fuse, s=short, b=block: decode(model, ids, s, cls, fuse=fuse, block=b),
-                            args.reps)
+            shorter = timed(lambda cls=cls, fuse=fuse, s=short: decode(model, ids, s, cls, fuse=fuse), args.reps)
             out[name]["short_runs_s"] = shorter["runs_s"]
             out[name]["marginal_ms_per_step"] = (1000 * (min(out[name]["runs_s"]) - min(shorter["runs_s"]))
                                                  / (N - args.short_tokens))
@@ -164,15 +157,9 @@ def run_shape(shape: str, args) -> dict:
         g_fused = decode(model, ids, greedy, GraphDecoder, fuse=True)[0].cpu()
         same = (g_ref == g_fused).long().cumprod(dim=1).sum(dim=1)  # equal prefix per row
         out["check_greedy_fused_equal_prefix"] = float(same.float().mean() / N)
-        g_blocks = decode(model, ids, greedy, GraphDecoder, fuse=True, block=64)[0].cpu()
-        same = (g_fused == g_blocks).long().cumprod(dim=1).sum(dim=1)
-        out["check_greedy_blocks_equal_prefix"] = float(same.float().mean() / N)
-        same = (tokens["advance_blocks"] == tokens["advance_fused"]).long().cumprod(dim=1).sum(dim=1)
-        out["check_sampled_blocks_equal_prefix"] = float(same.float().mean() / N)
         if device.type == "cuda" and args.profile:
-            for name, (cls, fuse, s, block) in paths.items():
-                if name in out:
-                    out[name]["profile"] = kernels_per_step(model, ids, s, cls, fuse, block)
+            for name, (cls, fuse, s) in paths.items():
+                out[name]["profile"] = kernels_per_step(model, ids, s, cls, fuse)
     for name in ("model.generate", *paths):
         if name in out:
             out[name]["fraction_of_bound"] = out["bound_ms_per_step"] / out[name]["ms_per_step"]
@@ -224,9 +211,7 @@ def main() -> None:
                       f"{100 * r['fraction_of_bound']:.1f}% | {steady} | {r['runs_s']} |")
             print(f"checks: advance samples == step_graph samples: {record['check_advance_samples_equal_step_graph']}; "
                   f"compiled sampler vs eager equal prefix {100 * record['check_compiled_sampler_equal_prefix']:.1f}%; "
-                  f"greedy fused vs unfused equal prefix {100 * record['check_greedy_fused_equal_prefix']:.1f}%; "
-                  f"blocks vs whole cache equal prefix: greedy {100 * record['check_greedy_blocks_equal_prefix']:.1f}%, "
-                  f"sampled {100 * record['check_sampled_blocks_equal_prefix']:.1f}%")
+                  f"greedy fused vs unfused equal prefix {100 * record['check_greedy_fused_equal_prefix']:.1f}%")
             for name in PATHS:
                 prof = record.get(name, {}).get("profile")
                 if prof:

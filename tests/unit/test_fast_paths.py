@@ -124,46 +124,6 @@ def test_graph_decoder_step_logits_match_kv_decoder(folder):
             b.step(torch.tensor([1, 1]))
 
 
-@pytest.mark.parametrize("compile_step", [False, True])
-def test_attention_over_filled_blocks_gives_the_whole_cache_logits(folder, compile_step):
-    """Reading the cache by blocks of 2 slots (the filled part, rounded up) gives the logits of
-    reading all of it, across block boundaries, and reads the lengths it says it reads."""
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
-    mask = (ids != 0).long()
-    whole, blocks = GraphDecoder(model, attend_block=0), GraphDecoder(model, compile_step=compile_step, attend_block=2)
-    visible = []
-    with torch.no_grad():
-        lw, lb = whole.prefill(ids, mask, 5), blocks.prefill(ids, mask, 5)
-        for token in ([13, 14], [15, 16], [17, 18], [19, 20], [21, 22]):
-            torch.testing.assert_close(lb, lw, atol=1e-5, rtol=1e-5)
-            t = torch.tensor(token)
-            lw, lb = whole.step(t), blocks.step(t)
-            visible.append((whole.visible, blocks.visible))
-        torch.testing.assert_close(lb, lw, atol=1e-5, rtol=1e-5)
-    # 10 slots: steps write slots 5..9; blocks of 2 read up to the written slot rounded up to even
-    assert visible == [(10, 6), (10, 8), (10, 8), (10, 10), (10, 10)]
-    with pytest.raises(ValueError, match="attend_block"):
-        GraphDecoder(model, attend_block=-1)
-
-
-def test_decode_attention_reads_only_the_masked_length():
-    """A mask over the first L slots = the whole cache with the slots past L masked; what lies
-    past L (here NaN) is never read."""
-    gen = torch.Generator().manual_seed(2)
-    B, Hq, Hk, T, L, D = 2, 4, 2, 9, 5, 8
-    query = torch.randn(B, Hq, 1, D, generator=gen)
-    key, value = torch.randn(B, Hk, T, D, generator=gen), torch.randn(B, Hk, T, D, generator=gen)
-    mask = torch.rand(B, 1, 1, T, generator=gen) > 0.3
-    mask[..., 0] = True
-    full_mask = mask.clone()
-    full_mask[..., L:] = False
-    want, _ = decode_attention(None, query, key, value, full_mask)
-    key[:, :, L:], value[:, :, L:] = float("nan"), float("nan")
-    got, _ = decode_attention(None, query, key, value, mask[..., :L])
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-
-
 def test_compiled_decode_step_matches_the_eager_loop(folder, tokenizer):
     """The torch.compile'd static step (what GPUs capture) gives the dynamic loop's logits and tokens."""
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
