@@ -45,6 +45,7 @@ from alignment.models import (
     score_responses,
 )
 from tasks.evaluation import metrics as M
+from tasks.evaluation import sample_cache as sample_cache_io
 from tasks.evaluation.model_judge import ModelJudge, judge_accuracy
 from tasks.evaluation.report import AccuracyResult, EvalReport, JudgeAgreement, ModelEval
 from tasks.evaluation.settings import EvalSettings
@@ -198,6 +199,7 @@ def evaluate_models(
     device: str = "cpu",
     reference_tokenizer: str | None = None,
     greedy_prompts: Sequence[Prompt] | None = None,
+    sample_cache: str | Path | None = None,
 ) -> EvalOutput:
     """Evaluate ``candidate`` against ``champion`` (None: the reference stands in) and ``reference``.
 
@@ -211,7 +213,10 @@ def evaluate_models(
     lives apart from the reference model's folder (``model.policy.tokenizer``; the trained
     policies save it in theirs). KL is computed at the sampling temperature. ``greedy_prompts``:
     more held-out prompts to decode greedily beside the evaluated ones (``settings.greedy``;
-    duplicates of an evaluated prompt dropped), for the looping share only. Raises ValueError
+    duplicates of an evaluated prompt dropped), for the looping share only. ``sample_cache``: a
+    folder where each model's samples, their log-probs and greedy responses are kept and read back
+    by later evaluations with the same reference, prompts and settings (a round's champion and
+    the reference; :mod:`tasks.evaluation.sample_cache`); None computes everything. Raises ValueError
     for no prompts, a bad pair row (naming it) or tokenizers that differ from the reference's.
     """
     settings = settings or EvalSettings()
@@ -230,7 +235,8 @@ def evaluate_models(
 
     greedy_set = _greedy_set(prompts, greedy_prompts) if settings.greedy else None
     samples, pair_lp = _sample_policies(candidate, champion, reference, sample_prompts, pairs, settings,
-                                        temperature, device, reference_tokenizer, greedy_prompts=greedy_set)
+                                        temperature, device, reference_tokenizer, greedy_prompts=greedy_set,
+                                        sample_cache=Path(sample_cache) if sample_cache is not None else None)
     scorer = reward_scorer
     if scorer is None and reward_model is not None:
         scorer = reward_scorer_from_folder(reward_model, device, settings.score_batch_size,
@@ -297,10 +303,13 @@ def _greedy_rise_se(samples: dict[str, _Samples], threshold: float) -> float | N
 
 def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt], pairs: list[dict],
                      settings: EvalSettings, temperature: float, device: str, reference_tokenizer: str | None,
-                     greedy_prompts: list[Prompt] | None = None):
+                     greedy_prompts: list[Prompt] | None = None, sample_cache: Path | None = None):
     """Sample each policy with the same seed; log-probs of its samples under itself and the
     reference; its log-probs of the held-out pairs; its greedy responses to ``greedy_prompts``
-    (None: none). Holds the reference and one other model."""
+    (None: none). Holds the reference and one other model. With ``sample_cache`` (a folder, see
+    :mod:`tasks.evaluation.sample_cache`) a model whose samples were kept by an earlier evaluation
+    with the same reference, prompts and settings is read back instead of sampled again (it is
+    loaded only for the held-out pairs' log-probs), and every model's samples are kept."""
     def sample(model, tokenizer) -> GenerationResult:
         return generate(model, tokenizer, sample_prompts, settings.generation, settings.seed,
                         max_prompt_length=settings.max_prompt_length)
@@ -313,32 +322,62 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
         return generate(model, tokenizer, greedy_prompts, greedy_cfg, settings.seed,
                         max_prompt_length=settings.max_prompt_length).texts
 
+    shaping = {"generation": settings.generation.model_dump(mode="json"), "seed": settings.seed,
+               "max_prompt_length": settings.max_prompt_length, "score_batch_size": settings.score_batch_size,
+               "temperature": temperature}
+
+    def kept(path) -> tuple[str | None, dict | None]:
+        if sample_cache is None:
+            return None, None
+        key = sample_cache_io.sample_key(path, reference, prompts=sample_prompts, greedy_prompts=greedy_prompts,
+                                         settings=shaping, device=device, reference_tokenizer=reference_tokenizer)
+        return key, (sample_cache_io.load(sample_cache, key) if key else None)
+
+    def keep(key: str | None, s: _Samples) -> None:
+        if key is not None and sample_cache is not None:
+            sample_cache_io.save(sample_cache, key, s.gen, s.logps, s.ref_logps, s.fluency_logps, s.greedy)
+
     ref_model, tokenizer = load_policy(reference, device, reference_tokenizer)
     if tokenizer is None:
         raise ValueError(f"reference folder {reference} has no tokenizer")
     vocab = tokenizer.get_vocab()
-    ref_gen = sample(ref_model, tokenizer)
-    ref_lp = response_logps(ref_model, ref_gen, temperature, settings.score_batch_size)
 
     def plain_ref_logps(gen: GenerationResult, at_temperature: np.ndarray, ref) -> np.ndarray:
         if temperature == 1.0:
             return at_temperature
         return response_logps(ref, gen, 1.0, settings.score_batch_size)
 
-    samples = {"reference": _Samples(ref_gen, ref_lp, ref_lp, fluency_logps=plain_ref_logps(ref_gen, ref_lp, ref_model),
-                                     greedy=greedy(ref_model, tokenizer))}
+    key, found = kept(reference)
+    if found is not None:
+        samples = {"reference": _Samples(found["gen"], found["logps"], found["ref_logps"],
+                                         fluency_logps=found["fluency_logps"], greedy=found["greedy"])}
+    else:
+        ref_gen = sample(ref_model, tokenizer)
+        ref_lp = response_logps(ref_model, ref_gen, temperature, settings.score_batch_size)
+        samples = {"reference": _Samples(ref_gen, ref_lp, ref_lp,
+                                         fluency_logps=plain_ref_logps(ref_gen, ref_lp, ref_model),
+                                         greedy=greedy(ref_model, tokenizer))}
+        keep(key, samples["reference"])
     pair_lp: dict[str, tuple[np.ndarray, ...]] = {}
     if pairs:
         pair_lp["reference"] = pair_logps(ref_model, tokenizer, pairs, settings)
     for role, path in [("candidate", candidate)] + ([("champion", champion)] if champion is not None else []):
+        key, found = kept(path)
+        if found is not None:
+            samples[role] = _Samples(found["gen"], found["logps"], found["ref_logps"],
+                                     fluency_logps=found["fluency_logps"], greedy=found["greedy"])
+            if not pairs:
+                continue
         model, own_tok = load_policy(path, device)
         if own_tok is not None and own_tok.get_vocab() != vocab:
             raise ValueError(f"{role} at {path} has a different tokenizer from the reference; KL needs the same one")
-        gen = sample(model, tokenizer)
-        under_ref = response_logps(ref_model, gen, temperature, settings.score_batch_size)
-        samples[role] = _Samples(gen, response_logps(model, gen, temperature, settings.score_batch_size),
-                                 under_ref, fluency_logps=plain_ref_logps(gen, under_ref, ref_model),
-                                 greedy=greedy(model, tokenizer))
+        if found is None:
+            gen = sample(model, tokenizer)
+            under_ref = response_logps(ref_model, gen, temperature, settings.score_batch_size)
+            samples[role] = _Samples(gen, response_logps(model, gen, temperature, settings.score_batch_size),
+                                     under_ref, fluency_logps=plain_ref_logps(gen, under_ref, ref_model),
+                                     greedy=greedy(model, tokenizer))
+            keep(key, samples[role])
         if pairs:
             pair_lp[role] = pair_logps(model, tokenizer, pairs, settings)
         del model

@@ -250,3 +250,59 @@ def test_greedy_loop_figures_of_each_model(folders):
     assert off.report.num_greedy_prompts is None and off.report.greedy_loop_rise_se is None
     assert not any(k.startswith("eval/") and "greedy" in k for k in off.report.metrics())
     assert not any(k.endswith("_greedy") for k in off.samples[0])
+
+
+@pytest.mark.slow
+def test_kept_samples_are_read_back_and_change_nothing(folders, tmp_path, monkeypatch):
+    """With ``sample_cache`` an evaluation keeps each model's samples; the next one with the same
+    reference, prompts and settings samples only the models it has not seen (a round's new
+    candidate) and reports exactly what a full evaluation reports. Another seed, or a model
+    folder whose files changed, is sampled again; an entry without its JSON is ignored."""
+    import tasks.evaluation.suite as suite
+
+    calls = []
+    real = suite.generate
+    monkeypatch.setattr(suite, "generate", lambda model, *a, **k: calls.append(model.name_or_path) or real(model, *a, **k))
+    cache = tmp_path / "eval-samples"
+    kw = dict(reward_model=folders["reward"], oracle=sentiment_oracle, settings=settings(), beta=0.1)
+    plain = evaluate_models(folders["candidate"], folders["champion"], folders["reference"], PROMPTS, PAIRS, **kw)
+    first = evaluate_models(folders["candidate"], folders["champion"], folders["reference"], PROMPTS, PAIRS,
+                            sample_cache=cache, **kw)
+    assert len(calls) == 2 * 3 * 2  # sample + greedy for three models, twice
+    assert len(list(cache.glob("*.json"))) == 3 and len(list(cache.glob("*.safetensors"))) == 3
+
+    def same(a, b):
+        da, db = a.report.model_dump(), b.report.model_dump()
+        da.pop("wall_time_s"), db.pop("wall_time_s")
+        assert json.dumps(da, sort_keys=True) == json.dumps(db, sort_keys=True)
+        assert a.scores == b.scores and a.samples == b.samples
+
+    same(first, plain)
+    calls.clear()
+    again = evaluate_models(folders["candidate"], folders["champion"], folders["reference"], PROMPTS, PAIRS,
+                            sample_cache=cache, **kw)
+    assert calls == []  # every model read back (the pairs' log-probs still computed)
+    same(again, plain)
+
+    # the next round: the champion is the old candidate, a new candidate; only the new one is sampled
+    newer = tmp_path / "newer"
+    model = AutoModelForCausalLM.from_pretrained(folders["candidate"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(newer)
+    make_tokenizer().save_pretrained(newer)
+    nxt = evaluate_models(newer, folders["candidate"], folders["reference"], PROMPTS, PAIRS, sample_cache=cache, **kw)
+    assert calls == [str(newer)] * 2
+    same(nxt, evaluate_models(newer, folders["candidate"], folders["reference"], PROMPTS, PAIRS, **kw))
+
+    calls.clear()  # another seed: every model sampled again
+    evaluate_models(folders["candidate"], None, folders["reference"], PROMPTS, None, sample_cache=cache,
+                    **{**kw, "settings": settings().model_copy(update={"seed": 8})})
+    assert len(calls) == 4
+    calls.clear()  # a changed file in the candidate's folder: another model
+    (newer / "config.json").write_text((newer / "config.json").read_text() + "\n")
+    for meta in cache.glob("*.json"):  # and entries whose JSON is gone are incomplete
+        meta.unlink()
+    evaluate_models(newer, None, folders["reference"], PROMPTS, None, sample_cache=cache, **kw)
+    assert len(calls) == 4
