@@ -59,8 +59,8 @@ def main() -> None:
         for w in r.win_rates:
             if w.opponent == "champion":
                 row[f"win_{w.judge}"] = [round(w.rate, 3), round(w.lower, 3), round(w.upper, 3)]
-        print(json.dumps(row), flush=True)
         lines.append(json.dumps(row))
+        print(lines[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
 

@@ -10,8 +10,8 @@ reference (at the sampling temperature and, for the fluency figure, at 1) and th
 responses. Scores that change with the round (the round's reward model) are recomputed; the oracle
 is cheap and recomputed too.
 
-Layout: ``<dir>/<key>.safetensors`` (tensors) and ``<key>.json`` (texts, pad id, greedy texts,
-what the key covered), each written to a temporary name and renamed, the JSON last: an entry
+Layout: ``<dir>/<key>.safetensors`` (tensors) and ``<key>.json`` (format, texts, pad id, greedy
+texts), each written to a temporary name and renamed, the JSON last: an entry
 without its JSON is incomplete and is ignored (a crash mid-write leaves no half entry that
 loads). No pickles: safetensors and JSON only.
 
@@ -51,8 +51,8 @@ def _folder_identity(path: str | Path) -> list | None:
     folder = Path(path)
     if not folder.is_dir():
         return None
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return [str(folder.resolve()), [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+    stats = sorted((str(p.relative_to(folder)), p.stat()) for p in folder.rglob("*") if p.is_file())
+    return [str(folder.resolve()), [(name, st.st_size, st.st_mtime_ns) for name, st in stats]]
 
 
 def sample_key(model: str | Path, reference: str | Path, *, prompts: list, greedy_prompts: list | None,
@@ -102,7 +102,7 @@ def save(folder: Path, key: str, gen: GenerationResult, logps: np.ndarray, ref_l
     """Write one model's bundle (tensors first, then the JSON that completes the entry)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(gen, name).contiguous().clone() for name in _TENSORS}
-    for name, array in (("logps", logps), ("ref_logps", ref_logps), ("fluency_logps", fluency_logps)):
+    for name, array in zip(_ARRAYS, (logps, ref_logps, fluency_logps), strict=True):
         if array is not None:
             tensors[name] = torch.tensor(np.asarray(array, dtype=np.float64))  # a copy: arrays may be one object
     _write(folder / f"{key}.safetensors", lambda tmp: save_file(tensors, tmp))

@@ -334,8 +334,12 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
         return key, (sample_cache_io.load(sample_cache, key) if key else None)
 
     def keep(key: str | None, s: _Samples) -> None:
-        if key is not None and sample_cache is not None:
+        if key is not None:  # None: no cache, or a model that is not a local folder
             sample_cache_io.save(sample_cache, key, s.gen, s.logps, s.ref_logps, s.fluency_logps, s.greedy)
+
+    def read_back(found: dict) -> _Samples:
+        return _Samples(found["gen"], found["logps"], found["ref_logps"], fluency_logps=found["fluency_logps"],
+                        greedy=found["greedy"])
 
     ref_model, tokenizer = load_policy(reference, device, reference_tokenizer)
     if tokenizer is None:
@@ -349,8 +353,7 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
 
     key, found = kept(reference)
     if found is not None:
-        samples = {"reference": _Samples(found["gen"], found["logps"], found["ref_logps"],
-                                         fluency_logps=found["fluency_logps"], greedy=found["greedy"])}
+        samples = {"reference": read_back(found)}
     else:
         ref_gen = sample(ref_model, tokenizer)
         ref_lp = response_logps(ref_model, ref_gen, temperature, settings.score_batch_size)
@@ -364,8 +367,7 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
     for role, path in [("candidate", candidate)] + ([("champion", champion)] if champion is not None else []):
         key, found = kept(path)
         if found is not None:
-            samples[role] = _Samples(found["gen"], found["logps"], found["ref_logps"],
-                                     fluency_logps=found["fluency_logps"], greedy=found["greedy"])
+            samples[role] = read_back(found)
             if not pairs:
                 continue
         model, own_tok = load_policy(path, device)

@@ -98,16 +98,17 @@ def _eval_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord
     """The prompts of ``evaluation.prompt_splits`` in order, each once: ``test`` (the demo's own
     test split, larger than the feedback's, else the dataset's test prompts as given) and
     ``validation``. Raises ValueError when they hold none."""
-    prompts: list = []
-    for split in cfg.evaluation.prompt_splits:
-        if split == "test" and cfg.demo is not None:
+    def of(split: str) -> list:
+        if split == "validation":
+            return _validation_prompts(cfg, dataset, base)
+        if cfg.demo is not None:
             from tasks.stages.demo import heldout_prompts
 
-            prompts += heldout_prompts(cfg, base) or test
-        else:
-            prompts += test if split == "test" else _validation_prompts(cfg, dataset, base)
-    seen: set[str] = set()
-    unique = [p for p in prompts if not (repr(p) in seen or seen.add(repr(p)))]
+            return heldout_prompts(cfg, base) or test
+        return test
+
+    # first occurrence wins; repr keys: chat prompts are lists of dicts (unhashable)
+    unique = list({repr(p): p for split in cfg.evaluation.prompt_splits for p in of(split)}.values())
     if not unique:
         raise ValueError(f"no held-out prompts in the splits {cfg.evaluation.prompt_splits} of dataset {dataset.digest}")
     return unique
