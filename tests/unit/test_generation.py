@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from alignment.batching import encode_prompt
 from alignment.config import GenerationSettings
-from alignment.generation import generate, left_pad, sample_next
+from alignment.generation import generate, left_pad, race_noise, sample_next
 from tests.tiny_models import make_tiny_model, make_tokenizer
 
 PROMPTS = [
@@ -122,6 +123,42 @@ def test_sample_next_truncation_and_frequencies():
     freq_t = torch.bincount(draw_t, minlength=4).float() / len(draw_t)
     assert freq_t[0].item() == pytest.approx(0.25 / 0.365, abs=0.015)
     assert sample_next(logits[:2], GenerationSettings(do_sample=False), gen).tolist() == [0, 0]
+
+
+def _truncated_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """The distribution sample_next should draw from, computed independently in float64."""
+    z = logits / temperature
+    order = np.argsort(-z, kind="stable")[: top_k or len(z)]
+    p = np.exp(z[order] - z[order].max())
+    p /= p.sum()
+    keep = (np.cumsum(p) - p) < top_p
+    out = np.zeros_like(z)
+    out[order[keep]] = p[keep] / p[keep].sum()
+    return out
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (10, 1.0), (0, 0.8), (10, 0.8), (60, 0.95)])
+def test_sampler_draws_the_truncated_distribution(top_k, top_p):
+    """Top-k races over its k candidates only: the draw's frequencies still match the renormalised
+    distribution token by token, and no token outside it is ever drawn."""
+    row = torch.randn(50, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    expected = _truncated_probs(row.numpy(), 0.8, top_k, top_p)
+    n = 60000
+    draw = sample_next(row.float().repeat(n, 1), GenerationSettings(temperature=0.8, top_k=top_k, top_p=top_p),
+                       torch.Generator().manual_seed(0))
+    freq = torch.bincount(draw, minlength=50).double().numpy() / n
+    assert freq[expected == 0].sum() == 0
+    assert np.abs(freq - expected).max() < 4 * np.sqrt(expected.max() / n) + 1e-3
+
+
+def test_race_noise_is_exponential_and_never_zero():
+    e = race_noise((400, 1000), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert e.dtype == torch.float32 and bool((e > 0).all())
+    assert e.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert (e > 1).double().mean().item() == pytest.approx(np.exp(-1), abs=0.005)
+    assert (e > 3).double().mean().item() == pytest.approx(np.exp(-3), abs=0.002)
+    again = race_noise((400, 1000), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.equal(e, again)
 
 
 def test_prompt_encoding_and_errors(tokenizer, model):
