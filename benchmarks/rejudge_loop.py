@@ -8,7 +8,8 @@ oracle as judges) on the prompts of ``--splits`` (``test``: what the gate saw wi
 prints one JSON line per round: oracle mean, KL, distinct-2 as a share of the base's, the repeated-trigram rise,
 and each judge's paired win rate against the champion with its 95% interval. A round's verdict on the test split
 reproduces the gate's figures to the digit (same seed, same models), so the other set's verdicts differ only
-by the prompts. Rounds after the first verdict that would change are counterfactual: the loop would have gone on
+by the prompts. ``--reward-model`` judges every round with one fixed reward model instead (e.g. the demo's
+offline one, which no round's feedback trained). Rounds after the first verdict that would change are counterfactual: the loop would have gone on
 from another champion.
 
     .venv/bin/python benchmarks/rejudge_loop.py --home <home> --splits test validation --out rejudge.jsonl
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--home", required=True, help="the demo home (ALIGNFLOW_HOME)")
     parser.add_argument("--splits", nargs="+", default=["test", "validation"], choices=["test", "validation"])
     parser.add_argument("--out", default=None, help="also write the lines here")
+    parser.add_argument("--reward-model", default=None,
+                        help="judge every round with this reward folder instead of the round's own")
     args = parser.parse_args()
     home = Path(args.home)
     runs = home / "runs" / "demo"
@@ -49,7 +52,7 @@ def main() -> None:
         report = json.loads(path.read_text())
         champion = None if report["champion_is_reference"] else report["champion"]["path"]
         out = evaluate_models(report["candidate"]["path"], champion, report["reference"]["path"], prompts, None,
-                              reward_model=str(rewards[i]) if i < len(rewards) else None, oracle=sentiment,
+                              reward_model=args.reward_model or (str(rewards[i]) if i < len(rewards) else None), oracle=sentiment,
                               settings=settings, beta=report["beta"])
         r = out.report
         row = {"round": i, "splits": args.splits, "prompts": r.num_prompts, "oracle": r.candidate.oracle_mean,
