@@ -9,8 +9,9 @@ prints one JSON line per round: oracle mean, KL, distinct-2 as a share of the ba
 and each judge's paired win rate against the champion with its 95% interval. A round's verdict on the test split
 reproduces the gate's figures to the digit (same seed, same models), so the other set's verdicts differ only
 by the prompts. ``--reward-model`` judges every round with one fixed reward model instead (e.g. the demo's
-offline one, which no round's feedback trained). Rounds after the first verdict that would change are counterfactual: the loop would have gone on
-from another champion.
+offline one, which no round's feedback trained); ``--previous-judge`` judges round i with round i-1's reward model,
+which never saw the feedback round i's candidate trained on. Rounds after the first verdict that would change are
+counterfactual: the loop would have gone on from another champion.
 
     .venv/bin/python benchmarks/rejudge_loop.py --home <home> --splits test validation --out rejudge.jsonl
 """
@@ -31,6 +32,12 @@ from tasks.demo.oracle import sentiment  # noqa: E402
 from tasks.evaluation.suite import evaluate_models  # noqa: E402
 
 
+def judge_of(rewards: list[Path], i: int, previous: bool) -> str | None:
+    """The reward folder that judges round ``i``: its own, or with ``previous`` the round before's."""
+    j = max(i - 1, 0) if previous else i
+    return str(rewards[j]) if j < len(rewards) else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--home", required=True, help="the demo home (ALIGNFLOW_HOME)")
@@ -38,6 +45,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the lines here")
     parser.add_argument("--reward-model", default=None,
                         help="judge every round with this reward folder instead of the round's own")
+    parser.add_argument("--previous-judge", action="store_true",
+                        help="judge round i with round i-1's reward model (round 0 with its own)")
     args = parser.parse_args()
     home = Path(args.home)
     runs = home / "runs" / "demo"
@@ -52,7 +61,7 @@ def main() -> None:
         report = json.loads(path.read_text())
         champion = None if report["champion_is_reference"] else report["champion"]["path"]
         out = evaluate_models(report["candidate"]["path"], champion, report["reference"]["path"], prompts, None,
-                              reward_model=args.reward_model or (str(rewards[i]) if i < len(rewards) else None), oracle=sentiment,
+                              reward_model=args.reward_model or judge_of(rewards, i, args.previous_judge), oracle=sentiment,
                               settings=settings, beta=report["beta"])
         r = out.report
         row = {"round": i, "splits": args.splits, "prompts": r.num_prompts, "oracle": r.candidate.oracle_mean,

@@ -15,8 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_ppo_value_warmup_leaves_the_policy_and_fits_the_critic(assets):  # noqa: F811
-    cfg = PPOConfig.model_validate(rl_config(assets, "ppo", "ppo-warm", max_steps=3, rollout_batch_size=16,
-                                             minibatch_size=16, update_epochs=2, value_warmup_steps=3,
+    # six warm-up steps: each step's value loss is on a new rollout whose targets move with the running
+    # normalisation, so over three steps the fall is within that noise (it held on 1 of 4 seeds); over six
+    # the last step's loss is 35-55% under the first's on seeds 0-3
+    cfg = PPOConfig.model_validate(rl_config(assets, "ppo", "ppo-warm", max_steps=6, rollout_batch_size=16,
+                                             minibatch_size=16, update_epochs=2, value_warmup_steps=6,
                                              reward_norm="running", entropy_coef=0.01))
     PPORecipe(cfg).run()
     start = load_file(f"{assets['model']}/model.safetensors")
@@ -24,10 +27,10 @@ def test_ppo_value_warmup_leaves_the_policy_and_fits_the_critic(assets):  # noqa
     assert start.keys() == final.keys()
     assert all(torch.equal(start[k], final[k]) for k in start), "a warm-up step moved the policy"
     records = read_metrics(assets["root"] / "ppo-warm")
-    assert [r["value_warmup"] for r in records] == [1.0, 1.0, 1.0]
+    assert [r["value_warmup"] for r in records] == [1.0] * 6
     assert all(0.0 < r["distinct_2"] <= 1.0 for r in records)  # the rollout's pooled diversity is logged
     assert all("loss/policy" not in r and r["loss/value"] > 0 for r in records)
-    assert records[-1]["loss/value"] < records[0]["loss/value"]  # the critic learns
+    assert records[-1]["loss/value"] < 0.8 * records[0]["loss/value"]  # the critic learns
     # running normalisation: the scores seen so far have these moments, and training sees them scaled
     first = records[0]
     assert first["reward/norm_mean"] == pytest.approx(first["reward/raw"], abs=1e-5)
