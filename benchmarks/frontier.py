@@ -3,9 +3,9 @@
 Sweeps β for DPO (and, with ``--kto-betas``, KTO on the unpaired set), and runs PPO and GRPO
 points (``--ppo`` / ``--grpo``: one run per argument, each a comma-separated list of overrides
 of the method's config section; ``--kl-coefs`` is shorthand for ``--ppo kl.coef=C``) on one
-simulated feedback batch from the demo base model, evaluates every policy on the held-out
-prompts (mean VADER sentiment = the oracle, KL to the base model at the sampling temperature)
-and prints a Markdown table with each run's training wall time; writes the plot
+simulated feedback batch from the demo base model, evaluates every policy on the gate's held-out
+prompts (``evaluation.prompt_splits``: mean VADER sentiment = the oracle, KL to the base model at the
+sampling temperature) and prints a Markdown table with each run's training wall time; writes the plot
 ``frontier.png`` and ``frontier.json`` into the home folder.
 
     python benchmarks/frontier.py --home /tmp/frontier
@@ -37,7 +37,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from alignment.batching import decode_prompt  # noqa: E402
 from tasks.config import load_pipeline_config  # noqa: E402
 from tasks.demo.oracle import sentiment  # noqa: E402
 from tasks.evaluation.plots import plot_reward_vs_kl  # noqa: E402
@@ -46,11 +45,11 @@ from tasks.records import ModelRecord  # noqa: E402
 from tasks.stages.data import run_build, run_ingest  # noqa: E402
 from tasks.stages.demo import (  # noqa: E402
     demo_base_model,
-    heldout_prompts,
     landing_is_empty,
     reward_start,
     simulate_round,
 )
+from tasks.stages.evaluate import evaluation_prompts  # noqa: E402
 from tasks.stages.train import train_stage  # noqa: E402
 from tasks.versioning import digest_of  # noqa: E402
 
@@ -106,10 +105,9 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
         reward = ModelRecord(stage="reward", path=args.reward_model, digest=digest_of("pinned", args.reward_model))
     else:  # as the demo's reward stage: started from the offline reward model when demo.offline is on
         reward = train_stage(cfg, "reward", dataset.files, dataset.digest, reward_start(cfg, base), None)
-    prompts = heldout_prompts(cfg, base)
+    prompts = evaluation_prompts(cfg, dataset, base)  # the gate's: evaluation.prompt_splits
     pairs_file = dataset.files.get("pairs-test")
     pairs = pd.read_parquet(pairs_file) if pairs_file else None
-    prompts = [decode_prompt({"prompt": p, "is_chat": False}) for p in prompts]
 
     rows = []
 

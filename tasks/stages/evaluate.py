@@ -114,6 +114,12 @@ def _eval_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord
     return unique
 
 
+def evaluation_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord) -> list:
+    """The prompts this stage samples and judges for ``dataset`` (``evaluation.prompt_splits``, each once;
+    ``evaluation.num_prompts`` caps them later), for benchmarks that must score on the gate's prompts."""
+    return _eval_prompts(cfg, dataset, base, _heldout(dataset)[0])
+
+
 def _greedy_extra_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord) -> list | None:
     """The validation split's prompts when ``evaluation.greedy_splits`` names it: decoded greedily
     beside the evaluated prompts for the looping share (no policy trains on them). None when not
