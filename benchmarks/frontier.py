@@ -34,7 +34,6 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from tasks.config import load_pipeline_config  # noqa: E402
@@ -49,7 +48,7 @@ from tasks.stages.demo import (  # noqa: E402
     reward_start,
     simulate_round,
 )
-from tasks.stages.evaluate import evaluation_prompts  # noqa: E402
+from tasks.stages.evaluate import evaluation_inputs  # noqa: E402
 from tasks.stages.train import train_stage  # noqa: E402
 from tasks.versioning import digest_of  # noqa: E402
 
@@ -105,9 +104,7 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
         reward = ModelRecord(stage="reward", path=args.reward_model, digest=digest_of("pinned", args.reward_model))
     else:  # as the demo's reward stage: started from the offline reward model when demo.offline is on
         reward = train_stage(cfg, "reward", dataset.files, dataset.digest, reward_start(cfg, base), None)
-    prompts = evaluation_prompts(cfg, dataset, base)  # the gate's: evaluation.prompt_splits
-    pairs_file = dataset.files.get("pairs-test")
-    pairs = pd.read_parquet(pairs_file) if pairs_file else None
+    prompts, pairs = evaluation_inputs(cfg, dataset, base)  # the gate's: evaluation.prompt_splits, test pairs
 
     rows = []
 

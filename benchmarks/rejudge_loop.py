@@ -43,10 +43,11 @@ def main() -> None:
     parser.add_argument("--home", required=True, help="the demo home (ALIGNFLOW_HOME)")
     parser.add_argument("--splits", nargs="+", default=["test", "validation"], choices=["test", "validation"])
     parser.add_argument("--out", default=None, help="also write the lines here")
-    parser.add_argument("--reward-model", default=None,
-                        help="judge every round with this reward folder instead of the round's own")
-    parser.add_argument("--previous-judge", action="store_true",
-                        help="judge round i with round i-1's reward model (round 0 with its own)")
+    judge = parser.add_mutually_exclusive_group()
+    judge.add_argument("--reward-model", default=None,
+                       help="judge every round with this reward folder instead of the round's own")
+    judge.add_argument("--previous-judge", action="store_true",
+                       help="judge round i with round i-1's reward model (round 0 with its own)")
     args = parser.parse_args()
     home = Path(args.home)
     runs = home / "runs" / "demo"

@@ -20,13 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tasks.demo.simulator as simulator  # noqa: E402
 from tasks.config import load_pipeline_config  # noqa: E402
-from tasks.stages.demo import demo_settings  # noqa: E402
+from tasks.stages.demo import demo_base_model, demo_settings, prompt_table  # noqa: E402
 
 
 def main() -> None:
@@ -34,15 +32,14 @@ def main() -> None:
     parser.add_argument("--home", required=True, help="a demo home after `make run` (ALIGNFLOW_HOME)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config overrides, e.g. demo.cache_dir=<a cache elsewhere>")
     args = parser.parse_args()
     home = Path(args.home)
-    cfg = load_pipeline_config(None, [f"pipeline.home={home}"])
+    cfg = load_pipeline_config(None, [f"pipeline.home={home}", *args.overrides])
     settings = demo_settings(cfg).simulator
-    table = next((home / "data" / "demo" / "demo-prompts").glob("prompts-*.parquet"))
-    digest = table.stem.removeprefix("prompts-")
-    base = next((home / "cache" / "demo").glob(f"base-{digest}"), None) or next(
-        Path(demo_settings(cfg).cache_dir).glob(f"base-{digest}"))
-    prompts = pd.read_parquet(table)["prompt"].tolist()
+    record = demo_base_model(cfg)  # the stage's own lookups: the cached base model and prompt table
+    base, prompts = record.path, prompt_table(cfg, record)["prompt"].tolist()
     sampling = {"s": 0.0}
     sample = simulator.sample_responses
 

@@ -114,10 +114,12 @@ def _eval_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord
     return unique
 
 
-def evaluation_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord) -> list:
-    """The prompts this stage samples and judges for ``dataset`` (``evaluation.prompt_splits``, each once;
-    ``evaluation.num_prompts`` caps them later), for benchmarks that must score on the gate's prompts."""
-    return _eval_prompts(cfg, dataset, base, _heldout(dataset)[0])
+def evaluation_inputs(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord) -> tuple[list, pd.DataFrame | None]:
+    """What this stage evaluates ``dataset`` on: the prompts of ``evaluation.prompt_splits`` (each once;
+    ``evaluation.num_prompts`` caps them later) and the test pairs the judge's accuracy is measured on.
+    Benchmarks call it to score on the gate's own prompts. Raises ValueError when there are no prompts."""
+    test, pairs = _heldout(dataset)
+    return _eval_prompts(cfg, dataset, base, test), pairs
 
 
 def _greedy_extra_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord) -> list | None:
@@ -169,8 +171,7 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
     )
     from tasks.evaluation.suite import evaluate_models
 
-    test, pairs = _heldout(dataset)
-    prompts = _eval_prompts(cfg, dataset, base, test)
+    prompts, pairs = evaluation_inputs(cfg, dataset, base)
     greedy_extra = _greedy_extra_prompts(cfg, dataset, base)
     row = method(cfg.pipeline.method)
     beta = getattr(cfg, row.section).beta if row.implicit_reward else 0.1

@@ -110,7 +110,7 @@ def test_the_stage_evaluates_on_the_prompt_splits_asked_for(tmp_path):
     from tasks.config import load_pipeline_config
     from tasks.records import ModelRecord
     from tasks.stages.data import DatasetRecord, data_dir
-    from tasks.stages.evaluate import _eval_prompts, evaluation_prompts
+    from tasks.stages.evaluate import _eval_prompts, evaluation_inputs
 
     tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
     file = tmp_path / "prompts-validation.parquet"
@@ -137,4 +137,4 @@ def test_the_stage_evaluates_on_the_prompt_splits_asked_for(tmp_path):
     path.parent.mkdir(parents=True)
     table.to_parquet(path)
     assert _eval_prompts(demo, dataset, base, test) == ["t1", "t2", "v1"]
-    assert evaluation_prompts(demo, dataset, base) == ["t1", "t2", "v1"]  # what benchmarks/frontier.py scores on
+    assert evaluation_inputs(demo, dataset, base)[0] == ["t1", "t2", "v1"]  # what benchmarks/frontier.py scores on
