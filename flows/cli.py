@@ -12,12 +12,13 @@ database lands in ``<home>/prefect`` unless ``PREFECT_HOME`` or ``PREFECT_API_UR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
+
+from flows import termination
 
 # OpenMP threads that spin while waiting make torch on a busy 2-core CPU up to 20x slower
 # (measured: sampling 258 sequences took 83 s with spinning threads, 4.4 s with passive ones).
@@ -138,26 +139,9 @@ def _prepare_environment(home: Path) -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill PID``, ``docker stop``, Kubernetes), raised in the main thread like Ctrl-C.
-
-    Why: Prefect stops its temporary API server from an ``atexit`` hook, which a process killed by
-    the default SIGTERM action never runs, so the server was left running. Raised instead, the
-    signal unwinds the command: a flow run in progress is marked CRASHED by Prefect's own SIGTERM
-    bridge (which hands the signal back to this handler), a training child is stopped by the
-    launcher, and the process exits 143 after the server stops. The next run on the home finishes
-    the round, as after any crash. A second SIGTERM ends the process at once (the default action).
-    """
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script. Returns the process exit code: 0, 2 for a bad config or
-    input, 130 after Ctrl-C, 143 after SIGTERM (:class:`Terminated`), or the command's own."""
+    input, 130 after Ctrl-C, 143 after SIGTERM (flows/termination.py), or the command's own."""
     args = build_parser().parse_args(argv)
     from alignment.config import ConfigError
     from tasks.config import load_pipeline_config
@@ -190,23 +174,24 @@ def main(argv: list[str] | None = None) -> int:
     from flows import commands
 
     handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
-    # serve stops its runner on SIGTERM itself (flows/deployments.py); signals are the main thread's
-    on_sigterm = args.command != "serve" and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_sigterm else None
-    try:
-        return int(handler(cfg, args) or 0)
-    except Terminated:
-        print("alignflow: terminated (SIGTERM); the next run on this home finishes the round", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("alignflow: interrupted", file=sys.stderr)
-        return 130
-    except ConfigError as err:  # a field found wrong mid-run (e.g. a batch larger than the split)
-        print(f"alignflow: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if on_sigterm:
-            signal.signal(signal.SIGTERM, previous)
+    # serve stops its runner on SIGTERM itself (flows/deployments.py)
+    on_sigterm = termination.command_handler() if args.command != "serve" else contextlib.nullcontext()
+    with on_sigterm:
+        try:
+            code = int(handler(cfg, args) or 0)
+        except termination.Terminated:
+            print("alignflow: terminated (SIGTERM); the next run on this home finishes the round", file=sys.stderr)
+            return 143
+        except KeyboardInterrupt:
+            print("alignflow: interrupted", file=sys.stderr)
+            return 130
+        except ConfigError as err:  # a field found wrong mid-run (e.g. a batch larger than the split)
+            print(f"alignflow: {err}", file=sys.stderr)
+            return 2
+        if termination.requested():  # its exception was lost (flows/termination.py) and the work ran on
+            print("alignflow: terminated (SIGTERM) as the command ended", file=sys.stderr)
+            return 143
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from alignment.config import apply_overrides, validate_config
+from flows import termination
 from flows.home import saved_config_path
 from tasks import tracking
 from tasks.config import PipelineConfig, load_pipeline_config, to_yaml
@@ -101,9 +102,11 @@ class PipelineRound:
                                        flow_run_id=flow_run_id)
 
     def timed(self, stage: str, status: str, started: float, metrics: dict[str, Any] | None = None) -> None:
-        """Record a stage's row of the summary table (seconds since ``started``)."""
+        """Record a stage's row of the summary table (seconds since ``started``). A stage boundary:
+        a SIGTERM whose exception was lost ends the run here (flows/termination.py)."""
         self.rows.append(StageTiming(stage=stage, status=status, seconds=time.monotonic() - started,
                                      metrics=metrics or {}))
+        termination.raise_if_requested()
 
     def _recover(self, previous: RoundRecord | None, experiment_id: str, home: str) -> None:
         """Finish what the previous round on this home left: settle the files of a round that
@@ -128,6 +131,7 @@ class PipelineRound:
         """Record a round state (tasks/round.py) where the next run can read it."""
         self.rounds.advance(self.record, state, **fields)
         fault_point(f"after:{state}")
+        termination.raise_if_requested()
 
     def _end(self, exc_type: type[BaseException] | None, exc: BaseException | None) -> None:
         """Commit the round: its end state, then its landing files settled as consumed.
@@ -198,7 +202,7 @@ def alignment_pipeline(config: str | None = None, overrides: list[str] | None = 
     if not isinstance(config, PipelineConfig):
         check_deployment_run(config, overrides)
     cfg = resolve_config(config, overrides)
-    with FlowMarks(cfg.home).mark(flow_run.get_id(), "alignment-pipeline"), \
+    with termination.remembered(), FlowMarks(cfg.home).mark(flow_run.get_id(), "alignment-pipeline"), \
             home_lock(cfg.home, cfg.pipeline.lock_wait_s), PipelineRound(cfg) as rnd:
         record_config(rnd)
         base = starting_model(rnd)

@@ -96,8 +96,10 @@ def test_run_stopped_by_sigterm_to_its_pid_exits_143_and_takes_its_prefect_serve
     for server in left:
         server.kill()
     stderr = err.read_text()
-    assert code == 143, stderr[-3000:]
-    assert stderr.count("alignflow: terminated (SIGTERM)") == 1, stderr[-3000:]
+    clues = "\n".join(line for line in stderr.splitlines()
+                      if re.search(r"Exception ignored|Traceback|Termination|SIGTERM|Crash", line))
+    assert code == 143, f"{clues}\n...\n{stderr[-3000:]}"
+    assert stderr.count("alignflow: terminated (SIGTERM)") == 1, f"{clues}\n...\n{stderr[-3000:]}"
     assert not left, f"the temporary Prefect server outlived the run: {[p.pid for p in left]}"
     with sqlite3.connect(home / "prefect" / "prefect.db") as db:  # the embedded server's database, in the home
         assert [state for (state,) in db.execute("SELECT state_type FROM flow_run")] == ["CRASHED"]
