@@ -52,7 +52,13 @@ from tasks.stages.demo import (
     simulate_feedback_task,
 )
 from tasks.stages.evaluate import evaluate_task, evaluation_complete, gate_decision
-from tasks.stages.models import base_model_record, champion_record, champion_trained_on, registered_candidate
+from tasks.stages.models import (
+    base_model_record,
+    champion_record,
+    champion_reward_record,
+    champion_trained_on,
+    registered_candidate,
+)
 from tasks.stages.register import RegistryRecord, register_task
 from tasks.stages.summary import PipelineSummary, publish_summary
 from tasks.stages.train import train_task
@@ -358,14 +364,26 @@ def stop_if_already_registered(rnd: PipelineRound, candidate: ModelRecord) -> No
 
 def evaluate_and_gate(rnd: PipelineRound, candidate: ModelRecord, champion: ModelRecord | None,
                       base: ModelRecord, reward: ModelRecord | None, dataset: DatasetRecord) -> dict[str, Any]:
-    """Evaluate the candidate (cached) and take the gate's decision."""
+    """Evaluate the candidate (cached) and take the gate's decision. The reward model that scores and
+    judges is the round's, or the champion's under ``gate.reward_judge: champion``."""
     t = time.monotonic()
+    judge = reward
+    if reward is not None and champion is not None and rnd.cfg.gate.reward_judge == "champion":
+        judge = champion_reward_record(rnd.cfg) or reward
+        if judge is not reward:
+            rnd.logger.info("The champion's reward model v%s judges (gate.reward_judge): it never saw this "
+                            "round's feedback.", judge.registry_version)
     report, cached = run_cached(evaluate_task, evaluation_complete, cfg=rnd.cfg, candidate=candidate, champion=champion,
-                                base=base, reward=reward, dataset=dataset, parent_run_id=rnd.parent)
+                                base=base, reward=judge, dataset=dataset, parent_run_id=rnd.parent)
     rnd.timed("evaluate", "cached" if cached else "ran", t, report.headline())
     rnd.summary.evaluation = report.headline()
     tracking.log_metrics(rnd.parent, report.headline_metrics())  # the parent run's row shows them
-    return await_people(rnd.cfg, gate_decision(rnd.cfg, report, has_champion=champion is not None))
+    decision = gate_decision(rnd.cfg, report, has_champion=champion is not None)
+    if judge is not reward:  # the judge's record describes the champion's reward model: on the policy version
+        decision["eval_tags"] |= {"alignflow.judge.reward_model": f"champion reward model v{judge.registry_version}",
+                                  **{k.replace("alignflow.judge.", "alignflow.judge.champion_reward."): v
+                                     for k, v in decision.pop("judge_tags").items()}}
+    return await_people(rnd.cfg, decision)
 
 
 def register_and_promote(rnd: PipelineRound, candidate: ModelRecord, reward: ModelRecord | None,

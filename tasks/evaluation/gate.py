@@ -166,20 +166,22 @@ def _choose_judge(report: EvalReport, s: GateSettings, opponent: str) -> tuple[s
         return _model_judge(report, s)
     record = _reliability(report, opponent)
     floor = s.min_judge_accuracy
+    rm_name = ("the champion's reward model (gate.reward_judge; it never saw this round's feedback)"
+          if s.reward_judge == "champion" and opponent == "champion" else "the reward model")
     if floor is None:
-        return "reward_model", f"Judge: the reward model, not checked (gate.min_judge_accuracy is unset); {record}."
+        return "reward_model", f"Judge: {rm_name}, not checked (gate.min_judge_accuracy is unset); {record}."
     acc = report.accuracy("reward_model")
     if acc is not None and _finite(acc.lower) and acc.lower >= floor:
-        return "reward_model", (f"Judge: the reward model, {record}; its lower bound {acc.lower:.3f} clears "
+        return "reward_model", (f"Judge: {rm_name}, {record}; its lower bound {acc.lower:.3f} clears "
                                 f"gate.min_judge_accuracy {floor:.3f}.")
     missed = (f"its lower bound {acc.lower:.3f} misses gate.min_judge_accuracy {floor:.3f}" if acc is not None
               else f"so it cannot be held to gate.min_judge_accuracy {floor:.3f}")
     rm = report.win_rate("reward_model", opponent)
     rm_verdict = (f" (its own verdict: win rate {rm.rate:.3f}, lower bound {rm.lower:.3f})" if rm is not None else "")
     if report.win_rate("oracle", opponent) is not None:
-        return "oracle", (f"Judge: the oracle, because the reward model is not a trusted judge: {record}; {missed}, "
+        return "oracle", (f"Judge: the oracle, because {rm_name} is not a trusted judge: {record}; {missed}, "
                           f"so its verdict alone does not promote{rm_verdict}.")
-    return None, (f"No trusted judge: the reward model has {record}; {missed}, and no oracle verdict exists, so "
+    return None, (f"No trusted judge: {rm_name} has {record}; {missed}, and no oracle verdict exists, so "
                   f"its verdict alone does not promote{rm_verdict}.")
 
 

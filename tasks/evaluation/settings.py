@@ -79,6 +79,13 @@ class GateSettings(StrictModel):
     people, through the blinded sheets of ``alignflow eval-export`` (:mod:`tasks.evaluation.human`):
     a round's candidate then waits as ``challenger`` until a returned sheet shows people prefer
     it to the champion."""
+    reward_judge: Literal["round", "champion"] = "round"
+    """Which reward model judges when ``judge`` is ``reward_model``. ``round``: the round's own, which
+    trained on the feedback the candidate trained on, so it shares the candidate's quirks and reads
+    close rounds high (RESULTS.md, "Ninth pass": +0.03 on average on the demo). ``champion``: the one
+    registered with the champion, which never saw this round's feedback; its accuracy is then measured
+    on this round's test pairs, text it never saw, and it leans to the champion if anywhere (it
+    trained on the champion's round). Against the base model (no champion yet) the round's own judges."""
     min_win_rate_lower_bound: float = Field(0.5, ge=0, le=1)
     """The lower confidence bound of the win rate vs the champion must clear this."""
     max_kl: float | None = Field(25.0, gt=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 from tasks import tracking
 from tasks.config import PipelineConfig
 from tasks.records import ModelRecord
-from tasks.stages.register import CANDIDATE_TAG, REGISTRATION_TAG, RegistryRecord
+from tasks.stages.register import CANDIDATE_TAG, POLICY_VERSION_TAG, REGISTRATION_TAG, RegistryRecord
 
 
 def model_digest(cfg: PipelineConfig, ref: str | Path, revision: str | None = None) -> str:
@@ -40,8 +40,24 @@ def champion_record(cfg: PipelineConfig) -> ModelRecord | None:
     """The current champion policy, downloaded to a per-version cache folder; None if there is none."""
     name = tracking.policy_model_name(cfg.pipeline.name)
     version = tracking.alias_version(name, tracking.CHAMPION)
-    if version is None:
+    return None if version is None else _registered(cfg, name, version, "champion")
+
+
+def champion_reward_record(cfg: PipelineConfig) -> ModelRecord | None:
+    """The reward model registered with the champion policy (its version tagged with the policy's,
+    ``POLICY_VERSION_TAG``), downloaded like the champion; None when there is no champion or it came
+    without a reward model. Found through the policy, not the reward model's own ``champion`` alias,
+    which moves first at promotion: a crash between the two leaves it on the new round's model."""
+    policy = tracking.alias_version(tracking.policy_model_name(cfg.pipeline.name), tracking.CHAMPION)
+    if policy is None:
         return None
+    name = tracking.reward_model_name(cfg.pipeline.name)
+    version = tracking.find_version(name, POLICY_VERSION_TAG, policy)
+    return None if version is None else _registered(cfg, name, version, "champion-reward")
+
+
+def _registered(cfg: PipelineConfig, name: str, version: str, stage: str) -> ModelRecord:
+    """A registered model version as a record, its folder downloaded once under ``<home>/registry-cache``."""
     tags = tracking.version_tags(name, version)
     dest = cfg.home / "registry-cache" / name / version
     marker = dest / ".complete"
@@ -51,7 +67,7 @@ def champion_record(cfg: PipelineConfig) -> ModelRecord | None:
         folder = tracking.download_model(name, version, dest)
         marker.write_text(str(folder))
     digest = tags.get(CANDIDATE_TAG) or model_digest(cfg, folder)
-    return ModelRecord(stage="champion", path=str(folder), digest=digest, base=tags.get("alignflow.base_model"),
+    return ModelRecord(stage=stage, path=str(folder), digest=digest, base=tags.get("alignflow.base_model"),
                        registry_version=version)
 
 

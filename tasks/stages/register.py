@@ -35,6 +35,8 @@ from tasks.versioning import code_version, git_commit
 CANDIDATE_TAG = "alignflow.candidate_digest"
 REGISTRATION_TAG = "alignflow.registration"
 """``complete`` once every write of :func:`register_and_promote` for the version is done."""
+POLICY_VERSION_TAG = "alignflow.policy_version"
+"""On a reward model version: the policy version registered with it (set before either is promoted)."""
 
 
 class RegistryRecord(BaseModel):
@@ -116,7 +118,7 @@ def register_and_promote(cfg: PipelineConfig, candidate: ModelRecord, reward: Mo
         if reward_version:  # the judge's record: validation (reward run) and test (this evaluation) accuracy
             tracking.set_version_tags(reward_name, reward_version,
                                       {**trained_judge_tags(reward.summary), **decision.get("judge_tags", {}),
-                                       **extra_pairs_tags(reward.summary)})
+                                       **extra_pairs_tags(reward.summary), POLICY_VERSION_TAG: version})
         gate_tags = {"alignflow.gate": "passed" if passed else "failed",
                      "alignflow.gate_reasons": " | ".join(reasons)[:5000]}
         tracking.set_version_tags(policy_name, version, {**gate_tags, **decision.get("eval_tags", {})})

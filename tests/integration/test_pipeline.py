@@ -18,7 +18,7 @@ from tasks import tracking
 from tasks.config import load_pipeline_config
 from tasks.results import SERIALIZER_TYPE, pickles_under
 from tasks.stages.demo import demo_base_model, simulate_round
-from tasks.stages.models import champion_record
+from tasks.stages.models import champion_record, champion_reward_record
 from tests.integration.pipeline_helpers import TINY, child_runs, overrides, use_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -161,13 +161,26 @@ def test_gate_rejection_keeps_champion_and_rollback_restores_it(prefect_harness,
     champion = champion_record(cfg)
     base = demo_base_model(cfg)
     simulate_round(cfg, champion, base, round_index=1)
-    strict = alignment_pipeline(config=TINY, overrides=overrides(home, demo_cache,
-                                                                  "gate.min_win_rate_lower_bound=1.0"))
+    # the second round is judged by the champion's reward model (v1), which never saw its feedback
+    strict = alignment_pipeline(config=TINY, overrides=overrides(home, demo_cache, "gate.min_win_rate_lower_bound=1.0",
+                                                                  "gate.reward_judge=champion"))
     assert strict["status"] == "not-promoted"
     client = use_store(home)
     assert tracking.alias_version("tiny-policy", "champion") == "1"
     assert tracking.alias_version("tiny-policy", "challenger") == "2"
-    assert client.get_model_version("tiny-policy", "2").tags["alignflow.gate"] == "failed"
+    v2 = client.get_model_version("tiny-policy", "2").tags
+    assert v2["alignflow.gate"] == "failed"
+    assert "Judge: the champion's reward model" in v2["alignflow.gate_reasons"]
+    assert v2["alignflow.judge.reward_model"] == "champion reward model v1"
+    assert "alignflow.judge.champion_reward.test.accuracy" in v2
+    rewards = {v: client.get_model_version("tiny-reward", v).tags for v in ("1", "2")}
+    assert [rewards[v]["alignflow.policy_version"] for v in ("1", "2")] == ["1", "2"]
+    assert "alignflow.judge.test.accuracy" in rewards["1"]  # round 1 judged by its own: its record
+    assert "alignflow.judge.test.accuracy" not in rewards["2"]  # round 2's model did not judge
+    # found through the champion policy, not the reward model's alias (which moves first at promotion)
+    client.set_registered_model_alias("tiny-reward", "champion", "2")
+    assert champion_reward_record(cfg).registry_version == "1"
+    client.set_registered_model_alias("tiny-reward", "champion", "1")
     args = ["--config", TINY, *sum((["--set", o] for o in overrides(home, demo_cache)), [])]
     assert cli_main(["promote", "--version", "2", *args]) == 0
     use_store(home)
