@@ -122,7 +122,8 @@ def run_points(args: argparse.Namespace, home: Path) -> list[dict]:
     def train(run_cfg, stage: str, **kw) -> tuple[ModelRecord, float]:
         t0 = time.monotonic()
         model = train_stage(run_cfg, stage, dataset.files, dataset.digest, base, None, **kw)
-        return model, time.monotonic() - t0
+        # the training's own wall time (its summary.json's), not a finished run's reload seconds
+        return model, float((model.summary or {}).get("wall_time_s", time.monotonic() - t0))
 
     ref = evaluate_models(base.path, None, base.path, prompts, pairs, oracle=lambda t: sentiment(t),
                           settings=cfg.evaluation, device="cpu").report.candidate
