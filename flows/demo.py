@@ -19,10 +19,11 @@ from rich.table import Table
 from flows.pipeline import alignment_pipeline
 from tasks import tracking
 from tasks.config import load_pipeline_config
+from tasks.data.landing import PENDING, ledger_for
 from tasks.evaluation.plots import plot_closed_loop, plot_loop_rounds
 from tasks.lock import home_lock
-from tasks.stages.data import ingest_settings
-from tasks.stages.demo import demo_base_model_task, simulate_feedback_task
+from tasks.stages.data import data_dir, ingest_settings
+from tasks.stages.demo import demo_base_model_task, simulate_feedback_task, simulation_figures
 from tasks.stages.models import champion_record
 from tasks.stages.register import CANDIDATE_TAG
 from tasks.stages.summary import report_console
@@ -32,6 +33,25 @@ def next_round_index(landing: Path) -> int:
     """One past the highest simulated round already in the landing folder."""
     found = [int(m.group(1)) for p in landing.glob("round*-*") if (m := re.match(r"round(\d+)-", p.name))]
     return max(found) + 1 if found else 0
+
+
+def unfinished_round(cfg, landing: Path) -> tuple[int, dict[str, Any]] | None:
+    """(index, simulation figures) of the newest simulated round whose feedback no round has
+    consumed: its files are unknown to the ledger or still pending there, because the process died
+    or the round failed after the batch landed. The loop finishes that round with that batch
+    instead of simulating another (which would leave this one's feedback unused). None when the
+    newest batch was consumed or refused (failed on its data), or there is none. The figures come
+    from the simulator's report (empty if it has none)."""
+    index = next_round_index(landing) - 1
+    files = [p for p in landing.glob(f"round{index:03d}-*") if p.is_file()] if index >= 0 else []
+    if not files:
+        return None
+    states = {e.get("path"): e["state"] for e in ledger_for(ingest_settings(cfg), data_dir(cfg)).latest().values()}
+    if all(states.get(str(p)) not in (None, PENDING) for p in files):
+        return None
+    batch = re.match(r"(round\d+-[0-9a-f]+)-", files[0].name)
+    report = data_dir(cfg) / "simulator" / f"report-{batch.group(1)}.json" if batch else None
+    return index, simulation_figures(json.loads(report.read_text())) if report and report.is_file() else {}
 
 
 def champion_oracle(cfg) -> tuple[str | None, float | None, float | None]:
@@ -129,9 +149,13 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
     baseline = None
     for _ in range(rounds):
         with home_lock(cfg.home, cfg.pipeline.lock_wait_s):  # one writer: no other run simulates or ingests
-            index = next_round_index(landing)
             policy = champion_record(cfg) or base
-            sim = simulate_feedback_task(cfg, policy, base, round_index=index)
+            if (unfinished := unfinished_round(cfg, landing)) is not None:
+                index, sim = unfinished
+                print(f"round {index}: its feedback landed but the round never ended; finishing it with that feedback")
+            else:
+                index = next_round_index(landing)
+                sim = simulate_feedback_task(cfg, policy, base, round_index=index)
             summary = alignment_pipeline(config=config, overrides=[*(overrides or []),
                                                                   *round_overrides(cfg, base.path, index)])
         evaluation = summary.get("evaluation") or {}
@@ -141,7 +165,7 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
         registry = summary.get("registry") or {}
         figures = candidate_figures(round_report(cfg.home / "runs" / cfg.pipeline.name, registry))
         rows.append({"round": index, "feedback from": f"v{policy.registry_version}" if policy.registry_version
-                     else "base", "rows": sim["rows"], "rejected samples": sim.get("rejected samples"),
+                     else "base", "rows": sim.get("rows"), "rejected samples": sim.get("rejected samples"),
                      "kept samples": sim.get("kept samples"), "draws": sim.get("draws"),
                      **feedback_figures(sim, summary),
                      "candidate oracle": evaluation.get("oracle cand"), **figures,

@@ -126,10 +126,18 @@ def simulate_round(cfg: PipelineConfig, policy: ModelRecord, base: ModelRecord, 
                                ingest_settings(cfg).landing_dir, batch_id=batch_id,
                                report_dir=data_dir(cfg) / "simulator", seed=settings.simulator.seed + round_index,
                                start_time=EPOCH + timedelta(days=round_index))
-    return {"batch": batch_id, "files": len(report.files), "rows": sum(report.rows.values()),
-            "malformed share": round(report.malformed_share, 4), "raw-click ceiling": round(report.best_accuracy, 4),
-            "policy sentiment": round(report.policy_sentiment, 4), "rejected samples": report.rejected_samples,
-            "kept samples": report.kept_samples, "paired samples": report.paired_samples, "draws": report.draws}
+    return simulation_figures(report.to_dict())
+
+
+def simulation_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """A simulated batch's figures for the round's summary, from its report (``SimulationReport.to_dict``,
+    also what the simulator saves as ``report-<batch>.json``)."""
+    return {"batch": report["batch_id"], "files": len(report["files"]), "rows": sum(report["rows"].values()),
+            "malformed share": round(report["malformed_share"], 4),
+            "raw-click ceiling": round(report["best_accuracy"], 4),
+            "policy sentiment": round(report["policy_sentiment"], 4), "rejected samples": report["rejected_samples"],
+            "kept samples": report["kept_samples"], "paired samples": report["paired_samples"],
+            "draws": report["draws"]}
 
 
 @task(name="simulate-feedback")
