@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.demo import closed_loop_demo
+from flows.demo import closed_loop_demo, unfinished_round
 from tasks.config import load_pipeline_config
 from tasks.data.landing import CONSUMED, ledger_for
 from tasks.round import ENDS, RoundLog
@@ -43,3 +43,4 @@ def test_a_demo_round_that_failed_is_finished_with_its_own_feedback_by_the_next_
     ledger = ledger_for(ingest_settings(cfg), data_dir(cfg)).latest().values()
     landed = {str(p) for p in landing.iterdir() if p.is_file()}
     assert {e["path"] for e in ledger if e["state"] == CONSUMED} == landed  # every landed file consumed once
+    assert unfinished_round(cfg, landing) is None  # the next demo round simulates a new batch
