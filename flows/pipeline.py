@@ -367,18 +367,22 @@ def evaluate_and_gate(rnd: PipelineRound, candidate: ModelRecord, champion: Mode
     """Evaluate the candidate (cached) and take the gate's decision. The reward model that scores and
     judges is the round's, or the champion's under ``gate.reward_judge: champion``."""
     t = time.monotonic()
-    judge = reward
-    if reward is not None and champion is not None and rnd.cfg.gate.reward_judge == "champion":
-        judge = champion_reward_record(rnd.cfg) or reward
+    cfg, judge = rnd.cfg, reward
+    if reward is not None and champion is not None and cfg.gate.reward_judge == "champion":
+        judge = champion_reward_record(cfg) or reward
         if judge is not reward:
             rnd.logger.info("The champion's reward model v%s judges (gate.reward_judge): it never saw this "
                             "round's feedback.", judge.registry_version)
+        else:  # e.g. a champion registered before reward versions were tagged with their policy's
+            rnd.logger.warning("No reward model is registered with the champion v%s: the round's own judges.",
+                               champion.registry_version)
+            cfg = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"reward_judge": "round"})})
     report, cached = run_cached(evaluate_task, evaluation_complete, cfg=rnd.cfg, candidate=candidate, champion=champion,
                                 base=base, reward=judge, dataset=dataset, parent_run_id=rnd.parent)
     rnd.timed("evaluate", "cached" if cached else "ran", t, report.headline())
     rnd.summary.evaluation = report.headline()
     tracking.log_metrics(rnd.parent, report.headline_metrics())  # the parent run's row shows them
-    decision = gate_decision(rnd.cfg, report, has_champion=champion is not None)
+    decision = gate_decision(cfg, report, has_champion=champion is not None)  # its reasons name the judge that judged
     if judge is not reward:  # the judge's record describes the champion's reward model: on the policy version
         decision["eval_tags"] |= {"alignflow.judge.reward_model": f"champion reward model v{judge.registry_version}",
                                   **{k.replace("alignflow.judge.", "alignflow.judge.champion_reward."): v

@@ -181,3 +181,14 @@ def test_distinct2_just_under_its_floor_reads_as_under_it():
     assert not check.passed and "79.8% of the reference's" in check.message and "floor is 80.0%" in check.message
     over = decide(report(candidate={"distinct_2": 0.802 * 0.55}), settings, has_champion=True)
     assert next(c for c in over.checks if c.rule == "distinct2_collapse").passed
+
+
+def test_the_reasons_name_the_reward_model_that_judged():
+    champions = GateSettings(reward_judge="champion")
+    against_champion = decide(report(), champions, has_champion=True).checks[0].message
+    assert "Judge: the champion's reward model" in against_champion
+    first = decide(report(champion_is_reference=True), champions, has_champion=False).checks[0].message
+    assert "Judge: the reward model," in first  # against the base model the round's own judges
+    untrusted = decide(report(accuracy=[judge_accuracy(0.62, 0.51)]), champions, has_champion=True).checks[0].message
+    assert "because the champion's reward model" in untrusted and "judged by the oracle" in untrusted
+    assert "Judge: the reward model," in decide(report(), GateSettings(), has_champion=True).checks[0].message
