@@ -18,7 +18,7 @@ from rich.table import Table
 
 from flows.pipeline import alignment_pipeline
 from tasks import tracking
-from tasks.config import load_pipeline_config
+from tasks.config import PipelineConfig, load_pipeline_config
 from tasks.data.landing import PENDING, ledger_for
 from tasks.evaluation.plots import plot_closed_loop, plot_loop_rounds
 from tasks.lock import home_lock
@@ -35,7 +35,7 @@ def next_round_index(landing: Path) -> int:
     return max(found) + 1 if found else 0
 
 
-def unfinished_round(cfg, landing: Path) -> tuple[int, dict[str, Any]] | None:
+def unfinished_round(cfg: PipelineConfig, landing: Path) -> tuple[int, dict[str, Any]] | None:
     """(index, simulation figures) of the newest simulated round whose feedback no round has
     consumed: its files are unknown to the ledger or still pending there, because the process died
     or the round failed after the batch landed. The loop finishes that round with that batch
