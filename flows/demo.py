@@ -49,9 +49,8 @@ def unfinished_round(cfg: PipelineConfig, landing: Path) -> tuple[int, dict[str,
     states = {e.get("path"): e["state"] for e in ledger_for(ingest_settings(cfg), data_dir(cfg)).latest().values()}
     if all(states.get(str(p)) not in (None, PENDING) for p in files):
         return None
-    batch = re.match(r"(round\d+-[0-9a-f]+)-", files[0].name)
-    report = data_dir(cfg) / "simulator" / f"report-{batch.group(1)}.json" if batch else None
-    return index, simulation_figures(json.loads(report.read_text())) if report and report.is_file() else {}
+    report = next((data_dir(cfg) / "simulator").glob(f"report-round{index:03d}-*.json"), None)
+    return index, simulation_figures(json.loads(report.read_text())) if report else {}
 
 
 def champion_oracle(cfg) -> tuple[str | None, float | None, float | None]:

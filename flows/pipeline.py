@@ -369,7 +369,7 @@ def evaluate_and_gate(rnd: PipelineRound, candidate: ModelRecord, champion: Mode
     t = time.monotonic()
     cfg, judge = rnd.cfg, reward
     if reward is not None and champion is not None and cfg.gate.reward_judge == "champion":
-        judge = champion_reward_record(cfg) or reward
+        judge = champion_reward_record(cfg, champion.registry_version) or reward
         if judge is not reward:
             rnd.logger.info("The champion's reward model v%s judges (gate.reward_judge): it never saw this "
                             "round's feedback.", judge.registry_version)

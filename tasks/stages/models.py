@@ -43,16 +43,14 @@ def champion_record(cfg: PipelineConfig) -> ModelRecord | None:
     return None if version is None else _registered(cfg, name, version, "champion")
 
 
-def champion_reward_record(cfg: PipelineConfig) -> ModelRecord | None:
-    """The reward model registered with the champion policy (its version tagged with the policy's,
-    ``POLICY_VERSION_TAG``), downloaded like the champion; None when there is no champion or it came
-    without a reward model. Found through the policy, not the reward model's own ``champion`` alias,
-    which moves first at promotion: a crash between the two leaves it on the new round's model."""
-    policy = tracking.alias_version(tracking.policy_model_name(cfg.pipeline.name), tracking.CHAMPION)
-    if policy is None:
-        return None
+def champion_reward_record(cfg: PipelineConfig, policy_version: str) -> ModelRecord | None:
+    """The reward model registered with policy version ``policy_version`` (the champion a round
+    evaluates against; its reward version is tagged ``POLICY_VERSION_TAG``), downloaded like the
+    champion; None when it came without one. Found through the policy, not the reward model's own
+    ``champion`` alias, which moves first at promotion: a crash between the two leaves it on the new
+    round's model."""
     name = tracking.reward_model_name(cfg.pipeline.name)
-    version = tracking.find_version(name, POLICY_VERSION_TAG, policy)
+    version = tracking.find_version(name, POLICY_VERSION_TAG, policy_version)
     return None if version is None else _registered(cfg, name, version, "champion-reward")
 
 

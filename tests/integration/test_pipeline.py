@@ -179,7 +179,7 @@ def test_gate_rejection_keeps_champion_and_rollback_restores_it(prefect_harness,
     assert "alignflow.judge.test.accuracy" not in rewards["2"]  # round 2's model did not judge
     # found through the champion policy, not the reward model's alias (which moves first at promotion)
     client.set_registered_model_alias("tiny-reward", "champion", "2")
-    assert champion_reward_record(cfg).registry_version == "1"
+    assert champion_reward_record(cfg, tracking.alias_version("tiny-policy", "champion")).registry_version == "1"
     client.set_registered_model_alias("tiny-reward", "champion", "1")
     args = ["--config", TINY, *sum((["--set", o] for o in overrides(home, demo_cache)), [])]
     assert cli_main(["promote", "--version", "2", *args]) == 0
