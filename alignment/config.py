@@ -134,6 +134,12 @@ class TrainSettings(StrictModel):
     """Checkpoint every this many steps (always at the end). Resume starts from the newest one."""
     keep_checkpoints: int = Field(2, gt=0)
     """Checkpoints kept on disk; older ones are deleted after a new one is written."""
+    keep_checkpoints_after_finish: bool = True
+    """Keep ``checkpoints/`` once the run has finished (``final/`` and ``summary.json`` written).
+    False: delete them then; a finished run needs no resume state, and each checkpoint holds the
+    trainable weights plus the optimizer's moments (about 3x the trainable weights). The pipeline
+    sets False unless its recipe section says otherwise: a loop left running would otherwise keep
+    them for every stage of every round."""
     resume: bool = True
     """Resume from the newest checkpoint in ``output_dir`` when one exists (config must match)."""
     cudnn_attention: bool = False

@@ -6,7 +6,10 @@ writes ``metrics.jsonl`` line by line; :class:`tasks.tracking.MetricStreamer` ta
 the stage's MLflow run while a progress bar follows the steps.
 
 Resume: the run folder is chosen by the caller from the stage's cache key, so a re-run after
-a crash finds the recipe's checkpoints there and the recipe resumes from the newest one.
+a crash finds the recipe's checkpoints there and the recipe resumes from the newest one. A
+folder whose run already finished with the same config (:func:`finished_summary`) is not
+launched again: its metrics are logged to the new MLflow run and its summary returned, which
+does not need the checkpoints (the pipeline deletes them once a run finishes).
 """
 
 from __future__ import annotations
@@ -183,6 +186,29 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             continue
 
 
+def finished_summary(run_dir: Path, recipe: str | None = None, config_text: str | None = None) -> dict[str, Any] | None:
+    """The ``summary.json`` of a run in ``run_dir`` that finished (the summary says so and
+    ``final/`` holds a model config; the recipe writes the summary after ``final/``), else None.
+    With ``recipe`` and ``config_text``, only a run whose saved ``<recipe>.yaml`` has exactly that
+    text (a run of other settings in the same folder is not this one). An unreadable summary
+    counts as unfinished: the recipe then resumes from its checkpoints, which it deletes only
+    after writing the summary."""
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("finished") is not True:
+        return None
+    if not (run_dir / "final" / "config.json").is_file():
+        return None
+    if recipe is not None and config_text is not None:
+        saved = run_dir / f"{recipe}.yaml"
+        if not saved.is_file() or saved.read_text() != config_text:
+            return None
+    return summary
+
+
 def run_recipe(
     recipe: str,
     settings: TrainSettings,
@@ -211,7 +237,13 @@ def run_recipe(
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = settings.model_copy(update={"output_dir": str(run_dir)})
     config_path = run_dir / f"{recipe}.yaml"
-    config_path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    config_text = yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
+    done = finished_summary(run_dir, recipe, config_text)
+    if done is not None:  # finished before (a crash after training, before the stage recorded it)
+        _stage_logger().info("%s: finished earlier in %s; not launched again", description or recipe, run_dir)
+        MetricStreamer(run_dir / "metrics.jsonl", mlflow_run_id).stop()  # its curves on this stage's run
+        return done
+    config_path.write_text(config_text)
     log_path = run_dir / "train.log"
     cmd = build_command(recipe, config_path, processes, accelerate_config)
     env = {**TRAINING_ENV_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -19,7 +19,8 @@ parts that have their own module:
   ``samples_per_s``) and per evaluation (``phase="eval"``, names prefixed ``eval/``) in
   ``metrics.jsonl`` and to each callback.
 * **checkpoints** — :class:`~alignment.recipes.checkpoint.Checkpointer`: every ``save_every``
-  steps, at the end, and when :meth:`train` stops early at ``until_step``.
+  steps, at the end, and when :meth:`train` stops early at ``until_step``; with
+  ``keep_checkpoints_after_finish: false`` deleted once ``final/`` and ``summary.json`` are written.
 * **resume** — with ``resume: true`` and a checkpoint in ``output_dir``, setup restores
   weights, optimizer, schedule, RNG streams, data position and recipe state, and training
   continues exactly as if never stopped; a checkpoint of a different config is refused with
@@ -271,7 +272,8 @@ class Recipe(ABC):
         return metrics
 
     def save(self, finished: bool = True) -> None:
-        """Write ``final/`` when ``finished`` and ``summary.json`` always (main process).
+        """Write ``final/`` when ``finished`` and ``summary.json`` always (main process); then, when
+        finished with ``keep_checkpoints_after_finish`` off, delete ``checkpoints/``.
 
         Collective: every process calls it. When the model is sharded (FSDP) every process takes
         part in gathering its full weights, which the main process writes (the same files as an
@@ -290,6 +292,9 @@ class Recipe(ABC):
                 save_model_folder(model, self.tokenizer, final, state_dict=full)
         if acc.is_main_process:
             write_json(self.output_dir / "summary.json", self.summary(finished))
+            # after the summary: a crash before this line leaves the checkpoints a re-run resumes from
+            if finished and not self.config.keep_checkpoints_after_finish:
+                self.checkpointer.clear()
         acc.wait_for_everyone()
 
     def cleanup(self) -> None:

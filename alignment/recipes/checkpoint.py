@@ -65,7 +65,7 @@ __all__ = ["RESUME_IGNORED_FIELDS", "Checkpointer", "ResumeConfigError", "gather
            "write_json"]
 
 RESUME_IGNORED_FIELDS = frozenset({"output_dir", "resume", "num_workers", "log_every", "keep_checkpoints",
-                                   "overlap_steps"})
+                                   "keep_checkpoints_after_finish", "overlap_steps"})
 """Config fields that may change between a run and its resumption (they do not change the math)."""
 
 
@@ -74,8 +74,11 @@ class ResumeConfigError(ConfigError):
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """The run folder's JSON style: indented, sorted keys, trailing newline."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    """The run folder's JSON style: indented, sorted keys, trailing newline. Atomic (written
+    beside, then renamed): a crash leaves the old file or the new one, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
 
 
 def _rng_name(rank: int) -> str:

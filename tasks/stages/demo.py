@@ -3,7 +3,6 @@ and simulated feedback from the current champion written into the landing folder
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -61,8 +60,8 @@ def demo_offline_reward_model(cfg: PipelineConfig, base: ModelRecord) -> ModelRe
     round's reward stage starts from it (its ``init``). The record's summary holds the set's size and
     digest (``extra_train``), which the reward run and the registered reward version record."""
     from tasks.demo.offline_feedback import build_offline_set
-    from tasks.launcher import device_env, run_recipe
-    from tasks.stages.train import recipe_settings
+    from tasks.launcher import device_env, finished_summary, run_recipe
+    from tasks.stages.train import KEY_IGNORED_FIELDS, recipe_settings
     from tasks.versioning import code_version, digest_of
 
     settings = demo_settings(cfg)
@@ -72,13 +71,12 @@ def demo_offline_reward_model(cfg: PipelineConfig, base: ModelRecord) -> ModelRe
         "epochs": settings.offline.epochs, "optim": recipe.optim.model_copy(update={"lr": settings.offline.lr}),
         "eval_path": None, "extra_train_paths": [], "calibrate": False, "max_steps": None})  # fmt: skip
     key = digest_of("offline-reward", base.digest, offline.digest, code_version(),
-                    recipe.model_dump(mode="json", exclude={"output_dir", "train_path", "model"}))[:16]
+                    recipe.model_dump(mode="json", exclude={"output_dir", "train_path", "model", *KEY_IGNORED_FIELDS}))[:16]
     run_dir = Path(settings.cache_dir) / f"reward-offline-{key}"
     extra = {"paths": [offline.path], "pairs": offline.pairs, "digest": offline.digest, "mode": "warm_start"}
-    done = (run_dir / "final" / "config.json").exists() and (run_dir / "summary.json").exists()
-    if done:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    else:
+    summary = finished_summary(run_dir)
+    done = summary is not None
+    if not done:
         summary = run_recipe("reward", recipe, run_dir, timeout_s=cfg.pipeline.stage_timeout_s,
                              description="train the demo's offline reward model",
                              progress_every_s=cfg.pipeline.progress_log_s, extra_env=device_env(cfg.pipeline.device))

@@ -26,6 +26,10 @@ from tasks.stages import slots
 from tasks.stages.cached import cached_stage
 from tasks.versioning import code_version, digest_of
 
+KEY_IGNORED_FIELDS = frozenset({"keep_checkpoints", "keep_checkpoints_after_finish", "log_every"})
+"""Recipe settings left out of a stage's key: they change what the run folder keeps or logs,
+not the model it trains."""
+
 
 def _model_settings(template: ModelSettings | None, path: str, *, keep_lora: bool) -> ModelSettings:
     """The pipeline's model settings pointed at ``path`` (an upstream stage's output folder)."""
@@ -73,6 +77,8 @@ def recipe_settings(cfg: PipelineConfig, stage: str, data: dict[str, str], init:
     raw["eval_path"] = eval_path if _has_rows(eval_path) else None
     if "seed" not in section.model_fields_set:  # a seed the section sets itself is kept
         raw["seed"] = cfg.pipeline.seed
+    if "keep_checkpoints_after_finish" not in section.model_fields_set:
+        raw["keep_checkpoints_after_finish"] = False  # a finished stage needs none; rounds would pile them up
     if row.backbone == "reward":
         template = cfg.model.reward or cfg.model.policy
         raw["model"] = _model_settings(template, cfg.model.reward.name_or_path if cfg.model.reward else init.path,
@@ -131,7 +137,7 @@ def train_key(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_dig
                      *([reference.digest] if reference else []),  # absent: keys of runs without one stay valid
                      *([extra_pairs_digest(extra)] if extra else []),  # the extra pairs by content, not by path
                      settings.model_dump(mode="json", exclude={"output_dir", "train_path", "eval_path", "model",
-                                                                "extra_train_paths"}),
+                                                                "extra_train_paths", *KEY_IGNORED_FIELDS}),
                      settings.model.model_dump(mode="json", exclude={"name_or_path"}) if settings.model else None,
                      code_version())
 

@@ -61,6 +61,12 @@ def test_round_builds_the_run_tree_with_metrics_and_artifacts(first_round, clean
     plots = [a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluation/plots")]
     assert any(p.endswith("score_distributions.png") for p in plots)
     assert [a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluation")]
+    # a finished stage keeps its model and summary, not its resume checkpoints (rounds would pile them up)
+    run_dirs = sorted((home / "runs" / "tiny").glob("*-*/summary.json"))
+    assert {p.parent.name.split("-")[0] for p in run_dirs} >= {"reward", "dpo"}
+    for summary_path in run_dirs:
+        assert (summary_path.parent / "final" / "config.json").is_file()
+        assert not (summary_path.parent / "checkpoints").exists(), summary_path.parent
 
 
 def test_round_registers_versions_with_lineage_and_serves_the_champion(first_round, clean_mlflow_env):
