@@ -139,6 +139,18 @@ def _prepare_environment(home: Path) -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+def _api_for(command: str, home: Path) -> contextlib.AbstractContextManager:
+    """The embedded Prefect API in its own session for the commands that run rounds (``run``,
+    ``demo``) when ``PREFECT_API_URL`` is unset (flows/api_server.py): a signal to the command's
+    whole process group then leaves the API up to record the flow run as CRASHED. Other commands
+    use Prefect's own temporary server when they need one."""
+    if command not in ("run", "demo"):
+        return contextlib.nullcontext()
+    from flows.api_server import embedded_api
+
+    return embedded_api(home, command=command)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script. Returns the process exit code: 0, 2 for a bad config or
     input, 130 after Ctrl-C, 143 after SIGTERM (flows/termination.py), or the command's own."""
@@ -174,23 +186,34 @@ def main(argv: list[str] | None = None) -> int:
     from flows import commands
 
     handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
-    # serve stops its runner on SIGTERM itself (flows/deployments.py)
+    # serve stops its runner on SIGTERM itself and starts its own API (flows/deployments.py)
     on_sigterm = termination.command_handler() if args.command != "serve" else contextlib.nullcontext()
     with on_sigterm:
         try:
-            code = int(handler(cfg, args) or 0)
+            with _api_for(args.command, cfg.home):
+                code = int(handler(cfg, args) or 0)
         except termination.Terminated:
             print("alignflow: terminated (SIGTERM); the next run on this home finishes the round", file=sys.stderr)
-            return 143
+            return termination.exit_code_after_signal(143)
         except KeyboardInterrupt:
             print("alignflow: interrupted", file=sys.stderr)
-            return 130
+            return termination.exit_code_after_signal(130)
         except ConfigError as err:  # a field found wrong mid-run (e.g. a batch larger than the split)
             print(f"alignflow: {err}", file=sys.stderr)
             return 2
+        except Exception as err:  # raised while a signal unwound the command (its API server gone too)
+            behind = termination.signal_behind(err)
+            if behind is None and not termination.requested():
+                raise
+            if termination.requested() or isinstance(behind, termination.Terminated):
+                print(f"alignflow: terminated (SIGTERM); the next run on this home finishes the round "
+                      f"({type(err).__name__} while stopping)", file=sys.stderr)
+                return termination.exit_code_after_signal(143)
+            print(f"alignflow: interrupted ({type(err).__name__} while stopping)", file=sys.stderr)
+            return termination.exit_code_after_signal(130)
         if termination.requested():  # its exception was lost (flows/termination.py) and the work ran on
             print("alignflow: terminated (SIGTERM) as the command ended", file=sys.stderr)
-            return 143
+            return termination.exit_code_after_signal(143)
     return code
 
 

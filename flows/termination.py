@@ -20,7 +20,10 @@ Signals are the main thread's: off it, these install nothing.
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -103,3 +106,39 @@ def raise_if_requested() -> None:
         from prefect.exceptions import TerminationSignal
 
         raise TerminationSignal(signal.SIGTERM)
+
+
+def signal_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM (:class:`Terminated`) an exception was raised while handling, if any
+    (its ``__context__``/``__cause__`` chain): with a signal to the whole group, Prefect's crash
+    handling meets its dead API server and raises a connection error over the signal's exception."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def exit_code_after_signal(code: int) -> int:
+    """The exit code of a command a signal ended, once Prefect's log and event workers have handed
+    over what they hold; past :data:`~flows.api_server.DRAIN_TIMEOUT_S` the process ends here
+    with ``code``.
+
+    A signal to the whole process group (systemd's default stop, Ctrl-C in a terminal) also stops
+    Prefect's temporary API server where a command uses one, and at interpreter exit those workers
+    retry the dead server for minutes before the process can end (seen: 2.5 minutes after
+    ``kill -TERM -PGID``). So they get a bounded wait; past it the exit handlers run now (they stop
+    the temporary server if it still runs) and :func:`os._exit` skips the workers' wait. Against a
+    live API they finish at once and the process exits as usual."""
+    from flows.api_server import DRAIN_TIMEOUT_S, drain_prefect_services
+
+    if drain_prefect_services(DRAIN_TIMEOUT_S):
+        return code
+    print(f"alignflow: Prefect's API did not take the run's last logs and events within {DRAIN_TIMEOUT_S:.0f} s "
+          "(its server stopped with the signal); exiting without them", file=sys.stderr)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

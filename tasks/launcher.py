@@ -154,7 +154,7 @@ def cuda_count() -> int:
         return 0
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM it when the launching thread dies, so a
     crashed or killed flow process never leaves training running (no-op elsewhere)."""
     if sys.platform.startswith("linux"):
@@ -269,7 +269,7 @@ def run_recipe(
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         if streamer:
             streamer.start()
         watch = StallWatch(run_dir / "metrics.jsonl", description or recipe, stall_warning_s, log_path)

@@ -1,7 +1,8 @@
 """Commands stopped by SIGTERM leave no Prefect API server behind.
 
 ``alignflow serve`` stopped the way systemd stops it (SIGTERM to the whole process group) shuts
-down cleanly: exit 0, its one line, no traceback (issue 14). ``alignflow run`` stopped mid-round
+down cleanly: exit 0, its one line, no traceback (issue 14); ``alignflow run`` stopped that way
+exits 143 within seconds, not minutes, its flow run CRASHED. ``alignflow run`` stopped mid-round
 by a SIGTERM to its own pid (``kill PID``, ``docker stop``: the signal reaches the main process
 only) exits 143 with one line, its flow run CRASHED, and the temporary server Prefect started for it stops with it
 (it used to be left running: Prefect stops it from an ``atexit`` hook, which the default SIGTERM
@@ -75,17 +76,49 @@ def test_serve_stops_cleanly_on_sigterm_to_its_process_group(tmp_path):
         assert sock.connect_ex(("127.0.0.1", int(api.group(1)))) != 0
 
 
-def test_run_stopped_by_sigterm_to_its_pid_exits_143_and_takes_its_prefect_server_with_it(tmp_path):
+def _start_round(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path, list[psutil.Process]]:
+    """``alignflow run`` on the tiny config, returned once its flow run has begun, with the
+    Prefect API server it started (flows/api_server.py)."""
     proc, home, _, err = _start(tmp_path, "run")
     marks = home / ".alignflow-flows"  # a flow run's mark (tasks/round.py): the round has begun
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not (marks.is_dir() and any(marks.iterdir())):
+        time.sleep(0.2)
+    assert proc.poll() is None and any(marks.iterdir()), f"no flow run began:\n{err.read_text()[-3000:]}"
+    servers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if re.search(r"uvicorn|prefect server start", " ".join(p.cmdline()))]
+    assert servers, "the run started no Prefect API server"
+    return proc, home, err, servers
+
+
+def test_run_stopped_by_sigterm_to_its_process_group_exits_143_within_seconds(tmp_path):
+    """systemd's default stop (and Ctrl-C's SIGINT in a terminal) signals the whole group. Prefect's
+    temporary server died with the run, the flow run was never marked CRASHED, and the exit waited
+    1-3 minutes while Prefect's clients retried the dead server. The run's API now lives in its own
+    session (flows/api_server.py) and stops after the run has recorded the crash."""
+    proc, home, err, servers = _start_round(tmp_path)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None and not (marks.is_dir() and any(marks.iterdir())):
-            time.sleep(0.2)
-        assert proc.poll() is None and any(marks.iterdir()), f"no flow run began:\n{err.read_text()[-3000:]}"
-        servers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "uvicorn" in " ".join(p.cmdline())]
-        assert servers, "Prefect started no temporary server for the run"
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=90)
+        elapsed = time.monotonic() - started
+        _, left = psutil.wait_procs(servers, timeout=15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = err.read_text()
+    assert code == 143, stderr[-3000:]
+    assert stderr.count("alignflow: terminated (SIGTERM)") == 1, stderr[-3000:]
+    assert elapsed < 45, f"{elapsed:.0f} s from the signal to the exit"
+    assert not left
+    with sqlite3.connect(home / "prefect" / "prefect.db") as db:
+        assert [state for (state,) in db.execute("SELECT state_type FROM flow_run")] == ["CRASHED"]
+
+
+def test_run_stopped_by_sigterm_to_its_pid_exits_143_and_takes_its_prefect_server_with_it(tmp_path):
+    proc, home, err, servers = _start_round(tmp_path)
+    try:
         os.kill(proc.pid, signal.SIGTERM)  # the main process only
         code = proc.wait(timeout=120)
         _, left = psutil.wait_procs(servers, timeout=15)
