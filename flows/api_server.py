@@ -43,8 +43,8 @@ def drain_prefect_services(timeout_s: float) -> bool:
 @contextmanager
 def embedded_api(home: Path, timeout_s: float | None = None, command: str = "serve") -> Iterator[str | None]:
     """A Prefect API server on the home's database for ``command`` (``serve``, ``run``, ``demo``)
-    when ``PREFECT_API_URL`` is unset (yields its URL; with the variable set, yields None and
-    starts nothing).
+    when no Prefect API is configured (yields its URL; with ``PREFECT_API_URL`` set in the
+    environment, a Prefect profile or a test harness, yields None and starts nothing).
 
     Unlike Prefect's temporary server it runs in its own session (``start_new_session``): a
     signal to the whole process group (systemd's stop, Ctrl-C in a terminal) reaches the command
@@ -60,7 +60,7 @@ def embedded_api(home: Path, timeout_s: float | None = None, command: str = "ser
         temporary_settings,
     )
 
-    if os.environ.get("PREFECT_API_URL"):
+    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():  # the environment, a profile, a test harness
         yield None
         return
     timeout_s = timeout_s or max(60.0, float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
