@@ -76,3 +76,57 @@ def test_the_commands_handler_raises_terminated_then_forgets_when_the_command_en
             pass
     assert not termination.requested()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_the_signal_behind_an_error_raised_while_stopping_is_found():
+    def raised_while_handling(first: BaseException) -> BaseException:
+        try:
+            try:
+                raise first
+            except BaseException:
+                raise ConnectionError("[Errno 111] Connection refused")  # noqa: B904 - implicit chaining, as Prefect raises it
+        except ConnectionError as err:
+            return err
+
+    err = raised_while_handling(termination.Terminated())
+    assert isinstance(termination.signal_behind(err), termination.Terminated)
+    assert type(termination.signal_behind(raised_while_handling(KeyboardInterrupt()))) is KeyboardInterrupt
+    assert termination.signal_behind(raised_while_handling(ValueError("no signal"))) is None
+    assert termination.signal_behind(ValueError("alone")) is None
+
+
+_UNDELIVERABLE = """
+import sys, time
+from prefect.events import emit_event
+import flows.api_server as api
+from flows import termination
+api.DRAIN_TIMEOUT_S = 2.0
+emit_event(event="alignflow.test", resource={"prefect.resource.id": "alignflow.test"})
+time.sleep(0.5)
+started = time.monotonic()
+try:
+    termination.exit_code_after_signal(143)
+finally:
+    print(f"{time.monotonic() - started:.1f}", file=sys.stderr)
+"""
+
+
+def test_a_command_whose_prefect_api_is_gone_exits_after_a_bounded_drain(tmp_path):
+    """Prefect's event worker holding an event for an API nobody answers (its server died with the
+    signal): without the bound the interpreter's exit waits for its retries, minutes."""
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_HOME=str(tmp_path))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _UNDELIVERABLE], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "did not take the run's last logs and events within 2 s" in proc.stderr, proc.stderr[-2000:]
+    assert elapsed < 60, f"{elapsed:.0f} s"
