@@ -119,6 +119,7 @@ class Run:
 
     def __init__(self, output_dir: Path, accelerator: Accelerator, model: nn.Module, tokenizer) -> None:
         self.output_dir, self.accelerator, self.model, self.tokenizer = output_dir, accelerator, model, tokenizer
+        self.config = DPOConfig(model={"name_or_path": "unused"}, keep_checkpoints_after_finish=True)
 
     def summary(self, finished: bool) -> dict:
         return {"finished": finished}
