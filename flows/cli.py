@@ -193,28 +193,31 @@ def main(argv: list[str] | None = None) -> int:
             with _api_for(args.command, cfg.home):
                 code = int(handler(cfg, args) or 0)
         except termination.Terminated:
-            print("alignflow: terminated (SIGTERM); the next run on this home finishes the round", file=sys.stderr)
-            return termination.exit_code_after_signal(143)
+            return _stopped(sigterm=True)
         except KeyboardInterrupt:
-            print("alignflow: interrupted", file=sys.stderr)
-            return termination.exit_code_after_signal(130)
+            return _stopped(sigterm=False)
         except ConfigError as err:  # a field found wrong mid-run (e.g. a batch larger than the split)
             print(f"alignflow: {err}", file=sys.stderr)
             return 2
         except Exception as err:  # raised while a signal unwound the command (its API server gone too)
             behind = termination.signal_behind(err)
-            if behind is None and not termination.requested():
+            sigterm = termination.requested() or isinstance(behind, termination.Terminated)
+            if behind is None and not sigterm:
                 raise
-            if termination.requested() or isinstance(behind, termination.Terminated):
-                print(f"alignflow: terminated (SIGTERM); the next run on this home finishes the round "
-                      f"({type(err).__name__} while stopping)", file=sys.stderr)
-                return termination.exit_code_after_signal(143)
-            print(f"alignflow: interrupted ({type(err).__name__} while stopping)", file=sys.stderr)
-            return termination.exit_code_after_signal(130)
+            return _stopped(sigterm, f" ({type(err).__name__} while stopping)")
         if termination.requested():  # its exception was lost (flows/termination.py) and the work ran on
-            print("alignflow: terminated (SIGTERM) as the command ended", file=sys.stderr)
-            return termination.exit_code_after_signal(143)
+            return _stopped(sigterm=True, how=" as the command ended")
     return code
+
+
+def _stopped(sigterm: bool, detail: str = "", how: str = "; the next run on this home finishes the round") -> int:
+    """One line for a command a signal ended, then its exit code (143 for SIGTERM, 130 for Ctrl-C)
+    once Prefect's workers had their bounded drain (:func:`termination.exit_code_after_signal`)."""
+    if sigterm:
+        print(f"alignflow: terminated (SIGTERM){how}{detail}", file=sys.stderr)
+        return termination.exit_code_after_signal(143)
+    print(f"alignflow: interrupted{detail}", file=sys.stderr)
+    return termination.exit_code_after_signal(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,9 +59,10 @@ def demo_offline_reward_model(cfg: PipelineConfig, base: ModelRecord) -> ModelRe
     digest of the base model, the set, the settings and the code version of ``alignment/``. Each
     round's reward stage starts from it (its ``init``). The record's summary holds the set's size and
     digest (``extra_train``), which the reward run and the registered reward version record."""
+    from alignment.recipes.checkpoint import RESUME_IGNORED_FIELDS
     from tasks.demo.offline_feedback import build_offline_set
     from tasks.launcher import device_env, finished_summary, run_recipe
-    from tasks.stages.train import KEY_IGNORED_FIELDS, recipe_settings
+    from tasks.stages.train import recipe_settings
     from tasks.versioning import code_version, digest_of
 
     settings = demo_settings(cfg)
@@ -71,7 +72,7 @@ def demo_offline_reward_model(cfg: PipelineConfig, base: ModelRecord) -> ModelRe
         "epochs": settings.offline.epochs, "optim": recipe.optim.model_copy(update={"lr": settings.offline.lr}),
         "eval_path": None, "extra_train_paths": [], "calibrate": False, "max_steps": None})  # fmt: skip
     key = digest_of("offline-reward", base.digest, offline.digest, code_version(),
-                    recipe.model_dump(mode="json", exclude={"output_dir", "train_path", "model", *KEY_IGNORED_FIELDS}))[:16]
+                    recipe.model_dump(mode="json", exclude={"train_path", "model", *RESUME_IGNORED_FIELDS}))[:16]
     run_dir = Path(settings.cache_dir) / f"reward-offline-{key}"
     extra = {"paths": [offline.path], "pairs": offline.pairs, "digest": offline.digest, "mode": "warm_start"}
     summary = finished_summary(run_dir)

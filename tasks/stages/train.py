@@ -26,10 +26,6 @@ from tasks.stages import slots
 from tasks.stages.cached import cached_stage
 from tasks.versioning import code_version, digest_of
 
-KEY_IGNORED_FIELDS = frozenset({"keep_checkpoints", "keep_checkpoints_after_finish", "log_every"})
-"""Recipe settings left out of a stage's key: they change what the run folder keeps or logs,
-not the model it trains."""
-
 
 def _model_settings(template: ModelSettings | None, path: str, *, keep_lora: bool) -> ModelSettings:
     """The pipeline's model settings pointed at ``path`` (an upstream stage's output folder)."""
@@ -129,7 +125,11 @@ def train_key(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_dig
     """A training stage's key: its run folder's name and its Prefect cache key.
 
     Hashes the stage, the dataset and upstream models' digests, the recipe settings but the
-    paths that follow from them, and the code version of ``alignment/``."""
+    paths that follow from them and the fields that do not change the math (those a resumed run
+    may change, ``RESUME_IGNORED_FIELDS``), and the code version of ``alignment/``."""
+    # torch and accelerate: loaded when a key is made, not when this module is imported
+    from alignment.recipes.checkpoint import RESUME_IGNORED_FIELDS
+
     _, settings = recipe_settings(cfg, stage, data, init, reward, reference)
     reference = distinct_reference(init, reference)
     extra = getattr(settings, "extra_train_paths", None)
@@ -137,7 +137,7 @@ def train_key(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_dig
                      *([reference.digest] if reference else []),  # absent: keys of runs without one stay valid
                      *([extra_pairs_digest(extra)] if extra else []),  # the extra pairs by content, not by path
                      settings.model_dump(mode="json", exclude={"output_dir", "train_path", "eval_path", "model",
-                                                                "extra_train_paths", *KEY_IGNORED_FIELDS}),
+                                                                "extra_train_paths", *RESUME_IGNORED_FIELDS}),
                      settings.model.model_dump(mode="json", exclude={"name_or_path"}) if settings.model else None,
                      code_version())
 

@@ -18,6 +18,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -55,17 +57,24 @@ def _start(tmp_path: Path, command: str) -> tuple[subprocess.Popen, Path, Path, 
     return proc, home, out, err
 
 
-def test_serve_stops_cleanly_on_sigterm_to_its_process_group(tmp_path):
-    proc, _, out, err = _start(tmp_path, "serve")
+@contextmanager
+def _reaped(proc: subprocess.Popen) -> Iterator[None]:
+    """SIGKILL the command's process group on the way out if it still runs (a failed step included)."""
     try:
-        assert _wait_for(out, r"prefect deployment run", proc, 240), f"serve did not start:\n{err.read_text()[-3000:]}"
-        time.sleep(1)
-        os.killpg(proc.pid, signal.SIGTERM)
-        code = proc.wait(timeout=90)
+        yield
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_serve_stops_cleanly_on_sigterm_to_its_process_group(tmp_path):
+    proc, _, out, err = _start(tmp_path, "serve")
+    with _reaped(proc):
+        assert _wait_for(out, r"prefect deployment run", proc, 240), f"serve did not start:\n{err.read_text()[-3000:]}"
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=90)
     stderr = err.read_text()
     assert code == 0, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -76,10 +85,9 @@ def test_serve_stops_cleanly_on_sigterm_to_its_process_group(tmp_path):
         assert sock.connect_ex(("127.0.0.1", int(api.group(1)))) != 0
 
 
-def _start_round(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path, list[psutil.Process]]:
-    """``alignflow run`` on the tiny config, returned once its flow run has begun, with the
-    Prefect API server it started (flows/api_server.py)."""
-    proc, home, _, err = _start(tmp_path, "run")
+def _round_began(proc: subprocess.Popen, home: Path, err: Path) -> list[psutil.Process]:
+    """Wait until ``alignflow run``'s flow run has begun; returns the Prefect API server it
+    started (flows/api_server.py)."""
     marks = home / ".alignflow-flows"  # a flow run's mark (tasks/round.py): the round has begun
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and not (marks.is_dir() and any(marks.iterdir())):
@@ -88,7 +96,7 @@ def _start_round(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path, list[psu
     servers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if re.search(r"uvicorn|prefect server start", " ".join(p.cmdline()))]
     assert servers, "the run started no Prefect API server"
-    return proc, home, err, servers
+    return servers
 
 
 def test_run_stopped_by_sigterm_to_its_process_group_exits_143_within_seconds(tmp_path):
@@ -96,17 +104,14 @@ def test_run_stopped_by_sigterm_to_its_process_group_exits_143_within_seconds(tm
     temporary server died with the run, the flow run was never marked CRASHED, and the exit waited
     1-3 minutes while Prefect's clients retried the dead server. The run's API now lives in its own
     session (flows/api_server.py) and stops after the run has recorded the crash."""
-    proc, home, err, servers = _start_round(tmp_path)
-    try:
+    proc, home, _, err = _start(tmp_path, "run")
+    with _reaped(proc):
+        servers = _round_began(proc, home, err)
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGTERM)
         code = proc.wait(timeout=90)
         elapsed = time.monotonic() - started
         _, left = psutil.wait_procs(servers, timeout=15)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     stderr = err.read_text()
     assert code == 143, stderr[-3000:]
     assert stderr.count("alignflow: terminated (SIGTERM)") == 1, stderr[-3000:]
@@ -117,15 +122,12 @@ def test_run_stopped_by_sigterm_to_its_process_group_exits_143_within_seconds(tm
 
 
 def test_run_stopped_by_sigterm_to_its_pid_exits_143_and_takes_its_prefect_server_with_it(tmp_path):
-    proc, home, err, servers = _start_round(tmp_path)
-    try:
+    proc, home, _, err = _start(tmp_path, "run")
+    with _reaped(proc):
+        servers = _round_began(proc, home, err)
         os.kill(proc.pid, signal.SIGTERM)  # the main process only
         code = proc.wait(timeout=120)
         _, left = psutil.wait_procs(servers, timeout=15)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     for server in left:
         server.kill()
     stderr = err.read_text()
