@@ -307,6 +307,12 @@ class GenerationSettings(StrictModel):
     layers with plain linear projections, others unchanged). Fewer, larger kernels per step and
     no per-token cast of fp32 weights under autocast, for a copy of the weights while generating.
     Same tokens up to kernel rounding."""
+    triton_attention: bool = False
+    """With ``cuda_graphs`` on a CUDA device: each decode step's attention as one Triton kernel
+    (:mod:`alignment.triton_attention`: every K/V head read once for the query heads that share it,
+    the cache mask applied as it reads, softmax online) instead of four to five kernels. Needs
+    Triton (part of torch's CUDA wheels); elsewhere the torch attention runs. Same tokens up to
+    kernel rounding."""
     sync_every: int = Field(8, gt=0)
     """On CUDA, check whether every row has ended only every this many tokens (each check waits
     for the device); rows that ended early get padding meanwhile, so the output is the same.

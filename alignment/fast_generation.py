@@ -49,14 +49,17 @@ import logging
 import torch
 from transformers import AttentionInterface, StaticCache
 
+from alignment import triton_attention
 from alignment.fast_paths import attention_implementation
 from alignment.fused_decode import FusedDecodeWeights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DECODE_ATTENTION", "GraphDecoder", "decode_attention", "graph_supported"]
+__all__ = ["DECODE_ATTENTION", "DECODE_ATTENTION_TRITON", "GraphDecoder", "decode_attention",
+           "decode_attention_triton", "graph_supported"]
 
 DECODE_ATTENTION = "alignflow_decode"
+DECODE_ATTENTION_TRITON = "alignflow_decode_triton"
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -79,7 +82,18 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.transpose(1, 2).contiguous(), None
 
 
+def decode_attention_triton(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """:func:`decode_attention` as one Triton kernel (:func:`alignment.triton_attention.gqa_decode`)
+    where it applies (a CUDA device, one query position, a power-of-two head size); else
+    :func:`decode_attention` itself. Same arguments and result, up to rounding."""
+    if triton_attention.supported(query, key):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return triton_attention.gqa_decode(query, key, value, attention_mask[:, 0, 0, :], scale), None
+    return decode_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
 AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+AttentionInterface.register(DECODE_ATTENTION_TRITON, decode_attention_triton)
 
 
 class _ComputeDtypeCache(StaticCache):
@@ -135,12 +149,13 @@ class GraphDecoder:
     registered with the graph, so each replay advances it as an eager call would.
     One decoder serves one batch; build a new one per :func:`~alignment.generation.generate` batch.
     ``fuse_projections`` decodes with :mod:`alignment.fused_decode` weights (one matmul for
-    q/k/v and one for gate/up, in the compute dtype). Raises ValueError for models with
-    sliding-window attention.
+    q/k/v and one for gate/up, in the compute dtype). ``triton_attention`` runs each decode step's
+    attention as one Triton kernel on CUDA (:mod:`alignment.triton_attention`; elsewhere the
+    torch path). Raises ValueError for models with sliding-window attention.
     """
 
     def __init__(self, model, use_graph: bool | None = None, compile_step: bool = False,
-                 fuse_projections: bool = False) -> None:
+                 fuse_projections: bool = False, triton_attention: bool = False) -> None:
         if not graph_supported(model):
             raise ValueError("GraphDecoder needs full attention in every layer (sliding-window models are not supported)")
         self.model = model
@@ -150,6 +165,7 @@ class GraphDecoder:
         self.keep_last = "logits_to_keep" in params
         self.compile_step = compile_step
         self.fuse_projections = fuse_projections
+        self.attention = DECODE_ATTENTION_TRITON if triton_attention else DECODE_ATTENTION
         self.fused = None
         self.tokens_in: torch.Tensor | None = None  # graph inputs at fixed addresses (step / advance)
         self.logits_in: torch.Tensor | None = None
@@ -211,7 +227,7 @@ class GraphDecoder:
         self.ids.copy_(tokens.view(-1, 1))
         self.valid.index_fill_(1, self.slot, True)
         patched = self.fused.patched() if self.fused is not None else contextlib.nullcontext()
-        with self._autocast(), attention_implementation(_inner(self.model).config, DECODE_ATTENTION), patched:
+        with self._autocast(), attention_implementation(_inner(self.model).config, self.attention), patched:
             logits = self._forward(self.ids, self.step_mask, self.positions, compiled=self.compile_step)
         self.positions.add_(1)
         self.slot.add_(1)

@@ -385,7 +385,8 @@ def generate(
                 resp, resp_mask, hit = _hf_batch(model, ids, mask, settings, seed + start, eos, pad_id)
             else:
                 decoder = (GraphDecoder(model, compile_step=settings.compile_step,
-                                        fuse_projections=settings.fuse_projections)
+                                        fuse_projections=settings.fuse_projections,
+                                        triton_attention=settings.triton_attention)
                            if settings.cuda_graphs else KVDecoder(model, cache))
                 resp, resp_mask, hit = _decode_batch(decoder, ids, mask, settings, generator, eos, pad_id,
                                                      _suppressed_ids(model, device))

@@ -8,7 +8,8 @@ prompts × 256 new tokens, sampling at T = 1 with EOS off, so every run decodes 
   (the path of RESULTS run 8, kept here as the baseline);
 - ``advance_graph``: the token choice captured with the forward (one graph launch per token);
 - ``advance_sampler``: the same with the sampler's arithmetic compiled (``compile_step`` in the settings);
-- ``advance_fused``: the same with ``fuse_projections`` (q/k/v and gate/up as one matmul each).
+- ``advance_fused``: the same with ``fuse_projections`` (q/k/v and gate/up as one matmul each);
+- ``advance_triton``: the same with ``triton_attention`` (each step's attention as one Triton kernel).
 
 ms/step (whole call) = wall time of the whole decode call (prefill, the eager first step and the
 graph capture included) / 256, best of ``--reps``. ms/step (steady state) = (best 256-token call −
@@ -20,8 +21,10 @@ process (a device-to-device copy of 1 GiB, median of 10). Fraction of the bound 
 
 Checks printed with the figures: ``advance_graph`` samples the very tokens ``step_graph`` samples (the
 seeded generator registered with the graph advances as in eager decoding); greedy tokens of
-``advance_fused`` against ``step_graph`` (bf16: they may part after a rounding tie, so the share of
-equal tokens up to each row's first difference is reported). Also the graph's kernels per step.
+``advance_fused`` and of ``advance_triton`` against ``step_graph`` (bf16: they may part after a rounding
+tie, so the share of equal tokens up to each row's first difference is reported); the Triton attention
+kernel against the torch one on the decode's own shapes (largest absolute difference, bf16). Also the
+graph's kernels per step.
 
     python3 benchmarks/gpu_decode.py --shapes qwen0.5b,llama1b --out $OUT
     .venv/bin/python benchmarks/gpu_decode.py --device cpu --shapes tiny --new-tokens 8 --batch 4   # dry run
@@ -54,7 +57,7 @@ from benchmarks.gpu_bench import (  # noqa: E402
     words,
 )
 
-PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused")
+PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused", "advance_triton")
 
 
 class StepGraphDecoder(GraphDecoder):
@@ -64,8 +67,9 @@ class StepGraphDecoder(GraphDecoder):
 
 
 def decode(model, ids, settings, decoder_cls, seed=0, fuse=False, compile_step=True):
+    """``fuse``: False, True (fused projections) or "triton" (fused projections and the Triton attention)."""
     gen = torch.Generator(device=ids.device).manual_seed(seed)
-    dec = decoder_cls(model, compile_step=compile_step, fuse_projections=fuse)
+    dec = decoder_cls(model, compile_step=compile_step, fuse_projections=bool(fuse), triton_attention=fuse == "triton")
     eos = torch.tensor([-1], device=ids.device)
     out, _, _ = _decode_batch(dec, ids, torch.ones_like(ids), settings, gen, eos, pad_id=0)
     return out, dec
@@ -90,6 +94,25 @@ def kernels_per_step(model, ids, settings, cls, fuse) -> dict:
     return {"kernels_per_step": sum(c for c, _ in diff.values()) / 32,
             "gpu_ms_per_step": sum(t for _, t in diff.values()) / 32 / 1000,
             "top": [(k[:70], round(c / 32, 1), round(t / 32, 1)) for k, (c, t) in rows[:14]]}
+
+
+def attention_check(model, B: int, T: int, device) -> float | None:
+    """Largest |Triton − torch| of one decode attention on the model's head shapes (random bf16
+    q/K/V, a random validity mask with each row's last slot valid); None where it does not apply."""
+    from alignment.fast_generation import decode_attention, decode_attention_triton
+
+    config = model.config
+    D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, config.num_attention_heads, 1, D, device=device, generator=gen).bfloat16()
+    k, v = (torch.randn(B, config.num_key_value_heads, T, D, device=device, generator=gen).bfloat16() for _ in "kv")
+    valid = torch.rand(B, T, device=device, generator=gen) < 0.7
+    valid[:, -1] = True
+    if device.type != "cuda":
+        return None
+    ref, _ = decode_attention(None, q, k, v, valid[:, None, None, :], scaling=D**-0.5)
+    out, _ = decode_attention_triton(None, q, k, v, valid[:, None, None, :], scaling=D**-0.5)
+    return float((out.float() - ref.float()).abs().max())
 
 
 def run_shape(shape: str, args) -> dict:
@@ -134,7 +157,8 @@ def run_shape(shape: str, args) -> dict:
                 min_new_tokens=N, pad_token_id=0), args.gen_reps)
         fast = settings.model_copy(update={"compile_step": True})  # the compiled sampler
         paths = {"step_graph": (StepGraphDecoder, False, settings), "advance_graph": (GraphDecoder, False, settings),
-                 "advance_sampler": (GraphDecoder, False, fast), "advance_fused": (GraphDecoder, True, fast)}
+                 "advance_sampler": (GraphDecoder, False, fast), "advance_fused": (GraphDecoder, True, fast),
+                 "advance_triton": (GraphDecoder, "triton", fast)}
         tokens = {}
         for name, (cls, fuse, s) in paths.items():
             tokens[name] = decode(model, ids, s, cls, fuse=fuse)[0].cpu()  # compiles on the first
@@ -157,8 +181,14 @@ def run_shape(shape: str, args) -> dict:
         g_fused = decode(model, ids, greedy, GraphDecoder, fuse=True)[0].cpu()
         same = (g_ref == g_fused).long().cumprod(dim=1).sum(dim=1)  # equal prefix per row
         out["check_greedy_fused_equal_prefix"] = float(same.float().mean() / N)
+        g_triton = decode(model, ids, greedy, GraphDecoder, fuse="triton")[0].cpu()
+        same = (g_ref == g_triton).long().cumprod(dim=1).sum(dim=1)
+        out["check_greedy_triton_equal_prefix"] = float(same.float().mean() / N)
+        out["check_triton_attention_max_abs_diff"] = attention_check(model, B, P + N, device)
         if device.type == "cuda" and args.profile:
             for name, (cls, fuse, s) in paths.items():
+                if name not in out:
+                    continue
                 out[name]["profile"] = kernels_per_step(model, ids, s, cls, fuse)
     for name in ("model.generate", *paths):
         if name in out:
@@ -211,7 +241,9 @@ def main() -> None:
                       f"{100 * r['fraction_of_bound']:.1f}% | {steady} | {r['runs_s']} |")
             print(f"checks: advance samples == step_graph samples: {record['check_advance_samples_equal_step_graph']}; "
                   f"compiled sampler vs eager equal prefix {100 * record['check_compiled_sampler_equal_prefix']:.1f}%; "
-                  f"greedy fused vs unfused equal prefix {100 * record['check_greedy_fused_equal_prefix']:.1f}%")
+                  f"greedy fused vs unfused equal prefix {100 * record['check_greedy_fused_equal_prefix']:.1f}%; "
+                  f"greedy Triton attention vs unfused {100 * record['check_greedy_triton_equal_prefix']:.1f}%; "
+                  f"Triton vs torch attention max |diff| {record['check_triton_attention_max_abs_diff']}")
             for name in PATHS:
                 prof = record.get(name, {}).get("profile")
                 if prof:
