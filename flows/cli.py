@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -139,12 +140,16 @@ def _prepare_environment(home: Path) -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+FLOW_COMMANDS = ("run", "demo", "monitor")
+"""Commands that run a Prefect flow in this process (``serve`` starts its own API)."""
+
+
 def _api_for(command: str, home: Path) -> contextlib.AbstractContextManager:
-    """The embedded Prefect API in its own session for the commands that run rounds (``run``,
-    ``demo``) when ``PREFECT_API_URL`` is unset (flows/api_server.py): a signal to the command's
-    whole process group then leaves the API up to record the flow run as CRASHED. Other commands
-    use Prefect's own temporary server when they need one."""
-    if command not in ("run", "demo"):
+    """The embedded Prefect API in its own session for the commands that run flows (``run``,
+    ``demo``, ``monitor``) when ``PREFECT_API_URL`` is unset (flows/api_server.py): a signal to the
+    command's whole process group then leaves the API up to record the flow run as CRASHED (Prefect's
+    temporary server died with the group). Other commands run no flow and start no API."""
+    if command not in FLOW_COMMANDS:
         return contextlib.nullcontext()
     from flows.api_server import embedded_api
 
@@ -188,14 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
     # serve stops its runner on SIGTERM itself and starts its own API (flows/deployments.py)
     on_sigterm = termination.command_handler() if args.command != "serve" else contextlib.nullcontext()
+    rounds = args.command in ("run", "demo")
+    stopped = functools.partial(_stopped, how="; the next run on this home finishes the round" if rounds else "")
     with on_sigterm:
         try:
             with _api_for(args.command, cfg.home):
                 code = int(handler(cfg, args) or 0)
         except termination.Terminated:
-            return _stopped(sigterm=True)
+            return stopped(sigterm=True)
         except KeyboardInterrupt:
-            return _stopped(sigterm=False)
+            return stopped(sigterm=False)
         except ConfigError as err:  # a field found wrong mid-run (e.g. a batch larger than the split)
             print(f"alignflow: {err}", file=sys.stderr)
             return 2
@@ -204,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
             sigterm = termination.requested() or isinstance(behind, termination.Terminated)
             if behind is None and not sigterm:
                 raise
-            return _stopped(sigterm, f" ({type(err).__name__} while stopping)")
+            return stopped(sigterm, f" ({type(err).__name__} while stopping)")
         if termination.requested():  # its exception was lost (flows/termination.py) and the work ran on
             return _stopped(sigterm=True, how=" as the command ended")
     return code
 
 
-def _stopped(sigterm: bool, detail: str = "", how: str = "; the next run on this home finishes the round") -> int:
+def _stopped(sigterm: bool, detail: str = "", how: str = "") -> int:
     """One line for a command a signal ended, then its exit code (143 for SIGTERM, 130 for Ctrl-C)
     once Prefect's workers had their bounded drain (:func:`termination.exit_code_after_signal`)."""
     if sigterm:

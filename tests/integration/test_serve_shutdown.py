@@ -86,7 +86,7 @@ def test_serve_stops_cleanly_on_sigterm_to_its_process_group(tmp_path):
 
 
 def _round_began(proc: subprocess.Popen, home: Path, err: Path) -> list[psutil.Process]:
-    """Wait until ``alignflow run``'s flow run has begun; returns the Prefect API server it
+    """Wait until the command's flow run has begun (its mark); returns the Prefect API server it
     started (flows/api_server.py)."""
     marks = home / ".alignflow-flows"  # a flow run's mark (tasks/round.py): the round has begun
     deadline = time.monotonic() + 240
@@ -137,4 +137,39 @@ def test_run_stopped_by_sigterm_to_its_pid_exits_143_and_takes_its_prefect_serve
     assert stderr.count("alignflow: terminated (SIGTERM)") == 1, f"{clues}\n...\n{stderr[-3000:]}"
     assert not left, f"the temporary Prefect server outlived the run: {[p.pid for p in left]}"
     with sqlite3.connect(home / "prefect" / "prefect.db") as db:  # the embedded server's database, in the home
+        assert [state for (state,) in db.execute("SELECT state_type FROM flow_run")] == ["CRASHED"]
+
+
+def test_monitor_stopped_by_sigterm_to_its_process_group_exits_143_its_flow_run_crashed(tmp_path):
+    """``alignflow monitor`` (the one short command that runs a flow) used Prefect's temporary server,
+    which a signal to the group took down first. It now uses the embedded API as ``run`` does. Held
+    mid-flow by a round that holds the home (the check waits for its lock), then signalled."""
+    home = tmp_path / "home"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tasks.lock import home_lock\n"
+                               "with home_lock(sys.argv[1], purpose='run'):\n    print('held', flush=True)\n"
+                               "    time.sleep(120)\n", str(home)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = tmp_path / "monitor.err"
+        with open(tmp_path / "monitor.out", "wb") as o, open(err, "wb") as e:
+            proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "monitor", "--config", "configs/tiny.yaml",
+                                     "--set", f"pipeline.home={home}", "--set", "pipeline.lock_wait_s=300"],
+                                    cwd=REPO, env=_env(home), stdout=o, stderr=e, start_new_session=True)
+        with _reaped(proc):
+            servers = _round_began(proc, home, err)  # its flow run's mark: waiting for the home
+            started = time.monotonic()
+            os.killpg(proc.pid, signal.SIGTERM)
+            code = proc.wait(timeout=90)
+            elapsed = time.monotonic() - started
+            _, left = psutil.wait_procs(servers, timeout=15)
+    finally:
+        holder.kill()
+        holder.wait()
+    stderr = err.read_text()
+    assert code == 143, stderr[-3000:]
+    assert stderr.count("alignflow: terminated (SIGTERM)") == 1 and "finishes the round" not in stderr, stderr[-3000:]
+    assert "embedded Prefect API at" in stderr
+    assert elapsed < 45, f"{elapsed:.0f} s from the signal to the exit"
+    assert not left
+    with sqlite3.connect(home / "prefect" / "prefect.db") as db:
         assert [state for (state,) in db.execute("SELECT state_type FROM flow_run")] == ["CRASHED"]
