@@ -23,7 +23,12 @@ from tasks.data.landing import PENDING, ledger_for
 from tasks.evaluation.plots import plot_closed_loop, plot_loop_rounds
 from tasks.lock import home_lock
 from tasks.stages.data import data_dir, ingest_settings
-from tasks.stages.demo import demo_base_model_task, simulate_feedback_task, simulation_figures
+from tasks.stages.demo import (
+    demo_base_model_task,
+    finish_simulated_landing,
+    simulate_feedback_task,
+    simulation_figures,
+)
 from tasks.stages.models import champion_record
 from tasks.stages.register import CANDIDATE_TAG
 from tasks.stages.summary import report_console
@@ -149,6 +154,8 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
     for _ in range(rounds):
         with home_lock(cfg.home, cfg.pipeline.lock_wait_s):  # one writer: no other run simulates or ingests
             policy = champion_record(cfg) or base
+            for batch in finish_simulated_landing(cfg):
+                print(f"{batch}: landed the rest of its files (the process that simulated it was stopped)")
             if (unfinished := unfinished_round(cfg, landing)) is not None:
                 index, sim = unfinished
                 print(f"round {index}: its feedback landed but the round never ended; finishing it with that feedback")

@@ -47,6 +47,7 @@ from tasks.stages.data import (
 )
 from tasks.stages.demo import (
     demo_base_model_task,
+    finish_simulated_landing,
     landing_is_empty,
     reward_start,
     simulate_feedback_task,
@@ -261,6 +262,9 @@ def collect_feedback(rnd: PipelineRound, base: ModelRecord, only_if_new_data: bo
     """(Demo: simulate a first batch into an empty landing folder.) Ingest and validate new files;
     with ``only_if_new_data``, stop the round when none arrived."""
     cfg = rnd.cfg
+    if cfg.demo is not None:
+        for batch in finish_simulated_landing(cfg):
+            rnd.logger.info("%s: landed the rest of its files (the process that simulated it was stopped)", batch)
     if cfg.demo is not None and landing_is_empty(cfg):
         t = time.monotonic()
         sim = simulate_feedback_task(cfg, champion_record(cfg) or base, base, round_index=0)

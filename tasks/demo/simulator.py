@@ -10,6 +10,7 @@ folder as JSONL, CSV and Parquet files named ``<batch_id>-<kind>-<n>.<ext>``.
 Nothing the annotators could not see goes into the landing files. The ground truth (scores,
 true probabilities, which rows were corrupted and how) goes to ``report_dir`` as
 ``truth-<batch_id>.parquet`` and ``report-<batch_id>.json``, never into the landing folder.
+The files are staged and land after the report (:mod:`tasks.demo.staging`): a batch lands whole.
 The same policy, prompts, settings and seed give the same files, byte for byte.
 
 Broken responses (invalid UTF-8 or control characters) get the oracle's worst score and are
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -38,7 +40,9 @@ from tasks.demo import annotators as ann
 from tasks.demo.malformed import corrupt_rows
 from tasks.demo.oracle import is_broken, sentiment, strip_broken
 from tasks.demo.settings import DegenerateFilter, SimulatorSettings
+from tasks.demo.staging import land, staging_dir
 from tasks.evaluation.metrics import distinct_n, ngrams, repetition_rate, word_tokens
+from tasks.faults import fault_point
 
 SOURCE = "alignflow-demo-simulator"
 EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -331,10 +335,15 @@ def simulate_feedback(
     truth = _assign_files(truth, settings, batch_id)
     truth = corrupt_rows(truth, settings.malformed_share, settings.rating_scale, rng)
 
+    # Staged, reported, then landed (tasks/demo/staging.py): a killed process never leaves part
+    # of a batch in the landing folder without its report.
+    stage = staging_dir(report_dir, batch_id) if report_dir is not None else landing.parent / f".staging-{batch_id}"
+    shutil.rmtree(stage, ignore_errors=True)  # a batch staged by a killed process before its report
+    stage.mkdir(parents=True)
     files = []
     for name, rows in truth.groupby("file", sort=True):
         kind, fmt = rows["kind"].iloc[0], rows["format"].iloc[0]
-        _write(rows[LANDING_COLUMNS[kind] + OPTIONAL_COLUMNS].reset_index(drop=True), landing / name, fmt)
+        _write(rows[LANDING_COLUMNS[kind] + OPTIONAL_COLUMNS].reset_index(drop=True), stage / name, fmt)
         files.append(str(landing / name))
     timer["written"] = time.monotonic()
 
@@ -343,11 +352,17 @@ def simulate_feedback(
     report.paired_samples = paired
     if report_dir is not None:
         out = Path(report_dir)
-        out.mkdir(parents=True, exist_ok=True)
         # corrupted cells mix types (a word in the label column): store those columns as text
         mixed = {c: "string" for c in ("choice", "label", "score") if c in truth and truth[c].dtype == object}
-        truth.astype(mixed).to_parquet(out / f"truth-{batch_id}.parquet", index=False)
-        (out / f"report-{batch_id}.json").write_text(json.dumps(report.to_dict(), indent=2))
+        tmp = out / f".truth-{batch_id}.parquet.tmp"
+        truth.astype(mixed).to_parquet(tmp, index=False)
+        os.replace(tmp, out / f"truth-{batch_id}.parquet")
+        fault_point("simulate:before-report")
+        tmp = out / f".report-{batch_id}.json.tmp"
+        tmp.write_text(json.dumps(report.to_dict(), indent=2))
+        os.replace(tmp, out / f"report-{batch_id}.json")  # from here the batch lands, even after a kill
+        fault_point("simulate:before-landing")
+    land(stage, landing)
     return report
 
 

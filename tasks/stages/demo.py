@@ -104,6 +104,15 @@ def heldout_prompts(cfg: PipelineConfig, base: ModelRecord, split: str = "test")
     return frame.loc[frame["split"] == split, "prompt"].tolist()
 
 
+def finish_simulated_landing(cfg: PipelineConfig) -> list[str]:
+    """Land the rest of a simulated batch a killed process left staged after its report, or drop
+    one staged before it (tasks/demo/staging.py); returns the batch ids it landed. Call before
+    looking at the landing folder."""
+    from tasks.demo.staging import finish_landing
+
+    return finish_landing(data_dir(cfg) / "simulator", ingest_settings(cfg).landing_dir)
+
+
 def landing_is_empty(cfg: PipelineConfig) -> bool:
     """True when the landing folder holds no file the ingest would read."""
     settings = ingest_settings(cfg)

@@ -1,5 +1,6 @@
 """A round is a transaction (issue 14, point 1): SIGKILL the real ``alignflow run`` process at
-every stage boundary and inside ingest, training, evaluation and registration, re-run, and end
+every stage boundary and inside the demo's landing of its simulated batch, ingest, training,
+evaluation and registration, re-run, and end
 exactly where an uninterrupted run ends — same registry (versions, tags, aliases), same ledger,
 same validated data and dataset — with every dead round's MLflow and Prefect runs closed.
 
@@ -38,6 +39,7 @@ from tests.integration.pipeline_helpers import REPO, TINY, overrides
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.fault]
 
 POINTS = [
+    "land:simulated-file",  # the demo's first batch: its report written, one file of it landed
     "ingest",             # inside ingest: validated tables written, ledger not yet
     "after:ingested",
     "after:built",
