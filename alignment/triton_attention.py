@@ -57,7 +57,7 @@ if AVAILABLE:
 
     @triton.jit
     def _gqa_decode_kernel(Q, K, V, Valid, Out, scale,
-                           sqb, sqh, skb, skh, skt, svb, svh, svt, smb, sob, soh,
+                           sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smt, sob, soh, sod,
                            T: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                            BLOCK: tl.constexpr, PRECISION: tl.constexpr):
         pid = tl.program_id(0)
@@ -67,27 +67,27 @@ if AVAILABLE:
         d = tl.arange(0, D)
         rows = g < G
         heads = kv * G + g
-        q = tl.load(Q + b * sqb + heads[:, None] * sqh + d[None, :], mask=rows[:, None], other=0.0)
+        q = tl.load(Q + b * sqb + heads[:, None] * sqh + d[None, :] * sqd, mask=rows[:, None], other=0.0)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
         for start in range(0, T, BLOCK):
             t = start + tl.arange(0, BLOCK)
             inside = t < T
-            k = tl.load(K + b * skb + kv * skh + t[:, None] * skt + d[None, :], mask=inside[:, None], other=0.0)
+            k = tl.load(K + b * skb + kv * skh + t[:, None] * skt + d[None, :] * skd, mask=inside[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] fp32
-            seen = tl.load(Valid + b * smb + t, mask=inside, other=0) != 0
+            seen = tl.load(Valid + b * smb + t * smt, mask=inside, other=0) != 0
             s = tl.where(seen[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing seen yet
             alpha = tl.exp(m_i - m_use)
             p = tl.exp(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + kv * svh + t[:, None] * svt + d[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(V + b * svb + kv * svh + t[:, None] * svt + d[None, :] * svd, mask=inside[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         acc = acc / l_i[:, None]
-        tl.store(Out + b * sob + heads[:, None] * soh + d[None, :], acc.to(Out.dtype.element_ty), mask=rows[:, None])
+        tl.store(Out + b * sob + heads[:, None] * soh + d[None, :] * sod, acc.to(Out.dtype.element_ty), mask=rows[:, None])
 
     @triton_op("alignflow::gqa_decode", mutates_args={})
     def _gqa_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
@@ -98,8 +98,9 @@ if AVAILABLE:
         out = torch.empty(B, 1, Hq, D, dtype=query.dtype, device=query.device)
         wrap_triton(_gqa_decode_kernel)[(B * Hk,)](
             query, key, value, valid, out, scale,
-            query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-            value.stride(0), value.stride(1), value.stride(2), valid.stride(0), out.stride(0), out.stride(2),
+            query.stride(0), query.stride(1), query.stride(3), key.stride(0), key.stride(1), key.stride(2), key.stride(3),
+            value.stride(0), value.stride(1), value.stride(2), value.stride(3), valid.stride(0), valid.stride(1),
+            out.stride(0), out.stride(2), out.stride(3),
             T=T, HK=Hk, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK=BLOCK_T,
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 models: no TF32 rounding
         )
@@ -110,13 +111,10 @@ def gqa_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, vali
                scale: float) -> torch.Tensor:
     """Attention of one query per row over a cache; returns ``[B, 1, Hq, D]`` in ``query.dtype``.
 
-    ``query`` ``[B, Hq, 1, D]``, ``key``/``value`` ``[B, Hk, T, D]`` (last dimension contiguous),
-    ``valid`` boolean ``[B, T]`` (last dimension contiguous; True = the slot is attended). Raises
-    RuntimeError when Triton is not installed; check :func:`supported` first.
+    ``query`` ``[B, Hq, 1, D]``, ``key``/``value`` ``[B, Hk, T, D]``, ``valid`` boolean ``[B, T]``
+    (True = the slot is attended); any strides. Raises RuntimeError when Triton is not installed;
+    check :func:`supported` first.
     """
     if not AVAILABLE:
         raise RuntimeError("gqa_decode needs Triton (it ships with torch's CUDA wheels)")
-    for name, x in (("query", query), ("key", key), ("value", value), ("valid", valid)):
-        if x.stride(-1) != 1:
-            raise ValueError(f"gqa_decode: {name}'s last dimension must be contiguous")
     return _gqa_decode(query, key, value, valid, float(scale))

@@ -31,8 +31,8 @@ TOKENS = ([13, 14], [15, 16], [17, 18])
 
 
 def cases(device, dtype):
-    """(q, k, v, mask) with grouped heads (G = 7, 1, 4), lengths not a multiple of the kernel's
-    block, and a row whose only valid slot is its last."""
+    """(q, k, v, mask) with grouped heads (G = 7, 1, 4, 2), lengths not a multiple of the kernel's
+    block, a row whose only valid slot is its last, and non-contiguous K/V."""
     gen = torch.Generator().manual_seed(0)
     for B, Hq, Hk, T, D in [(3, 14, 2, 70, 64), (2, 8, 8, 130, 32), (2, 4, 1, 64, 16)]:
         q = torch.randn(B, Hq, 1, D, generator=gen)
@@ -42,6 +42,12 @@ def cases(device, dtype):
         valid[0] = False
         valid[0, -1] = True
         yield (*(x.to(device, dtype) for x in (q, k, v)), valid.to(device)[:, None, None, :])
+    # strides as a transposed projection leaves them: heads and positions swapped in memory
+    q = torch.randn(2, 1, 8, 32, generator=gen).transpose(1, 2)
+    k, v = (torch.randn(2, 50, 4, 32, generator=gen).transpose(1, 2) for _ in "kv")
+    valid = torch.rand(2, 50, generator=gen) < 0.5
+    valid[:, -1] = True
+    yield (*(x.to(device, dtype) for x in (q, k, v)), valid.to(device)[:, None, None, :])
 
 
 def tiny(kind: str):
