@@ -4,8 +4,9 @@ Why: in a compiled CUDA-graph decode step the attention of each layer ran as fou
 kernels (the mask's expansion, ``q kᵀ``, the softmax, ``p v`` and a copy), each a few
 microseconds of latency at batch 64 (benchmarks/RESULTS.md, runs 20–22: 0.29 ms of a 1.5 ms
 0.5B step). :func:`gqa_decode` reads each K/V head once for all the query heads that share it,
-applies the cache's validity mask as it reads and keeps the softmax online (flash-decoding
-without the split: batch × kv-heads programs already fill the GPU at batch 64).
+applies the cache's validity mask as it reads (slots not yet filled, and left padding, are not
+read at all: the torch path reads the whole static cache every step) and keeps the softmax online
+(flash-decoding without the split: batch × kv-heads programs already fill the GPU at batch 64).
 
 Math, per row ``b`` and query head ``h`` (K/V head ``h // G``, ``G = Hq / Hk``, transformers'
 ``repeat_kv`` order)::
@@ -73,17 +74,17 @@ if AVAILABLE:
         acc = tl.zeros([BLOCK_G, D], tl.float32)
         for start in range(0, T, BLOCK):
             t = start + tl.arange(0, BLOCK)
-            inside = t < T
-            k = tl.load(K + b * skb + kv * skh + t[:, None] * skt + d[None, :] * skd, mask=inside[:, None], other=0.0)
+            seen = tl.load(Valid + b * smb + t * smt, mask=t < T, other=0) != 0
+            # masked loads fetch no memory: only the filled, valid slots' K and V are read
+            k = tl.load(K + b * skb + kv * skh + t[:, None] * skt + d[None, :] * skd, mask=seen[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] fp32
-            seen = tl.load(Valid + b * smb + t * smt, mask=inside, other=0) != 0
             s = tl.where(seen[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing seen yet
             alpha = tl.exp(m_i - m_use)
             p = tl.exp(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + kv * svh + t[:, None] * svt + d[None, :] * svd, mask=inside[:, None], other=0.0)
+            v = tl.load(V + b * svb + kv * svh + t[:, None] * svt + d[None, :] * svd, mask=seen[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         acc = acc / l_i[:, None]
