@@ -28,6 +28,7 @@ from tasks.stages.demo import (
     finish_simulated_landing,
     simulate_feedback_task,
     simulation_figures,
+    simulator_dir,
 )
 from tasks.stages.models import champion_record
 from tasks.stages.register import CANDIDATE_TAG
@@ -54,7 +55,7 @@ def unfinished_round(cfg: PipelineConfig, landing: Path) -> tuple[int, dict[str,
     states = {e.get("path"): e["state"] for e in ledger_for(ingest_settings(cfg), data_dir(cfg)).latest().values()}
     if all(states.get(str(p)) not in (None, PENDING) for p in files):
         return None
-    report = next((data_dir(cfg) / "simulator").glob(f"report-round{index:03d}-*.json"), None)
+    report = next(simulator_dir(cfg).glob(f"report-round{index:03d}-*.json"), None)
     return index, simulation_figures(json.loads(report.read_text())) if report else {}
 
 
@@ -154,8 +155,7 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
     for _ in range(rounds):
         with home_lock(cfg.home, cfg.pipeline.lock_wait_s):  # one writer: no other run simulates or ingests
             policy = champion_record(cfg) or base
-            for batch in finish_simulated_landing(cfg):
-                print(f"{batch}: landed the rest of its files (the process that simulated it was stopped)")
+            finish_simulated_landing(cfg)
             if (unfinished := unfinished_round(cfg, landing)) is not None:
                 index, sim = unfinished
                 print(f"round {index}: its feedback landed but the round never ended; finishing it with that feedback")

@@ -263,12 +263,11 @@ def collect_feedback(rnd: PipelineRound, base: ModelRecord, only_if_new_data: bo
     with ``only_if_new_data``, stop the round when none arrived."""
     cfg = rnd.cfg
     if cfg.demo is not None:
-        for batch in finish_simulated_landing(cfg):
-            rnd.logger.info("%s: landed the rest of its files (the process that simulated it was stopped)", batch)
-    if cfg.demo is not None and landing_is_empty(cfg):
-        t = time.monotonic()
-        sim = simulate_feedback_task(cfg, champion_record(cfg) or base, base, round_index=0)
-        rnd.timed("simulate feedback (demo)", "ran", t, sim)
+        finish_simulated_landing(cfg)
+        if landing_is_empty(cfg):
+            t = time.monotonic()
+            sim = simulate_feedback_task(cfg, champion_record(cfg) or base, base, round_index=0)
+            rnd.timed("simulate feedback (demo)", "ran", t, sim)
     t = time.monotonic()
     ingest = ingest_task(cfg, rnd.parent)
     rnd.timed("ingest + validate", "ran", t, {"new files": ingest.new_files, "rows in": ingest.rows_in,

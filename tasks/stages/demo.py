@@ -104,13 +104,21 @@ def heldout_prompts(cfg: PipelineConfig, base: ModelRecord, split: str = "test")
     return frame.loc[frame["split"] == split, "prompt"].tolist()
 
 
+def simulator_dir(cfg: PipelineConfig) -> Path:
+    """Where the simulator keeps each batch's report, truth table and staged files."""
+    return data_dir(cfg) / "simulator"
+
+
 def finish_simulated_landing(cfg: PipelineConfig) -> list[str]:
     """Land the rest of a simulated batch a killed process left staged after its report, or drop
-    one staged before it (tasks/demo/staging.py); returns the batch ids it landed. Call before
-    looking at the landing folder."""
+    one staged before it (tasks/demo/staging.py), saying so; returns the batch ids it landed. Call
+    before looking at the landing folder."""
     from tasks.demo.staging import finish_landing
 
-    return finish_landing(data_dir(cfg) / "simulator", ingest_settings(cfg).landing_dir)
+    landed = finish_landing(simulator_dir(cfg), ingest_settings(cfg).landing_dir)
+    for batch in landed:
+        print(f"{batch}: landed the rest of its files (the process that simulated it was stopped)")
+    return landed
 
 
 def landing_is_empty(cfg: PipelineConfig) -> bool:
@@ -132,7 +140,7 @@ def simulate_round(cfg: PipelineConfig, policy: ModelRecord, base: ModelRecord, 
     batch_id = f"round{round_index:03d}-{policy.digest[:10]}"
     report = simulate_feedback(policy.path, frame["prompt"].tolist(), settings.simulator,
                                ingest_settings(cfg).landing_dir, batch_id=batch_id,
-                               report_dir=data_dir(cfg) / "simulator", seed=settings.simulator.seed + round_index,
+                               report_dir=simulator_dir(cfg), seed=settings.simulator.seed + round_index,
                                start_time=EPOCH + timedelta(days=round_index))
     return simulation_figures(report.to_dict())
 
