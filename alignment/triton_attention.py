@@ -77,7 +77,8 @@ if AVAILABLE:
             seen = tl.load(Valid + b * smb + t * smt, mask=t < T, other=0) != 0
             # masked loads fetch no memory: only the filled, valid slots' K and V are read
             k = tl.load(K + b * skb + kv * skh + t[:, None] * skt + d[None, :] * skd, mask=seen[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] fp32
+            # inductor may pass the float as fp64: cast back, or the loop-carried m_i changes type
+            s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)  # [BLOCK_G, BLOCK]
             s = tl.where(seen[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing seen yet

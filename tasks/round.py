@@ -152,6 +152,37 @@ class RoundLog:
                                    sort_keys=True) + "\n")
         return record
 
+    def ended_rounds(self) -> list[RoundRecord]:
+        """Every ended (or failed) round of ``rounds.jsonl``, oldest first; an unreadable line is skipped."""
+        try:
+            lines = self.history_path.read_text().splitlines()
+        except OSError:
+            return []
+        rounds = []
+        for line in lines:
+            try:
+                rounds.append(RoundRecord.model_validate_json(line))
+            except ValueError:
+                continue
+        return rounds
+
+    def refused_since_promotion(self, champion_version: str | None) -> list[str]:
+        """Batch ids of the rounds the gate refused since the champion was promoted, oldest first.
+
+        Those batches were sampled from the champion, as the newest one is. The rounds are those
+        after the newest round that promoted; if that round's version is not ``champion_version``
+        (the alias was moved by hand, or rolled back), their feedback came from another model and
+        the answer is []. With no promoting round in the log, the refused rounds are the base
+        model's, which counts as the champion only while there is none (``champion_version`` None).
+        """
+        refused: list[str] = []
+        for record in reversed(self.ended_rounds()):
+            if record.state == "promoted":
+                return refused[::-1] if record.policy_version == champion_version else []
+            if record.state == "rejected" and record.batch_id:
+                refused.append(record.batch_id)
+        return refused[::-1] if champion_version is None else []
+
     def settled(self, record: RoundRecord) -> None:
         """Mark the round's landing files as settled in the ledger (persisted)."""
         record.settled = True

@@ -69,8 +69,10 @@ def validated_files(validated: str | Path | Mapping[str, list]) -> dict[str, lis
     return {k: v for k, v in out.items() if v}
 
 
-def selected_files(root: str | Path, recent_batches: int | None) -> dict[str, list[Path]]:
-    """Validated files per kind, limited to the newest ``recent_batches`` ingest batches.
+def selected_files(root: str | Path, recent_batches: int | None,
+                   also: Iterable[str] = ()) -> dict[str, list[Path]]:
+    """Validated files per kind, limited to the newest ``recent_batches`` ingest batches plus the
+    batches named in ``also`` (ids; one no longer in the store is skipped).
 
     A batch is one ingest (its files share the batch id as their name); batches are ordered by
     when they were written (the newest file's mtime, then the id), so a re-ingested batch
@@ -82,7 +84,7 @@ def selected_files(root: str | Path, recent_batches: int | None) -> dict[str, li
     for paths in files.values():
         for p in paths:
             written[batch_of(p)] = max(written.get(batch_of(p), 0.0), p.stat().st_mtime)
-    keep = set(sorted(written, key=lambda b: (written[b], b))[-recent_batches:])
+    keep = set(sorted(written, key=lambda b: (written[b], b))[-recent_batches:]) | set(also)
     return {k: [p for p in v if batch_of(p) in keep] for k, v in files.items()
             if any(batch_of(p) in keep for p in v)}
 

@@ -176,6 +176,12 @@ class PreferenceSettings(StrictModel):
     """Build from the newest N ingest batches only (None: every batch so far). Iterative,
     on-policy rounds (``pipeline.init_from: champion``) use 1: pairs sampled from earlier
     policies would keep pushing the champion further from its reference."""
+    replay_refused: bool = False
+    """With ``recent_batches``, also build from the batches of the rounds the gate refused since the
+    champion was promoted (the home's round log): they were sampled from the same champion as the
+    newest batch, so their feedback is as on-policy as its, and a refused round's feedback is not
+    thrown away. After a promotion the champion is new and its refused rounds start again from none;
+    after a promotion or rollback by hand, none are replayed (their feedback came from another model)."""
 
     @model_validator(mode="after")
     def _rating_thresholds(self) -> PreferenceSettings:

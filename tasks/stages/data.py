@@ -22,6 +22,7 @@ from tasks.data.landing import AlreadyConsumed, ingest, quarantine_sample
 from tasks.data.preferences import build_preferences
 from tasks.data.settings import IngestSettings
 from tasks.data.validate import QuarantineThresholdExceeded
+from tasks.round import RoundLog
 from tasks.stages.cached import cached_stage
 from tasks.versioning import digest_of
 
@@ -35,7 +36,10 @@ class IngestRecord(BaseModel):
     rows_quarantined: int = 0
     validated_dir: str
     validated_digest: str
-    """Digest of every validated file so far (the build's cache input)."""
+    """Digest of the names of the validated files the build reads (the build's cache input)."""
+    replayed_batches: list[str] = Field(default_factory=list)
+    """Earlier batches the build reads besides the newest ``preferences.recent_batches``
+    (``preferences.replay_refused``: the refused rounds' since the champion was promoted)."""
     batch_id: str | None = None
     """The batch ingested now (its files stay pending in the ledger until the round ends)."""
     quarantine: str | None = None
@@ -69,10 +73,20 @@ def ingest_settings(cfg: PipelineConfig) -> IngestSettings:
     return cfg.data.model_copy(update={"landing_dir": landing})
 
 
-def _validated_digest(root: Path, recent_batches: int | None = None) -> str:
+def _validated_digest(root: Path, recent_batches: int | None = None, also: list[str] | None = None) -> str:
     """Digest of the names of the validated files a build would read (the build's cache input)."""
-    files = selected_files(root, recent_batches)
+    files = selected_files(root, recent_batches, also or ())
     return digest_of({k: [p.name for p in v] for k, v in sorted(files.items())})
+
+
+def replayed_batches(cfg: PipelineConfig) -> list[str]:
+    """The refused rounds' batches a build reads under ``preferences.replay_refused`` (else []):
+    those since the champion was promoted, from the home's round log (:class:`tasks.round.RoundLog`).
+    Read before the round ends, so a re-run of a dead round selects the same batches."""
+    if not (cfg.preferences.replay_refused and cfg.preferences.recent_batches):
+        return []
+    champion = tracking.alias_version(tracking.policy_model_name(cfg.pipeline.name), tracking.CHAMPION)
+    return RoundLog(data_dir(cfg)).refused_since_promotion(champion)
 
 
 def _log_ingest_failure(run_id: str, out: Path, err: QuarantineThresholdExceeded) -> None:
@@ -100,6 +114,7 @@ def _log_ingest(run_id: str, record: IngestRecord, result) -> None:
 def run_ingest(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
     """Validate new landing files; raise QuarantineThresholdExceeded after logging when over the limit."""
     out = data_dir(cfg)
+    replayed = replayed_batches(cfg)
     with tracking.stage_run(parent_run_id, "ingest") as run_id:
         try:
             result = ingest(ingest_settings(cfg), out, commit=False)  # the round settles the ledger
@@ -112,7 +127,9 @@ def run_ingest(cfg: PipelineConfig, parent_run_id: str | None) -> IngestRecord:
                               rows_valid=report.get("rows_valid", 0),
                               rows_quarantined=report.get("rows_quarantined", 0),
                               validated_dir=str(validated_root(out)),
-                              validated_digest=_validated_digest(validated_root(out), cfg.preferences.recent_batches),
+                              validated_digest=_validated_digest(validated_root(out), cfg.preferences.recent_batches,
+                                                                 replayed),
+                              replayed_batches=replayed,
                               quarantine=result.quarantine, batch_id=result.batch_id,
                               top_reasons=dict(list((report.get("reasons") or {}).items())[:20]))
         if run_id:
@@ -171,7 +188,8 @@ def run_build(cfg: PipelineConfig, ingest_record: IngestRecord, parent_run_id: s
     """Build the preference dataset from the selected validated files; log counts, card, lineage."""
     out = data_dir(cfg) / "preferences" / ingest_record.validated_digest
     with tracking.stage_run(parent_run_id, "preferences") as run_id:
-        files = selected_files(Path(ingest_record.validated_dir), cfg.preferences.recent_batches)
+        files = selected_files(Path(ingest_record.validated_dir), cfg.preferences.recent_batches,
+                               ingest_record.replayed_batches)
         build = build_preferences({k: [str(p) for p in v] for k, v in files.items()}, out, cfg.preferences)
         if run_id:
             _log_build(run_id, cfg, build)

@@ -17,6 +17,8 @@ from flows.pipeline import alignment_pipeline
 from tasks import tracking
 from tasks.config import load_pipeline_config
 from tasks.results import SERIALIZER_TYPE, pickles_under
+from tasks.round import RoundLog
+from tasks.stages.data import data_dir, run_build, run_ingest
 from tasks.stages.demo import demo_base_model, simulate_round
 from tasks.stages.models import champion_record, champion_reward_record
 from tests.integration.pipeline_helpers import TINY, child_runs, overrides, use_store
@@ -187,6 +189,15 @@ def test_gate_rejection_keeps_champion_and_rollback_restores_it(prefect_harness,
     client.set_registered_model_alias("tiny-reward", "champion", "2")
     assert champion_reward_record(cfg, tracking.alias_version("tiny-policy", "champion")).registry_version == "1"
     client.set_registered_model_alias("tiny-reward", "champion", "1")
+    # the next batch is v1's again; with preferences.replay_refused its build also reads the refused round's batch
+    simulate_round(cfg, champion, base, round_index=2)
+    replay = load_pipeline_config(TINY, overrides(home, demo_cache, "preferences.replay_refused=true"))
+    refused = [r.batch_id for r in RoundLog(data_dir(cfg)).ended_rounds() if r.state == "rejected"]
+    ingest = run_ingest(replay, None)
+    assert ingest.new_files and ingest.replayed_batches == refused and len(refused) == 1
+    assert ingest.validated_digest == run_ingest(cfg.model_copy(update={"preferences": cfg.preferences.model_copy(
+        update={"recent_batches": 2})}), None).validated_digest  # the newest two batches: the same files
+    assert run_build(replay, ingest, None).num_pairs > run_build(cfg, run_ingest(cfg, None), None).num_pairs
     args = ["--config", TINY, *sum((["--set", o] for o in overrides(home, demo_cache)), [])]
     assert cli_main(["promote", "--version", "2", *args]) == 0
     use_store(home)

@@ -45,3 +45,29 @@ def test_an_unreadable_record_starts_afresh(tmp_path):
 def test_the_demo_checkpoints_its_training_so_a_crash_resumes_it():
     cfg = load_pipeline_config(None, [])
     assert cfg.dpo.save_every and cfg.reward.save_every
+
+
+def _ended(log, state, batch, version=None):
+    record, _ = log.begin("p")
+    log.advance(record, "ingested", batch_id=batch)
+    log.advance(record, state, policy_version=version)
+
+
+def test_refused_rounds_since_the_champion_was_promoted(tmp_path):
+    log = RoundLog(tmp_path)
+    assert log.refused_since_promotion(None) == [] and log.refused_since_promotion("1") == []
+    _ended(log, "rejected", "b0", "1")  # the base model is the champion until a round promotes
+    assert log.refused_since_promotion(None) == ["b0"] and log.refused_since_promotion("1") == []
+    _ended(log, "promoted", "b1", "2")
+    assert log.refused_since_promotion("2") == []
+    _ended(log, "rejected", "b2", "3")
+    _ended(log, "failed", "b3")  # redone by the next round with the same batch: not a verdict
+    _ended(log, "rejected", "b3", "4")
+    _ended(log, "unchanged", None)
+    assert log.refused_since_promotion("2") == ["b2", "b3"]
+    # the alias moved by hand (promote, rollback): that feedback was sampled from another model
+    assert log.refused_since_promotion("1") == [] and log.refused_since_promotion(None) == []
+    with log.history_path.open("a") as f:
+        f.write('{"round_id": "torn", "pipel\n')  # a line cut by a full disk is skipped
+    _ended(log, "promoted", "b4", "5")
+    assert log.refused_since_promotion("5") == []

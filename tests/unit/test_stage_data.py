@@ -26,3 +26,8 @@ def test_recent_batches_keeps_the_newest_batches_across_kinds(tmp_path):
     assert {p.stem for p in two["pairwise"]} == {"bbb", "ccc"} and [p.stem for p in two["rating"]] == ["ccc"]
     assert _validated_digest(tmp_path, 1) != _validated_digest(tmp_path, None)
     assert _validated_digest(tmp_path, 1) == _validated_digest(tmp_path, 1)
+    # the refused rounds' batches replayed beside the newest (preferences.replay_refused); gone ones skipped
+    replay = selected_files(tmp_path, 1, also=["aaa", "gone"])
+    assert {k: sorted(p.stem for p in v) for k, v in replay.items()} == {"pairwise": ["aaa", "ccc"],
+                                                                          "rating": ["aaa", "ccc"]}
+    assert _validated_digest(tmp_path, 1, ["aaa"]) not in (_validated_digest(tmp_path, 1), _validated_digest(tmp_path, None))
