@@ -98,7 +98,9 @@ if AVAILABLE:
         Hk, T = key.shape[1], key.shape[2]
         G = Hq // Hk
         out = torch.empty(B, 1, Hq, D, dtype=query.dtype, device=query.device)
-        wrap_triton(_gqa_decode_kernel)[(B * Hk,)](
+        # under the interpreter nothing is compiled, and torch 2.11's wrap_triton refuses its functions
+        launch = _gqa_decode_kernel if INTERPRETED else wrap_triton(_gqa_decode_kernel)
+        launch[(B * Hk,)](
             query, key, value, valid, out, scale,
             query.stride(0), query.stride(1), query.stride(3), key.stride(0), key.stride(1), key.stride(2), key.stride(3),
             value.stride(0), value.stride(1), value.stride(2), value.stride(3), valid.stride(0), valid.stride(1),

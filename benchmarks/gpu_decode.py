@@ -227,6 +227,7 @@ def main() -> None:
             record = run_shape(shape, args)
             record["device"] = device_name
             log.write(json.dumps(record) + "\n")
+            log.flush()  # each shape's record survives a later shape's timeout
             print(f"\n## {shape}: bound {record['bound_ms_per_step']:.3f} ms/step "
                   f"(weights {record['weight_gb']:.2f} GB + KV {record['kv_gb_avg']:.2f} GB at {args.tbps:.2f} TB/s)")
             print("| path | ms/step (whole call) | new tokens/s | fraction of bound | ms/step (steady state) | "
