@@ -72,7 +72,7 @@ def champion_oracle(cfg) -> tuple[str | None, float | None, float | None]:
 
 def round_overrides(cfg, base_path: str, round_index: int) -> list[str]:
     """Per-round settings of the loop (``demo.loop``): this round's DPO β, entropy weight, NLL
-    (RPO) weight and whether the entropy term leaves EOS alone, and the DPO drift budget of this
+    (RPO) weight, optimizer steps and whether the entropy term leaves EOS alone, and the DPO drift budget of this
     round, measured against the base model at ``base_path``. Empty without a schedule."""
     if cfg.demo is None:
         return []
@@ -82,6 +82,8 @@ def round_overrides(cfg, base_path: str, round_index: int) -> list[str]:
         out.append(f"dpo.entropy_coef={coef:g}")
     if (nll := loop.nll_coef(round_index)) is not None:
         out.append(f"dpo.nll_coef={nll:g}")
+    if (steps := loop.dpo_max_steps(round_index)) is not None:
+        out.append(f"dpo.max_steps={steps}")
     if (no_eos := loop.excludes_eos(round_index)) is not None:
         out.append(f"dpo.entropy_excludes_eos={str(no_eos).lower()}")
     budget = loop.kl_budget(round_index)

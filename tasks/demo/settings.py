@@ -298,6 +298,11 @@ class LoopSettings(StrictModel):
     answers, the champion's own best samples from round 1 on: at round 0 it lowered the share of
     greedy responses that loop (β 0.6 with NLL 0.2: 33% of the held-out prompts, base 47%) at a cost
     in oracle, and at 0.05 it did not hold greedy loops past round 2 (benchmarks/RESULTS.md, issue 15)."""
+    max_steps: list[Annotated[int, Field(gt=0)] | None] = []
+    """DPO optimizer steps of round k (``dpo.max_steps``; null: the configured epochs), indexed like
+    ``betas``; empty: as configured. With epochs, a round's steps follow its batch's size (46 in
+    seed 0's round 1, 63 in its round 2), so how far a round moves toward its β's optimum depends on
+    how many pairs it kept; a fixed count lets each round arrive there."""
     entropy_excludes_eos: list[bool] = []
     """``dpo.entropy_excludes_eos`` of round k, indexed like ``betas``; empty: as configured. On, the
     entropy term leaves the EOS probability alone, so later rounds' champions keep ending their
@@ -321,6 +326,10 @@ class LoopSettings(StrictModel):
     def nll_coef(self, round_index: int) -> float | None:
         """Round ``round_index``'s DPO NLL (RPO) weight, or None when ``nll_coefs`` is empty."""
         return _of_round(self.nll_coefs, round_index)
+
+    def dpo_max_steps(self, round_index: int) -> int | None:
+        """Round ``round_index``'s ``dpo.max_steps``, or None (the list is empty or says null)."""
+        return _of_round(self.max_steps, round_index)
 
     def excludes_eos(self, round_index: int) -> bool | None:
         """Round ``round_index``'s ``dpo.entropy_excludes_eos``, or None when the list is empty."""

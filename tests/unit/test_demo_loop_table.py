@@ -164,3 +164,18 @@ def test_feedback_figures_take_the_simulate_stage_figures_and_the_pairs_built():
     assert feedback_figures(sim, summary) == {"paired samples": 1218, "pairs built": 525}
     # a simulate stage without the figure (or a round that stopped before building) leaves them empty
     assert feedback_figures({"batch": "round003-def"}, {}) == {"paired samples": None, "pairs built": None}
+
+
+def test_step_schedule_sets_each_rounds_dpo_max_steps(tmp_path):
+    """``demo.loop.max_steps``: null keeps the configured epochs, a number reaches ``dpo.max_steps``,
+    the last entry standing for later rounds."""
+    from flows.demo import round_overrides
+    from tasks.config import load_pipeline_config
+
+    sets = [f"pipeline.home={tmp_path}", "demo.loop={max_steps: [null, 60]}"]
+    cfg = load_pipeline_config(None, sets)
+    assert [round_overrides(cfg, "/b", k) for k in (0, 1, 4)] == [[], ["dpo.max_steps=60"], ["dpo.max_steps=60"]]
+    assert load_pipeline_config(None, sets + round_overrides(cfg, "/b", 3)).dpo.max_steps == 60
+    assert load_pipeline_config(None, sets).dpo.max_steps is None
+    with pytest.raises(ValueError):
+        load_pipeline_config(None, [f"pipeline.home={tmp_path}", "demo.loop={max_steps: [0]}"])
