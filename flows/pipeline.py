@@ -214,7 +214,7 @@ def alignment_pipeline(config: str | None = None, overrides: list[str] | None = 
         record_config(rnd)
         base = starting_model(rnd)
         ingest = collect_feedback(rnd, base, only_if_new_data)
-        rnd.reached("ingested", batch_id=ingest.batch_id)
+        rnd.reached("ingested", batch_id=ingest.batch_id, replayed_batches=ingest.replayed_batches)
         record_human_evaluation(rnd, ingest)
         dataset = build_dataset(rnd, ingest)
         rnd.reached("built", dataset_digest=dataset.digest)

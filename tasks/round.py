@@ -75,6 +75,9 @@ class RoundRecord(BaseModel):
     """The MLflow parent run (closed as FAILED by the next run when this process died)."""
     batch_id: str | None = None
     """The ingest batch this round consumes; None: nothing new was ingested."""
+    replayed_batches: list[str] | None = None
+    """Earlier batches its build reads (``preferences.replay_refused``), fixed at ``ingested``; a
+    retry of this round reads these again, whatever the registry says by then."""
     dataset_digest: str | None = None
     candidate_digest: str | None = None
     policy_version: str | None = None
@@ -134,6 +137,8 @@ class RoundLog:
         record.history.append({"state": record.state, "at": _now()})
         if previous is not None and not previous.ended:
             record.retry_of = f"{previous.round_id} ({'died' if previous.interrupted else 'failed'} at {previous.state})"
+            # the redo builds from the same batches: the dead round may have moved the champion alias already
+            record.replayed_batches = previous.replayed_batches
         self.save(record)
         return record, previous
 

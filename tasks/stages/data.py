@@ -82,11 +82,16 @@ def _validated_digest(root: Path, recent_batches: int | None = None, also: list[
 def replayed_batches(cfg: PipelineConfig) -> list[str]:
     """The refused rounds' batches a build reads under ``preferences.replay_refused`` (else []):
     those since the champion was promoted, from the home's round log (:class:`tasks.round.RoundLog`).
-    Read before the round ends, so a re-run of a dead round selects the same batches."""
+    A redo of a round that died or failed reads the list its first attempt recorded
+    (:attr:`tasks.round.RoundRecord.replayed_batches`): that attempt may have moved the champion."""
     if not (cfg.preferences.replay_refused and cfg.preferences.recent_batches):
         return []
+    log = RoundLog(data_dir(cfg))
+    current = log.load()
+    if current is not None and not current.ended and current.replayed_batches is not None:
+        return current.replayed_batches
     champion = tracking.alias_version(tracking.policy_model_name(cfg.pipeline.name), tracking.CHAMPION)
-    return RoundLog(data_dir(cfg)).refused_since_promotion(champion)
+    return log.refused_since_promotion(champion)
 
 
 def _log_ingest_failure(run_id: str, out: Path, err: QuarantineThresholdExceeded) -> None:

@@ -71,3 +71,20 @@ def test_refused_rounds_since_the_champion_was_promoted(tmp_path):
         f.write('{"round_id": "torn", "pipel\n')  # a line cut by a full disk is skipped
     _ended(log, "promoted", "b4", "5")
     assert log.refused_since_promotion("5") == []
+
+
+def test_a_redo_builds_from_the_batches_its_first_attempt_chose(tmp_path):
+    """The first attempt records its replayed batches at ``ingested``; it may then move the champion
+    alias and die, so the redo takes the recorded list instead of asking the registry again."""
+    from tasks.stages.data import data_dir, replayed_batches
+
+    cfg = load_pipeline_config(None, [f"pipeline.home={tmp_path}", "preferences.replay_refused=true"])
+    log = RoundLog(data_dir(cfg))
+    first, _ = log.begin("demo")
+    log.advance(first, "ingested", batch_id="b3", replayed_batches=["b2"])
+    log.advance(first, "registered", policy_version="4")  # ...the alias moves, and the process dies
+    redo, dead = log.begin("demo")
+    assert dead.interrupted and redo.replayed_batches == ["b2"]
+    assert replayed_batches(cfg) == ["b2"]  # read from the record: no registry call
+    off = load_pipeline_config(None, [f"pipeline.home={tmp_path}"])
+    assert replayed_batches(off) == []
