@@ -270,10 +270,11 @@ def collect_feedback(rnd: PipelineRound, base: ModelRecord, only_if_new_data: bo
             rnd.timed("simulate feedback (demo)", "ran", t, sim)
     t = time.monotonic()
     ingest = ingest_task(cfg, rnd.parent)
-    rnd.timed("ingest + validate", "ran", t, {"new files": ingest.new_files, "rows in": ingest.rows_in,
-                                              "valid": ingest.rows_valid, "quarantined": ingest.rows_quarantined,
-                                              **({"replayed batches": len(ingest.replayed_batches)}
-                                                 if ingest.replayed_batches else {})})
+    figures = {"new files": ingest.new_files, "rows in": ingest.rows_in, "valid": ingest.rows_valid,
+               "quarantined": ingest.rows_quarantined}
+    if ingest.replayed_batches:
+        figures["replayed batches"] = len(ingest.replayed_batches)
+    rnd.timed("ingest + validate", "ran", t, figures)
     if only_if_new_data and ingest.new_files == 0:
         rnd.logger.info("No new landing files: nothing to do.")
         rnd.stop("no-new-data")
