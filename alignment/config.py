@@ -239,6 +239,20 @@ class DPOConfig(TrainSettings):
     gains −α · (mean per-token entropy of the policy over the chosen response + the same over the
     rejected) / 2, so training resists collapsing onto a few phrasings. Costs one pass of the LM
     head over the response positions (chunked). 0: off."""
+    entropy_target: float | None = Field(None, gt=0, le=1)
+    """Hold the policy's mean per-token entropy over the training responses at this share of the
+    first step's (the initial policy's, on this run's pairs) instead of pushing it up without end:
+    ``entropy_coef`` is then the starting weight, which rises by ``entropy_coef_step`` after each
+    step whose entropy is under the target and falls by it otherwise, within [0,
+    ``entropy_coef_max``] (:class:`alignment.rl.AdaptiveEntropyController`, as PPO and GRPO hold
+    theirs). With a fixed weight the term's effect grows with the step count: twice the pairs at
+    the same epochs raised the entropy twice as far (RESULTS.md, issue 15, twelfth pass). The
+    term is computed from the first step even when it starts at weight 0. None: the fixed weight
+    ``entropy_coef``."""
+    entropy_coef_step: float = Field(0.002, gt=0)
+    """Change of the entropy weight per step under ``entropy_target``."""
+    entropy_coef_max: float = Field(0.2, gt=0)
+    """Largest entropy weight under ``entropy_target``."""
     entropy_excludes_eos: bool = False
     """The entropy term over the non-EOS mass (:func:`alignment.losses.entropy_without_token`): at
     each response position the entropy of the next-token distribution without EOS, renormalised,

@@ -23,7 +23,9 @@ beta * mean log pi), ``rewards/margin``, ``rewards/accuracy`` (share of pairs wh
 is higher), ``logps/chosen``, ``logps/rejected`` (summed policy log-probs); with ``nll_coef``
 ``nll/chosen``; with ``entropy_coef`` ``entropy/chosen``, ``entropy/rejected`` (the policy's mean
 next-token entropy over each response, :func:`alignment.losses.entropy_bonus`; with
-``entropy_excludes_eos`` the entropy over the non-EOS mass).
+``entropy_excludes_eos`` the entropy over the non-EOS mass); with ``entropy_target`` also
+``entropy_coef``, the weight the step used (it moves after each step to hold the entropy at the
+target; a checkpoint keeps it and the target, so a resumed run goes on with both).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from alignment.models import (
 )
 from alignment.recipes.reference import cached_or_computed, ref_cache_folder, reference_logps
 from alignment.recipes.state import load_trainable_state
-from alignment.recipes.supervised import StepOutput, SupervisedRecipe
+from alignment.recipes.supervised import PendingStep, StepOutput, SupervisedRecipe
 from alignment.refcache import (
     attach,
     cache_key,
@@ -55,6 +57,7 @@ from alignment.refcache import (
     rows_digest,
     tokenization_digest,
 )
+from alignment.rl import AdaptiveEntropyController
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -79,6 +82,17 @@ class DPORecipe(SupervisedRecipe):
         self.budget_stop: dict[str, Any] | None = None
         """Why and where a drift budget ended training, and which step's weights were kept."""
         self._within_budget: tuple[int, dict[str, torch.Tensor]] | None = None
+        cfg = self.config
+        self.entropy_ctl = AdaptiveEntropyController(cfg.entropy_coef, cfg.entropy_target, cfg.entropy_coef_step,
+                                                     cfg.entropy_coef_max)
+        """The entropy term's weight: ``entropy_coef`` throughout, or held to ``entropy_target``."""
+        if cfg.entropy_target is not None:
+            self.stateful["entropy_ctl"] = self.entropy_ctl
+
+    @property
+    def uses_entropy(self) -> bool:
+        """Whether the loss has the entropy term (a weight, or a target that may raise one from 0)."""
+        return self.config.entropy_coef > 0 or self.config.entropy_target is not None
 
     @property
     def needs_reference(self) -> bool:
@@ -90,13 +104,16 @@ class DPORecipe(SupervisedRecipe):
             raise ConfigError("dpo.model: a policy model is required")
         if self.needs_reference and cfg.reference == "adapter_disabled" and cfg.model.lora is None:
             raise ConfigError("dpo.reference: 'adapter_disabled' needs LoRA (set model.lora) — use 'copy' or 'precomputed'")
+        if cfg.entropy_target is not None and cfg.entropy_coef > cfg.entropy_coef_max:
+            raise ConfigError(f"dpo.entropy_coef ({cfg.entropy_coef}), the starting weight under entropy_target, is "
+                              f"above entropy_coef_max ({cfg.entropy_coef_max})")
         if cfg.label_smoothing and cfg.loss_type in ("ipo", "hinge"):
             raise ConfigError(f"dpo.label_smoothing: only defined for loss_type sigmoid or simpo, not {cfg.loss_type!r}")
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_causal_lm(cfg.model)
         self.train_module = CausalLMLogps(self.model, cfg.logprob_chunk_size)
-        self.train_module.with_entropy = cfg.entropy_coef > 0
-        if cfg.entropy_coef > 0 and cfg.entropy_excludes_eos:
+        self.train_module.with_entropy = self.uses_entropy
+        if self.uses_entropy and cfg.entropy_excludes_eos:
             if self.tokenizer.eos_token_id is None:
                 raise ConfigError("dpo.entropy_excludes_eos: the tokenizer has no EOS token")
             self.train_module.entropy_exclude = self.tokenizer.eos_token_id
@@ -233,9 +250,9 @@ class DPORecipe(SupervisedRecipe):
         nll = chosen_nll(chosen, out["seq_tokens"][:n]) if cfg.nll_coef else None
         if nll is not None:
             losses = losses + cfg.nll_coef * nll
-        if cfg.entropy_coef:  # mean of the two responses' terms, per pair
+        if self.uses_entropy:  # mean of the two responses' terms, per pair
             bonus = entropy_bonus(out["seq_entropy"], out["seq_tokens"])
-            losses = losses + cfg.entropy_coef * 0.5 * (bonus[:n] + bonus[n:])
+            losses = losses + self.entropy_ctl.value * 0.5 * (bonus[:n] + bonus[n:])
         if cfg.use_weights and "weight" in batch:
             loss = (losses * batch["weight"]).sum() / batch["weight"].sum().clamp_min(1e-8)
         else:
@@ -250,7 +267,19 @@ class DPORecipe(SupervisedRecipe):
         }
         if nll is not None:
             metrics["nll/chosen"] = nll.detach().mean()
-        if cfg.entropy_coef:
+        if self.uses_entropy:
             metrics["entropy/chosen"] = -bonus[:n].detach().mean()
             metrics["entropy/rejected"] = -bonus[n:].detach().mean()
         return StepOutput(loss=loss, metrics=metrics, tokens=batch["num_tokens"], samples=n)
+
+    def train_step(self) -> dict[str, float] | PendingStep:
+        """One step (:meth:`SupervisedRecipe.train_step`); under ``entropy_target`` the step's metrics
+        are read at once (no overlap with the next step) because the entropy weight of the next step
+        follows from this one's entropy, and they carry ``entropy_coef``, the weight this step used."""
+        out = super().train_step()
+        if self.config.entropy_target is None:
+            return out
+        metrics = out.resolve() if isinstance(out, PendingStep) else out
+        metrics["entropy_coef"] = self.entropy_ctl.value
+        self.entropy_ctl.update(0.5 * (metrics["entropy/chosen"] + metrics["entropy/rejected"]))
+        return metrics
