@@ -188,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     _prepare_environment(cfg.home)
     # MLflow's schema hints and type-hint advice on every logged model are noise in a run's output.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+    if args.command in (*PREFLIGHT_COMMANDS, *FLOW_COMMANDS):  # before any flow: a moved or copied home stops here
+        from tasks import tracking
+
+        try:
+            tracking.check_home(cfg.home, cfg.pipeline.name)
+        except tracking.HomeMovedError as err:
+            print(f"alignflow: {err}", file=sys.stderr)
+            return 2
     from flows import commands
 
     handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")

@@ -17,15 +17,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from alignment.config import ConfigError
 from tasks.redact import split_credentials
 
 TrackingError = MlflowException
 """What a failed store or registry call raises (callers outside this package catch this name)."""
+
+
+class HomeMovedError(ConfigError):
+    """The home's embedded store keeps its artifacts in another home: it was moved or copied."""
 
 _URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 _ENV_SET_BY_US: dict[str, set[str]] = {}
@@ -66,12 +72,55 @@ def _create_sqlite_store_once(uri: str) -> None:
         client.search_registered_models(max_results=1)
 
 
+def _artifacts_folder(home: Path, experiment: str) -> Path:
+    return (Path(home) / "mlartifacts" / experiment).resolve()
+
+
+def _check_artifacts_in_home(location: str | None, home: Path, experiment: str) -> None:
+    """Raise :class:`HomeMovedError` when an embedded store's experiment keeps its artifacts outside
+    ``home`` (a ``file:`` location that does not resolve to ``<home>/mlartifacts/<experiment>``).
+
+    MLflow stores every artifact location as an absolute path, and a home's records, ledger and
+    caches name its files absolutely too, so a home that was moved or copied would read the old
+    home's models, or write into it, without a word. The paths are compared as written (both were
+    resolved when written): a symbolic link from the old path to the new one does not pass, because
+    the ledger knows its files by their old names and would take every landed batch for a new one.
+    Locations that are not local files (a tracking server's) are not checked.
+    """
+    if not location or not location.startswith("file:"):
+        return
+    stored = Path(unquote(urlparse(location).path))
+    if stored == _artifacts_folder(home, experiment):
+        return
+    here = Path(home).resolve()
+    old = stored.parent.parent if stored.parent.name == "mlartifacts" else stored
+    raise HomeMovedError(
+        f"pipeline.home: {here} was moved or copied from {old}: its MLflow store keeps the artifacts of "
+        f"experiment {experiment!r} at {stored}, and its records and caches name files under {old}, so a round "
+        f"here would read (or write) that home's files. Move it back to {old}, or start a new home here "
+        f"(pipeline.home, ALIGNFLOW_HOME); homes are not relocatable")
+
+
+def check_home(home: Path, experiment: str) -> None:
+    """Before a command uses ``home``'s embedded store: raise :class:`HomeMovedError` when the home
+    was moved or copied (:func:`_check_artifacts_in_home`). No-op with the user's own store
+    (``MLFLOW_TRACKING_URI``), or before the store or the experiment exists (a new home)."""
+    if _user_env("MLFLOW_TRACKING_URI") is not None or not (Path(home) / "mlflow.db").is_file():
+        return
+    uri = tracking_uri(home)
+    found = MlflowClient(tracking_uri=uri, registry_uri=uri).get_experiment_by_name(experiment)
+    if found is not None:
+        _check_artifacts_in_home(found.artifact_location, home, experiment)
+
+
 def configure(home: Path, experiment: str) -> str:
     """Point MLflow at the pipeline's store and make sure its experiment exists. Returns its id.
 
     With the embedded store, artifacts go to ``<home>/mlartifacts/<experiment>``; with a
     server, the server decides (``--serve-artifacts``). A new SQLite store is created under a
-    file lock, so runs that start at the same moment do not race in its schema creation.
+    file lock, so runs that start at the same moment do not race in its schema creation. Raises
+    :class:`HomeMovedError` when the embedded store's experiment keeps its artifacts in another
+    home (the home was moved or copied).
     """
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
@@ -95,11 +144,13 @@ def configure(home: Path, experiment: str) -> str:
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:
+        if user["MLFLOW_TRACKING_URI"] is None:  # the home's embedded store
+            _check_artifacts_in_home(found.artifact_location, home, experiment)
         experiment_id = found.experiment_id
     else:
         location = None
         if uri.startswith("sqlite:"):
-            location = (home / "mlartifacts" / experiment).resolve().as_uri()
+            location = _artifacts_folder(home, experiment).as_uri()
         try:
             experiment_id = client.create_experiment(experiment, artifact_location=location)
         except MlflowException:  # created concurrently by another run
@@ -150,7 +201,7 @@ from tasks.tracking.runs import (  # noqa: E402
 )
 
 __all__ = [
-    "TrackingError", "CHALLENGER", "CHAMPION", "PROMOTED_AT", "ROLLED_BACK_AT", "MetricStreamer", "alias_version",
+    "TrackingError", "HomeMovedError", "check_home", "CHALLENGER", "CHAMPION", "PROMOTED_AT", "ROLLED_BACK_AT", "MetricStreamer", "alias_version",
     "champion_history", "child_run", "close_stale_runs", "HOME_TAG", "configure", "download_model", "end_run", "find_version", "flatten",
     "log_artifact", "log_dataset", "log_metrics", "log_params", "log_policy", "log_reward_model",
     "log_table", "mark_training_experiment", "model_version", "model_versions", "policy_model_name", "promote", "recent_runs", "reward_model_name",

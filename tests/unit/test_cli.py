@@ -78,3 +78,20 @@ def test_config_help_names_each_commands_default():
     assert config_help("promote").endswith("(default: the pipeline that ran in this home)")
     for command in ("ingest", "build-dataset"):
         assert "else default data settings" in config_help(command) and "demo" not in config_help(command)
+
+
+def test_a_run_in_a_copied_home_stops_before_any_flow_naming_the_homes(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from tasks import tracking
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(name, "-")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(tracking, "_ENV_SET_BY_US", {})
+    tracking.configure(tmp_path / "a", "demo")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert main(["run", "--set", f"pipeline.home={tmp_path / 'b'}"]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline.home:" in err and "moved or copied from" in err and str((tmp_path / "a").resolve()) in err
+    assert not (tmp_path / "b" / "prefect").exists()  # stopped before Prefect's home was used
