@@ -33,6 +33,7 @@ TrackingError = MlflowException
 class HomeMovedError(ConfigError):
     """The home's embedded store keeps its artifacts in another home: it was moved or copied."""
 
+
 _URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 _ENV_SET_BY_US: dict[str, set[str]] = {}
 """Every value :func:`configure` put in ``os.environ`` in this process (``mlflow.set_tracking_uri``
@@ -78,7 +79,8 @@ def _artifacts_folder(home: Path, experiment: str) -> Path:
 
 def _check_artifacts_in_home(location: str | None, home: Path, experiment: str) -> None:
     """Raise :class:`HomeMovedError` when an embedded store's experiment keeps its artifacts outside
-    ``home`` (a ``file:`` location that does not resolve to ``<home>/mlartifacts/<experiment>``).
+    ``home`` (a ``file:`` location other than ``<home>/mlartifacts/<experiment>`` under the home's
+    resolved path).
 
     MLflow stores every artifact location as an absolute path, and a home's records, ledger and
     caches name its files absolutely too, so a home that was moved or copied would read the old
