@@ -59,20 +59,22 @@ def unfinished_round(cfg: PipelineConfig, landing: Path) -> tuple[int, dict[str,
     return index, simulation_figures(json.loads(report.read_text())) if report else {}
 
 
-def champion_oracle(cfg) -> tuple[str | None, float | None, float | None]:
-    """(version, oracle mean, KL to base) of the champion, from its evaluation tags."""
+def champion_oracle(cfg) -> tuple[str | None, float | None, float | None, float | None]:
+    """(version, oracle mean, KL to base, the base model's oracle mean on the same prompts) of the
+    champion, from the tags of the evaluation that promoted it (the base's is None on a version
+    registered before that tag existed)."""
     name = tracking.policy_model_name(cfg.pipeline.name)
     version = tracking.alias_version(name, tracking.CHAMPION)
     if version is None:
-        return None, None, None
+        return None, None, None, None
     tags = tracking.version_tags(name, version)
-    oracle, kl = tags.get("alignflow.eval.oracle_mean"), tags.get("alignflow.eval.kl")
-    return version, float(oracle) if oracle else None, float(kl) if kl else None
+    values = (tags.get(f"alignflow.eval.{k}") for k in ("oracle_mean", "kl", "base_oracle_mean"))
+    return version, *(float(v) if v else None for v in values)
 
 
 def round_overrides(cfg, base_path: str, round_index: int) -> list[str]:
     """Per-round settings of the loop (``demo.loop``): this round's DPO β, entropy weight, NLL
-    (RPO) weight, optimizer steps and whether the entropy term leaves EOS alone, and the DPO drift budget of this
+    (RPO) weight, evaluated prompts, optimizer steps and whether the entropy term leaves EOS alone, and the DPO drift budget of this
     round, measured against the base model at ``base_path``. Empty without a schedule."""
     if cfg.demo is None:
         return []
@@ -82,6 +84,8 @@ def round_overrides(cfg, base_path: str, round_index: int) -> list[str]:
         out.append(f"dpo.entropy_coef={coef:g}")
     if (nll := loop.nll_coef(round_index)) is not None:
         out.append(f"dpo.nll_coef={nll:g}")
+    if (prompts := loop.eval_prompts(round_index)) is not None:
+        out.append(f"evaluation.num_prompts={prompts}")
     if (steps := loop.dpo_max_steps(round_index)) is not None:
         out.append(f"dpo.max_steps={steps}")
     if (no_eos := loop.excludes_eos(round_index)) is not None:
@@ -168,7 +172,9 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
                                                                   *round_overrides(cfg, base.path, index)])
         evaluation = summary.get("evaluation") or {}
         baseline = evaluation.get("oracle base", baseline)
-        version, oracle, kl = champion_oracle(cfg)
+        version, oracle, kl, champion_base = champion_oracle(cfg)
+        # the gain over the base on the prompts the champion was evaluated on (rounds may use other sets)
+        base_of_champion = champion_base if champion_base is not None else baseline
         promoted = summary.get("status") == "promoted"
         registry = summary.get("registry") or {}
         figures = candidate_figures(round_report(cfg.home / "runs" / cfg.pipeline.name, registry))
@@ -178,7 +184,8 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
                      **feedback_figures(sim, summary),
                      "candidate oracle": evaluation.get("oracle cand"), **figures,
                      "promoted": promoted, "why not": None if promoted else _first_failure(registry.get("reasons")),
-                     "champion": version, "oracle": oracle, "kl": kl})
+                     "champion": version, "oracle": oracle, "kl": kl,
+                     "gain": None if oracle is None or base_of_champion is None else oracle - base_of_champion})
     _render(rows, baseline)
     folder = cfg.home / "runs" / cfg.pipeline.name
     champions = [r for r in rows if r["oracle"] is not None]
@@ -190,6 +197,7 @@ def closed_loop_demo(config: str | None = None, overrides: list[str] | None = No
     run_id = tracking.start_parent_run(experiment_id, "closed-loop-demo", {"alignflow.stage": "demo"})
     for row in rows:
         tracking.log_metrics(run_id, {"demo/champion_oracle": row["oracle"] or 0.0, "demo/kl": row["kl"] or 0.0,
+                                      **({"demo/champion_gain": row["gain"]} if row["gain"] is not None else {}),
                                       "demo/promoted": float(row["promoted"]),
                                       **{f"demo/candidate_{k}": float(row[key]) for k, key in
                                          (("oracle", "candidate oracle"), ("kl", "candidate KL"),
@@ -239,7 +247,7 @@ def _render(rows: list[dict], baseline: float | None, console=None) -> None:
                 "promoted", "champion", "oracle", "gain", "KL"):
         table.add_column(col)
     for r in rows:
-        gain = "-" if r["oracle"] is None or baseline is None else f"{r['oracle'] - baseline:+.3f}"
+        gain = _num(r.get("gain"), "+.3f")
         win = r.get("oracle win vs champion")
         table.add_row(str(r["round"]), r["feedback from"], str(r["rows"]), _num(r.get("rejected samples"), "d"),
                       str(r.get("budget stop") or "-"), _num(r.get("candidate oracle"), ".3f"),

@@ -95,3 +95,30 @@ def demo_prompts(settings: DemoSettings, base_model_path: str | Path, splits: Pr
     corpus = load_corpus(settings.corpus, demo_cache_dir(settings))
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
     return build_prompts(corpus.heldout, tokenizer, settings.prompts, splits)
+
+
+def demo_pretraining_prompts(settings: DemoSettings, base_model_path: str | Path, table: pd.DataFrame,
+                             splits: PreferenceSettings | None = None) -> pd.DataFrame:
+    """:func:`pretraining_heldout_prompts` over the cached corpus's train documents (the base
+    model's pretraining text) with the base model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from tasks.demo.corpus import demo_cache_dir, load_corpus
+
+    corpus = load_corpus(settings.corpus, demo_cache_dir(settings))
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    return pretraining_heldout_prompts(corpus.train, tokenizer, settings.prompts, table, splits)
+
+
+def pretraining_heldout_prompts(documents: Sequence[str], tokenizer, settings: PromptSettings, table: pd.DataFrame,
+                                splits: PreferenceSettings | None = None) -> pd.DataFrame:
+    """Held-out prompts cut from the base model's pretraining ``documents``, for evaluation only.
+
+    The same cut and split as the table's (:func:`build_prompts`), keeping the prompts whose split
+    is ``validation`` or ``test`` and that are not already in ``table`` (the demo's own prompt
+    table); sorted by ``prompt_id``, the table's columns. No train-split prompt is among them, so no
+    preference pair of any round can hold one, nor the offline set (train-split prompts and
+    continuations only). Raises ValueError when no document yields a prompt."""
+    frame = build_prompts(documents, tokenizer, settings, splits)
+    keep = (frame["split"] != "train") & ~frame["prompt"].isin(set(table["prompt"]))
+    return frame[keep].reset_index(drop=True)

@@ -298,6 +298,11 @@ class LoopSettings(StrictModel):
     answers, the champion's own best samples from round 1 on: at round 0 it lowered the share of
     greedy responses that loop (β 0.6 with NLL 0.2: 33% of the held-out prompts, base 47%) at a cost
     in oracle, and at 0.05 it did not hold greedy loops past round 2 (benchmarks/RESULTS.md, issue 15)."""
+    eval_num_prompts: list[Annotated[int, Field(gt=0)]] = []
+    """``evaluation.num_prompts`` of round k, indexed like ``betas``; empty: as configured. With
+    ``demo.pretraining_heldout_prompts`` the later rounds, whose gains over their champion are small,
+    can be judged on more held-out prompts than round 0 (the paired win rate's interval narrows as
+    1/sqrt(prompts)) while round 0 keeps its own set and cost."""
     max_steps: list[Annotated[int, Field(gt=0)] | None] = []
     """DPO optimizer steps of round k (``dpo.max_steps``; null: the configured epochs), indexed like
     ``betas``; empty: as configured. With epochs, a round's steps follow its batch's size (46 in
@@ -326,6 +331,10 @@ class LoopSettings(StrictModel):
     def nll_coef(self, round_index: int) -> float | None:
         """Round ``round_index``'s DPO NLL (RPO) weight, or None when ``nll_coefs`` is empty."""
         return _of_round(self.nll_coefs, round_index)
+
+    def eval_prompts(self, round_index: int) -> int | None:
+        """Round ``round_index``'s ``evaluation.num_prompts``, or None when ``eval_num_prompts`` is empty."""
+        return _of_round(self.eval_num_prompts, round_index)
 
     def dpo_max_steps(self, round_index: int) -> int | None:
         """Round ``round_index``'s ``dpo.max_steps``, or None (the list is empty or says null)."""
@@ -378,6 +387,15 @@ class DemoSettings(StrictModel):
     """Base model pretraining."""
     prompts: PromptSettings = PromptSettings()
     """Prompt set construction."""
+    pretraining_heldout_prompts: bool = False
+    """Also evaluate on prompts cut the same way from the base model's pretraining documents whose
+    prompt falls in the validation or test split (1,872 with the default corpus; those equal to a
+    prompt of the demo's table are left out): for evaluation only, after the table's held-out prompts
+    and up to ``evaluation.num_prompts``. Nothing trains on them: the simulator samples the table's
+    prompts only, their split keeps them out of every preference set, and the offline reward set
+    (``offline``) keeps train-split prompts and continuations only. The base model has read their
+    documents whole, as it has read every pretraining document; the candidate and the champion it
+    is compared with share that. Off: the table's held-out prompts only (220 by default)."""
     simulator: SimulatorSettings = SimulatorSettings()
     """Simulated feedback."""
     loop: LoopSettings = LoopSettings()

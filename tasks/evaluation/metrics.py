@@ -39,6 +39,7 @@ __all__ = [
     "sequence_kl",
     "word_tokens",
     "distinct_n",
+    "windowed_distinct_n",
     "repetition_rate",
     "LOOP_THRESHOLD",
     "seq_rep",
@@ -207,6 +208,25 @@ def sequence_kl(logps, ref_logps, groups: Sequence | None = None) -> KLEstimate:
 
 
 # --- text statistics ------------------------------------------------------------------------
+def windowed_distinct_n(texts: Sequence, n: int, window: int | None) -> float:
+    """distinct-n at a fixed sample size: the mean of :func:`distinct_n` over consecutive blocks of
+    ``window`` responses, the last block ending at the last response (overlapping the one before
+    it); pooled over all responses when ``window`` is None or not smaller than their number.
+
+    Pooled distinct-n falls as the text grows (each new response repeats more of the n-grams
+    already seen: the type-token ratio's length dependence, against which MATTR, Covington and
+    McFall 2010, averages fixed windows), so a floor set as a share of the reference's at one
+    number of prompts is stricter at another. At a fixed window the figure keeps its scale
+    whatever the prompt count, and more blocks only average out its noise."""
+    texts = list(texts)
+    if window is None or len(texts) <= window:
+        return distinct_n(texts, n)
+    starts = list(range(0, len(texts) - window + 1, window))
+    if starts[-1] + window < len(texts):
+        starts.append(len(texts) - window)
+    return float(np.mean([distinct_n(texts[s : s + window], n) for s in starts]))
+
+
 def repetition_rate(texts: Iterable, n: int = 2, tokenize: Callable[[str], list] | None = None) -> float:
     """Mean over responses of the share of repeated n-grams within the response.
 

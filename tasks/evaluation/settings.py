@@ -36,6 +36,13 @@ class EvalSettings(StrictModel):
     """A local causal LM asked for pairwise verdicts in both orders (:mod:`tasks.evaluation.model_judge`);
     when set, its win rates and its accuracy on the held-out pairs are reported too (``gate.judge:
     model`` lets it decide). Its verdicts are only as good as that model."""
+    distinct_window: int | None = Field(None, gt=1)
+    """distinct-1/2 as the mean over blocks of this many responses (the last block ending at the last
+    response) instead of pooled over all of them; None: pooled. Pooled distinct-n falls as the text
+    grows, so ``gate.min_distinct2_ratio`` is stricter the more prompts are evaluated (the demo's
+    later rounds on 2,092 prompts: a candidate at 82.5% of the base's over blocks of 220 reads 76.4%
+    pooled); a fixed window keeps the floor's meaning at any ``num_prompts`` (RESULTS.md, issue 15,
+    "Fifteenth pass")."""
     samples_table_rows: int = Field(50, ge=0)
     """Rows of the samples table logged with mlflow.log_table."""
     confidence: float = Field(0.95, gt=0.5, lt=1.0)

@@ -143,8 +143,9 @@ def reward_scorer_from_folder(path: str | Path, device: str = "cpu", batch_size:
 
 
 def _model_eval(role: str, path: str, s: _Samples, kl: M.KLEstimate | None, max_new_tokens: int,
-                ppl: float | None, loop_threshold: float, evaluated: int) -> ModelEval:
-    """``evaluated``: how many of the greedy responses answer the evaluated prompts (the first ones)."""
+                ppl: float | None, loop_threshold: float, evaluated: int, distinct_window: int | None = None) -> ModelEval:
+    """``evaluated``: how many of the greedy responses answer the evaluated prompts (the first ones);
+    ``distinct_window``: distinct-n over blocks of that many responses (:func:`M.windowed_distinct_n`)."""
     texts = s.gen.texts
     loops = M.loop_stats(s.greedy, 3, loop_threshold) if s.greedy else None
     loops_evaluated = M.loop_stats(s.greedy[:evaluated], 3, loop_threshold) if s.greedy else None
@@ -158,7 +159,8 @@ def _model_eval(role: str, path: str, s: _Samples, kl: M.KLEstimate | None, max_
         oracle_std=oracle_std, kl=None if kl is None else kl.mean, kl_se=None if kl is None else kl.se,
         length={**M.length_stats(s.gen.response_lengths.numpy(), max_new_tokens),
                 "empty_share": float(np.mean(_empty(texts))) if len(texts) else 0.0},
-        distinct_1=M.distinct_n(texts, 1), distinct_2=M.distinct_n(texts, 2),
+        distinct_1=M.windowed_distinct_n(texts, 1, distinct_window),
+        distinct_2=M.windowed_distinct_n(texts, 2, distinct_window),
         repetition_rate=M.repetition_rate(texts), repeated_trigram_rate=M.repetition_rate(texts, 3),
         fluency=_fluency(s), malformed_share=M.malformed_share(texts),
         malformed_reasons=dict(reasons), perplexity=ppl, eos_share=float(s.gen.hit_eos.float().mean()),
@@ -256,7 +258,7 @@ def evaluate_models(
             ppl = M.perplexity(-pair_lp[role][0], pair_lp[role][2])
         kl = M.sequence_kl(smp.logps, smp.ref_logps, groups=groups)
         evals[role] = _model_eval(role, str(path), smp, kl, gen_cfg.max_new_tokens, ppl, settings.loop_threshold,
-                                  len(prompts))
+                                  len(prompts), settings.distinct_window)
     report = EvalReport(
         candidate=evals["candidate"], champion=evals["champion"], reference=evals["reference"],
         champion_is_reference=champion is None,

@@ -11,7 +11,7 @@ import pandas as pd
 from prefect import task
 
 from tasks.config import PipelineConfig
-from tasks.demo.prompts import demo_prompts
+from tasks.demo.prompts import demo_pretraining_prompts, demo_prompts
 from tasks.demo.settings import DemoSettings
 from tasks.records import ModelRecord
 from tasks.stages.data import data_dir, ingest_settings
@@ -96,6 +96,21 @@ def prompt_table(cfg: PipelineConfig, base: ModelRecord) -> pd.DataFrame:
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(path, index=False)
     return frame
+
+
+def pretraining_prompts(cfg: PipelineConfig, base: ModelRecord) -> list[str]:
+    """Held-out prompts cut from the pretraining documents (``demo.pretraining_heldout_prompts``),
+    cached as Parquet beside the prompt table; empty when the setting is off."""
+    if cfg.demo is None or not cfg.demo.pretraining_heldout_prompts:
+        return []
+    path = data_dir(cfg) / "demo-prompts" / f"pretraining-heldout-{base.digest}.parquet"
+    if not path.exists():
+        frame = demo_pretraining_prompts(demo_settings(cfg), base.path, prompt_table(cfg, base), cfg.preferences)
+        tmp = path.with_suffix(".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(path)  # a killed write leaves no half file under the final name
+    return pd.read_parquet(path)["prompt"].tolist()
 
 
 def heldout_prompts(cfg: PipelineConfig, base: ModelRecord, split: str = "test") -> list[str]:

@@ -97,7 +97,8 @@ def _validation_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: Model
 def _eval_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord, test: list) -> list:
     """The prompts of ``evaluation.prompt_splits`` in order, each once: ``test`` (the demo's own
     test split, larger than the feedback's, else the dataset's test prompts as given) and
-    ``validation``. Raises ValueError when they hold none."""
+    ``validation``; then, in the demo with ``demo.pretraining_heldout_prompts``, the held-out prompts
+    cut from its pretraining documents. Raises ValueError when they hold none."""
     def of(split: str) -> list:
         if split == "validation":
             return _validation_prompts(cfg, dataset, base)
@@ -108,7 +109,12 @@ def _eval_prompts(cfg: PipelineConfig, dataset: DatasetRecord, base: ModelRecord
         return test
 
     # first occurrence wins; repr keys: chat prompts are lists of dicts (unhashable)
-    unique = list({repr(p): p for split in cfg.evaluation.prompt_splits for p in of(split)}.values())
+    ordered = [p for split in cfg.evaluation.prompt_splits for p in of(split)]
+    if cfg.demo is not None and len(ordered) < cfg.evaluation.num_prompts:  # round 0's 220 need none: not cut
+        from tasks.stages.demo import pretraining_prompts
+
+        ordered += pretraining_prompts(cfg, base)
+    unique = list({repr(p): p for p in ordered}.values())
     if not unique:
         raise ValueError(f"no held-out prompts in the splits {cfg.evaluation.prompt_splits} of dataset {dataset.digest}")
     return unique
@@ -275,7 +281,8 @@ def evaluation_version() -> str:
 def _evaluation_key(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,
                     reward: ModelRecord | None, dataset: DatasetRecord, **_: Any) -> tuple:
     return (candidate.digest, champion.digest if champion else None, base.digest, reward.digest if reward else None,
-            dataset.digest, cfg.evaluation, cfg.demo is not None, evaluation_version())
+            dataset.digest, cfg.evaluation, cfg.demo is not None and (True, cfg.demo.pretraining_heldout_prompts),
+            evaluation_version())
 
 
 evaluate_task = cached_stage("evaluate", key=_evaluation_key)(run_evaluation)
@@ -290,6 +297,9 @@ def gate_decision(cfg: PipelineConfig, record: EvalRecord, has_champion: bool) -
     decision = decide(record.parsed(), cfg.gate, has_champion).model_dump(mode="json")
     cand = record.report.get("candidate", {})
     decision["eval_tags"] = {f"alignflow.eval.{k}": cand[k] for k in EVAL_TAGS if cand.get(k) is not None}
+    if (base_oracle := (record.report.get("reference") or {}).get("oracle_mean")) is not None:
+        # the base model on the same prompts: a gain over the base is read against this, not another round's set
+        decision["eval_tags"]["alignflow.eval.base_oracle_mean"] = base_oracle
     decision["judge_tags"] = report_judge_tags(record.parsed(), cfg.evaluation.confidence)  # for the reward version
     decision["report_path"] = record.report_path
     return json.loads(json.dumps(decision, default=str))

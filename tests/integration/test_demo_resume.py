@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.demo import closed_loop_demo, unfinished_round
+from tasks import tracking
 from tasks.config import load_pipeline_config
 from tasks.data.landing import CONSUMED, ledger_for
 from tasks.round import ENDS, RoundLog
@@ -44,3 +45,7 @@ def test_a_demo_round_that_failed_is_finished_with_its_own_feedback_by_the_next_
     landed = {str(p) for p in landing.iterdir() if p.is_file()}
     assert {e["path"] for e in ledger if e["state"] == CONSUMED} == landed  # every landed file consumed once
     assert unfinished_round(cfg, landing) is None  # the next demo round simulates a new batch
+    # the champion carries the base model's oracle on its own evaluation's prompts: its gain is read against that
+    tags = tracking.version_tags(tracking.policy_model_name(cfg.pipeline.name), rows[0]["champion"])
+    assert float(tags["alignflow.eval.base_oracle_mean"]) == pytest.approx(rows[0]["base oracle"])
+    assert rows[0]["gain"] == pytest.approx(rows[0]["oracle"] - rows[0]["base oracle"])

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2ForSequenceClassi
 from alignment.batching import decode_prompt, encode_prompt
 from alignment.config import GenerationSettings
 from alignment.generation import generate
+from tasks.evaluation import metrics as M
 from tasks.evaluation.report import EvalReport
 from tasks.evaluation.settings import EvalSettings
 from tasks.evaluation.suite import evaluate_models, load_policy, pair_logps, response_logps
@@ -92,6 +93,22 @@ def test_suite_returns_a_complete_report(folders):
         assert (a.n, a.oracle_ties) == (int(decided.sum()), int((~decided).sum()))
         assert a.rate == pytest.approx(agree.mean()) and a.lower <= a.rate <= a.upper
     assert "eval/judge_agreement/reward_model_vs_oracle_champion" in metrics
+
+
+def test_distinct_window_scores_diversity_over_blocks_of_responses(folders):
+    """``evaluation.distinct_window``: each model's distinct-1/2 is the mean over blocks of that many
+    responses (recomputed here from every sampled text), pooled without it."""
+    every = settings().model_copy(update={"samples_table_rows": 24})
+    pooled = evaluate_models(folders["candidate"], None, folders["reference"], PROMPTS, None, settings=every)
+    windowed = evaluate_models(folders["candidate"], None, folders["reference"], PROMPTS, None,
+                               settings=every.model_copy(update={"distinct_window": 8}))
+    for role in ("candidate", "reference"):
+        texts = [row[role] for row in pooled.samples]
+        assert len(texts) == 24 and texts == [row[role] for row in windowed.samples]  # the same samples
+        assert pooled.report.model(role).distinct_2 == pytest.approx(M.distinct_n(texts, 2))
+        assert windowed.report.model(role).distinct_2 == pytest.approx(M.windowed_distinct_n(texts, 2, 8))
+        assert windowed.report.model(role).distinct_1 == pytest.approx(M.windowed_distinct_n(texts, 1, 8))
+    assert windowed.report.candidate.distinct_2 > pooled.report.candidate.distinct_2  # blocks repeat less
 
 
 @pytest.mark.slow

@@ -179,3 +179,23 @@ def test_step_schedule_sets_each_rounds_dpo_max_steps(tmp_path):
     assert load_pipeline_config(None, sets).dpo.max_steps is None
     with pytest.raises(ValueError):
         load_pipeline_config(None, [f"pipeline.home={tmp_path}", "demo.loop={max_steps: [0]}"])
+
+
+def test_eval_prompt_schedule_sets_each_rounds_evaluated_prompts(tmp_path):
+    """``demo.loop.eval_num_prompts``: round k evaluates on that many held-out prompts, the last entry
+    for later rounds; empty leaves ``evaluation.num_prompts`` as configured."""
+    from flows.demo import round_overrides
+    from tasks.config import load_pipeline_config
+    from tasks.demo.settings import LoopSettings
+
+    assert LoopSettings().eval_prompts(3) is None
+    with pytest.raises(ValueError):
+        LoopSettings(eval_num_prompts=[220, 0])
+    sets = [f"pipeline.home={tmp_path}", "evaluation.num_prompts=300", "demo.loop={eval_num_prompts: [220, 2000]}"]
+    cfg = load_pipeline_config(None, sets)
+    assert round_overrides(cfg, "/b", 0) == ["evaluation.num_prompts=220"]
+    for k, n in ((0, 220), (1, 2000), (4, 2000)):
+        assert load_pipeline_config(None, sets + round_overrides(cfg, "/b", k)).evaluation.num_prompts == n
+    plain = load_pipeline_config(None, [f"pipeline.home={tmp_path}", "evaluation.num_prompts=300", "demo.loop={betas: [0.5]}"])
+    assert round_overrides(plain, "/b", 2) == ["dpo.beta=0.5"]
+

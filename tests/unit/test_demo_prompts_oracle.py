@@ -8,7 +8,7 @@ import pytest
 from tasks.data.keys import assign_splits, hash64, prompt_keys
 from tasks.data.settings import PreferenceSettings
 from tasks.demo.oracle import reward_fn, sentiment
-from tasks.demo.prompts import build_prompts, prompt_from_document, write_prompts
+from tasks.demo.prompts import build_prompts, pretraining_heldout_prompts, prompt_from_document, write_prompts
 from tasks.demo.settings import PromptSettings, TokenizerSettings
 from tasks.demo.tokenizer import train_tokenizer
 from tests.unit.test_demo_corpus import review_sample
@@ -39,6 +39,26 @@ def test_prompt_splits_agree_with_the_data_layer(tokenizer):
     codes = assign_splits(key_hash, splits.splits.train, splits.splits.validation, "demo-salt")
     assert frame["split"].tolist() == [["train", "validation", "test"][c] for c in codes]
     assert set(frame["split"]) == {"train", "validation", "test"}
+
+
+def test_pretraining_prompts_are_held_out_split_only_and_not_the_tables(tokenizer):
+    """The evaluation-only prompts of ``demo.pretraining_heldout_prompts``: cut from other documents
+    exactly as the table's, kept only where the data layer's hash puts them in validation or test
+    (so no preference set can ever train on one), none equal to a table prompt, in prompt_id order."""
+    splits = PreferenceSettings()
+    docs = review_sample(600)
+    table = build_prompts(docs[:300], tokenizer, PromptSettings(), splits)
+    frame = pretraining_heldout_prompts(docs[300:] + docs[:20], tokenizer, PromptSettings(), table, splits)
+    everything = build_prompts(docs[300:] + docs[:20], tokenizer, PromptSettings(), splits)
+    expected = everything[(everything["split"] != "train") & ~everything["prompt"].isin(set(table["prompt"]))]
+    assert len(frame) > 20 and frame["prompt"].tolist() == expected["prompt"].tolist()
+    assert set(frame["split"]) == {"validation", "test"} and not set(frame["prompt"]) & set(table["prompt"])
+    codes = assign_splits(hash64(prompt_keys(frame["prompt"].tolist(), np.zeros(len(frame), bool))),
+                          splits.splits.train, splits.splits.validation, splits.split_salt)
+    assert (codes != 0).all()
+    assert frame["prompt_id"].is_monotonic_increasing and list(frame.columns) == list(table.columns)
+    shared = set(everything.loc[everything["split"] != "train", "prompt"]) & set(table["prompt"])
+    assert shared  # the 20 documents the table also cut from: their held-out prompts are left out
 
 
 def test_prompt_needs_a_continuation(tokenizer):

@@ -130,7 +130,8 @@ def test_the_stage_evaluates_on_the_prompt_splits_asked_for(tmp_path):
     with pytest.raises(ValueError, match="no held-out prompts"):
         _eval_prompts(only, DatasetRecord(digest="e" * 16, out_dir=str(tmp_path), files={}), base, test)
 
-    demo = load_pipeline_config(None, sets + [both])  # the demo: its own prompt table's test and validation splits
+    # the demo: its own prompt table's test and validation splits
+    demo = load_pipeline_config(None, sets + [both, "demo.pretraining_heldout_prompts=false"])
     table = pd.DataFrame({"prompt_id": ["1", "2", "3", "5"], "prompt": ["t1", "v1", "tr", "t2"], "is_chat": False,
                           "split": ["test", "validation", "train", "test"]})
     path = data_dir(demo) / "demo-prompts" / f"prompts-{base.digest}.parquet"
@@ -138,3 +139,16 @@ def test_the_stage_evaluates_on_the_prompt_splits_asked_for(tmp_path):
     table.to_parquet(path)
     assert _eval_prompts(demo, dataset, base, test) == ["t1", "t2", "v1"]
     assert evaluation_inputs(demo, dataset, base)[0] == ["t1", "t2", "v1"]  # what benchmarks/frontier.py scores on
+
+    # demo.pretraining_heldout_prompts: the held-out prompts cut from the pretraining documents come after the
+    # table's, each once (cached beside the table; built from the corpus when missing)
+    more = load_pipeline_config(None, sets + [both, "demo.pretraining_heldout_prompts=true"])
+    extra = pd.DataFrame({"prompt_id": ["6", "7"], "prompt": ["p1", "t1"], "is_chat": False, "split": ["test", "validation"]})
+    extra.to_parquet(path.parent / f"pretraining-heldout-{base.digest}.parquet")
+    assert _eval_prompts(more, dataset, base, test) == ["t1", "t2", "v1", "p1"]
+    assert _eval_prompts(demo, dataset, base, test) == ["t1", "t2", "v1"]  # off: the table's alone
+    # when the table's held-out prompts fill evaluation.num_prompts (round 0) the extra ones are not even cut
+    (path.parent / f"pretraining-heldout-{base.digest}.parquet").unlink()
+    few = load_pipeline_config(None, sets + [both, "demo.pretraining_heldout_prompts=true", "evaluation.num_prompts=3"])
+    assert _eval_prompts(few, dataset, base, test) == ["t1", "t2", "v1"]
+    assert not (path.parent / f"pretraining-heldout-{base.digest}.parquet").exists()

@@ -173,6 +173,20 @@ def _text_stats(texts: list[str]) -> dict:
             "repeated_trigram_rate": M.repetition_rate(texts, 3)}
 
 
+def test_windowed_distinct_n_averages_blocks_of_responses_by_hand():
+    texts = ["a b", "a b", "c d", "c d", "e f"]
+    # blocks of 2: [0:2], [2:4] and the last ending at the end, [3:5]: 1/2, 1/2 and 2/2 unique bigrams
+    assert M.windowed_distinct_n(texts, 2, 2) == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    assert M.windowed_distinct_n(texts[:4], 2, 2) == pytest.approx(0.5)  # an exact multiple: no extra block
+    assert M.windowed_distinct_n(texts, 2, 5) == M.windowed_distinct_n(texts, 2, None) == M.distinct_n(texts, 2) == 0.6
+    # the same kind of text over ten times the prompts: pooled distinct-2 falls, the windowed one keeps its scale
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(30)]
+    many = [" ".join(rng.choice(words, 6)) for _ in range(2000)]
+    assert M.distinct_n(many, 2) < 0.5 * M.distinct_n(many[:200], 2)
+    assert M.windowed_distinct_n(many, 2, 200) == pytest.approx(M.distinct_n(many[:200], 2), abs=0.03)
+
+
 def test_stuffed_and_looping_text_fails_the_guards_and_normal_text_passes():
     demo_like = GateSettings(min_distinct2_ratio=0.8, max_repeated_trigram_increase=0.05, max_length_change=0.5)
     reference = _text_stats(NORMAL)
