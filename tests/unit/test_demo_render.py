@@ -10,7 +10,7 @@ from flows.demo import LOOP_TABLE_WIDTH, _render
 ROW = {"round": 1, "feedback from": "v1", "rows": 2580, "rejected samples": 1814, "budget stop": None,
        "candidate oracle": 0.748, "candidate KL": 9.54, "distinct-2 / base": 0.86, "rep-3 rise": 0.005,
        "oracle win vs champion": (0.67, 0.57, 0.75), "promoted": True, "champion": "2", "oracle": 0.748,
-       "kl": 9.54}
+       "kl": 9.54, "gain": 0.526}  # the champion's oracle less the base's on its own evaluation's prompts
 WHOLE = ("0.748", "9.54", "0.67 (0.57–0.75)", "+0.526", "+0.005", "86%")
 
 
