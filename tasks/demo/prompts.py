@@ -85,15 +85,19 @@ def write_prompts(frame: pd.DataFrame, out_dir: str | Path) -> Path:
     return out / "prompts.parquet"
 
 
-def demo_prompts(settings: DemoSettings, base_model_path: str | Path, splits: PreferenceSettings | None = None) -> pd.DataFrame:
-    """The demo's prompt table from the cached corpus's held-out documents and the base model's
-    tokenizer (see :func:`build_prompts`). Fetches the corpus if it is not cached yet."""
+def _corpus_and_tokenizer(settings: DemoSettings, base_model_path: str | Path):
+    """The cached corpus (fetched if it is not cached yet) and the base model's tokenizer."""
     from transformers import AutoTokenizer
 
     from tasks.demo.corpus import demo_cache_dir, load_corpus
 
-    corpus = load_corpus(settings.corpus, demo_cache_dir(settings))
-    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    return load_corpus(settings.corpus, demo_cache_dir(settings)), AutoTokenizer.from_pretrained(base_model_path)
+
+
+def demo_prompts(settings: DemoSettings, base_model_path: str | Path, splits: PreferenceSettings | None = None) -> pd.DataFrame:
+    """The demo's prompt table from the cached corpus's held-out documents and the base model's
+    tokenizer (see :func:`build_prompts`). Fetches the corpus if it is not cached yet."""
+    corpus, tokenizer = _corpus_and_tokenizer(settings, base_model_path)
     return build_prompts(corpus.heldout, tokenizer, settings.prompts, splits)
 
 
@@ -101,12 +105,7 @@ def demo_pretraining_prompts(settings: DemoSettings, base_model_path: str | Path
                              splits: PreferenceSettings | None = None) -> pd.DataFrame:
     """:func:`pretraining_heldout_prompts` over the cached corpus's train documents (the base
     model's pretraining text) with the base model's tokenizer."""
-    from transformers import AutoTokenizer
-
-    from tasks.demo.corpus import demo_cache_dir, load_corpus
-
-    corpus = load_corpus(settings.corpus, demo_cache_dir(settings))
-    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    corpus, tokenizer = _corpus_and_tokenizer(settings, base_model_path)
     return pretraining_heldout_prompts(corpus.train, tokenizer, settings.prompts, table, splits)
 
 

@@ -281,8 +281,7 @@ def evaluation_version() -> str:
 def _evaluation_key(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelRecord | None, base: ModelRecord,
                     reward: ModelRecord | None, dataset: DatasetRecord, **_: Any) -> tuple:
     return (candidate.digest, champion.digest if champion else None, base.digest, reward.digest if reward else None,
-            dataset.digest, cfg.evaluation, cfg.demo is not None and (True, cfg.demo.pretraining_heldout_prompts),
-            evaluation_version())
+            dataset.digest, cfg.evaluation, cfg.demo and cfg.demo.pretraining_heldout_prompts, evaluation_version())
 
 
 evaluate_task = cached_stage("evaluate", key=_evaluation_key)(run_evaluation)
