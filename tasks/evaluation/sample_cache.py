@@ -16,8 +16,10 @@ without its JSON is incomplete and is ignored (a crash mid-write leaves no half 
 loads). No pickles: safetensors and JSON only.
 
 Key (:func:`sample_key`): SHA-256 over the identity of the model and of the reference (the
-resolved folder, and the name, size and modification time of every file in it: a retrained
-model in the same folder is another model), the tokenizer setting, the prompts, every
+name, size and SHA-256 of every file in the folder: a retrained model in the same folder is
+another model, and the registry's copy of a round's candidate, which comes back as the next
+round's champion from another folder, is the same one; hashing costs about a second a GB), the
+tokenizer setting, the prompts, every
 evaluation setting that shapes the samples or their log-probs (generation settings, seed,
 prompt truncation, scoring batch size, temperature), the greedy prompts, the device and the
 torch and transformers versions (kernels differ between them). A model that is not a local
@@ -41,18 +43,23 @@ from safetensors.torch import load_file, save_file
 
 from alignment.generation import GenerationResult
 
-FORMAT = 1
+FORMAT = 2  # 2: folders identified by content (1: by path and modification time)
 _TENSORS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "hit_eos")
 _ARRAYS = ("logps", "ref_logps", "fluency_logps")
 
 
 def _folder_identity(path: str | Path) -> list | None:
-    """``[resolved path, [(file, size, mtime_ns), ...]]`` of a local model folder, else None."""
+    """``[(file, size, sha256), ...]`` of a local model folder (its content, not where it lies), else None."""
     folder = Path(path)
     if not folder.is_dir():
         return None
-    stats = sorted((str(p.relative_to(folder)), p.stat()) for p in folder.rglob("*") if p.is_file())
-    return [str(folder.resolve()), [(name, st.st_size, st.st_mtime_ns) for name, st in stats]]
+    files = sorted((str(p.relative_to(folder)), p) for p in folder.rglob("*") if p.is_file())
+    return [(name, p.stat().st_size, _sha256(p)) for name, p in files]
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def sample_key(model: str | Path, reference: str | Path, *, prompts: list, greedy_prompts: list | None,

@@ -107,6 +107,16 @@ def response_logps(model, gen: GenerationResult, temperature: float, batch_size:
     return generation.response_logps(model, gen, temperature, batch_size).numpy()
 
 
+def reference_logps(ref, gen: GenerationResult, temperature: float, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The responses' log-probs under the reference at the sampling temperature and at 1 (the
+    fluency figure's), from one forward pass (:func:`alignment.generation.response_logps_at`)."""
+    if temperature == 1.0:
+        at = generation.response_logps(ref, gen, 1.0, batch_size).numpy()
+        return at, at
+    at, plain = generation.response_logps_at(ref, gen, (temperature, 1.0), batch_size)
+    return at.numpy(), plain.numpy()
+
+
 @torch.no_grad()
 def pair_logps(model, tokenizer, pairs: list[Mapping], settings: EvalSettings) -> tuple[np.ndarray, ...]:
     """``(chosen_logps, rejected_logps, chosen_tokens)`` of held-out pairs under ``model``
@@ -202,6 +212,7 @@ def evaluate_models(
     reference_tokenizer: str | None = None,
     greedy_prompts: Sequence[Prompt] | None = None,
     sample_cache: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> EvalOutput:
     """Evaluate ``candidate`` against ``champion`` (None: the reference stands in) and ``reference``.
 
@@ -218,7 +229,9 @@ def evaluate_models(
     duplicates of an evaluated prompt dropped), for the looping share only. ``sample_cache``: a
     folder where each model's samples, their log-probs and greedy responses are kept and read back
     by later evaluations with the same reference, prompts and settings (a round's champion and
-    the reference; :mod:`tasks.evaluation.sample_cache`); None computes everything. Raises ValueError
+    the reference; :mod:`tasks.evaluation.sample_cache`); None computes everything. ``progress``: called
+    with a line as each model's samples, log-probs and greedy responses and each judge's scores are
+    done, with their time (the stage logs them). Raises ValueError
     for no prompts, a bad pair row (naming it) or tokenizers that differ from the reference's.
     """
     settings = settings or EvalSettings()
@@ -238,17 +251,22 @@ def evaluate_models(
     greedy_set = _greedy_set(prompts, greedy_prompts) if settings.greedy else None
     samples, pair_lp = _sample_policies(candidate, champion, reference, sample_prompts, pairs, settings,
                                         temperature, device, reference_tokenizer, greedy_prompts=greedy_set,
-                                        sample_cache=Path(sample_cache) if sample_cache is not None else None)
+                                        sample_cache=Path(sample_cache) if sample_cache is not None else None,
+                                        clock=_Clock(progress))
+    clock = _Clock(progress)
     scorer = reward_scorer
     if scorer is None and reward_model is not None:
         scorer = reward_scorer_from_folder(reward_model, device, settings.score_batch_size,
                                            settings.max_length, settings.max_prompt_length)
     judge = ModelJudge(settings.judge_model, device) if settings.judge_model is not None else None
-    for s in {id(v): v for v in samples.values()}.values():  # the champion may be the reference
+    scored = {id(v): v for v in samples.values()}.values()  # the champion may be the reference
+    for s in scored:
         if scorer is not None:
             s.rewards = np.asarray(scorer(sample_prompts, s.gen.texts), dtype=np.float64)
         if oracle is not None:
             s.oracle = np.asarray(oracle(s.gen.texts), dtype=np.float64)
+    clock.lap(f"{len(scored) * len(sample_prompts)} responses scored by "
+              + (" and ".join(j for j, on in (("the reward model", scorer), ("the oracle", oracle)) if on) or "no judge"))
 
     evals = {}
     for role, path in (("candidate", candidate), ("champion", champion or reference), ("reference", reference)):
@@ -277,6 +295,7 @@ def evaluate_models(
         greedy_loop_rise_se=_greedy_rise_se(samples, settings.loop_threshold),
         wall_time_s=time.perf_counter() - start,
     )
+    clock.lap("win rates, intervals and guard figures")
     shown = ("candidate", "champion", "reference") if champion is not None else ("candidate", "reference")
     scores = {judge: {role: getattr(samples[role], attr).tolist() for role in shown}
               for judge, attr in (("reward model", "rewards"), ("oracle", "oracle"))
@@ -305,13 +324,16 @@ def _greedy_rise_se(samples: dict[str, _Samples], threshold: float) -> float | N
 
 def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt], pairs: list[dict],
                      settings: EvalSettings, temperature: float, device: str, reference_tokenizer: str | None,
-                     greedy_prompts: list[Prompt] | None = None, sample_cache: Path | None = None):
+                     greedy_prompts: list[Prompt] | None = None, sample_cache: Path | None = None,
+                     clock: _Clock | None = None):
     """Sample each policy with the same seed; log-probs of its samples under itself and the
     reference; its log-probs of the held-out pairs; its greedy responses to ``greedy_prompts``
     (None: none). Holds the reference and one other model. With ``sample_cache`` (a folder, see
     :mod:`tasks.evaluation.sample_cache`) a model whose samples were kept by an earlier evaluation
     with the same reference, prompts and settings is read back instead of sampled again (it is
-    loaded only for the held-out pairs' log-probs), and every model's samples are kept."""
+    loaded only for the held-out pairs' log-probs), and every model's samples are kept. ``clock``
+    reports each model's work as it is done."""
+    clock = clock or _Clock(None)
     def sample(model, tokenizer) -> GenerationResult:
         return generate(model, tokenizer, sample_prompts, settings.generation, settings.seed,
                         max_prompt_length=settings.max_prompt_length)
@@ -348,44 +370,38 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
         raise ValueError(f"reference folder {reference} has no tokenizer")
     vocab = tokenizer.get_vocab()
 
-    def plain_ref_logps(gen: GenerationResult, at_temperature: np.ndarray, ref) -> np.ndarray:
-        if temperature == 1.0:
-            return at_temperature
-        return response_logps(ref, gen, 1.0, settings.score_batch_size)
-
     key, found = kept(reference)
     if found is not None:
         samples = {"reference": read_back(found)}
     else:
         ref_gen = sample(ref_model, tokenizer)
-        ref_lp = response_logps(ref_model, ref_gen, temperature, settings.score_batch_size)
-        samples = {"reference": _Samples(ref_gen, ref_lp, ref_lp,
-                                         fluency_logps=plain_ref_logps(ref_gen, ref_lp, ref_model),
+        ref_lp, plain = reference_logps(ref_model, ref_gen, temperature, settings.score_batch_size)
+        samples = {"reference": _Samples(ref_gen, ref_lp, ref_lp, fluency_logps=plain,
                                          greedy=greedy(ref_model, tokenizer))}
         keep(key, samples["reference"])
     pair_lp: dict[str, tuple[np.ndarray, ...]] = {}
     if pairs:
         pair_lp["reference"] = pair_logps(ref_model, tokenizer, pairs, settings)
+    clock.lap(_work_line("reference", found is not None, samples["reference"], len(pairs)))
     for role, path in [("candidate", candidate)] + ([("champion", champion)] if champion is not None else []):
         key, found = kept(path)
         if found is not None:
             samples[role] = read_back(found)
-            if not pairs:
-                continue
-        model, own_tok = load_policy(path, device)
-        if own_tok is not None and own_tok.get_vocab() != vocab:
-            raise ValueError(f"{role} at {path} has a different tokenizer from the reference; KL needs the same one")
-        if found is None:
-            gen = sample(model, tokenizer)
-            under_ref = response_logps(ref_model, gen, temperature, settings.score_batch_size)
-            samples[role] = _Samples(gen, response_logps(model, gen, temperature, settings.score_batch_size),
-                                     under_ref, fluency_logps=plain_ref_logps(gen, under_ref, ref_model),
-                                     greedy=greedy(model, tokenizer))
-            keep(key, samples[role])
-        if pairs:
-            pair_lp[role] = pair_logps(model, tokenizer, pairs, settings)
-        del model
-        _release_accelerator_memory()
+        if found is None or pairs:
+            model, own_tok = load_policy(path, device)
+            if own_tok is not None and own_tok.get_vocab() != vocab:
+                raise ValueError(f"{role} at {path} has a different tokenizer from the reference; KL needs the same one")
+            if found is None:
+                gen = sample(model, tokenizer)
+                under_ref, plain = reference_logps(ref_model, gen, temperature, settings.score_batch_size)
+                samples[role] = _Samples(gen, response_logps(model, gen, temperature, settings.score_batch_size),
+                                         under_ref, fluency_logps=plain, greedy=greedy(model, tokenizer))
+                keep(key, samples[role])
+            if pairs:
+                pair_lp[role] = pair_logps(model, tokenizer, pairs, settings)
+            del model
+            _release_accelerator_memory()
+        clock.lap(_work_line(role, found is not None, samples[role], len(pairs)))
     if champion is None:
         samples["champion"] = samples["reference"]
         if pairs:
@@ -393,6 +409,26 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
     del ref_model
     _release_accelerator_memory()
     return samples, pair_lp
+
+
+def _work_line(role: str, cached: bool, s: _Samples, pairs: int) -> str:
+    """``candidate: 2092 responses sampled and scored, 2092 greedy; 65 held-out pairs scored``."""
+    what = ("samples, log-probs and greedy responses read from the sample cache" if cached else
+            f"{len(s.gen)} responses sampled and scored" + (f", {len(s.greedy)} greedy" if s.greedy else ""))
+    return f"{role}: {what}" + (f"; {pairs} held-out pairs scored" if pairs else "")
+
+
+class _Clock:
+    """Reports a line with the seconds since the previous one (no-op without a callback)."""
+
+    def __init__(self, report: Callable[[str], None] | None) -> None:
+        self.report, self.last = report, time.perf_counter()
+
+    def lap(self, what: str) -> None:
+        now = time.perf_counter()
+        if self.report is not None:
+            self.report(f"{what} in {now - self.last:.1f} s")
+        self.last = now
 
 
 def _empty(texts: Sequence[str]) -> np.ndarray:

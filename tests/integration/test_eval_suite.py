@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from alignment.generation import generate
 from tasks.evaluation import metrics as M
 from tasks.evaluation.report import EvalReport
 from tasks.evaluation.settings import EvalSettings
-from tasks.evaluation.suite import evaluate_models, load_policy, pair_logps, response_logps
+from tasks.evaluation.suite import evaluate_models, load_policy, pair_logps, reference_logps, response_logps
 from tests.tiny_models import BAD, GOOD, make_tiny_model, make_tokenizer, preference_pairs
 
 PROMPTS = ["review the movie", "tell me about the plot", "the film was", "what think the music",
@@ -134,14 +136,20 @@ def test_logps_match_an_independent_forward(folders):
     model, tok = load_policy(folders["candidate"])
     gen = generate(model, tok, PROMPTS[:5], GenerationSettings(max_new_tokens=8, temperature=0.8, batch_size=3), 1)
     got = response_logps(model, gen, 0.8, batch_size=2)
+    # the reference's log-probs at the sampling temperature and at 1 (fluency) come from one forward
+    at_08, at_1 = reference_logps(model, gen, 0.8, batch_size=2)
+    assert np.array_equal(at_08, got)
     for i in range(5):
         p = gen.prompt_ids[i][gen.prompt_mask[i].bool()]
         r = gen.response_ids[i][gen.response_mask[i].bool()]
         ids = torch.cat([p, r])[None]
         with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0].double() / 0.8, -1)
-        want = sum(float(logp[len(p) - 1 + j, r[j]]) for j in range(len(r)))
-        assert got[i] == pytest.approx(want, abs=1e-4)
+            logits = model(ids).logits[0].double()
+        for temperature, value in ((0.8, got[i]), (1.0, at_1[i])):
+            logp = torch.log_softmax(logits / temperature, -1)
+            want = sum(float(logp[len(p) - 1 + j, r[j]]) for j in range(len(r)))
+            assert value == pytest.approx(want, abs=1e-4)
+    assert not np.allclose(at_08, at_1)  # two temperatures, two figures
     chosen, rejected, tokens = pair_logps(model, tok, PAIRS[:2], settings())
     for i, pair in enumerate(PAIRS[:2]):
         p = encode_prompt(tok, decode_prompt(pair))
@@ -309,9 +317,23 @@ def test_kept_samples_are_read_back_and_change_nothing(folders, tmp_path, monkey
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(newer)
     make_tokenizer().save_pretrained(newer)
-    nxt = evaluate_models(newer, folders["candidate"], folders["reference"], PROMPTS, PAIRS, sample_cache=cache, **kw)
+    # the champion comes back from the registry: a copy of the old candidate's folder, read back all the same
+    registered = tmp_path / "registry-cache" / "final"
+    shutil.copytree(folders["candidate"], registered)
+    lines = []
+    nxt = evaluate_models(newer, registered, folders["reference"], PROMPTS, PAIRS, sample_cache=cache,
+                          progress=lines.append, **kw)
     assert calls == [str(newer)] * 2
-    same(nxt, evaluate_models(newer, folders["candidate"], folders["reference"], PROMPTS, PAIRS, **kw))
+    # progress: one line per model, saying which were read back and which sampled, then the judges and statistics
+    n, pairs = len(PROMPTS), len(PAIRS)
+    assert [line.rsplit(" in ", 1)[0] for line in lines] == [
+        f"reference: samples, log-probs and greedy responses read from the sample cache; {pairs} held-out pairs scored",
+        f"candidate: {n} responses sampled and scored, {n} greedy; {pairs} held-out pairs scored",
+        f"champion: samples, log-probs and greedy responses read from the sample cache; {pairs} held-out pairs scored",
+        f"{3 * n} responses scored by the reward model and the oracle",
+        "win rates, intervals and guard figures"]
+    assert all(re.fullmatch(r".* in \d+\.\d s", line) for line in lines)
+    same(nxt, evaluate_models(newer, registered, folders["reference"], PROMPTS, PAIRS, **kw))
 
     calls.clear()  # another seed: every model sampled again
     evaluate_models(folders["candidate"], None, folders["reference"], PROMPTS, None, sample_cache=cache,

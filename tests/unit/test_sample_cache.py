@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -50,8 +51,15 @@ def test_keys_follow_what_shapes_the_samples(tmp_path):
     (tmp_path / "model" / "config.json").write_text("{} ")  # the same folder, another model
     changed = _key(tmp_path)
     assert changed != key
-    os.utime(tmp_path / "ref" / "config.json", ns=(1, 1))  # a rewritten reference of the same size
-    assert _key(tmp_path) not in (key, changed)
+    (tmp_path / "ref" / "config.json").write_text("[]")  # a rewritten reference of the same size
+    rewritten = _key(tmp_path)
+    assert rewritten not in (key, changed)
+    os.utime(tmp_path / "ref" / "config.json", ns=(1, 1))  # touched, not changed: the same model
+    assert _key(tmp_path) == rewritten
+    # the same files in another folder (the registry's copy of a candidate, back as the next round's champion)
+    shutil.copytree(tmp_path / "model", tmp_path / "registry" / "model")
+    assert sample_cache.sample_key(tmp_path / "registry" / "model", tmp_path / "ref", prompts=["p", "q"],
+                                   greedy_prompts=None, settings={"seed": 1}, device="cpu") == rewritten
     assert sample_cache.sample_key("org/model-on-the-hub", tmp_path / "ref", prompts=[], greedy_prompts=None,
                                    settings={}, device="cpu") is None
 
