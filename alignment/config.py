@@ -312,7 +312,10 @@ class GenerationSettings(StrictModel):
     compile_step: bool = False
     """With ``cuda_graphs``: ``torch.compile`` the decode step before capturing it, which fuses
     the norm, rotary, activation and residual kernels (a 1B decode step is ~900 kernels eager),
-    and on CUDA the sampler's arithmetic after the noise (one kernel; same tokens up to rounding).
+    and on CUDA the token draw without top-k/top-p: where Triton runs, the Gumbel-max kernel of
+    :mod:`alignment.triton_sampling` (the same distribution as the eager draw, from its own
+    noise: other tokens for the same seed), else the race's arithmetic after the noise as one
+    compiled kernel (the same tokens up to rounding).
     Compiles once per batch shape (tens of seconds), so it pays off for long or repeated
     generation at a fixed shape (benchmarks, large rollouts), not for short demo evaluations."""
     fuse_projections: bool = False

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, StaticCache
 
+from alignment import triton_sampling
 from alignment.batching import Prompt, Truncation, encode_prompt
 from alignment.config import GenerationSettings
 from alignment.fast_generation import GraphDecoder
@@ -144,7 +145,8 @@ def race_noise(shape: torch.Size | tuple[int, ...], device: torch.device, genera
 
 
 def sample_next(
-    logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None, fused: bool = False
+    logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None, fused: bool = False,
+    sampler: triton_sampling.GumbelSampler | None = None,
 ) -> torch.Tensor:
     """Next token ``[B]`` from last-position ``logits`` ``[B, V]``.
 
@@ -155,11 +157,16 @@ def sample_next(
     (one Exp(1) variate per kept candidate, :func:`race_noise`). With ``top_k`` the race runs over
     the k candidates only, not the vocabulary. ``fused`` (CUDA, no top-k/top-p): the same draw
     with the arithmetic after the noise as one compiled kernel instead of six passes over
-    ``[B, V]`` fp32 (the same tokens up to rounding).
+    ``[B, V]`` fp32 (the same tokens up to rounding); with a ``sampler`` too, where it runs
+    (:func:`alignment.triton_sampling.supported`), its Triton Gumbel-max kernel instead: the same
+    distribution from the sampler's own noise (its key came from a generator when it was made;
+    ``generator`` is not used), so other tokens than the race's.
     """
     if not settings.do_sample:
         return logits.argmax(dim=-1)
     if fused and not settings.top_k and settings.top_p >= 1.0:
+        if sampler is not None and triton_sampling.supported(logits):
+            return sampler(logits, settings.temperature)
         return _compiled_race()(logits, race_noise(logits.shape, logits.device, generator), settings.temperature)
     scores = logits.float() / settings.temperature
     index = None  # candidates' token ids when ``scores`` holds a sorted subset
@@ -274,12 +281,16 @@ def _suppressed_ids(model, device) -> torch.Tensor | None:
     return torch.tensor(sorted(set(ids)), dtype=torch.long, device=device) if ids else None
 
 
-def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pad_id, suppress=None):
+def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pad_id, suppress=None,
+                  triton_sampler=True):
     """Decode one batch: ``[B, steps]`` tokens, their mask and whether each row hit EOS.
 
     ``pick`` chooses column ``col``'s tokens and records them on fixed buffers without a host
     sync, so a :class:`~alignment.fast_generation.GraphDecoder` captures it with the forward
     (``advance``); other decoders call it, then ``step``. Rows that ended get padding.
+    With ``triton_sampler`` the fused draw (CUDA, ``compile_step``, no top-k/top-p) is a
+    :class:`~alignment.triton_sampling.GumbelSampler` where Triton runs, made once per batch: its
+    key is drawn from ``generator`` after the prefill and its counter advances on the device.
     """
     B = prompt_ids.shape[0]
     n = settings.max_new_tokens
@@ -295,7 +306,7 @@ def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pa
     def pick(logits: torch.Tensor) -> torch.Tensor:
         if suppress is not None:
             logits = logits.index_fill(-1, suppress, float("-inf"))
-        tokens = sample_next(logits, settings, generator, fused)
+        tokens = sample_next(logits, settings, generator, fused, sampler)
         tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
         out.index_copy_(1, col, tokens[:, None])
         out_mask.index_copy_(1, col, (~finished).long()[:, None])
@@ -306,6 +317,9 @@ def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pa
         return tokens
 
     logits = decoder.prefill(prompt_ids, prompt_mask, n)
+    plain = settings.do_sample and not settings.top_k and settings.top_p >= 1.0
+    sampler = (triton_sampling.GumbelSampler(device, generator)
+               if fused and plain and triton_sampler and triton_sampling.supported(logits) else None)
     advance = decoder.advance if getattr(decoder, "use_graph", False) else None
     steps = 0
     for i in range(n):

@@ -9,7 +9,9 @@ prompts × 256 new tokens, sampling at T = 1 with EOS off, so every run decodes 
 - ``advance_graph``: the token choice captured with the forward (one graph launch per token);
 - ``advance_sampler``: the same with the sampler's arithmetic compiled (``compile_step`` in the settings);
 - ``advance_fused``: the same with ``fuse_projections`` (q/k/v and gate/up as one matmul each);
-- ``advance_triton``: the same with ``triton_attention`` (each step's attention as one Triton kernel).
+- ``advance_triton``: the same with ``triton_attention`` (each step's attention as one Triton kernel);
+- ``advance_triton_sampler``: ``advance_triton`` with the token drawn by the Triton Gumbel-max sampler
+  (:mod:`alignment.triton_sampling`) instead of the compiled exponential race (the other paths keep the race).
 
 ms/step (whole call) = wall time of the whole decode call (prefill, the eager first step and the
 graph capture included) / 256, best of ``--reps``. ms/step (steady state) = (best 256-token call −
@@ -23,7 +25,10 @@ Checks printed with the figures: ``advance_graph`` samples the very tokens ``ste
 seeded generator registered with the graph advances as in eager decoding); greedy tokens of
 ``advance_fused`` and of ``advance_triton`` against ``step_graph`` (bf16: they may part after a rounding
 tie, so the share of equal tokens up to each row's first difference is reported); the Triton attention
-kernel against the torch one on the decode's own shapes (largest absolute difference, bf16). Also the
+kernel against the torch one on the decode's own shapes (largest absolute difference, bf16); the Triton
+sampler's token frequencies over 2,048 draws of one fixed bf16 logits row at the decode's own [B, V] (16 heavy
+tokens spread over the vocabulary; largest |frequency − softmax| against 4 standard errors of the likeliest
+token), with the time of one draw by it and by the compiled race (CUDA events, mean of 200). Also the
 graph's kernels per step.
 
     python3 benchmarks/gpu_decode.py --shapes qwen0.5b,llama1b --out $OUT
@@ -57,7 +62,7 @@ from benchmarks.gpu_bench import (  # noqa: E402
     words,
 )
 
-PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused", "advance_triton")
+PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused", "advance_triton", "advance_triton_sampler")
 
 
 class StepGraphDecoder(GraphDecoder):
@@ -66,25 +71,28 @@ class StepGraphDecoder(GraphDecoder):
     advance = None
 
 
-def decode(model, ids, settings, decoder_cls, seed=0, fuse=False, compile_step=True):
-    """``fuse``: False, True (fused projections) or "triton" (fused projections and the Triton attention)."""
+def decode(model, ids, settings, decoder_cls, seed=0, fuse=False, compile_step=True, triton_sampler=False):
+    """``fuse``: False, True (fused projections) or "triton" (fused projections and the Triton attention);
+    ``triton_sampler``: the compiled path's draw by the Triton sampler instead of the compiled race."""
     gen = torch.Generator(device=ids.device).manual_seed(seed)
     dec = decoder_cls(model, compile_step=compile_step, fuse_projections=bool(fuse), triton_attention=fuse == "triton")
     eos = torch.tensor([-1], device=ids.device)
-    out, _, _ = _decode_batch(dec, ids, torch.ones_like(ids), settings, gen, eos, pad_id=0)
+    out, _, _ = _decode_batch(dec, ids, torch.ones_like(ids), settings, gen, eos, pad_id=0,
+                              triton_sampler=triton_sampler)
     return out, dec
 
 
-def kernels_per_step(model, ids, settings, cls, fuse) -> dict:
+def kernels_per_step(model, ids, settings, cls, fuse, triton_sampler=False) -> dict:
     """Kernels and GPU time per decode step: a 40-token decode's profile minus an 8-token one's
     (the same prefill, eager and capture steps), over the 32 steps between."""
     from torch.profiler import ProfilerActivity, profile
 
     def kernels(n):
-        decode(model, ids, settings.model_copy(update={"max_new_tokens": n}), cls, fuse=fuse)  # warm
+        s = settings.model_copy(update={"max_new_tokens": n})
+        decode(model, ids, s, cls, fuse=fuse, triton_sampler=triton_sampler)  # warm
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decode(model, ids, settings.model_copy(update={"max_new_tokens": n}), cls, fuse=fuse)
+            decode(model, ids, s, cls, fuse=fuse, triton_sampler=triton_sampler)
             torch.cuda.synchronize()
         return {e.key: (e.count, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0}
 
@@ -113,6 +121,51 @@ def attention_check(model, B: int, T: int, device) -> float | None:
     ref, _ = decode_attention(None, q, k, v, valid[:, None, None, :], scaling=D**-0.5)
     out, _ = decode_attention_triton(None, q, k, v, valid[:, None, None, :], scaling=D**-0.5)
     return float((out.float() - ref.float()).abs().max())
+
+
+def sampler_check(B: int, V: int, device, draws: int = 2048, temperature: float = 1.0) -> dict | None:
+    """The Triton sampler on ``[B, V]`` bf16 logits: each row the same fixed row (16 heavy tokens, at
+    logit 10 ± 0.5, spread over the vocabulary up to its last token; the rest N(0, 1)), ``draws``
+    draws in ``[B, V]`` calls. Largest |frequency − softmax(row / T)| over all tokens, the tolerance
+    (4 standard errors of the likeliest token's frequency), and µs per draw of the sampler and of the
+    compiled race (noise included), CUDA events over 200 draws; None off CUDA or without Triton."""
+    from alignment import triton_sampling
+    from alignment.generation import _compiled_race, race_noise
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    row = torch.randn(V, device=device, generator=gen)
+    heavy = torch.linspace(0, V - 1, 16, device=device).long()
+    row[heavy] = 10 + 0.5 * torch.randn(16, device=device, generator=gen)
+    logits = row.bfloat16().repeat(B, 1)
+    if device.type != "cuda" or not triton_sampling.supported(logits):
+        return None
+    probs = torch.softmax(logits[0].double() / temperature, dim=0)
+    sampler = triton_sampling.GumbelSampler(device, gen)
+    counts = torch.zeros(V, dtype=torch.float64, device=device)
+    calls = -(-draws // B)
+    for _ in range(calls):
+        counts += torch.bincount(sampler(logits, temperature), minlength=V).double()
+    n = calls * B
+    out = {"draws": n, "max_abs_diff": float((counts / n - probs).abs().max()),
+           "tolerance": float(4 * (probs.max() * (1 - probs.max()) / n).sqrt()),
+           "never_drawn_mass": float(probs[counts == 0].sum())}
+    out["ok"] = out["max_abs_diff"] <= out["tolerance"]
+
+    def us_per_draw(fn):
+        for _ in range(10):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(200):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return 1000 * start.elapsed_time(end) / 200
+
+    out["triton_us_per_draw"] = us_per_draw(lambda: sampler(logits, temperature))
+    out["race_us_per_draw"] = us_per_draw(
+        lambda: _compiled_race()(logits, race_noise(logits.shape, device, gen), temperature))
+    return out
 
 
 def run_shape(shape: str, args) -> dict:
@@ -156,19 +209,24 @@ def run_shape(shape: str, args) -> dict:
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=N,
                 min_new_tokens=N, pad_token_id=0), args.gen_reps)
         fast = settings.model_copy(update={"compile_step": True})  # the compiled sampler
-        paths = {"step_graph": (StepGraphDecoder, False, settings), "advance_graph": (GraphDecoder, False, settings),
-                 "advance_sampler": (GraphDecoder, False, fast), "advance_fused": (GraphDecoder, True, fast),
-                 "advance_triton": (GraphDecoder, "triton", fast)}
+        # name: (decoder class, fuse, settings, Triton sampler)
+        paths = {"step_graph": (StepGraphDecoder, False, settings, False),
+                 "advance_graph": (GraphDecoder, False, settings, False),
+                 "advance_sampler": (GraphDecoder, False, fast, False), "advance_fused": (GraphDecoder, True, fast, False),
+                 "advance_triton": (GraphDecoder, "triton", fast, False),
+                 "advance_triton_sampler": (GraphDecoder, "triton", fast, True)}
         tokens = {}
-        for name, (cls, fuse, s) in paths.items():
-            tokens[name] = decode(model, ids, s, cls, fuse=fuse)[0].cpu()  # compiles on the first
+        for name, (cls, fuse, s, ts) in paths.items():
+            tokens[name] = decode(model, ids, s, cls, fuse=fuse, triton_sampler=ts)[0].cpu()  # compiles on the first
             print(f"# {shape} {name}: warm", flush=True)
             if name not in args.paths.split(","):
                 continue
-            out[name] = timed(lambda cls=cls, fuse=fuse, s=s: decode(model, ids, s, cls, fuse=fuse), args.reps)
+            out[name] = timed(lambda cls=cls, fuse=fuse, s=s, ts=ts: decode(model, ids, s, cls, fuse=fuse, triton_sampler=ts),
+                              args.reps)
             # Steady state: what one more token costs once the batch is prefilled and its graph captured.
             short = s.model_copy(update={"max_new_tokens": args.short_tokens})
-            shorter = timed(lambda cls=cls, fuse=fuse, s=short: decode(model, ids, s, cls, fuse=fuse), args.reps)
+            shorter = timed(lambda cls=cls, fuse=fuse, s=short, ts=ts: decode(model, ids, s, cls, fuse=fuse,
+                                                                                triton_sampler=ts), args.reps)
             out[name]["short_runs_s"] = shorter["runs_s"]
             out[name]["marginal_ms_per_step"] = (1000 * (min(out[name]["runs_s"]) - min(shorter["runs_s"]))
                                                  / (N - args.short_tokens))
@@ -185,11 +243,14 @@ def run_shape(shape: str, args) -> dict:
         same = (g_ref == g_triton).long().cumprod(dim=1).sum(dim=1)
         out["check_greedy_triton_equal_prefix"] = float(same.float().mean() / N)
         out["check_triton_attention_max_abs_diff"] = attention_check(model, B, P + N, device)
+        tok = tokens["advance_triton_sampler"]
+        out["check_triton_sampler_tokens_in_vocab"] = bool(((tok >= 0) & (tok < model.config.vocab_size)).all())
+        out["check_triton_sampler"] = sampler_check(B, model.config.vocab_size, device)
         if device.type == "cuda" and args.profile:
-            for name, (cls, fuse, s) in paths.items():
+            for name, (cls, fuse, s, ts) in paths.items():
                 if name not in out:
                     continue
-                out[name]["profile"] = kernels_per_step(model, ids, s, cls, fuse)
+                out[name]["profile"] = kernels_per_step(model, ids, s, cls, fuse, ts)
     for name in ("model.generate", *paths):
         if name in out:
             out[name]["fraction_of_bound"] = out["bound_ms_per_step"] / out[name]["ms_per_step"]
@@ -244,7 +305,13 @@ def main() -> None:
                   f"compiled sampler vs eager equal prefix {100 * record['check_compiled_sampler_equal_prefix']:.1f}%; "
                   f"greedy fused vs unfused equal prefix {100 * record['check_greedy_fused_equal_prefix']:.1f}%; "
                   f"greedy Triton attention vs unfused {100 * record['check_greedy_triton_equal_prefix']:.1f}%; "
-                  f"Triton vs torch attention max |diff| {record['check_triton_attention_max_abs_diff']}")
+                  f"Triton vs torch attention max |diff| {record['check_triton_attention_max_abs_diff']}; "
+                  f"Triton sampler's tokens in the vocabulary: {record['check_triton_sampler_tokens_in_vocab']}")
+            sc = record["check_triton_sampler"]
+            if sc is not None:
+                print(f"Triton sampler vs softmax over {sc['draws']} draws at [{record['batch']}, V]: max |freq - p| "
+                      f"{sc['max_abs_diff']:.4f} (tolerance {sc['tolerance']:.4f}: {'ok' if sc['ok'] else 'FAILED'}); "
+                      f"one draw {sc['triton_us_per_draw']:.1f} us (compiled race {sc['race_us_per_draw']:.1f} us)")
             for name in PATHS:
                 prof = record.get(name, {}).get("profile")
                 if prof:
