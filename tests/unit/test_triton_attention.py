@@ -9,12 +9,7 @@ only the fallback test runs, and the kernel is checked on the device (``pytest``
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from alignment.fast_generation import GraphDecoder, decode_attention, decode_attention_triton
 from alignment.generation import KVDecoder
+from tests.triton_interpreter import HAS_TRITON, run_in_interpreter
 
-ROOT = Path(__file__).resolve().parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and HAS_TRITON
 IDS = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
 TOKENS = ([13, 14], [15, 16], [17, 18])
@@ -121,8 +115,4 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (the CPU torch wheel has none)")
 def test_the_kernel_under_the_interpreter_matches_the_torch_attention():
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_in_interpreter(INTERPRETER_SCRIPT)

@@ -10,21 +10,15 @@ on the device (``pytest`` there and ``benchmarks/gpu_decode.py``'s frequency che
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from alignment import triton_sampling
+from tests.triton_interpreter import HAS_TRITON, run_in_interpreter
 
-ROOT = Path(__file__).resolve().parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available() and HAS_TRITON
 
 
@@ -252,8 +246,4 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (the CPU torch wheel has none)")
 def test_the_kernels_under_the_interpreter():
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_in_interpreter(INTERPRETER_SCRIPT)
