@@ -249,11 +249,11 @@ def evaluate_models(
     temperature = gen_cfg.temperature if gen_cfg.do_sample else 1.0
 
     greedy_set = _greedy_set(prompts, greedy_prompts) if settings.greedy else None
+    clock = _Clock(progress)
     samples, pair_lp = _sample_policies(candidate, champion, reference, sample_prompts, pairs, settings,
                                         temperature, device, reference_tokenizer, greedy_prompts=greedy_set,
                                         sample_cache=Path(sample_cache) if sample_cache is not None else None,
-                                        clock=_Clock(progress))
-    clock = _Clock(progress)
+                                        clock=clock)
     scorer = reward_scorer
     if scorer is None and reward_model is not None:
         scorer = reward_scorer_from_folder(reward_model, device, settings.score_batch_size,
