@@ -15,11 +15,12 @@ texts), each written to a temporary name and renamed, the JSON last: an entry
 without its JSON is incomplete and is ignored (a crash mid-write leaves no half entry that
 loads). No pickles: safetensors and JSON only.
 
-Key (:func:`sample_key`): SHA-256 over the identity of the model and of the reference (the
-name, size and SHA-256 of every file in the folder: a retrained model in the same folder is
+Key (:func:`sample_key`): SHA-256 over the identity of the model and of the reference, their
+content (the project's model-folder digest of config and weights, :func:`alignment.models.folder_digest`,
+remembered under ``<dir>/fingerprints`` so a folder's weights are read once, and the SHA-256 of
+each other top-level file: tokenizer, chat template): a retrained model in the same folder is
 another model, and the registry's copy of a round's candidate, which comes back as the next
-round's champion from another folder, is the same one; hashing costs about a second a GB), the
-tokenizer setting, the prompts, every
+round's champion from another folder, is the same one. Then the tokenizer setting, the prompts, every
 evaluation setting that shapes the samples or their log-probs (generation settings, seed,
 prompt truncation, scoring batch size, temperature), the greedy prompts, the device and the
 torch and transformers versions (kernels differ between them). A model that is not a local
@@ -42,19 +43,22 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from alignment.generation import GenerationResult
+from alignment.models import folder_digest
 
 FORMAT = 2  # 2: folders identified by content (1: by path and modification time)
 _TENSORS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "hit_eos")
 _ARRAYS = ("logps", "ref_logps", "fluency_logps")
 
 
-def _folder_identity(path: str | Path) -> list | None:
-    """``[(file, size, sha256), ...]`` of a local model folder (its content, not where it lies), else None."""
+def _folder_identity(path: str | Path, memo_dir: Path | None) -> list | None:
+    """A local model folder's content, not where it lies (else None): its config and weights by
+    :func:`alignment.models.folder_digest` (remembered in ``memo_dir`` while their sizes and mtimes
+    hold), and every other top-level file but weights (tokenizer, chat template), small, by SHA-256."""
     folder = Path(path)
     if not folder.is_dir():
         return None
-    files = sorted((str(p.relative_to(folder)), p) for p in folder.rglob("*") if p.is_file())
-    return [(name, p.stat().st_size, _sha256(p)) for name, p in files]
+    small = [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix not in {".safetensors", ".bin"}]
+    return [folder_digest(folder, memo_dir), [(f.name, _sha256(f)) for f in small]]
 
 
 def _sha256(path: Path) -> str:
@@ -63,10 +67,12 @@ def _sha256(path: Path) -> str:
 
 
 def sample_key(model: str | Path, reference: str | Path, *, prompts: list, greedy_prompts: list | None,
-               settings: dict[str, Any], device: str, reference_tokenizer: str | None = None) -> str | None:
+               settings: dict[str, Any], device: str, reference_tokenizer: str | None = None,
+               memo_dir: Path | None = None) -> str | None:
     """The cache key of ``model``'s samples against ``reference`` (hex), or None when either is
-    not a local folder. ``settings``: the evaluation settings that shape the samples (JSON-able)."""
-    ident, ref = _folder_identity(model), _folder_identity(reference)
+    not a local folder. ``settings``: the evaluation settings that shape the samples (JSON-able);
+    ``memo_dir``: where the weights' digests are remembered (the cache folder; None: hashed each time)."""
+    ident, ref = _folder_identity(model, memo_dir), _folder_identity(reference, memo_dir)
     if ident is None or ref is None:
         return None
     blob = json.dumps({"format": FORMAT, "model": ident, "reference": ref, "tokenizer": reference_tokenizer,

@@ -354,7 +354,8 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
         if sample_cache is None:
             return None, None
         key = sample_cache_io.sample_key(path, reference, prompts=sample_prompts, greedy_prompts=greedy_prompts,
-                                         settings=shaping, device=device, reference_tokenizer=reference_tokenizer)
+                                         settings=shaping, device=device, reference_tokenizer=reference_tokenizer,
+                                         memo_dir=sample_cache)
         return key, (sample_cache_io.load(sample_cache, key) if key else None)
 
     def keep(key: str | None, s: _Samples) -> None:

@@ -87,15 +87,21 @@ def demo_offline_reward_model(cfg: PipelineConfig, base: ModelRecord) -> ModelRe
                                 "offline_cached": offline.cached})
 
 
+def _cached_frame(path: Path, build) -> pd.DataFrame:
+    """The Parquet at ``path``, built by ``build()`` and written first when it is missing (to a
+    temporary name, then renamed: a killed write leaves no half file under the final name)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        build().to_parquet(tmp, index=False)
+        tmp.replace(path)
+    return pd.read_parquet(path)
+
+
 def prompt_table(cfg: PipelineConfig, base: ModelRecord) -> pd.DataFrame:
     """The demo's prompt table (all splits), cached as Parquet next to the pipeline's data."""
-    path = data_dir(cfg) / "demo-prompts" / f"prompts-{base.digest}.parquet"
-    if path.exists():
-        return pd.read_parquet(path)
-    frame = demo_prompts(demo_settings(cfg), base.path, cfg.preferences)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(path, index=False)
-    return frame
+    return _cached_frame(data_dir(cfg) / "demo-prompts" / f"prompts-{base.digest}.parquet",
+                         lambda: demo_prompts(demo_settings(cfg), base.path, cfg.preferences))
 
 
 def pretraining_prompts(cfg: PipelineConfig, base: ModelRecord) -> list[str]:
@@ -103,14 +109,10 @@ def pretraining_prompts(cfg: PipelineConfig, base: ModelRecord) -> list[str]:
     cached as Parquet beside the prompt table; empty when the setting is off."""
     if cfg.demo is None or not cfg.demo.pretraining_heldout_prompts:
         return []
-    path = data_dir(cfg) / "demo-prompts" / f"pretraining-heldout-{base.digest}.parquet"
-    if not path.exists():
-        frame = demo_pretraining_prompts(demo_settings(cfg), base.path, prompt_table(cfg, base), cfg.preferences)
-        tmp = path.with_suffix(".tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(path)  # a killed write leaves no half file under the final name
-    return pd.read_parquet(path)["prompt"].tolist()
+    frame = _cached_frame(data_dir(cfg) / "demo-prompts" / f"pretraining-heldout-{base.digest}.parquet",
+                          lambda: demo_pretraining_prompts(demo_settings(cfg), base.path, prompt_table(cfg, base),
+                                                           cfg.preferences))
+    return frame["prompt"].tolist()
 
 
 def heldout_prompts(cfg: PipelineConfig, base: ModelRecord, split: str = "test") -> list[str]:
