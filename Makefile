@@ -11,9 +11,12 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-# make test runs the suite in this many pytest-xdist processes (one per core of a 2-core CI machine;
-# each test's own processes run single-threaded: tests/conftest.py). PYTEST_WORKERS=0: one process.
-PYTEST_WORKERS ?= 2
+# make test runs the suite in this many pytest-xdist processes, with idle workers taking queued tests
+# from busy ones (worksteal). Three on a 2-core CI machine: with two, the cores sat idle 40% of the run
+# while tests waited on the servers and child processes they start (benchmarks/RESULTS.md, "make test");
+# each test's own processes run single-threaded (tests/conftest.py). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 3
+PYTEST_DIST ?= worksteal
 
 .PHONY: run test lint bench-cpu clean help
 
@@ -36,7 +39,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist $(PYTEST_DIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -151,11 +151,16 @@ class GraphDecoder:
     ``fuse_projections`` decodes with :mod:`alignment.fused_decode` weights (one matmul for
     q/k/v and one for gate/up, in the compute dtype). ``triton_attention`` runs each decode step's
     attention as one Triton kernel on CUDA (:mod:`alignment.triton_attention`; elsewhere the
-    torch path). Raises ValueError for models with sliding-window attention.
+    torch path). ``fuse_cache_update`` (with both of those) also folds each step's rotary
+    embedding and cache write into that kernel (:func:`alignment.triton_attention.rope_write_decode`):
+    the decode steps then write the cache at the decoder's own slot, not through the cache's
+    ``update`` (whose position counter stays where the prefill left it).
+    Raises ValueError for models with sliding-window attention.
     """
 
     def __init__(self, model, use_graph: bool | None = None, compile_step: bool = False,
-                 fuse_projections: bool = False, triton_attention: bool = False) -> None:
+                 fuse_projections: bool = False, triton_attention: bool = False,
+                 fuse_cache_update: bool = False) -> None:
         if not graph_supported(model):
             raise ValueError("GraphDecoder needs full attention in every layer (sliding-window models are not supported)")
         self.model = model
@@ -166,6 +171,7 @@ class GraphDecoder:
         self.compile_step = compile_step
         self.fuse_projections = fuse_projections
         self.attention = DECODE_ATTENTION_TRITON if triton_attention else DECODE_ATTENTION
+        self.fuse_cache_update = fuse_cache_update and fuse_projections and triton_attention
         self.fused = None
         self.tokens_in: torch.Tensor | None = None  # graph inputs at fixed addresses (step / advance)
         self.logits_in: torch.Tensor | None = None
@@ -218,6 +224,8 @@ class GraphDecoder:
         self.positions = (positions[:, -1:] + 1).clone()
         self.slot = torch.tensor([P], device=self.device)  # the slot the next token goes to
         self.step_mask = self.valid[:, None, None, :]  # a view: marking a slot valid updates it
+        if self.fuse_cache_update:  # read by the fused attention forward (alignment.fused_decode)
+            self.cache.fused_update_slot = self.slot
         self.next_slot = P
         self.total = T
         return logits

@@ -22,6 +22,10 @@ attention is transformers' (rotary embedding, cache update, attention interface,
 projection) with the three projections as one; it accepts transformers 5.x's two spellings of the
 cache argument (``past_key_values`` up to 5.1x, ``cache`` after).
 
+With a cache that carries ``fused_update_slot`` (:class:`alignment.fast_generation.GraphDecoder`
+with ``fuse_cache_update``), a one-token step's rotary embedding, cache write and attention run as
+one Triton kernel (:func:`alignment.triton_attention.rope_write_decode`) where it runs.
+
 Memory: a copy of the projection weights while generating (1B in bf16: about 2 GiB; the output
 projections and the LM head are copied only when their dtype is not the compute dtype).
 """
@@ -36,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from alignment import triton_attention
 
 __all__ = ["FusedDecodeWeights"]
 
@@ -72,6 +78,13 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     key = key.reshape(hidden_shape).transpose(1, 2)
     value = value.reshape(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
+    slot = getattr(cache, "fused_update_slot", None)  # set by GraphDecoder for its decode steps only
+    if slot is not None and query.shape[2] == 1 and triton_attention.supports_update(query, key):
+        layer = cache.layers[self.layer_idx]
+        # the cache's own position counter is not advanced: the decoder's slot says where to write
+        out = triton_attention.rope_write_decode(query, key, value, cos, sin, layer.keys, layer.values, slot,
+                                                 attention_mask[:, 0, 0, :], self.scaling)
+        return F.linear(out.reshape(*input_shape, -1), out_weight, out_bias), None
     source = sys.modules[type(self).__mro__[1].__module__]  # the model's own modeling module
     query, key = source.apply_rotary_pos_emb(query, key, cos, sin)
     if cache is not None:

@@ -11,7 +11,9 @@ prompts × 256 new tokens, sampling at T = 1 with EOS off, so every run decodes 
 - ``advance_fused``: the same with ``fuse_projections`` (q/k/v and gate/up as one matmul each);
 - ``advance_triton``: the same with ``triton_attention`` (each step's attention as one Triton kernel);
 - ``advance_triton_sampler``: ``advance_triton`` with the token drawn by the Triton Gumbel-max sampler
-  (:mod:`alignment.triton_sampling`) instead of the compiled exponential race (the other paths keep the race).
+  (:mod:`alignment.triton_sampling`) instead of the compiled exponential race (the other paths keep the race);
+- ``advance_triton_update``: ``advance_triton_sampler`` with each layer's rotary embedding and cache write folded
+  into the attention kernel (``fuse_cache_update``: :func:`alignment.triton_attention.rope_write_decode`).
 
 ms/step (whole call) = wall time of the whole decode call (prefill, the eager first step and the
 graph capture included) / 256, best of ``--reps``. ms/step (steady state) = (best 256-token call −
@@ -23,8 +25,9 @@ process (a device-to-device copy of 1 GiB, median of 10). Fraction of the bound 
 
 Checks printed with the figures: ``advance_graph`` samples the very tokens ``step_graph`` samples (the
 seeded generator registered with the graph advances as in eager decoding); greedy tokens of
-``advance_fused`` and of ``advance_triton`` against ``step_graph`` (bf16: they may part after a rounding
-tie, so the share of equal tokens up to each row's first difference is reported); the Triton attention
+``advance_fused`` and of ``advance_triton`` against ``step_graph``, and of ``advance_triton_update`` against
+``advance_triton`` (bf16: they may part after a rounding tie, so the share of equal tokens up to each row's
+first difference is reported); the Triton attention
 kernel against the torch one on the decode's own shapes (largest absolute difference, bf16); the Triton
 sampler's token frequencies over 2,048 draws of one fixed bf16 logits row at the decode's own [B, V] (16 heavy
 tokens spread over the vocabulary; largest |frequency − softmax| against 4 standard errors of the likeliest
@@ -62,7 +65,8 @@ from benchmarks.gpu_bench import (  # noqa: E402
     words,
 )
 
-PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused", "advance_triton", "advance_triton_sampler")
+PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused", "advance_triton", "advance_triton_sampler",
+         "advance_triton_update")
 
 
 class StepGraphDecoder(GraphDecoder):
@@ -72,10 +76,12 @@ class StepGraphDecoder(GraphDecoder):
 
 
 def decode(model, ids, settings, decoder_cls, seed=0, fuse=False, compile_step=True, triton_sampler=False):
-    """``fuse``: False, True (fused projections) or "triton" (fused projections and the Triton attention);
+    """``fuse``: False, True (fused projections), "triton" (fused projections and the Triton attention) or
+    "update" ("triton" with the rotary embedding and cache write in the attention kernel);
     ``triton_sampler``: the compiled path's draw by the Triton sampler instead of the compiled race."""
     gen = torch.Generator(device=ids.device).manual_seed(seed)
-    dec = decoder_cls(model, compile_step=compile_step, fuse_projections=bool(fuse), triton_attention=fuse == "triton")
+    dec = decoder_cls(model, compile_step=compile_step, fuse_projections=bool(fuse),
+                      triton_attention=fuse in ("triton", "update"), fuse_cache_update=fuse == "update")
     eos = torch.tensor([-1], device=ids.device)
     out, _, _ = _decode_batch(dec, ids, torch.ones_like(ids), settings, gen, eos, pad_id=0,
                               triton_sampler=triton_sampler)
@@ -214,7 +220,8 @@ def run_shape(shape: str, args) -> dict:
                  "advance_graph": (GraphDecoder, False, settings, False),
                  "advance_sampler": (GraphDecoder, False, fast, False), "advance_fused": (GraphDecoder, True, fast, False),
                  "advance_triton": (GraphDecoder, "triton", fast, False),
-                 "advance_triton_sampler": (GraphDecoder, "triton", fast, True)}
+                 "advance_triton_sampler": (GraphDecoder, "triton", fast, True),
+                 "advance_triton_update": (GraphDecoder, "update", fast, True)}
         tokens = {}
         for name, (cls, fuse, s, ts) in paths.items():
             tokens[name] = decode(model, ids, s, cls, fuse=fuse, triton_sampler=ts)[0].cpu()  # compiles on the first
@@ -242,6 +249,9 @@ def run_shape(shape: str, args) -> dict:
         g_triton = decode(model, ids, greedy, GraphDecoder, fuse="triton")[0].cpu()
         same = (g_ref == g_triton).long().cumprod(dim=1).sum(dim=1)
         out["check_greedy_triton_equal_prefix"] = float(same.float().mean() / N)
+        g_update = decode(model, ids, greedy, GraphDecoder, fuse="update")[0].cpu()
+        same = (g_triton == g_update).long().cumprod(dim=1).sum(dim=1)
+        out["check_greedy_update_equal_triton_prefix"] = float(same.float().mean() / N)
         out["check_triton_attention_max_abs_diff"] = attention_check(model, B, P + N, device)
         tok = tokens["advance_triton_sampler"]
         out["check_triton_sampler_tokens_in_vocab"] = bool(((tok >= 0) & (tok < model.config.vocab_size)).all())
@@ -305,6 +315,7 @@ def main() -> None:
                   f"compiled sampler vs eager equal prefix {100 * record['check_compiled_sampler_equal_prefix']:.1f}%; "
                   f"greedy fused vs unfused equal prefix {100 * record['check_greedy_fused_equal_prefix']:.1f}%; "
                   f"greedy Triton attention vs unfused {100 * record['check_greedy_triton_equal_prefix']:.1f}%; "
+                  f"greedy fused update vs Triton attention {100 * record['check_greedy_update_equal_triton_prefix']:.1f}%; "
                   f"Triton vs torch attention max |diff| {record['check_triton_attention_max_abs_diff']}; "
                   f"Triton sampler's tokens in the vocabulary: {record['check_triton_sampler_tokens_in_vocab']}")
             sc = record["check_triton_sampler"]

@@ -7,11 +7,11 @@ fighting over the 2 CI cores.
 Session fixtures shared by tests/fault and tests/integration: one Prefect test server for the
 whole session (starting one costs ~12 s; the fault tests had one each) and one demo base-model
 cache (building it costs ~8 s; every pipeline test, the fault tests included, only reads it once
-built). Under ``make test``'s two pytest-xdist workers each worker has its own.
+built). Under ``make test``'s pytest-xdist workers each worker has its own.
 
 Test order: modules with fault tests first, then the real-server module, then other slow
-modules, then the rest (collection order within each), so that the two workers start the
-longest tests first and finish together (longest-first scheduling).
+modules, then the rest (collection order within each), so that the workers start the
+longest tests first and finish together (longest-first scheduling; idle workers steal queued tests).
 """
 
 import os
