@@ -35,6 +35,7 @@ token), with the time of one draw by it and by the compiled race (CUDA events, m
 graph's kernels per step.
 
     python3 benchmarks/gpu_decode.py --shapes qwen0.5b,llama1b --out $OUT
+    python3 benchmarks/gpu_decode.py --no-checks --gen-reps 0 --paths advance_triton_sampler,advance_triton_update --out $OUT
     .venv/bin/python benchmarks/gpu_decode.py --device cpu --shapes tiny --new-tokens 8 --batch 4   # dry run
 """
 
@@ -224,6 +225,8 @@ def run_shape(shape: str, args) -> dict:
                  "advance_triton_update": (GraphDecoder, "update", fast, True)}
         tokens = {}
         for name, (cls, fuse, s, ts) in paths.items():
+            if not args.checks and name not in args.paths.split(","):
+                continue  # no checks: only the timed paths decode (each compiles once)
             tokens[name] = decode(model, ids, s, cls, fuse=fuse, triton_sampler=ts)[0].cpu()  # compiles on the first
             print(f"# {shape} {name}: warm", flush=True)
             if name not in args.paths.split(","):
@@ -239,6 +242,8 @@ def run_shape(shape: str, args) -> dict:
                                                  / (N - args.short_tokens))
             out[name]["fixed_ms_per_call"] = min(out[name]["runs_s"]) * 1000 - N * out[name]["marginal_ms_per_step"]
             print(f"# {shape} {name}: {out[name]['ms_per_step']:.3f} ms/step", flush=True)
+        if not args.checks:
+            return finish(out, paths)
         out["check_advance_samples_equal_step_graph"] = bool(torch.equal(tokens["advance_graph"], tokens["step_graph"]))
         first = (tokens["advance_sampler"] == tokens["advance_graph"]).long().cumprod(dim=1).sum(dim=1)
         out["check_compiled_sampler_equal_prefix"] = float(first.float().mean() / N)
@@ -261,6 +266,11 @@ def run_shape(shape: str, args) -> dict:
                 if name not in out:
                     continue
                 out[name]["profile"] = kernels_per_step(model, ids, s, cls, fuse, ts)
+    return finish(out, paths)
+
+
+def finish(out: dict, paths) -> dict:
+    """``out`` with each timed path's fraction of the bound."""
     for name in ("model.generate", *paths):
         if name in out:
             out[name]["fraction_of_bound"] = out["bound_ms_per_step"] / out[name]["ms_per_step"]
@@ -280,6 +290,8 @@ def main() -> None:
     parser.add_argument("--paths", default=",".join(PATHS), help="timed paths (the checks decode all)")
     parser.add_argument("--short-tokens", type=int, default=32, help="the short decode of the marginal cost")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--no-checks", dest="checks", action="store_false",
+                        help="time the --paths only: no checks, no profile, untimed paths not decoded")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--work", default="/tmp/gpu_bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_decode_out"))
@@ -311,6 +323,8 @@ def main() -> None:
                           f"{r['fixed_ms_per_call']:.0f}" if "marginal_ms_per_step" in r else " | | ")
                 print(f"| {name} | {r['ms_per_step']:.3f} | {r['new_tokens_per_s']:,.0f} | "
                       f"{100 * r['fraction_of_bound']:.1f}% | {steady} | {r['runs_s']} |")
+            if "check_advance_samples_equal_step_graph" not in record:
+                continue  # --no-checks
             print(f"checks: advance samples == step_graph samples: {record['check_advance_samples_equal_step_graph']}; "
                   f"compiled sampler vs eager equal prefix {100 * record['check_compiled_sampler_equal_prefix']:.1f}%; "
                   f"greedy fused vs unfused equal prefix {100 * record['check_greedy_fused_equal_prefix']:.1f}%; "
