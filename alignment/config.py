@@ -329,7 +329,10 @@ class GenerationSettings(StrictModel):
     (:mod:`alignment.triton_attention`: every K/V head read once for the query heads that share it,
     the cache mask applied as it reads, softmax online) instead of four to five kernels. Needs
     Triton (part of torch's CUDA wheels); elsewhere the torch attention runs. Same tokens up to
-    kernel rounding. On an H200 at batch 64 a 1B decode step takes 11% less time, a 0.5B one 8% (RESULTS.md, run 27)."""
+    kernel rounding. On an H200 at batch 64 a 1B decode step takes 11% less time, a 0.5B one 8% (RESULTS.md, run 27).
+    With ``fuse_projections`` too, the kernel also applies the rotary embedding and writes the new
+    key and value into the cache (:func:`alignment.triton_attention.rope_write_decode`; head sizes
+    from 32): on an H100 another 4% off a 1B step and 10% off a 0.5B one (RESULTS.md, run 31)."""
     sync_every: int = Field(8, gt=0)
     """On CUDA, check whether every row has ended only every this many tokens (each check waits
     for the device); rows that ended early get padding meanwhile, so the output is the same.

@@ -405,7 +405,8 @@ def generate(
             else:
                 decoder = (GraphDecoder(model, compile_step=settings.compile_step,
                                         fuse_projections=settings.fuse_projections,
-                                        triton_attention=settings.triton_attention)
+                                        triton_attention=settings.triton_attention,
+                                        fuse_cache_update=settings.triton_attention)
                            if settings.cuda_graphs else KVDecoder(model, cache))
                 resp, resp_mask, hit = _decode_batch(decoder, ids, mask, settings, generator, eos, pad_id,
                                                      _suppressed_ids(model, device))
