@@ -107,12 +107,16 @@ class StallWatch:
 
 
 def build_command(recipe: str, config_path: Path, processes: int = 1,
-                  accelerate_config: str | None = None) -> list[str]:
-    """The argv that runs ``alignment.train`` directly, or under ``accelerate launch``."""
+                  accelerate_config: str | None = None, log_dir: Path | None = None) -> list[str]:
+    """The argv that runs ``alignment.train`` directly, or under ``accelerate launch``. ``log_dir``:
+    where torch's elastic agent keeps its per-launch folders (without one it makes a new
+    ``/tmp/torchelastic_*`` folder on every launch and leaves it there)."""
     train = ["-m", "alignment.train", recipe, "--config", str(config_path)]
     if processes <= 1 and not accelerate_config:
         return [sys.executable, *train]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    if log_dir is not None:
+        launch += ["--log_dir", str(log_dir)]
     if accelerate_config:
         launch += ["--config_file", accelerate_config]
     elif processes > 1:
@@ -245,7 +249,7 @@ def run_recipe(
         return done
     config_path.write_text(config_text)
     log_path = run_dir / "train.log"
-    cmd = build_command(recipe, config_path, processes, accelerate_config)
+    cmd = build_command(recipe, config_path, processes, accelerate_config, log_dir=run_dir / "launch")
     env = {**TRAINING_ENV_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            **launch_env(processes, accelerate_config), **(extra_env or {})}
 

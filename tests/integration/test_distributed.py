@@ -27,7 +27,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
                 "max_steps": 4, "packing": True, "beta": 0.5, "optim": {"lr": 1e-3, "schedule": "constant"}}
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump({**settings, "batch_size": 4, "output_dir": str(tmp_path / "ddp")}))
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "alignment.train", "dpo",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "elastic"),
+         "-m", "alignment.train", "dpo",
          "--config", str(tmp_path / "ddp.yaml")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )

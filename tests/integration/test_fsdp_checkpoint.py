@@ -31,10 +31,11 @@ from tests.tiny_models import make_tiny_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _launch(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def _launch(mode: str, out: Path, *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Two processes of the worker in ``mode``, writing under ``out`` (the elastic agent's folder too)."""
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-         "tests.integration.fsdp_checkpoint_worker", *map(str, args)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--log-dir", str(Path(out) / "elastic"),
+         "-m", "tests.integration.fsdp_checkpoint_worker", mode, str(out), *map(str, args)],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 

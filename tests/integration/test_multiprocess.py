@@ -55,9 +55,9 @@ def _curve(run_dir: Path) -> list[dict]:
 
 
 def test_launch_command_starts_a_process_group_on_cpu():
-    cmd = build_command("dpo", Path("run.yaml"), processes=2)
+    cmd = build_command("dpo", Path("run.yaml"), processes=2, log_dir=Path("run/launch"))
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--cpu" not in cmd
-    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--log_dir") + 1] == "run/launch"
     import torch
 
     if torch.cuda.device_count() == 0:
@@ -77,6 +77,8 @@ def test_two_cpu_processes_follow_the_one_process_loss_curve(inputs):
         assert (run_dir / "final" / "model.safetensors").exists()
     log = (root / "p2" / "train.log").read_text()
     assert "accelerate.commands.launch" in log and "--num_processes 2" in log
+    # the elastic agent's folder of the launch is kept with the run, not left in /tmp
+    assert [p.name for p in (root / "p2" / "launch").iterdir()] and not (root / "p1" / "launch").exists()
     for key in CURVE_KEYS:
         one = [r[key] for r in curves[1]]
         two = [r[key] for r in curves[2]]
