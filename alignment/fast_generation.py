@@ -154,15 +154,13 @@ class GraphDecoder:
     torch path). ``fuse_cache_update`` (with both of those) also folds each step's rotary
     embedding and cache write into that kernel (:func:`alignment.triton_attention.rope_write_decode`):
     the decode steps then write the cache at the decoder's own slot, not through the cache's
-    ``update`` (whose position counter stays where the prefill left it). ``triton_matmul`` (with
-    ``fuse_projections``) runs the decode steps' projections as :mod:`alignment.triton_linear`
-    kernels on CUDA: each one launch (split-K reduced inside), the MLP's SiLU·mul inside its gate/up.
+    ``update`` (whose position counter stays where the prefill left it).
     Raises ValueError for models with sliding-window attention.
     """
 
     def __init__(self, model, use_graph: bool | None = None, compile_step: bool = False,
                  fuse_projections: bool = False, triton_attention: bool = False,
-                 fuse_cache_update: bool = False, triton_matmul: bool = False) -> None:
+                 fuse_cache_update: bool = False) -> None:
         if not graph_supported(model):
             raise ValueError("GraphDecoder needs full attention in every layer (sliding-window models are not supported)")
         self.model = model
@@ -174,7 +172,6 @@ class GraphDecoder:
         self.fuse_projections = fuse_projections
         self.attention = DECODE_ATTENTION_TRITON if triton_attention else DECODE_ATTENTION
         self.fuse_cache_update = fuse_cache_update and fuse_projections and triton_attention
-        self.triton_matmul = triton_matmul and fuse_projections
         self.fused = None
         self.tokens_in: torch.Tensor | None = None  # graph inputs at fixed addresses (step / advance)
         self.logits_in: torch.Tensor | None = None
@@ -211,7 +208,7 @@ class GraphDecoder:
         self.cache.compute_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                                     else next(self.model.parameters()).dtype)
         if self.fuse_projections:
-            self.fused = FusedDecodeWeights.build(self.model, self.cache.compute_dtype, triton_matmul=self.triton_matmul)
+            self.fused = FusedDecodeWeights.build(self.model, self.cache.compute_dtype)
         self.valid = torch.zeros(B, T, dtype=torch.bool, device=self.device)
         self.valid[:, :P] = prompt_mask.bool()
         slots = torch.arange(T, device=self.device)

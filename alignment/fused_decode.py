@@ -41,13 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from alignment import triton_attention, triton_linear
+from alignment import triton_attention
 
 __all__ = ["FusedDecodeWeights"]
 
 ATTENTION_CLASSES = {"LlamaAttention", "Qwen2Attention"}
 MLP_CLASSES = {"LlamaMLP", "Qwen2MLP"}
-SILU_CLASSES = {"SiLU", "SiLUActivation"}
 
 
 def _plain(*modules) -> bool:
@@ -73,9 +72,8 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     cache = cache if cache is not None else past_key_values
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    weight, bias, sizes, out_weight, out_bias, count = self.fused_qkv
-    linear = _linear(count, hidden_states, weight)
-    query, key, value = linear(hidden_states, weight, bias).split(sizes, dim=-1)
+    weight, bias, sizes, out_weight, out_bias = self.fused_qkv
+    query, key, value = F.linear(hidden_states, weight, bias).split(sizes, dim=-1)
     query = query.reshape(hidden_shape).transpose(1, 2)
     key = key.reshape(hidden_shape).transpose(1, 2)
     value = value.reshape(hidden_shape).transpose(1, 2)
@@ -86,7 +84,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         # the cache's own position counter is not advanced: the decoder's slot says where to write
         out = triton_attention.rope_write_decode(query, key, value, cos, sin, layer.keys, layer.values, slot,
                                                  attention_mask[:, 0, 0, :], self.scaling)
-        return linear(out.reshape(*input_shape, -1), out_weight, out_bias), None
+        return F.linear(out.reshape(*input_shape, -1), out_weight, out_bias), None
     source = sys.modules[type(self).__mro__[1].__module__]  # the model's own modeling module
     query, key = source.apply_rotary_pos_emb(query, key, cos, sin)
     if cache is not None:
@@ -96,22 +94,12 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
     out, weights = attention(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
                              **extra, **kwargs)
-    return linear(out.reshape(*input_shape, -1), out_weight, out_bias), weights
-
-
-def _linear(count, x, weight):
-    """The step's matmul: :func:`alignment.triton_linear.linear` where it was asked for (``count``,
-    its counters) and runs on ``x``, else ``F.linear``."""
-    if count is not None and triton_linear.supported(x, weight):
-        return functools.partial(triton_linear.linear, count=count)
-    return F.linear
+    return F.linear(out.reshape(*input_shape, -1), out_weight, out_bias), weights
 
 
 def _mlp_forward(self, x):
     """``down(act(gate x) * up x)`` with gate and up as one matmul over ``self.fused_gate_up``."""
-    weight, down_weight, count = self.fused_gate_up
-    if count is not None and triton_linear.supported(x, weight):  # SiLU·mul in the gate/up kernel
-        return triton_linear.linear(triton_linear.linear(x, weight, None, count, gated=True), down_weight, None, count)
+    weight, down_weight = self.fused_gate_up
     gate, up = F.linear(x, weight).chunk(2, dim=-1)
     return F.linear(self.act_fn(gate) * up, down_weight)
 
@@ -131,27 +119,17 @@ class FusedDecodeWeights:
 
     ``entries`` holds (module, attribute name, value, forward) for every module that decodes with
     fused weights; :meth:`patched` installs them. ``fused_layers`` counts the layers whose
-    attention and MLP were both fused (0 when the architecture is not supported). ``counters``
-    are :func:`alignment.triton_linear.counters` when the projections run as Triton kernels.
+    attention and MLP were both fused (0 when the architecture is not supported).
     """
 
-    def __init__(self, entries: list[tuple[nn.Module, str, tuple | torch.Tensor, object]], fused_layers: int,
-                 counters: torch.Tensor | None = None) -> None:
+    def __init__(self, entries: list[tuple[nn.Module, str, tuple | torch.Tensor, object]], fused_layers: int) -> None:
         self.entries = entries
         self.fused_layers = fused_layers
-        self.counters = counters
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: nn.Module, dtype: torch.dtype, triton_matmul: bool = False) -> FusedDecodeWeights:
-        """Copy the weights of ``model`` (a transformers causal LM, possibly wrapped) in ``dtype``.
-
-        ``triton_matmul``: one-token steps run the projections as :mod:`alignment.triton_linear`
-        kernels where Triton runs on the model's device (the MLP's gate/up with its SiLU·mul, in
-        SiLU MLPs); elsewhere, and for longer inputs, ``F.linear`` as without it."""
-        device = next(model.parameters()).device
-        runs = triton_matmul and triton_linear.AVAILABLE and (device.type == "cuda" or triton_linear.INTERPRETED)
-        count = triton_linear.counters(device) if runs else None
+    def build(cls, model: nn.Module, dtype: torch.dtype) -> FusedDecodeWeights:
+        """Copy the weights of ``model`` (a transformers causal LM, possibly wrapped) in ``dtype``."""
         entries: list = []
         attention = mlp = 0
         for module in model.modules():
@@ -160,21 +138,19 @@ class FusedDecodeWeights:
                 weight, bias = _weights([module.q_proj, module.k_proj, module.v_proj], dtype)
                 sizes = (module.q_proj.out_features, module.k_proj.out_features, module.v_proj.out_features)
                 out_weight, out_bias = _weights([module.o_proj], dtype)
-                entries.append((module, "fused_qkv", (weight, bias, sizes, out_weight, out_bias, count),
-                                _attention_forward))
+                entries.append((module, "fused_qkv", (weight, bias, sizes, out_weight, out_bias), _attention_forward))
                 attention += 1
             elif name in MLP_CLASSES and _plain(module.gate_proj, module.up_proj, module.down_proj):
                 if module.gate_proj.bias is not None or module.down_proj.bias is not None:
                     continue
                 weight, _ = _weights([module.gate_proj, module.up_proj], dtype)
                 down, _ = _weights([module.down_proj], dtype)
-                silu = type(module.act_fn).__name__ in SILU_CLASSES
-                entries.append((module, "fused_gate_up", (weight, down, count if silu else None), _mlp_forward))
+                entries.append((module, "fused_gate_up", (weight, down), _mlp_forward))
                 mlp += 1
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if entries and head is not None and _plain(head):
             entries.append((head, "fused_head", head.weight.detach().to(dtype), _head_forward))
-        return cls(entries, min(attention, mlp), count)
+        return cls(entries, min(attention, mlp))
 
     @contextlib.contextmanager
     def patched(self):

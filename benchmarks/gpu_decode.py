@@ -14,12 +14,6 @@ prompts × 256 new tokens, sampling at T = 1 with EOS off, so every run decodes 
   (:mod:`alignment.triton_sampling`) instead of the compiled exponential race (the other paths keep the race);
 - ``advance_triton_update``: ``advance_triton_sampler`` with each layer's rotary embedding and cache write folded
   into the attention kernel (``fuse_cache_update``: :func:`alignment.triton_attention.rope_write_decode`).
-- ``advance_triton_linear``: ``advance_triton_update`` with the projections as :mod:`alignment.triton_linear`
-  kernels (``triton_matmul``: each one launch, split-K reduced inside, SiLU·mul in the gate/up kernel);
-  ``--linear-plans`` (a ``benchmarks/gpu_linear.py --plans-out`` file) sets their blocks per shape;
-- ``advance_triton_update_pdl``, ``advance_triton_linear_pdl``: those compiled again with inductor's
-  programmatic dependent launch (``torch._inductor.config.triton.enable_pdl``: its kernels may start while
-  the previous one drains); timed after the others.
 
 ms/step (whole call) = wall time of the whole decode call (prefill, the eager first step and the
 graph capture included) / 256, best of ``--reps``. ms/step (steady state) = (best 256-token call −
@@ -73,7 +67,7 @@ from benchmarks.gpu_bench import (  # noqa: E402
 )
 
 PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused", "advance_triton", "advance_triton_sampler",
-         "advance_triton_update", "advance_triton_linear", "advance_triton_update_pdl", "advance_triton_linear_pdl")
+         "advance_triton_update")
 
 
 class StepGraphDecoder(GraphDecoder):
@@ -83,14 +77,12 @@ class StepGraphDecoder(GraphDecoder):
 
 
 def decode(model, ids, settings, decoder_cls, seed=0, fuse=False, compile_step=True, triton_sampler=False):
-    """``fuse``: False, True (fused projections), "triton" (fused projections and the Triton attention),
-    "update" ("triton" with the rotary embedding and cache write in the attention kernel) or "linear"
-    ("update" with the projections as Triton kernels);
+    """``fuse``: False, True (fused projections), "triton" (fused projections and the Triton attention) or
+    "update" ("triton" with the rotary embedding and cache write in the attention kernel);
     ``triton_sampler``: the compiled path's draw by the Triton sampler instead of the compiled race."""
     gen = torch.Generator(device=ids.device).manual_seed(seed)
     dec = decoder_cls(model, compile_step=compile_step, fuse_projections=bool(fuse),
-                      triton_attention=fuse in ("triton", "update", "linear"),
-                      fuse_cache_update=fuse in ("update", "linear"), triton_matmul=fuse == "linear")
+                      triton_attention=fuse in ("triton", "update"), fuse_cache_update=fuse == "update")
     eos = torch.tensor([-1], device=ids.device)
     out, _, _ = _decode_batch(dec, ids, torch.ones_like(ids), settings, gen, eos, pad_id=0,
                               triton_sampler=triton_sampler)
@@ -230,20 +222,11 @@ def run_shape(shape: str, args) -> dict:
                  "advance_sampler": (GraphDecoder, False, fast, False), "advance_fused": (GraphDecoder, True, fast, False),
                  "advance_triton": (GraphDecoder, "triton", fast, False),
                  "advance_triton_sampler": (GraphDecoder, "triton", fast, True),
-                 "advance_triton_update": (GraphDecoder, "update", fast, True),
-                 "advance_triton_linear": (GraphDecoder, "linear", fast, True),
-                 "advance_triton_update_pdl": (GraphDecoder, "update", fast, True),
-                 "advance_triton_linear_pdl": (GraphDecoder, "linear", fast, True)}
+                 "advance_triton_update": (GraphDecoder, "update", fast, True)}
         tokens = {}
         for name, (cls, fuse, s, ts) in paths.items():
             if not args.checks and name not in args.paths.split(","):
                 continue  # no checks: only the timed paths decode (each compiles once)
-            if name.endswith("_pdl"):
-                if not hasattr(torch._inductor.config.triton, "enable_pdl"):
-                    print(f"# {shape} {name}: this torch has no inductor PDL; skipped", flush=True)
-                    continue
-                torch._inductor.config.triton.enable_pdl = True
-                torch._dynamo.reset()  # compile the step again, with PDL
             tokens[name] = decode(model, ids, s, cls, fuse=fuse, triton_sampler=ts)[0].cpu()  # compiles on the first
             print(f"# {shape} {name}: warm", flush=True)
             if name not in args.paths.split(","):
@@ -258,14 +241,7 @@ def run_shape(shape: str, args) -> dict:
             out[name]["marginal_ms_per_step"] = (1000 * (min(out[name]["runs_s"]) - min(shorter["runs_s"]))
                                                  / (N - args.short_tokens))
             out[name]["fixed_ms_per_call"] = min(out[name]["runs_s"]) * 1000 - N * out[name]["marginal_ms_per_step"]
-            print(f"# {shape} {name}: {out[name]['ms_per_step']:.3f} ms/step, steady state "
-                  f"{out[name]['marginal_ms_per_step']:.3f}", flush=True)
-            if device.type == "cuda" and name in args.profile_paths.split(","):
-                out[name]["profile"] = kernels_per_step(model, ids, s, cls, fuse, ts)
-                print(f"# {shape} {name}: profile {out[name]['profile']}", flush=True)
-        if hasattr(torch._inductor.config.triton, "enable_pdl"):
-            torch._inductor.config.triton.enable_pdl = False
-            torch._dynamo.reset()
+            print(f"# {shape} {name}: {out[name]['ms_per_step']:.3f} ms/step", flush=True)
         if not args.checks:
             return finish(out, paths)
         out["check_advance_samples_equal_step_graph"] = bool(torch.equal(tokens["advance_graph"], tokens["step_graph"]))
@@ -281,16 +257,13 @@ def run_shape(shape: str, args) -> dict:
         g_update = decode(model, ids, greedy, GraphDecoder, fuse="update")[0].cpu()
         same = (g_triton == g_update).long().cumprod(dim=1).sum(dim=1)
         out["check_greedy_update_equal_triton_prefix"] = float(same.float().mean() / N)
-        g_linear = decode(model, ids, greedy, GraphDecoder, fuse="linear")[0].cpu()
-        same = (g_update == g_linear).long().cumprod(dim=1).sum(dim=1)
-        out["check_greedy_linear_equal_update_prefix"] = float(same.float().mean() / N)
         out["check_triton_attention_max_abs_diff"] = attention_check(model, B, P + N, device)
         tok = tokens["advance_triton_sampler"]
         out["check_triton_sampler_tokens_in_vocab"] = bool(((tok >= 0) & (tok < model.config.vocab_size)).all())
         out["check_triton_sampler"] = sampler_check(B, model.config.vocab_size, device)
         if device.type == "cuda" and args.profile:
             for name, (cls, fuse, s, ts) in paths.items():
-                if name not in out or "profile" in out[name] or name.endswith("_pdl"):
+                if name not in out:
                     continue
                 out[name]["profile"] = kernels_per_step(model, ids, s, cls, fuse, ts)
     return finish(out, paths)
@@ -317,8 +290,6 @@ def main() -> None:
     parser.add_argument("--paths", default=",".join(PATHS), help="timed paths (the checks decode all)")
     parser.add_argument("--short-tokens", type=int, default=32, help="the short decode of the marginal cost")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
-    parser.add_argument("--profile-paths", default="", help="timed paths to profile right after timing them")
-    parser.add_argument("--linear-plans", default=None, help="gpu_linear.py --plans-out file for the Triton projections")
     parser.add_argument("--no-checks", dest="checks", action="store_false",
                         help="time the --paths only: no checks, no profile, untimed paths not decoded")
     parser.add_argument("--device", default="cuda")
@@ -326,12 +297,6 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_decode_out"))
     args = parser.parse_args()
     args.device_t = torch.device(args.device)
-    if args.linear_plans:
-        from alignment import triton_linear
-
-        for n, k, gated, config in json.loads(Path(args.linear_plans).read_text()):
-            triton_linear.PLANS[(n, k, gated)] = tuple(config)
-        print(f"# Triton projection plans: {triton_linear.PLANS}", flush=True)
     args.work = Path(args.work)
     args.work.mkdir(parents=True, exist_ok=True)
     out_dir = Path(args.out)
@@ -365,7 +330,6 @@ def main() -> None:
                   f"greedy fused vs unfused equal prefix {100 * record['check_greedy_fused_equal_prefix']:.1f}%; "
                   f"greedy Triton attention vs unfused {100 * record['check_greedy_triton_equal_prefix']:.1f}%; "
                   f"greedy fused update vs Triton attention {100 * record['check_greedy_update_equal_triton_prefix']:.1f}%; "
-                  f"greedy Triton projections vs fused update {100 * record['check_greedy_linear_equal_update_prefix']:.1f}%; "
                   f"Triton vs torch attention max |diff| {record['check_triton_attention_max_abs_diff']}; "
                   f"Triton sampler's tokens in the vocabulary: {record['check_triton_sampler_tokens_in_vocab']}")
             sc = record["check_triton_sampler"]
