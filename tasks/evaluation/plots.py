@@ -126,7 +126,8 @@ def plot_closed_loop(rounds: Sequence[Mapping[str, float]], path: str | Path, *,
                      metric: str = "oracle", label: str = "champion mean oracle reward") -> Path:
     """The closed-loop demo: the champion's ``metric`` per round (rows with ``round`` and
     ``metric``, optionally ``kl`` drawn on a second axis and ``promoted`` marking rounds whose
-    candidate was promoted), with the base model's value as a dashed line."""
+    candidate was promoted), with the base model's value as a dashed line (per round where rows
+    carry ``base oracle``: :func:`base_line`)."""
     rows = sorted(rounds, key=lambda r: r["round"])
     if not rows:
         raise ValueError("no rounds to plot")
@@ -138,8 +139,10 @@ def plot_closed_loop(rounds: Sequence[Mapping[str, float]], path: str | Path, *,
     if promoted:
         ax.scatter([p[0] for p in promoted], [p[1] for p in promoted], s=90, facecolors="none",
                    edgecolors="green", label="promoted")
-    if baseline is not None:
-        ax.axhline(baseline, linestyle="--", color="grey", label=f"base model ({baseline:.3f})")
+    base = base_line(rows, baseline)
+    if base:
+        ax.plot([p[0] for p in base], [p[1] for p in base], linestyle="--", color="grey", drawstyle="steps-mid",
+                label=f"base model, on each round's prompts ({base[-1][1]:.3f} last)")
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.set_xticks(xs)
@@ -159,12 +162,23 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def base_line(rows: Sequence[Mapping], baseline: float | None) -> list[tuple[float, float]]:
+    """The base model's oracle per round, as ``(round, value)`` points: each row's ``base oracle``
+    (the base on that round's evaluated prompts; rounds may evaluate on different prompt sets),
+    else ``baseline`` at every round; empty when neither is known."""
+    points = [(r["round"], r["base oracle"]) for r in rows if _finite(r.get("base oracle"))]
+    if points:
+        return points
+    return [(r["round"], baseline) for r in rows] if baseline is not None else []
+
+
 def plot_loop_rounds(rows: Sequence[Mapping], path: str | Path, *, baseline: float | None = None,
                      max_kl: float | None = None) -> Path:
     """The closed loop round by round: oracle (left) and KL to the base model (right) of each
     round's candidate, promoted ones filled, rejected ones as crosses, and the champion after
     the round as a line. Rows carry ``round``, ``candidate oracle``, ``candidate KL``,
-    ``promoted``, ``oracle`` and ``kl`` (the champion's; None before the first promotion)."""
+    ``promoted``, ``oracle`` and ``kl`` (the champion's; None before the first promotion), and
+    optionally ``base oracle``: the base model's line follows it (:func:`base_line`)."""
     rows = sorted(rows, key=lambda r: r["round"])
     if not rows:
         raise ValueError("no rounds to plot")
@@ -181,8 +195,10 @@ def plot_loop_rounds(rows: Sequence[Mapping], path: str | Path, *, baseline: flo
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3,
                            label="candidate, promoted" if promoted else "candidate, rejected", **style)
-        if i == 0 and baseline is not None:
-            ax.axhline(baseline, linestyle="--", color="grey", label=f"base model ({baseline:.3f})")
+        base = base_line(rows, baseline) if i == 0 else []
+        if base:
+            ax.plot([p[0] for p in base], [p[1] for p in base], linestyle="--", color="grey", drawstyle="steps-mid",
+                    label=f"base model, on each round's prompts ({base[-1][1]:.3f} last)")
         if i == 1 and max_kl is not None:
             ax.axhline(max_kl, linestyle=":", color="tab:red", label=f"gate KL budget ({max_kl:g})")
         ax.set_xlabel("round")

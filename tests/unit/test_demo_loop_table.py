@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flows.demo import _first_failure, candidate_figures, greedy_cell
-from tasks.evaluation.plots import plot_loop_rounds
+from tasks.evaluation.plots import base_line, plot_loop_rounds
 
 
 def test_candidate_figures_read_the_report_and_the_budget_stop(tmp_path):
@@ -60,6 +60,17 @@ def test_round_plot_marks_promoted_and_rejected_candidates(tmp_path):
             {"round": 2, "candidate oracle": None, "candidate KL": None, "promoted": False, "oracle": None, "kl": None}]
     path = plot_loop_rounds(rows, tmp_path / "p.png", baseline=0.2, max_kl=20)
     assert path.exists() and path.stat().st_size > 10_000
+
+
+def test_the_base_line_follows_each_rounds_prompts():
+    """Round 0 evaluates on 220 prompts and later rounds on 2,092: the base's line is each round's own
+    figure, not the last round's drawn under all of them."""
+    rows = [{"round": 0, "base oracle": 0.206}, {"round": 1, "base oracle": 0.231}, {"round": 2, "base oracle": None},
+            {"round": 3, "base oracle": 0.231}]
+    assert base_line(rows, baseline=0.231) == [(0, 0.206), (1, 0.231), (3, 0.231)]
+    # rows written before the per-round figure: the one baseline at every round
+    assert base_line([{"round": 0}, {"round": 1}], baseline=0.2) == [(0, 0.2), (1, 0.2)]
+    assert base_line([{"round": 0}], baseline=None) == []
 
 
 def test_kl_budget_grows_per_round_up_to_its_cap():
