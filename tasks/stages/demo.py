@@ -56,14 +56,15 @@ def reward_start(cfg: PipelineConfig, base: ModelRecord) -> ModelRecord:
 def demo_offline_reward_model(cfg: PipelineConfig, base: ModelRecord) -> ModelRecord:
     """The reward model trained on the demo's offline set alone (``demo.offline``: its epochs and lr,
     the rest of the recipe from ``reward``), trained once and cached under the demo cache by the
-    digest of the base model, the set, the settings and the code version of ``alignment/``. Each
+    digest of the base model, the set, the settings and the code the reward recipe runs
+    (:func:`tasks.versioning.recipe_code_version`). Each
     round's reward stage starts from it (its ``init``). The record's summary holds the set's size and
     digest (``extra_train``), which the reward run and the registered reward version record."""
     from alignment.recipes.checkpoint import RESUME_IGNORED_FIELDS
     from tasks.demo.offline_feedback import build_offline_set
     from tasks.launcher import device_env, finished_summary, run_recipe
     from tasks.stages.train import recipe_settings
-    from tasks.versioning import code_version, digest_of
+    from tasks.versioning import digest_of, recipe_code_version
 
     settings = demo_settings(cfg)
     offline = build_offline_set(settings, base.path, cfg.data, cfg.preferences)  # built once, cached by digest
@@ -71,7 +72,7 @@ def demo_offline_reward_model(cfg: PipelineConfig, base: ModelRecord) -> ModelRe
     recipe = recipe.model_copy(update={
         "epochs": settings.offline.epochs, "optim": recipe.optim.model_copy(update={"lr": settings.offline.lr}),
         "eval_path": None, "extra_train_paths": [], "calibrate": False, "max_steps": None})  # fmt: skip
-    key = digest_of("offline-reward", base.digest, offline.digest, code_version(),
+    key = digest_of("offline-reward", base.digest, offline.digest, recipe_code_version("reward"),
                     recipe.model_dump(mode="json", exclude={"train_path", "model", *RESUME_IGNORED_FIELDS}))[:16]
     run_dir = Path(settings.cache_dir) / f"reward-offline-{key}"
     extra = {"paths": [offline.path], "pairs": offline.pairs, "digest": offline.digest, "mode": "warm_start"}

@@ -24,7 +24,7 @@ from tasks.preflight import check_batch_fits
 from tasks.records import ModelRecord
 from tasks.stages import slots
 from tasks.stages.cached import cached_stage
-from tasks.versioning import code_version, digest_of
+from tasks.versioning import code_version, digest_of, recipe_code_version
 
 
 def _model_settings(template: ModelSettings | None, path: str, *, keep_lora: bool) -> ModelSettings:
@@ -126,11 +126,12 @@ def train_key(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_dig
 
     Hashes the stage, the dataset and upstream models' digests, the recipe settings but the
     paths that follow from them and the fields that do not change the math (those a resumed run
-    may change, ``RESUME_IGNORED_FIELDS``), and the code version of ``alignment/``."""
+    may change, ``RESUME_IGNORED_FIELDS``), and the code version of the part of ``alignment/`` the
+    recipe runs (:func:`tasks.versioning.recipe_code_version`)."""
     # torch and accelerate: loaded when a key is made, not when this module is imported
     from alignment.recipes.checkpoint import RESUME_IGNORED_FIELDS
 
-    _, settings = recipe_settings(cfg, stage, data, init, reward, reference)
+    recipe, settings = recipe_settings(cfg, stage, data, init, reward, reference)
     reference = distinct_reference(init, reference)
     extra = getattr(settings, "extra_train_paths", None)
     return digest_of(stage, dataset_digest, init.digest, reward.digest if reward else None,
@@ -139,7 +140,7 @@ def train_key(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_dig
                      settings.model_dump(mode="json", exclude={"output_dir", "train_path", "eval_path", "model",
                                                                 "extra_train_paths", *RESUME_IGNORED_FIELDS}),
                      settings.model.model_dump(mode="json", exclude={"name_or_path"}) if settings.model else None,
-                     code_version())
+                     recipe_code_version(recipe))
 
 
 def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_digest: str, init: ModelRecord,
