@@ -4,8 +4,10 @@ recipe in its own process (:func:`tasks.launcher.run_recipe`), streams metrics i
 MLflow run, and returns a :class:`~tasks.records.ModelRecord`.
 
 Caching: the key (:func:`train_key`) hashes the dataset digest, the starting model's digest,
-the recipe settings and the code version of ``alignment/``. The run folder is named by the
-same key, so a crashed run resumes from its last checkpoint.
+the recipe settings and the code version of the ``alignment/`` modules the recipe imports. The
+run folder is named by the same key, so a crashed run resumes from its last checkpoint, and a
+finished one is taken as it is (after a change to code the recipe does not run, too: the Prefect
+task's own cache key follows all of ``alignment/``, the run folder does not).
 """
 
 from __future__ import annotations
