@@ -224,8 +224,10 @@ def read_parquet(path: str | Path, max_bytes: int | None = None) -> RawTable:
     """A Parquet file, read a batch of rows at a time while counting their in-memory size.
 
     A column whose type nests deeper than MAX_NESTING is not read; every row gets
-    ``too_deeply_nested:<column>``. Raises UnreadableSource: ``unreadable_file`` (not Parquet,
-    truncated, a corrupt page), ``duplicate_columns``, ``too_deeply_nested`` (every column is) or
+    ``too_deeply_nested:<column>`` (when every column does, the rows are counted from the file's
+    metadata and each is quarantined so). Raises UnreadableSource: ``unreadable_file`` (not Parquet,
+    truncated, a corrupt page), ``duplicate_columns``, ``too_deeply_nested`` (every column is, in
+    more rows than the memory limit can list) or
     ``too_large_decompressed`` (the rows take more than ``max_bytes``, default
     :data:`MAX_DECOMPRESSED_BYTES`, in memory: stopped as soon as the batches read pass it).
     """
@@ -242,8 +244,13 @@ def read_parquet(path: str | Path, max_bytes: int | None = None) -> RawTable:
             if len(set(schema.names)) < len(schema.names):
                 raise UnreadableSource("duplicate_columns", f"{path.name}: repeated column names")
             deep = [f.name for f in schema if type_depth(f.type) > MAX_NESTING]
-            if deep and len(deep) == len(schema):
-                raise UnreadableSource("too_deeply_nested", f"{path.name}: every column nests deeper than {MAX_NESTING}")
+            if deep and len(deep) == len(schema):  # nothing to read, but the rows are counted and quarantined
+                rows = pf.metadata.num_rows
+                if rows * len(deep) * 64 > limit:  # their reasons alone would pass the memory limit
+                    raise UnreadableSource("too_deeply_nested", f"{path.name}: every column nests deeper than "
+                                           f"{MAX_NESTING}, in {rows} rows")
+                return _without_deep(RawTable(pd.DataFrame(index=range(rows)), str(path), np.arange(1, rows + 1)),
+                                     deep)
             schema = pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
                                 for f in schema if f.name not in deep], metadata=schema.metadata)
             batches, size = [], 0

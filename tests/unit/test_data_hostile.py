@@ -210,6 +210,24 @@ def test_wrong_parquet_schemas_quarantine_rows_not_the_run(tmp_path):
     assert all("wrong_type:prompt" in r and "wrong_type:response_b" in r for r in reasons.values())
 
 
+def test_a_parquet_whose_every_column_nests_too_deep_quarantines_each_of_its_rows(tmp_path):
+    """Nothing in it can be read, but its rows are counted (the hypothesis fuzz case: two records,
+    one column 65 deep) rather than the file standing as one quarantined row."""
+    value = None
+    for i in range(MAX_NESTING + 1):
+        value = [value] if i % 2 else {"k": value}
+    pq.write_table(pa.table({"prompt": pa.array([None, value, value])}), tmp_path / "deep.parquet")
+    result = _validate(tmp_path / "deep.parquet", quarantine_max_share=1.0)
+    reasons = _reasons(result)
+    assert set(reasons) == {("deep.parquet", 1), ("deep.parquet", 2), ("deep.parquet", 3)}
+    assert all("too_deeply_nested:prompt" in r for r in reasons.values())
+    assert result.report.rows_in == 3 and result.report.rows_valid == 0
+    # more rows than the memory limit can list: the file is refused as a whole, as before
+    with pytest.raises(readers.UnreadableSource) as err:
+        read_parquet(tmp_path / "deep.parquet", max_bytes=100)
+    assert err.value.reason == "too_deeply_nested"
+
+
 def test_a_parquet_bomb_is_refused_once_its_rows_pass_the_memory_limit(tmp_path):
     """A few KiB that decompress (dictionary + RLE) to 200 MB of text."""
     text = "x" * 1000
