@@ -150,7 +150,12 @@ def test_random_structures_as_parquet(records):
         except (pa.ArrowException, ValueError):  # a type Parquet cannot store (e.g. an empty struct)
             table = pa.table({n: pa.array([_cell(r.get(n)) for r in records], pa.string()) for n in names})
             pq.write_table(table, path)
-        _check(path, _source_rows(records))
+        try:
+            pq.ParquetFile(path).close()
+            expected = _source_rows(records)
+        except (pa.ArrowException, OSError):  # Arrow writes a schema it will not read back (nesting past
+            expected = 1  # its limit of 100): one unreadable file, quarantined as one row
+        _check(path, expected)
 
 
 @settings(max_examples=max(FUZZ_EXAMPLES // 3, 5), deadline=None, derandomize=True, database=None,
