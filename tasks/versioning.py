@@ -21,9 +21,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """sha256 (12 hex) over the source files of ``alignment/`` (path + content, sorted)."""
+    """sha256 (12 hex) over the source files of ``alignment/`` (:func:`_sources_digest`)."""
+    return _sources_digest((PACKAGE_ROOT / "alignment").rglob("*.py"))
+
+
+def _sources_digest(paths) -> str:
+    """sha256 (12 hex) over source files: path under the package root + content, sorted by path."""
     digest = hashlib.sha256()
-    for path in sorted((PACKAGE_ROOT / "alignment").rglob("*.py")):
+    for path in sorted(paths):
         digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
@@ -77,11 +82,7 @@ def recipe_code_version(recipe: str) -> str:
         parts = module.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b first
         todo += sorted(_imported(module, path))
-    digest = hashlib.sha256()
-    for path in sorted(files.values()):
-        digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    return _sources_digest(files.values())
 
 
 @lru_cache(maxsize=1)

@@ -139,10 +139,7 @@ def plot_closed_loop(rounds: Sequence[Mapping[str, float]], path: str | Path, *,
     if promoted:
         ax.scatter([p[0] for p in promoted], [p[1] for p in promoted], s=90, facecolors="none",
                    edgecolors="green", label="promoted")
-    base = base_line(rows, baseline)
-    if base:
-        ax.plot([p[0] for p in base], [p[1] for p in base], linestyle="--", color="grey", drawstyle="steps-mid",
-                label=f"base model, on each round's prompts ({base[-1][1]:.3f} last)")
+    _draw_base_line(ax, rows, baseline)
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.set_xticks(xs)
@@ -172,6 +169,14 @@ def base_line(rows: Sequence[Mapping], baseline: float | None) -> list[tuple[flo
     return [(r["round"], baseline) for r in rows] if baseline is not None else []
 
 
+def _draw_base_line(ax, rows: Sequence[Mapping], baseline: float | None) -> None:
+    """:func:`base_line` as a dashed grey step line on ``ax`` (nothing when it is empty)."""
+    base = base_line(rows, baseline)
+    if base:
+        ax.plot([p[0] for p in base], [p[1] for p in base], linestyle="--", color="grey", drawstyle="steps-mid",
+                label=f"base model, on each round's prompts ({base[-1][1]:.3f} last)")
+
+
 def plot_loop_rounds(rows: Sequence[Mapping], path: str | Path, *, baseline: float | None = None,
                      max_kl: float | None = None) -> Path:
     """The closed loop round by round: oracle (left) and KL to the base model (right) of each
@@ -195,10 +200,8 @@ def plot_loop_rounds(rows: Sequence[Mapping], path: str | Path, *, baseline: flo
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3,
                            label="candidate, promoted" if promoted else "candidate, rejected", **style)
-        base = base_line(rows, baseline) if i == 0 else []
-        if base:
-            ax.plot([p[0] for p in base], [p[1] for p in base], linestyle="--", color="grey", drawstyle="steps-mid",
-                    label=f"base model, on each round's prompts ({base[-1][1]:.3f} last)")
+        if i == 0:
+            _draw_base_line(ax, rows, baseline)
         if i == 1 and max_kl is not None:
             ax.axhline(max_kl, linestyle=":", color="tab:red", label=f"gate KL budget ({max_kl:g})")
         ax.set_xlabel("round")
