@@ -198,7 +198,7 @@ def flag_values(col: pd.Series, name: str, problems: Problems) -> np.ndarray:
 
     values = col.map(one)
     problems.add(values.isna().to_numpy(bool), f"invalid_value:{name}")
-    return values.fillna(False).astype(bool).to_numpy()
+    return values.eq(True).to_numpy(bool)
 
 
 def coerce_choice(col: pd.Series) -> pd.Series:
@@ -235,7 +235,9 @@ def coerce_label(col: pd.Series, name: str, problems: Problems) -> pd.Series:
     text = col.map(lambda v: None if _isna(v) else str(v)).astype("str").str.strip().str.lower()
     mapped = text.map(LABELS)
     problems.add(~na & mapped.isna().to_numpy(bool), f"invalid_value:{name}")
-    return mapped.fillna(False).astype(bool)
+    # eq(True), not fillna(False): a column with no valid label maps to float NaN, which pandas 4 will not fill
+    # with a bool (Pandas4Warning today); those rows are quarantined whatever their value here
+    return mapped.eq(True)
 
 
 def coerce_list(col: pd.Series, name: str, problems: Problems, element: str) -> pd.Series:

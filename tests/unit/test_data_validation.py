@@ -125,6 +125,17 @@ def test_other_kinds_bad_rows(tmp_path):
     assert got == {2: ["unknown_kind"]}
 
 
+
+@pytest.mark.filterwarnings("error")
+def test_a_file_with_no_valid_thumb_or_flag_is_quarantined_row_by_row(tmp_path):
+    # Every label and is_chat invalid: the mapped column is all NaN (float), which pandas 4 will not fill with a bool
+    binary = pd.DataFrame({"prompt": ["p1", "p2"], "response": ["r1", "r2"], "label": ["maybe", "sideways"],
+                           "is_chat": ["perhaps", "unsure"]})
+    binary.to_csv(tmp_path / "binary.csv", index=False)
+    res = _validate(tmp_path / "binary.csv")
+    assert _reasons_by_row(res) == {2: ["invalid_value:is_chat", "invalid_value:label"],
+                                    3: ["invalid_value:is_chat", "invalid_value:label"]}
+
 def test_undetectable_kind_and_disallowed_kind_are_quarantined(tmp_path):
     path = _write_jsonl(tmp_path / "f.jsonl", [{"question": "q", "answer": "a"}] * 3)
     res = _validate(path)
