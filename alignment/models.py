@@ -98,6 +98,15 @@ def same_attention_on_recompute(config):
     return context_fn
 
 
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """Activation checkpointing with ``kwargs`` for ``torch.utils.checkpoint``: transformers' new name where it has
+    it (``gradient_checkpointing_enable`` warns from 5.2x and goes in v6), the old one before."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _finish(model, settings: ModelSettings, task_type: str, trainable: bool):
     """Training switches shared by policy and reward models: no KV cache, checkpointing, LoRA."""
     model.config.use_cache = False  # a cache during training also disables packed-sequence masks
@@ -105,7 +114,7 @@ def _finish(model, settings: ModelSettings, task_type: str, trainable: bool):
         return freeze(model)
     checkpointing = {"use_reentrant": False, "context_fn": same_attention_on_recompute(model.config)}
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        enable_checkpointing(model, checkpointing)
     if settings.lora is not None:
         # QLoRA: no peft.prepare_model_for_kbit_training. It casts every weight that is not 4-bit to
         # fp32, which for the 8B shape is 3.9 GiB of embeddings and LM head instead of 2.0 (run 19's

@@ -42,11 +42,11 @@ def _model(device: torch.device, dtype: torch.dtype):
 
 def _grads(device: torch.device, dtype: torch.dtype, checkpoint: bool, keep_for_backward: bool) -> list[torch.Tensor]:
     from alignment.fast_paths import VARLEN_ATTENTION, attention_implementation
-    from alignment.models import decoder_hidden
+    from alignment.models import decoder_hidden, enable_checkpointing
 
     model = _model(device, dtype)
     if checkpoint:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, {"use_reentrant": False})
     gen = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(0, 100, (1, 8), generator=gen).to(device),
              "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=device),

@@ -265,7 +265,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     grads = []
     for ckpt in (False, True):
         model = load_causal_lm(ModelSettings(name_or_path=str(folder), gradient_checkpointing=ckpt)).train()
-        assert model.is_gradient_checkpointing == ckpt
+        on = getattr(model, "is_activation_checkpointing", None)  # the old name warns from transformers 5.2x
+        assert (model.is_gradient_checkpointing if on is None else on) == ckpt
         CausalLMLogps(model)(collate_sequences(PROMPTS, COMPLETIONS, pad_id=0))["seq_logps"].sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
