@@ -36,7 +36,8 @@ class LoraSettings(StrictModel):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt (e.g. ["q_proj", "v_proj"]) or "all-linear"."""
     quantize_4bit: bool = False
-    """QLoRA: load the frozen base in 4-bit NF4 (needs bitsandbytes and a CUDA GPU)."""
+    """QLoRA: load the frozen base in 4-bit NF4 (needs the bitsandbytes package; on a CPU too, slowly). The
+    saved ``merged/`` folder holds the dequantized base plus the adapter, a plain model for serving."""
 
 
 class ModelSettings(StrictModel):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -72,8 +73,8 @@ def _load_kwargs(settings: ModelSettings) -> dict:
     if settings.attn_implementation:
         kwargs["attn_implementation"] = settings.attn_implementation
     if settings.lora is not None and settings.lora.quantize_4bit:
-        if not torch.cuda.is_available():
-            raise RuntimeError("lora.quantize_4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise RuntimeError("lora.quantize_4bit (QLoRA) needs the bitsandbytes package: pip install bitsandbytes")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -110,6 +111,8 @@ def enable_checkpointing(model, kwargs: dict) -> None:
 def _finish(model, settings: ModelSettings, task_type: str, trainable: bool):
     """Training switches shared by policy and reward models: no KV cache, checkpointing, LoRA."""
     model.config.use_cache = False  # a cache during training also disables packed-sequence masks
+    if settings.lora is not None and settings.lora.quantize_4bit:
+        _keep_4bit_layout(model)
     if not trainable:
         return freeze(model)
     checkpointing = {"use_reentrant": False, "context_fn": same_attention_on_recompute(model.config)}
@@ -123,6 +126,21 @@ def _finish(model, settings: ModelSettings, task_type: str, trainable: bool):
         # does, and non-reentrant checkpointing needs no input-gradient hook.
         model = apply_lora(model, settings.lora, task_type)
     return model
+
+
+def _keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit layers in their trainable layout on a CPU.
+
+    On a CPU with AVX-512 bf16, bitsandbytes (0.50) repacks a 4-bit layer's weight for its inference
+    kernel at the first forward in eval mode without gradients (an evaluation), and keeps that
+    layout when training resumes: the layer then runs a kernel without a backward, and the gradient
+    through the frozen base to every earlier adapter is dropped (torch warns that it may be
+    "silently incorrect"). Evaluation is slower on the CPU without the repack; training is right."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_causal_lm(settings: ModelSettings, *, trainable: bool = True):
@@ -455,21 +473,55 @@ def shared_prompt_supported(model, device: torch.device | str | None = None, ato
 
 
 def _unsharded_copy(model, state_dict: dict[str, torch.Tensor]):
-    """A plain CPU copy of the peft ``model`` (whose parameters may be FSDP shards) holding
+    """A plain CPU copy of the peft ``model`` (whose parameters may be FSDP shards, or 4-bit) holding
     ``state_dict``, its full weights as ``model.state_dict()`` names them: the same classes and
-    configs built on the meta device, then given the tensors (no second copy of the weights)."""
+    configs (less any quantization) built on the meta device, then given the tensors (no second
+    copy of the weights)."""
     from peft import get_peft_model
     from torch.distributed.fsdp import FSDPModule
 
     base = model.get_base_model()
     plain = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))  # fully_shard made FSDP<cls>
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):  # the copy holds plain weights: saved, it must load as such
+        del config.quantization_config
     with torch.device("meta"):
-        replica = get_peft_model(plain._from_config(copy.deepcopy(base.config)),
-                                 copy.deepcopy(model.peft_config[model.active_adapter]))
+        replica = get_peft_model(plain._from_config(config), copy.deepcopy(model.peft_config[model.active_adapter]))
     replica.load_state_dict(state_dict, strict=True, assign=True)
     if getattr(base, "generation_config", None) is not None:
         replica.get_base_model().generation_config = copy.deepcopy(base.generation_config)
     return replica
+
+
+def is_quantized(model) -> bool:
+    """True for a model (or peft model) loaded in 4 or 8 bits through bitsandbytes (QLoRA)."""
+    base = model.get_base_model() if is_peft(model) else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def dequantized_state_dict(model) -> dict[str, torch.Tensor]:
+    """A QLoRA ``model``'s full weights as plain CPU tensors under ``model.state_dict()``'s names:
+    each 4-bit layer's weight dequantized to the dtype it was loaded in (what its forward computes
+    with), its quantization state left out; the other tensors copied.
+
+    Why: peft's merge into a 4-bit layer rounds W + BA to NF4 again, which moves the weights by
+    more than a small adapter does (the merged model then matches neither the trained one nor the
+    base). Merged into these instead, the weights are the trained model's."""
+    import bitsandbytes as bnb
+
+    quantized = {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    if any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()):
+        raise NotImplementedError("merging an adapter into an 8-bit model; alignflow loads QLoRA bases in 4 bits")
+    state = {}
+    for key, tensor in model.state_dict().items():
+        owner = key.rpartition(".weight")[0] if ".weight" in key else None
+        if owner in quantized:
+            continue  # the packed weight and its quantization state (absmax, quant_map, ...)
+        state[key] = tensor.detach().to("cpu", copy=True)
+    for name, module in quantized.items():
+        weight = module.weight
+        state[f"{name}.weight"] = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to("cpu")
+    return state
 
 
 def _sort_adapter_config(config_file: Path) -> None:
@@ -487,7 +539,9 @@ def save_model_folder(model, tokenizer, path: str | Path, state_dict: dict[str, 
     """Save an ordinary HF folder with safetensors weights and the tokenizer.
 
     LoRA: ``path`` holds the adapter (``adapter_model.safetensors``, ``adapter_config.json``) and
-    ``path/merged`` the full merged weights (a copy is merged, ``model`` is left untouched).
+    ``path/merged`` the full merged weights (a copy is merged, ``model`` is left untouched). QLoRA:
+    the merged weights are the dequantized base plus the adapter (:func:`dequantized_state_dict`), in
+    the dtype the base was loaded in, a plain folder that loads without bitsandbytes.
     The saved config has the KV cache on, for serving. Returns ``path``.
 
     ``state_dict``: the model's full weights by ``state_dict()`` name, written instead of its own
@@ -505,7 +559,10 @@ def save_model_folder(model, tokenizer, path: str | Path, state_dict: dict[str, 
         model.save_pretrained(str(path), **weights)  # adapter weights only, PEFT's key names
         _sort_adapter_config(path / "adapter_config.json")
         tokenizer.save_pretrained(str(path))
-        replica = copy.deepcopy(model) if state_dict is None else _unsharded_copy(model, state_dict)
+        if state_dict is None and is_quantized(model):
+            replica = _unsharded_copy(model, dequantized_state_dict(model))
+        else:
+            replica = copy.deepcopy(model) if state_dict is None else _unsharded_copy(model, state_dict)
         full, full_path, weights = replica.merge_and_unload(), path / "merged", {}
     use_cache, full.config.use_cache = full.config.use_cache, True  # on for serving, restored for training
     try:

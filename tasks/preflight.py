@@ -175,6 +175,7 @@ def preflight(cfg: PipelineConfig, *, load_tokenizers: bool = True) -> list[str]
     _check_sections(cfg)
     _check_sources(cfg)
     _check_device(cfg)
+    _check_quantization(cfg)
     configs: dict[str, dict | None] = {}
     if cfg.model.policy is not None:
         configs["policy"] = model_config("model.policy", cfg.model.policy, load_tokenizer=load_tokenizers)
@@ -199,6 +200,18 @@ def _check_device(cfg: PipelineConfig) -> None:
     if not torch.cuda.is_available():
         raise PreflightError("pipeline.device: cuda, but torch sees no CUDA device on this machine "
                              "(a CPU build of torch, or no GPU); use auto or cpu")
+
+
+def _check_quantization(cfg: PipelineConfig) -> None:
+    """QLoRA (``lora.quantize_4bit``) loads the base through bitsandbytes: without it no stage could train."""
+    import importlib.util
+
+    for field in ("policy", "reward"):
+        settings = getattr(cfg.model, field)
+        if settings is not None and settings.lora is not None and settings.lora.quantize_4bit \
+                and importlib.util.find_spec("bitsandbytes") is None:
+            raise PreflightError(f"model.{field}.lora.quantize_4bit: QLoRA needs the bitsandbytes package, which is "
+                                 "not installed here (pip install bitsandbytes)")
 
 
 def _fast_path_notes(cfg: PipelineConfig) -> list[str]:

@@ -59,10 +59,9 @@ def make_tiny_model(folder: str | Path, kind: str = "gpt2", seed: int = 0, **ove
         config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, **{**common, **overrides})
         model = GPT2LMHeadModel(config)
     elif kind == "llama":
-        config = LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128, tie_word_embeddings=False, **{**common, **overrides},
-        )
+        shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": False}
+        config = LlamaConfig(**{**shape, **common, **overrides})
         model = LlamaForCausalLM(config)
     else:
         raise ValueError(kind)

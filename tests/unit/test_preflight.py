@@ -148,6 +148,17 @@ def test_device_cuda_without_a_cuda_device_is_named(tmp_path, model_64, monkeypa
     assert msg.startswith("pipeline.device: cuda, but torch sees no CUDA device")
 
 
+def test_qlora_without_bitsandbytes_is_named(tmp_path, model_64, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    msg = _error(_config(tmp_path, str(model_64)), "model.policy.lora.quantize_4bit=true")
+    assert msg.startswith("model.policy.lora.quantize_4bit: QLoRA needs the bitsandbytes package")
+    monkeypatch.undo()
+    assert preflight(load_pipeline_config(_config(tmp_path, str(model_64)), ["model.policy.lora.quantize_4bit=true"])) == []
+
+
 def test_device_cpu_hides_cuda_from_the_training_process(tmp_path, model_64, monkeypatch):
     """pipeline.device: cpu is honoured by training on a GPU host too: the training process is
     launched with no CUDA device visible (and joins a gloo group when there are several)."""

@@ -1,0 +1,89 @@
+"""QLoRA (``lora.quantize_4bit``) on the CPU: a 4-bit base learns through its adapter, and the saved
+``merged/`` folder is the model that was trained, a plain one that loads without bitsandbytes."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from alignment.batching import collate_sequences
+from alignment.config import DPOConfig, LoraSettings, ModelSettings
+from alignment.models import CausalLMLogps, adapter_disabled, load_causal_lm, save_model_folder
+from alignment.recipes.dpo import DPORecipe
+from tests.tiny_models import make_tiny_model, preference_pairs
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]  # token ids
+COMPLETIONS = [[20, 21], [22, 23, 24, 25], [26], [27, 28, 29]]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    # bitsandbytes quantizes in blocks of 64 inputs on the CPU: every layer at least that wide
+    return make_tiny_model(tmp_path_factory.mktemp("qlora") / "llama", "llama", hidden_size=64, intermediate_size=128)
+
+
+def _logps(model, batch):
+    with torch.no_grad():
+        return CausalLMLogps(model.eval())(batch)["seq_logps"]
+
+
+# bitsandbytes' CPU inference layout has no backward: after an evaluation it would drop the gradient through the base
+@pytest.mark.filterwarnings("error:.*an autograd kernel was not registered:UserWarning")
+def test_qlora_dpo_learns_the_preference_through_a_4bit_base(llama, tmp_path):
+    pairs = tmp_path / "pairs.parquet"
+    preference_pairs(64, seed=0).to_parquet(pairs)
+    lora = {"r": 8, "alpha": 16, "target_modules": "all-linear", "quantize_4bit": True}
+    cfg = DPOConfig(model={"name_or_path": str(llama), "lora": lora}, train_path=str(pairs), eval_path=str(pairs),
+                    output_dir=str(tmp_path / "run"), batch_size=8, max_steps=20, beta=0.5, max_length=64,
+                    max_prompt_length=32, reference="adapter_disabled", optim={"lr": 1e-2, "schedule": "constant"})
+    recipe = DPORecipe(cfg)
+    try:
+        recipe.setup()
+        layers = [m for m in recipe.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(layers) == 14  # q, k, v, o, gate, up, down in each of the 2 layers; the LM head stays plain
+        before = recipe.evaluate()
+        assert recipe.train()
+        after = recipe.last_eval
+        recipe.save()
+    finally:
+        recipe.cleanup()
+    assert before["eval/rewards/accuracy"] <= 0.75 and after["eval/rewards/accuracy"] >= 0.9, (before, after)
+    assert after["eval/rewards/margin"] > before["eval/rewards/margin"] + 1.0
+    final = tmp_path / "run" / "final"
+    assert all("lora_" in k for k in load_file(str(final / "adapter_model.safetensors")))
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+
+
+def test_the_merged_folder_is_the_trained_qlora_model_not_a_requantized_one(llama, tmp_path):
+    settings = ModelSettings(name_or_path=str(llama), lora=LoraSettings(r=4, alpha=8, quantize_4bit=True))
+    policy = load_causal_lm(settings)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))  # a trained adapter
+    batch = collate_sequences(PROMPTS, COMPLETIONS, pad_id=0)
+    trained = _logps(policy, batch)
+    with adapter_disabled(policy):
+        quantized_base = _logps(policy, batch)
+    assert (trained - quantized_base).abs().max() > 0.05  # the adapter moves the model
+
+    from alignment.models import load_tokenizer
+
+    save_model_folder(policy, load_tokenizer(settings), tmp_path / "final")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final" / "merged")
+    assert getattr(merged.config, "quantization_config", None) is None
+    # the trained model computes in bf16 (bnb_4bit_compute_dtype), the merged one in its weights' fp32
+    torch.testing.assert_close(_logps(merged, batch), trained, rtol=1e-3, atol=1e-3)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in policy.modules()) == 14  # the trained model is untouched
+    torch.testing.assert_close(_logps(policy, batch), trained)
+
+    # what peft's own merge gives (the adapter rounded into NF4 again) is neither model
+    with pytest.warns(UserWarning, match="rounding errors"):
+        requantized = _logps(policy.merge_and_unload(), batch)
+    assert (requantized - trained).abs().max() > 10 * (_logps(merged, batch) - trained).abs().max()
