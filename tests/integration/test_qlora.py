@@ -60,14 +60,18 @@ def test_qlora_dpo_learns_the_preference_through_a_4bit_base(llama, tmp_path):
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
 
 
-def test_the_merged_folder_is_the_trained_qlora_model_not_a_requantized_one(llama, tmp_path):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_merged_folder_is_the_trained_qlora_model_not_a_requantized_one(llama, tmp_path, device):
     settings = ModelSettings(name_or_path=str(llama), lora=LoraSettings(r=4, alpha=8, quantize_4bit=True))
-    policy = load_causal_lm(settings)
+    policy = load_causal_lm(settings).to(device)
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))  # a trained adapter
-    batch = collate_sequences(PROMPTS, COMPLETIONS, pad_id=0)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_sequences(PROMPTS, COMPLETIONS, pad_id=0).items()}
     trained = _logps(policy, batch)
     with adapter_disabled(policy):
         quantized_base = _logps(policy, batch)
@@ -76,7 +80,7 @@ def test_the_merged_folder_is_the_trained_qlora_model_not_a_requantized_one(llam
     from alignment.models import load_tokenizer
 
     save_model_folder(policy, load_tokenizer(settings), tmp_path / "final")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final" / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final" / "merged").to(device)
     assert getattr(merged.config, "quantization_config", None) is None
     # the trained model computes in bf16 (bnb_4bit_compute_dtype), the merged one in its weights' fp32
     torch.testing.assert_close(_logps(merged, batch), trained, rtol=1e-3, atol=1e-3)
