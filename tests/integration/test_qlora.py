@@ -10,9 +10,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from alignment.batching import collate_sequences
-from alignment.config import DPOConfig, LoraSettings, ModelSettings
-from alignment.models import CausalLMLogps, adapter_disabled, load_causal_lm, save_model_folder
+from alignment.config import DPOConfig, LoraSettings, ModelSettings, RewardConfig
+from alignment.models import (
+    CausalLMLogps,
+    adapter_disabled,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    save_model_folder,
+    score_responses,
+)
 from alignment.recipes.dpo import DPORecipe
+from alignment.recipes.reward import RewardRecipe
 from tests.tiny_models import make_tiny_model, preference_pairs
 
 pytestmark = pytest.mark.slow
@@ -77,8 +86,6 @@ def test_the_merged_folder_is_the_trained_qlora_model_not_a_requantized_one(llam
         quantized_base = _logps(policy, batch)
     assert (trained - quantized_base).abs().max() > 0.05  # the adapter moves the model
 
-    from alignment.models import load_tokenizer
-
     save_model_folder(policy, load_tokenizer(settings), tmp_path / "final")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final" / "merged").to(device)
     assert getattr(merged.config, "quantization_config", None) is None
@@ -91,3 +98,20 @@ def test_the_merged_folder_is_the_trained_qlora_model_not_a_requantized_one(llam
     with pytest.warns(UserWarning, match="rounding errors"):
         requantized = _logps(policy.merge_and_unload(), batch)
     assert (requantized - trained).abs().max() > 10 * (_logps(merged, batch) - trained).abs().max()
+
+
+def test_a_qlora_reward_model_learns_and_its_merged_folder_scores_alike(llama, tmp_path):
+    pairs = tmp_path / "pairs.parquet"
+    preference_pairs(64, seed=0).to_parquet(pairs)
+    cfg = RewardConfig(model={"name_or_path": str(llama), "lora": {"r": 8, "alpha": 16, "quantize_4bit": True}},
+                       train_path=str(pairs), eval_path=str(pairs), output_dir=str(tmp_path / "run"), batch_size=8,
+                       max_steps=20, max_length=64, max_prompt_length=32, optim={"lr": 1e-2, "schedule": "constant"})
+    metrics = RewardRecipe(cfg).run()["metrics"]
+    assert metrics["eval/accuracy"] >= 0.9 and metrics["eval/margin"] > 1.0, metrics
+    prompts, responses = ["review the movie"] * 2, ["it was good great happy", "it was bad awful sad"]
+    settings = ModelSettings(name_or_path=str(tmp_path / "run" / "final" / "merged"))
+    tok = load_tokenizer(settings)
+    merged = load_reward_model(settings, tok, trainable=False)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    good, bad = score_responses(merged, tok, prompts, responses)
+    assert good > bad + 1.0, (good, bad)
