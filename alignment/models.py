@@ -494,9 +494,9 @@ def _unsharded_copy(model, state_dict: dict[str, torch.Tensor]):
 
 
 def is_quantized(model) -> bool:
-    """True for a model (or peft model) loaded in 4 or 8 bits through bitsandbytes (QLoRA)."""
+    """True for a model (or peft model) loaded in 4 bits through bitsandbytes (QLoRA: ``lora.quantize_4bit``)."""
     base = model.get_base_model() if is_peft(model) else model
-    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+    return bool(getattr(base, "is_loaded_in_4bit", False))
 
 
 def dequantized_state_dict(model) -> dict[str, torch.Tensor]:
@@ -510,8 +510,6 @@ def dequantized_state_dict(model) -> dict[str, torch.Tensor]:
     import bitsandbytes as bnb
 
     quantized = {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
-    if any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()):
-        raise NotImplementedError("merging an adapter into an 8-bit model; alignflow loads QLoRA bases in 4 bits")
     state = {}
     for key, tensor in model.state_dict().items():
         owner = key.rpartition(".weight")[0] if ".weight" in key else None
