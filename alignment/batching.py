@@ -116,7 +116,8 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     """
     if isinstance(prompt, list):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat prompt given but the tokenizer has no chat_template; set one or use plain prompts")
+            raise ValueError("chat prompt given but the tokenizer has no chat template; set the model's chat_template "
+                             "(chatml, or a Jinja template) or use plain prompts")
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:

@@ -49,6 +49,11 @@ class ModelSettings(StrictModel):
     """Hub revision (branch, tag or commit) when ``name_or_path`` is a hub id."""
     tokenizer: str | None = None
     """Tokenizer id or path when it differs from the model's."""
+    chat_template: str | None = None
+    """The chat template that turns chat-conversation prompts (HH-RLHF, chat lists) into text, for a tokenizer that
+    has none (most base models) or instead of its own: a Jinja template, or ``chatml`` (ChatML's
+    ``<|im_start|>role ... <|im_end|>``, written as plain text, no new tokens). Saved with every trained model's
+    tokenizer, so evaluation and serving use it too."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weight dtype at load. Mixed precision is separate (see ``TrainSettings.precision``)."""
     attn_implementation: str | None = None

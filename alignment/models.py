@@ -48,8 +48,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+CHAT_TEMPLATES = {
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+               "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+               "{% endif %}"),
+}
+"""Named chat templates for ``ModelSettings.chat_template`` (anything else given is the Jinja template itself)."""
+
+
 def load_tokenizer(settings: ModelSettings):
-    """The model's tokenizer with right padding and a pad token (EOS when it has none).
+    """The model's tokenizer with right padding, a pad token (EOS when it has none) and
+    ``settings.chat_template`` when set (:data:`CHAT_TEMPLATES` names, or the template itself).
 
     Raises ValueError when it has neither a pad nor an EOS token.
     """
@@ -59,6 +68,8 @@ def load_tokenizer(settings: ModelSettings):
         settings.tokenizer or settings.name_or_path, revision=settings.revision,
         trust_remote_code=settings.trust_remote_code,
     )
+    if settings.chat_template:
+        tok.chat_template = CHAT_TEMPLATES.get(settings.chat_template, settings.chat_template)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ValueError(f"tokenizer of {settings.name_or_path} has no pad and no eos token; add a pad token")

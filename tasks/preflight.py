@@ -248,3 +248,27 @@ def check_batch_fits(section: str, batch_size: int, processes: int, rows: int, p
         per = f"{batch_size} x {processes} processes" if processes > 1 else f"{batch_size}"
         raise PreflightError(f"{section}.batch_size: {per} is more than the {rows} examples of the training "
                              f"split ({path}); lower {section}.batch_size or add feedback")
+
+
+def check_chat_template(field: str, settings, path: str) -> None:
+    """Raise :class:`PreflightError` naming ``<field>.chat_template`` when the training table at ``path``
+    holds chat-conversation prompts (``is_chat``) and the model's tokenizer has no chat template to
+    write them as text: a base model given HH-RLHF or chat-list feedback. Called by a training stage
+    before it starts a process."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if settings.chat_template or "is_chat" not in pq.ParquetFile(path).schema_arrow.names:
+        return
+    flags = pq.read_table(path, columns=["is_chat"]).column("is_chat")
+    chats = int(pc.sum(pc.fill_null(flags, False)).as_py() or 0)
+    if chats == 0:
+        return
+    from alignment.models import load_tokenizer
+
+    if getattr(load_tokenizer(settings), "chat_template", None):
+        return
+    raise PreflightError(
+        f"{field}.chat_template: {chats} of the {len(flags)} training prompts in {path} are chat conversations and "
+        f"the tokenizer of {settings.tokenizer or settings.name_or_path} has no chat template to write them as text; "
+        f"set {field}.chat_template to chatml (or to a Jinja template)")

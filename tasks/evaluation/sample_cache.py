@@ -68,17 +68,19 @@ def _sha256(path: Path) -> str:
 
 def sample_key(model: str | Path, reference: str | Path, *, prompts: list, greedy_prompts: list | None,
                settings: dict[str, Any], device: str, reference_tokenizer: str | None = None,
-               memo_dir: Path | None = None) -> str | None:
+               chat_template: str | None = None, memo_dir: Path | None = None) -> str | None:
     """The cache key of ``model``'s samples against ``reference`` (hex), or None when either is
     not a local folder. ``settings``: the evaluation settings that shape the samples (JSON-able);
     ``memo_dir``: where the weights' digests are remembered (the cache folder; None: hashed each time)."""
     ident, ref = _folder_identity(model, memo_dir), _folder_identity(reference, memo_dir)
     if ident is None or ref is None:
         return None
-    blob = json.dumps({"format": FORMAT, "model": ident, "reference": ref, "tokenizer": reference_tokenizer,
-                       "prompts": prompts, "greedy_prompts": greedy_prompts, "settings": settings,
-                       "device": device, "torch": torch.__version__, "transformers": transformers.__version__},
-                      sort_keys=True, default=str)
+    parts = {"format": FORMAT, "model": ident, "reference": ref, "tokenizer": reference_tokenizer,
+             "prompts": prompts, "greedy_prompts": greedy_prompts, "settings": settings,
+             "device": device, "torch": torch.__version__, "transformers": transformers.__version__}
+    if chat_template is not None:  # absent otherwise: the keys of runs without one stay what they were
+        parts["chat_template"] = chat_template
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

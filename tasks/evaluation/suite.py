@@ -81,15 +81,15 @@ class _Samples:
     """The model's greedy response to each evaluated prompt (one per prompt; ``settings.greedy``)."""
 
 
-def load_policy(path: str | Path, device: str = "cpu", tokenizer: str | None = None):
+def load_policy(path: str | Path, device: str = "cpu", tokenizer: str | None = None, chat_template: str | None = None):
     """``(model, tokenizer)``, frozen in eval mode; a LoRA folder loads its ``merged/`` weights
     when present (else transformers loads the adapter onto its recorded base). ``tokenizer``: a
-    tokenizer id or folder apart from the model's (``model.policy.tokenizer``). The tokenizer is
-    None when there is none to load."""
+    tokenizer id or folder apart from the model's (``model.policy.tokenizer``); ``chat_template``:
+    ``model.policy.chat_template``. The tokenizer is None when there is none to load."""
     path = Path(path)
     if (path / "adapter_config.json").exists() and (path / "merged").is_dir():
         path = path / "merged"
-    settings = ModelSettings(name_or_path=str(path), tokenizer=tokenizer)
+    settings = ModelSettings(name_or_path=str(path), tokenizer=tokenizer, chat_template=chat_template)
     model = load_causal_lm(settings, trainable=False)
     try:
         tokenizer = load_tokenizer(settings)
@@ -213,6 +213,7 @@ def evaluate_models(
     greedy_prompts: Sequence[Prompt] | None = None,
     sample_cache: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    chat_template: str | None = None,
 ) -> EvalOutput:
     """Evaluate ``candidate`` against ``champion`` (None: the reference stands in) and ``reference``.
 
@@ -224,7 +225,7 @@ def evaluate_models(
     champion) and the perplexity of the chosen responses. ``reward_scorer`` wins over
     ``reward_model`` (a folder). ``reference_tokenizer``: the tokenizer of every policy when it
     lives apart from the reference model's folder (``model.policy.tokenizer``; the trained
-    policies save it in theirs). KL is computed at the sampling temperature. ``greedy_prompts``:
+    policies save it in theirs), and ``chat_template`` its chat template (``model.policy.chat_template``). KL is computed at the sampling temperature. ``greedy_prompts``:
     more held-out prompts to decode greedily beside the evaluated ones (``settings.greedy``;
     duplicates of an evaluated prompt dropped), for the looping share only. ``sample_cache``: a
     folder where each model's samples, their log-probs and greedy responses are kept and read back
@@ -253,7 +254,7 @@ def evaluate_models(
     samples, pair_lp = _sample_policies(candidate, champion, reference, sample_prompts, pairs, settings,
                                         temperature, device, reference_tokenizer, greedy_prompts=greedy_set,
                                         sample_cache=Path(sample_cache) if sample_cache is not None else None,
-                                        clock=clock)
+                                        clock=clock, chat_template=chat_template)
     scorer = reward_scorer
     if scorer is None and reward_model is not None:
         scorer = reward_scorer_from_folder(reward_model, device, settings.score_batch_size,
@@ -325,7 +326,7 @@ def _greedy_rise_se(samples: dict[str, _Samples], threshold: float) -> float | N
 def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt], pairs: list[dict],
                      settings: EvalSettings, temperature: float, device: str, reference_tokenizer: str | None,
                      greedy_prompts: list[Prompt] | None = None, sample_cache: Path | None = None,
-                     clock: _Clock | None = None):
+                     clock: _Clock | None = None, chat_template: str | None = None):
     """Sample each policy with the same seed; log-probs of its samples under itself and the
     reference; its log-probs of the held-out pairs; its greedy responses to ``greedy_prompts``
     (None: none). Holds the reference and one other model. With ``sample_cache`` (a folder, see
@@ -355,7 +356,7 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
             return None, None
         key = sample_cache_io.sample_key(path, reference, prompts=sample_prompts, greedy_prompts=greedy_prompts,
                                          settings=shaping, device=device, reference_tokenizer=reference_tokenizer,
-                                         memo_dir=sample_cache)
+                                         chat_template=chat_template, memo_dir=sample_cache)
         return key, (sample_cache_io.load(sample_cache, key) if key else None)
 
     def keep(key: str | None, s: _Samples) -> None:
@@ -366,7 +367,7 @@ def _sample_policies(candidate, champion, reference, sample_prompts: list[Prompt
         return _Samples(found["gen"], found["logps"], found["ref_logps"], fluency_logps=found["fluency_logps"],
                         greedy=found["greedy"])
 
-    ref_model, tokenizer = load_policy(reference, device, reference_tokenizer)
+    ref_model, tokenizer = load_policy(reference, device, reference_tokenizer, chat_template)
     if tokenizer is None:
         raise ValueError(f"reference folder {reference} has no tokenizer")
     vocab = tokenizer.get_vocab()

@@ -190,6 +190,7 @@ def run_evaluation(cfg: PipelineConfig, candidate: ModelRecord, champion: ModelR
                           reward_model=reward.path if reward else None, oracle=_oracle(cfg),
                           settings=cfg.evaluation, beta=beta, device=resolve_device(cfg.pipeline.device),
                           reference_tokenizer=cfg.model.policy.tokenizer if cfg.model.policy else None,
+                          chat_template=cfg.model.policy.chat_template if cfg.model.policy else None,
                           greedy_prompts=greedy_extra, sample_cache=cfg.home / "cache" / "eval-samples",
                           progress=lambda line: logger.info("evaluate: %s", line))
     logger.info("evaluate: done in %.0f s", time.monotonic() - started)

@@ -22,7 +22,7 @@ from tasks.config import PipelineConfig
 from tasks.data.extra_pairs import ExtraPairs, check_extra_pairs, extra_pairs_digest
 from tasks.launcher import device_env, resolve_device, run_recipe
 from tasks.methods import method
-from tasks.preflight import check_batch_fits
+from tasks.preflight import check_batch_fits, check_chat_template
 from tasks.records import ModelRecord
 from tasks.stages import slots
 from tasks.stages.cached import cached_stage
@@ -155,6 +155,9 @@ def train_stage(cfg: PipelineConfig, stage: str, data: dict[str, str], dataset_d
 
         check_batch_fits(method(stage).section, settings.batch_size, cfg.pipeline.processes,
                          pq.ParquetFile(settings.train_path).metadata.num_rows, settings.train_path)
+    if settings.train_path and Path(settings.train_path).is_file() and settings.model is not None:
+        field = "model.reward" if stage == "reward" and cfg.model.reward is not None else "model.policy"
+        check_chat_template(field, settings.model, settings.train_path)
     extra = extra_pairs(cfg, settings)  # a bad extra file fails here, before the recipe starts
     # a reward model started from one trained on other pairs (the demo's offline reward model)
     warm = (init.summary or {}).get("extra_train") if recipe == "reward" else None

@@ -140,6 +140,40 @@ def test_the_training_stage_names_a_batch_larger_than_its_split_before_starting_
     assert not (tmp_path / "home" / "runs").exists()  # no run folder, no training process
 
 
+def _without_chat_template(folder: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, to)
+    config = json.loads((to / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (to / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in to.glob("chat_template*"):
+        extra.unlink()
+    return to
+
+
+def test_chat_prompts_for_a_tokenizer_without_a_chat_template_are_named_before_training(tmp_path, model_64):
+    from alignment.models import load_tokenizer
+    from tasks.records import ModelRecord
+    from tasks.stages.train import train_stage
+    from tests.tiny_models import preference_pairs
+
+    base = _without_chat_template(model_64, tmp_path / "base-model")  # a base model: no chat template
+    preference_pairs(16, chat_every=4).to_parquet(tmp_path / "pairs-train.parquet")  # 4 chat prompts of 16
+    init = ModelRecord(stage="base", path=str(base), digest="base", base=str(base))
+    data = {"pairs-train": str(tmp_path / "pairs-train.parquet")}
+    cfg = load_pipeline_config(_config(tmp_path, str(base)), ["dpo.batch_size=4"])
+    with pytest.raises(PreflightError, match=r"^model.policy.chat_template: 4 of the 16 training prompts in .* are "
+                                             r"chat conversations and the tokenizer of .* has no chat template"):
+        train_stage(cfg, "dpo", data, "d", init, None)
+    assert not (tmp_path / "home" / "runs").exists()  # no run folder, no training process
+
+    chatml = cfg.model.policy.model_copy(update={"chat_template": "chatml"})
+    tok = load_tokenizer(chatml)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_device_cuda_without_a_cuda_device_is_named(tmp_path, model_64, monkeypatch):
     import torch
 
