@@ -19,6 +19,7 @@ from alignment.recipes.kto import (
     mismatched_partners,
     tokenize_unpaired,
 )
+from tests.recipe_runs import train_between_evaluations
 from tests.tiny_models import make_tiny_model, preference_pairs
 
 pytestmark = pytest.mark.slow
@@ -75,15 +76,7 @@ def test_tokenized_examples_carry_a_partner_completion_and_bad_labels_name_the_r
 
 def test_kto_learns_desirable_vs_undesirable_from_unpaired_rows(data, tmp_path):
     assert get_recipe("kto") is KTORecipe
-    recipe = KTORecipe(config(data, tmp_path))
-    try:
-        recipe.setup()
-        before = recipe.evaluate()
-        assert recipe.train()
-        after = recipe.last_eval
-        recipe.save()
-    finally:
-        recipe.cleanup()
+    before, after = train_between_evaluations(KTORecipe(config(data, tmp_path)))
     # held-out prompts: the implied reward now separates GOOD-word from BAD-word responses
     assert before["eval/rewards/margin"] == pytest.approx(0.0, abs=1e-4)
     assert after["eval/rewards/accuracy"] >= 0.85, after

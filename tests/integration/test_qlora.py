@@ -22,6 +22,7 @@ from alignment.models import (
 )
 from alignment.recipes.dpo import DPORecipe
 from alignment.recipes.reward import RewardRecipe
+from tests.recipe_runs import train_between_evaluations
 from tests.tiny_models import make_tiny_model, preference_pairs
 
 pytestmark = pytest.mark.slow
@@ -50,17 +51,10 @@ def test_qlora_dpo_learns_the_preference_through_a_4bit_base(llama, tmp_path):
     cfg = DPOConfig(model={"name_or_path": str(llama), "lora": lora}, train_path=str(pairs), eval_path=str(pairs),
                     output_dir=str(tmp_path / "run"), batch_size=8, max_steps=20, beta=0.5, max_length=64,
                     max_prompt_length=32, reference="adapter_disabled", optim={"lr": 1e-2, "schedule": "constant"})
-    recipe = DPORecipe(cfg)
-    try:
-        recipe.setup()
-        layers = [m for m in recipe.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-        assert len(layers) == 14  # q, k, v, o, gate, up, down in each of the 2 layers; the LM head stays plain
-        before = recipe.evaluate()
-        assert recipe.train()
-        after = recipe.last_eval
-        recipe.save()
-    finally:
-        recipe.cleanup()
+    def four_bit_layers(recipe):  # q, k, v, o, gate, up, down in each of the 2 layers; the LM head stays plain
+        assert sum(isinstance(m, bnb.nn.Linear4bit) for m in recipe.model.modules()) == 14
+
+    before, after = train_between_evaluations(DPORecipe(cfg), four_bit_layers)
     assert before["eval/rewards/accuracy"] <= 0.75 and after["eval/rewards/accuracy"] >= 0.9, (before, after)
     assert after["eval/rewards/margin"] > before["eval/rewards/margin"] + 1.0
     final = tmp_path / "run" / "final"

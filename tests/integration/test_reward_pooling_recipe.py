@@ -12,6 +12,7 @@ import torch
 from alignment.config import RewardConfig
 from alignment.models import ScalarReward, load_reward_model, load_tokenizer, score_responses
 from alignment.recipes.reward import RewardRecipe
+from tests.recipe_runs import train_between_evaluations
 from tests.tiny_models import make_tiny_model, preference_pairs
 
 pytestmark = pytest.mark.slow
@@ -25,15 +26,7 @@ def test_sum_pooled_reward_model_learns_and_its_folder_keeps_the_pooling(tmp_pat
                        max_steps=30, optim={"lr": 3e-3, "schedule": "constant"}, max_length=64, max_prompt_length=32,
                        train_path=str(tmp_path / "train.parquet"), eval_path=str(tmp_path / "eval.parquet"),
                        pooling="sum", packing=True, share_prompt=True)
-    recipe = RewardRecipe(cfg)
-    try:
-        recipe.setup()
-        before = recipe.evaluate()
-        assert recipe.train()
-        after = recipe.last_eval
-        recipe.save()
-    finally:
-        recipe.cleanup()
+    before, after = train_between_evaluations(RewardRecipe(cfg))
     assert before["eval/accuracy"] < 0.8 and after["eval/accuracy"] >= 0.9, (before, after)
     assert after["eval/loss"] < 0.5 * before["eval/loss"], (before, after)
     final = tmp_path / "run" / "final"
