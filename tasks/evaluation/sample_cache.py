@@ -71,7 +71,8 @@ def sample_key(model: str | Path, reference: str | Path, *, prompts: list, greed
                chat_template: str | None = None, memo_dir: Path | None = None) -> str | None:
     """The cache key of ``model``'s samples against ``reference`` (hex), or None when either is
     not a local folder. ``settings``: the evaluation settings that shape the samples (JSON-able);
-    ``memo_dir``: where the weights' digests are remembered (the cache folder; None: hashed each time)."""
+    ``reference_tokenizer`` and ``chat_template``: the policies' tokenizer and chat template when the
+    config sets them; ``memo_dir``: where the weights' digests are remembered (the cache folder; None: hashed each time)."""
     ident, ref = _folder_identity(model, memo_dir), _folder_identity(reference, memo_dir)
     if ident is None or ref is None:
         return None
