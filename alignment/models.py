@@ -569,9 +569,8 @@ def save_model_folder(model, tokenizer, path: str | Path, state_dict: dict[str, 
         _sort_adapter_config(path / "adapter_config.json")
         tokenizer.save_pretrained(str(path))
         if state_dict is None and is_quantized(model):
-            replica = _unsharded_copy(model, dequantized_state_dict(model))
-        else:
-            replica = copy.deepcopy(model) if state_dict is None else _unsharded_copy(model, state_dict)
+            state_dict = dequantized_state_dict(model)  # merged into plain weights, not rounded back to 4 bits
+        replica = copy.deepcopy(model) if state_dict is None else _unsharded_copy(model, state_dict)
         full, full_path, weights = replica.merge_and_unload(), path / "merged", {}
     use_cache, full.config.use_cache = full.config.use_cache, True  # on for serving, restored for training
     try:

@@ -258,9 +258,10 @@ def check_chat_template(field: str, settings, path: str) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if settings.chat_template or "is_chat" not in pq.ParquetFile(path).schema_arrow.names:
+    table = pq.ParquetFile(path)
+    if settings.chat_template or "is_chat" not in table.schema_arrow.names:
         return
-    flags = pq.read_table(path, columns=["is_chat"]).column("is_chat")
+    flags = table.read(columns=["is_chat"]).column("is_chat")
     chats = int(pc.sum(pc.fill_null(flags, False)).as_py() or 0)
     if chats == 0:
         return
