@@ -339,14 +339,6 @@ class GenerationSettings(StrictModel):
     With ``fuse_projections`` too, the kernel also applies the rotary embedding and writes the new
     key and value into the cache (:func:`alignment.triton_attention.rope_write_decode`; head sizes
     from 32): on an H100 another 4% off a 1B step and 10% off a 0.5B one (RESULTS.md, run 31)."""
-    triton_layers: bool = False
-    """With ``cuda_graphs`` on a CUDA device: every decoder layer of a decode step in one persistent
-    Triton kernel (:mod:`alignment.triton_layers`: one program per SM walks the layers' stages and
-    waits at a grid barrier between them, so nothing is launched between the projections) instead of
-    about ten kernels a layer. Llama and Qwen2 layers with plain linear projections, at most 64 rows a
-    batch, head sizes from 32; elsewhere the other settings apply (the reason is logged). Needs every
-    SM free for its programs (one process per GPU); a launch that cannot get them all raises instead
-    of hanging. Same tokens up to kernel rounding."""
     sync_every: int = Field(8, gt=0)
     """On CUDA, check whether every row has ended only every this many tokens (each check waits
     for the device); rows that ended early get padding meanwhile, so the output is the same.

@@ -49,7 +49,7 @@ import logging
 import torch
 from transformers import AttentionInterface, StaticCache
 
-from alignment import triton_attention, triton_layers
+from alignment import triton_attention
 from alignment.fast_paths import attention_implementation
 from alignment.fused_decode import FusedDecodeWeights
 
@@ -155,17 +155,12 @@ class GraphDecoder:
     embedding and cache write into that kernel (:func:`alignment.triton_attention.rope_write_decode`):
     the decode steps then write the cache at the decoder's own slot, not through the cache's
     ``update`` (whose position counter stays where the prefill left it).
-    ``triton_layers`` runs each decode step's decoder layers as one persistent Triton kernel
-    (:class:`alignment.triton_layers.TritonLayers`) where it runs (CUDA, Llama/Qwen2 layers with
-    plain projections, at most 64 rows; elsewhere the other settings apply, and the reason is
-    logged). ``layer_tiles`` passes its tile sizes (benchmarks).
     Raises ValueError for models with sliding-window attention.
     """
 
     def __init__(self, model, use_graph: bool | None = None, compile_step: bool = False,
                  fuse_projections: bool = False, triton_attention: bool = False,
-                 fuse_cache_update: bool = False, triton_layers: bool = False,
-                 layer_tiles: dict | None = None) -> None:
+                 fuse_cache_update: bool = False) -> None:
         if not graph_supported(model):
             raise ValueError("GraphDecoder needs full attention in every layer (sliding-window models are not supported)")
         self.model = model
@@ -178,9 +173,6 @@ class GraphDecoder:
         self.attention = DECODE_ATTENTION_TRITON if triton_attention else DECODE_ATTENTION
         self.fuse_cache_update = fuse_cache_update and fuse_projections and triton_attention
         self.fused = None
-        self.triton_layers = triton_layers
-        self.layer_tiles = layer_tiles
-        self.layers: triton_layers.TritonLayers | None = None
         self.tokens_in: torch.Tensor | None = None  # graph inputs at fixed addresses (step / advance)
         self.logits_in: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -215,7 +207,7 @@ class GraphDecoder:
         dev = self.device.type
         self.cache.compute_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                                     else next(self.model.parameters()).dtype)
-        if self.fuse_projections and not self.triton_layers:
+        if self.fuse_projections:
             self.fused = FusedDecodeWeights.build(self.model, self.cache.compute_dtype)
         self.valid = torch.zeros(B, T, dtype=torch.bool, device=self.device)
         self.valid[:, :P] = prompt_mask.bool()
@@ -234,16 +226,6 @@ class GraphDecoder:
         self.step_mask = self.valid[:, None, None, :]  # a view: marking a slot valid updates it
         if self.fuse_cache_update:  # read by the fused attention forward (alignment.fused_decode)
             self.cache.fused_update_slot = self.slot
-        self.layers = None
-        if self.triton_layers:
-            reason = triton_layers.unsupported_reason(self.model, B, self.device)
-            if reason is None:
-                self.layers = triton_layers.TritonLayers.build(self.model, self.cache, B, self.cache.compute_dtype,
-                                                               tiles=self.layer_tiles)
-            else:
-                log.info("decoder layers as one Triton kernel: not here (%s)", reason)
-                if self.fuse_projections:
-                    self.fused = FusedDecodeWeights.build(self.model, self.cache.compute_dtype)
         self.next_slot = P
         self.total = T
         return logits
@@ -252,12 +234,6 @@ class GraphDecoder:
         """Append ``tokens`` at the slot ``self.slot`` and run the one-token forward (what is captured)."""
         self.ids.copy_(tokens.view(-1, 1))
         self.valid.index_fill_(1, self.slot, True)
-        if self.layers is not None:
-            with self._autocast():
-                logits = self.layers.step(self.ids, self.positions, self.slot, self.valid)
-            self.positions.add_(1)
-            self.slot.add_(1)
-            return logits
         patched = self.fused.patched() if self.fused is not None else contextlib.nullcontext()
         with self._autocast(), attention_implementation(_inner(self.model).config, self.attention), patched:
             logits = self._forward(self.ids, self.step_mask, self.positions, compiled=self.compile_step)

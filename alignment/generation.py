@@ -333,10 +333,6 @@ def _decode_batch(decoder, prompt_ids, prompt_mask, settings, generator, eos, pa
             break
         if advance is None:
             logits = decoder.step(tokens)
-    layers = getattr(decoder, "layers", None)
-    if layers is not None and layers.failed:  # a grid barrier gave up: the kernel's programs were not all resident
-        raise RuntimeError("the decoder-layer kernel could not run all its programs at once (another process on "
-                           "the GPU?); decode with generation.triton_layers off")
     if sync_every > 1:  # cut the columns decoded after the last row ended (all padding)
         live = out_mask[:, :steps].any(dim=0).nonzero()
         steps = int(live.max()) + 1 if len(live) else 1
@@ -410,8 +406,7 @@ def generate(
                 decoder = (GraphDecoder(model, compile_step=settings.compile_step,
                                         fuse_projections=settings.fuse_projections,
                                         triton_attention=settings.triton_attention,
-                                        fuse_cache_update=settings.triton_attention,
-                                        triton_layers=settings.triton_layers)
+                                        fuse_cache_update=settings.triton_attention)
                            if settings.cuda_graphs else KVDecoder(model, cache))
                 resp, resp_mask, hit = _decode_batch(decoder, ids, mask, settings, generator, eos, pad_id,
                                                      _suppressed_ids(model, device))

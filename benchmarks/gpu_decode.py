@@ -13,10 +13,7 @@ prompts × 256 new tokens, sampling at T = 1 with EOS off, so every run decodes 
 - ``advance_triton_sampler``: ``advance_triton`` with the token drawn by the Triton Gumbel-max sampler
   (:mod:`alignment.triton_sampling`) instead of the compiled exponential race (the other paths keep the race);
 - ``advance_triton_update``: ``advance_triton_sampler`` with each layer's rotary embedding and cache write folded
-  into the attention kernel (``fuse_cache_update``: :func:`alignment.triton_attention.rope_write_decode`);
-- ``advance_triton_layers``: ``advance_triton_sampler`` with every decoder layer of a step in one persistent
-  Triton kernel (``triton_layers``: :mod:`alignment.triton_layers`); ``--layer-tiles`` adds one path per tile
-  setting (``layers0``, ``layers1``, ...).
+  into the attention kernel (``fuse_cache_update``: :func:`alignment.triton_attention.rope_write_decode`).
 
 ms/step (whole call) = wall time of the whole decode call (prefill, the eager first step and the
 graph capture included) / 256, best of ``--reps``. ms/step (steady state) = (best 256-token call −
@@ -70,7 +67,7 @@ from benchmarks.gpu_bench import (  # noqa: E402
 )
 
 PATHS = ("step_graph", "advance_graph", "advance_sampler", "advance_fused", "advance_triton", "advance_triton_sampler",
-         "advance_triton_update", "advance_triton_layers")
+         "advance_triton_update")
 
 
 class StepGraphDecoder(GraphDecoder):
@@ -80,16 +77,12 @@ class StepGraphDecoder(GraphDecoder):
 
 
 def decode(model, ids, settings, decoder_cls, seed=0, fuse=False, compile_step=True, triton_sampler=False):
-    """``fuse``: False, True (fused projections), "triton" (fused projections and the Triton attention),
-    "update" ("triton" with the rotary embedding and cache write in the attention kernel) or a dict (the
-    decoder layers as one Triton kernel with those tile settings);
+    """``fuse``: False, True (fused projections), "triton" (fused projections and the Triton attention) or
+    "update" ("triton" with the rotary embedding and cache write in the attention kernel);
     ``triton_sampler``: the compiled path's draw by the Triton sampler instead of the compiled race."""
     gen = torch.Generator(device=ids.device).manual_seed(seed)
-    layers = isinstance(fuse, dict)
     dec = decoder_cls(model, compile_step=compile_step, fuse_projections=bool(fuse),
-                      triton_attention=layers or fuse in ("triton", "update"),
-                      fuse_cache_update=layers or fuse == "update", triton_layers=layers,
-                      layer_tiles=fuse if layers else None)
+                      triton_attention=fuse in ("triton", "update"), fuse_cache_update=fuse == "update")
     eos = torch.tensor([-1], device=ids.device)
     out, _, _ = _decode_batch(dec, ids, torch.ones_like(ids), settings, gen, eos, pad_id=0,
                               triton_sampler=triton_sampler)
@@ -229,18 +222,14 @@ def run_shape(shape: str, args) -> dict:
                  "advance_sampler": (GraphDecoder, False, fast, False), "advance_fused": (GraphDecoder, True, fast, False),
                  "advance_triton": (GraphDecoder, "triton", fast, False),
                  "advance_triton_sampler": (GraphDecoder, "triton", fast, True),
-                 "advance_triton_update": (GraphDecoder, "update", fast, True),
-                 "advance_triton_layers": (GraphDecoder, {}, fast, True)}
-        for i, tiles in enumerate(args.layer_tiles):
-            paths[f"layers{i}"] = (GraphDecoder, tiles, fast, True)
-            out[f"layers{i}_tiles"] = tiles
+                 "advance_triton_update": (GraphDecoder, "update", fast, True)}
         tokens = {}
         for name, (cls, fuse, s, ts) in paths.items():
-            if not args.checks and name not in args.paths.split(",") and not name.startswith("layers"):
+            if not args.checks and name not in args.paths.split(","):
                 continue  # no checks: only the timed paths decode (each compiles once)
             tokens[name] = decode(model, ids, s, cls, fuse=fuse, triton_sampler=ts)[0].cpu()  # compiles on the first
             print(f"# {shape} {name}: warm", flush=True)
-            if name not in args.paths.split(",") and not name.startswith("layers"):
+            if name not in args.paths.split(","):
                 continue
             out[name] = timed(lambda cls=cls, fuse=fuse, s=s, ts=ts: decode(model, ids, s, cls, fuse=fuse, triton_sampler=ts),
                               args.reps)
@@ -252,17 +241,7 @@ def run_shape(shape: str, args) -> dict:
             out[name]["marginal_ms_per_step"] = (1000 * (min(out[name]["runs_s"]) - min(shorter["runs_s"]))
                                                  / (N - args.short_tokens))
             out[name]["fixed_ms_per_call"] = min(out[name]["runs_s"]) * 1000 - N * out[name]["marginal_ms_per_step"]
-            print(f"# {shape} {name}: {out[name]['ms_per_step']:.3f} ms/step, steady state "
-                  f"{out[name]['marginal_ms_per_step']:.3f}", flush=True)
-            if device.type == "cuda" and name in args.profile_paths.split(","):
-                out[name]["profile"] = kernels_per_step(model, ids, s, cls, fuse, ts)
-                print(f"# {name}: {out[name]['profile']}", flush=True)
-        if "advance_triton_layers" in tokens and "advance_triton_update" in tokens:
-            g_update = decode(model, ids, greedy, GraphDecoder, fuse="update")[0].cpu()
-            g_layers = decode(model, ids, greedy, GraphDecoder, fuse={})[0].cpu()
-            same = (g_update == g_layers).long().cumprod(dim=1).sum(dim=1)
-            out["check_greedy_layers_equal_update_prefix"] = float(same.float().mean() / N)
-            print(f"# greedy layers kernel vs fused update: equal prefix {100 * same.float().mean() / N:.1f}%", flush=True)
+            print(f"# {shape} {name}: {out[name]['ms_per_step']:.3f} ms/step", flush=True)
         if not args.checks:
             return finish(out, paths)
         out["check_advance_samples_equal_step_graph"] = bool(torch.equal(tokens["advance_graph"], tokens["step_graph"]))
@@ -313,9 +292,6 @@ def main() -> None:
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--no-checks", dest="checks", action="store_false",
                         help="time the --paths only: no checks, no profile, untimed paths not decoded")
-    parser.add_argument("--profile-paths", default="", help="paths to profile even with --no-checks")
-    parser.add_argument("--layer-tiles", type=json.loads, default=[],
-                        help='JSON list of tile settings for extra layer-kernel paths, e.g. [{"BN_GU": 32}]')
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--work", default="/tmp/gpu_bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_decode_out"))
@@ -339,14 +315,13 @@ def main() -> None:
                   f"(weights {record['weight_gb']:.2f} GB + KV {record['kv_gb_avg']:.2f} GB at {args.tbps:.2f} TB/s)")
             print("| path | ms/step (whole call) | new tokens/s | fraction of bound | ms/step (steady state) | "
                   "fraction of bound | fixed ms per call | runs (s) |\n|---|---|---|---|---|---|---|---|")
-            for name in ("model.generate", *PATHS, *(f"layers{i}" for i in range(len(args.layer_tiles)))):
+            for name in ("model.generate", *PATHS):
                 r = record.get(name)
                 if r is None:
                     continue
                 steady = (f"{r['marginal_ms_per_step']:.3f} | {100 * r['marginal_fraction_of_bound']:.1f}% | "
                           f"{r['fixed_ms_per_call']:.0f}" if "marginal_ms_per_step" in r else " | | ")
-                label = f"{name} {record.get(name + '_tiles', '')}".strip()
-                print(f"| {label} | {r['ms_per_step']:.3f} | {r['new_tokens_per_s']:,.0f} | "
+                print(f"| {name} | {r['ms_per_step']:.3f} | {r['new_tokens_per_s']:,.0f} | "
                       f"{100 * r['fraction_of_bound']:.1f}% | {steady} | {r['runs_s']} |")
             if "check_advance_samples_equal_step_graph" not in record:
                 continue  # --no-checks
