@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -78,6 +79,43 @@ def load_tokenizer(settings: ModelSettings):
     return tok
 
 
+def import_bitsandbytes():
+    """bitsandbytes, imported without the compiled CPU kernel it would fetch from the Hugging Face Hub.
+
+    On a CPU with AVX-512 bf16, importing bitsandbytes (0.50) asks the Hub, through the ``kernels``
+    package that transformers installs, for ``kernels-community/quantization-bitsandbytes``, and with a
+    network downloads and loads that compiled code. Our 4-bit layers never run it (the loader keeps
+    them in their trainable layout, :func:`_keep_4bit_layout`), so the import runs with ``kernels``
+    hidden: bitsandbytes falls back to its own kernels (its warning about the missing package is
+    silenced) and no code comes from the network. Later imports, transformers' included, reuse the
+    module. Raises ImportError when bitsandbytes is not installed."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    missing = object()
+    kernels = sys.modules.get("kernels", missing)
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError inside bitsandbytes
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        cpu_ops.setLevel(level)
+        if kernels is missing:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = kernels
+    return bitsandbytes
+
+
+def preload_bitsandbytes() -> None:
+    """:func:`import_bitsandbytes` where bitsandbytes is installed: call before peft builds or loads LoRA
+    layers (peft imports bitsandbytes whenever it is installed, QLoRA or not) or transformers loads a
+    4-bit model."""
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import_bitsandbytes()
+
+
 def _load_kwargs(settings: ModelSettings) -> dict:
     kwargs = {"dtype": _DTYPES[settings.dtype], "revision": settings.revision,
               "trust_remote_code": settings.trust_remote_code}
@@ -86,6 +124,7 @@ def _load_kwargs(settings: ModelSettings) -> dict:
     if settings.lora is not None and settings.lora.quantize_4bit:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise RuntimeError("lora.quantize_4bit (QLoRA) needs the bitsandbytes package: pip install bitsandbytes")
+        import_bitsandbytes()  # before transformers imports it
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -147,7 +186,7 @@ def _keep_4bit_layout(model) -> None:
     layout when training resumes: the layer then runs a kernel without a backward, and the gradient
     through the frozen base to every earlier adapter is dropped (torch warns that it may be
     "silently incorrect"). Evaluation is slower on the CPU without the repack; training is right."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -181,6 +220,7 @@ def load_reward_model(settings: ModelSettings, tokenizer, *, trainable: bool = T
 
 def apply_lora(model, lora: LoraSettings, task_type: str):
     """Wrap ``model`` in peft LoRA adapters; only adapter (and, for SEQ_CLS, head) weights train."""
+    preload_bitsandbytes()
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -488,6 +528,7 @@ def _unsharded_copy(model, state_dict: dict[str, torch.Tensor]):
     ``state_dict``, its full weights as ``model.state_dict()`` names them: the same classes and
     configs (less any quantization) built on the meta device, then given the tensors (no second
     copy of the weights)."""
+    preload_bitsandbytes()
     from peft import get_peft_model
     from torch.distributed.fsdp import FSDPModule
 
@@ -518,7 +559,7 @@ def dequantized_state_dict(model) -> dict[str, torch.Tensor]:
     Why: peft's merge into a 4-bit layer rounds W + BA to NF4 again, which moves the weights by
     more than a small adapter does (the merged model then matches neither the trained one nor the
     base). Merged into these instead, the weights are the trained model's."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     quantized = {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
     state = {}

@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.config import GenerationSettings
 from alignment.generation import generate
+from alignment.models import preload_bitsandbytes
 from tasks.demo import annotators as ann
 from tasks.demo.malformed import corrupt_rows
 from tasks.demo.oracle import is_broken, sentiment, strip_broken
@@ -100,6 +101,8 @@ def load_policy(path: str | Path):
     path = Path(path)
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
+
+        preload_bitsandbytes()  # peft imports it when installed: without its Hub kernel lookup
 
         model = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()
     else:

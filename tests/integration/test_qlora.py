@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,6 +18,7 @@ from alignment.config import DPOConfig, LoraSettings, ModelSettings, RewardConfi
 from alignment.models import (
     CausalLMLogps,
     adapter_disabled,
+    import_bitsandbytes,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -25,6 +30,7 @@ from alignment.recipes.reward import RewardRecipe
 from tests.recipe_runs import train_between_evaluations
 from tests.tiny_models import make_tiny_model, preference_pairs
 
+bnb = import_bitsandbytes()
 pytestmark = pytest.mark.slow
 
 PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]  # token ids
@@ -109,3 +115,44 @@ def test_a_qlora_reward_model_learns_and_its_merged_folder_scores_alike(llama, t
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
     good, bad = score_responses(merged, tok, prompts, responses)
     assert good > bad + 1.0, (good, bad)
+
+
+ASKS_HUB = textwrap.dedent("""
+    import os, pathlib
+    import kernels
+
+    def get_kernel(*args, **kwargs):  # stands in for the Hub download of a compiled kernel
+        pathlib.Path(os.environ["KERNEL_MARKER"]).write_text(repr(args))
+        raise RuntimeError("no Hub here")
+
+    kernels.get_kernel = get_kernel
+""")
+
+
+def test_importing_bitsandbytes_fetches_no_kernel_from_the_hub(tmp_path):
+    """bitsandbytes asks the ``kernels`` package for a compiled CPU kernel from the Hub at import (on CPUs with
+    AVX-512 bf16); through :func:`import_bitsandbytes` it never asks, and ``kernels`` is importable again after."""
+    pytest.importorskip("kernels")
+
+    def run(code: str, marker: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "KERNEL_MARKER": str(tmp_path / marker)}
+        return subprocess.run([sys.executable, "-c", ASKS_HUB + code], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    plain = run("import bitsandbytes", "plain")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    if not (tmp_path / "plain").exists():
+        pytest.skip("bitsandbytes asks for no Hub kernel on this CPU (no AVX-512 bf16)")
+    ours = run("from alignment.models import import_bitsandbytes\nimport_bitsandbytes()\n"
+               "import kernels\nassert kernels.get_kernel is get_kernel", "ours")
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert not (tmp_path / "ours").exists()
+    assert "kernels-community" not in ours.stderr
+    # plain LoRA: peft imports bitsandbytes whenever it is installed
+    folder = make_tiny_model(tmp_path / "tiny", kind="llama")
+    lora = run("import sys\nfrom alignment.config import LoraSettings, ModelSettings\n"
+               "from alignment.models import load_causal_lm\n"
+               f"load_causal_lm(ModelSettings(name_or_path={str(folder)!r}, lora=LoraSettings(r=2)))\n"
+               "assert 'bitsandbytes' in sys.modules", "lora")
+    assert lora.returncode == 0, lora.stderr[-2000:]
+    assert not (tmp_path / "lora").exists()
