@@ -131,7 +131,8 @@ ASKS_HUB = textwrap.dedent("""
 
 def test_importing_bitsandbytes_fetches_no_kernel_from_the_hub(tmp_path):
     """bitsandbytes asks the ``kernels`` package for a compiled CPU kernel from the Hub at import (on CPUs with
-    AVX-512 bf16); through :func:`import_bitsandbytes` it never asks, and ``kernels`` is importable again after."""
+    AVX-512 bf16); imported by our loaders (:func:`import_bitsandbytes`, here before peft builds LoRA layers) it
+    never asks, and ``kernels`` is importable again after."""
     pytest.importorskip("kernels")
 
     def run(code: str, marker: str) -> subprocess.CompletedProcess:
@@ -143,16 +144,12 @@ def test_importing_bitsandbytes_fetches_no_kernel_from_the_hub(tmp_path):
     assert plain.returncode == 0, plain.stderr[-2000:]
     if not (tmp_path / "plain").exists():
         pytest.skip("bitsandbytes asks for no Hub kernel on this CPU (no AVX-512 bf16)")
-    ours = run("from alignment.models import import_bitsandbytes\nimport_bitsandbytes()\n"
-               "import kernels\nassert kernels.get_kernel is get_kernel", "ours")
+    # a plain LoRA model (peft imports bitsandbytes whenever it is installed) built through our loader
+    folder = make_tiny_model(tmp_path / "tiny", kind="llama")
+    ours = run("import sys\nfrom alignment.config import LoraSettings, ModelSettings\n"
+               "from alignment.models import load_causal_lm\n"
+               f"load_causal_lm(ModelSettings(name_or_path={str(folder)!r}, lora=LoraSettings(r=2)))\n"
+               "assert 'bitsandbytes' in sys.modules\nimport kernels\nassert kernels.get_kernel is get_kernel", "ours")
     assert ours.returncode == 0, ours.stderr[-2000:]
     assert not (tmp_path / "ours").exists()
     assert "kernels-community" not in ours.stderr
-    # plain LoRA: peft imports bitsandbytes whenever it is installed
-    folder = make_tiny_model(tmp_path / "tiny", kind="llama")
-    lora = run("import sys\nfrom alignment.config import LoraSettings, ModelSettings\n"
-               "from alignment.models import load_causal_lm\n"
-               f"load_causal_lm(ModelSettings(name_or_path={str(folder)!r}, lora=LoraSettings(r=2)))\n"
-               "assert 'bitsandbytes' in sys.modules", "lora")
-    assert lora.returncode == 0, lora.stderr[-2000:]
-    assert not (tmp_path / "lora").exists()
