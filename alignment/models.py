@@ -131,6 +131,8 @@ def _load_kwargs(settings: ModelSettings) -> dict:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
+    elif (Path(settings.name_or_path) / "adapter_config.json").is_file():
+        preload_bitsandbytes()  # transformers loads an adapter folder through peft
     return kwargs
 
 
@@ -528,7 +530,6 @@ def _unsharded_copy(model, state_dict: dict[str, torch.Tensor]):
     ``state_dict``, its full weights as ``model.state_dict()`` names them: the same classes and
     configs (less any quantization) built on the meta device, then given the tensors (no second
     copy of the weights)."""
-    preload_bitsandbytes()
     from peft import get_peft_model
     from torch.distributed.fsdp import FSDPModule
 

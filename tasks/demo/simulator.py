@@ -100,9 +100,8 @@ def load_policy(path: str | Path):
     """(model, tokenizer) from an HF folder; a LoRA adapter folder is loaded onto its base and merged."""
     path = Path(path)
     if (path / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
         preload_bitsandbytes()  # peft imports it when installed: without its Hub kernel lookup
+        from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()
     else:
