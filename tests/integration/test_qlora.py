@@ -79,7 +79,8 @@ def test_the_merged_folder_is_the_trained_qlora_model_not_a_requantized_one(llam
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B" in name:
-                p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))  # a trained adapter
+                # a trained adapter, drawn on the CPU (a CPU generator cannot fill a CUDA tensor)
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_sequences(PROMPTS, COMPLETIONS, pad_id=0).items()}
     trained = _logps(policy, batch)
     with adapter_disabled(policy):
