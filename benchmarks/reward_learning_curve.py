@@ -34,6 +34,8 @@ labelled by the same simulated annotators, no generation; ``--offline-set KEY=VA
 ``<work>/offline`` and the reward model trains on it besides each volume's pairs
 (``reward.extra_train_paths``); the held-out sets are unchanged.
 
+``--score-folder`` scores reward models trained elsewhere (a round's ``<run>/final``) on the same sets.
+
 Usage (after ``make run``; OMP_NUM_THREADS=1 beside other work)::
 
     .venv/bin/python benchmarks/reward_learning_curve.py --home .alignflow --work /tmp/lc \\
@@ -222,6 +224,8 @@ def main() -> None:
     ap.add_argument("--reward-config", type=Path, help="a reward run's reward.yaml: also train the reward model")
     ap.add_argument("--reward-set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--tag", default="", help="names the reward runs (runs/x<V><tag>)")
+    ap.add_argument("--score-folder", action="append", default=[], type=Path, metavar="PATH",
+                    help="also score a trained reward model's folder (e.g. a round's <run>/final) on the held-out sets")
     ap.add_argument("--offline", action="store_true", help="the reward model also trains on the demo's offline set")
     ap.add_argument("--offline-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a demo.offline field for --offline (max_prompts=4000, samples_per_prompt=8, seed=1)")
@@ -295,6 +299,8 @@ def main() -> None:
         if args.reward_config is not None:
             folder, wall = train_reward(args.reward_config, prefs, work / "runs" / f"x{v}{args.tag}", args.reward_set)
             scorers[f"reward model {folder.parent.name}"] = (reward_scorer_from_folder(folder, "cpu", 64, 64, 16), wall)
+        for folder in args.score_folder:
+            scorers[f"folder {folder}"] = (reward_scorer_from_folder(folder, "cpu", 64, 64, 16), None)
         for name, (unmemoized, wall) in scorers.items():
             score = memoized(unmemoized)
             rc, rr = score(built_prompts, built.chosen.tolist()), score(built_prompts, built.rejected.tolist())

@@ -13,11 +13,18 @@ and pair selection), and the pipeline's own validation and builder turn the labe
 (:func:`tasks.data.export.build_dataset`). No sampling from a model is involved, so the cost is
 the labelling and the reward model's extra training steps.
 
+With ``responses: sampled`` the responses are instead the base model's own samples for those
+prompts, drawn and filtered as the simulator draws a round's (unfinished and degenerate samples
+never reach the annotators). That costs generation, and it is the text the judge is later asked
+about: on one fixed held-out set of eight rounds' labels, 10,076 sampled pairs put the judge 0.053
+under the Bayes ceiling where 14,919 human pairs left it 0.076 under (benchmarks/RESULTS.md, issue
+15 point 1). ``response_tokens`` cuts human continuations shorter than a policy's response.
+
 Only prompts whose hash puts them in the ``train`` split (:func:`tasks.data.keys.assign_splits`,
 the split every preference dataset uses) are kept, so no offline prompt can be a validation or
 test prompt of any round. The set is cached under ``<cache>/offline-<digest>/`` (Parquet and
 JSON; the digest covers the corpus checksum, the tokenizer, and every setting that shapes the
-set), so only the first build pays.
+set, and the base model's weights when it is sampled), so only the first build pays.
 """
 
 from __future__ import annotations
@@ -37,11 +44,18 @@ import pandas as pd
 from alignment.config import json_digest
 from tasks.data.keys import assign_splits, hash64, prompt_keys
 from tasks.data.settings import IngestSettings, PreferenceSettings
-from tasks.demo.corpus import Corpus, demo_cache_dir, load_corpus
+from tasks.demo.corpus import Corpus, demo_cache_dir, load_corpus, sha256_file
 from tasks.demo.oracle import sentiment
 from tasks.demo.prompts import prompt_from_document
 from tasks.demo.settings import DemoSettings, PromptSettings
-from tasks.demo.simulator import LANDING_COLUMNS, OPTIONAL_COLUMNS, label_items
+from tasks.demo.simulator import (
+    LANDING_COLUMNS,
+    OPTIONAL_COLUMNS,
+    filter_samples,
+    label_items,
+    sample_responses,
+)
+from tasks.progress import run_logger
 
 SOURCE = "alignflow-demo-offline"
 FORMAT_VERSION = 1
@@ -121,15 +135,19 @@ def offline_digest(settings: DemoSettings, corpus_checksum: str, tokenizer_diges
         "labelling": sim.model_dump(mode="json", include={"kind_shares", "labels_per_item", "informative_pairs",
                                                           "random_pairs", "tie_threshold", "rating_scale"}),
         "preferences": preferences.model_dump(mode="json"),
-        "offline": settings.offline.model_dump(mode="json", exclude={"enabled"}),
+        # fields added later only when set away from their defaults: older sets keep their keys
+        "offline": settings.offline.model_dump(mode="json", exclude={"enabled"} | {
+            k for k, default in (("response_tokens", None), ("responses", "human"), ("random_pairs", None))
+            if getattr(settings.offline, k) == default}),
     })[:16]  # fmt: skip
 
 
 def label_offline(prompts: list[str], responses: list[list[str]], settings: DemoSettings,
-                  rng: np.random.Generator) -> pd.DataFrame:
-    """The simulated annotators' labels of the offline items (the round's labelling, no corruption)."""
+                  rng: np.random.Generator, shown: list[list[str]] | None = None) -> pd.DataFrame:
+    """The simulated annotators' labels of the offline items (the round's labelling, no corruption).
+    ``shown``: the responses as the annotators see them (rejected samples blanked), default ``responses``."""
     scores = sentiment([t for texts in responses for t in texts]).reshape(len(prompts), -1)
-    truth, _ = label_items(prompts, responses, list(scores), settings.simulator, rng)  # no frame commonness
+    truth, _ = label_items(prompts, shown or responses, list(scores), settings.simulator, rng)  # no frame commonness
     truth["source"] = SOURCE
     return truth
 
@@ -165,6 +183,8 @@ def build_offline_set(settings: DemoSettings, base_model_path: str | Path, data:
     corpus = corpus if corpus is not None else load_corpus(settings.corpus, demo_cache_dir(settings))
     tokenizer_digest = json_digest({n: (Path(base_model_path) / n).read_text()
                                     for n in ("tokenizer.json",) if (Path(base_model_path) / n).exists()})
+    if settings.offline.responses == "sampled":  # the responses come from the model's weights too
+        tokenizer_digest = json_digest([tokenizer_digest, sha256_file(Path(base_model_path) / "model.safetensors")])
     key = offline_digest(settings, corpus.checksum, tokenizer_digest, preferences)
     offline = settings.offline
     folder = cache / f"offline-{key}"
@@ -175,9 +195,22 @@ def build_offline_set(settings: DemoSettings, base_model_path: str | Path, data:
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
     rng = np.random.default_rng([offline.seed, 0x0FF1])
     prompts, responses = offline_items(list(corpus.train), tokenizer, settings.prompts, preferences,
-                                       settings.simulator.max_new_tokens, offline.samples_per_prompt, rng,
+                                       offline.response_tokens or settings.simulator.max_new_tokens,
+                                       offline.samples_per_prompt, rng,
                                        offline.max_prompts)
-    truth = label_offline(prompts, responses, settings, rng)
+    shown = None
+    if offline.responses == "sampled":  # the base model's own text, drawn and filtered as a round's
+        sim = settings.simulator.model_copy(update={"samples_per_prompt": offline.samples_per_prompt})
+        log, t0 = run_logger(), time.monotonic()
+        log.info("offline set: sampling %d responses from the base model for %d prompts (once; then cached)",
+                 len(prompts) * sim.samples_per_prompt, len(prompts))
+        responses, ended = sample_responses(base_model_path, prompts, sim, offline.seed)
+        log.info("offline set: sampled in %.0f s", time.monotonic() - t0)
+        shown, _ = filter_samples(responses, ended, sim)
+    if offline.random_pairs is not None:
+        labelling = settings.simulator.model_copy(update={"random_pairs": offline.random_pairs})
+        settings = settings.model_copy(update={"simulator": labelling})
+    truth = label_offline(prompts, responses, settings, rng, shown)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".offline-", dir=cache))
     try:

@@ -307,7 +307,7 @@ def simulate_feedback(
     used = np.zeros(len(pool), bool)
     while len(take):
         texts, ended = sample_responses(policy_path, [pool[int(i)] for i in take], settings, draw_seed(seed, draws))
-        blanked, n_rejected = _filter(texts, ended, settings)
+        blanked, n_rejected = filter_samples(texts, ended, settings)
         drawn += [pool[int(i)] for i in take]
         responses, shown = responses + texts, shown + blanked
         rejected, kept, draws = rejected + n_rejected, kept + sum(map(usable_count, blanked)), draws + 1
@@ -368,7 +368,7 @@ def simulate_feedback(
     return report
 
 
-def _filter(responses: list[list[str]], ended: list[list[bool]],
+def filter_samples(responses: list[list[str]], ended: list[list[bool]],
             settings: SimulatorSettings) -> tuple[list[list[str]], int]:
     """(responses as the annotators may see them, rejected count): broken bytes stripped (exports
     carry what a person saw; the low score they earned stays), rejected samples blanked

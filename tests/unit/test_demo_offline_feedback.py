@@ -90,3 +90,64 @@ def test_demo_offline_refuses_a_configured_reward_backbone_when_the_config_loads
         PipelineConfig.model_validate(raw)
     raw["demo"]["offline"]["enabled"] = False  # either one alone is fine
     assert PipelineConfig.model_validate(raw).model.reward is not None
+
+
+def test_a_sampled_offline_set_holds_the_base_models_own_samples_and_follows_its_weights(
+        tokenizer_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tasks.demo.offline_feedback import offline_items as human_items
+
+    corpus = corpus_from_texts(review_sample(600), CorpusSettings(heldout_fraction=0.1))
+    prefs, data = PreferenceSettings(), IngestSettings()
+    human = DemoSettings(offline=OfflineFeedbackSettings(enabled=True, max_prompts=60))
+    sampled = human.model_copy(update={"offline": human.offline.model_copy(update={"responses": "sampled"})})
+
+    def build(where, s, model=tokenizer_folder):
+        return build_offline_set(s, model, data, prefs, cache_dir=tmp_path / where, corpus=corpus)
+
+    first, again = build("a", sampled), build("b", sampled)
+    assert first.pairs > 10 and (first.digest, first.pairs) == (again.digest, again.pairs)  # seeded sampling
+    pairs = pd.read_parquet(first.path)
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    _, continuations = human_items(list(corpus.train), tok, human.prompts, prefs, 24, 4, np.random.default_rng(0))
+    written = {t for texts in continuations for t in texts}
+    answers = set(pairs.chosen) | set(pairs.rejected)
+    assert not answers & written  # the model's text, not the corpus's
+    limit = sampled.simulator.max_new_tokens
+    assert all(len(tok(t, add_special_tokens=False)["input_ids"]) <= limit for t in answers)
+    assert build("h", human).digest != first.digest
+    # other weights, the same tokenizer: another set (the cache key follows the model, not only its tokenizer)
+    other = tmp_path / "other-model"
+    shutil.copytree(tokenizer_folder, other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v + 0.5 if v.dim() == 2 else v for k, v in weights.items()}, other / "model.safetensors")
+    moved = build("a", sampled, other)
+    assert not moved.cached and moved.digest != first.digest
+
+
+def test_random_pairs_compares_more_pairs_of_the_same_texts(tokenizer_folder, tmp_path):
+    corpus = corpus_from_texts(review_sample(600), CorpusSettings(heldout_fraction=0.1))
+    settings = DemoSettings(offline=OfflineFeedbackSettings(enabled=True))
+
+    def build(s, where):
+        return build_offline_set(s, tokenizer_folder, IngestSettings(), PreferenceSettings(),
+                                 cache_dir=tmp_path / where, corpus=corpus)
+
+    every = settings.model_copy(update={"offline": settings.offline.model_copy(update={"random_pairs": 5})})
+    few, many = build(settings, "a"), build(every, "b")
+    assert many.digest != few.digest and many.pairs > 1.3 * few.pairs
+    texts = {k: set(pd.concat([pd.read_parquet(b.path).chosen, pd.read_parquet(b.path).rejected]))
+             for k, b in (("few", few), ("many", many))}
+    assert texts["few"] <= texts["many"]  # the same responses, compared more often
+
+
+def test_response_tokens_cuts_the_human_continuations_shorter(tokenizer_folder, tmp_path):
+    corpus = corpus_from_texts(review_sample(600), CorpusSettings(heldout_fraction=0.1))
+    short = DemoSettings(offline=OfflineFeedbackSettings(enabled=True, response_tokens=3))
+    built = build_offline_set(short, tokenizer_folder, IngestSettings(), PreferenceSettings(),
+                              cache_dir=tmp_path, corpus=corpus)
+    pairs = pd.read_parquet(built.path)
+    assert max(len(t.split()) for t in pd.concat([pairs.chosen, pairs.rejected])) == 3  # word-level tokenizer
