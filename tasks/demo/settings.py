@@ -366,7 +366,8 @@ class OfflineFeedbackSettings(StrictModel):
     max_prompts: int | None = Field(None, gt=0)
     """Prompts (one per train document) in the set; None: every one whose prompt hashes to ``train``."""
     samples_per_prompt: int = Field(4, ge=2)
-    """Responses per prompt: its own continuation and those of other documents, drawn at random."""
+    """Responses per prompt: its own continuation and those of other documents, drawn at random
+    (``human``), or the base model's samples (``sampled``)."""
     responses: Literal["human", "sampled"] = "human"
     """``human``: each prompt's own continuation and other documents' continuations (no model is
     sampled); ``sampled``: ``samples_per_prompt`` samples of the base model for each prompt, drawn
@@ -376,7 +377,8 @@ class OfflineFeedbackSettings(StrictModel):
     round's ``simulator.random_pairs``. With 4 samples, 5 compares every pair: more comparisons
     for no more text."""
     response_tokens: int | None = Field(None, gt=0)
-    """Longest continuation in tokens (cut at a word boundary); None: ``simulator.max_new_tokens``,
+    """Longest human continuation in tokens (cut at a word boundary; samples are drawn to the
+    simulator's length); None: ``simulator.max_new_tokens``,
     a policy response's length. Shorter snippets hold fewer sentiment words, so each label says more
     about each word's valence (fine-grained annotation, as in phrase-level sentiment treebanks)."""
     seed: int = 0

@@ -369,7 +369,7 @@ def simulate_feedback(
 
 
 def filter_samples(responses: list[list[str]], ended: list[list[bool]],
-            settings: SimulatorSettings) -> tuple[list[list[str]], int]:
+                   settings: SimulatorSettings) -> tuple[list[list[str]], int]:
     """(responses as the annotators may see them, rejected count): broken bytes stripped (exports
     carry what a person saw; the low score they earned stays), rejected samples blanked
     (``label_items`` skips them like empty ones)."""
