@@ -47,7 +47,7 @@ from tasks.data.settings import IngestSettings, PreferenceSettings
 from tasks.demo.corpus import Corpus, demo_cache_dir, load_corpus, sha256_file
 from tasks.demo.oracle import sentiment
 from tasks.demo.prompts import prompt_from_document
-from tasks.demo.settings import DemoSettings, PromptSettings
+from tasks.demo.settings import DemoSettings, PromptSettings, SimulatorSettings
 from tasks.demo.simulator import (
     LANDING_COLUMNS,
     OPTIONAL_COLUMNS,
@@ -142,12 +142,12 @@ def offline_digest(settings: DemoSettings, corpus_checksum: str, tokenizer_diges
     })[:16]  # fmt: skip
 
 
-def label_offline(prompts: list[str], responses: list[list[str]], settings: DemoSettings,
+def label_offline(prompts: list[str], responses: list[list[str]], simulator: SimulatorSettings,
                   rng: np.random.Generator, shown: list[list[str]] | None = None) -> pd.DataFrame:
-    """The simulated annotators' labels of the offline items (the round's labelling, no corruption).
+    """The simulated annotators' labels of the offline items (``simulator``'s labelling, no corruption).
     ``shown``: the responses as the annotators see them (rejected samples blanked), default ``responses``."""
     scores = sentiment([t for texts in responses for t in texts]).reshape(len(prompts), -1)
-    truth, _ = label_items(prompts, shown or responses, list(scores), settings.simulator, rng)  # no frame commonness
+    truth, _ = label_items(prompts, shown or responses, list(scores), simulator, rng)  # no frame commonness
     truth["source"] = SOURCE
     return truth
 
@@ -198,19 +198,19 @@ def build_offline_set(settings: DemoSettings, base_model_path: str | Path, data:
                                        offline.response_tokens or settings.simulator.max_new_tokens,
                                        offline.samples_per_prompt, rng,
                                        offline.max_prompts)
+    # the round's simulator, with the set's own sample count (when sampled) and pair count (when labelled)
+    sim = settings.simulator.model_copy(update={
+        "samples_per_prompt": offline.samples_per_prompt,
+        "random_pairs": settings.simulator.random_pairs if offline.random_pairs is None else offline.random_pairs})
     shown = None
     if offline.responses == "sampled":  # the base model's own text, drawn and filtered as a round's
-        sim = settings.simulator.model_copy(update={"samples_per_prompt": offline.samples_per_prompt})
         log, t0 = run_logger(), time.monotonic()
         log.info("offline set: sampling %d responses from the base model for %d prompts (once; then cached)",
                  len(prompts) * sim.samples_per_prompt, len(prompts))
         responses, ended = sample_responses(base_model_path, prompts, sim, offline.seed)
         log.info("offline set: sampled in %.0f s", time.monotonic() - t0)
         shown, _ = filter_samples(responses, ended, sim)
-    if offline.random_pairs is not None:
-        labelling = settings.simulator.model_copy(update={"random_pairs": offline.random_pairs})
-        settings = settings.model_copy(update={"simulator": labelling})
-    truth = label_offline(prompts, responses, settings, rng, shown)
+    truth = label_offline(prompts, responses, sim, rng, shown)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".offline-", dir=cache))
     try:

@@ -378,9 +378,9 @@ class OfflineFeedbackSettings(StrictModel):
     for no more text."""
     response_tokens: int | None = Field(None, gt=0)
     """Longest human continuation in tokens (cut at a word boundary; samples are drawn to the
-    simulator's length); None: ``simulator.max_new_tokens``,
-    a policy response's length. Shorter snippets hold fewer sentiment words, so each label says more
-    about each word's valence (fine-grained annotation, as in phrase-level sentiment treebanks)."""
+    simulator's length); None: ``simulator.max_new_tokens``, a policy response's length. Shorter
+    snippets hold fewer sentiment words, so each label says more about each word's valence
+    (fine-grained annotation, as in phrase-level sentiment treebanks)."""
     seed: int = 0
     """Seeds the drawn continuations and the annotators."""
 
