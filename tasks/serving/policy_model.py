@@ -114,6 +114,35 @@ def generation_params(params):
     return out
 
 
+def _preload_bitsandbytes():
+    """Import bitsandbytes (where installed) with the ``kernels`` package hidden, before peft imports it.
+
+    peft imports bitsandbytes whenever it is installed, and on a CPU with AVX-512 bf16 that import
+    asks the Hugging Face Hub, through ``kernels``, for compiled code that serving never runs. The
+    same guard as ``alignment.models.import_bitsandbytes``, repeated because this file travels into
+    each logged model without alignflow."""
+    import importlib.util
+    import logging
+    import sys
+
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        return
+    missing = object()
+    kernels = sys.modules.get("kernels", missing)
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError inside bitsandbytes
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        cpu_ops.setLevel(level)
+        if kernels is missing:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = kernels
+
+
 class PolicyGenerator(PythonModel):
     """Loads the policy once; generates with the tokenizer's chat template for chat prompts."""
 
@@ -123,6 +152,7 @@ class PolicyGenerator(PythonModel):
 
         path = context.artifacts["model"]
         if os.path.exists(os.path.join(path, "adapter_config.json")):
+            _preload_bitsandbytes()
             from peft import AutoPeftModelForCausalLM
 
             model = AutoPeftModelForCausalLM.from_pretrained(path).merge_and_unload()

@@ -154,3 +154,28 @@ def test_importing_bitsandbytes_fetches_no_kernel_from_the_hub(tmp_path):
     assert ours.returncode == 0, ours.stderr[-2000:]
     assert not (tmp_path / "ours").exists()
     assert "kernels-community" not in ours.stderr
+
+
+def test_serving_an_adapter_folder_fetches_no_kernel_from_the_hub(tmp_path):
+    """The serving pyfunc loads a LoRA adapter folder through peft, which imports bitsandbytes: it
+    imports it with the Hub lookup off too (its own copy of the guard: the file travels without alignflow)."""
+    pytest.importorskip("kernels")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    folder = make_tiny_model(tmp_path / "tiny", kind="llama")
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=2, target_modules=["q_proj"])
+                   ).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(adapter)
+    code = ("from types import SimpleNamespace\nfrom tasks.serving.policy_model import PolicyGenerator\n"
+            f"g = PolicyGenerator(); g.load_context(SimpleNamespace(artifacts={{'model': {str(adapter)!r}}}))\n"
+            "print(g.predict(None, ['review the film'], {'max_new_tokens': 2}))")
+    env = {**os.environ, "KERNEL_MARKER": str(tmp_path / "marker")}
+    done = subprocess.run([sys.executable, "-c", ASKS_HUB + code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plain = subprocess.run([sys.executable, "-c", ASKS_HUB + "import bitsandbytes"], capture_output=True, text=True,
+                           env={**os.environ, "KERNEL_MARKER": str(tmp_path / "plain")}, timeout=120)
+    if not (tmp_path / "plain").exists():
+        pytest.skip(f"bitsandbytes asks for no Hub kernel on this CPU (no AVX-512 bf16): {plain.returncode}")
+    assert not (tmp_path / "marker").exists()
