@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from alignment.logprobs import IGNORE_INDEX
-from alignment.prompt_sharing import collate_shared_prompt
+from alignment.prompt_sharing import collate_response_groups, collate_shared_prompt
 from alignment.row_packing import first_fit_decreasing, row_width
 
 Prompt = str | list[dict[str, Any]]
@@ -304,14 +304,20 @@ def collate_sequences(
     return batch
 
 
-def collate_pairs(examples: Sequence[Mapping[str, Any]], *, share_prompt: bool = False, **layout: Any) -> dict[str, Any]:
+def collate_pairs(examples: Sequence[Mapping[str, Any]], *, share_prompt: bool = False,
+                  share_responses: bool = False, **layout: Any) -> dict[str, Any]:
     """Pairs → one batch: chosen sequences first, then rejected (one forward for both), each
-    pair's prompt once with ``share_prompt`` (:mod:`alignment.prompt_sharing`); plus
+    pair's prompt once with ``share_prompt`` (:mod:`alignment.prompt_sharing`); with
+    ``share_responses`` (and ``share_prompt``) each distinct prompt and each distinct response of it
+    once, the pairs' sequences in ``pair_chosen`` / ``pair_rejected``
+    (:func:`~alignment.prompt_sharing.collate_response_groups`); plus
     ``weight`` [B], ``index`` [B] and, when present on every example, ``margin``,
     ``ref_chosen`` and ``ref_rejected`` [B] (fp32)."""
     prompts = [e["prompt"] for e in examples]
     chosen, rejected = [e["chosen"] for e in examples], [e["rejected"] for e in examples]
-    if share_prompt:
+    if share_prompt and share_responses:
+        batch = collate_response_groups(prompts, chosen, rejected, **layout)
+    elif share_prompt:
         batch = collate_shared_prompt(prompts, chosen, rejected, **layout)
     else:
         batch = collate_sequences(prompts + prompts, chosen + rejected, **layout)
@@ -345,6 +351,12 @@ class LengthGroupedSampler:
     ``batch_size * num_replicas`` indices is dealt out to processes by stride. The last partial
     global batch is dropped so every process steps in lock-step.
 
+    ``groups`` (a group id per example, e.g. its prompt) keeps each group's examples next to each
+    other: the permutation and the length sorting then move whole groups, a global batch is cut
+    from that order (a group may straddle two batches) and dealt out in consecutive slices, so
+    the examples that share a prompt mostly share a batch (what
+    :func:`~alignment.prompt_sharing.collate_response_groups` needs to run a response once).
+
     :meth:`next_batch` walks epochs without end; :meth:`state_dict` / :meth:`load_state_dict`
     save and restore ``(epoch, position)``, so a resumed run sees exactly the batches an
     uninterrupted one would. Raises ValueError when there are fewer examples than one global batch.
@@ -353,8 +365,15 @@ class LengthGroupedSampler:
     def __init__(
         self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, num_replicas: int = 1, rank: int = 0,
         group_by_length: bool = True, shuffle: bool = True, megabatch_factor: int = 32,
+        groups: Sequence[int] | None = None,
     ) -> None:
         self.lengths = list(lengths)
+        self.groups = None
+        if groups is not None:  # example indices of each group, in example order
+            members: dict[int, list[int]] = {}
+            for i, g in enumerate(groups):
+                members.setdefault(g, []).append(i)
+            self.groups = list(members.values())
         self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
         self.seed, self.group_by_length, self.shuffle = seed, group_by_length, shuffle
         self.megabatch = batch_size * num_replicas * megabatch_factor
@@ -375,8 +394,11 @@ class LengthGroupedSampler:
         """All processes' batches of ``epoch`` (each of ``batch_size * num_replicas`` indices)."""
         n = len(self.lengths)
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
-        order = torch.randperm(n, generator=gen).tolist() if self.shuffle else list(range(n))
-        if self.group_by_length:
+        if self.groups is not None:
+            order = self._group_order(gen)
+        else:
+            order = torch.randperm(n, generator=gen).tolist() if self.shuffle else list(range(n))
+        if self.group_by_length and self.groups is None:
             order = [
                 i for w in range(0, n, self.megabatch)
                 for i in sorted(order[w : w + self.megabatch], key=lambda j: -self.lengths[j])
@@ -386,10 +408,28 @@ class LengthGroupedSampler:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
         return batches
 
+    def _group_order(self, gen: torch.Generator) -> list[int]:
+        """Every example once, each group's members together: groups in seeded order, with
+        ``group_by_length`` sorted by their longest member within windows of about
+        ``megabatch_factor`` global batches."""
+        groups = self.groups
+        order = torch.randperm(len(groups), generator=gen).tolist() if self.shuffle else list(range(len(groups)))
+        if self.group_by_length:
+            window = max(1, round(self.megabatch * len(groups) / max(len(self.lengths), 1)))
+            longest = [max(self.lengths[i] for i in g) for g in groups]
+            order = [g for w in range(0, len(order), window)
+                     for g in sorted(order[w : w + window], key=lambda j: -longest[j])]
+        return [i for g in order for i in groups[g]]
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This process's share of each global batch of ``epoch``."""
         if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, [b[self.rank :: self.num_replicas] for b in self.global_batches(epoch)])
+            if self.groups is None:
+                mine = [b[self.rank :: self.num_replicas] for b in self.global_batches(epoch)]
+            else:  # consecutive members, so a group stays on one process
+                lo = self.rank * self.batch_size
+                mine = [b[lo : lo + self.batch_size] for b in self.global_batches(epoch)]
+            self._cached = (epoch, mine)
         return self._cached[1]
 
     def next_batch(self) -> list[int]:

@@ -2,6 +2,14 @@
 
     .venv/bin/python benchmarks/cpu_training.py                    # all cases, "small" model
     .venv/bin/python benchmarks/cpu_training.py --preset tiny --cases ours_dpo,trl_dpo
+    PYTHONPATH=<trl wheel unpacked> .venv/bin/python benchmarks/cpu_training.py --ranked 4 --lengths hh \
+        --cases ours_reward_pairs,ours_reward_groups,trl_reward --batch-size 12 --pairs 240
+
+``--ranked K`` makes reward data as a ranking of K responses per prompt compared in all its
+K(K-1)/2 pairs (UltraFeedback rates 4 completions per prompt): ``ours_reward_groups`` runs each
+distinct response of a batch once (``share_responses``), ``ours_reward_pairs`` each pair's prompt
+once (``share_prompt``), TRL's RewardTrainer both responses of every pair. ``--lengths hh`` draws
+token counts from gpu_trl_best.py's HH-RLHF law (prompt 163, response 88 tokens on average).
 
 Every case runs in its own subprocess (so peak RSS is that case's alone) on the same
 random-weight Llama-shaped model and the same synthetic pairs (prompt 16-96 words, responses
@@ -40,11 +48,14 @@ PRESETS = {
 }
 CASES = ["ours_dpo", "ours_dpo_shared", "ours_dpo_padded", "ours_dpo_ref_copy", "trl_dpo", "trl_dpo_precomputed", "ours_reward", "ours_ppo",
          "ours_grpo"]
+REWARD_CASES = ["ours_reward_pairs", "ours_reward_groups", "trl_reward"]
+"""Asked for by name (``--cases``), with ``--ranked`` data."""
 
 
 # ---------------------------------------------------------------------------- fixtures
-def build_fixtures(work: Path, preset: str, pairs: int, seed: int = 0) -> None:
-    """A random-weight Llama-shaped model + word-level tokenizer, and synthetic pairs/prompts."""
+def build_fixtures(work: Path, preset: str, pairs: int, seed: int = 0, ranked: int = 0, lengths: str = "uniform") -> None:
+    """A random-weight Llama-shaped model + word-level tokenizer, and synthetic pairs/prompts
+    (``ranked`` > 1: about ``pairs`` pairs from rankings of that many responses per prompt)."""
     import pandas as pd
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -70,8 +81,34 @@ def build_fixtures(work: Path, preset: str, pairs: int, seed: int = 0) -> None:
     def text(lo: int, hi: int) -> str:
         return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
 
-    rows = [{"prompt": text(16, 96), "is_chat": False, "chosen": " " + text(8, 96), "rejected": " " + text(8, 96),
-             "weight": 1.0} for _ in range(pairs)]
+    if lengths == "hh":
+        from benchmarks.gpu_trl_best import DISTS, lognormal
+
+        law = DISTS["hh"]
+
+        def prompt_text() -> str:  # clipped to fit max_length 512 with a response
+            n = min(lognormal(rng, law["prompt_mean"], law["sigma"]), 256)
+            return text(n, n)
+
+        def response_text() -> str:
+            n = min(lognormal(rng, law["response_mean"], law["sigma"]), 255)
+            return text(n, n)
+    else:
+        def prompt_text() -> str:
+            return text(16, 96)
+
+        def response_text() -> str:
+            return text(8, 96)
+    if ranked > 1:
+        rows = []
+        while len(rows) < pairs:
+            prompt = prompt_text()
+            responses = [" " + response_text() for _ in range(ranked)]
+            rows += [{"prompt": prompt, "is_chat": False, "chosen": responses[i], "rejected": responses[j],
+                      "weight": 1.0} for i in range(ranked) for j in range(i + 1, ranked)]
+    else:
+        rows = [{"prompt": prompt_text(), "is_chat": False, "chosen": " " + response_text(),
+                 "rejected": " " + response_text(), "weight": 1.0} for _ in range(pairs)]
     pd.DataFrame(rows).to_parquet(work / "pairs.parquet")
     pd.DataFrame([{"prompt_id": str(i), "prompt": r["prompt"], "is_chat": False, "split": "train"}
                   for i, r in enumerate(rows)]).to_parquet(work / "prompts.parquet")
@@ -102,21 +139,37 @@ def _ours(recipe_name: str, work: Path, args, **overrides) -> dict:
         recipe.train()
     finally:
         recipe.cleanup()
+    return _rate(stamps, args, setup_s)
+
+
+def _rate(stamps: list[tuple[float, int]], args, setup_s: float) -> dict:
+    """Tokens/s and seconds a step over the steps after ``--warmup`` (``stamps``: time and tokens seen at each step end)."""
     (t0, n0), (t1, n1) = stamps[args.warmup - 1], stamps[-1]
     return {"tokens_per_s": (n1 - n0) / (t1 - t0), "step_s": (t1 - t0) / (len(stamps) - args.warmup),
             "setup_s": setup_s}
 
 
-def _trl_dpo(work: Path, args, precompute: bool) -> dict:
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+def _run_trl(make_trainer, args) -> dict:
+    """Build a TRL trainer (``make_trainer(callbacks)``) and train it, its step ends stamped with TRL's token counter."""
+    from transformers import TrainerCallback
 
     stamps: list[tuple[float, int]] = []
 
     class Stamp(TrainerCallback):
         def on_step_end(self, _args, state, control, **kwargs):
             stamps.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    started = time.perf_counter()
+    trainer = make_trainer([Stamp()])
+    setup_s = time.perf_counter() - started
+    trainer.train()
+    return _rate(stamps, args, setup_s)
+
+
+def _trl_dpo(work: Path, args, precompute: bool) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
 
     frame = datasets.Dataset.from_parquet(str(work / "pairs.parquet")).select_columns(["prompt", "chosen", "rejected"])
     tok = AutoTokenizer.from_pretrained(work / "model")
@@ -128,13 +181,29 @@ def _trl_dpo(work: Path, args, precompute: bool) -> dict:
         logging_steps=10_000, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
     )
-    started = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=config, train_dataset=frame, processing_class=tok, callbacks=[Stamp()])
-    setup_s = time.perf_counter() - started
-    trainer.train()
-    (t0, n0), (t1, n1) = stamps[args.warmup - 1], stamps[-1]
-    return {"tokens_per_s": (n1 - n0) / (t1 - t0), "step_s": (t1 - t0) / (len(stamps) - args.warmup),
-            "setup_s": setup_s}
+    return _run_trl(lambda callbacks: DPOTrainer(model=model, args=config, train_dataset=frame, processing_class=tok,
+                                                 callbacks=callbacks), args)
+
+
+def _trl_reward(work: Path, args) -> dict:
+    """TRL's RewardTrainer on the same pairs (it pads each batch to its longest sequence; no
+    padding-free option), fp32, the same optimizer settings; tokens counted as TRL's non-padding counter."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    frame = datasets.Dataset.from_parquet(str(work / "pairs.parquet")).select_columns(["prompt", "chosen", "rejected"])
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(work / "model", num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    config = RewardConfig(
+        output_dir=str(work / "trl-rm"), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
+        learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=1.0, max_length=512,
+        gradient_checkpointing=False, use_cpu=True, bf16=False, logging_steps=10_000, save_strategy="no",
+        report_to="none", seed=0, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding",
+    )
+    return _run_trl(lambda callbacks: RewardTrainer(model=model, args=config, train_dataset=frame,
+                                                    processing_class=tok, callbacks=callbacks), args)
 
 
 def run_case(name: str, work: Path, args) -> dict | None:
@@ -149,6 +218,12 @@ def run_case(name: str, work: Path, args) -> dict | None:
         return _ours("dpo", work, args, packing=False, reference="copy")
     if name == "ours_reward":
         return _ours("reward", work, args, packing=True)
+    if name == "ours_reward_pairs":
+        return _ours("reward", work, args, packing=True, share_prompt=True)
+    if name == "ours_reward_groups":
+        return _ours("reward", work, args, packing=True, share_prompt=True, share_responses=True)
+    if name == "trl_reward":
+        return _trl_reward(work, args)
     if name == "trl_dpo":
         return _trl_dpo(work, args, precompute=False)
     if name == "trl_dpo_precomputed":
@@ -178,6 +253,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs (or prompts) per step")
     parser.add_argument("--pairs", type=int, default=128)
+    parser.add_argument("--ranked", type=int, default=0, help="K > 1: pairs from rankings of K responses per prompt")
+    parser.add_argument("--lengths", choices=["uniform", "hh"], default="uniform",
+                        help="token counts: uniform words (16-96 prompt, 8-96 response) or the HH-RLHF law")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each case (interleaved); the best is shown")
     parser.add_argument("--work", help="folder for the model and data (default: a temporary one)")
     parser.add_argument("--threads", type=int, default=0,
@@ -199,7 +277,7 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="alignflow-bench-"))
     if not (work / "model").exists():
-        build_fixtures(work, args.preset, args.pairs)
+        build_fixtures(work, args.preset, args.pairs, ranked=args.ranked, lengths=args.lengths)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     results: dict[str, dict | None] = {}
     # Cases interleave and repeat; the best run of each is kept (on a shared machine, the least disturbed).
@@ -230,6 +308,12 @@ def main() -> None:
             print(f"{case:<22}{'n/a (not available or failed)':>42}")
         else:
             print(f"{case:<22}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{r['setup_s']:>9.1f}{r['peak_rss_mib']:>14.0f}")
+    pairs, trl_rm = results.get("ours_reward_pairs"), results.get("trl_reward")
+    for case in ("ours_reward_groups", "ours_reward_pairs"):
+        for base_case, base in (("trl_reward", trl_rm), ("ours_reward_pairs", pairs)):
+            if case != base_case and results.get(case) and base:
+                print(f"{case} / {base_case}: {results[case]['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
+                      f"{results[case]['peak_rss_mib'] / base['peak_rss_mib']:.2f}x peak RSS")
     for ours_case in ("ours_dpo", "ours_dpo_shared"):
         for trl_case in ("trl_dpo", "trl_dpo_precomputed"):
             ours, trl = results.get(ours_case), results.get(trl_case)

@@ -94,6 +94,25 @@ def preference_pairs(n: int, seed: int = 0, chat_every: int = 0) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
+def ranked_pairs(prompts: int, k: int, seed: int = 0) -> pd.DataFrame:
+    """``k`` responses of each prompt compared in all their pairs, the one with more GOOD words
+    (and fewer BAD ones) chosen: a ranking, as reward data that rates several responses holds."""
+    import itertools
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(prompts):
+        prompt = "review " + _sentence(rng, NEUTRAL, rng.randint(2, 6))
+        good = rng.sample(range(5), k)
+        responses = [" ".join([rng.choice(NEUTRAL)] + [rng.choice(GOOD) for _ in range(g)]
+                              + [rng.choice(BAD) for _ in range(4 - g)]) for g in good]
+        for x, y in itertools.combinations(range(k), 2):
+            better, worse = (x, y) if good[x] > good[y] else (y, x)
+            rows.append({"prompt": prompt, "is_chat": False, "chosen": responses[better],
+                         "rejected": responses[worse], "pair_id": f"p{i}-{x}-{y}", "weight": 1.0, "split": "train"})
+    return pd.DataFrame(rows)
+
+
 def demonstrations(n: int, seed: int = 0) -> pd.DataFrame:
     """Prompt "review X" → response "the X was <good words>": a pattern a tiny model can learn."""
     rng = random.Random(seed)

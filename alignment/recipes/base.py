@@ -150,6 +150,11 @@ class Recipe(ABC):
         """Called once models are on the device and before a checkpoint is loaded."""
         return None
 
+    def sampler_groups(self) -> list[int] | None:
+        """A group id per training example that the sampler keeps together in batches
+        (:class:`~alignment.batching.LengthGroupedSampler`'s ``groups``); None: examples are shuffled alone."""
+        return None
+
     def own_lrs(self) -> dict[int, float]:
         """Peak learning rates of parameters that do not use ``optim.lr``, keyed by ``id(param)``
         (PPO's value function: ``value_lr``); the schedule scales them alike. {}: one lr."""
@@ -194,7 +199,7 @@ class Recipe(ABC):
         self.train_set, self.eval_set = self.build_data()
         sampler = LengthGroupedSampler(self.train_set.lengths, self.sampler_batch_size(), seed=cfg.seed,
                                        num_replicas=acc.num_processes, rank=acc.process_index,
-                                       group_by_length=cfg.length_grouping)
+                                       group_by_length=cfg.length_grouping, groups=self.sampler_groups())
         self.feed = BatchFeed(self.train_set, sampler)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch()))
         self.optimizer = build_optimizer(self.train_module, cfg.optim, self.device, type(self).__name__,

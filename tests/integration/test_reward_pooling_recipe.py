@@ -13,7 +13,7 @@ from alignment.config import RewardConfig
 from alignment.models import ScalarReward, load_reward_model, load_tokenizer, score_responses
 from alignment.recipes.reward import RewardRecipe
 from tests.recipe_runs import train_between_evaluations
-from tests.tiny_models import make_tiny_model, preference_pairs
+from tests.tiny_models import make_tiny_model, preference_pairs, ranked_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +66,25 @@ def test_calibrate_folds_the_eval_temperature_into_the_head(tmp_path):
     margins = [c - r for c, r in zip(score_responses(scorer, tok, prompts, noisy["chosen"].tolist()),
                                      score_responses(scorer, tok, prompts, noisy["rejected"].tolist()), strict=True)]
     assert fit_temperature(torch.tensor(margins)) == pytest.approx(1.0, rel=1e-3)  # calibrated: nothing left to fit
+
+
+def test_a_reward_model_with_response_groups_learns_from_rankings_running_each_response_once(tmp_path):
+    model = make_tiny_model(tmp_path / "llama", "llama")
+    ranked_pairs(24, 4, seed=0).to_parquet(tmp_path / "train.parquet")  # 144 pairs, 96 distinct responses
+    ranked_pairs(8, 4, seed=1).to_parquet(tmp_path / "eval.parquet")
+    cfg = RewardConfig(model={"name_or_path": str(model)}, output_dir=str(tmp_path / "run"), batch_size=12,
+                       max_steps=30, optim={"lr": 3e-3, "schedule": "constant"}, max_length=64, max_prompt_length=32,
+                       train_path=str(tmp_path / "train.parquet"), eval_path=str(tmp_path / "eval.parquet"),
+                       pooling="sum", packing=True, share_prompt=True, share_responses=True)
+    seen = {}
+
+    def inspect(recipe):
+        batches = [recipe.feed.data.collate([recipe.feed.data[i] for i in b]) for b in recipe.feed.sampler.epoch_batches(0)]
+        seen["sequences"] = sum(b["num_sequences"] for b in batches)
+        seen["pairs"] = sum(len(b["pair_chosen"]) for b in batches)
+
+    before, after = train_between_evaluations(RewardRecipe(cfg), inspect)
+    # A prompt's 6 pairs mostly share a batch: about 4 responses run for them, not 12.
+    assert seen["sequences"] < 0.9 * seen["pairs"], seen
+    assert before["eval/accuracy"] < 0.8 and after["eval/accuracy"] >= 0.85, (before, after)
+    assert after["eval/loss"] < 0.6 * before["eval/loss"], (before, after)
