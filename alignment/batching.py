@@ -328,6 +328,16 @@ def collate_pairs(examples: Sequence[Mapping[str, Any]], *, share_prompt: bool =
     return batch
 
 
+def pair_halves(values: torch.Tensor, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) ``[B]`` of a pair batch's per-sequence ``values``: the sequences
+    ``pair_chosen`` / ``pair_rejected`` name (response groups, ``share_responses``), else the
+    first and the second half (chosen sequences first)."""
+    if "pair_chosen" in batch:
+        return values[batch["pair_chosen"]], values[batch["pair_rejected"]]
+    n = values.shape[0] // 2
+    return values[:n], values[n:]
+
+
 def collate_demonstrations(examples: Sequence[Mapping[str, Any]], **layout: Any) -> dict[str, Any]:
     """Demonstrations → one batch of ``prompt + completion`` sequences plus ``weight`` [B]."""
     batch = collate_sequences([e["prompt"] for e in examples], [e["completion"] for e in examples], **layout)

@@ -128,6 +128,13 @@ class TrainSettings(StrictModel):
     both responses after it under a mask that keeps them apart (:mod:`alignment.prompt_sharing`),
     instead of twice. Same results (checked on the model at setup); saves the prompt's share of
     the tokens. Overrides ``varlen_attention`` and ``causal_padding`` for pair batches."""
+    share_responses: bool = False
+    """Pair recipes (DPO, reward model), with ``share_prompt`` verified on the model: each distinct
+    prompt of a batch runs once and each distinct response of it once, and every pair is scored from
+    those (:func:`alignment.prompt_sharing.collate_response_groups`); the sampler keeps a prompt's pairs
+    in the same batches. Data that compares K responses of a prompt in several pairs (a ranking in all
+    its pairs, the demo's ``random_pairs``) then runs K responses instead of two per pair; the loss is
+    the same (batches are drawn by prompt, so the order of steps differs from the default's)."""
     logprob_chunk_size: int = Field(1024, gt=0)
     """Tokens per chunk when computing label log-probs, bounding the fp32 vocab buffer."""
     optim: OptimSettings = OptimSettings()
@@ -208,13 +215,6 @@ class RewardConfig(TrainSettings):
     labelled comparisons that the policy's training never sees (the demo's offline set,
     :mod:`tasks.demo.offline_feedback`). Never evaluated on: ``eval_path`` (and the judge's held-out
     pairs) stay the round's own. A bad row raises an error naming the file, row and column."""
-    share_responses: bool = False
-    """With ``share_prompt`` verified on the model: each distinct prompt of a batch runs once and each
-    distinct response of it once, and every pair is scored from those
-    (:func:`alignment.prompt_sharing.collate_response_groups`); the sampler keeps a prompt's pairs in
-    the same batches. Data that compares K responses of a prompt in several pairs (a ranking in all
-    its pairs, the demo's ``random_pairs``) then runs K responses instead of two per pair; the loss
-    is the same (batches are drawn by prompt, so the order of steps differs from the default's)."""
     calibrate: bool = False
     """After training, fit a temperature T on the eval pairs (minimising the BT log-loss of
     σ((r_c − r_r)/T)) and divide the score head by it, so every consumer's σ(r_c − r_r) is a

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignment.batching import to_device
+from alignment.batching import pair_halves, to_device
 
 
 def _digest(parts) -> str:
@@ -94,14 +94,15 @@ def compute_reference_logps(
     device: torch.device,
     batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Run ``logps_fn`` (batch → per-sequence summed log-probs ``[2B]``, chosen then rejected)
-    over ``examples`` in order; returns (chosen ``[n]``, rejected ``[n]``, forwards run)."""
+    """Run ``logps_fn`` (batch → per-sequence summed log-probs, read per pair by
+    :func:`~alignment.batching.pair_halves`) over ``examples`` in order; returns (chosen ``[n]``,
+    rejected ``[n]``, forwards run)."""
     chosen, rejected, forwards = [torch.zeros(0)], [torch.zeros(0)], 0  # empty data -> empty tensors
     for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start : start + batch_size])
-        seq = logps_fn(to_device(collate(chunk), device)).float()
-        chosen.append(seq[: len(chunk)].cpu())
-        rejected.append(seq[len(chunk) :].cpu())
+        batch = to_device(collate(list(examples[start : start + batch_size])), device)
+        c, r = pair_halves(logps_fn(batch).float(), batch)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
         forwards += 1
     return torch.cat(chosen), torch.cat(rejected), forwards
 

@@ -48,8 +48,8 @@ PRESETS = {
 }
 CASES = ["ours_dpo", "ours_dpo_shared", "ours_dpo_padded", "ours_dpo_ref_copy", "trl_dpo", "trl_dpo_precomputed", "ours_reward", "ours_ppo",
          "ours_grpo"]
-REWARD_CASES = ["ours_reward_pairs", "ours_reward_groups", "trl_reward"]
-"""Asked for by name (``--cases``), with ``--ranked`` data."""
+REWARD_CASES = ["ours_reward_pairs", "ours_reward_groups", "trl_reward", "ours_dpo_groups"]
+"""Asked for by name (``--cases``), with ``--ranked`` data (``ours_dpo_groups``: DPO with ``share_responses``)."""
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -212,6 +212,9 @@ def run_case(name: str, work: Path, args) -> dict | None:
         return _ours("dpo", work, args, packing=True, ref_cache_dir=str(work / "refs-packed"))
     if name == "ours_dpo_shared":
         return _ours("dpo", work, args, packing=True, share_prompt=True, ref_cache_dir=str(work / "refs-shared"))
+    if name == "ours_dpo_groups":
+        return _ours("dpo", work, args, packing=True, share_prompt=True, share_responses=True,
+                     ref_cache_dir=str(work / "refs-groups"))
     if name == "ours_dpo_padded":
         return _ours("dpo", work, args, packing=False, ref_cache_dir=str(work / "refs-padded"))
     if name == "ours_dpo_ref_copy":
@@ -314,6 +317,10 @@ def main() -> None:
             if case != base_case and results.get(case) and base:
                 print(f"{case} / {base_case}: {results[case]['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, "
                       f"{results[case]['peak_rss_mib'] / base['peak_rss_mib']:.2f}x peak RSS")
+    for case, base_case in (("ours_dpo_groups", "ours_dpo_shared"), ("ours_dpo_groups", "trl_dpo_precomputed")):
+        if results.get(case) and results.get(base_case):
+            print(f"{case} / {base_case}: {results[case]['tokens_per_s'] / results[base_case]['tokens_per_s']:.2f}x "
+                  f"tokens/s, {results[case]['peak_rss_mib'] / results[base_case]['peak_rss_mib']:.2f}x peak RSS")
     for ours_case in ("ours_dpo", "ours_dpo_shared"):
         for trl_case in ("trl_dpo", "trl_dpo_precomputed"):
             ours, trl = results.get(ours_case), results.get(trl_case)

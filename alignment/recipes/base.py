@@ -152,8 +152,13 @@ class Recipe(ABC):
 
     def sampler_groups(self) -> list[int] | None:
         """A group id per training example that the sampler keeps together in batches
-        (:class:`~alignment.batching.LengthGroupedSampler`'s ``groups``); None: examples are shuffled alone."""
-        return None
+        (:class:`~alignment.batching.LengthGroupedSampler`'s ``groups``); None: examples are shuffled alone.
+        Pair recipes under ``share_responses``: a pair's group is its prompt (token ids), so pairs that
+        share a prompt share batches."""
+        if not (self.share_prompt and getattr(self.config, "share_responses", False)):
+            return None
+        ids: dict[tuple[int, ...], int] = {}
+        return [ids.setdefault(tuple(e["prompt"]), len(ids)) for e in self.train_set.examples]
 
     def own_lrs(self) -> dict[int, float]:
         """Peak learning rates of parameters that do not use ``optim.lr``, keyed by ``id(param)``
@@ -330,6 +335,7 @@ class Recipe(ABC):
             "resumed_from": self.resumed_from,
             "packing": self.packing,
             "share_prompt": self.share_prompt,
+            "share_responses": self.share_prompt and bool(getattr(self.config, "share_responses", False)),
             "data": self.data_stats,
             "metrics": {**self.last_metrics, **self.last_eval},
         }
@@ -378,6 +384,8 @@ class Recipe(ABC):
             share = False
         if share:
             layout["share_prompt"] = True
+            if self.config.share_responses:
+                layout["share_responses"] = True
         elif packing and self._uses_varlen(model):
             # varlen attention flattens the rows: pack one row, no row tails (alignment.batching)
             layout |= {"one_row": True, "pad_to_multiple_of": ONE_ROW_MULTIPLE}

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from alignment.batching import ExampleSet, collate_pairs, read_rows, tokenize_pairs
+from alignment.batching import ExampleSet, collate_pairs, pair_halves, read_rows, tokenize_pairs
 from alignment.budget import DriftProbe, ProbeReading, budget_breach
 from alignment.config import ConfigError, DPOConfig
 from alignment.losses import chosen_nll, dpo_loss, entropy_bonus, simpo_loss
@@ -226,33 +226,32 @@ class DPORecipe(SupervisedRecipe):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: dict) -> StepOutput:
-        """One micro-batch of pairs (chosen rows first, then rejected): policy log-probs, reference
+        """One micro-batch of pairs (:func:`~alignment.batching.pair_halves`): policy log-probs, reference
         log-probs (precomputed in the batch, or a forward of the frozen copy), per-pair losses,
         their (weighted) mean and the reward metrics."""
         cfg = self.config
         out = self.train_module(batch)
         seq_logps = out["seq_logps"]
-        n = seq_logps.shape[0] // 2
-        chosen, rejected = seq_logps[:n], seq_logps[n:]
+        chosen, rejected = pair_halves(seq_logps, batch)
+        n = chosen.shape[0]
         if cfg.loss_type == "simpo":  # reference-free, on length-normalised log-probs
-            avg = seq_logps / out["seq_tokens"].clamp_min(1)
-            losses, r_c, r_r = simpo_loss(avg[:n], avg[n:], beta=cfg.beta, gamma=cfg.simpo_gamma,
+            avg_c, avg_r = pair_halves(seq_logps / out["seq_tokens"].clamp_min(1), batch)
+            losses, r_c, r_r = simpo_loss(avg_c, avg_r, beta=cfg.beta, gamma=cfg.simpo_gamma,
                                           label_smoothing=cfg.label_smoothing)
         else:
             if "ref_chosen" in batch:
                 ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
             else:
-                ref = self._reference_logps(batch, self.reference)
+                ref_c, ref_r = pair_halves(self._reference_logps(batch, self.reference), batch)
                 self.reference_forwards += 1
-                ref_c, ref_r = ref[:n], ref[n:]
             losses, r_c, r_r = dpo_loss(chosen, rejected, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
                                         label_smoothing=cfg.label_smoothing)
-        nll = chosen_nll(chosen, out["seq_tokens"][:n]) if cfg.nll_coef else None
+        nll = chosen_nll(chosen, pair_halves(out["seq_tokens"], batch)[0]) if cfg.nll_coef else None
         if nll is not None:
             losses = losses + cfg.nll_coef * nll
         if self.uses_entropy:  # mean of the two responses' terms, per pair
-            bonus = entropy_bonus(out["seq_entropy"], out["seq_tokens"])
-            losses = losses + self.entropy_ctl.value * 0.5 * (bonus[:n] + bonus[n:])
+            bonus_c, bonus_r = pair_halves(entropy_bonus(out["seq_entropy"], out["seq_tokens"]), batch)
+            losses = losses + self.entropy_ctl.value * 0.5 * (bonus_c + bonus_r)
         if cfg.use_weights and "weight" in batch:
             loss = (losses * batch["weight"]).sum() / batch["weight"].sum().clamp_min(1e-8)
         else:
@@ -268,8 +267,8 @@ class DPORecipe(SupervisedRecipe):
         if nll is not None:
             metrics["nll/chosen"] = nll.detach().mean()
         if self.uses_entropy:
-            metrics["entropy/chosen"] = -bonus[:n].detach().mean()
-            metrics["entropy/rejected"] = -bonus[n:].detach().mean()
+            metrics["entropy/chosen"] = -bonus_c.detach().mean()
+            metrics["entropy/rejected"] = -bonus_r.detach().mean()
         return StepOutput(loss=loss, metrics=metrics, tokens=batch["num_tokens"], samples=n)
 
     def train_step(self) -> dict[str, float] | PendingStep:

@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from alignment.batching import ExampleSet, collate_pairs, read_rows, to_device, tokenize_pairs
+from alignment.batching import ExampleSet, collate_pairs, pair_halves, read_rows, to_device, tokenize_pairs
 from alignment.config import ConfigError, RewardConfig
 from alignment.losses import reward_loss
 from alignment.models import ScalarReward, hf_model, load_reward_model, load_tokenizer
@@ -51,16 +51,6 @@ def fit_temperature(margins: torch.Tensor, low: float = 1e-2, high: float = 1e2,
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if slope(math.exp(mid)) < 0 else (lo, mid)
     return 1.0 / math.exp(0.5 * (lo + hi))
-
-
-def pair_rewards(rewards: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) rewards ``[B]`` of a batch's pairs from its sequences' rewards: the
-    sequences ``pair_chosen`` / ``pair_rejected`` name (``share_responses``), else the first and
-    second half."""
-    if "pair_chosen" in batch:
-        return rewards[batch["pair_chosen"]], rewards[batch["pair_rejected"]]
-    n = rewards.shape[0] // 2
-    return rewards[:n], rewards[n:]
 
 
 class RewardRecipe(SupervisedRecipe):
@@ -106,21 +96,11 @@ class RewardRecipe(SupervisedRecipe):
             raise ConfigError("reward.train_path: training pairs are required")
         decoder = self.train_module.decoder_head
         layout = self.token_layout(self.model, can_pack=decoder, can_share=decoder)
-        if self.config.share_responses and self.share_prompt:
-            layout["share_responses"] = True
         train = self._load(self.config.train_path, "train", layout)
         for i, path in enumerate(self.config.extra_train_paths):  # one data-stats entry per file
             train = self._extend(train, self._load(path, f"train_extra_{i}", layout))
         evals = self._load(self.config.eval_path, "eval", layout) if self.config.eval_path else None
         return train, evals
-
-    def sampler_groups(self) -> list[int] | None:
-        """With ``share_responses``: a pair's group is its prompt (its token ids), so pairs that share a
-        prompt share batches."""
-        if not (self.config.share_responses and self.share_prompt):
-            return None
-        ids: dict[tuple[int, ...], int] = {}
-        return [ids.setdefault(tuple(e["prompt"]), len(ids)) for e in self.train_set.examples]
 
     def save(self, finished: bool = True) -> None:
         """With ``calibrate``, fold the eval pairs' temperature into the score head before ``final/`` is written."""
@@ -141,7 +121,7 @@ class RewardRecipe(SupervisedRecipe):
                 idx = range(start, min(start + self.config.batch_size, len(self.eval_set)))
                 batch = to_device(self.eval_set.collate([self.eval_set[i] for i in idx]), self.device)
                 with self.accelerator.autocast():
-                    chosen, rejected = pair_rewards(self.train_module(batch).float(), batch)
+                    chosen, rejected = pair_halves(self.train_module(batch).float(), batch)
                 margins.append(chosen - rejected)
         finally:
             self.train_module.train()
@@ -160,7 +140,7 @@ class RewardRecipe(SupervisedRecipe):
         return out
 
     def compute_loss(self, batch: dict) -> StepOutput:
-        chosen, rejected = pair_rewards(self.train_module(batch), batch)
+        chosen, rejected = pair_halves(self.train_module(batch), batch)
         rewards = torch.cat([chosen, rejected])
         n = chosen.shape[0]
         losses = reward_loss(chosen, rejected, batch.get("margin") if self.config.margin else None,

@@ -17,7 +17,7 @@ from alignment.recipes.checkpoint import ResumeConfigError
 from alignment.recipes.dpo import DPORecipe
 from alignment.recipes.reward import RewardRecipe
 from alignment.recipes.sft import SFTRecipe
-from tests.tiny_models import demonstrations, make_tiny_model, preference_pairs
+from tests.tiny_models import demonstrations, make_tiny_model, preference_pairs, ranked_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +84,26 @@ def test_every_dpo_loss_type_learns_the_preference(data, tmp_path, loss_type, ex
                              max_steps=12, loss_type=loss_type, **extra))
     metrics = DPORecipe(cfg).run()["metrics"]
     assert metrics["eval/rewards/accuracy"] >= 0.8 and metrics["eval/rewards/margin"] > 0, metrics
+
+
+def test_dpo_with_response_groups_learns_rankings_with_the_pair_layouts_reference(data, tmp_path):
+    """DPO on rankings compared in all their pairs, each response run once a batch: the precomputed
+    reference log-probs are the shared-prompt pair layout's, and the policy learns the preference."""
+    ranked_pairs(16, 4, seed=0).to_parquet(tmp_path / "ranked.parquet")
+    ranked_pairs(6, 4, seed=1).to_parquet(tmp_path / "ranked_eval.parquet")
+    refs = {}
+    for share in (False, True):
+        cfg = DPOConfig(**common(data, tmp_path, output_dir=str(tmp_path / f"run-{share}"),
+                                 train_path=str(tmp_path / "ranked.parquet"), eval_path=str(tmp_path / "ranked_eval.parquet"),
+                                 beta=0.5, batch_size=12, max_steps=20, packing=True, share_prompt=True,
+                                 share_responses=share, ref_cache_dir=str(tmp_path / f"refs-{share}")))
+        recipe = DPORecipe(cfg)
+        summary = recipe.run()
+        assert summary["share_responses"] is share
+        refs[share] = torch.tensor([[e["ref_chosen"], e["ref_rejected"]] for e in recipe.train_set.examples])
+    torch.testing.assert_close(refs[True], refs[False], atol=1e-4, rtol=1e-5)
+    metrics = summary["metrics"]
+    assert metrics["eval/rewards/accuracy"] >= 0.85 and metrics["eval/rewards/margin"] > 0, metrics
 
 
 def test_reward_model_separates_clear_preference(data, tmp_path):

@@ -1,9 +1,9 @@
-"""Response groups (``reward.share_responses``): each distinct prompt of a batch and each distinct
-response of it run once, and every pair is scored from them.
+"""Response groups (``share_responses`` of the DPO and reward recipes): each distinct prompt of a
+batch and each distinct response of it run once, and every pair is scored from them.
 
 The layout is checked by hand; on GPT-2 (learned positions) and Llama (rotary) a grouped batch of
-rankings compared in all their pairs must give the plain layout's rewards, loss and gradients while
-running fewer tokens; the pair layout of ``share_prompt`` is the K = 2 case and stays as it was; the
+rankings compared in all their pairs must give the plain layout's rewards (and DPO's log-probs),
+losses and gradients while running fewer tokens; the pair layout of ``share_prompt`` is the K = 2 case and stays as it was; the
 sampler keeps a prompt's pairs together, covers each pair once an epoch and resumes.
 """
 
@@ -13,13 +13,12 @@ import itertools
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment.batching import LengthGroupedSampler, Truncation, collate_pairs, tokenize_pairs
-from alignment.losses import reward_loss
-from alignment.models import ScalarReward
+from alignment.batching import LengthGroupedSampler, Truncation, collate_pairs, pair_halves, tokenize_pairs
+from alignment.losses import dpo_loss, reward_loss
+from alignment.models import CausalLMLogps, ScalarReward
 from alignment.prompt_sharing import collate_response_groups, shared_prompt_mask
-from alignment.recipes.reward import pair_rewards
 from tests.tiny_models import grads_of, ranked_pairs
 
 
@@ -66,7 +65,7 @@ def test_groups_give_the_plain_rewards_loss_and_gradients_on_fewer_tokens(folder
     scorer = ScalarReward(model)
     results = []
     for batch in (padded, grouped):
-        chosen, rejected = pair_rewards(scorer(batch), batch)
+        chosen, rejected = pair_halves(scorer(batch), batch)
         loss = reward_loss(chosen, rejected).mean()
         loss.backward()
         results.append((chosen.detach(), rejected.detach(), loss.detach(), grads_of(model)))
@@ -109,3 +108,28 @@ def test_a_sampler_with_groups_keeps_them_together_covers_each_pair_once_and_res
     resumed = LengthGroupedSampler(lengths, 8, seed=4, groups=groups, megabatch_factor=2)
     resumed.load_state_dict(state)
     assert [resumed.next_batch() for _ in range(len(run) - 5)] == run[5:]
+
+
+def test_groups_give_the_plain_dpo_log_probs_loss_and_gradients(folder, tokenizer):
+    rows = ranked_pairs(3, 4, seed=5).to_dict("records")
+    examples, _ = tokenize_pairs(tokenizer, rows, Truncation(64, 32, "truncate", tokenizer.bos_token_id))
+    padded = collate_pairs(examples, pad_id=tokenizer.pad_token_id, packing=False)
+    grouped = collate_pairs(examples, pad_id=tokenizer.pad_token_id, packing=True, share_prompt=True,
+                            share_responses=True)
+    assert grouped["num_sequences"] == 12
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    module = CausalLMLogps(model, chunk_size=8)
+    ref = torch.randn(2 * len(examples), generator=torch.Generator().manual_seed(0)) - 20.0
+    results = []
+    for batch in (padded, grouped):
+        out = module(batch)
+        chosen, rejected = pair_halves(out["seq_logps"], batch)
+        loss = dpo_loss(chosen, rejected, ref[: len(examples)], ref[len(examples):], beta=0.5)[0].mean()
+        loss.backward()
+        results.append((chosen.detach(), rejected.detach(), loss.detach(), grads_of(model)))
+    (c_want, r_want, loss_want, grads_want), (c_got, r_got, loss_got, grads_got) = results
+    torch.testing.assert_close(c_got, c_want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r_got, r_want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_got, loss_want, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads_got, grads_want, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
