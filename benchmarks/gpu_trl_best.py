@@ -2,6 +2,7 @@
 
     python3 benchmarks/gpu_trl_best.py --shapes llama1b --dists hh,uniform --repeats 3 --out $OUT
     .venv/bin/python benchmarks/gpu_trl_best.py --device cpu --shapes tiny --dists hh --repeats 1 --steps 2 --warmup 1
+    python3 benchmarks/gpu_trl_best.py --shapes qwen0.5b --dists hh4 --families rm,dpo --ours-groups --out $OUT
 
 For each shape, data distribution and family (DPO full, DPO LoRA r16 all-linear, reward model) it
 runs, in one process on one device: TRL once untimed-for-the-ratio ("cold": it builds cuDNN
@@ -69,8 +70,10 @@ from benchmarks.gpu_bench import (  # noqa: E402
     write_rows,
 )
 
-DISTS = {"hh": {"prompt_mean": 251.5 - 88.4, "response_mean": 88.4, "sigma": 0.8}}
-"""Log-normal token-count laws: the means from Llama 2's Table 6 (Anthropic Helpful), sigma assumed."""
+DISTS = {"hh": {"prompt_mean": 251.5 - 88.4, "response_mean": 88.4, "sigma": 0.8},
+         "hh4": {"prompt_mean": 251.5 - 88.4, "response_mean": 88.4, "sigma": 0.8, "ranked": 4}}
+"""Log-normal token-count laws: the means from Llama 2's Table 6 (Anthropic Helpful), sigma assumed;
+``hh4``: the same lengths as rankings of 4 responses per prompt in all 6 pairs (UltraFeedback's shape)."""
 PAIRS = {("hh", "qwen0.5b"): 16, ("hh", "llama1b"): 8, ("hh", "llama8b"): 8, ("hh", "tiny"): 4}
 """Pairs per step on the real-length data: about the tokens per step of the uniform data's
 settings (SHAPES' pairs), within TRL's memory on an 80 GB card (it pads every batch to its longest)."""
@@ -85,22 +88,25 @@ def lognormal(rng: random.Random, mean: float, sigma: float) -> int:
     return max(1, round(rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma)))
 
 
-def real_pairs(n: int, seq: int, vocab: int, law: dict, seed: int = 0) -> tuple[list[dict], dict]:
-    """Rows with prompt/response lengths from ``law`` (clipped to fit ``seq``) and their statistics."""
+def real_pairs(n: int, seq: int, vocab: int, law: dict, seed: int = 0, ranked: int = 0) -> tuple[list[dict], dict]:
+    """Rows with prompt/response lengths from ``law`` (clipped to fit ``seq``) and their statistics;
+    ``ranked`` K > 1: K responses per prompt compared in all their pairs (the first ``n`` pairs)."""
     rng = random.Random(seed)
     rows, clipped, lens = [], 0, {"prompt": [], "response": []}
-    for _ in range(n):
+    while len(rows) < n:
         p0 = lognormal(rng, law["prompt_mean"], law["sigma"])
         p = min(p0, seq // 2)
-        c0, r0 = (lognormal(rng, law["response_mean"], law["sigma"]) for _ in range(2))
-        c, r = min(c0, seq - p - 1), min(r0, seq - p - 1)
-        clipped += (p != p0) + (c != c0) + (r != r0)
+        r0 = [lognormal(rng, law["response_mean"], law["sigma"]) for _ in range(max(ranked, 2))]
+        r = [min(x, seq - p - 1) for x in r0]
+        clipped += (p != p0) + sum(a != b for a, b in zip(r, r0, strict=True))
         lens["prompt"].append(p)
-        lens["response"] += [c, r]
-        rows.append({"prompt": words(rng, p, vocab), "is_chat": False, "chosen": " " + words(rng, c, vocab),
-                     "rejected": " " + words(rng, r, vocab), "weight": 1.0})
+        lens["response"] += r
+        prompt, texts = words(rng, p, vocab), [" " + words(rng, x, vocab) for x in r]
+        rows += [{"prompt": prompt, "is_chat": False, "chosen": texts[i], "rejected": texts[j], "weight": 1.0}
+                 for i in range(len(texts)) for j in range(i + 1, len(texts))]
+    rows = rows[:n]
     stats = {k: {"mean": sum(v) / len(v), "max": max(v)} for k, v in lens.items()}
-    stats["clipped_share"] = clipped / (3 * n)
+    stats["clipped_share"] = clipped / (len(lens["prompt"]) + len(lens["response"]))
     return rows, stats
 
 
@@ -110,6 +116,8 @@ def run_ours(family: str, folder: Path, data: Path, args, *, pairs: int, seq: in
     device = args.device_t
     gpu = device.type == "cuda"
     extra = {"varlen_attention": gpu, "max_prompt_length": seq // 2}
+    if getattr(args, "ours_groups", False):  # each response of a prompt once a batch (masked attention, not varlen)
+        extra |= {"share_prompt": True, "share_responses": True}
     args.qlora = family == "dpo_qlora"
     run = make_recipe("reward" if family == "rm" else "dpo", folder, data, args, pairs=pairs, seq=seq,
                       lora=family in LORA_FAMILIES, compile=gpu and not getattr(args, "ours_eager", False),
@@ -526,6 +534,8 @@ def main() -> None:
                         help="weights as loaded, both sides (bfloat16 for the 8B shape on one card)")
     parser.add_argument("--lengths", default="", help="after the timed runs: longest sequence probe at these "
                         "token counts (one pair per step), per family and side, up to the first that does not fit")
+    parser.add_argument("--ours-groups", action="store_true", help="ours with share_prompt and share_responses "
+                        "(response groups; for the ranked data, --dists hh4)")
     parser.add_argument("--ours-eager", action="store_true", help="ours without torch.compile (to tell what the "
                         "compiled graphs cost or save, e.g. memory under QLoRA)")
     parser.add_argument("--probe-sides", default="ours,trl", help="which sides the length probes run (a side "
@@ -564,12 +574,13 @@ def main() -> None:
             continue
         spec = SHAPES[shape]
         seq = spec["seq"]
-        pairs = args.pairs or (PAIRS.get((dist, shape), spec["pairs"]) if dist != "uniform" else spec["pairs"])
+        law = "hh" if dist == "hh4" else dist  # the same lengths, so the same pairs a step
+        pairs = args.pairs or (PAIRS.get((law, shape), spec["pairs"]) if dist != "uniform" else spec["pairs"])
         folder = build_shape(args.work, shape, args.device_t)
         if (shape, dist) not in data_cache:
             n = pairs * (args.warmup + args.steps)
             rows, stats = (make_pairs(n, seq, spec["vocab_size"]), {}) if dist == "uniform" else real_pairs(
-                n, seq, spec["vocab_size"], DISTS[dist])
+                n, seq, spec["vocab_size"], DISTS[dist], ranked=DISTS[dist].get("ranked", 0))
             data_cache[shape, dist] = rows, stats, write_rows(rows, args.work / f"trlbest-{shape}-{dist}-{n}.parquet")
         rows, stats, path = data_cache[shape, dist]
         record = {"shape": shape, "dist": dist, "family": family, "side": side, "repeat": rep, "seq": seq,
