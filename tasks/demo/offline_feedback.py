@@ -124,12 +124,13 @@ def offline_items(documents: list[str], tokenizer, prompts: PromptSettings, spli
     return keys, responses
 
 
-def offline_digest(settings: DemoSettings, corpus_checksum: str, tokenizer_digest: str,
+def offline_digest(settings: DemoSettings, corpus_checksum: str, model_digest: str,
                    preferences: PreferenceSettings) -> str:
-    """Digest of everything that shapes the set (the cache key)."""
+    """Digest of everything that shapes the set (the cache key). ``model_digest`` identifies what the set
+    takes from the base model: its tokenizer, and its weights too when the responses are sampled."""
     sim = settings.simulator
     return json_digest({
-        "format": FORMAT_VERSION, "corpus": corpus_checksum, "tokenizer": tokenizer_digest,
+        "format": FORMAT_VERSION, "corpus": corpus_checksum, "tokenizer": model_digest,
         "prompts": settings.prompts.model_dump(mode="json"), "max_new_tokens": sim.max_new_tokens,
         "annotators": [a.model_dump(mode="json") for a in sim.annotators],
         "labelling": sim.model_dump(mode="json", include={"kind_shares", "labels_per_item", "informative_pairs",
@@ -181,11 +182,11 @@ def build_offline_set(settings: DemoSettings, base_model_path: str | Path, data:
     start = time.monotonic()
     cache = Path(cache_dir) if cache_dir is not None else demo_cache_dir(settings)
     corpus = corpus if corpus is not None else load_corpus(settings.corpus, demo_cache_dir(settings))
-    tokenizer_digest = json_digest({n: (Path(base_model_path) / n).read_text()
-                                    for n in ("tokenizer.json",) if (Path(base_model_path) / n).exists()})
+    model_digest = json_digest({n: (Path(base_model_path) / n).read_text()
+                                for n in ("tokenizer.json",) if (Path(base_model_path) / n).exists()})
     if settings.offline.responses == "sampled":  # the responses come from the model's weights too
-        tokenizer_digest = json_digest([tokenizer_digest, sha256_file(Path(base_model_path) / "model.safetensors")])
-    key = offline_digest(settings, corpus.checksum, tokenizer_digest, preferences)
+        model_digest = json_digest([model_digest, sha256_file(Path(base_model_path) / "model.safetensors")])
+    key = offline_digest(settings, corpus.checksum, model_digest, preferences)
     offline = settings.offline
     folder = cache / f"offline-{key}"
     meta_path = folder / "offline.json"
