@@ -155,7 +155,7 @@ class Recipe(ABC):
         (:class:`~alignment.batching.LengthGroupedSampler`'s ``groups``); None: examples are shuffled alone.
         Pair recipes under ``share_responses``: a pair's group is its prompt (token ids), so pairs that
         share a prompt share batches."""
-        if not (self.share_prompt and getattr(self.config, "share_responses", False)):
+        if not (self.share_prompt and self.config.share_responses):
             return None
         ids: dict[tuple[int, ...], int] = {}
         return [ids.setdefault(tuple(e["prompt"]), len(ids)) for e in self.train_set.examples]
@@ -335,7 +335,7 @@ class Recipe(ABC):
             "resumed_from": self.resumed_from,
             "packing": self.packing,
             "share_prompt": self.share_prompt,
-            "share_responses": self.share_prompt and bool(getattr(self.config, "share_responses", False)),
+            "share_responses": self.share_prompt and bool(self.config.share_responses),
             "data": self.data_stats,
             "metrics": {**self.last_metrics, **self.last_eval},
         }
@@ -377,6 +377,9 @@ class Recipe(ABC):
         self.packing = packing
         multiple = 8 if self.device.type == "cuda" and not packing else None
         layout = {"pad_id": self.tokenizer.pad_token_id, "packing": packing, "pad_to_multiple_of": multiple}
+        if self.config.share_responses and not self.config.share_prompt:
+            raise ConfigError(f"{self.name}.share_responses runs a prompt's responses after one copy of it: "
+                              "set share_prompt too")
         share = self.config.share_prompt and can_share
         if share and not shared_prompt_supported(model):
             log.warning("%s: this model does not give equal results with shared prompts; computing them twice",

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from alignment.config import RewardConfig
+from alignment.config import ConfigError, RewardConfig
 from alignment.models import ScalarReward, load_reward_model, load_tokenizer, score_responses
 from alignment.recipes.reward import RewardRecipe
 from tests.recipe_runs import train_between_evaluations
@@ -88,3 +88,16 @@ def test_a_reward_model_with_response_groups_learns_from_rankings_running_each_r
     assert seen["sequences"] < 0.9 * seen["pairs"], seen
     assert before["eval/accuracy"] < 0.8 and after["eval/accuracy"] >= 0.85, (before, after)
     assert after["eval/loss"] < 0.6 * before["eval/loss"], (before, after)
+
+
+def test_response_groups_without_a_shared_prompt_are_refused_at_set_up(tmp_path):
+    model = make_tiny_model(tmp_path / "gpt2", "gpt2")
+    ranked_pairs(4, 3, seed=0).to_parquet(tmp_path / "train.parquet")
+    cfg = RewardConfig(model={"name_or_path": str(model)}, output_dir=str(tmp_path / "run"), batch_size=4, max_steps=1,
+                       train_path=str(tmp_path / "train.parquet"), share_responses=True)
+    recipe = RewardRecipe(cfg)
+    try:
+        with pytest.raises(ConfigError, match="share_responses.*set share_prompt"):
+            recipe.setup()
+    finally:
+        recipe.cleanup()
