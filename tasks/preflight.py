@@ -130,6 +130,11 @@ def _training_sections(cfg: PipelineConfig) -> list[tuple[str, str]]:
 
 
 def _check_sections(cfg: PipelineConfig) -> None:
+    for section, _ in _training_sections(cfg):
+        settings = getattr(cfg, section)
+        if settings.share_responses and not settings.share_prompt:
+            raise PreflightError(f"{section}.share_responses: runs a prompt's responses after one copy of it; "
+                                 f"set {section}.share_prompt too")
     if cfg.demo is not None:
         return
     if cfg.model.policy is None:

@@ -84,6 +84,14 @@ def test_max_length_beyond_the_model_positions_is_named(tmp_path, model_64):
         "evaluation.generation.max_new_tokens: 60 new tokens")
 
 
+def test_response_groups_without_a_shared_prompt_are_named(tmp_path, model_64):
+    path = _config(tmp_path, str(model_64))
+    assert _error(path, "reward.share_responses=true").startswith(
+        "reward.share_responses: runs a prompt's responses after one copy of it; set reward.share_prompt too")
+    assert _error(path, "dpo.share_responses=true").startswith("dpo.share_responses:")
+    assert preflight(load_pipeline_config(path, ["dpo.share_responses=true", "dpo.share_prompt=true"])) == []
+
+
 def test_missing_sections_and_sources_are_named(tmp_path, model_64):
     path = tmp_path / "nomodel.yaml"
     path.write_text(yaml.safe_dump({"pipeline": {"name": "mine"}, "data": {"landing_dir": str(tmp_path)}}))
