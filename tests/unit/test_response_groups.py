@@ -10,6 +10,7 @@ sampler keeps a prompt's pairs together, covers each pair once an epoch and resu
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from alignment.batching import LengthGroupedSampler, Truncation, collate_pairs, pair_halves, tokenize_pairs
 from alignment.losses import dpo_loss, reward_loss
 from alignment.models import CausalLMLogps, ScalarReward
-from alignment.prompt_sharing import collate_response_groups, shared_prompt_mask
+from alignment.prompt_sharing import MAX_RESPONSES, collate_response_groups, shared_prompt_mask
 from tests.tiny_models import grads_of, ranked_pairs
 
 
@@ -133,3 +134,24 @@ def test_groups_give_the_plain_dpo_log_probs_loss_and_gradients(folder, tokenize
     torch.testing.assert_close(loss_got, loss_want, atol=1e-6, rtol=1e-5)
     for got, want in zip(grads_got, grads_want, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_every_pair_points_at_its_own_tokens_even_when_a_prompt_has_more_responses_than_a_group_holds():
+    rng = random.Random(7)
+    prompts, chosen, rejected = [], [], []
+    pool = {p: [[rng.randint(5, 60) for _ in range(rng.randint(1, 4))] for _ in range(130)] for p in (1, 2, 3)}
+    for _ in range(200):  # prompt 1 compares 130 responses: more than MAX_RESPONSES, so it takes two groups
+        p = rng.choice((1, 1, 2, 3))
+        a, b = rng.sample(range(len(pool[p])), 2)
+        prompts.append([p, 4])
+        chosen.append(pool[p][a])
+        rejected.append(pool[p][b])
+    batch = collate_response_groups(prompts, chosen, rejected, pad_id=0, packing=True)
+    tokens = {}
+    for s, t in zip(batch["target_seq"].tolist(), batch["target_ids"].tolist(), strict=True):
+        tokens.setdefault(s, []).append(t)
+    assert max(batch["share_segment"].flatten().tolist()) <= MAX_RESPONSES
+    for i in range(len(prompts)):
+        assert tokens[batch["pair_chosen"][i].item()] == chosen[i]
+        assert tokens[batch["pair_rejected"][i].item()] == rejected[i]
+    assert batch["num_model_tokens"] < batch["num_tokens"] / 2
