@@ -88,7 +88,10 @@ def base_model_digest(settings: DemoSettings, corpus_checksum: str) -> str:
         "corpus": corpus_checksum,
         "tokenizer": settings.tokenizer.model_dump(mode="json"),
         "model": settings.model.model_dump(mode="json"),
-        "pretrain": settings.pretrain.model_dump(mode="json", exclude={"threads"}),
+        # fields added later only when set away from their defaults: built models keep their keys
+        "pretrain": settings.pretrain.model_dump(mode="json", exclude={"threads"} | {
+            k for k, default in (("attention", "sdpa"), ("fused_optimizer", False))
+            if getattr(settings.pretrain, k) == default}),
         "precision": resolve_precision(settings.pretrain),
     })  # fmt: skip
 
@@ -157,7 +160,7 @@ def _optimizer(model: PreTrainedModel, pretrain: PretrainSettings) -> torch.opti
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": pretrain.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=pretrain.lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=pretrain.lr, betas=(0.9, 0.95), eps=1e-8, fused=pretrain.fused_optimizer or None)
 
 
 def lr_at(step: int, pretrain: PretrainSettings) -> float:
@@ -298,6 +301,8 @@ def _build(settings: DemoSettings, corpus: Corpus, digest: str, out: Path, *, pr
         with torch.random.fork_rng():  # seed the init without touching the caller's RNG
             torch.manual_seed(settings.pretrain.seed)
             model = make_model(settings.model, len(tokenizer), special, settings.pretrain.dropout)
+        if settings.pretrain.attention != "sdpa":
+            model.set_attn_implementation(settings.pretrain.attention)  # the build's only: not saved
         stats = pretrain_model(model, train_docs, settings, tokenizer.bos_token_id, progress=progress)
         precision = resolve_precision(settings.pretrain)
         heldout_rows = pack(heldout_docs, settings.model.context_length)

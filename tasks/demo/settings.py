@@ -106,6 +106,13 @@ class PretrainSettings(StrictModel):
     the CPU has native bf16 dot products (avx512_bf16/AMX; about 1.8x faster there), else fp32."""
     threads: int | None = Field(None, gt=0)
     """torch intra-op threads during the build (None: torch's default, usually the core count)."""
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel of the build's forward and backward passes (not saved: every later load uses
+    transformers' default). ``eager`` (plain matrix products) with ``fused_optimizer`` ran a step of the
+    default build about 20% faster on a 2-core AVX-512 machine; either gives another base model (other
+    rounding), so every demo figure changes with them (benchmarks/RESULTS.md, the base-model build's levers)."""
+    fused_optimizer: bool = False
+    """torch's fused AdamW kernel (one pass over each tensor) instead of its per-tensor loop."""
     max_minutes: float | None = Field(None, gt=0)
     """Stop early past this wall time (then the build is no longer deterministic); None: no limit."""
 

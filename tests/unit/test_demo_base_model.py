@@ -125,3 +125,20 @@ def test_gpt2_family_builds_too(corpus, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(info.path)
     assert model.config.model_type == "gpt2" and model.config.n_positions == s.model.context_length
     assert math.isfinite(info.heldout_loss)
+
+
+def test_eager_attention_and_the_fused_optimizer_build_another_model_whose_folder_loads_with_the_default(
+        built, corpus, tmp_path):
+    settings, info = built
+    fast = _settings(tmp_path, attention="eager", fused_optimizer=True)
+    digest = base_model_digest(fast, corpus.checksum)
+    assert digest != info.digest  # other rounding, another model: another cache key
+    for field, value in (("attention", "eager"), ("fused_optimizer", True)):
+        assert base_model_digest(_settings(tmp_path, **{field: value}), corpus.checksum) not in (digest, info.digest)
+    other = build_base_model(fast, corpus=corpus, progress=False)
+    assert other.digest == digest and math.isfinite(other.heldout_loss)
+    assert abs(other.heldout_loss - info.heldout_loss) < 0.05 * info.heldout_loss  # the same recipe, learnt alike
+    a = (Path(info.path) / "model.safetensors").read_bytes()
+    assert (Path(other.path) / "model.safetensors").read_bytes() != a
+    model = AutoModelForCausalLM.from_pretrained(other.path)
+    assert model.config._attn_implementation == "sdpa"  # the build's kernel choice is not saved
