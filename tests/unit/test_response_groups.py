@@ -50,6 +50,23 @@ def test_a_pair_whose_responses_are_equal_points_at_one_sequence():
     assert batch["num_sequences"] == 1 and batch["pair_chosen"].tolist() == batch["pair_rejected"].tolist() == [0]
 
 
+def assert_same_pairs(model, plain: dict, grouped: dict, per_pair, loss_of) -> None:
+    """``per_pair(batch)`` (chosen, rejected) and the gradients of ``loss_of(chosen, rejected)`` agree on
+    the plain and the grouped batch (fp32; only the float summation order may differ)."""
+    results = []
+    for batch in (plain, grouped):
+        chosen, rejected = per_pair(batch)
+        loss = loss_of(chosen, rejected)
+        loss.backward()
+        results.append((chosen.detach(), rejected.detach(), loss.detach(), grads_of(model)))
+    (c_want, r_want, loss_want, grads_want), (c_got, r_got, loss_got, grads_got) = results
+    torch.testing.assert_close(c_got, c_want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r_got, r_want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_got, loss_want, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads_got, grads_want, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("pooling", ["last", "sum"])
 def test_groups_give_the_plain_rewards_loss_and_gradients_on_fewer_tokens(folder, tokenizer, pooling):
     rows = ranked_pairs(4, 4, seed=3).to_dict("records")  # 4 prompts x 6 pairs
@@ -64,18 +81,8 @@ def test_groups_give_the_plain_rewards_loss_and_gradients_on_fewer_tokens(folder
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
     model.config.reward_pooling = pooling
     scorer = ScalarReward(model)
-    results = []
-    for batch in (padded, grouped):
-        chosen, rejected = pair_halves(scorer(batch), batch)
-        loss = reward_loss(chosen, rejected).mean()
-        loss.backward()
-        results.append((chosen.detach(), rejected.detach(), loss.detach(), grads_of(model)))
-    (c_want, r_want, loss_want, grads_want), (c_got, r_got, loss_got, grads_got) = results
-    torch.testing.assert_close(c_got, c_want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(r_got, r_want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loss_got, loss_want, atol=1e-6, rtol=1e-5)
-    for got, want in zip(grads_got, grads_want, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    assert_same_pairs(model, padded, grouped, lambda b: pair_halves(scorer(b), b),
+                      lambda c, r: reward_loss(c, r).mean())
 
 
 def test_a_sampler_with_groups_keeps_them_together_covers_each_pair_once_and_resumes():
@@ -121,19 +128,9 @@ def test_groups_give_the_plain_dpo_log_probs_loss_and_gradients(folder, tokenize
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     module = CausalLMLogps(model, chunk_size=8)
     ref = torch.randn(2 * len(examples), generator=torch.Generator().manual_seed(0)) - 20.0
-    results = []
-    for batch in (padded, grouped):
-        out = module(batch)
-        chosen, rejected = pair_halves(out["seq_logps"], batch)
-        loss = dpo_loss(chosen, rejected, ref[: len(examples)], ref[len(examples):], beta=0.5)[0].mean()
-        loss.backward()
-        results.append((chosen.detach(), rejected.detach(), loss.detach(), grads_of(model)))
-    (c_want, r_want, loss_want, grads_want), (c_got, r_got, loss_got, grads_got) = results
-    torch.testing.assert_close(c_got, c_want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(r_got, r_want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loss_got, loss_want, atol=1e-6, rtol=1e-5)
-    for got, want in zip(grads_got, grads_want, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    n = len(examples)
+    assert_same_pairs(model, padded, grouped, lambda b: pair_halves(module(b)["seq_logps"], b),
+                      lambda c, r: dpo_loss(c, r, ref[:n], ref[n:], beta=0.5)[0].mean())
 
 
 def test_every_pair_points_at_its_own_tokens_even_when_a_prompt_has_more_responses_than_a_group_holds():
