@@ -25,7 +25,7 @@ rejected) except ``labels`` (a shared prompt position has two next tokens) and `
 ``num_tokens`` still counts the plain layout's tokens (the data trained on, as the plain and
 TRL's counters do), ``num_model_tokens`` the tokens the model ran.
 
-**Response groups** (:func:`collate_response_groups`, the reward model's ``share_responses``) are
+**Response groups** (:func:`collate_response_groups`, the pair recipes' ``share_responses``) are
 the same layout with K responses after a prompt instead of two: the batch's distinct prompts each
 run once, and each distinct response of a prompt once, response k under segment k + 1 (seeing
 the prompt and itself). Pairs name their two sequences (``pair_chosen``, ``pair_rejected``). K
@@ -43,8 +43,8 @@ import torch
 
 from alignment.row_packing import first_fit_decreasing, row_width
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
-"""``share_segment`` values."""
+PROMPT = 0
+"""``share_segment`` of prompt tokens (and padding); response k of a group has k + 1 (chosen 1, rejected 2)."""
 
 
 def collate_shared_prompt(

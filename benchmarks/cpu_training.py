@@ -99,16 +99,13 @@ def build_fixtures(work: Path, preset: str, pairs: int, seed: int = 0, ranked: i
 
         def response_text() -> str:
             return text(8, 96)
-    if ranked > 1:
-        rows = []
-        while len(rows) < pairs:
-            prompt = prompt_text()
-            responses = [" " + response_text() for _ in range(ranked)]
-            rows += [{"prompt": prompt, "is_chat": False, "chosen": responses[i], "rejected": responses[j],
-                      "weight": 1.0} for i in range(ranked) for j in range(i + 1, ranked)]
-    else:
-        rows = [{"prompt": prompt_text(), "is_chat": False, "chosen": " " + response_text(),
-                 "rejected": " " + response_text(), "weight": 1.0} for _ in range(pairs)]
+    k = max(ranked, 2)  # independent pairs are rankings of two
+    rows = []
+    while len(rows) < pairs:
+        prompt = prompt_text()
+        responses = [" " + response_text() for _ in range(k)]
+        rows += [{"prompt": prompt, "is_chat": False, "chosen": responses[i], "rejected": responses[j],
+                  "weight": 1.0} for i in range(k) for j in range(i + 1, k)]
     pd.DataFrame(rows).to_parquet(work / "pairs.parquet")
     pd.DataFrame([{"prompt_id": str(i), "prompt": r["prompt"], "is_chat": False, "split": "train"}
                   for i, r in enumerate(rows)]).to_parquet(work / "prompts.parquet")
@@ -245,7 +242,7 @@ def run_case(name: str, work: Path, args) -> dict | None:
         return _ours("grpo", work, args, train_path=str(work / "prompts.parquet"),
                      reward_fn="benchmarks.cpu_training:length_reward", rollout_batch_size=max(1, args.batch_size // 4),
                      group_size=4, minibatch_size=args.batch_size, update_epochs=1, generation={"max_new_tokens": 32})
-    raise ValueError(f"unknown case {name!r}; expected one of {CASES}")
+    raise ValueError(f"unknown case {name!r}; expected one of {CASES + REWARD_CASES}")
 
 
 def main() -> None:

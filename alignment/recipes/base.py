@@ -182,6 +182,9 @@ class Recipe(ABC):
         self._started = time.time()
         if cfg.max_prompt_length >= cfg.max_length:
             raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be below max_length ({cfg.max_length})")
+        if cfg.share_responses and not cfg.share_prompt:
+            raise ConfigError(f"{self.name}.share_responses runs a prompt's responses after one copy of it: "
+                              "set share_prompt too")
         if self.accelerator is None:
             # accelerate keeps one process-wide precision and refuses a second one; a library user
             # may run recipes of different precisions one after another in one process. The
@@ -377,9 +380,6 @@ class Recipe(ABC):
         self.packing = packing
         multiple = 8 if self.device.type == "cuda" and not packing else None
         layout = {"pad_id": self.tokenizer.pad_token_id, "packing": packing, "pad_to_multiple_of": multiple}
-        if self.config.share_responses and not self.config.share_prompt:
-            raise ConfigError(f"{self.name}.share_responses runs a prompt's responses after one copy of it: "
-                              "set share_prompt too")
         share = self.config.share_prompt and can_share
         if share and not shared_prompt_supported(model):
             log.warning("%s: this model does not give equal results with shared prompts; computing them twice",

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,27 +131,34 @@ ASKS_HUB = textwrap.dedent("""
 """)
 
 
+def run_asking_hub(code: str, marker: Path) -> subprocess.CompletedProcess:
+    """``code`` in a child process whose ``kernels.get_kernel`` writes ``marker`` when anything asks it."""
+    env = {**os.environ, "KERNEL_MARKER": str(marker)}
+    return subprocess.run([sys.executable, "-c", ASKS_HUB + code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def skip_unless_bitsandbytes_asks_the_hub(tmp_path: Path) -> None:
+    """Skip where a plain ``import bitsandbytes`` asks for no Hub kernel (a CPU without AVX-512 bf16):
+    there is nothing to guard against."""
+    pytest.importorskip("kernels")
+    plain = run_asking_hub("import bitsandbytes", tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    if not (tmp_path / "plain").exists():
+        pytest.skip("bitsandbytes asks for no Hub kernel on this CPU (no AVX-512 bf16)")
+
+
 def test_importing_bitsandbytes_fetches_no_kernel_from_the_hub(tmp_path):
     """bitsandbytes asks the ``kernels`` package for a compiled CPU kernel from the Hub at import (on CPUs with
     AVX-512 bf16); imported by our loaders (:func:`import_bitsandbytes`, here before peft builds LoRA layers) it
     never asks, and ``kernels`` is importable again after."""
-    pytest.importorskip("kernels")
-
-    def run(code: str, marker: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "KERNEL_MARKER": str(tmp_path / marker)}
-        return subprocess.run([sys.executable, "-c", ASKS_HUB + code], env=env, capture_output=True, text=True,
-                              timeout=120)
-
-    plain = run("import bitsandbytes", "plain")
-    assert plain.returncode == 0, plain.stderr[-2000:]
-    if not (tmp_path / "plain").exists():
-        pytest.skip("bitsandbytes asks for no Hub kernel on this CPU (no AVX-512 bf16)")
+    skip_unless_bitsandbytes_asks_the_hub(tmp_path)
     # a plain LoRA model (peft imports bitsandbytes whenever it is installed) built through our loader
     folder = make_tiny_model(tmp_path / "tiny", kind="llama")
-    ours = run("import sys\nfrom alignment.config import LoraSettings, ModelSettings\n"
-               "from alignment.models import load_causal_lm\n"
-               f"load_causal_lm(ModelSettings(name_or_path={str(folder)!r}, lora=LoraSettings(r=2)))\n"
-               "assert 'bitsandbytes' in sys.modules\nimport kernels\nassert kernels.get_kernel is get_kernel", "ours")
+    ours = run_asking_hub("import sys\nfrom alignment.config import LoraSettings, ModelSettings\n"
+                          "from alignment.models import load_causal_lm\n"
+                          f"load_causal_lm(ModelSettings(name_or_path={str(folder)!r}, lora=LoraSettings(r=2)))\n"
+                          "assert 'bitsandbytes' in sys.modules\nimport kernels\nassert kernels.get_kernel is get_kernel",
+                          tmp_path / "ours")
     assert ours.returncode == 0, ours.stderr[-2000:]
     assert not (tmp_path / "ours").exists()
     assert "kernels-community" not in ours.stderr
@@ -159,7 +167,7 @@ def test_importing_bitsandbytes_fetches_no_kernel_from_the_hub(tmp_path):
 def test_serving_an_adapter_folder_fetches_no_kernel_from_the_hub(tmp_path):
     """The serving pyfunc loads a LoRA adapter folder through peft, which imports bitsandbytes: it
     imports it with the Hub lookup off too (its own copy of the guard: the file travels without alignflow)."""
-    pytest.importorskip("kernels")
+    skip_unless_bitsandbytes_asks_the_hub(tmp_path)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
@@ -171,11 +179,6 @@ def test_serving_an_adapter_folder_fetches_no_kernel_from_the_hub(tmp_path):
     code = ("from types import SimpleNamespace\nfrom tasks.serving.policy_model import PolicyGenerator\n"
             f"g = PolicyGenerator(); g.load_context(SimpleNamespace(artifacts={{'model': {str(adapter)!r}}}))\n"
             "print(g.predict(None, ['review the film'], {'max_new_tokens': 2}))")
-    env = {**os.environ, "KERNEL_MARKER": str(tmp_path / "marker")}
-    done = subprocess.run([sys.executable, "-c", ASKS_HUB + code], env=env, capture_output=True, text=True, timeout=120)
+    done = run_asking_hub(code, tmp_path / "marker")
     assert done.returncode == 0, done.stderr[-2000:]
-    plain = subprocess.run([sys.executable, "-c", ASKS_HUB + "import bitsandbytes"], capture_output=True, text=True,
-                           env={**os.environ, "KERNEL_MARKER": str(tmp_path / "plain")}, timeout=120)
-    if not (tmp_path / "plain").exists():
-        pytest.skip(f"bitsandbytes asks for no Hub kernel on this CPU (no AVX-512 bf16): {plain.returncode}")
     assert not (tmp_path / "marker").exists()
